@@ -1,0 +1,87 @@
+"""Planning time per algorithm: the paper testbed and synthetic clusters, side by side.
+
+    .venv/bin/python benchmarks/planner.py            # full table (a few minutes)
+    .venv/bin/python benchmarks/planner.py --quick    # small sizes only
+
+Prints, per instance and algorithm, the median planning time over repeats, the DP transitions
+evaluated and the bottleneck; every algorithm on one instance must report the same bottleneck.
+Algorithms whose estimated work exceeds --budget are skipped (shown as "skip").
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dnnpipe.config import load_config  # noqa: E402
+from dnnpipe.planner import ALGORITHMS, Problem, solve_problem  # noqa: E402
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "efficientnetv2b0-paper-testbed.json"
+PAPER_SPEEDS = [1.0, 0.33, 0.21, 0.21]
+
+
+def synthetic(N: int, U: int, seed: int = 0) -> Problem:
+    """Log-normal unit times (a few heavy layers, many light ones) on a testbed-like cluster."""
+    rng = np.random.default_rng(seed)
+    E = rng.lognormal(mean=-4.0, sigma=1.0, size=U)
+    R = rng.lognormal(mean=-1.0, sigma=1.0, size=U)
+    C = [PAPER_SPEEDS[i % 4] * (1 + 0.05 * (i // 4)) for i in range(N)]
+    M = [max(R.sum() * c / sum(C) * 1.5, R.max()) for c in C]  # memory binds on the small devices
+    return Problem.from_lists(C, M, E, R)
+
+
+def work_estimate(problem: Problem, algorithm: str) -> float:
+    """Rough count of inner numpy calls, to skip runs that would take minutes."""
+    calls = problem.U * (1 << problem.N) * problem.N
+    return {"pipeedge": calls, "exhaustive": calls / 2}.get(algorithm, calls / 20)
+
+
+def measure(problem: Problem, algorithm: str, repeats: int):
+    times, result = [], None
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = solve_problem(problem, algorithm)
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--budget", type=float, default=3e5, help="skip runs above this work estimate")
+    parser.add_argument("--algorithms", nargs="+", default=sorted(ALGORITHMS), choices=sorted(ALGORITHMS))
+    args = parser.parse_args()
+
+    instances = []
+    if REFERENCE.exists():
+        instances.append(("paper testbed (EfficientNetV2B0)", Problem.from_config(load_config(REFERENCE))))
+    sizes = [(2, 50), (4, 100), (4, 273)] if args.quick else [
+        (2, 50), (2, 1000), (4, 100), (4, 273), (4, 1000), (6, 273), (6, 1000), (8, 273), (8, 1000), (10, 50),
+        (10, 273), (10, 1000)]
+    instances += [(f"synthetic N={N} U={U}", synthetic(N, U)) for N, U in sizes]
+
+    print(f"{'instance':<34} {'algorithm':<11} {'median ms':>11} {'transitions':>13} {'bottleneck ms':>14}")
+    for name, problem in instances:
+        bottlenecks = set()
+        for algorithm in args.algorithms:
+            if work_estimate(problem, algorithm) > args.budget:
+                print(f"{name:<34} {algorithm:<11} {'skip':>11}")
+                continue
+            ms, result = measure(problem, algorithm, args.repeats)
+            bottlenecks.add(round(result.bottleneck, 9))
+            print(f"{name:<34} {algorithm:<11} {ms:>11.1f} {result.transitions:>13,} {result.bottleneck:>14.6f}",
+                  flush=True)
+        if len(bottlenecks) > 1:
+            raise SystemExit(f"{name}: algorithms disagree on the bottleneck: {sorted(bottlenecks)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Argument parsers and command bodies shared by the top-level scripts and `python -m dnnpipe`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+from .errors import DnnpipeError
+from .planfile import PLAN_FILE, format_plan, write_plan
+from .planner import ALGORITHMS, plan
+
+CONFIG_FILE = "config.json"
+
+
+def run_cli(command: Callable[[argparse.Namespace], int], args: argparse.Namespace, prog: str) -> int:
+    """Run a command; user errors become one line on stderr and a non-zero exit, never a traceback."""
+    try:
+        return command(args)
+    except DnnpipeError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def config_paths(config: Path, model_name: str) -> tuple[Path, Path]:
+    """The config file and where its plan goes: DIR/NAME/config.json, or a JSON file given directly."""
+    if config.suffix == ".json" and not config.is_dir():
+        return config, config.parent / PLAN_FILE
+    folder = config / model_name
+    return folder / CONFIG_FILE, folder / PLAN_FILE
+
+
+# --- model_partitioner.py ---------------------------------------------------------------------
+
+def add_partitioner_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model-path", type=Path, help="folder holding NAME.h5 (or NAME.keras)")
+    parser.add_argument("--config", type=Path, required=True,
+                        help="folder holding NAME/config.json, or a config JSON file")
+    parser.add_argument("--output-dir", type=Path, help="where NAME/sub_model_K.tflite are written")
+    parser.add_argument("--model-name", required=True, help="model name (file stem and sub-folder)")
+    parser.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="dnnpipe")
+    parser.add_argument("--plan-only", action="store_true", help="plan, write pipeline_plan.json, stop")
+    parser.add_argument("--plan", type=Path, help="partition by this existing plan instead of planning")
+    parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                        help="check the sub-model chain against the Keras model (default: on)")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="largest absolute difference --verify accepts (default depends on --quantize)")
+    parser.add_argument("--quantize", choices=["none", "float16", "int8"], default="none")
+    parser.add_argument("--calibration-data", type=Path,
+                        help="HDF5 file with an 'images' dataset for --quantize int8")
+    return parser
+
+
+def partitioner_parser() -> argparse.ArgumentParser:
+    return add_partitioner_arguments(argparse.ArgumentParser(
+        prog="model_partitioner.py",
+        description="Plan the optimal pipeline for a model and cut it into TFLite sub-models."))
+
+
+def partition_command(args: argparse.Namespace) -> int:
+    config_file, plan_file = config_paths(args.config, args.model_name)
+    if args.plan_only:
+        result = plan(config_file, args.algorithm)
+        write_plan(result, plan_file)
+        print(format_plan(result))
+        print(f"wrote {plan_file}")
+        return 0
+    if args.model_path is None or args.output_dir is None:
+        raise DnnpipeError("--model-path and --output-dir are needed to partition a model "
+                           "(or give --plan-only to only plan)")
+    from .partition.command import partition_model  # TensorFlow only where a model is cut
+
+    return partition_model(args, config_file, plan_file)
+
+
+SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
+                             Callable[[argparse.Namespace], int], str]] = {
+    "partition": (add_partitioner_arguments, partition_command,
+                  "plan a model's pipeline and cut it into TFLite sub-models (model_partitioner.py)"),
+}

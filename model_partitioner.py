@@ -1,0 +1,13 @@
+#!/usr/bin/env python3
+"""Plan the optimal pipeline for a Keras model and cut it into TFLite sub-models (the paper's step 1).
+
+    python model_partitioner.py --model-path ./original_models --config ./configurations \
+        --output-dir ./partitioned_submodels --model-name model
+"""
+
+import sys
+
+from dnnpipe.cli import partitioner_parser, partition_command, run_cli
+
+if __name__ == "__main__":
+    sys.exit(run_cli(partition_command, partitioner_parser().parse_args(), "model_partitioner.py"))

@@ -1,0 +1,26 @@
+"""An independent oracle: enumerate every plan (cut positions x device sequences) on small instances."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Optional, Sequence
+
+
+def brute_force_bottleneck(C: Sequence[float], M: Sequence[float], E: Sequence[float],
+                           R: Sequence[float]) -> Optional[float]:
+    U, N = len(E), len(C)
+    best = math.inf
+    for stages in range(1, min(N, U) + 1):
+        for inner_cuts in itertools.combinations(range(1, U), stages - 1):
+            bounds = (0, *inner_cuts, U)
+            ranges = list(zip(bounds, bounds[1:]))
+            for devices in itertools.permutations(range(N), stages):
+                worst = 0.0
+                for (j, k), d in zip(ranges, devices):
+                    if math.fsum(R[j:k]) > M[d]:
+                        break
+                    worst = max(worst, math.fsum(E[j:k]) / C[d])
+                else:
+                    best = min(best, worst)
+    return None if math.isinf(best) else best

@@ -1,0 +1,28 @@
+"""Running the project's scripts as real processes, the way users do."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(script: str, *args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """Run a top-level script or `-m dnnpipe` with this interpreter; output captured as text."""
+    command = [sys.executable, *(["-m", "dnnpipe"] if script == "dnnpipe" else [str(ROOT / script)]), *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=kwargs.pop("cwd", ROOT),
+                          env={**env, **kwargs.pop("env", {})}, **kwargs)
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A user error: non-zero exit, one line on stderr naming what was wrong, no traceback."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

@@ -1,0 +1,67 @@
+"""Config validation: each malformed field gets an error naming the file and the field."""
+
+import copy
+import json
+import math
+
+import pytest
+
+from dnnpipe import ConfigError, load_config
+
+GOOD = {"device_config": {"N": 2, "C": [1, 0.5], "M": [100, 50]},
+        "model_config": {"U": 3, "E": [1.0, 2.0, 3.0], "R": [1, 1, 1]}}
+
+
+def broken(section, key, value):
+    config = copy.deepcopy(GOOD)
+    if value is KeyError:
+        del config[section][key]
+    else:
+        config[section][key] = value
+    return config
+
+
+@pytest.mark.parametrize("config, message", [
+    ({}, "missing key 'device_config'"),
+    ({"device_config": GOOD["device_config"]}, "missing key 'model_config'"),
+    ({"device_config": [], "model_config": {}}, "'device_config' must be an object"),
+    (broken("device_config", "N", KeyError), "missing key 'device_config.N'"),
+    (broken("device_config", "C", KeyError), "missing key 'device_config.C'"),
+    (broken("model_config", "R", KeyError), "missing key 'model_config.R'"),
+    (broken("device_config", "N", 3), "'device_config.C' has 2 values but N = 3"),
+    (broken("device_config", "M", [1]), "'device_config.M' has 1 values but N = 2"),
+    (broken("model_config", "U", 4), "'model_config.E' has 3 values but U = 4"),
+    (broken("model_config", "R", [1, 1]), "'model_config.R' has 2 values but U = 3"),
+    (broken("device_config", "N", 0), "'device_config.N' must be a positive integer, got 0"),
+    (broken("device_config", "N", 2.0), "'device_config.N' must be a positive integer, got 2.0"),
+    (broken("model_config", "U", True), "'model_config.U' must be a positive integer, got True"),
+    (broken("model_config", "E", [1, "2", 3]), "'model_config.E[1]' must be a finite number, got '2'"),
+    (broken("model_config", "E", [1, math.nan, 3]), "'model_config.E[1]' must be a finite number, got nan"),
+    (broken("model_config", "E", [1, math.inf, 3]), "'model_config.E[1]' must be a finite number"),
+    (broken("model_config", "R", [1, -1, 3]), "'model_config.R[1]' must be >= 0, got -1"),
+    (broken("device_config", "M", [1, -5]), "'device_config.M[1]' must be >= 0, got -5"),
+    (broken("device_config", "C", [1, 0]), "'device_config.C[1]' must be > 0, got 0"),
+    (broken("device_config", "C", [-1, 1]), "'device_config.C[0]' must be > 0, got -1"),
+    (broken("device_config", "C", "fast"), "'device_config.C' must be a list of numbers, got str"),
+])
+def test_bad_config_is_named(config, message):
+    with pytest.raises(ConfigError, match=__import__("re").escape(message)):
+        load_config(config)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    missing = tmp_path / "config.json"
+    with pytest.raises(ConfigError, match=f"{missing}: config file not found"):
+        load_config(missing)
+    missing.write_text("{not json")
+    with pytest.raises(ConfigError, match=f"{missing}: not valid JSON"):
+        load_config(missing)
+    missing.write_text(json.dumps(broken("device_config", "C", [1, 0])))
+    with pytest.raises(ConfigError, match=f"{missing}: 'device_config.C\\[1\\]' must be > 0"):
+        load_config(missing)
+
+
+def test_good_config_round_trips():
+    config = load_config(GOOD)
+    assert config.cluster.N == 2 and config.profile.U == 3
+    assert load_config(config.to_dict()) == config.__class__(config.cluster, config.profile, "<config>")

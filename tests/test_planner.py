@@ -1,0 +1,114 @@
+"""Planner exactness: every algorithm against a brute-force oracle, with and without binding memory."""
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from bruteforce import brute_force_bottleneck
+from dnnpipe import ALGORITHMS, NoPlanError, plan
+from dnnpipe.planner import Problem
+from dnnpipe.planner.bounds import upper_bound
+from dnnpipe.planner.plan import check_cuts
+from strategies import as_config, instances
+
+ALL = sorted(ALGORITHMS)
+
+
+def cuts_of(p):
+    return [(s - 1, e, d - 1) for s, e, d in p.stages]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(instances())
+def test_every_algorithm_matches_brute_force(instance):
+    expected = brute_force_bottleneck(*instance)
+    config = as_config(*instance)
+    problem = Problem.from_lists(*instance)
+    for algorithm in ALL:
+        if expected is None:
+            with pytest.raises(NoPlanError):
+                plan(config, algorithm)
+            continue
+        result = plan(config, algorithm)
+        assert result.bottleneck == pytest.approx(expected, rel=1e-12, abs=1e-12), algorithm
+        check_cuts(problem, cuts_of(result))
+        assert max(result.stage_times_ms) == result.bottleneck
+
+
+@settings(max_examples=200, deadline=None)
+@given(instances())
+def test_upper_bound_is_a_feasible_plan_never_below_optimum(instance):
+    expected = brute_force_bottleneck(*instance)
+    problem = Problem.from_lists(*instance)
+    value, cuts = upper_bound(problem)
+    if cuts is None:
+        assert value == float("inf")
+        return
+    check_cuts(problem, cuts)
+    assert value == max(problem.stage_time(*c) for c in cuts)
+    assert expected is not None and value >= expected - 1e-12
+
+
+@pytest.mark.parametrize("algorithm", ALL)
+def test_hand_checked_two_devices(algorithm):
+    # Units 4+4 | 2 on a device twice as fast as the other: {1..2} on fast (4 ms), {3} on slow (4 ms).
+    config = as_config([2.0, 1.0], [100, 100], [4.0, 4.0, 4.0], [1, 1, 1])
+    result = plan(config, algorithm)
+    assert result.bottleneck == 4.0
+    assert result.stages in ([[1, 2, 1], [3, 3, 2]], [[1, 1, 2], [2, 3, 1]])
+
+
+@pytest.mark.parametrize("algorithm", ALL)
+def test_memory_forces_the_slow_device(algorithm):
+    # The fast device cannot hold unit 2, so the slow one must take it.
+    config = as_config([4.0, 1.0], [5, 50], [1.0, 1.0, 1.0], [1, 20, 1])
+    # Unit 2 (20 MB) only fits the slow device; the fast one (5 MB) takes unit 1 or unit 3.
+    result = plan(config, algorithm)
+    assert result.bottleneck == 2.0
+    assert result.stages in ([[1, 1, 1], [2, 3, 2]], [[1, 2, 2], [3, 3, 1]])
+
+
+@pytest.mark.parametrize("algorithm", ALL)
+def test_paper_testbed_profile(reference_profile, algorithm):
+    result = plan(reference_profile, algorithm)
+    assert result.bottleneck == pytest.approx(3.16649, abs=1e-5)
+    assert result.ideal_ms == pytest.approx(3.15882, abs=1e-5)
+    problem = Problem.from_config(__import__("dnnpipe").load_config(reference_profile))
+    check_cuts(problem, cuts_of(result))
+
+
+def test_pruning_evaluates_far_fewer_transitions(reference_profile):
+    pruned = plan(reference_profile, "dnnpipe")
+    full = plan(reference_profile, "exhaustive")
+    assert pruned.transitions * 10 < full.transitions
+
+
+def test_plan_accepts_path_dict_and_json_roundtrip(tmp_path):
+    config = as_config([1.0, 0.5], [10, 10], [1.0, 2.0, 3.0], [1, 1, 1])
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    assert plan(path).stages == plan(config).stages
+    data = plan(config).to_json()
+    assert list(data)[:4] == ["pipeline_plan", "bottleneck_ms", "algorithm", "planning_time_ms"]
+    json.dumps(data)
+
+
+@pytest.mark.parametrize(
+    "M, R, reason",
+    [
+        ([5, 6], [1, 9, 1], "unit 2 needs 9.0 MB, more than any device has (largest: 6.0 MB on device 2)"),
+        ([5, 6], [4, 4, 4], "needs 12.0 MB in total but all 2 devices together have 11.0 MB"),
+        ([5, 5], [3, 3, 3], "cannot be split into at most 2 contiguous stages"),
+    ],
+)
+def test_no_plan_says_why(M, R, reason):
+    config = as_config([1.0] * len(M), M, [1.0] * len(R), R)
+    for algorithm in ALL:
+        with pytest.raises(NoPlanError, match=__import__("re").escape(reason)):
+            plan(config, algorithm)
+
+
+def test_unknown_algorithm():
+    with pytest.raises(ValueError, match="unknown algorithm 'fast'"):
+        plan(as_config([1.0], [1], [1.0], [1]), "fast")
