@@ -81,8 +81,39 @@ def partition_command(args: argparse.Namespace) -> int:
     return partition_model(args, config_file, plan_file)
 
 
+# --- python -m dnnpipe make-model --------------------------------------------------------------
+
+def add_make_model_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from .examples import EXAMPLES
+
+    parser.add_argument("--model", choices=sorted(EXAMPLES), default="tiny", help="which example model")
+    parser.add_argument("--model-path", type=Path, default=Path("original_models"))
+    parser.add_argument("--model-name", help="file stem (default: the --model name)")
+    parser.add_argument("--input-size", type=int, help="image height and width")
+    parser.add_argument("--dataset", type=Path, help="also write this HDF5 dataset of synthetic images")
+    parser.add_argument("--samples", type=int, default=64, help="rows in --dataset")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def make_model_command(args: argparse.Namespace) -> int:
+    from .examples import make_dataset, make_model
+
+    path = make_model(args.model, args.model_path / f"{args.model_name or args.model}.h5", args.input_size,
+                      args.seed)
+    print(f"wrote {path}")
+    if args.dataset:
+        from .partition.command import load_keras_model
+
+        shape = tuple(load_keras_model(path).inputs[0].shape[1:])
+        print(f"wrote {make_dataset(args.dataset, shape, args.samples, args.seed)} ({args.samples} x {shape})")
+    return 0
+
+
 SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
                              Callable[[argparse.Namespace], int], str]] = {
     "partition": (add_partitioner_arguments, partition_command,
                   "plan a model's pipeline and cut it into TFLite sub-models (model_partitioner.py)"),
+    "make-model": (add_make_model_arguments, make_model_command,
+                   "write an example Keras model (weights=None, fixed seed) and optionally a synthetic dataset"),
 }

@@ -1,0 +1,90 @@
+"""The TFLite interpreter backend: ai-edge-litert, else tflite-runtime, else TensorFlow's.
+
+Boards like the Coral Dev Board cannot install full TensorFlow, so the lite packages come first and
+TensorFlow is imported only when neither is present.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import DnnpipeError
+from .tfenv import native_stderr_captured
+
+BACKENDS = (
+    ("ai-edge-litert", "ai_edge_litert.interpreter"),
+    ("tflite-runtime", "tflite_runtime.interpreter"),
+    ("tensorflow", "tensorflow.lite"),
+)
+
+
+def interpreter_module() -> tuple[str, Any]:
+    """The first importable backend as (name, module with Interpreter and load_delegate)."""
+    for name, module in BACKENDS:
+        try:
+            return name, importlib.import_module(module)
+        except ImportError:
+            continue
+    raise DnnpipeError("no TFLite interpreter found: pip install ai-edge-litert (or tflite-runtime)")
+
+
+def load_interpreter(model: Path | bytes, num_threads: Optional[int] = None, delegate: Optional[str] = None):
+    """An allocated interpreter for a .tflite file or its bytes, with an optional delegate library."""
+    _, module = interpreter_module()
+    options: dict[str, Any] = {}
+    if num_threads:
+        options["num_threads"] = num_threads
+    if delegate:
+        try:
+            options["experimental_delegates"] = [module.load_delegate(delegate)]
+        except (ValueError, OSError) as e:
+            raise DnnpipeError(f"cannot load delegate {delegate}: {e}") from None
+    source = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
+    try:
+        with native_stderr_captured():  # "Created TensorFlow Lite XNNPACK delegate" on every load
+            interpreter = module.Interpreter(**source, **options)
+            interpreter.allocate_tensors()
+    except ValueError as e:
+        where = "model bytes" if isinstance(model, bytes) else str(model)
+        raise DnnpipeError(f"{where}: not a valid TFLite model ({e})") from None
+    return interpreter
+
+
+class StageRunner:
+    """Runs one stage's sub-model, fed and read by signature key in manifest (wire) order.
+
+    The interpreter's own signature is checked against the manifest when the runner is built, so a
+    mismatched file fails at start-up with the tensor's name rather than mid-stream.
+    """
+
+    def __init__(self, model: Path | bytes, stage, num_threads: Optional[int] = None,
+                 delegate: Optional[str] = None):
+        self.stage = stage
+        interpreter = load_interpreter(model, num_threads, delegate)
+        signatures = interpreter.get_signature_list()
+        if len(signatures) != 1:
+            raise DnnpipeError(f"stage {stage.stage}: expected one signature in {stage.file}, "
+                               f"found {sorted(signatures)}")
+        self.runner = interpreter.get_signature_runner(next(iter(signatures)))
+        self._check("input", stage.inputs, self.runner.get_input_details())
+        self._check("output", stage.outputs, self.runner.get_output_details())
+
+    def _check(self, kind: str, specs, details: dict[str, Any]) -> None:
+        expected = {spec.key for spec in specs}
+        if set(details) != expected:
+            raise DnnpipeError(f"stage {self.stage.stage}: {self.stage.file} has {kind}s {sorted(details)}, "
+                               f"the manifest says {sorted(expected)}")
+        import numpy as np
+
+        for spec in specs:
+            got = details[spec.key]
+            shape, dtype = tuple(int(x) for x in got["shape"]), np.dtype(got["dtype"]).name
+            if shape != spec.shape or dtype != spec.dtype:
+                raise DnnpipeError(f"stage {self.stage.stage}: {kind} {spec.name!r} is {dtype}{list(shape)} in "
+                                   f"{self.stage.file}, the manifest says {spec.dtype}{list(spec.shape)}")
+
+    def __call__(self, arrays) -> list:
+        results = self.runner(**{spec.key: array for spec, array in zip(self.stage.inputs, arrays)})
+        return [results[spec.key] for spec in self.stage.outputs]

@@ -1,0 +1,119 @@
+"""model_partitioner.py's full job: load the model, plan (or read a plan), split, verify, write."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+from ..config import load_config
+from ..errors import DnnpipeError
+from ..manifest import Manifest, write_manifest
+from ..planfile import format_plan, read_stages, write_plan
+from ..planner import plan
+from ..tfenv import import_tensorflow, native_stderr_captured
+from .graph import PartitionError, analyse, as_functional
+from .split import check_stages, intermediate_values, split_model
+from .verify import TOLERANCE, Verification, verify
+
+MODEL_SUFFIXES = (".h5", ".keras")
+
+
+def find_model(model_path: Path, model_name: str) -> Path:
+    """NAME.h5 (the paper's layout) or NAME.keras in the folder, or the file itself."""
+    if model_path.is_file():
+        return model_path
+    for suffix in MODEL_SUFFIXES:
+        candidate = model_path / f"{model_name}{suffix}"
+        if candidate.is_file():
+            return candidate
+    raise DnnpipeError(f"{model_path / (model_name + '.h5')}: model file not found")
+
+
+def load_keras_model(path: Path):
+    _, keras = import_tensorflow()
+    with native_stderr_captured():
+        try:
+            model = keras.models.load_model(path, compile=False)
+        except Exception as e:  # Keras raises many types for unreadable files; one message for all
+            raise DnnpipeError(f"{path}: cannot load the Keras model ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+    return as_functional(model)
+
+
+def read_calibration(path: Path, input_names: list[str], limit: int = 200):
+    """HDF5 calibration samples: dataset 'images' for a one-input model, else one dataset per input name."""
+    import h5py
+    import numpy as np
+
+    try:
+        with h5py.File(path, "r") as f:
+            names = {n: ("images" if len(input_names) == 1 and "images" in f else n) for n in input_names}
+            missing = [d for d in names.values() if d not in f]
+            if missing:
+                raise DnnpipeError(f"{path}: no dataset {missing[0]!r} (have: {', '.join(f.keys())})")
+            return {n: np.asarray(f[d][:limit]) for n, d in names.items()}
+    except OSError as e:
+        raise DnnpipeError(f"{path}: cannot read HDF5 calibration data ({e})") from None
+
+
+def partition_keras_model(model, stages, folder: Path, model_name: str, source: str, quantize: str = "none",
+                          calibration_inputs=None, tolerance: Optional[float] = None,
+                          verify_chain: bool = True) -> tuple[Manifest, Optional[Verification]]:
+    """Split a (functional) Keras model by plan stages into folder; verify the chain unless told not to."""
+    graph, keras_tensors = analyse(model)
+    check_stages(graph, stages, source)
+    calibration = None
+    if quantize == "int8":
+        if calibration_inputs is None:
+            raise DnnpipeError("--quantize int8 needs --calibration-data FILE.h5 (dataset 'images')")
+        names = sorted({t.name for start, _, _ in stages for t in graph.crossing(start - 1)})
+        calibration = intermediate_values(model, keras_tensors, names, calibration_inputs)
+    started = time.perf_counter()
+    manifest = split_model(graph, keras_tensors, stages, folder, model_name, quantize, calibration)
+    extra: dict = {"conversion_seconds": round(time.perf_counter() - started, 3)}
+    manifest = replace(manifest, extra=extra)
+    write_manifest(manifest, folder)
+    if not verify_chain:
+        return manifest, None
+    tolerance = tolerance if tolerance is not None else TOLERANCE[quantize]
+    check = verify(model, manifest, folder, tolerance)
+    print(check.describe())
+    extra["verification"] = {"max_relative_difference": check.differences, "tolerance": tolerance, "ok": check.ok}
+    write_manifest(manifest, folder)
+    if not check.ok:
+        raise PartitionError(f"{folder}: the sub-model chain differs from the Keras model by more than "
+                             f"{tolerance:g} (see above); sub-models kept for inspection")
+    return manifest, check
+
+
+def partition_model(args: argparse.Namespace, config_file: Path, plan_file: Path) -> int:
+    started = time.perf_counter()
+    model_file = find_model(args.model_path, args.model_name)
+    model = load_keras_model(model_file)
+    graph, _ = analyse(model)
+    print(f"{model_file}: {graph.U} units, inputs {[t.name for t in graph.crossing(0)]}, "
+          f"outputs {list(graph.outputs)}")
+    if args.plan is not None:
+        stages, source = read_stages(args.plan), str(args.plan)
+    else:
+        config = load_config(config_file)
+        if config.profile.U != graph.U:
+            raise PartitionError(f"{config_file}: model_config.U = {config.profile.U} but {model_file} has "
+                                 f"{graph.U} units (its non-input layers)")
+        result = plan(config, args.algorithm)
+        write_plan(result, plan_file)
+        print(format_plan(result))
+        print(f"wrote {plan_file}")
+        stages, source = result.stages, str(plan_file)
+    calibration_inputs = None
+    if args.calibration_data is not None:
+        calibration_inputs = read_calibration(args.calibration_data, [t.name for t in graph.crossing(0)])
+    folder = args.output_dir / args.model_name
+    manifest, _ = partition_keras_model(model, stages, folder, args.model_name, source, args.quantize,
+                                        calibration_inputs, args.tolerance, args.verify)
+    print(f"wrote {len(manifest.stages)} sub-models and {folder / 'manifest.json'} in "
+          f"{time.perf_counter() - started:.1f} s (conversion {manifest.extra['conversion_seconds']:.1f} s)")
+    return 0
