@@ -110,10 +110,89 @@ def make_model_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- runtime_engine.py and python -m dnnpipe stage / run-local -------------------------------
+
+def add_stage_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--stage", type=int, required=True, help="this process's stage, 1-based")
+    parser.add_argument("--model-path", type=Path, required=True, help="folder holding NAME/manifest.json")
+    parser.add_argument("--model-name", required=True)
+    parser.add_argument("--bind-addr", default="0.0.0.0", help="address to receive the previous stage on")
+    parser.add_argument("--bind-port", type=int, help="port to receive on (every stage but the first)")
+    parser.add_argument("--next-host", help="the next stage's host (every stage but the last)")
+    parser.add_argument("--next-port", type=int)
+    parser.add_argument("--data-path", type=Path, help="first stage: HDF5 inputs, dataset 'images'")
+    parser.add_argument("--output-path", type=Path, help="last stage: HDF5 results, one dataset per output")
+    add_run_arguments(parser)
+    parser.add_argument("--emulate-speed", type=float, metavar="C",
+                        help="emulate a device of speed C: sleep so that stage time = measured / C")
+    return parser
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options every stage of a run shares (run-local passes them on to each stage)."""
+    parser.add_argument("--num-inputs", type=int, help="inferences to run (cycles the data; default: every row)")
+    parser.add_argument("--fps", type=float, help="pace inputs at this rate (default: as fast as taken)")
+    parser.add_argument("--log-dir", type=Path, help="per-frame CSV and summary JSON per stage")
+    parser.add_argument("--num-threads", type=int, help="interpreter threads")
+    parser.add_argument("--delegate", help="delegate library, e.g. libedgetpu.so.1")
+    parser.add_argument("--timeout", type=float, default=60.0, help="longest wait for a frame, s (default 60)")
+    parser.add_argument("--connect-timeout", type=float, default=60.0,
+                        help="longest wait for the neighbouring stages to come up, s (default 60)")
+    parser.add_argument("--queue-size", type=int, default=4, help="frames buffered between threads")
+
+
+def stage_parser() -> argparse.ArgumentParser:
+    return add_stage_arguments(argparse.ArgumentParser(
+        prog="runtime_engine.py", description="Run one stage of a pipeline; tensors flow between stages over TCP."))
+
+
+def stage_command(args: argparse.Namespace) -> int:
+    from .runtime.stage import Stage, StageOptions
+
+    options = StageOptions(
+        stage=args.stage, folder=args.model_path / args.model_name, bind_addr=args.bind_addr,
+        bind_port=args.bind_port, next_host=args.next_host, next_port=args.next_port, data_path=args.data_path,
+        output_path=args.output_path, num_inputs=args.num_inputs, fps=args.fps, log_dir=args.log_dir,
+        num_threads=args.num_threads, delegate=args.delegate, timeout=args.timeout,
+        connect_timeout=args.connect_timeout, queue_size=args.queue_size, emulate_speed=args.emulate_speed)
+    print(Stage(options).run().describe(), flush=True)
+    return 0
+
+
+def add_run_local_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model-path", type=Path, default=Path("partitioned_submodels"))
+    parser.add_argument("--model-name", required=True)
+    parser.add_argument("--data-path", type=Path, required=True)
+    parser.add_argument("--output-path", type=Path)
+    parser.add_argument("--emulate-speed", action="store_true",
+                        help="slow each stage to its device's C from the config")
+    parser.add_argument("--config", type=Path, default=Path("configurations"),
+                        help="folder with NAME/config.json, or the config file (for --emulate-speed)")
+    add_run_arguments(parser)
+    return parser
+
+
+def run_local_command(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .runtime.local import run_local
+
+    speeds = load_config(config_paths(args.config, args.model_name)[0]).cluster.C if args.emulate_speed else None
+    folder = args.model_path / args.model_name
+    extra = [f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
+             if name in ("num_inputs", "fps", "num_threads", "delegate", "timeout", "connect_timeout", "queue_size")
+             and value is not None]
+    run = run_local(folder, args.data_path, args.output_path, args.log_dir or folder / "logs", speeds, extra)
+    print(run.describe())
+    return 0
+
+
 SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
                              Callable[[argparse.Namespace], int], str]] = {
     "partition": (add_partitioner_arguments, partition_command,
                   "plan a model's pipeline and cut it into TFLite sub-models (model_partitioner.py)"),
+    "stage": (add_stage_arguments, stage_command, "run one pipeline stage (runtime_engine.py)"),
+    "run-local": (add_run_local_arguments, run_local_command,
+                  "run every stage of a partitioned model as its own process on loopback ports"),
     "make-model": (add_make_model_arguments, make_model_command,
                    "write an example Keras model (weights=None, fixed seed) and optionally a synthetic dataset"),
 }

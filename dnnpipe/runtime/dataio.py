@@ -1,0 +1,79 @@
+"""The pipeline's ends: inputs read from HDF5 by the first stage, results written by the last."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from ..errors import DnnpipeError
+from ..manifest import TensorSpec
+
+
+def input_datasets(path: Path, specs: Sequence[TensorSpec]):
+    """Open the HDF5 file; 'images' feeds a one-input model, otherwise one dataset per input name."""
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except (OSError, FileNotFoundError) as e:
+        raise DnnpipeError(f"{path}: cannot open input data ({e})") from None
+    names = ["images"] if len(specs) == 1 and "images" in f else [spec.name for spec in specs]
+    datasets = []
+    for name, spec in zip(names, specs):
+        if name not in f:
+            f.close()
+            raise DnnpipeError(f"{path}: no dataset {name!r} for input {spec.name!r} (have: {', '.join(f)})")
+        data = f[name]
+        if tuple(data.shape[1:]) != spec.shape[1:] or data.shape[0] == 0:
+            f.close()
+            raise DnnpipeError(f"{path}: dataset {name!r} holds rows of shape {tuple(data.shape[1:])} x "
+                               f"{data.shape[0]}, input {spec.name!r} needs rows of shape {spec.shape[1:]}")
+        datasets.append(data)
+    return f, datasets
+
+
+def read_inputs(path: Path, specs: Sequence[TensorSpec], count: Optional[int]) -> Iterator[list[np.ndarray]]:
+    """One list of batch-1 arrays per inference, cycling through the rows when count exceeds them."""
+    f, datasets = input_datasets(path, specs)
+    with f:
+        rows = datasets[0].shape[0]
+        for i in range(rows if count is None else count):
+            yield [np.asarray(data[i % rows], dtype=spec.dtype).reshape(spec.shape)
+                   for data, spec in zip(datasets, specs)]
+
+
+class ResultWriter:
+    """Writes each model output as one HDF5 dataset, one row per inference, rows in input order."""
+
+    def __init__(self, path: Optional[Path], specs: Sequence[TensorSpec]):
+        self.specs, self.file, self.rows = list(specs), None, 0
+        if path is None:
+            return
+        import h5py
+
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = h5py.File(path, "w")
+        except OSError as e:
+            raise DnnpipeError(f"{path}: cannot write results ({e})") from None
+        self.datasets = [self.file.create_dataset(spec.name, shape=(0, *spec.shape[1:]), dtype=spec.dtype,
+                                                  maxshape=(None, *spec.shape[1:]), chunks=(1, *spec.shape[1:]))
+                         for spec in self.specs]
+
+    def write(self, sequence: int, tensors: Sequence[np.ndarray]) -> None:
+        if self.file is None:
+            return
+        for dataset, tensor in zip(self.datasets, tensors):
+            if dataset.shape[0] <= sequence:
+                dataset.resize(max(sequence + 1, 2 * dataset.shape[0]), axis=0)
+            dataset[sequence] = tensor[0]
+        self.rows = max(self.rows, sequence + 1)
+
+    def close(self) -> None:
+        if self.file is not None:
+            for dataset in self.datasets:
+                dataset.resize(self.rows, axis=0)
+            self.file.close()
+            self.file = None

@@ -1,0 +1,90 @@
+"""Per-frame timings of one stage, written as CSV like the paper's runtime, and their summary."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+
+@dataclass
+class FrameTiming:
+    sequence: int
+    receive_ms: float = 0.0  # reading the frame off the socket (or the input file)
+    queue_wait_ms: float = 0.0  # waiting for the executor
+    inference_ms: float = 0.0
+    emulation_ms: float = 0.0  # added sleep that emulates a slower device
+    send_ms: float = 0.0  # writing the result to the socket (or the output file)
+    infer_start: float = 0.0  # epoch seconds: busy interval for timelines across stages
+    infer_end: float = 0.0
+    latency_ms: float = float("nan")  # end to end, last stage only (clocks must agree across devices)
+
+
+@dataclass
+class StageSummary:
+    stage: int
+    frames: int
+    seconds: float
+    throughput: float  # inferences per second
+    inference_p50_ms: float
+    inference_p95_ms: float
+    stage_time_p50_ms: float  # inference plus emulation
+    busy_fraction: float
+    latency_p50_ms: Optional[float] = None
+    latency_p95_ms: Optional[float] = None
+
+    def describe(self) -> str:
+        text = (f"[stage {self.stage}] {self.frames} frames in {self.seconds:.2f} s: {self.throughput:.1f} "
+                f"inferences/s; inference p50 {self.inference_p50_ms:.2f} ms p95 {self.inference_p95_ms:.2f} ms; "
+                f"stage time p50 {self.stage_time_p50_ms:.2f} ms; busy {self.busy_fraction:.0%}")
+        if self.latency_p50_ms is not None:
+            text += (f"\n[stage {self.stage}] pipeline: {self.frames} results, {self.throughput:.1f} inferences/s "
+                     f"end to end, latency p50 {self.latency_p50_ms:.1f} ms p95 {self.latency_p95_ms:.1f} ms")
+        return text
+
+
+def summarise(stage: int, timings: Sequence[FrameTiming], last: bool) -> StageSummary:
+    if not timings:
+        return StageSummary(stage, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    ends = np.array([t.infer_end for t in timings])
+    starts = np.array([t.infer_start for t in timings])
+    inference = np.array([t.inference_ms for t in timings])
+    stage_time = inference + np.array([t.emulation_ms for t in timings])
+    span = float(ends[-1] - starts[0])
+    # Steady-state rate: frames completed after the first, over the time between completions.
+    throughput = (len(ends) - 1) / float(ends[-1] - ends[0]) if len(ends) > 1 and ends[-1] > ends[0] else (
+        1000.0 / stage_time[0] if stage_time[0] > 0 else 0.0)
+    latency = np.array([t.latency_ms for t in timings])
+    return StageSummary(
+        stage=stage, frames=len(timings), seconds=span, throughput=throughput,
+        inference_p50_ms=float(np.percentile(inference, 50)), inference_p95_ms=float(np.percentile(inference, 95)),
+        stage_time_p50_ms=float(np.percentile(stage_time, 50)),
+        busy_fraction=float(stage_time.sum() / 1000 / span) if span > 0 else 1.0,
+        latency_p50_ms=float(np.percentile(latency, 50)) if last else None,
+        latency_p95_ms=float(np.percentile(latency, 95)) if last else None,
+    )
+
+
+def write_log(folder: Path, stage: int, timings: Sequence[FrameTiming], summary: StageSummary) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"stage_{stage}.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([field.name for field in fields(FrameTiming)])
+        for timing in timings:
+            writer.writerow(list(asdict(timing).values()))
+    (folder / f"stage_{stage}_summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+
+
+def read_summary(folder: Path, stage: int) -> StageSummary:
+    return StageSummary(**json.loads((folder / f"stage_{stage}_summary.json").read_text()))
+
+
+def read_timings(folder: Path, stage: int) -> list[FrameTiming]:
+    with open(folder / f"stage_{stage}.csv") as f:
+        rows = list(csv.DictReader(f))
+    types = {field.name: (int if field.name == "sequence" else float) for field in fields(FrameTiming)}
+    return [FrameTiming(**{k: types[k](v) for k, v in row.items()}) for row in rows]

@@ -1,0 +1,233 @@
+"""Pipelines of real stage processes on 127.0.0.1: results, back-pressure and every failure class."""
+
+import socket
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+import models
+from dnnpipe.manifest import read_manifest
+from dnnpipe.partition.command import partition_keras_model
+from dnnpipe.partition.graph import analyse
+from dnnpipe.protocol import Kind, encode_header, send_frame
+from dnnpipe.runtime.local import free_ports, run_local
+from dnnpipe.runtime.metrics import read_timings
+from helpers import ROOT, assert_clean_error
+
+ROWS = 6
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    """The residual CNN split into 1, 2 and 4 stages, a dataset, and the Keras model's own answers."""
+    root = tmp_path_factory.mktemp("runtime")
+    model = models.residual_cnn()
+    U = analyse(model)[0].U
+    plans = {1: [[1, U, 1]], 2: [[1, 5, 2], [6, U, 1]], 4: [[1, 2, 4], [3, 6, 3], [7, 10, 2], [11, U, 1]]}
+    for stages, plan in plans.items():
+        partition_keras_model(model, plan, root / f"p{stages}" / "res", "res", "test", verify_chain=False)
+    images = np.random.default_rng(0).random((ROWS, 12, 12, 3)).astype("float32")
+    with h5py.File(root / "data.h5", "w") as f:
+        f["images"] = images
+    return root, np.asarray(model(images, training=False))
+
+
+@pytest.mark.parametrize("stages", [1, 2, 4])
+def test_pipeline_results_equal_the_keras_model(pipelines, stages, tmp_path):
+    root, expected = pipelines
+    run = run_local(root / f"p{stages}" / "res", root / "data.h5", tmp_path / "out.h5", tmp_path / "logs",
+                    extra=["--timeout=30"])
+    assert [s.frames for s in run.stages] == [ROWS] * stages
+    with h5py.File(tmp_path / "out.h5") as f:
+        np.testing.assert_allclose(f["logits"][:], expected, rtol=1e-5, atol=1e-5)
+    assert run.stages[-1].latency_p50_ms > 0 and run.throughput > 0
+    for k in range(1, stages + 1):
+        assert len(read_timings(tmp_path / "logs", k)) == ROWS
+
+
+def test_cycling_inputs_and_paced_rate(pipelines, tmp_path):
+    root, expected = pipelines
+    run = run_local(root / "p2" / "res", root / "data.h5", tmp_path / "out.h5", tmp_path / "logs",
+                    extra=["--num-inputs=20", "--fps=100"])
+    assert run.stages[-1].frames == 20
+    assert run.throughput < 130  # paced at 100 inputs/s
+    with h5py.File(tmp_path / "out.h5") as f:
+        np.testing.assert_allclose(f["logits"][ROWS:2 * ROWS], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def wide_pipeline(tmp_path_factory):
+    """Two stages joined by a 512 KB cut, so socket buffers hold only a few frames."""
+    from dnnpipe.tfenv import import_tensorflow
+
+    _, keras = import_tensorflow()
+    root = tmp_path_factory.mktemp("wide")
+    x = keras.Input((64, 64, 3), name="image")
+    wide = keras.layers.Conv2D(32, 1, name="widen")(x)
+    model = keras.Model(x, keras.layers.GlobalAveragePooling2D(name="pool")(wide))
+    partition_keras_model(model, [[1, 1, 1], [2, 2, 2]], root / "wide", "wide", "test", verify_chain=False)
+    with h5py.File(root / "data.h5", "w") as f:
+        f["images"] = np.zeros((4, 64, 64, 3), "float32")
+    return root
+
+
+def test_slow_last_stage_holds_back_the_first(wide_pipeline, tmp_path):
+    """Back-pressure: a slow last stage (20 ms a frame) stops the first (1 ms) from running ahead."""
+    root, frames = wide_pipeline, 120
+    run_local(root / "wide", root / "data.h5", None, tmp_path / "logs", speeds_by_device=[1.0, 0.005],
+              extra=[f"--num-inputs={frames}", "--queue-size=1"])
+    first, last = read_timings(tmp_path / "logs", 1), read_timings(tmp_path / "logs", 2)
+    assert len(first) == len(last) == frames
+    # How many frames stage 1 had finished beyond those stage 2 had finished, at worst.
+    first_done = np.array([t.infer_end for t in first])
+    lead = max(int(np.sum(first_done <= t.infer_end)) - (i + 1) for i, t in enumerate(last))
+    # Measured: 14 frames with --queue-size 1; with --queue-size 200 stage 1 runs 142 frames ahead.
+    assert lead < 40, lead
+
+
+def stage_process(folder, stage, *args):
+    return subprocess.Popen([sys.executable, str(ROOT / "runtime_engine.py"), "--stage", str(stage),
+                             "--model-path", str(folder.parent), "--model-name", folder.name, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process, timeout=60):
+    stdout, stderr = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def connect(port, deadline=20.0):
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=5)
+        except OSError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def stage2(pipelines):
+    """The last stage of the 2-stage pipeline listening on a free port, fed by the test as its upstream."""
+    root, _ = pipelines
+    folder = root / "p2" / "res"
+    (port,) = free_ports(1)
+    process = stage_process(folder, 2, "--bind-addr", "127.0.0.1", "--bind-port", str(port), "--timeout", "5")
+    sock = connect(port)
+    yield process, sock, read_manifest(folder).stage(2)
+    sock.close()
+    if process.poll() is None:
+        process.kill()
+
+
+def test_malformed_frame(stage2):
+    process, sock, _ = stage2
+    sock.sendall(b"GET / HTTP/1.1\r\n\r\n" + b"\0" * 20)
+    assert_clean_error(finish(process), "[stage 2] upstream 127.0.0.1:", "bad magic b'GET '")
+
+
+def test_wrong_shape(stage2):
+    process, sock, spec = stage2
+    wrong = [type(t)(t.name, t.key, (1, 3, 3, 8), t.dtype) for t in spec.inputs]
+    sock.sendall(encode_header(Kind.DATA, 0, 0, wrong))
+    assert_clean_error(finish(process), "[stage 2]", "is float32[1, 3, 3, 8], the manifest says float32[1, 12, 12, 8]")
+
+
+def test_truncated_frame_then_peer_dies(stage2):
+    process, sock, spec = stage2
+    sock.sendall(encode_header(Kind.DATA, 0, 0, spec.inputs) + b"\0" * 100)
+    sock.close()
+    assert_clean_error(finish(process), "[stage 2]", "truncated frame: connection closed after 100 of")
+
+
+def test_peer_dies_mid_stream(stage2):
+    process, sock, spec = stage2
+    for sequence in range(3):
+        send_frame(sock, Kind.DATA, sequence, time.time_ns(), spec.inputs,
+                   [np.zeros(t.shape, t.dtype) for t in spec.inputs])
+    sock.close()
+    assert_clean_error(finish(process), "[stage 2]", "connection closed before end-of-stream")
+
+
+def test_upstream_error_is_passed_down_and_the_stage_exits_non_zero(stage2):
+    process, sock, _ = stage2
+    send_frame(sock, Kind.ERROR, 0, 0, message="[stage 1] disk on fire")
+    assert_clean_error(finish(process), "runtime_engine.py: error: [stage 1] disk on fire")
+
+
+def test_silent_upstream_times_out(stage2):
+    process, _, _ = stage2
+    result = finish(process)
+    assert_clean_error(result, "[stage 2]", "no data for 5 s (--timeout)")
+
+
+def test_port_already_in_use(pipelines):
+    root, _ = pipelines
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = finish(stage_process(root / "p2" / "res", 2, "--bind-addr", "127.0.0.1", "--bind-port", str(port)))
+    assert_clean_error(result, f"[stage 2] cannot listen on 127.0.0.1:{port}", "Address already in use")
+
+
+def test_next_stage_never_comes_up(pipelines):
+    root, _ = pipelines
+    (port,) = free_ports(1)
+    result = finish(stage_process(root / "p2" / "res", 1, "--data-path", str(root / "data.h5"),
+                                  "--next-host", "127.0.0.1", "--next-port", str(port), "--connect-timeout", "1"))
+    assert_clean_error(result, f"[stage 1] cannot reach the next stage at 127.0.0.1:{port} within 1 s")
+
+
+def test_downstream_dies_mid_stream(pipelines, tmp_path):
+    """The first stage notices a dead next stage instead of hanging."""
+    root, _ = pipelines
+    (port,) = free_ports(1)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", port))
+        listener.listen(1)
+        process = stage_process(root / "p2" / "res", 1, "--data-path", str(root / "data.h5"), "--next-host",
+                                "127.0.0.1", "--next-port", str(port), "--num-inputs", "100000", "--timeout", "5")
+        conn, _ = listener.accept()
+        conn.recv(1000)
+        conn.close()
+    result = finish(process)
+    assert_clean_error(result, "[stage 1] cannot send to the next stage at 127.0.0.1:")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stage", "3"], "stage 3 does not exist: the manifest has stages 1..2"),
+    (["--stage", "1", "--next-host", "127.0.0.1", "--next-port", "1"], "the first stage needs --data-path"),
+    (["--stage", "2"], "a stage after the first needs --bind-port"),
+])
+def test_bad_stage_arguments(pipelines, args, message):
+    root, _ = pipelines
+    folder = root / "p2" / "res"
+    result = subprocess.run([sys.executable, str(ROOT / "runtime_engine.py"), "--model-path", str(folder.parent),
+                             "--model-name", folder.name, *args], capture_output=True, text=True, timeout=60)
+    assert_clean_error(result, message)
+
+
+def test_bad_input_data(pipelines, tmp_path):
+    root, _ = pipelines
+    with h5py.File(tmp_path / "bad.h5", "w") as f:
+        f["images"] = np.zeros((3, 5, 5, 3), "float32")
+    folder = root / "p2" / "res"
+    result = finish(stage_process(folder, 1, "--data-path", str(tmp_path / "bad.h5"), "--next-host", "127.0.0.1",
+                                  "--next-port", "1"))
+    assert_clean_error(result, "dataset 'images' holds rows of shape (5, 5, 3) x 3, input 'image' needs rows of "
+                               "shape (12, 12, 3)")
+
+
+def test_runtime_does_not_import_tensorflow(pipelines):
+    root, _ = pipelines
+    code = ("import sys; from dnnpipe.cli import stage_command; from dnnpipe.runtime.stage import Stage; "
+            "from dnnpipe.interpreter import interpreter_module; print(interpreter_module()[0]); "
+            "print('tensorflow' in sys.modules, 'keras' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.stdout.split() == ["ai-edge-litert", "False", "False"], result.stderr
