@@ -186,10 +186,47 @@ def run_local_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- deployer.py -------------------------------------------------------------------------------
+
+def add_deployer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--device-registry", type=Path, required=True, help="device_registry.json")
+    parser.add_argument("--model-path", type=Path, default=Path("partitioned_submodels"),
+                        help="folder holding NAME/manifest.json and the sub-models")
+    parser.add_argument("--model-name", required=True)
+    parser.add_argument("--config", type=Path, default=Path("configurations"),
+                        help="folder with NAME/pipeline_plan.json (shipped along when present)")
+    parser.add_argument("--dry-run", action="store_true", help="print what would be sent and run; change nothing")
+    parser.add_argument("--accept-new-host-keys", action="store_true",
+                        help="trust a device's host key on first contact (default: it must be in known_hosts)")
+    parser.add_argument("--ssh-config", type=Path, help="an ssh_config file to use instead of ~/.ssh/config")
+    parser.add_argument("--connect-timeout", type=float, default=10.0, help="SSH connect timeout, s")
+    parser.add_argument("--no-runtime-code", action="store_true",
+                        help="do not ship runtime_engine.py and the dnnpipe package")
+    parser.add_argument("--dataset", type=Path, help="an HDF5 input file to ship to the first stage's device")
+    parser.add_argument("--data-path", help="input path on the first device (default dataset.h5)")
+    parser.add_argument("--output-path", default="results.h5", help="results path on the last device")
+    parser.add_argument("--launch", action="store_true", help="start every stage over SSH, last stage first")
+    parser.add_argument("--wait", type=float, default=60.0, help="how long --launch waits for each port, s")
+    parser.add_argument("--stop", action="store_true", help="stop the stages started by --launch")
+    return parser
+
+
+def deployer_parser() -> argparse.ArgumentParser:
+    return add_deployer_arguments(argparse.ArgumentParser(
+        prog="deployer.py", description="Ship each stage's sub-model to its device over SSH, verified."))
+
+
+def deploy_command(args: argparse.Namespace) -> int:
+    from .deploy.command import deploy_command as deploy
+
+    return deploy(args)
+
+
 SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
                              Callable[[argparse.Namespace], int], str]] = {
     "partition": (add_partitioner_arguments, partition_command,
                   "plan a model's pipeline and cut it into TFLite sub-models (model_partitioner.py)"),
+    "deploy": (add_deployer_arguments, deploy_command, "ship the stages to their devices (deployer.py)"),
     "stage": (add_stage_arguments, stage_command, "run one pipeline stage (runtime_engine.py)"),
     "run-local": (add_run_local_arguments, run_local_command,
                   "run every stage of a partitioned model as its own process on loopback ports"),

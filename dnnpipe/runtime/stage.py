@@ -27,6 +27,7 @@ from .metrics import FrameTiming, StageSummary, summarise, write_log
 
 END = "end-of-stream"
 POLL_SECONDS = 0.1
+PROBE_SECONDS = 0.3
 
 
 class StageFailed(DnnpipeError):
@@ -144,18 +145,31 @@ class Stage:
             listener.close()
             raise DnnpipeError(f"{self.name} cannot listen on {o.bind_addr}:{o.bind_port}: "
                                f"{e.strerror or e}") from None
-        listener.settimeout(o.connect_timeout)
         return listener
 
     def _accept(self, listener: socket.socket) -> tuple[socket.socket, str]:
+        """The upstream stage's connection. One closed without a byte is a readiness probe (the deployer's
+        --launch checks ports that way): it is dropped and the stage keeps waiting."""
         o = self.options
-        try:
-            sock, (host, port) = listener.accept()
-        except socket.timeout:
-            raise DnnpipeError(f"{self.name} no upstream stage connected to {o.bind_addr}:{o.bind_port} within "
-                               f"{o.connect_timeout:g} s (--connect-timeout)") from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock, f"{self.name} upstream {host}:{port}"
+        deadline = time.monotonic() + o.connect_timeout
+        while True:
+            listener.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                sock, (host, port) = listener.accept()
+            except socket.timeout:
+                raise DnnpipeError(f"{self.name} no upstream stage connected to {o.bind_addr}:{o.bind_port} "
+                                   f"within {o.connect_timeout:g} s (--connect-timeout)") from None
+            sock.settimeout(PROBE_SECONDS)
+            try:
+                probe = sock.recv(1, socket.MSG_PEEK) == b""
+            except socket.timeout:
+                probe = False  # connected and quiet: an upstream stage waiting for its own input
+            except OSError:
+                probe = True
+            if not probe:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return sock, f"{self.name} upstream {host}:{port}"
+            sock.close()
 
     def _connect(self) -> socket.socket:
         """Retry until the next stage listens, for at most --connect-timeout seconds."""

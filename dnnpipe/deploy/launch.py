@@ -1,0 +1,116 @@
+"""The runtime command each device runs, written to launch_plan.json; starting and stopping them."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..errors import ConfigError, DnnpipeError
+from ..manifest import Manifest
+from .registry import Device
+
+LOG_DIR = "logs"
+
+
+@dataclass(frozen=True)
+class StageLaunch:
+    stage: int
+    device: Device
+    argv: tuple[str, ...]
+    listens: bool
+
+    @property
+    def log_file(self) -> str:
+        return f"{LOG_DIR}/stage_{self.stage}.out"
+
+    @property
+    def pid_file(self) -> str:
+        return f"{LOG_DIR}/stage_{self.stage}.pid"
+
+    @property
+    def probe_host(self) -> str:
+        return "127.0.0.1" if self.device.is_local else self.device.host
+
+    def to_json(self) -> dict:
+        return {"stage": self.stage, "device": self.device.device_id, "host": self.device.host,
+                "workdir": self.device.remote_dir, "argv": list(self.argv), "command": shlex.join(self.argv),
+                "listen_port": self.device.runtime_port if self.listens else None, "log": self.log_file}
+
+
+def launch_plan(manifest: Manifest, devices: Sequence[Device], models_dir: str, data_path: str,
+                output_path: Optional[str], extra: Sequence[str] = ()) -> list[StageLaunch]:
+    """Stage k listens on its device's runtime_port and sends to stage k+1's device and port."""
+    _check_ports(devices)
+    last = len(devices)
+    launches = []
+    for k, device in enumerate(devices, 1):
+        argv = [device.python, "runtime_engine.py", "--stage", str(k), "--model-path", models_dir,
+                "--model-name", manifest.model_name, "--log-dir", LOG_DIR, *extra]
+        if k > 1:
+            argv += ["--bind-addr", "0.0.0.0", "--bind-port", str(device.runtime_port)]
+        if k < last:
+            following = devices[k]
+            argv += ["--next-host", "127.0.0.1" if following.is_local else following.host,
+                     "--next-port", str(following.runtime_port)]
+        if k == 1:
+            argv += ["--data-path", data_path]
+        if k == last and output_path:
+            argv += ["--output-path", output_path]
+        launches.append(StageLaunch(k, device, tuple(argv), k > 1))
+    return launches
+
+
+def _check_ports(devices: Sequence[Device]) -> None:
+    seen: dict[tuple[str, int], int] = {}
+    for k, device in enumerate(devices[1:], 2):  # stage 1 does not listen
+        key = ("127.0.0.1" if device.is_local else device.host, device.runtime_port)
+        if key in seen:
+            raise ConfigError(f"devices {seen[key]} and {device.device_id} would both listen on {key[0]}:{key[1]}; "
+                              f"give them different runtime_port values")
+        seen[key] = device.device_id
+
+
+def write_launch_plan(path: Path, launches: Sequence[StageLaunch]) -> None:
+    path.write_text(json.dumps({"stages": [launch.to_json() for launch in launches]}, indent=2) + "\n")
+
+
+def format_launch_plan(launches: Sequence[StageLaunch]) -> str:
+    return "\n".join(f"stage {l.stage} on device {l.device.device_id} ({l.device.host}, in {l.device.remote_dir}):\n"
+                     f"    {shlex.join(l.argv)}" for l in launches)
+
+
+def wait_for_port(host: str, port: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return True  # the stage takes a connection closed without data for a probe
+        except OSError:
+            time.sleep(0.2)
+    return False
+
+
+def launch(launches: Sequence[StageLaunch], transports: dict[int, object], wait_seconds: float,
+           echo=print) -> None:
+    """Last stage first, so every listener is up before the stage before it connects."""
+    for item in reversed(launches):
+        transports[item.device.device_id].start(item.argv, item.log_file, item.pid_file)
+        if item.listens:
+            if not wait_for_port(item.probe_host, item.device.runtime_port, wait_seconds):
+                raise DnnpipeError(f"stage {item.stage} on device {item.device.device_id} did not accept connections "
+                                   f"on {item.probe_host}:{item.device.runtime_port} within {wait_seconds:g} s "
+                                   f"(see {item.device.remote_dir}/{item.log_file})")
+            echo(f"stage {item.stage} listening on {item.probe_host}:{item.device.runtime_port}")
+        else:
+            echo(f"stage {item.stage} started on device {item.device.device_id}")
+
+
+def stop(launches: Sequence[StageLaunch], transports: dict[int, object], echo=print) -> None:
+    for item in launches:
+        stopped = transports[item.device.device_id].stop(item.pid_file)
+        echo(f"stage {item.stage} on device {item.device.device_id}: {'stopped' if stopped else 'not running'}")

@@ -1,0 +1,92 @@
+"""What each device needs, sent in parallel, skipping what is already there, reported per device."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from ..manifest import MANIFEST_FILE, Manifest, sha256_file
+from .registry import Device
+from .transport import TransportError, Upload, temporary_names
+
+RUNTIME_ROOT = Path(__file__).resolve().parents[2]  # holds runtime_engine.py and dnnpipe/
+
+
+@dataclass
+class DeviceReport:
+    device: Device
+    stages: list[int]
+    sent: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    error: Optional[str] = None  # the device could not be reached or refused
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.failed
+
+
+def runtime_code() -> list[tuple[Path, str]]:
+    """runtime_engine.py and the dnnpipe package, so a fresh board can run its stage."""
+    files = [(RUNTIME_ROOT / "runtime_engine.py", "runtime_engine.py")]
+    package = RUNTIME_ROOT / "dnnpipe"
+    files += [(p, p.relative_to(RUNTIME_ROOT).as_posix()) for p in sorted(package.rglob("*.py"))]
+    return [(local, rel) for local, rel in files if local.is_file()]
+
+
+def uploads_for(manifest: Manifest, folder: Path, models_dir: str, stages: Sequence[int],
+                extra: Sequence[tuple[Path, str]] = ()) -> list[Upload]:
+    """A device's files: its stages' sub-models and the manifest, in the runtime's layout, plus extras."""
+    prefix = f"{models_dir}/{manifest.model_name}"
+    uploads = [Upload(folder / manifest.stage(k).file, f"{prefix}/{manifest.stage(k).file}",
+                      manifest.stage(k).sha256) for k in stages]
+    uploads.append(Upload(folder / MANIFEST_FILE, f"{prefix}/{MANIFEST_FILE}", sha256_file(folder / MANIFEST_FILE)))
+    uploads += [Upload(local, rel, sha256_file(local)) for local, rel in extra]
+    return uploads
+
+
+def ship(transport, report: DeviceReport, uploads: Sequence[Upload], dry_run: bool = False) -> DeviceReport:
+    """Compare hashes first, send only what differs, and record the outcome of every file."""
+    try:
+        present = {} if dry_run else transport.hashes([u.rel for u in uploads])
+        todo = [u for u in uploads if present.get(u.rel) != u.sha256]
+        report.skipped = [u.rel for u in uploads if u not in todo]
+        if dry_run:
+            report.sent = [u.rel for u in todo]
+            return report
+        results = transport.send(temporary_names(todo))
+    except TransportError as e:
+        report.error = str(e)
+        return report
+    report.sent = [rel for rel, problem in results.items() if problem is None]
+    report.failed = {rel: problem for rel, problem in results.items() if problem is not None}
+    return report
+
+
+def ship_all(jobs: Sequence[tuple[object, DeviceReport, list[Upload]]], dry_run: bool = False,
+             workers: int = 8) -> list[DeviceReport]:
+    """Every device at once; one failing device does not stop or hide the others."""
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(jobs)))) as pool:
+        return list(pool.map(lambda job: ship(*job, dry_run=dry_run), jobs))
+
+
+def format_reports(reports: Sequence[DeviceReport], dry_run: bool = False) -> str:
+    verb = "would send" if dry_run else "sent"
+    rows = [f"{'device':>6}  {'host':<22} {'stages':<7} {verb:>10} {'skipped':>8} {'failed':>7}  result"]
+    for r in reports:
+        if r.error:
+            result = f"FAILED: {r.error}"
+        elif r.failed:
+            rel, why = next(iter(r.failed.items()))
+            result = f"FAILED: {rel}: {why}" + (f" (+{len(r.failed) - 1} more)" if len(r.failed) > 1 else "")
+        else:
+            result = "dry run" if dry_run else "ok"
+        host = f"{r.device.address}:{r.device.port}" if not r.device.is_local else f"local {r.device.remote_dir}"
+        rows.append(f"{r.device.device_id:>6}  {host:<22} {','.join(map(str, r.stages)):<7} {len(r.sent):>10} "
+                    f"{len(r.skipped):>8} {len(r.failed) or (1 if r.error else 0):>7}  {result}")
+    return "\n".join(rows)
+
+
+TransportFactory = Callable[[Device], object]
