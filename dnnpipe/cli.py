@@ -222,6 +222,56 @@ def deploy_command(args: argparse.Namespace) -> int:
     return deploy(args)
 
 
+# --- python -m dnnpipe profile -----------------------------------------------------------------
+
+def add_profile_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model-path", type=Path, default=Path("original_models"))
+    parser.add_argument("--model-name", required=True)
+    parser.add_argument("--config", type=Path, default=Path("configurations"),
+                        help="writes NAME/config.json below this folder (or this .json file)")
+    parser.add_argument("--devices", type=Path, help='JSON file {"C": [...], "M": [...]} of the cluster')
+    parser.add_argument("--speeds", type=float, nargs="+", metavar="C", help="each device's speed factor")
+    parser.add_argument("--memory", type=float, nargs="+", metavar="MB", help="each device's memory, MiB")
+    parser.add_argument("--speed-factor-of", type=float, nargs="+", metavar="MS",
+                        help="the whole model's time measured on each device, ms: sets C relative to this machine")
+    parser.add_argument("--repeats", type=int, default=30, help="timed runs per unit (median)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--num-threads", type=int, default=1, help="interpreter threads (default 1)")
+    return parser
+
+
+def profile_command(args: argparse.Namespace) -> int:
+    import json
+
+    from .partition.command import find_model, load_keras_model
+    from .planfile import dump_json
+    from .profile import config_from, describe, device_config, profile_keras_model, progress_line
+
+    device_config(args.devices, args.speeds, args.memory, args.speed_factor_of, None)  # bad flags fail now
+    model = load_keras_model(find_model(args.model_path, args.model_name))
+    profile = profile_keras_model(model, args.repeats, args.warmup, args.num_threads, progress_line)
+    devices = device_config(args.devices, args.speeds, args.memory, args.speed_factor_of, profile.whole_ms)
+    config_file = config_paths(args.config, args.model_name)[0]
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(dump_json(config_from(profile, devices)))
+    print(describe(profile))
+    print(f"devices: C = {json.dumps(devices['C'])}, M = {json.dumps(devices['M'])}")
+    print(f"wrote {config_file}")
+    return 0
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from .demo import add_demo_arguments as add
+
+    return add(parser)
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    from .demo import demo_command as demo
+
+    return demo(args)
+
+
 SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
                              Callable[[argparse.Namespace], int], str]] = {
     "partition": (add_partitioner_arguments, partition_command,
@@ -230,6 +280,10 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], argparse.Argume
     "stage": (add_stage_arguments, stage_command, "run one pipeline stage (runtime_engine.py)"),
     "run-local": (add_run_local_arguments, run_local_command,
                   "run every stage of a partitioned model as its own process on loopback ports"),
+    "profile": (add_profile_arguments, profile_command,
+                "measure each unit's time and memory on this machine and write the config"),
+    "demo": (add_demo_arguments, demo_command,
+             "the whole job on this machine: model, profile, plan, partition, deploy, run, report"),
     "make-model": (add_make_model_arguments, make_model_command,
                    "write an example Keras model (weights=None, fixed seed) and optionally a synthetic dataset"),
 }

@@ -11,20 +11,21 @@ from .errors import DnnpipeError
 from .tfenv import import_tensorflow
 
 
-def tiny_cnn(input_size: int = 32):
-    """A small EfficientNet-flavoured CNN (residuals, squeeze-excite) that converts in seconds."""
+def tiny_cnn(input_size: int = 80):
+    """A small EfficientNet-flavoured CNN (residuals, squeeze-excite): converts in seconds, and like real
+    networks spends more time computing than moving its activations."""
     _, keras = import_tensorflow()
     L = keras.layers
     x = inputs = keras.Input((input_size, input_size, 3), name="image")
-    x = L.Conv2D(16, 3, strides=2, padding="same", activation="swish", name="stem")(x)
-    for i, width in enumerate((16, 24, 24, 32)):
-        y = L.Conv2D(width, 3, padding="same", activation="swish", name=f"block{i}_conv")(x)
+    x = L.Conv2D(64, 3, strides=2, padding="same", activation="swish", name="stem")(x)
+    for i, (width, stride) in enumerate(((96, 1), (128, 2), (128, 1), (192, 1), (256, 2), (256, 1))):
+        y = L.Conv2D(width, 3, strides=stride, padding="same", activation="swish", name=f"block{i}_conv")(x)
         s = L.GlobalAveragePooling2D(keepdims=True, name=f"block{i}_se_pool")(y)
-        s = L.Conv2D(4, 1, activation="swish", name=f"block{i}_se_reduce")(s)
+        s = L.Conv2D(16, 1, activation="swish", name=f"block{i}_se_reduce")(s)
         s = L.Conv2D(width, 1, activation="sigmoid", name=f"block{i}_se_expand")(s)
         y = L.Multiply(name=f"block{i}_se_scale")([y, s])
         y = L.Conv2D(width, 1, name=f"block{i}_project")(y)
-        x = L.Add(name=f"block{i}_add")([x, y]) if x.shape[-1] == width else y
+        x = L.Add(name=f"block{i}_add")([x, y]) if x.shape[-1] == width and stride == 1 else y
     x = L.GlobalAveragePooling2D(name="pool")(x)
     return keras.Model(inputs, L.Dense(10, name="logits")(x), name="tiny")
 

@@ -7,6 +7,7 @@ TensorFlow is imported only when neither is present.
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,10 +31,18 @@ def interpreter_module() -> tuple[str, Any]:
     raise DnnpipeError("no TFLite interpreter found: pip install ai-edge-litert (or tflite-runtime)")
 
 
-def load_interpreter(model: Path | bytes, num_threads: Optional[int] = None, delegate: Optional[str] = None):
-    """An allocated interpreter for a .tflite file or its bytes, with an optional delegate library."""
+def load_interpreter(model: Path | bytes, num_threads: Optional[int] = None, delegate: Optional[str] = None,
+                     every_signature_delegated: bool = False):
+    """An allocated interpreter for a .tflite file or its bytes, with an optional delegate library.
+
+    The default CPU delegate (XNNPACK) only takes a model with one signature; the profiler's model
+    has one per unit, so it asks for the delegate on all of them to time what the runtime will run.
+    """
     _, module = interpreter_module()
     options: dict[str, Any] = {}
+    if every_signature_delegated and "experimental_default_delegate_latest_features" in \
+            inspect.signature(module.Interpreter).parameters:
+        options["experimental_default_delegate_latest_features"] = True
     if num_threads:
         options["num_threads"] = num_threads
     if delegate:

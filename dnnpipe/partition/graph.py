@@ -26,6 +26,14 @@ class GraphTensor:
     last_consumer: int  # last unit that reads it, U + 1 for a model output
     shape: tuple[Any, ...]  # with the batch dimension (None)
     dtype: str
+    consumers: tuple[int, ...] = ()  # units that read it
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes per inference (batch 1)."""
+        import numpy as np
+
+        return int(np.prod([int(d) for d in self.shape[1:]], dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
 
 @dataclass(frozen=True)
@@ -50,9 +58,15 @@ class UnitGraph:
         return [t for t in self.tensors if t.producer <= j < t.last_consumer]
 
     def cut_bytes(self, j: int) -> int:
-        import numpy as np
+        return sum(t.nbytes for t in self.crossing(j))
 
-        return sum(int(np.prod([d for d in t.shape[1:]])) * np.dtype(t.dtype).itemsize for t in self.crossing(j))
+    def unit_inputs(self, u: int) -> list[GraphTensor]:
+        """What unit u reads from outside itself: what running it alone needs."""
+        return [t for t in self.tensors if u in t.consumers and t.producer != u]
+
+    def unit_outputs(self, u: int) -> list[GraphTensor]:
+        """What unit u produces for later units or as model outputs."""
+        return [t for t in self.tensors if t.producer == u and (t.last_consumer > u)]
 
 
 def as_functional(model):
@@ -93,6 +107,7 @@ def analyse(model) -> tuple[UnitGraph, dict[str, Any]]:
     node_unit = _node_units(nodes, unit_of, U)
     producer: dict[int, int] = {}
     last_consumer: dict[int, int] = {}
+    consumers: dict[int, set[int]] = {}
     name_of: dict[int, str] = {}
     keras_tensor: dict[int, Any] = {}
     for x in model.inputs:
@@ -109,6 +124,7 @@ def analyse(model) -> tuple[UnitGraph, dict[str, Any]]:
                 raise PartitionError(f"layer {op.name!r} (unit {unit}) reads {name_of[id(t)]!r} from unit "
                                      f"{producer[id(t)]}: model.layers is not in execution order")
             last_consumer[id(t)] = max(last_consumer.get(id(t), 0), unit)
+            consumers.setdefault(id(t), set()).add(unit)
         outputs = node.output_tensors
         for k, t in enumerate(outputs):
             producer[id(t)] = unit
@@ -117,7 +133,8 @@ def analyse(model) -> tuple[UnitGraph, dict[str, Any]]:
     for t in model.outputs:
         last_consumer[id(t)] = U + 1
     tensors = tuple(GraphTensor(name_of[i], producer[i], last_consumer.get(i, producer[i]),
-                                tuple(keras_tensor[i].shape), str(keras_tensor[i].dtype)) for i in producer)
+                                tuple(keras_tensor[i].shape), str(keras_tensor[i].dtype),
+                                tuple(sorted(consumers.get(i, ())))) for i in producer)
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
         raise PartitionError("two tensors share a name; give every layer a unique name")

@@ -1,0 +1,217 @@
+"""`python -m dnnpipe demo`: model -> profile -> plan -> partition -> deploy -> run -> report, on one machine.
+
+Every artefact lands in one work directory, in the same layout the individual commands use, so each
+step can be rerun alone (`--steps profile plan`) or by hand with the command the report lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .errors import DnnpipeError
+from .planfile import dump_json
+
+PAPER_C = [1.0, 0.33, 0.21, 0.21]
+PAPER_M = [8998.0, 1452.0, 562.0, 582.0]
+PAPER_MODEL_MB = 88.57  # EfficientNetV2B0's total R in the paper's profile: the memories are for that size
+STEPS = ("model", "profile", "plan", "partition", "deploy", "run", "report")
+
+
+@dataclass
+class Work:
+    """Where the demo keeps everything."""
+
+    root: Path
+    name: str
+
+    def __post_init__(self) -> None:
+        self.models = self.root / "original_models"
+        self.configs = self.root / "configurations"
+        self.parts = self.root / "partitioned_submodels"
+        self.single = self.root / "single_device"
+        self.devices = self.root / "devices"
+        self.logs = self.root / "logs"
+        self.dataset = self.root / "dataset.h5"
+        self.results = self.root / "results.h5"
+        self.registry = self.configs / "device_registry.json"
+        self.config = self.configs / self.name / "config.json"
+        self.plan = self.configs / self.name / "pipeline_plan.json"
+        self.model = self.models / f"{self.name}.h5"
+        self.report = self.root / "report.md"
+        self.measured = self.root / "measured.json"
+
+
+@dataclass
+class Options:
+    model: str = "efficientnetv2b0"
+    input_size: Optional[int] = None
+    cluster: Optional[Path] = None
+    num_inputs: int = 200
+    samples: int = 32
+    repeats: int = 20
+    steps: tuple[str, ...] = STEPS
+    commands: list[str] = field(default_factory=list)
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def run_demo(work: Work, options: Options) -> None:
+    for step in options.steps:
+        began = time.perf_counter()
+        say(f"\n== {step} ==")
+        STEP_FUNCTIONS[step](work, options)
+        say(f"({step}: {time.perf_counter() - began:.1f} s)")
+    say(f"\nwork directory: {work.root}")
+
+
+def step_model(work: Work, options: Options) -> None:
+    from .examples import make_dataset, make_model
+    from .partition.command import load_keras_model
+
+    if not work.model.exists():
+        make_model(options.model, work.model, options.input_size)
+        say(f"wrote {work.model}")
+    else:
+        say(f"using {work.model}")
+    if not work.dataset.exists():
+        shape = tuple(load_keras_model(work.model).inputs[0].shape[1:])
+        make_dataset(work.dataset, shape, options.samples)
+        say(f"wrote {work.dataset} ({options.samples} synthetic images {shape})")
+
+
+def cluster(options: Options, model_mb: float) -> dict:
+    """The paper's testbed speeds, memories scaled to this model as they were to EfficientNetV2B0."""
+    if options.cluster is not None:
+        data = json.loads(options.cluster.read_text())
+        data = data.get("device_config", data)
+        return {"N": len(data["C"]), "C": data["C"], "M": data["M"]}
+    scale = model_mb / PAPER_MODEL_MB
+    return {"N": 4, "C": PAPER_C, "M": [round(m * scale, 3) for m in PAPER_M]}
+
+
+def step_profile(work: Work, options: Options) -> None:
+    from .partition.command import load_keras_model
+    from .profile import config_from, describe, profile_keras_model, progress_line
+
+    profile = profile_keras_model(load_keras_model(work.model), options.repeats, num_threads=1,
+                                  progress=progress_line)
+    work.config.parent.mkdir(parents=True, exist_ok=True)
+    work.config.write_text(dump_json(config_from(profile, cluster(options, sum(profile.R)))))
+    say(describe(profile))
+    say(f"wrote {work.config}")
+
+
+def step_plan(work: Work, options: Options) -> None:
+    from .planfile import format_plan, write_plan
+    from .planner import plan
+
+    result = plan(work.config)
+    write_plan(result, work.plan)
+    say(format_plan(result))
+    say(f"wrote {work.plan}")
+
+
+def step_partition(work: Work, options: Options) -> None:
+    from .partition.command import load_keras_model, partition_keras_model
+    from .planfile import read_stages
+
+    model = load_keras_model(work.model)
+    partition_keras_model(model, read_stages(work.plan), work.parts / work.name, work.name, str(work.plan))
+    # The comparison: the whole model as one stage on the fastest device.
+    speeds = json.loads(work.config.read_text())["device_config"]["C"]
+    fastest = max(range(len(speeds)), key=lambda d: speeds[d]) + 1
+    U = json.loads(work.config.read_text())["model_config"]["U"]
+    partition_keras_model(model, [[1, U, fastest]], work.single / work.name, work.name, "single device",
+                          verify_chain=False)
+
+
+def step_deploy(work: Work, options: Options) -> None:
+    from .cli import deploy_command, deployer_parser
+    from .runtime.local import free_ports
+
+    speeds = json.loads(work.config.read_text())["device_config"]["C"]
+    ports = free_ports(len(speeds))
+    devices = [{"device_id": d + 1, "host": "local", "remote_dir": str(work.devices / f"device_{d + 1}"),
+                "runtime_port": ports[d]} for d in range(len(speeds))]
+    work.registry.write_text(dump_json({"devices": devices}))
+    args = deployer_parser().parse_args(["--device-registry", str(work.registry), "--model-path", str(work.parts),
+                                         "--model-name", work.name, "--config", str(work.configs),
+                                         "--dataset", str(work.dataset)])
+    deploy_command(args)
+
+
+def emulation_scale(speeds: list[float], cores: int) -> float:
+    """One factor for every emulated speed, so the emulated cluster fits this host.
+
+    Every stage computes on this host and sleeps the rest of its emulated stage time, so a cluster
+    with sum(C) = 1.75 would need 1.75 cores for compute alone and its stages would compete for
+    them: the factor keeps it within half of the cores. Scaling every C alike leaves the plan and the
+    speed-up unchanged and scales predicted times by 1/factor. (It is no larger a slow-down than
+    needed: emulation multiplies the host's own timing noise by 1/C as well.)
+    """
+    return min(1.0, cores / 4 / sum(speeds))
+
+
+def step_run(work: Work, options: Options) -> None:
+    import os
+
+    from .config import load_config
+    from .runtime.local import run_local
+
+    C = load_config(work.config).cluster.C
+    scale = emulation_scale(list(C), os.cpu_count() or 1)
+    speeds = [c * scale for c in C]
+    extra = [f"--num-inputs={options.num_inputs}", "--num-threads=1"]
+    say(f"pipeline, each stage slowed to its device's speed C x {scale:.3g} (see emulation_scale):")
+    pipeline = run_local(work.parts / work.name, work.dataset, work.results, work.logs / "pipeline", speeds, extra)
+    say(pipeline.describe())
+    say("the fastest device alone:")
+    single = run_local(work.single / work.name, work.dataset, None, work.logs / "single", speeds, extra)
+    say(single.describe())
+    work.measured.write_text(json.dumps({
+        "emulation_scale": scale, "pipeline_throughput": pipeline.throughput, "single_throughput": single.throughput,
+        "latency_p50_ms": pipeline.stages[-1].latency_p50_ms, "latency_p95_ms": pipeline.stages[-1].latency_p95_ms,
+        "single_latency_p50_ms": single.stages[-1].latency_p50_ms,
+        "stage_time_p50_ms": [s.stage_time_p50_ms for s in pipeline.stages]}, indent=2) + "\n")
+
+
+def step_report(work: Work, options: Options) -> None:
+    from .report import write_report
+
+    if not work.measured.exists():
+        raise DnnpipeError(f"{work.measured} not found: run the 'run' step first")
+    say(write_report(work))
+
+
+STEP_FUNCTIONS = {"model": step_model, "profile": step_profile, "plan": step_plan, "partition": step_partition,
+                  "deploy": step_deploy, "run": step_run, "report": step_report}
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from .examples import EXAMPLES
+
+    parser.add_argument("--model", choices=sorted(EXAMPLES), default="efficientnetv2b0",
+                        help="example model (default: the paper's EfficientNetV2B0, untrained)")
+    parser.add_argument("--input-size", type=int, help="image size (default: the model's usual)")
+    parser.add_argument("--work-dir", type=Path, default=Path("dnnpipe-work"))
+    parser.add_argument("--cluster", type=Path,
+                        help='JSON {"C": [...], "M": [...]} replacing the paper-like 4-device cluster')
+    parser.add_argument("--num-inputs", type=int, default=200, help="inferences per measured run")
+    parser.add_argument("--repeats", type=int, default=20, help="profiling repeats per unit")
+    parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="run only these steps")
+    return parser
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    options = Options(model=args.model, input_size=args.input_size, cluster=args.cluster,
+                      num_inputs=args.num_inputs, repeats=args.repeats,
+                      steps=tuple(s for s in STEPS if s in args.steps))
+    run_demo(Work(args.work_dir, args.model), options)
+    return 0

@@ -1,0 +1,213 @@
+"""Measure a model's per-unit costs on this machine: E (ms) and R (MB), the paper's model_config.
+
+Timing each layer as its own interpreter call would mostly measure call overhead (tens of us per
+Python call, a layer often takes less). Instead every unit, the whole model and an empty probe
+become signatures of ONE TFLite model (one conversion), and only the interpreter's invoke of each
+signature is timed, with inputs already in place. E[u] is the median over repeats after warm-up,
+minus the probe's invoke time; the sum of E is then checked against the whole model's time.
+
+R[u] counts the unit's weights plus the activations it produces for one inference (batch 1), in MiB.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from .errors import DnnpipeError
+from .interpreter import load_interpreter
+from .manifest import TensorSpec
+from .partition.convert import signature_keys, tensor_spec
+from .partition.graph import GraphTensor, analyse
+from .tfenv import import_tensorflow, native_stderr_captured
+
+MIB = float(1 << 20)
+SUM_TOLERANCE = 0.15
+
+
+@dataclass(frozen=True)
+class UnitCost:
+    name: str
+    time_ms: float
+    weights_mb: float
+    activations_mb: float
+
+    @property
+    def memory_mb(self) -> float:
+        return self.weights_mb + self.activations_mb
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    units: tuple[UnitCost, ...]
+    whole_ms: float  # the whole model in one invoke
+    probe_ms: float  # an empty signature's invoke: the fixed cost removed from each unit
+
+    @property
+    def E(self) -> list[float]:
+        return [u.time_ms for u in self.units]
+
+    @property
+    def R(self) -> list[float]:
+        return [u.memory_mb for u in self.units]
+
+    @property
+    def sum_gap(self) -> float:
+        """Relative difference between the sum of unit times and the whole model's time."""
+        return sum(self.E) / self.whole_ms - 1 if self.whole_ms > 0 else 0.0
+
+    def check(self) -> str:
+        verdict = "within" if abs(self.sum_gap) <= SUM_TOLERANCE else "WARNING: outside"
+        return (f"sum of unit times {sum(self.E):.2f} ms vs whole model {self.whole_ms:.2f} ms "
+                f"({self.sum_gap:+.1%}, {verdict} {SUM_TOLERANCE:.0%})")
+
+
+def _specs(tensors: Sequence[GraphTensor], keys: dict[str, str]) -> list[TensorSpec]:
+    return [TensorSpec(t.name, keys[t.name], (1, *(int(d) for d in t.shape[1:])), np.dtype(t.dtype).name)
+            for t in tensors]
+
+
+def _convert_all(model, graph, keras_tensors, keys) -> bytes:
+    """One TFLite flatbuffer with a signature per unit, one for the whole model and an empty probe."""
+    tf, keras = import_tensorflow()
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+
+    def endpoint(sub, inputs, outputs):
+        def call(feed):
+            args = [feed[keys[t.name]] for t in inputs]
+            results = sub(args if len(args) > 1 else args[0], training=False)
+            results = results if isinstance(results, (list, tuple)) else [results]
+            return {keys[t.name]: r for t, r in zip(outputs, results)}
+
+        return call, [{keys[t.name]: tensor_spec(t, keys[t.name]) for t in inputs}]
+
+    names = ["whole", "probe"]
+    archive.add_endpoint("whole", *endpoint(model, graph.crossing(0), graph.crossing(graph.U)))
+    archive.add_endpoint("probe", lambda x: x + 0.0, [tf.TensorSpec([1], tf.float32, name="x")])
+    for u in range(1, graph.U + 1):
+        inputs, outputs = graph.unit_inputs(u), graph.unit_outputs(u)
+        sub = keras.Model([keras_tensors[t.name] for t in inputs], [keras_tensors[t.name] for t in outputs])
+        archive.add_endpoint(f"unit_{u}", *endpoint(sub, inputs, outputs))
+        names.append(f"unit_{u}")
+    with tempfile.TemporaryDirectory(prefix="dnnpipe-profile-") as folder, native_stderr_captured() as log:
+        try:
+            archive.write_out(folder, verbose=False)
+            return tf.lite.TFLiteConverter.from_saved_model(folder, signature_keys=names).convert()
+        except Exception as e:  # noqa: BLE001 - converter errors come in many types
+            failure = e
+    raise DnnpipeError(f"profiling conversion failed: {str(failure).splitlines()[0]} "
+                       f"{' '.join(log[0].split())[-300:]}")
+
+
+def time_invoke(runner, feed: dict[str, np.ndarray], repeats: int, warmup: int) -> float:
+    """Median ms of the interpreter's invoke alone, inputs set once beforehand."""
+    runner(**feed)  # allocates and sets the inputs
+    wrapper, index = runner._interpreter_wrapper, runner._subgraph_index  # the runner's own invoke, untimed I/O
+    for _ in range(warmup):
+        wrapper.Invoke(index)
+    samples = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        wrapper.Invoke(index)
+        samples.append(time.perf_counter() - began)
+    return statistics.median(samples) * 1000
+
+
+def profile_keras_model(model, repeats: int = 30, warmup: int = 5, num_threads: Optional[int] = None,
+                        progress: Optional[Callable[[str], None]] = None) -> ModelProfile:
+    from .partition.verify import random_inputs
+
+    graph, keras_tensors = analyse(model)
+    keys = signature_keys(t.name for t in graph.tensors)
+    say = progress or (lambda _: None)
+    say(f"converting {graph.U} units in one model ...")
+    flatbuffer = _convert_all(model, graph, keras_tensors, keys)
+    interpreter = load_interpreter(flatbuffer, num_threads, every_signature_delegated=True)
+
+    def timed(signature: str, specs: list[TensorSpec]) -> float:
+        values = random_inputs(tuple(specs), 1)
+        return time_invoke(interpreter.get_signature_runner(signature),
+                           {s.key: values[s.name] for s in specs}, repeats, warmup)
+
+    probe = time_invoke(interpreter.get_signature_runner("probe"), {"x": np.zeros(1, "float32")}, repeats, warmup)
+    whole = timed("whole", _specs(graph.crossing(0), keys))
+    layers = {layer.name: layer for layer in model.layers}
+    units = []
+    for u, name in enumerate(graph.units, 1):
+        ms = max(0.0, timed(f"unit_{u}", _specs(graph.unit_inputs(u), keys)) - probe)
+        weights = sum(int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize for w in layers[name].weights)
+        produced = sum(t.nbytes for t in graph.tensors if t.producer == u)
+        units.append(UnitCost(name, ms, weights / MIB, produced / MIB))
+        if u % 10 == 0 or u == graph.U:
+            say(f"timed {u}/{graph.U} units")
+    return ModelProfile(tuple(units), whole, probe)
+
+
+def progress_line(message: str) -> None:
+    """One updating line on a terminal, plain lines otherwise."""
+    if sys.stderr.isatty():
+        print(f"\r{message:<60}", end="", file=sys.stderr, flush=True)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
+def device_config(devices: Optional[Path], speeds: Optional[Sequence[float]], memory: Optional[Sequence[float]],
+                  speed_factor_of: Optional[Sequence[float]], whole_ms: Optional[float]) -> dict:
+    """The cluster part of the config: from a devices file, from flags, or this machine alone.
+
+    --speed-factor-of gives the whole model's measured time on each device; C[d] is then this
+    machine's whole-model time over that device's, as E is measured here. Called once before
+    profiling (whole_ms None) to check the flags, and once after.
+    """
+    import json
+    import os
+
+    C: Optional[list[float]] = None
+    M: Optional[list[float]] = None
+    if devices is not None:
+        try:
+            data = json.loads(Path(devices).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise DnnpipeError(f"{devices}: cannot read devices file ({e})") from None
+        data = data.get("device_config", data) if isinstance(data, dict) else {}
+        C, M = data.get("C"), data.get("M")
+        if not isinstance(C, list) or not isinstance(M, list):
+            raise DnnpipeError(f"{devices}: expected {{\"C\": [...], \"M\": [...]}} (or a device_config)")
+    C = list(speeds) if speeds else C
+    M = list(memory) if memory else M
+    if speed_factor_of:
+        if any(ms <= 0 for ms in speed_factor_of):
+            raise DnnpipeError("--speed-factor-of takes each device's whole-model time in ms, all > 0")
+        C = [(whole_ms or ms) / ms for ms in speed_factor_of]
+    if C is None:
+        C = [1.0]
+    if M is None:
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") / MIB
+        M = [round(free, 1)] * len(C)
+    if len(C) != len(M):
+        raise DnnpipeError(f"{len(C)} device speeds but {len(M)} memory sizes: give one of each per device")
+    if any(c <= 0 for c in C) or any(m < 0 for m in M):
+        raise DnnpipeError(f"device speeds must be > 0 and memory sizes >= 0 (got C = {C}, M = {M})")
+    return {"N": len(C), "C": [round(float(c), 6) for c in C], "M": [float(m) for m in M]}
+
+
+def config_from(profile: ModelProfile, devices: dict) -> dict:
+    return {"device_config": devices,
+            "model_config": {"U": len(profile.units), "E": [round(e, 6) for e in profile.E],
+                             "R": [round(r, 6) for r in profile.R]}}
+
+
+def describe(profile: ModelProfile, top: int = 5) -> str:
+    lines = [f"{len(profile.units)} units, whole model {profile.whole_ms:.2f} ms, memory {sum(profile.R):.1f} MiB",
+             profile.check(), "costliest units:"]
+    for unit in sorted(profile.units, key=lambda u: -u.time_ms)[:top]:
+        lines.append(f"  {unit.name:<32} {unit.time_ms:8.3f} ms {unit.memory_mb:8.2f} MiB")
+    return "\n".join(lines)

@@ -1,0 +1,73 @@
+"""The profiler: per-unit times that add up to the whole model, memory as documented, a valid config."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dnnpipe import load_config
+from dnnpipe.examples import tiny_cnn
+from dnnpipe.profile import MIB, SUM_TOLERANCE, device_config, profile_keras_model
+from helpers import assert_clean_error, run_script
+
+
+@pytest.fixture(scope="module")
+def tiny_profile():
+    model = tiny_cnn()
+    return model, profile_keras_model(model, repeats=15, warmup=3, num_threads=1)
+
+
+def test_unit_times_add_up_to_the_whole_model(tiny_profile):
+    model, profile = tiny_profile
+    assert len(profile.units) == len(model.layers) - 1
+    assert all(u.time_ms >= 0 for u in profile.units)
+    assert profile.whole_ms > 0
+    assert abs(profile.sum_gap) <= SUM_TOLERANCE, profile.check()
+    assert "within 15%" in profile.check()
+    convs = [u for u in profile.units if u.name.endswith("_conv")]
+    adds = [u for u in profile.units if u.name.endswith("_add")]
+    assert min(c.time_ms for c in convs) > max(a.time_ms for a in adds)  # a 3x3 conv costs more than an add
+
+
+def test_memory_is_weights_plus_produced_activations(tiny_profile):
+    model, profile = tiny_profile
+    logits = model.get_layer("logits")
+    unit = next(u for u in profile.units if u.name == "logits")
+    weights = (logits.kernel.shape[0] * logits.kernel.shape[1] + logits.kernel.shape[1]) * 4
+    assert unit.weights_mb == pytest.approx(weights / MIB)
+    assert unit.activations_mb == pytest.approx(10 * 4 / MIB)
+    stem = next(u for u in profile.units if u.name == "stem")
+    assert stem.activations_mb == pytest.approx(np.prod(model.get_layer("stem").output.shape[1:]) * 4 / MIB)
+    assert profile.R == [u.weights_mb + u.activations_mb for u in profile.units]
+
+
+def test_device_part_of_the_config(tmp_path):
+    assert device_config(None, [1, 0.5], [100, 50], None, 10.0) == {"N": 2, "C": [1.0, 0.5], "M": [100.0, 50.0]}
+    # Whole model 10 ms here, 20 ms and 40 ms measured on the devices: C = 0.5 and 0.25.
+    assert device_config(None, None, [1, 1], [20.0, 40.0], 10.0)["C"] == [0.5, 0.25]
+    path = tmp_path / "devices.json"
+    path.write_text(json.dumps({"C": [1, 0.33], "M": [8998, 1452]}))
+    assert device_config(path, None, None, None, 1.0)["M"] == [8998.0, 1452.0]
+    alone = device_config(None, None, None, None, 1.0)
+    assert alone["N"] == 1 and alone["C"] == [1.0] and alone["M"][0] > 0
+
+
+def test_profile_command_writes_a_config_the_planner_reads(tmp_path):
+    model = tiny_cnn(32)
+    (tmp_path / "models").mkdir()
+    model.save(tmp_path / "models" / "tiny.h5")
+    result = run_script("dnnpipe", "profile", "--model-path", str(tmp_path / "models"), "--model-name", "tiny",
+                        "--config", str(tmp_path / "configurations"), "--speeds", "1", "0.33", "0.21",
+                        "--memory", "100", "20", "10", "--repeats", "5")
+    assert result.returncode == 0, result.stderr
+    assert "sum of unit times" in result.stdout and "whole model" in result.stdout
+    config = load_config(tmp_path / "configurations" / "tiny" / "config.json")
+    assert config.profile.U == len(model.layers) - 1 and config.cluster.C == (1.0, 0.33, 0.21)
+    assert np.isclose(sum(config.profile.R), sum(u for u in config.profile.R))
+    planned = run_script("model_partitioner.py", "--config", str(tmp_path / "configurations"),
+                         "--model-name", "tiny", "--plan-only")
+    assert planned.returncode == 0, planned.stderr
+
+    bad = run_script("dnnpipe", "profile", "--model-path", str(tmp_path / "models"), "--model-name", "tiny",
+                     "--config", str(tmp_path / "c2"), "--speeds", "1", "0.5", "--memory", "100", "--repeats", "2")
+    assert_clean_error(bad, "2 device speeds but 1 memory sizes")
