@@ -40,7 +40,7 @@ def synthetic(N: int, U: int, seed: int = 0) -> Problem:
 def work_estimate(problem: Problem, algorithm: str) -> float:
     """Rough count of inner numpy calls, to skip runs that would take minutes."""
     calls = problem.U * (1 << problem.N) * problem.N
-    return {"pipeedge": calls, "exhaustive": calls / 2}.get(algorithm, calls / 20)
+    return {"pipeedge": calls, "exhaustive": calls / 2, "bisect": 0}.get(algorithm, calls / 20)
 
 
 def measure(problem: Problem, algorithm: str, repeats: int):
@@ -57,7 +57,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget", type=float, default=3e5, help="skip runs above this work estimate")
-    parser.add_argument("--algorithms", nargs="+", default=sorted(ALGORITHMS), choices=sorted(ALGORITHMS))
+    parser.add_argument("--algorithms", nargs="+", default=["dnnpipe", "exhaustive", "pipeedge", "bisect"],
+                        choices=sorted(ALGORITHMS))
+    parser.add_argument("--sizes", nargs="+", metavar="NxU", help="synthetic sizes, e.g. 16x1000")
     args = parser.parse_args()
 
     instances = []
@@ -65,20 +67,25 @@ def main() -> None:
         instances.append(("paper testbed (EfficientNetV2B0)", Problem.from_config(load_config(REFERENCE))))
     sizes = [(2, 50), (4, 100), (4, 273)] if args.quick else [
         (2, 50), (2, 1000), (4, 100), (4, 273), (4, 1000), (6, 273), (6, 1000), (8, 273), (8, 1000), (10, 50),
-        (10, 273), (10, 1000)]
+        (10, 273), (10, 1000), (12, 1000), (16, 1000)]
+    if args.sizes:
+        sizes = [tuple(int(x) for x in size.split("x")) for size in args.sizes]
     instances += [(f"synthetic N={N} U={U}", synthetic(N, U)) for N, U in sizes]
 
-    print(f"{'instance':<34} {'algorithm':<11} {'median ms':>11} {'transitions':>13} {'bottleneck ms':>14}")
+    print(f"{'instance':<34} {'algorithm':<11} {'median ms':>11} {'vs dnnpipe':>10} {'transitions':>13} "
+          f"{'bottleneck ms':>14}")
     for name, problem in instances:
-        bottlenecks = set()
+        bottlenecks, times = set(), {}
         for algorithm in args.algorithms:
             if work_estimate(problem, algorithm) > args.budget:
                 print(f"{name:<34} {algorithm:<11} {'skip':>11}")
                 continue
             ms, result = measure(problem, algorithm, args.repeats)
+            times[algorithm] = ms
             bottlenecks.add(round(result.bottleneck, 9))
-            print(f"{name:<34} {algorithm:<11} {ms:>11.1f} {result.transitions:>13,} {result.bottleneck:>14.6f}",
-                  flush=True)
+            ratio = f"{times['dnnpipe'] / ms:.1f}x" if "dnnpipe" in times else ""
+            print(f"{name:<34} {algorithm:<11} {ms:>11.2f} {ratio:>10} {result.transitions:>13,} "
+                  f"{result.bottleneck:>14.6f}", flush=True)
         if len(bottlenecks) > 1:
             raise SystemExit(f"{name}: algorithms disagree on the bottleneck: {sorted(bottlenecks)}")
 

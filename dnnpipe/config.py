@@ -7,7 +7,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from .errors import ConfigError
 
@@ -20,6 +20,7 @@ class Cluster:
 
     C: tuple[float, ...]
     M: tuple[float, ...]
+    B: Optional[tuple[float, ...]] = None  # link bandwidth per device, Mbit/s (optional)
 
     @property
     def N(self) -> int:
@@ -32,6 +33,8 @@ class Profile:
 
     E: tuple[float, ...]
     R: tuple[float, ...]
+    E_device: Optional[tuple[tuple[float, ...], ...]] = None  # per-device unit times, N rows (optional)
+    A: Optional[tuple[float, ...]] = None  # bytes crossing the cut after unit j, j = 0..U (optional)
 
     @property
     def U(self) -> int:
@@ -45,10 +48,15 @@ class Config:
     source: str = "<config>"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "device_config": {"N": self.cluster.N, "C": list(self.cluster.C), "M": list(self.cluster.M)},
-            "model_config": {"U": self.profile.U, "E": list(self.profile.E), "R": list(self.profile.R)},
-        }
+        devices: dict[str, Any] = {"N": self.cluster.N, "C": list(self.cluster.C), "M": list(self.cluster.M)}
+        model: dict[str, Any] = {"U": self.profile.U, "E": list(self.profile.E), "R": list(self.profile.R)}
+        if self.cluster.B is not None:
+            devices["B"] = list(self.cluster.B)
+        if self.profile.E_device is not None:
+            model["E_device"] = [list(row) for row in self.profile.E_device]
+        if self.profile.A is not None:
+            model["A"] = list(self.profile.A)
+        return {"device_config": devices, "model_config": model}
 
 
 def load_config(source: ConfigSource) -> Config:
@@ -79,10 +87,20 @@ def parse_config(data: Any, source: str) -> Config:
     n = _count(devices, "device_config.N", "N", source)
     c = _numbers(devices, "device_config.C", "C", n, "N", source, positive=True)
     m = _numbers(devices, "device_config.M", "M", n, "N", source)
+    b = _numbers(devices, "device_config.B", "B", n, "N", source, positive=True) if "B" in devices else None
     u = _count(model, "model_config.U", "U", source)
-    e = _numbers(model, "model_config.E", "E", u, "U", source)
+    e_device = None
+    if "E_device" in model:
+        rows = model["E_device"]
+        if not isinstance(rows, Sequence) or isinstance(rows, (str, bytes)) or len(rows) != n:
+            raise ConfigError(f"{source}: 'model_config.E_device' must be a list of N = {n} lists of U = {u} numbers")
+        e_device = tuple(_numbers({"row": row}, f"model_config.E_device[{d}]", "row", u, "U", source)
+                         for d, row in enumerate(rows))
+    # With per-device times E may be left out: the paper's E is device 1's row.
+    e = _numbers(model, "model_config.E", "E", u, "U", source) if "E" in model or e_device is None else e_device[0]
     r = _numbers(model, "model_config.R", "R", u, "U", source)
-    return Config(Cluster(c, m), Profile(e, r), source)
+    a = _numbers(model, "model_config.A", "A", u + 1, "U + 1", source) if "A" in model else None
+    return Config(Cluster(c, m, b), Profile(e, r, e_device, a), source)
 
 
 def _section(data: Mapping[str, Any], key: str, source: str) -> Mapping[str, Any]:
@@ -113,7 +131,9 @@ def _numbers(
     if not isinstance(values, Sequence) or isinstance(values, (str, bytes)):
         raise ConfigError(f"{source}: '{field}' must be a list of numbers, got {type(values).__name__}")
     if len(values) != length:
-        raise ConfigError(f"{source}: '{field}' has {len(values)} values but {length_name} = {length}")
+        expected = length_name if " " in length_name else f"{length_name} = {length}"
+        raise ConfigError(f"{source}: '{field}' has {len(values)} values but {expected}"
+                          + (f" = {length}" if " " in length_name else ""))
     for i, v in enumerate(values):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise ConfigError(f"{source}: '{field}[{i}]' must be a finite number, got {v!r}")

@@ -7,9 +7,10 @@ import math
 from typing import Optional, Sequence
 
 
-def brute_force_bottleneck(C: Sequence[float], M: Sequence[float], E: Sequence[float],
-                           R: Sequence[float]) -> Optional[float]:
-    U, N = len(E), len(C)
+def brute_force_bottleneck(C: Sequence[float], M: Sequence[float], E, R: Sequence[float]) -> Optional[float]:
+    """E is one list of unit times (scaled by 1/C[d]) or one list per device."""
+    rows = E if isinstance(E[0], (list, tuple)) else [E] * len(C)
+    U, N = len(R), len(C)
     best = math.inf
     for stages in range(1, min(N, U) + 1):
         for inner_cuts in itertools.combinations(range(1, U), stages - 1):
@@ -20,7 +21,7 @@ def brute_force_bottleneck(C: Sequence[float], M: Sequence[float], E: Sequence[f
                 for (j, k), d in zip(ranges, devices):
                     if math.fsum(R[j:k]) > M[d]:
                         break
-                    worst = max(worst, math.fsum(E[j:k]) / C[d])
+                    worst = max(worst, math.fsum(rows[d][j:k]) / C[d])
                 else:
                     best = min(best, worst)
     return None if math.isinf(best) else best

@@ -65,3 +65,27 @@ def test_good_config_round_trips():
     config = load_config(GOOD)
     assert config.cluster.N == 2 and config.profile.U == 3
     assert load_config(config.to_dict()) == config.__class__(config.cluster, config.profile, "<config>")
+
+
+def test_optional_fields_of_the_richer_models():
+    config = copy.deepcopy(GOOD)
+    config["device_config"]["B"] = [100, 10]
+    config["model_config"]["A"] = [12, 8, 4, 2]
+    config["model_config"]["E_device"] = [[1, 2, 3], [2, 2, 2]]
+    del config["model_config"]["E"]
+    loaded = load_config(config)
+    assert loaded.cluster.B == (100.0, 10.0) and loaded.profile.A == (12.0, 8.0, 4.0, 2.0)
+    assert loaded.profile.E == (1.0, 2.0, 3.0)  # the paper's E is device 1's row
+    assert load_config(loaded.to_dict()).profile.E_device == loaded.profile.E_device
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("device_config", "B", [100, 0], "'device_config.B[1]' must be > 0"),
+    ("device_config", "B", [100], "'device_config.B' has 1 values but N = 2"),
+    ("model_config", "A", [1, 2, 3], "'model_config.A' has 3 values but U + 1 = 4"),
+    ("model_config", "E_device", [[1, 2, 3]], "'model_config.E_device' must be a list of N = 2 lists"),
+    ("model_config", "E_device", [[1, 2, 3], [1, -2, 3]], "'model_config.E_device[1][1]' must be >= 0"),
+])
+def test_bad_optional_fields(section, key, value, message):
+    with pytest.raises(ConfigError, match=__import__("re").escape(message)):
+        load_config(broken(section, key, value))

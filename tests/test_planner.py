@@ -4,6 +4,7 @@ import json
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bruteforce import brute_force_bottleneck
 from dnnpipe import ALGORITHMS, NoPlanError, plan
@@ -112,3 +113,35 @@ def test_no_plan_says_why(M, R, reason):
 def test_unknown_algorithm():
     with pytest.raises(ValueError, match="unknown algorithm 'fast'"):
         plan(as_config([1.0], [1], [1.0], [1]), "fast")
+
+
+@st.composite
+def per_device_instances(draw):
+    """Devices whose speed-up differs per unit (a GPU speeds convolutions more than the input pipeline)."""
+    C, M, E, R = draw(instances())
+    rows = [draw(st.lists(st.integers(0, 20).map(float), min_size=len(E), max_size=len(E))) for _ in C]
+    return [1.0] * len(C), M, rows, R
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(per_device_instances())
+def test_per_device_times_match_brute_force(instance):
+    C, M, rows, R = instance
+    expected = brute_force_bottleneck(C, M, rows, R)
+    config = as_config(C, M, rows[0], R)
+    config["model_config"]["E_device"] = rows
+    for algorithm in ALL:
+        if expected is None:
+            with pytest.raises(NoPlanError):
+                plan(config, algorithm)
+        else:
+            assert plan(config, algorithm).bottleneck == pytest.approx(expected, rel=1e-12, abs=1e-12), algorithm
+
+
+def test_per_device_times_win_where_one_speed_factor_cannot():
+    # Device 1 is fast on units 1-2 only, device 2 on units 3-4 only: each takes its own half.
+    config = as_config([1.0, 1.0], [10, 10], [1.0, 1.0, 9.0, 9.0], [1, 1, 1, 1])
+    config["model_config"]["E_device"] = [[1.0, 1.0, 9.0, 9.0], [9.0, 9.0, 1.0, 1.0]]
+    for algorithm in ALL:
+        result = plan(config, algorithm)
+        assert result.bottleneck == 2.0 and result.stages == [[1, 2, 1], [3, 4, 2]]

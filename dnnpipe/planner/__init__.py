@@ -6,7 +6,7 @@ import time
 from typing import Callable, Optional
 
 from ..config import ConfigSource, load_config
-from . import dp, pipeedge
+from . import bisect, dp, pipeedge
 from .plan import Plan, Solution, make_plan, explain_no_plan
 from .problem import Problem
 
@@ -18,6 +18,7 @@ ALGORITHMS: dict[str, Solver] = {
     "dnnpipe": lambda problem: dp.solve(problem, prune=True),
     "exhaustive": lambda problem: dp.solve(problem, prune=False),
     "pipeedge": pipeedge.solve,
+    "bisect": bisect.solve,
 }
 
 

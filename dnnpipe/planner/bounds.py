@@ -31,7 +31,7 @@ def greedy_cuts(problem: Problem, order: Sequence[int], limit: float) -> Optiona
 
 def best_plan_for_order(problem: Problem, order: Sequence[int]) -> Optional[list[Cut]]:
     """Bisect the bottleneck for one device order; returns the best plan found, or None."""
-    hi = float(problem.time_prefix[-1] / problem.speed.min())  # any stage fits under this
+    hi = float(problem.whole_ms.max())  # any stage fits under this
     best = greedy_cuts(problem, order, hi)
     if best is None:
         return None

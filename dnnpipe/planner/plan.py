@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
+
 from ..errors import NoPlanError
 from .problem import Problem
 
@@ -93,7 +95,7 @@ def check_cuts(problem: Problem, cuts: Sequence[Cut]) -> None:
 
 def explain_no_plan(problem: Problem) -> NoPlanError:
     """Say why the memory constraints admit no plan, most specific reason first."""
-    R = problem.memory_prefix[1:] - problem.memory_prefix[:-1]
+    R = np.diff(problem.memory_prefix)
     biggest = float(problem.capacity.max())
     largest_device = int(problem.capacity.argmax()) + 1
     too_big = [u for u in range(problem.U) if R[u] > biggest]

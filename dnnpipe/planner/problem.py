@@ -14,43 +14,60 @@ class Problem:
     """Units are addressed by cuts: stage (j, k] holds units j+1..k (1-based), 0 <= j < k <= U.
 
     Devices are 0-based here; plans shown to users are 1-based. A stage's time is
-    (P[k] - P[j]) / C[d] and its memory RP[k] - RP[j]: both are monotone in k even in floating
-    point, which the searches below rely on.
+    (P[d][k] - P[d][j]) / C[d] and its memory RP[k] - RP[j]: both are monotone in k even in
+    floating point, which the searches below rely on. In the paper's model every row P[d] is the
+    prefix sum of E; with per-device times (E_device) row d is device d's own and C[d] = 1.
     """
 
     speed: np.ndarray  # C, shape (N,)
     capacity: np.ndarray  # M in MB, shape (N,)
-    time_prefix: np.ndarray  # P, shape (U + 1,)
+    time_prefix: np.ndarray  # P, shape (N, U + 1)
     memory_prefix: np.ndarray  # RP, shape (U + 1,)
 
     @classmethod
     def from_config(cls, config: Config) -> "Problem":
+        E_device = config.profile.E_device
+        if E_device is not None:
+            return cls.from_lists([1.0] * config.cluster.N, config.cluster.M, E_device, config.profile.R)
         return cls.from_lists(config.cluster.C, config.cluster.M, config.profile.E, config.profile.R)
 
     @classmethod
     def from_lists(cls, C, M, E, R) -> "Problem":
+        """E is one list of unit times on device 1, or one list per device (then C should be all 1)."""
+        speed = np.asarray(C, dtype=float)
+        E = np.asarray(E, dtype=float)
+        rows = np.broadcast_to(E, (len(speed), E.shape[-1])) if E.ndim == 1 else E
         return cls(
-            speed=np.asarray(C, dtype=float),
+            speed=speed,
             capacity=np.asarray(M, dtype=float),
-            time_prefix=np.concatenate(([0.0], np.cumsum(np.asarray(E, dtype=float)))),
+            time_prefix=np.concatenate((np.zeros((len(speed), 1)), np.cumsum(rows, axis=1)), axis=1),
             memory_prefix=np.concatenate(([0.0], np.cumsum(np.asarray(R, dtype=float)))),
         )
 
     @property
     def U(self) -> int:
-        return len(self.time_prefix) - 1
+        return self.time_prefix.shape[1] - 1
 
     @property
     def N(self) -> int:
         return len(self.speed)
 
     @property
+    def whole_ms(self) -> np.ndarray:
+        """The whole model's time on each device."""
+        return self.time_prefix[:, -1] / self.speed
+
+    @property
     def ideal_ms(self) -> float:
-        """Bottleneck if work could be split perfectly in proportion to speed: sum(E) / sum(C)."""
-        return float(self.time_prefix[-1] / self.speed.sum())
+        """Bottleneck if work could be split perfectly in proportion to speed: sum(E) / sum(C), or with
+        per-device times 1 / sum(1 / whole model time on d)."""
+        whole = self.whole_ms
+        if np.all(self.time_prefix == self.time_prefix[0]):
+            return float(self.time_prefix[0, -1] / self.speed.sum())
+        return float(1.0 / np.sum(1.0 / whole)) if np.all(whole > 0) else 0.0
 
     def stage_time(self, j: int, k: int, d: int) -> float:
-        return float((self.time_prefix[k] - self.time_prefix[j]) / self.speed[d])
+        return float((self.time_prefix[d, k] - self.time_prefix[d, j]) / self.speed[d])
 
     def stage_memory(self, j: int, k: int) -> float:
         return float(self.memory_prefix[k] - self.memory_prefix[j])
@@ -60,7 +77,7 @@ class Problem:
 
     def stage_times(self, j: int, ks: slice, d: int) -> np.ndarray:
         """Times of stages (j, k] on device d for every k in the slice."""
-        return (self.time_prefix[ks] - self.time_prefix[j]) / self.speed[d]
+        return (self.time_prefix[d, ks] - self.time_prefix[d, j]) / self.speed[d]
 
     def last_end(self, j: int, d: int, time_limit: float = np.inf) -> int:
         """Largest k >= j such that stage (j, k] fits device d's memory and takes <= time_limit.
@@ -68,7 +85,7 @@ class Problem:
         Returns j when not even unit j+1 fits. Binary search, then an exact correction with the
         same arithmetic as stage_time/stage_memory so that searches and checks never disagree.
         """
-        P, RP, U = self.time_prefix, self.memory_prefix, self.U
+        P, RP, U = self.time_prefix[d], self.memory_prefix, self.U
         k_mem = int(np.searchsorted(RP, RP[j] + self.capacity[d], side="right")) - 1
         k = min(k_mem, U)
         if time_limit < np.inf:
