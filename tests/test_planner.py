@@ -8,12 +8,12 @@ from hypothesis import strategies as st
 
 from bruteforce import brute_force_bottleneck
 from dnnpipe import ALGORITHMS, NoPlanError, plan
-from dnnpipe.planner import Problem
+from dnnpipe.planner import LINK_AWARE, Problem
 from dnnpipe.planner.bounds import upper_bound
 from dnnpipe.planner.plan import check_cuts
 from strategies import as_config, instances
 
-ALL = sorted(ALGORITHMS)
+ALL = sorted(set(ALGORITHMS) - LINK_AWARE)  # the link-aware ones are tested in test_planner_links.py
 
 
 def cuts_of(p):
@@ -108,6 +108,10 @@ def test_no_plan_says_why(M, R, reason):
     for algorithm in ALL:
         with pytest.raises(NoPlanError, match=__import__("re").escape(reason)):
             plan(config, algorithm)
+
+
+def test_default_is_the_fastest_exact_algorithm():
+    assert plan(as_config([1.0], [1], [1.0], [1])).algorithm == "bisect"
 
 
 def test_unknown_algorithm():

@@ -71,3 +71,11 @@ def test_profile_command_writes_a_config_the_planner_reads(tmp_path):
     bad = run_script("dnnpipe", "profile", "--model-path", str(tmp_path / "models"), "--model-name", "tiny",
                      "--config", str(tmp_path / "c2"), "--speeds", "1", "0.5", "--memory", "100", "--repeats", "2")
     assert_clean_error(bad, "2 device speeds but 1 memory sizes")
+
+
+def test_cut_bytes_follow_the_graph(tiny_profile):
+    model, profile = tiny_profile
+    assert len(profile.cut_bytes) == len(profile.units) + 1
+    assert profile.cut_bytes[0] == np.prod(model.inputs[0].shape[1:]) * 4
+    assert profile.cut_bytes[-1] == 10 * 4
+    assert device_config(None, [1, 1], [5, 5], None, 1.0, [100, 10])["B"] == [100.0, 10.0]

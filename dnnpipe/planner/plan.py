@@ -51,6 +51,7 @@ class Plan:
             "stage_times_ms": self.stage_times_ms,
             "stage_memory_mb": self.stage_memory_mb,
             "transitions": self.transitions,
+            **self.extra,
         }
 
 
@@ -58,17 +59,23 @@ def make_plan(problem: Problem, cuts: Sequence[Cut], algorithm: str, transitions
               planning_time_ms: float = 0.0) -> Plan:
     """Turn cuts into a Plan, recomputing every number from the problem (never trusting the solver)."""
     check_cuts(problem, cuts)
-    times = [problem.stage_time(j, k, d) for j, k, d in cuts]
+    periods, input_hop = problem.periods(cuts)
+    extra = {}
+    if problem.has_links:
+        extra = {"compute_ms": [problem.stage_time(*c) for c in cuts], "input_hop_ms": input_hop,
+                 "output_hop_ms": [problem.hop_ms(k, d, cuts[i + 1][2] if i + 1 < len(cuts) else None)
+                                   for i, (_, k, d) in enumerate(cuts)]}
     return Plan(
         stages=[[j + 1, k, d + 1] for j, k, d in cuts],
-        stage_times_ms=times,
+        stage_times_ms=periods,
         stage_memory_mb=[problem.stage_memory(j, k) for j, k, _ in cuts],
         stage_capacity_mb=[float(problem.capacity[d]) for _, _, d in cuts],
-        bottleneck=max(times),
+        bottleneck=max([*periods, input_hop]),
         ideal_ms=problem.ideal_ms,
         algorithm=algorithm,
         transitions=transitions,
         planning_time_ms=planning_time_ms,
+        extra=extra,
     )
 
 

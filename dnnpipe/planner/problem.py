@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
 from ..config import Config
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -23,17 +25,25 @@ class Problem:
     capacity: np.ndarray  # M in MB, shape (N,)
     time_prefix: np.ndarray  # P, shape (N, U + 1)
     memory_prefix: np.ndarray  # RP, shape (U + 1,)
+    link_mbps: Optional[np.ndarray] = None  # B, shape (N,): each device's link, Mbit/s
+    cut_bytes: Optional[np.ndarray] = None  # A, shape (U + 1,): bytes crossing the cut after unit j
 
     @classmethod
     def from_config(cls, config: Config) -> "Problem":
-        E_device = config.profile.E_device
+        E_device, B, A = config.profile.E_device, config.cluster.B, config.profile.A
+        if B is None:
+            A = None  # cut sizes alone are information; link bandwidth turns the model on
+        elif A is None:
+            raise ConfigError(f"{config.source}: the communication model needs both device_config.B (link "
+                              f"Mbit/s per device) and model_config.A (bytes per cut), got only B")
         if E_device is not None:
-            return cls.from_lists([1.0] * config.cluster.N, config.cluster.M, E_device, config.profile.R)
-        return cls.from_lists(config.cluster.C, config.cluster.M, config.profile.E, config.profile.R)
+            return cls.from_lists([1.0] * config.cluster.N, config.cluster.M, E_device, config.profile.R, B, A)
+        return cls.from_lists(config.cluster.C, config.cluster.M, config.profile.E, config.profile.R, B, A)
 
     @classmethod
-    def from_lists(cls, C, M, E, R) -> "Problem":
-        """E is one list of unit times on device 1, or one list per device (then C should be all 1)."""
+    def from_lists(cls, C, M, E, R, B=None, A=None) -> "Problem":
+        """E is one list of unit times on device 1, or one list per device (then C should be all 1).
+        B (Mbit/s per device) and A (bytes per cut, U + 1 values) turn on the communication model."""
         speed = np.asarray(C, dtype=float)
         E = np.asarray(E, dtype=float)
         rows = np.broadcast_to(E, (len(speed), E.shape[-1])) if E.ndim == 1 else E
@@ -42,7 +52,30 @@ class Problem:
             capacity=np.asarray(M, dtype=float),
             time_prefix=np.concatenate((np.zeros((len(speed), 1)), np.cumsum(rows, axis=1)), axis=1),
             memory_prefix=np.concatenate(([0.0], np.cumsum(np.asarray(R, dtype=float)))),
+            link_mbps=None if B is None else np.asarray(B, dtype=float),
+            cut_bytes=None if A is None else np.asarray(A, dtype=float),
         )
+
+    @property
+    def has_links(self) -> bool:
+        return self.link_mbps is not None
+
+    def hop_ms(self, j: int, sender: Optional[int], receiver: Optional[int]) -> float:
+        """Moving cut j's bytes over the slower of two links; None is the data source or the sink."""
+        if self.link_mbps is None:
+            return 0.0
+        links = [self.link_mbps[d] for d in (sender, receiver) if d is not None]
+        return float(self.cut_bytes[j] * 8e-3 / min(links))
+
+    def periods(self, cuts) -> tuple[list[float], float]:
+        """Each stage's period and the input hop. A stage computes while it sends (the runtime's sender
+        thread), so its period is max(compute, sending its output cut); the input reaching the first
+        device is a resource of its own. Without links, periods are the compute times."""
+        periods = []
+        for i, (j, k, d) in enumerate(cuts):
+            following = cuts[i + 1][2] if i + 1 < len(cuts) else None
+            periods.append(max(self.stage_time(j, k, d), self.hop_ms(k, d, following)))
+        return periods, self.hop_ms(0, None, cuts[0][2]) if cuts else 0.0
 
     @property
     def U(self) -> int:
