@@ -24,7 +24,8 @@ import numpy as np
 from .errors import DnnpipeError
 from .interpreter import load_interpreter
 from .manifest import TensorSpec
-from .partition.convert import signature_keys, tensor_spec
+from .partition.convert import endpoint, signature_keys
+from .partition.split import wire_spec
 from .partition.graph import GraphTensor, analyse
 from .tfenv import import_tensorflow, native_stderr_captured
 
@@ -71,8 +72,7 @@ class ModelProfile:
 
 
 def _specs(tensors: Sequence[GraphTensor], keys: dict[str, str]) -> list[TensorSpec]:
-    return [TensorSpec(t.name, keys[t.name], (1, *(int(d) for d in t.shape[1:])), np.dtype(t.dtype).name)
-            for t in tensors]
+    return [wire_spec(t, keys) for t in tensors]
 
 
 def _convert_all(model, graph, keras_tensors, keys) -> bytes:
@@ -80,23 +80,13 @@ def _convert_all(model, graph, keras_tensors, keys) -> bytes:
     tf, keras = import_tensorflow()
     archive = keras.export.ExportArchive()
     archive.track(model)
-
-    def endpoint(sub, inputs, outputs):
-        def call(feed):
-            args = [feed[keys[t.name]] for t in inputs]
-            results = sub(args if len(args) > 1 else args[0], training=False)
-            results = results if isinstance(results, (list, tuple)) else [results]
-            return {keys[t.name]: r for t, r in zip(outputs, results)}
-
-        return call, [{keys[t.name]: tensor_spec(t, keys[t.name]) for t in inputs}]
-
     names = ["whole", "probe"]
-    archive.add_endpoint("whole", *endpoint(model, graph.crossing(0), graph.crossing(graph.U)))
+    archive.add_endpoint("whole", *endpoint(model, graph.crossing(0), graph.crossing(graph.U), keys))
     archive.add_endpoint("probe", lambda x: x + 0.0, [tf.TensorSpec([1], tf.float32, name="x")])
     for u in range(1, graph.U + 1):
         inputs, outputs = graph.unit_inputs(u), graph.unit_outputs(u)
         sub = keras.Model([keras_tensors[t.name] for t in inputs], [keras_tensors[t.name] for t in outputs])
-        archive.add_endpoint(f"unit_{u}", *endpoint(sub, inputs, outputs))
+        archive.add_endpoint(f"unit_{u}", *endpoint(sub, inputs, outputs, keys))
         names.append(f"unit_{u}")
     with tempfile.TemporaryDirectory(prefix="dnnpipe-profile-") as folder, native_stderr_captured() as log:
         try:

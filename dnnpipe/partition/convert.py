@@ -55,21 +55,30 @@ def tensor_spec(tensor: GraphTensor, key: str):
     return tf.TensorSpec([1, *tensor.shape[1:]], tf.as_dtype(tensor.dtype), name=key)
 
 
-def convert_stage(model, inputs: Sequence[GraphTensor], outputs: Sequence[GraphTensor], keys: dict[str, str],
-                  quantize: str = "none",
-                  representative: Optional[Callable[[], Iterable[dict[str, np.ndarray]]]] = None) -> bytes:
-    """Convert with batch size 1; int8 needs representative samples of the stage's inputs by key."""
-    tf, keras = import_tensorflow()
-    signature = {keys[t.name]: tensor_spec(t, keys[t.name]) for t in inputs}
+def endpoint(model, inputs: Sequence[GraphTensor], outputs: Sequence[GraphTensor], keys: dict[str, str]):
+    """A function from {key: input} to {key: output} around a Keras (sub-)model, and its input signature.
 
+    Outputs that are also inputs (pass-throughs) are returned as identities around the model.
+    """
+    tf, _ = import_tensorflow()
     passed = {t.name for t in inputs}
 
-    def serve(feed):
+    def call(feed):
         args = [feed[keys[t.name]] for t in inputs]
         results = model(args if len(args) > 1 else args[0], training=False)
         results = iter(results if isinstance(results, (list, tuple)) else [results])
         return {keys[t.name]: tf.identity(feed[keys[t.name]]) if t.name in passed else next(results)
                 for t in outputs}
+
+    return call, [{keys[t.name]: tensor_spec(t, keys[t.name]) for t in inputs}]
+
+
+def convert_stage(model, inputs: Sequence[GraphTensor], outputs: Sequence[GraphTensor], keys: dict[str, str],
+                  quantize: str = "none",
+                  representative: Optional[Callable[[], Iterable[dict[str, np.ndarray]]]] = None) -> bytes:
+    """Convert with batch size 1; int8 needs representative samples of the stage's inputs by key."""
+    tf, keras = import_tensorflow()
+    serve, signature = endpoint(model, inputs, outputs, keys)
 
     # Through a SavedModel, as TFLiteConverter.from_keras_model does for Keras 3: converting the
     # concrete function directly keeps Keras variables as resources that the interpreter cannot read.
@@ -77,7 +86,7 @@ def convert_stage(model, inputs: Sequence[GraphTensor], outputs: Sequence[GraphT
         try:
             archive = keras.export.ExportArchive()
             archive.track(model)
-            archive.add_endpoint("serve", serve, [signature])
+            archive.add_endpoint("serve", serve, signature)
             archive.write_out(folder, verbose=False)
             converter = tf.lite.TFLiteConverter.from_saved_model(folder)
             _set_quantization(tf, converter, quantize, representative)

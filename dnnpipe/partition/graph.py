@@ -71,7 +71,9 @@ class UnitGraph:
 
 def as_functional(model):
     """Sequential models become functional ones over the same layers (and weights)."""
-    import keras
+    from ..tfenv import import_tensorflow
+
+    _, keras = import_tensorflow()
 
     if isinstance(model, keras.Sequential):
         if not model.built or not model.inputs:
@@ -87,7 +89,9 @@ def as_functional(model):
 
 def analyse(model) -> tuple[UnitGraph, dict[str, Any]]:
     """The model's units and tensors, and each tensor's KerasTensor by name."""
-    import keras
+    from ..tfenv import import_tensorflow
+
+    _, keras = import_tensorflow()
 
     if not hasattr(model, "_nodes_by_depth"):
         raise PartitionError(f"model {model.name!r} is a subclassed model; only functional and Sequential "

@@ -51,7 +51,7 @@ def split_model(graph: UnitGraph, keras_tensors: dict[str, Any], stages: Sequenc
         path = folder / f"sub_model_{number}.tflite"
         path.write_bytes(flatbuffer)
         spec = StageSpec(number, int(device), (int(start), int(end)), path.name, sha256_file(path),
-                         tuple(_spec(t, keys) for t in inputs), tuple(_spec(t, keys) for t in outputs))
+                         tuple(wire_spec(t, keys) for t in inputs), tuple(wire_spec(t, keys) for t in outputs))
         specs.append(spec)
         out_kb = sum(t.nbytes for t in spec.outputs) / 1024
         progress(f"stage {number}/{len(stages)}: units {start}-{end} on device {device}: {len(inputs)} in, "
@@ -63,7 +63,8 @@ def split_model(graph: UnitGraph, keras_tensors: dict[str, Any], stages: Sequenc
     return Manifest(model_name, graph.U, quantize, tuple(specs))
 
 
-def _spec(tensor, keys: dict[str, str]) -> TensorSpec:
+def wire_spec(tensor, keys: dict[str, str]) -> TensorSpec:
+    """How a graph tensor travels: its name, signature key, batch-1 shape and dtype."""
     if any(d is None for d in tensor.shape[1:]):
         raise PartitionError(f"tensor {tensor.name!r} has an unknown dimension: {tensor.shape}")
     return TensorSpec(tensor.name, keys[tensor.name], (1, *(int(d) for d in tensor.shape[1:])),
