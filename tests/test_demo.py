@@ -30,7 +30,9 @@ def test_demo_runs_end_to_end(tmp_path):
     assert low * predicted <= measured["pipeline_throughput"] <= high * predicted, (measured, predicted)
     assert (work / "results.h5").exists()
     devices = sorted(p.name for p in (work / "devices").iterdir())
-    assert devices == [f"device_{d}" for d in range(1, 5)]
+    assert devices == sorted(f"device_{d}" for _, _, d in plan["pipeline_plan"])  # every stage deployed
+    for _, _, d in plan["pipeline_plan"]:
+        assert (work / "devices" / f"device_{d}" / "partitioned_submodels" / "tiny" / "manifest.json").exists()
 
     again = run_script("dnnpipe", "demo", "--model", "tiny", "--work-dir", str(work), "--steps", "report")
     assert again.returncode == 0 and "== profile ==" not in again.stdout
