@@ -73,15 +73,15 @@ def partition_keras_model(model, stages, folder: Path, model_name: str, source: 
         calibration = intermediate_values(model, keras_tensors, names, calibration_inputs)
     started = time.perf_counter()
     manifest = split_model(graph, keras_tensors, stages, folder, model_name, quantize, calibration)
-    extra: dict = {"conversion_seconds": round(time.perf_counter() - started, 3)}
-    manifest = replace(manifest, extra=extra)
-    write_manifest(manifest, folder)
+    manifest = replace(manifest, extra={"conversion_seconds": round(time.perf_counter() - started, 3)})
+    write_manifest(manifest, folder)  # written before verifying, so a failed chain can be inspected
     if not verify_chain:
         return manifest, None
     tolerance = tolerance if tolerance is not None else TOLERANCE[quantize]
     check = verify(model, manifest, folder, tolerance)
     print(check.describe())
-    extra["verification"] = {"max_relative_difference": check.differences, "tolerance": tolerance, "ok": check.ok}
+    manifest = replace(manifest, extra={**manifest.extra, "verification": {
+        "max_relative_difference": check.differences, "tolerance": tolerance, "ok": check.ok}})
     write_manifest(manifest, folder)
     if not check.ok:
         raise PartitionError(f"{folder}: the sub-model chain differs from the Keras model by more than "

@@ -106,6 +106,7 @@ class Probe:
         self.scalar = self.space.size <= self.SCALAR_STATES
         if self.scalar:
             self.prefix_lists = [problem.time_prefix[d].tolist() for d in self.first]
+            self.speed_list = [float(problem.speed[d]) for d in self.first]
             self.memory_lists = [ends.tolist() for ends in self.memory_ends]
             self.layer_lists = [[(t, states.tolist(), before.tolist()) for t, states, before in groups]
                                 for groups in self.space.layers]
@@ -140,8 +141,7 @@ class Probe:
         return reach, choice
 
     def _reach_scalar(self, limit: float):
-        U = self.problem.U
-        speeds = [float(self.problem.speed[d]) for d in self.first]
+        U, speeds = self.problem.U, self.speed_list
         reach = [-1] * self.space.size
         reach[0] = 0
         choice = [-1] * self.space.size
