@@ -48,7 +48,7 @@ def main() -> None:
         problem = synthetic(N, U)
         links = replace(problem, link_mbps=rng.choice([100.0, 300.0, 1000.0], N),
                         cut_bytes=rng.lognormal(11, 1.0, U + 1))
-        ms, result = median_ms(lambda: solve_problem(links))
+        ms, result = median_ms(lambda links=links: solve_problem(links))
         plain = solve_problem(problem).bottleneck
         print(f"{f'N={N} U={U}':<28} {ms:>10.1f} {result.transitions:>12,} {result.bottleneck:>14.6f} "
               f"{plain:>11.6f}", flush=True)
@@ -60,7 +60,8 @@ def main() -> None:
         first = running[0][2]
         for label, change in ((f"N={N} U={U}, device {first} leaves", ClusterChange(removed=frozenset({first}))),
                               (f"N={N} U={U}, device {first} slows", ClusterChange(speeds={first: 0.25}))):
-            ms, result = median_ms(lambda: replan(config, running, change))
+            ms, result = median_ms(lambda config=config, running=running, change=change:
+                                   replan(config, running, change))
             print(f"{label:<28} {ms:>10.1f} {len(result.moved):>12} {result.units_moved:>14}", flush=True)
 
 

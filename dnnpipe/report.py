@@ -24,7 +24,8 @@ def _plot_timeline(log_dir: Path, stages: int, path: Path, frames: int = 12) -> 
     # Steady state: after the last stage got going, before the first ran out of inputs.
     steady_from, steady_to = timings[-1][0].infer_start, timings[0][-1].infer_end
     period = (timings[-1][-1].infer_end - timings[-1][0].infer_end) / max(1, len(timings[-1]) - 1)
-    middle = (steady_from + steady_to) / 2 if steady_to > steady_from else timings[-1][len(timings[-1]) // 2].infer_start
+    middle = ((steady_from + steady_to) / 2 if steady_to > steady_from
+              else timings[-1][len(timings[-1]) // 2].infer_start)
     begin, end = middle - frames * period / 2, middle + frames * period / 2
     fig, ax = plt.subplots(figsize=(10, 1 + 0.6 * stages))
     for k, rows in enumerate(timings, 1):

@@ -75,7 +75,7 @@ LogLevel ERROR
             break
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"sshd did not start: {(root / 'sshd.log').read_text()}")
+                raise RuntimeError(f"sshd did not start: {(root / 'sshd.log').read_text()}") from None
             time.sleep(0.1)
     host_public = (root / "host_key.pub").read_text().split()
     (root / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_public[0]} {host_public[1]}\n")

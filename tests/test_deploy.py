@@ -1,7 +1,6 @@
 """The deployer over a real OpenSSH server on loopback, and over the local transport."""
 
 import json
-import shutil
 import time
 
 import h5py

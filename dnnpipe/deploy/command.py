@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..cli import config_paths
 from ..errors import DnnpipeError

@@ -67,7 +67,7 @@ def launch_plan(manifest: Manifest, devices: Sequence[Device], models_dir: str, 
 
 def _check_ports(devices: Sequence[Device]) -> None:
     seen: dict[tuple[str, int], int] = {}
-    for k, device in enumerate(devices[1:], 2):  # stage 1 does not listen
+    for device in devices[1:]:  # stage 1 does not listen
         key = ("127.0.0.1" if device.is_local else device.host, device.runtime_port)
         if key in seen:
             raise ConfigError(f"devices {seen[key]} and {device.device_id} would both listen on {key[0]}:{key[1]}; "
@@ -80,8 +80,8 @@ def write_launch_plan(path: Path, launches: Sequence[StageLaunch]) -> None:
 
 
 def format_launch_plan(launches: Sequence[StageLaunch]) -> str:
-    return "\n".join(f"stage {l.stage} on device {l.device.device_id} ({l.device.host}, in {l.device.remote_dir}):\n"
-                     f"    {shlex.join(l.argv)}" for l in launches)
+    return "\n".join(f"stage {s.stage} on device {s.device.device_id} ({s.device.host}, in {s.device.remote_dir}):\n"
+                     f"    {shlex.join(s.argv)}" for s in launches)
 
 
 def wait_for_port(host: str, port: int, seconds: float) -> bool:
