@@ -87,7 +87,7 @@ def decode_header(data: bytes, peer: str) -> tuple[Kind, int, int, int, int]:
     return Kind(kind), count, sequence, origin_ns, block
 
 
-def check_descriptors(block: bytes, count: int, specs: Sequence[TensorSpec], peer: str) -> None:
+def check_descriptors(block: bytes | memoryview, count: int, specs: Sequence[TensorSpec], peer: str) -> None:
     """The descriptors must name the expected tensors, in order, with the manifest's dtype and shape."""
     if count != len(specs):
         raise ProtocolError(f"{peer}: frame has {count} tensors, expected {len(specs)} "
@@ -122,7 +122,7 @@ def send_frame(sock: socket.socket, kind: Kind, sequence: int, origin_ns: int,
                specs: Sequence[TensorSpec] = (), tensors: Sequence[np.ndarray] = (), message: str = "") -> None:
     sock.sendall(encode_header(kind, sequence, origin_ns, specs if kind == Kind.DATA else (), message))
     for tensor in tensors:
-        sock.sendall(memoryview(np.ascontiguousarray(tensor)).cast("B"))
+        sock.sendall(np.ascontiguousarray(tensor).data.cast("B"))
 
 
 class FrameReader:
@@ -151,7 +151,7 @@ class FrameReader:
             return Frame(kind, sequence, origin_ns, [])
         check_descriptors(block, count, self.specs, self.peer)
         for buffer in buffers:
-            self._fill(memoryview(buffer).cast("B"))
+            self._fill(buffer.data.cast("B"))
         self.expected_sequence += 1
         return Frame(kind, sequence, origin_ns, list(buffers))
 

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 from ..errors import ConfigError, DnnpipeError
 from ..manifest import Manifest
 from .registry import Device
+from .transport import Transport
 
 LOG_DIR = "logs"
 
@@ -95,7 +96,7 @@ def wait_for_port(host: str, port: int, seconds: float) -> bool:
     return False
 
 
-def launch(launches: Sequence[StageLaunch], transports: dict[int, object], wait_seconds: float,
+def launch(launches: Sequence[StageLaunch], transports: dict[int, Transport], wait_seconds: float,
            echo=print) -> None:
     """Last stage first, so every listener is up before the stage before it connects."""
     for item in reversed(launches):
@@ -110,7 +111,7 @@ def launch(launches: Sequence[StageLaunch], transports: dict[int, object], wait_
             echo(f"stage {item.stage} started on device {item.device.device_id}")
 
 
-def stop(launches: Sequence[StageLaunch], transports: dict[int, object], echo=print) -> None:
+def stop(launches: Sequence[StageLaunch], transports: dict[int, Transport], echo=print) -> None:
     for item in launches:
         stopped = transports[item.device.device_id].stop(item.pid_file)
         echo(f"stage {item.stage} on device {item.device.device_id}: {'stopped' if stopped else 'not running'}")

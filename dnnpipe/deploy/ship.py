@@ -5,11 +5,11 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from ..manifest import MANIFEST_FILE, Manifest, sha256_file
 from .registry import Device
-from .transport import TransportError, Upload, temporary_names
+from .transport import Transport, TransportError, Upload, temporary_names
 
 RUNTIME_ROOT = Path(__file__).resolve().parents[2]  # holds runtime_engine.py and dnnpipe/
 
@@ -47,7 +47,7 @@ def uploads_for(manifest: Manifest, folder: Path, models_dir: str, stages: Seque
     return uploads
 
 
-def ship(transport, report: DeviceReport, uploads: Sequence[Upload], dry_run: bool = False) -> DeviceReport:
+def ship(transport: Transport, report: DeviceReport, uploads: Sequence[Upload], dry_run: bool = False) -> DeviceReport:
     """Compare hashes first, send only what differs, and record the outcome of every file."""
     try:
         present = {} if dry_run else transport.hashes([u.rel for u in uploads])
@@ -65,11 +65,13 @@ def ship(transport, report: DeviceReport, uploads: Sequence[Upload], dry_run: bo
     return report
 
 
-def ship_all(jobs: Sequence[tuple[object, DeviceReport, list[Upload]]], dry_run: bool = False,
-             workers: int = 8) -> list[DeviceReport]:
+Job = tuple[Transport, DeviceReport, list[Upload]]
+
+
+def ship_all(jobs: Sequence[Job], dry_run: bool = False, workers: int = 8) -> list[DeviceReport]:
     """Every device at once; one failing device does not stop or hide the others."""
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(jobs)))) as pool:
-        return list(pool.map(lambda job: ship(*job, dry_run=dry_run), jobs))
+        return list(pool.map(lambda job: ship(job[0], job[1], job[2], dry_run=dry_run), jobs))
 
 
 def format_reports(reports: Sequence[DeviceReport], dry_run: bool = False) -> str:
@@ -88,5 +90,3 @@ def format_reports(reports: Sequence[DeviceReport], dry_run: bool = False) -> st
                     f"{len(r.skipped):>8} {len(r.failed) or (1 if r.error else 0):>7}  {result}")
     return "\n".join(rows)
 
-
-TransportFactory = Callable[[Device], object]

@@ -16,7 +16,7 @@ import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Protocol, Sequence
 
 from ..errors import DnnpipeError
 from ..manifest import sha256_file
@@ -49,6 +49,18 @@ class Upload:
 
 def temporary_names(uploads: Sequence[Upload]) -> list[tuple[Upload, str]]:
     return [(u, u.temporary) for u in uploads]
+
+
+class Transport(Protocol):
+    """What the deployer and the launcher need from a way of reaching a device."""
+
+    def hashes(self, rels: Sequence[str]) -> dict[str, str]: ...
+
+    def send(self, staged: Sequence[tuple[Upload, str]]) -> dict[str, Optional[str]]: ...
+
+    def start(self, argv: Sequence[str], log_rel: str, pid_rel: str) -> None: ...
+
+    def stop(self, pid_rel: str) -> bool: ...
 
 
 class LocalTransport:
@@ -210,5 +222,5 @@ def _reason(stderr: str) -> str:
     return "; ".join(lines[-2:])
 
 
-def transport_for(device: Device, options: SshOptions):
+def transport_for(device: Device, options: SshOptions) -> Transport:
     return LocalTransport(device) if device.is_local else SshTransport(device, options)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -117,11 +117,10 @@ class Probe:
         self.probes += 1
         reach, choice = self._reach_scalar(limit) if self.scalar else self._reach_vector(limit)
         U = self.problem.U
-        done = [s for s in range(self.space.size) if reach[s] == U] if self.scalar else \
-            np.flatnonzero(np.asarray(reach) == U)
-        if len(done) == 0:
+        done = np.flatnonzero(np.asarray(reach) == U)
+        if done.size == 0:
             return None
-        state = int(min(done, key=lambda s: self.space.used[s]))  # fewest devices among the plans found
+        state = int(done[np.argmin(self.space.used[done])])  # fewest devices among the plans found
         return self._plan(state, reach, choice)
 
     def _reach_vector(self, limit: float):
@@ -161,7 +160,7 @@ class Probe:
                 self.transitions += len(states)
         return reach, choice
 
-    def _plan(self, state: int, reach, choice) -> tuple[float, list[Cut]]:
+    def _plan(self, state: int, reach: Sequence[int], choice: Sequence[int]) -> tuple[float, list[Cut]]:
         spare = [list(m) for m in self.types.members]
         stages = []
         while state != 0:

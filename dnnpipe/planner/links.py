@@ -27,6 +27,8 @@ def solve(problem: Problem) -> Optional[Solution]:
     U, N = problem.U, problem.N
     full = 1 << N
     B, A = problem.link_mbps, problem.cut_bytes
+    if B is None or A is None:
+        raise ValueError("the links algorithm needs link bandwidth (B) and cut sizes (A)")
     pair_mbps = np.minimum(B[:, None], B[None, :])  # slower end of each device pair
     value = np.full((U + 1, full, N), np.inf)
     parent_cut = np.full((U + 1, full, N), -1, dtype=np.int32)

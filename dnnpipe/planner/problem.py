@@ -62,7 +62,7 @@ class Problem:
 
     def hop_ms(self, j: int, sender: Optional[int], receiver: Optional[int]) -> float:
         """Moving cut j's bytes over the slower of two links; None is the data source or the sink."""
-        if self.link_mbps is None:
+        if self.link_mbps is None or self.cut_bytes is None:
             return 0.0
         links = [self.link_mbps[d] for d in (sender, receiver) if d is not None]
         return float(self.cut_bytes[j] * 8e-3 / min(links))

@@ -86,5 +86,4 @@ def read_summary(folder: Path, stage: int) -> StageSummary:
 def read_timings(folder: Path, stage: int) -> list[FrameTiming]:
     with open(folder / f"stage_{stage}.csv") as f:
         rows = list(csv.DictReader(f))
-    types = {field.name: (int if field.name == "sequence" else float) for field in fields(FrameTiming)}
-    return [FrameTiming(**{k: types[k](v) for k, v in row.items()}) for row in rows]
+    return [FrameTiming(int(row.pop("sequence")), **{k: float(v) for k, v in row.items()}) for row in rows]

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -77,9 +78,9 @@ class Stage:
 
     def _check_options(self) -> None:
         o = self.options
-        if self.first and o.data_path is None:
-            raise DnnpipeError(f"{self.name} the first stage needs --data-path (HDF5 with dataset 'images')")
         if self.first:
+            if o.data_path is None:
+                raise DnnpipeError(f"{self.name} the first stage needs --data-path (HDF5 with dataset 'images')")
             input_datasets(o.data_path, self.spec.inputs)[0].close()  # fail now on a bad file, not mid-run
         if not self.first and o.bind_port is None:
             raise DnnpipeError(f"{self.name} a stage after the first needs --bind-port to receive on")
@@ -108,13 +109,18 @@ class Stage:
             if not self.last:
                 self.downstream = self._connect()
             if listener is not None:
-                self.upstream, self.peer = self._accept(listener)
+                self.upstream, peer = self._accept(listener)
         finally:
             if listener is not None:
                 listener.close()
-        threads = [self._thread(self._read_inputs if self.first else self._receive),
-                   self._thread(self._execute),
-                   self._thread(self._write_results if self.last else self._send)]
+        if self.upstream is not None:
+            source = partial(self._receive, self.upstream, peer)
+        elif self.options.data_path is not None:
+            source = partial(self._read_inputs, self.options.data_path)
+        else:  # _check_options already refused a first stage without data
+            raise DnnpipeError(f"{self.name} the first stage needs --data-path")
+        sink = self._write_results if self.downstream is None else partial(self._send, self.downstream)
+        threads = [self._thread(source), self._thread(self._execute), self._thread(sink)]
         for thread in threads:
             thread.start()
         try:
@@ -192,6 +198,7 @@ class Stage:
     # --- threads -----------------------------------------------------------------------------
 
     def _thread(self, body: Callable[[], None]) -> threading.Thread:
+        name = getattr(body, "func", body).__name__
         def guarded() -> None:
             try:
                 body()
@@ -202,7 +209,7 @@ class Stage:
             except Exception as e:  # noqa: BLE001 - any failure must stop the stage, not hang it
                 self._fail(f"{self.name} {type(e).__name__}: {e}")
 
-        return threading.Thread(target=guarded, name=f"{self.name} {body.__name__}", daemon=True)
+        return threading.Thread(target=guarded, name=f"{self.name} {name}", daemon=True)
 
     def _fail(self, message: str) -> None:
         with self._lock:
@@ -232,9 +239,9 @@ class Stage:
                 continue
         return None
 
-    def _read_inputs(self) -> None:
+    def _read_inputs(self, data_path: Path) -> None:
         started = time.perf_counter()
-        inputs = read_inputs(self.options.data_path, self.spec.inputs, self.options.num_inputs)
+        inputs = read_inputs(data_path, self.spec.inputs, self.options.num_inputs)
         for sequence, arrays in enumerate(inputs):
             if self.options.fps:
                 time.sleep(max(0.0, started + sequence / self.options.fps - time.perf_counter()))
@@ -248,8 +255,8 @@ class Stage:
                 return
         self._put(self.inbox, END)
 
-    def _receive(self) -> None:
-        reader = FrameReader(self.upstream, self.spec.inputs, self.peer, self.options.timeout)
+    def _receive(self, upstream: socket.socket, peer: str) -> None:
+        reader = FrameReader(upstream, self.spec.inputs, peer, self.options.timeout)
         while True:
             buffers = self._get(self.input_buffers)
             if buffers is None:
@@ -291,20 +298,20 @@ class Stage:
             if not self._put(self.outbox, (sequence, origin_ns, results, timing)):
                 return
 
-    def _send(self) -> None:
+    def _send(self, downstream: socket.socket) -> None:
         sent = 0
         while True:
             item = self._get(self.outbox)
             if item is None:  # stopped by an error elsewhere in this stage: tell the next stage
-                send_frame(self.downstream, Kind.ERROR, sent, 0, message=self.error or f"{self.name} stopped")
+                send_frame(downstream, Kind.ERROR, sent, 0, message=self.error or f"{self.name} stopped")
                 return
             if item == END:
-                send_frame(self.downstream, Kind.END, sent, 0)
+                send_frame(downstream, Kind.END, sent, 0)
                 return
             sequence, origin_ns, results, timing = item
             began = time.perf_counter()
             try:
-                send_frame(self.downstream, Kind.DATA, sequence, origin_ns, self.spec.outputs, results)
+                send_frame(downstream, Kind.DATA, sequence, origin_ns, self.spec.outputs, results)
             except OSError as e:
                 raise DnnpipeError(f"cannot send to the next stage at {self.options.next_host}:"
                                    f"{self.options.next_port}: {e.strerror or e or 'timed out'}") from None
