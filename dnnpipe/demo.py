@@ -127,9 +127,9 @@ def step_partition(work: Work, options: Options) -> None:
     model = load_keras_model(work.model)
     partition_keras_model(model, read_stages(work.plan), work.parts / work.name, work.name, str(work.plan))
     # The comparison: the whole model as one stage on the fastest device.
-    speeds = json.loads(work.config.read_text())["device_config"]["C"]
+    config = json.loads(work.config.read_text())
+    speeds, U = config["device_config"]["C"], config["model_config"]["U"]
     fastest = max(range(len(speeds)), key=lambda d: speeds[d]) + 1
-    U = json.loads(work.config.read_text())["model_config"]["U"]
     partition_keras_model(model, [[1, U, fastest]], work.single / work.name, work.name, "single device",
                           verify_chain=False)
 

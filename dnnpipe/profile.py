@@ -26,7 +26,7 @@ from .interpreter import load_interpreter
 from .manifest import TensorSpec
 from .partition.convert import endpoint, signature_keys
 from .partition.split import wire_spec
-from .partition.graph import GraphTensor, analyse
+from .partition.graph import analyse
 from .tfenv import import_tensorflow, native_stderr_captured
 
 MIB = float(1 << 20)
@@ -69,10 +69,6 @@ class ModelProfile:
         verdict = "within" if abs(self.sum_gap) <= SUM_TOLERANCE else "WARNING: outside"
         return (f"sum of unit times {sum(self.E):.2f} ms vs whole model {self.whole_ms:.2f} ms "
                 f"({self.sum_gap:+.1%}, {verdict} {SUM_TOLERANCE:.0%})")
-
-
-def _specs(tensors: Sequence[GraphTensor], keys: dict[str, str]) -> list[TensorSpec]:
-    return [wire_spec(t, keys) for t in tensors]
 
 
 def _convert_all(model, graph, keras_tensors, keys) -> bytes:
@@ -129,11 +125,11 @@ def profile_keras_model(model, repeats: int = 30, warmup: int = 5, num_threads: 
                            {s.key: values[s.name] for s in specs}, repeats, warmup)
 
     probe = time_invoke(interpreter.get_signature_runner("probe"), {"x": np.zeros(1, "float32")}, repeats, warmup)
-    whole = timed("whole", _specs(graph.crossing(0), keys))
+    whole = timed("whole", [wire_spec(t, keys) for t in graph.crossing(0)])
     layers = {layer.name: layer for layer in model.layers}
     units = []
     for u, name in enumerate(graph.units, 1):
-        ms = max(0.0, timed(f"unit_{u}", _specs(graph.unit_inputs(u), keys)) - probe)
+        ms = max(0.0, timed(f"unit_{u}", [wire_spec(t, keys) for t in graph.unit_inputs(u)]) - probe)
         weights = sum(int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize for w in layers[name].weights)
         produced = sum(t.nbytes for t in graph.tensors if t.producer == u)
         units.append(UnitCost(name, ms, weights / MIB, produced / MIB))

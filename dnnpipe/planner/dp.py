@@ -67,14 +67,20 @@ def solve(problem: Problem, prune: bool = True) -> Optional[Solution]:
     return _trace_back(value, parent_cut, parent_device, transitions)
 
 
+def best_final_state(final: np.ndarray) -> int:
+    """The smallest bottleneck over final states indexed by device subset (first axis); among equal ones
+    the fewest devices: fewer hops, same throughput. Returns the flat index into `final`."""
+    sizes = np.array([bin(S).count("1") for S in range(final.shape[0])])
+    sizes = np.broadcast_to(sizes.reshape(-1, *([1] * (final.ndim - 1))), final.shape)
+    return int(np.lexsort((sizes.ravel(), final.ravel()))[0])
+
+
 def _trace_back(value, parent_cut, parent_device, transitions: int) -> Optional[Solution]:
     U = value.shape[0] - 1
     final = value[U]
     if not np.isfinite(final.min()):
         return None
-    # Among optimal plans prefer fewer stages: fewer hops, same throughput.
-    sizes = np.array([bin(S).count("1") for S in range(len(final))])
-    S = int(np.lexsort((sizes, final))[0])
+    S = best_final_state(final)
     cuts, k = [], U
     while k > 0:
         j, d = int(parent_cut[k, S]), int(parent_device[k, S])

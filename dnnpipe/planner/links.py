@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 
 from .bounds import upper_bound
+from .dp import best_final_state
 from .plan import Solution
 from .problem import Problem
 
@@ -70,9 +71,7 @@ def solve(problem: Problem) -> Optional[Solution]:
     total = np.maximum(value[U], departure[None, :])
     if not np.isfinite(total).any():
         return None
-    sizes = np.array([bin(S).count("1") for S in range(full)])[:, None] * np.ones((1, N))
-    order = np.lexsort((sizes.ravel(), total.ravel()))
-    S, e = divmod(int(order[0]), N)
+    S, e = divmod(best_final_state(total), N)
     cuts, k = [], U
     while k > 0:
         j, d = int(parent_cut[k, S, e]), int(parent_device[k, S, e])
