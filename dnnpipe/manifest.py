@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError
-from .planfile import dump_json
+from .jsonio import write_json
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "dnnpipe-manifest"
@@ -95,9 +95,7 @@ def sha256_file(path: Path) -> str:
 
 
 def write_manifest(manifest: Manifest, folder: Path) -> Path:
-    path = folder / MANIFEST_FILE
-    path.write_text(dump_json(manifest.to_json()))
-    return path
+    return write_json(folder / MANIFEST_FILE, manifest.to_json())
 
 
 def read_manifest(path: Path) -> Manifest:

@@ -13,7 +13,7 @@ from dnnpipe.deploy.ship import DeviceReport, ship, uploads_for
 from dnnpipe.deploy.transport import SshOptions, SshTransport, temporary_names
 from dnnpipe.errors import ConfigError
 from dnnpipe.manifest import read_manifest, sha256_file
-from dnnpipe.partition.command import partition_keras_model
+from dnnpipe.partition.partitioner import partition_keras_model
 from dnnpipe.partition.graph import analyse
 from dnnpipe.deploy.registry import Device
 from helpers import assert_clean_error, run_script

@@ -50,7 +50,7 @@ def launch_plan(manifest: Manifest, devices: Sequence[Device], models_dir: str, 
     last = len(devices)
     launches = []
     for k, device in enumerate(devices, 1):
-        argv = [device.python, "runtime_engine.py", "--stage", str(k), "--model-path", models_dir,
+        argv = [device.interpreter, "runtime_engine.py", "--stage", str(k), "--model-path", models_dir,
                 "--model-name", manifest.model_name, "--log-dir", LOG_DIR, *extra]
         if k > 1:
             argv += ["--bind-addr", "0.0.0.0", "--bind-port", str(device.runtime_port)]

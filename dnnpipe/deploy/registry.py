@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -22,11 +23,16 @@ class Device:
     identity_file: Optional[str] = None
     remote_dir: str = "~/DNNPipe"
     runtime_port: int = 50000
-    python: str = "python3"  # the interpreter that runs runtime_engine.py on the device
+    python: Optional[str] = None  # the interpreter that runs runtime_engine.py on the device
 
     @property
     def is_local(self) -> bool:
         return self.host == LOCAL
+
+    @property
+    def interpreter(self) -> str:
+        """The registry's `python`, else this very interpreter for `local` devices and python3 on a board."""
+        return self.python or (sys.executable if self.is_local else "python3")
 
     @property
     def address(self) -> str:
@@ -87,7 +93,7 @@ def _device(entry: dict[str, Any], where: str) -> Device:
     return Device(device_id=device_id, host=host.strip(), user=entry.get("user", entry.get("username")),
                   port=entry.get("port", 22), identity_file=entry.get("identity_file"),
                   remote_dir=entry.get("remote_dir", "~/DNNPipe"), runtime_port=entry.get("runtime_port", 50000),
-                  python=entry.get("python", "python3"))
+                  python=entry.get("python"))
 
 
 def devices_for(registry: dict[int, Device], device_ids: Sequence[int], source: str) -> list[Device]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..manifest import MANIFEST_FILE, Manifest, sha256_file
+from .closure import device_files
 from .registry import Device
 from .transport import Transport, TransportError, Upload, temporary_names
 
@@ -29,10 +30,10 @@ class DeviceReport:
 
 
 def runtime_code() -> list[tuple[Path, str]]:
-    """runtime_engine.py and the dnnpipe package, so a fresh board can run its stage."""
+    """runtime_engine.py and the part of the dnnpipe package a stage imports, so a fresh board can run its
+    stage with NumPy, h5py and a lite interpreter only."""
     files = [(RUNTIME_ROOT / "runtime_engine.py", "runtime_engine.py")]
-    package = RUNTIME_ROOT / "dnnpipe"
-    files += [(p, p.relative_to(RUNTIME_ROOT).as_posix()) for p in sorted(package.rglob("*.py"))]
+    files += [(RUNTIME_ROOT / rel, rel.as_posix()) for rel in device_files(RUNTIME_ROOT)]
     return [(local, rel) for local, rel in files if local.is_file()]
 
 
