@@ -22,10 +22,12 @@ import numpy as np
 
 from ..errors import DnnpipeError
 from ..interpreter import StageRunner
-from ..manifest import read_manifest, sha256_file
+from ..manifest import MANIFEST_FILE, read_manifest, sha256_file
+from ..pipeline_key import stage_key
 from ..protocol import Kind, PeerError
 from .dataio import ResultWriter, input_datasets, read_inputs
 from .metrics import FrameTiming, StageSummary, summarise, write_log
+from .handshake import LinkAuth, manifest_identity
 from .transport import Downstream, Say, Upstream, accept_upstream, connect_downstream, listen
 
 END = "end-of-stream"
@@ -55,6 +57,8 @@ class StageOptions:
     connect_timeout: float = 60.0  # longest wait for the neighbours to come up
     queue_size: int = 4
     emulate_speed: Optional[float] = None  # C of the emulated device: stage time = measured / C
+    key_file: Optional[Path] = None  # default: pipeline.key beside the manifest
+    insecure: bool = False  # no link authentication (both neighbours must agree)
 
 
 class Stage:
@@ -67,6 +71,10 @@ class Stage:
         self.last = options.stage == len(manifest.stages)
         self.name = f"[stage {options.stage}]"
         self._check_options()
+        key = stage_key(options.folder, options.key_file, options.insecure)
+        identity = manifest_identity((options.folder / MANIFEST_FILE).read_bytes())
+        self.upstream_auth = None if key is None else LinkAuth(key, identity, options.stage - 1, options.stage)
+        self.downstream_auth = None if key is None else LinkAuth(key, identity, options.stage, options.stage + 1)
         self.stop = threading.Event()
         self.error: Optional[str] = None
         self._lock = threading.Lock()
@@ -119,10 +127,10 @@ class Stage:
             if not self.last:
                 assert o.next_host is not None and o.next_port is not None  # _check_options made sure
                 self.downstream = connect_downstream(self.name, o.next_host, o.next_port, self.spec.outputs,
-                                                     o.connect_timeout, o.timeout, self.say)
+                                                     o.connect_timeout, o.timeout, self.say, self.downstream_auth)
             if listener is not None:
                 self.upstream = accept_upstream(self.name, listener, self.spec.inputs, o.connect_timeout,
-                                                o.timeout, self.say)
+                                                o.timeout, self.say, self.upstream_auth)
         finally:
             if listener is not None:
                 listener.close()
