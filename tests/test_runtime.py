@@ -1,9 +1,11 @@
 """Pipelines of real stage processes on 127.0.0.1: results, back-pressure and every failure class."""
 
+import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -297,3 +299,36 @@ def test_a_stage_without_its_key_says_how_to_get_one(pipelines, tmp_path):
     result = finish(stage_process(root / "p2" / "res", 1, "--data-path", str(root / "data.h5"), "--next-host",
                                   "127.0.0.1", "--next-port", "1", "--key-file", str(tmp_path / "none.key")))
     assert_clean_error(result, "none.key: pipeline key not found", "--insecure")
+
+
+def stage_pids(marker: str) -> list[int]:
+    """Processes whose command line mentions marker (a test's own folder)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_interrupting_run_local_alone_leaves_no_stage_behind(pipelines, tmp_path, signal_number):
+    root, _ = pipelines
+    logs = tmp_path / "logs"
+    command = [sys.executable, "-m", "dnnpipe", "run-local", "--model-path", str(root / "p4"), "--model-name", "res",
+               "--data-path", str(root / "data.h5"), "--output-path", str(tmp_path / "out.h5"), "--log-dir",
+               str(logs), "--num-inputs", "100000", "--fps", "50"]
+    runner = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "out.h5").exists() or len(set(stage_pids(str(logs))) - {runner.pid}) < 4:
+        assert time.monotonic() < deadline and runner.poll() is None, runner.communicate()
+        time.sleep(0.2)
+    assert len(set(stage_pids(str(logs))) - {runner.pid}) == 4
+    runner.send_signal(signal_number)  # to run-local only, as a supervisor or `kill` does
+    result = finish(runner, timeout=30)
+    assert result.returncode == 130 and "interrupted" in result.stderr, result.stderr
+    assert stage_pids(str(logs)) == []
+    with h5py.File(tmp_path / "out.h5") as f:
+        assert not f.attrs["complete"]  # a partial results file says so
