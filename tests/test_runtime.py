@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import models
+from dnnpipe.errors import DnnpipeError
 from dnnpipe.manifest import read_manifest
 from dnnpipe.partition.partitioner import partition_keras_model
 from dnnpipe.partition.graph import analyse
@@ -332,3 +333,14 @@ def test_interrupting_run_local_alone_leaves_no_stage_behind(pipelines, tmp_path
     assert stage_pids(str(logs)) == []
     with h5py.File(tmp_path / "out.h5") as f:
         assert not f.attrs["complete"]  # a partial results file says so
+
+
+def test_run_local_names_the_stage_that_broke_without_waiting_out_the_others(pipelines, tmp_path):
+    root, _ = pipelines
+    with h5py.File(tmp_path / "bad.h5", "w") as f:
+        f["images"] = np.zeros((3, 5, 5, 3), "float32")
+    began = time.monotonic()
+    with pytest.raises(DnnpipeError, match=r"stage 1 failed: .*input 'image' needs rows of shape \(12, 12, 3\)"):
+        run_local(root / "p4" / "res", tmp_path / "bad.h5", None, tmp_path / "logs")
+    assert time.monotonic() - began < 20  # the other stages are stopped, not waited for (60 s)
+    assert stage_pids(str(tmp_path / "logs")) == []
