@@ -1,4 +1,7 @@
-"""A real OpenSSH server on 127.0.0.1 for the deployer's tests: throw-away host and user keys, own known_hosts."""
+"""A real OpenSSH server on 127.0.0.1 for the deployer's tests: throw-away host and user keys, own known_hosts.
+
+It has no sftp subsystem, like many small boards: the deployer needs ssh, sh, tar and sha256sum only.
+"""
 
 from __future__ import annotations
 
@@ -62,7 +65,6 @@ PasswordAuthentication no
 KbdInteractiveAuthentication no
 UsePAM no
 PermitRootLogin prohibit-password
-Subsystem sftp internal-sftp
 LogLevel ERROR
 """)
     if os.geteuid() == 0:
