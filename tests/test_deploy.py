@@ -15,6 +15,7 @@ import pytest
 
 import models
 from dnnpipe.deploy.command import deployer_parser
+from dnnpipe.deploy.command import main as deploy_main
 from dnnpipe.deploy.launch import launch_plan
 from dnnpipe.deploy.registry import Device
 from dnnpipe.deploy.ship import KEY_FILE, DeviceReport, format_reports, ship, uploads_for
@@ -55,6 +56,20 @@ def partitioned(tmp_path_factory):
 def write_registry(path, devices):
     path.write_text(json.dumps({"devices": devices}))
     return path
+
+
+def deployer_in_process(capsys, partitioned, registry, *extra) -> tuple[int, str, str]:
+    """deployer.py's own main() without a new interpreter: its exit status, stdout and stderr."""
+    code = deploy_main(["--device-registry", str(registry), "--model-path", str(partitioned / "partitioned_submodels"),
+                        "--model-name", "res", "--config", str(partitioned / "configurations"), *extra])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(outcome: tuple[int, str, str], *fragments: str) -> None:
+    code, _, err = outcome
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("deployer.py: error: ") and all(f in err for f in fragments), err
 
 
 def copy_models(partitioned, tmp_path):
@@ -245,13 +260,14 @@ def test_values_reach_the_device_as_arguments_never_as_shell_text(server, partit
     ({"python": "python3; touch {m}"}, "'python' must be an interpreter path or name"),
     ({"python": "$(touch {m})"}, "'python' must be an interpreter path or name"),
 ])
-def test_hostile_registries_are_refused_before_anything_runs(server, partitioned, tmp_path, entry, message):
+def test_hostile_registries_are_refused_before_anything_runs(server, partitioned, tmp_path, capsys, entry,
+                                                            message):
     marker = tmp_path / "MARKER"
     devices = [server.device(i, tmp_path / f"dev{i}") for i in (1, 2, 3)]
     devices[1].update({k: v.format(m=marker) for k, v in entry.items()})
     registry = write_registry(tmp_path / "reg.json", devices)
-    assert_clean_error(deployer(partitioned, registry, "--ssh-config", str(server.ssh_config), "--launch"),
-                       "reg.json: devices[1]", message)
+    assert_one_line_error(deployer_in_process(capsys, partitioned, registry, "--ssh-config", str(server.ssh_config),
+                                              "--launch"), "reg.json: devices[1]", message)
     assert not marker.exists() and not (tmp_path / "dev1").exists()
 
 
@@ -261,7 +277,7 @@ def test_hostile_registries_are_refused_before_anything_runs(server, partitioned
     ("sha256", "$(touch {m})", "stages[1].sha256 must be 64 lowercase hex digits"),
     ("sha256", "abc", "stages[1].sha256 must be 64 lowercase hex digits"),
 ])
-def test_hostile_manifests_are_refused_before_anything_is_read_or_sent(partitioned, tmp_path, field, value,
+def test_hostile_manifests_are_refused_before_anything_is_read_or_sent(partitioned, tmp_path, capsys, field, value,
                                                                         message):
     marker = tmp_path / "MARKER"
     models = copy_models(partitioned, tmp_path)
@@ -271,8 +287,8 @@ def test_hostile_manifests_are_refused_before_anything_is_read_or_sent(partition
     manifest_file.write_text(json.dumps(data))
     devices = [{"device_id": i, "host": "local", "remote_dir": str(tmp_path / "devices" / f"dev{i}"),
                 "runtime_port": free_port()} for i in (1, 2, 3)]
-    result = deployer(models, write_registry(tmp_path / "reg.json", devices))
-    assert_clean_error(result, "manifest.json: ", message)
+    outcome = deployer_in_process(capsys, models, write_registry(tmp_path / "reg.json", devices), "--launch")
+    assert_one_line_error(outcome, "manifest.json: ", message)
     assert not marker.exists() and not (tmp_path / "devices").exists() and not (tmp_path / "escaped.tflite").exists()
 
 
