@@ -118,10 +118,10 @@ def test_three_stage_deploy_over_ssh_then_nothing_to_resend(server, partitioned,
 
 def test_corrupted_upload_is_caught_and_never_installed(server, partitioned, tmp_path):
     class CorruptingSsh(SshTransport):
-        def upload(self, items):
+        def payload(self, items):
             damaged = tmp_path / "damaged.bin"
             damaged.write_bytes(b"half a model")
-            super().upload([(damaged, rel, mode) for _, rel, mode in items])
+            return super().payload([(damaged, rel, mode) for _, rel, mode in items])
 
     device = Device(1, "127.0.0.1", server.user, server.port, str(server.user_key), str(tmp_path / "dev"))
     manifest = read_manifest(partitioned / "partitioned_submodels" / "res")
@@ -136,21 +136,21 @@ def test_corrupted_upload_is_caught_and_never_installed(server, partitioned, tmp
 
 
 def test_interrupted_upload_leaves_no_half_file(server, partitioned, tmp_path):
-    """A transfer that dies midway (here: one file never arrived, one arrived cut) is not confirmed, and nothing
-    is renamed."""
+    """A stream that breaks off midway: the cut file and the ones that never came are reported, none is renamed
+    into place, and no temporary file stays behind."""
+    class CuttingSsh(SshTransport):
+        def payload(self, items):
+            return super().payload(items)[:2048]  # a tar header and the sub-model's first 1.5 KB
+
     device = Device(1, "127.0.0.1", server.user, server.port, str(server.user_key), str(tmp_path / "dev"))
     manifest = read_manifest(partitioned / "partitioned_submodels" / "res")
-    uploads = uploads_for(manifest, partitioned / "partitioned_submodels" / "res", "partitioned_submodels", [1])
-    transport = SshTransport(device, SshOptions(ssh_config=server.ssh_config))
-    staged = temporary_names(uploads)
-    stage_file = partitioned / "partitioned_submodels" / "res" / manifest.stage(1).file
-    half = tmp_path / "half.tflite"
-    half.write_bytes(stage_file.read_bytes()[: stage_file.stat().st_size // 2])
-    transport.upload([(half, staged[0][1], 0o644)])
-    results = transport.install(staged)
-    assert "sha256 mismatch" in results[uploads[0].rel]
-    assert "file missing after transfer" in results[uploads[1].rel]
-    assert not (tmp_path / "dev" / uploads[0].rel).exists()
+    uploads = uploads_for(manifest, partitioned / "partitioned_submodels" / "res", "partitioned_submodels", [1],
+                          extra=[(partitioned / "dataset.h5", "dataset.h5")])
+    results = CuttingSsh(device, SshOptions(ssh_config=server.ssh_config)).send(temporary_names(uploads))
+    assert "sha256 mismatch after transfer" in results[uploads[0].rel], results
+    assert all(results[u.rel] == "file missing after transfer" for u in uploads[1:]), results
+    assert not any((tmp_path / "dev" / u.rel).exists() for u in uploads)
+    assert not [p for p in (tmp_path / "dev").rglob("*") if p.is_file()]  # no temporary left behind
 
 
 def test_one_unreachable_device_does_not_hide_the_others(server, partitioned, tmp_path):
@@ -222,13 +222,15 @@ def test_launch_and_stop_over_ssh_in_hostile_but_legal_folders(server, partition
 def test_a_stage_that_dies_at_start_fails_the_launch_at_once_with_its_error(server, partitioned, tmp_path):
     devices = [server.device(i, tmp_path / f"dev{i}", python="/nonexistent/bin/python3") for i in (1, 2, 3)]
     registry = write_registry(tmp_path / "reg.json", devices)
+    args = ("--ssh-config", str(server.ssh_config), "--no-runtime-code")
+    assert deployer(partitioned, registry, *args).returncode == 0
     started = time.monotonic()
-    result = deployer(partitioned, registry, "--ssh-config", str(server.ssh_config), "--launch", "--wait", "60",
-                      "--no-runtime-code")
-    assert time.monotonic() - started < 15
+    result = deployer(partitioned, registry, *args, "--launch", "--wait", "60")
+    assert time.monotonic() - started < 15  # not the 60 s --wait
     assert_clean_error(result, "stage 3 on device 2 exited at start", "/nonexistent/bin/python3",
                        "No such file or directory", "logs/stage_3.out")
     assert "the end of" in result.stdout and "stage 2 listening" not in result.stdout
+    assert not list(tmp_path.rglob("*.pid"))  # what the launch started, it stopped
 
 
 def test_values_reach_the_device_as_arguments_never_as_shell_text(server, partitioned, tmp_path):

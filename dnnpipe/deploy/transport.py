@@ -163,12 +163,14 @@ HASHES = ENTER + ('enter "$1" || exit 0\nshift\n'
                   'for f do if [ -f "$f" ]; then sha256sum -- "$f"; fi; done\n')
 NEEDS = ('for tool in tar sha256sum; do command -v $tool >/dev/null || '
          '{ echo "$tool is not installed on the device" >&2; exit 4; }; done\n')
-UPLOAD = ENTER + NEEDS + 'enter "$1" make || exit 3\ntar -x -o -f -\n'
-INSTALL = ENTER + ('enter "$1" || { echo "cannot enter $1" >&2; exit 3; }\nshift\n'
-                   'while [ $# -ge 4 ]; do t=$1 r=$2 want=$3 mode=$4; shift 4\n'
-                   '  got=$(sha256sum -- "$t" 2>/dev/null | cut -d" " -f1)\n'
-                   '  if [ "$got" = "$want" ] && chmod -- "$mode" "$t" && mv -f -- "$t" "$r"; then echo "OK $r"\n'
-                   '  else rm -f -- "$t"; echo "BAD $r ${got:-missing}"; fi\ndone\n')
+# Unpack the stream under temporary names, then check each one's sha256: rename the good ones into place, delete
+# the rest (also what a broken stream left), so the device never holds a half file under a real name.
+SEND = ENTER + NEEDS + ('enter "$1" make || exit 3\nshift\n'
+                        'tar -x -o -f - || echo "tar could not unpack everything" >&2\n'
+                        'while [ $# -ge 4 ]; do t=$1 r=$2 want=$3 mode=$4; shift 4\n'
+                        '  got=$(sha256sum -- "$t" 2>/dev/null | cut -d" " -f1)\n'
+                        '  if [ "$got" = "$want" ] && chmod -- "$mode" "$t" && mv -f -- "$t" "$r"; then echo "OK $r"\n'
+                        '  else rm -f -- "$t"; echo "BAD $r ${got:-missing}"; fi\ndone\n')
 START = ENTER + ('enter "$1" make || { echo "cannot enter $1" >&2; exit 3; }\nlog=$2 pid=$3; shift 3\n'
                  'case $1 in "~/"*) p=$HOME/${1#"~/"}; shift; set -- "$p" "$@";; esac\n'
                  'mkdir -p -- "$(dirname -- "$log")" || exit 3\n'
@@ -184,7 +186,7 @@ STOP = ENTER + ('enter "$1" || exit 0\nif [ -f "$2" ]; then kill "$(cat -- "$2")
 
 
 class SshTransport:
-    """A device reached with the system's ssh (one connection per step, two or three a deploy)."""
+    """A device reached with the system's ssh (one connection per step: two a deploy, hashes and send)."""
 
     def __init__(self, device: Device, options: SshOptions = SshOptions()):
         self.device, self.options = device, options
@@ -229,25 +231,13 @@ class SshTransport:
         return found
 
     def send(self, staged: Sequence[tuple[Upload, str]]) -> dict[str, Optional[str]]:
+        """All files in one connection: a tar stream in, one OK or BAD line per file out."""
         if not staged:
             return {}
-        try:
-            self.upload([(upload.local, temporary, upload.mode) for upload, temporary in staged])
-        except TransportError:
-            self.install([(u, t) for u, t in staged], expect_none=True)  # remove what arrived
-            raise
-        return self.install(staged)
-
-    def upload(self, items: Sequence[tuple[Path, str, int]]) -> None:
-        """All files in one connection, as a tar stream unpacked to the given (temporary) names."""
-        self.run(UPLOAD, stdin=tar_stream(items))
-
-    def install(self, staged: Sequence[tuple[Upload, str]], expect_none: bool = False) -> dict[str, Optional[str]]:
-        """Check each temporary file's sha256 on the device; rename the good ones, delete the bad ones."""
-        args = [a for upload, temporary in staged
-                for a in (temporary, upload.rel, "-" if expect_none else upload.sha256, f"{upload.mode:o}")]
+        stream = self.payload([(upload.local, temporary, upload.mode) for upload, temporary in staged])
+        args = [a for upload, temporary in staged for a in (temporary, upload.rel, upload.sha256, f"{upload.mode:o}")]
         results: dict[str, Optional[str]] = {u.rel: "not confirmed by the device" for u, _ in staged}
-        for line in self.run(INSTALL, *args, check=not expect_none).splitlines():
+        for line in self.run(SEND, *args, stdin=stream).splitlines():
             status, _, rest = line.partition(" ")
             rel, _, got = rest.partition(" ")
             if status == "OK":
@@ -256,6 +246,9 @@ class SshTransport:
                 results[rel] = f"sha256 mismatch after transfer ({got[:12]}...)" if got != "missing" else \
                     "file missing after transfer"
         return results
+
+    def payload(self, items: Sequence[tuple[Path, str, int]]) -> bytes:
+        return tar_stream(items)
 
     def start(self, argv: Sequence[str], log_rel: str, pid_rel: str) -> None:
         self.run(START, log_rel, pid_rel, *argv)
