@@ -19,7 +19,7 @@ from dnnpipe.deploy.command import main as deploy_main
 from dnnpipe.deploy.launch import launch_plan
 from dnnpipe.deploy.registry import Device
 from dnnpipe.deploy.ship import KEY_FILE, DeviceReport, format_reports, ship, uploads_for
-from dnnpipe.deploy.transport import SshOptions, SshTransport, temporary_names
+from dnnpipe.deploy.transport import SshOptions, SshTransport, _reason, temporary_names
 from dnnpipe.deploy.deployer import deploy, start_stages, stop_stages, DeployOptions
 from dnnpipe.errors import DnnpipeError
 from dnnpipe.manifest import read_manifest, sha256_file
@@ -377,3 +377,10 @@ def test_registry_with_a_password_is_refused(partitioned, tmp_path):
 def test_a_plan_device_missing_from_the_registry(partitioned, tmp_path):
     path = write_registry(tmp_path / "reg.json", [{"device_id": 1, "host": "local", "remote_dir": str(tmp_path)}])
     assert_clean_error(deployer(partitioned, path), "the plan uses device 3, which the registry does not list")
+
+
+def test_host_key_errors_say_what_to_do():
+    unknown = "Host key verification failed.\n"
+    changed = "@@@@@@@@\n@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @\n@@@@@@@@\n" + unknown
+    assert "pass --accept-new-host-keys to trust it on first contact" in _reason(unknown)
+    assert "ssh-keygen -R" in _reason(changed) and "--accept-new-host-keys" not in _reason(changed)
