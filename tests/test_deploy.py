@@ -18,13 +18,14 @@ from dnnpipe.deploy.command import deployer_parser
 from dnnpipe.deploy.command import main as deploy_main
 from dnnpipe.deploy.launch import launch_plan
 from dnnpipe.deploy.registry import Device
-from dnnpipe.deploy.ship import KEY_FILE, DeviceReport, format_reports, ship, uploads_for
+from dnnpipe.deploy.ship import DeviceReport, format_reports, ship, uploads_for
 from dnnpipe.deploy.transport import SshOptions, SshTransport, _reason, temporary_names
 from dnnpipe.deploy.deployer import deploy, start_stages, stop_stages, DeployOptions
 from dnnpipe.errors import DnnpipeError
 from dnnpipe.manifest import read_manifest, sha256_file
 from dnnpipe.partition.partitioner import partition_keras_model
 from dnnpipe.partition.graph import analyse
+from dnnpipe.pipeline_key import KEY_FILE
 from helpers import assert_clean_error, run_script
 from sshd import free_port, start_sshd
 
