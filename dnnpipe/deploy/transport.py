@@ -155,8 +155,8 @@ class LocalTransport:
         return True
 
 
-# The fixed remote scripts. $1 is always remote_dir ("~" and "~/..." mean the login's home); `enter` makes
-# it the working directory and shifts it off, so the rest of the arguments are the step's own.
+# The fixed remote scripts. $1 is always remote_dir ("~" and "~/..." mean the login's home), which `enter`
+# makes the working directory; the rest of the arguments are the step's own.
 ENTER = ('enter() { case $1 in "~") d=$HOME;; "~/"*) d=$HOME/${1#"~/"};; *) d=$1;; esac; '
          'if [ "$2" = make ]; then mkdir -p -- "$d" || exit 3; fi; cd -- "$d" 2>/dev/null; }\n')
 HASHES = ENTER + ('enter "$1" || exit 0\nshift\n'
