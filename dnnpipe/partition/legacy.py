@@ -148,6 +148,13 @@ def _renumber(node: Any, skip_first: set[str]) -> Any:
     return node
 
 
+def allowed_tf_function(function: str) -> bool:
+    """A math or array operation, under its TF 2 or compat.v1 name (Keras 2 wrote tf.transpose as the latter)."""
+    for prefix in ("compat.v1.", "compat.v2."):
+        function = function.removeprefix(prefix)
+    return function.startswith(TF_OP_NAMESPACES) or function in TF_OP_FUNCTIONS
+
+
 def _translate_tf_op(layer: dict[str, Any]) -> None:
     """A TFOpLambda (one raw TensorFlow call) becomes a DnnpipeTFOp whose config holds the call.
 
@@ -161,7 +168,7 @@ def _translate_tf_op(layer: dict[str, Any]) -> None:
         raise LegacyModelError(f"layer {name!r} ({layer['class_name']}) is called {len(nodes)} times; "
                                f"a raw TensorFlow call is expected exactly once")
     function = str(layer["config"].get("function", ""))
-    if not (function.startswith(TF_OP_NAMESPACES) or function in TF_OP_FUNCTIONS):
+    if not allowed_tf_function(function):
         raise LegacyModelError(f"layer {name!r} calls tf.{function}, which is not a TensorFlow math or array "
                                f"operation; the loader runs only those")
     refs: list[list[Any]] = []

@@ -2,8 +2,8 @@
 
 Keras 3's own loader does the work (its legacy H5 loader for .h5, so weights are matched the way Keras
 matches them); Keras 2 configs are first rewritten by legacy.translate, and the loaded model is then
-checked against the file, layer by layer and weight by weight. A SavedModel folder written by tf.keras
-is read by the optional tf_keras package in a child process and handed on as an H5 file.
+checked against the file, layer by layer and weight by weight. A SavedModel folder or .keras file written
+by tf.keras is read by the optional tf_keras package in a child process and handed on as an H5 file.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ..tfenv import import_tensorflow, native_stderr_captured
 from .legacy import MODELS, WEIGHT_RENAMES, is_keras2, layer_classes, translate
 
 MODEL_SUFFIXES = (".h5", ".keras", ".hdf5")
-SAVEDMODEL_TIMEOUT = 600.0  # seconds for tf_keras to re-save a SavedModel as H5
+SAVEDMODEL_TIMEOUT = 600.0  # seconds for tf_keras to re-save a SavedModel or Keras 2 .keras file as H5
 
 
 def find_model(model_path: Path, model_name: str) -> Path:
@@ -47,9 +47,9 @@ def load_keras_model(path: Path, custom_objects: Path | None = None):
 
     objects = read_custom_objects(custom_objects) if custom_objects is not None else {}
     with native_stderr_captured():
-        if is_savedmodel(path):
-            with tempfile.TemporaryDirectory(prefix="dnnpipe-savedmodel-") as folder:
-                model = _load_h5(_savedmodel_as_h5(path, Path(folder)), objects, shown=path)
+        if is_savedmodel(path) or _is_keras2_archive(path):
+            with tempfile.TemporaryDirectory(prefix="dnnpipe-resave-") as folder:
+                model = _load_h5(_resaved_as_h5(path, Path(folder)), objects, shown=path)
         elif zipfile.is_zipfile(path):
             model = _load_keras_file(path, objects)
         else:
@@ -116,6 +116,8 @@ def _keras_load(path: Path, objects: dict[str, Any], shown: Path, config: dict[s
     objects = {**CUSTOM_OBJECTS, **objects}
     known = set(dir(keras.layers)) | MODELS | set(objects) | set(keras.saving.get_custom_objects())
     for layer, class_name in layer_classes(config):
+        if class_name == "Lambda" and "Lambda" not in objects:
+            raise DnnpipeError(f"{shown}: layer {layer!r} is a Lambda layer; {_hint(class_name)}")
         if class_name not in known and class_name.split(">")[-1] not in known:
             raise DnnpipeError(f"{shown}: layer {layer!r} is of class {class_name!r}, which Keras 3 does not know; "
                                f"{_hint(class_name)}")
@@ -128,8 +130,9 @@ def _keras_load(path: Path, objects: dict[str, Any], shown: Path, config: dict[s
 
 def _hint(class_name: str) -> str:
     if class_name == "Lambda":
-        return ("a Lambda layer's Python bytecode is not loaded (unsafe, and tied to the Python that wrote it): "
-                "write it as a layer class and pass --custom-objects FILE.py defining it")
+        return ("its Python bytecode is not loaded (unsafe, and tied to the Python that wrote it): rebuild the "
+                "model with a layer class in its place, or pass --custom-objects FILE.py defining a layer class "
+                "named Lambda that does its work")
     if class_name == "TensorFlowOpLayer":
         return "re-save the model with TensorFlow 2.4 or later, which writes raw TensorFlow calls as TFOpLambda"
     return f"pass --custom-objects FILE.py defining class {class_name.split('>')[-1]}"
@@ -170,24 +173,36 @@ def check_against_file(model, path: Path, shown: Path) -> None:
                 raise DnnpipeError(f"{shown}: layer {name!r} weight {weight_name} differs from the file once loaded")
 
 
-def _savedmodel_as_h5(folder: Path, work: Path) -> Path:
-    """tf_keras (optional) reads a Keras 2 SavedModel and writes it as H5, in a child process of its own."""
-    if not (folder / "keras_metadata.pb").is_file():
+def _is_keras2_archive(path: Path) -> bool:
+    """A .keras file written by tf.keras 2.13 or later (or tf_keras): its classes live in tf_keras modules."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return is_keras2(json.loads(archive.read("metadata.json")).get("keras_version"))
+    except (KeyError, ValueError, zipfile.BadZipFile):
+        return False
+
+
+def _resaved_as_h5(folder: Path, work: Path) -> Path:
+    """tf_keras (optional) reads a Keras 2 SavedModel or .keras file and writes it as H5, in a child process."""
+    if is_savedmodel(folder) and not (folder / "keras_metadata.pb").is_file():
         raise DnnpipeError(f"{folder}: a SavedModel without a Keras model inside (no keras_metadata.pb), e.g. from "
                            f"model.export(); partition the .keras or .h5 file it was exported from")
     if importlib.util.find_spec("tf_keras") is None:
-        raise DnnpipeError(f"{folder}: reading a tf.keras SavedModel needs the tf_keras package "
+        raise DnnpipeError(f"{folder}: reading a tf.keras SavedModel or .keras file needs the tf_keras package "
                            f"(pip install tf_keras), or save the model as .h5 with TensorFlow 2")
     target = work / "model.h5"
     command = [sys.executable, "-m", "dnnpipe.partition.resave", str(folder), str(target)]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=SAVEDMODEL_TIMEOUT)
     except subprocess.TimeoutExpired:
-        raise DnnpipeError(f"{folder}: tf_keras did not read the SavedModel within {SAVEDMODEL_TIMEOUT:g} s"
+        raise DnnpipeError(f"{folder}: tf_keras did not read the model within {SAVEDMODEL_TIMEOUT:g} s"
                            ) from None
     if result.returncode != 0:
         lines = [line for line in result.stderr.strip().splitlines() if line.strip()] or ["no output"]
-        raise DnnpipeError(f"{folder}: tf_keras cannot read the SavedModel ({lines[-1].strip()})")
+        raise DnnpipeError(f"{folder}: tf_keras cannot read the model ({lines[-1].strip()}); save it as .h5 with "
+                           f"TensorFlow 2 instead")
     return target
 
 

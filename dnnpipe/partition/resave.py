@@ -1,4 +1,4 @@
-"""Child process of load.py: tf_keras reads a tf.keras SavedModel folder and writes it as one H5 file.
+"""Child process of load.py: tf_keras reads a tf.keras SavedModel folder or .keras file and writes it as H5.
 
 Run apart so that tf_keras (Keras 2) and Keras 3 never share a process.
 """
