@@ -106,6 +106,45 @@ def custom(k, tf):
     return k.Model(inputs, L.Dense(2, name="logits")(x), name="custom")
 
 
+def layer_zoo(k, tf):
+    """One of each layer kind a Keras 2 CNN or small sequence model carries, with their Keras 2 arguments."""
+    L, R = k.layers, k.regularizers
+    x = image = k.Input((16, 16, 3), name="image")
+    x = L.Rescaling(1 / 255.0, offset=-0.5, name="rescale")(x)
+    normalize = L.Normalization(name="normalize")
+    normalize.adapt(tf.random.stateless_uniform((8, 16, 16, 3), seed=(1, 2)))
+    x = normalize(x)
+    x = L.ZeroPadding2D(((1, 0), (1, 0)), name="pad")(x)
+    x = L.Conv2D(6, 3, kernel_regularizer=R.l2(1e-4), bias_regularizer=R.L1L2(1e-5, 1e-5),
+                 kernel_initializer=k.initializers.VarianceScaling(2.0, "fan_out", "truncated_normal"),
+                 kernel_constraint=k.constraints.MaxNorm(3), name="conv")(x)
+    x = L.PReLU(shared_axes=[1, 2], name="prelu")(x)
+    x = L.SeparableConv2D(6, 3, padding="same", depth_multiplier=2, name="sep")(x)
+    x = L.BatchNormalization(momentum=0.9, epsilon=1e-3, name="bn")(x)
+    x = L.LeakyReLU(0.2, name="leaky")(x)
+    x = L.DepthwiseConv2D(3, depth_multiplier=2, padding="same", activation="relu6", name="dw")(x)
+    x = L.GroupNormalization(groups=3, name="gn")(x)
+    x = L.Conv2DTranspose(4, 3, strides=2, padding="same", name="up_conv")(x)
+    x = L.ELU(name="elu")(x)
+    x = L.MaxPooling2D(name="max")(x)
+    x = L.AveragePooling2D(name="avg")(x)
+    x = L.UpSampling2D(interpolation="bilinear", name="upsample")(x)
+    x = L.Cropping2D(1, name="crop")(x)
+    x = L.SpatialDropout2D(0.2, name="sdrop")(x)
+    x = L.LayerNormalization(name="ln")(x)
+    seq = L.Reshape((12, 12 * 4), name="to_seq")(x)
+    seq = L.Conv1D(8, 3, padding="causal", name="conv1d")(seq)
+    seq = L.DepthwiseConv1D(3, padding="same", name="dw1d")(seq)
+    forward = L.GRU(5, return_sequences=True, name="gru")(seq)
+    both = L.Bidirectional(L.LSTM(3, return_sequences=True), name="bilstm")(forward)
+    per_step = L.TimeDistributed(L.Dense(4), name="per_step")(both)
+    pooled = L.GlobalAveragePooling1D(name="seq_pool")(per_step)
+    flat = L.Flatten(name="flat")(L.Permute((2, 1, 3), name="permute")(x))
+    joined = L.Concatenate(name="join")([pooled, L.Dense(4, activation="gelu", name="squeeze")(flat)])
+    joined = L.Dropout(0.3, name="drop")(joined)
+    return k.Model(image, L.Dense(3, activation="softmax", name="probs")(joined), name="layer_zoo")
+
+
 def lambda_layer(k, tf):
     x = inputs = k.Input((4,), name="x")
     x = k.layers.Lambda(lambda t: t * 2.0, name="double")(x)
@@ -124,8 +163,8 @@ def efficientnetb0(k, tf):
     return k.applications.EfficientNetB0(weights=None, input_shape=(32, 32, 3), classifier_activation=None)
 
 
-KINDS = {f.__name__: f for f in (sequential, functional, tf_ops, custom, lambda_layer, mobilenetv2, resnet50,
-                                 efficientnetb0)}
+KINDS = {f.__name__: f for f in (sequential, functional, tf_ops, custom, layer_zoo, lambda_layer, mobilenetv2,
+                                 resnet50, efficientnetb0)}
 
 
 def randomize_statistics(model, rng) -> None:

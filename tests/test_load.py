@@ -24,7 +24,7 @@ from keras2_models import custom_layers_source
 
 pytest.importorskip("tf_keras")
 
-SMALL = ["sequential", "functional", "tf_ops", "custom", "lambda_layer"]
+SMALL = ["sequential", "functional", "tf_ops", "custom", "layer_zoo", "lambda_layer"]
 APPLICATIONS = ["mobilenetv2", "resnet50", "efficientnetb0"]
 TOLERANCE = 1e-4  # largest absolute difference from tf.keras's outputs
 
@@ -100,7 +100,7 @@ def test_custom_layer_without_its_module_is_a_clean_error(keras2, capsys):
                        "--custom-objects FILE.py defining class Scale")
 
 
-@pytest.mark.parametrize("kind", ["sequential", "functional", "tf_ops", "custom"])
+@pytest.mark.parametrize("kind", ["sequential", "functional", "tf_ops", "custom", "layer_zoo"])
 def test_units_are_the_keras2_layers_in_order(keras2, kind):
     objects = keras2 / "custom_layers.py" if kind == "custom" else None
     graph = analyse(load_keras_model(keras2 / f"{kind}.h5", objects))[0]
@@ -119,6 +119,35 @@ def assert_outputs_equal_tf_keras(model, folder, kind):
     with h5py.File(folder / f"{kind}_expected.h5") as expected:
         for name, value in keras_outputs(model, folder, kind).items():
             np.testing.assert_allclose(value, expected[name][:], rtol=0, atol=TOLERANCE)
+
+
+def test_every_layer_kind_loads_equal_to_tf_keras(keras2):
+    assert_outputs_equal_tf_keras(load_keras_model(keras2 / "layer_zoo.h5"), keras2, "layer_zoo")
+
+
+def without_modules(value):
+    if isinstance(value, dict):
+        return {k: without_modules(v) for k, v in value.items() if k not in ("module", "registered_name")}
+    return [without_modules(v) for v in value] if isinstance(value, list) else value
+
+
+def test_configs_in_the_older_keras2_format_load_too(keras2, tmp_path):
+    """TensorFlow <= 2.12 wrote nested objects (initializers, wrapped layers) without 'module' keys: same model."""
+    import shutil
+
+    for kind in ("layer_zoo", "functional", "tf_ops"):
+        old = tmp_path / f"{kind}.h5"
+        shutil.copyfile(keras2 / f"{kind}.h5", old)
+        with h5py.File(old, "r+") as f:
+            f.attrs["model_config"] = json.dumps(without_modules(json.loads(f.attrs["model_config"])))
+            f.attrs["keras_version"] = "2.5.0"
+        assert_outputs_equal_tf_keras(load_keras_model(old), keras2, kind)
+
+
+@pytest.mark.slow
+def test_every_layer_kind_partitions_into_three_stages_equal_to_tf_keras(keras2, tmp_path):
+    assert partition_command(partitioner_parser().parse_args(papers_command(keras2, "layer_zoo"))) == 0
+    assert pipeline_difference(keras2, "layer_zoo", tmp_path) <= TOLERANCE
 
 
 @pytest.mark.slow  # a tf_keras child process re-saves it as H5: 7 s

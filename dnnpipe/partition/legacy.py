@@ -93,8 +93,11 @@ def _translate_layer(layer: dict[str, Any]) -> None:
         config["dtype"] = dtype.get("config", {}).get("name", "float32")
     for value in config.values():
         _translate_objects(value)
-    for key in ("layer", "backward_layer", "cell"):
+    for key in ("layer", "backward_layer"):
         if isinstance(config.get(key), dict):
+            # Keras 3's wrappers read the wrapped layer in the new format, which names its module; TF <= 2.12 did not
+            config[key].setdefault("module", "keras.layers")
+            config[key].setdefault("registered_name", None)
             _translate_layer(config[key])
 
 
@@ -207,7 +210,7 @@ def layer_classes(model_config: dict[str, Any]) -> list[tuple[str, str]]:
     found: list[tuple[str, str]] = []
 
     def visit(layer: dict[str, Any]) -> None:
-        config = layer.get("config") if isinstance(layer.get("config"), dict) else {}
+        config: dict[str, Any] = layer["config"] if isinstance(layer.get("config"), dict) else {}
         found.append((str(layer.get("name", config.get("name", "?"))), str(layer.get("class_name"))))
         for inner in config.get("layers", []) if isinstance(config.get("layers"), list) else []:
             if isinstance(inner, dict):

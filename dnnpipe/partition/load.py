@@ -145,8 +145,8 @@ def weights_in_file(path: Path) -> Iterator[tuple[str, list[tuple[str, Any]]]]:
 
     with h5py.File(path, "r") as f:
         group = f["model_weights"] if "model_weights" in f else f
-        for layer in (_text(n) for n in group.attrs["layer_names"]):
-            names = [_text(n) for n in group[layer].attrs.get("weight_names", [])]
+        for layer in (str(_text(n)) for n in group.attrs["layer_names"]):
+            names = [str(_text(n)) for n in group[layer].attrs.get("weight_names", [])]
             yield layer, [(name, np.asarray(group[layer][name])) for name in names]
 
 
