@@ -145,6 +145,19 @@ def layer_zoo(k, tf):
     return k.Model(image, L.Dense(3, activation="softmax", name="probs")(joined), name="layer_zoo")
 
 
+def attention(k, tf):
+    """A transformer block: attention with value= passed by keyword, layer norm over two axes."""
+    L = k.layers
+    tokens = k.Input((6,), dtype="int32", name="tokens")
+    x = L.Embedding(20, 8, name="embed")(tokens)
+    y = L.MultiHeadAttention(num_heads=2, key_dim=4, name="mha")(x, value=x)
+    x = L.LayerNormalization(axis=[1, 2], name="norm1")(L.Add(name="add1")([x, y]))
+    z = L.Attention(score_mode="dot", name="dot_attention")([x, x])
+    x = L.LayerNormalization(epsilon=1e-6, name="norm2")(L.Add(name="add2")([x, z]))
+    x = L.GlobalAveragePooling1D(name="pool")(x)
+    return k.Model(tokens, L.Dense(2, name="logits")(x), name="attention")
+
+
 def lambda_layer(k, tf):
     x = inputs = k.Input((4,), name="x")
     x = k.layers.Lambda(lambda t: t * 2.0, name="double")(x)
@@ -163,8 +176,8 @@ def efficientnetb0(k, tf):
     return k.applications.EfficientNetB0(weights=None, input_shape=(32, 32, 3), classifier_activation=None)
 
 
-KINDS = {f.__name__: f for f in (sequential, functional, tf_ops, custom, layer_zoo, lambda_layer, mobilenetv2,
-                                 resnet50, efficientnetb0)}
+KINDS = {f.__name__: f for f in (sequential, functional, tf_ops, custom, layer_zoo, attention, lambda_layer,
+                                 mobilenetv2, resnet50, efficientnetb0)}
 
 
 def randomize_statistics(model, rng) -> None:
@@ -184,7 +197,8 @@ def write(kind: str, out: Path, k, tf) -> None:
     rng = np.random.default_rng(0)
     model = KINDS[kind](k, tf)
     randomize_statistics(model, rng)
-    inputs = [rng.random((ROWS, *x.shape[1:])).astype("float32") for x in model.inputs]
+    inputs = [rng.random((ROWS, *x.shape[1:])).astype("float32") if x.dtype.is_floating
+              else rng.integers(0, 2, (ROWS, *x.shape[1:])).astype(x.dtype.name) for x in model.inputs]
     outputs = model(inputs if len(inputs) > 1 else inputs[0], training=False)
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     model.save(out / f"{kind}.h5")

@@ -129,3 +129,28 @@ def test_layer_classes_include_nested_and_wrapped_layers():
         {"class_name": "Scale", "config": {"name": "s"}}]}}
     assert layer_classes(functional(INPUT, wrapped, inner)) == [
         ("x", "InputLayer"), ("b", "Bidirectional"), ("cell", "MyCell"), ("seq", "Sequential"), ("s", "Scale")]
+
+
+def test_tensors_passed_by_keyword_use_the_current_node_format():
+    """MultiHeadAttention()(x, value=y): Keras 3 resolves tensors in keyword arguments only in its current format."""
+    mha = layer("MultiHeadAttention", "mha", num_heads=2, key_dim=4, query_shape=[None, 6, 8], key_shape=None,
+                value_shape=[None, 6, 8], softmax_robust_masking=False)
+    mha["inbound_nodes"] = [[["x", 0, 0, {"value": ["y", 0, 0], "use_causal_mask": False}]]]
+    translated = translate(functional(INPUT, layer("Dense", "y", ["x"]), mha))["config"]["layers"][2]
+
+    def tensor(name):
+        return {"class_name": "__keras_tensor__", "config": {"shape": [], "dtype": "float32",
+                                                             "keras_history": [name, 0, 0]}}
+
+    assert translated["config"] == {"name": "mha", "num_heads": 2, "key_dim": 4}
+    assert translated["inbound_nodes"] == [{"args": [tensor("x")],
+                                            "kwargs": {"value": tensor("y"), "use_causal_mask": False}}]
+
+
+def test_configs_the_legacy_reader_would_change_go_to_the_current_one():
+    config = translate(functional(INPUT, layer("LayerNormalization", "ln", ["x"], axis=[1, 2]),
+                                  layer("Attention", "att", ["ln"], score_mode="dot"),
+                                  layer("LayerNormalization", "ln1", ["att"], axis=[2]),
+                                  layer("Dense", "named_dot", ["ln1"], activation="relu")))
+    modules = [entry.get("module") for entry in config["config"]["layers"]]
+    assert modules == [None, "keras.layers", "keras.layers", None, None]

@@ -24,7 +24,7 @@ from keras2_models import custom_layers_source
 
 pytest.importorskip("tf_keras")
 
-SMALL = ["sequential", "functional", "tf_ops", "custom", "layer_zoo", "lambda_layer"]
+SMALL = ["sequential", "functional", "tf_ops", "custom", "layer_zoo", "attention", "lambda_layer"]
 APPLICATIONS = ["mobilenetv2", "resnet50", "efficientnetb0"]
 TOLERANCE = 1e-4  # largest absolute difference from tf.keras's outputs
 
@@ -100,7 +100,7 @@ def test_custom_layer_without_its_module_is_a_clean_error(keras2, capsys):
                        "--custom-objects FILE.py defining class Scale")
 
 
-@pytest.mark.parametrize("kind", ["sequential", "functional", "tf_ops", "custom", "layer_zoo"])
+@pytest.mark.parametrize("kind", ["sequential", "functional", "tf_ops", "custom", "layer_zoo", "attention"])
 def test_units_are_the_keras2_layers_in_order(keras2, kind):
     objects = keras2 / "custom_layers.py" if kind == "custom" else None
     graph = analyse(load_keras_model(keras2 / f"{kind}.h5", objects))[0]
@@ -121,8 +121,9 @@ def assert_outputs_equal_tf_keras(model, folder, kind):
             np.testing.assert_allclose(value, expected[name][:], rtol=0, atol=TOLERANCE)
 
 
-def test_every_layer_kind_loads_equal_to_tf_keras(keras2):
-    assert_outputs_equal_tf_keras(load_keras_model(keras2 / "layer_zoo.h5"), keras2, "layer_zoo")
+@pytest.mark.parametrize("kind", ["layer_zoo", "attention"])
+def test_every_layer_kind_loads_equal_to_tf_keras(keras2, kind):
+    assert_outputs_equal_tf_keras(load_keras_model(keras2 / f"{kind}.h5"), keras2, kind)
 
 
 def without_modules(value):
@@ -135,7 +136,7 @@ def test_configs_in_the_older_keras2_format_load_too(keras2, tmp_path):
     """TensorFlow <= 2.12 wrote nested objects (initializers, wrapped layers) without 'module' keys: same model."""
     import shutil
 
-    for kind in ("layer_zoo", "functional", "tf_ops"):
+    for kind in ("layer_zoo", "attention", "functional", "tf_ops"):
         old = tmp_path / f"{kind}.h5"
         shutil.copyfile(keras2 / f"{kind}.h5", old)
         with h5py.File(old, "r+") as f:
@@ -145,9 +146,10 @@ def test_configs_in_the_older_keras2_format_load_too(keras2, tmp_path):
 
 
 @pytest.mark.slow
-def test_every_layer_kind_partitions_into_three_stages_equal_to_tf_keras(keras2, tmp_path):
-    assert partition_command(partitioner_parser().parse_args(papers_command(keras2, "layer_zoo"))) == 0
-    assert pipeline_difference(keras2, "layer_zoo", tmp_path) <= TOLERANCE
+@pytest.mark.parametrize("kind", ["layer_zoo", "attention"])
+def test_every_layer_kind_partitions_into_three_stages_equal_to_tf_keras(keras2, kind, tmp_path):
+    assert partition_command(partitioner_parser().parse_args(papers_command(keras2, kind))) == 0
+    assert pipeline_difference(keras2, kind, tmp_path) <= TOLERANCE
 
 
 @pytest.mark.slow  # a tf_keras child process re-saves it as H5: 7 s
@@ -181,6 +183,22 @@ def test_bad_custom_objects_file(keras2, tmp_path, content, message):
         path.write_text(content)
     with pytest.raises(DnnpipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_keras_model(keras2 / "custom.h5", path)
+
+
+def test_a_file_calling_other_tensorflow_functions_is_refused(keras2, tmp_path):
+    import shutil
+
+    from dnnpipe.partition.tfop import DnnpipeTFOp
+
+    edited = tmp_path / "tf_ops.h5"
+    shutil.copyfile(keras2 / "tf_ops.h5", edited)
+    with h5py.File(edited, "r+") as f:
+        f.attrs["model_config"] = f.attrs["model_config"].replace('"function": "nn.relu"',
+                                                                  '"function": "io.write_file"')
+    with pytest.raises(DnnpipeError, match=r"tf_ops.h5: layer 'tf.nn.relu' calls tf.io.write_file, which is not"):
+        load_keras_model(edited)
+    with pytest.raises(ValueError, match="calls tf.io.write_file"):  # a Keras 3 file naming the class directly
+        DnnpipeTFOp({"function": "io.write_file", "args": [], "kwargs": {}})
 
 
 def test_a_weight_loaded_wrongly_is_caught(keras2, tmp_path):

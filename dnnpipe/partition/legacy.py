@@ -19,6 +19,8 @@ RECURRENT = {"LSTM", "GRU", "SimpleRNN", "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D
 SPATIAL_DROPOUT = {"SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D"}
 SEPARABLE = {"SeparableConv1D", "SeparableConv2D"}  # Keras 2 also kept the unused kernel_* arguments
 MODELS = {"Functional", "Model", "Sequential"}
+LAYER_FUNCTIONS = {"add", "average", "concatenate", "dot", "maximum", "minimum", "multiply", "subtract", "Input",
+                   "serialize", "deserialize"}  # functions in keras.layers
 # Weights Keras 3 names differently: Keras 2 name -> Keras 3 name (load.py checks names after loading).
 WEIGHT_RENAMES = {"depthwise_kernel": "kernel"}
 TF_OPS = {"TFOpLambda", "SlicingOpLambda"}  # layers Keras 2 made for raw TensorFlow calls in a functional graph
@@ -37,7 +39,7 @@ TF_OP_FUNCTIONS = {
 }
 
 
-class LegacyModelError(DnnpipeError):
+class LegacyModelError(DnnpipeError, ValueError):
     """A Keras 2 model uses something that has no faithful Keras 3 form; the message names the layer."""
 
 
@@ -64,7 +66,11 @@ def _translate_model(model: dict[str, Any]) -> None:
         if functional:
             if layer["class_name"] in TF_OPS:
                 _translate_tf_op(layer)
-            layer["inbound_nodes"] = [_renumber(node, skip_first) for node in layer.get("inbound_nodes", [])]
+            layer["inbound_nodes"] = [_with_tensor_kwargs(_renumber(node, skip_first))
+                                      for node in layer.get("inbound_nodes", [])]
+            if _mangled_by_legacy_loader(layer):
+                layer.setdefault("module", "keras.layers")
+                layer.setdefault("registered_name", None)
     if functional:
         for key in ("input_layers", "output_layers"):
             model["config"][key] = _renumber(model["config"].get(key, []), skip_first)
@@ -83,6 +89,10 @@ def _translate_layer(layer: dict[str, Any]) -> None:
     if name in SEPARABLE:
         for key in ("kernel_initializer", "kernel_regularizer", "kernel_constraint"):
             config.pop(key, None)
+    if name == "MultiHeadAttention":  # Keras 2 recorded the build shapes; Keras 3 builds on the first call
+        for key in ("query_shape", "key_shape", "value_shape"):
+            config.pop(key, None)
+        _drop(config, "softmax_robust_masking", False, name)
     if name in RECURRENT:
         _drop(config, "time_major", False, name)
     if name in SPATIAL_DROPOUT:
@@ -129,6 +139,47 @@ def _reserves_node_0(layer: dict[str, Any]) -> bool:
         inner = layer.get("config", {}).get("layers") or [{}]
         return inner[0].get("class_name") == "InputLayer" or "batch_input_shape" in inner[0].get("config", {})
     return False
+
+
+def _mangled_by_legacy_loader(layer: dict[str, Any]) -> bool:
+    """Configs Keras 3's legacy layer reader would change: an axis list of several axes (it keeps only single
+    axes) or a string that names a function of keras.layers (it swaps in the function, e.g. Attention's
+    score_mode 'dot'). Such a layer gets a module, which sends it through Keras 3's current reader instead."""
+    config = layer.get("config", {})
+    axis = config.get("axis")
+    return (isinstance(axis, list) and len(axis) > 1) or any(
+        isinstance(value, str) and value in LAYER_FUNCTIONS for key, value in config.items() if key != "name")
+
+
+def _with_tensor_kwargs(node: Any) -> Any:
+    """A call with tensors among its keyword arguments (MultiHeadAttention's value=, key=) in Keras 3's
+    current node format, which resolves them; Keras 3's legacy node format passes them on as lists."""
+    if not (isinstance(node, list) and node and all(is_tensor_ref(ref) for ref in node)):
+        return node
+    kwargs = node[-1][3] if len(node[-1]) == 4 else {}
+
+    def tensor(ref: list[Any]) -> dict[str, Any]:
+        return {"class_name": "__keras_tensor__",
+                "config": {"shape": [], "dtype": "float32", "keras_history": list(ref[:3])}}
+
+    found = False
+
+    def in_kwargs(value: Any) -> Any:
+        nonlocal found
+        if is_tensor_ref(value):
+            found = True
+            return tensor(value)
+        if isinstance(value, list):
+            return [in_kwargs(v) for v in value]
+        if isinstance(value, dict):
+            return {k: in_kwargs(v) for k, v in value.items()}
+        return value
+
+    converted = in_kwargs(kwargs)
+    if not found:
+        return node
+    inputs = [tensor(ref) for ref in node]
+    return {"args": [inputs[0] if len(inputs) == 1 else inputs], "kwargs": converted}
 
 
 def is_tensor_ref(value: Any) -> bool:

@@ -71,8 +71,7 @@ def read_custom_objects(path: Path) -> dict[str, Any]:
     except Exception as e:  # the user's code: any error, reported in one line
         raise DnnpipeError(f"{path}: importing the custom objects failed ({type(e).__name__}: {_first_line(e)})"
                            ) from None
-    return {name: value for name, value in vars(module).items()
-            if not name.startswith("_") and callable(value) and getattr(value, "__module__", None) == module.__name__}
+    return {name: value for name, value in vars(module).items() if not name.startswith("_") and callable(value)}
 
 
 def _load_h5(path: Path, objects: dict[str, Any], shown: Path):
@@ -83,13 +82,18 @@ def _load_h5(path: Path, objects: dict[str, Any], shown: Path):
             version = _text(f.attrs.get("keras_version"))
             raw = _text(f.attrs.get("model_config"))
     except OSError as e:
-        raise DnnpipeError(f"{shown}: not an HDF5 file ({_first_line(e)})") from None
+        raise DnnpipeError(f"{shown}: cannot load the Keras model (not an HDF5 or .keras file: {_first_line(e)})"
+                           ) from None
     if raw is None:
         raise DnnpipeError(f"{shown}: holds weights only (no model config); save the whole model with model.save()")
-    config = json.loads(raw)
-    if not is_keras2(version):
+    try:
+        config = json.loads(raw)
+        translated = translate(config) if is_keras2(version) else None
+    except ValueError as e:  # malformed JSON, or a Keras 2 layer without a Keras 3 form (LegacyModelError)
+        raise DnnpipeError(f"{shown}: {_first_line(e)}") from None
+    if translated is None:
         return _keras_load(path, objects, shown, config)
-    config = translate(config)
+    config = translated
     with tempfile.TemporaryDirectory(prefix="dnnpipe-load-") as folder:
         copy = Path(folder) / "model.h5"
         shutil.copyfile(path, copy)
@@ -105,7 +109,7 @@ def _load_keras_file(path: Path, objects: dict[str, Any]):
         with zipfile.ZipFile(path) as archive:
             config = json.loads(archive.read("config.json"))
     except (KeyError, ValueError, zipfile.BadZipFile) as e:
-        raise DnnpipeError(f"{path}: not a .keras model archive ({_first_line(e)})") from None
+        raise DnnpipeError(f"{path}: cannot load the Keras model (not a .keras archive: {_first_line(e)})") from None
     return _keras_load(path, objects, path, config)
 
 
@@ -114,7 +118,8 @@ def _keras_load(path: Path, objects: dict[str, Any], shown: Path, config: dict[s
     from .tfop import CUSTOM_OBJECTS
 
     objects = {**CUSTOM_OBJECTS, **objects}
-    known = set(dir(keras.layers)) | MODELS | set(objects) | set(keras.saving.get_custom_objects())
+    registered = set(keras.saving.get_custom_objects())
+    known = set(dir(keras.layers)) | MODELS | set(objects) | registered | {n.split(">")[-1] for n in registered}
     for layer, class_name in layer_classes(config):
         if class_name == "Lambda" and "Lambda" not in objects:
             raise DnnpipeError(f"{shown}: layer {layer!r} is a Lambda layer; {_hint(class_name)}")
@@ -154,7 +159,10 @@ def check_against_file(model, path: Path, shown: Path) -> None:
     """Same layers in the same order (so the same units) and every weight with its name, shape and value."""
     import numpy as np
 
-    stored = list(weights_in_file(path))
+    try:
+        stored = list(weights_in_file(path))
+    except (KeyError, OSError) as e:
+        raise DnnpipeError(f"{shown}: the file's weights cannot be read ({_first_line(e)})") from None
     loaded = [layer.name for layer in model.layers]
     if [name for name, _ in stored] != loaded:
         raise DnnpipeError(f"{shown}: the loaded model has {len(loaded)} layers but the file lists {len(stored)}, "

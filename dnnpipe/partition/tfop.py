@@ -10,7 +10,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from .legacy import TF_OP_CLASS
+from .legacy import TF_OP_CLASS, allowed_tf_function
 
 
 class DnnpipeTFOp(keras.layers.Layer):
@@ -18,6 +18,9 @@ class DnnpipeTFOp(keras.layers.Layer):
 
     def __init__(self, call: dict[str, Any], **kwargs):
         super().__init__(**kwargs)
+        if not allowed_tf_function(str(call.get("function"))):  # checked here too: any file may name this class
+            raise ValueError(f"layer {self.name!r} calls tf.{call.get('function')}, which is not a TensorFlow "
+                             f"math or array operation")
         self.call_spec = call
         self.function = _tf_function(call["function"])
 
