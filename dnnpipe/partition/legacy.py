@@ -206,6 +206,8 @@ def allowed_tf_function(function: str) -> bool:
     """A math or array operation, under its TF 2 or compat.v1 name (Keras 2 wrote tf.transpose as the latter)."""
     for prefix in ("compat.v1.", "compat.v2."):
         function = function.removeprefix(prefix)
+    if any(part.startswith("_") and part != "__operators__" for part in function.split(".")):
+        return False  # no module internals (math.__loader__, ...)
     return function.startswith(TF_OP_NAMESPACES) or function in TF_OP_FUNCTIONS
 
 

@@ -93,13 +93,12 @@ def _load_h5(path: Path, objects: dict[str, Any], shown: Path):
         raise DnnpipeError(f"{shown}: {_first_line(e)}") from None
     if translated is None:
         return _keras_load(path, objects, shown, config)
-    config = translated
     with tempfile.TemporaryDirectory(prefix="dnnpipe-load-") as folder:
         copy = Path(folder) / "model.h5"
         shutil.copyfile(path, copy)
         with h5py.File(copy, "r+") as f:
-            f.attrs["model_config"] = json.dumps(config)
-        model = _keras_load(copy, objects, shown, config)
+            f.attrs["model_config"] = json.dumps(translated)
+        model = _keras_load(copy, objects, shown, translated, keras2=True)
     check_against_file(model, path, shown)
     return model
 
@@ -113,7 +112,8 @@ def _load_keras_file(path: Path, objects: dict[str, Any]):
     return _keras_load(path, objects, path, config)
 
 
-def _keras_load(path: Path, objects: dict[str, Any], shown: Path, config: dict[str, Any]):
+def _keras_load(path: Path, objects: dict[str, Any], shown: Path, config: dict[str, Any], keras2: bool = False):
+    """Keras 3's loader, after checking that every layer class is known (and, for Keras 2, no Lambda bytecode)."""
     _, keras = import_tensorflow()
     from .tfop import CUSTOM_OBJECTS
 
@@ -121,7 +121,7 @@ def _keras_load(path: Path, objects: dict[str, Any], shown: Path, config: dict[s
     registered = set(keras.saving.get_custom_objects())
     known = set(dir(keras.layers)) | MODELS | set(objects) | registered | {n.split(">")[-1] for n in registered}
     for layer, class_name in layer_classes(config):
-        if class_name == "Lambda" and "Lambda" not in objects:
+        if keras2 and class_name == "Lambda" and "Lambda" not in objects:
             raise DnnpipeError(f"{shown}: layer {layer!r} is a Lambda layer; {_hint(class_name)}")
         if class_name not in known and class_name.split(">")[-1] not in known:
             raise DnnpipeError(f"{shown}: layer {layer!r} is of class {class_name!r}, which Keras 3 does not know; "
