@@ -2,7 +2,7 @@
 
     python tests/keras2_models.py OUT KIND...
 
-writes OUT/KIND.h5 (or OUT/KIND/ for the SavedModel kind), OUT/KIND_data.h5 with inputs (dataset 'images'
+writes OUT/KIND.h5 (and OUT/savedmodel/, OUT/functional_keras2.keras), OUT/KIND_data.h5 with inputs (dataset 'images'
 for one input, else one per input name), OUT/KIND_expected.h5 with tf.keras's outputs (one dataset per
 output layer) and OUT/KIND.json with the model's units (its non-input layers, in order). Fixed seeds,
 weights=None: nothing is downloaded. Keras 3 is never imported here.
@@ -213,6 +213,8 @@ def write(kind: str, out: Path, k, tf) -> None:
     (out / f"{kind}.json").write_text(json.dumps({"units": units, "outputs": list(model.output_names)}))
     if kind == "sequential":  # the same model as a tf.keras SavedModel folder
         model.save(out / "savedmodel", save_format="tf")
+    if kind == "functional":  # and in the .keras format of tf.keras 2.13 and later
+        model.save(out / "functional_keras2.keras")
 
 
 def main(out: str, *kinds: str) -> int:

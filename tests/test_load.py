@@ -152,12 +152,20 @@ def test_every_layer_kind_partitions_into_three_stages_equal_to_tf_keras(keras2,
     assert pipeline_difference(keras2, kind, tmp_path) <= TOLERANCE
 
 
-@pytest.mark.slow  # a tf_keras child process re-saves it as H5: 7 s
-def test_savedmodel_folder_from_tf_keras(keras2):
-    assert find_model(keras2, "savedmodel") == keras2 / "savedmodel"
-    model = load_keras_model(keras2 / "savedmodel")
-    assert list(analyse(model)[0].units) == units_of(keras2, "sequential")
-    assert_outputs_equal_tf_keras(model, keras2, "sequential")
+@pytest.mark.slow  # a tf_keras child process re-saves each as H5: 7 s
+@pytest.mark.parametrize("name, kind", [("savedmodel", "sequential"), ("functional_keras2.keras", "functional")])
+def test_savedmodel_folder_and_keras_file_from_tf_keras(keras2, name, kind):
+    model = load_keras_model(find_model(keras2, name))
+    assert list(analyse(model)[0].units) == units_of(keras2, kind)
+    assert_outputs_equal_tf_keras(model, keras2, kind)
+
+
+def test_savedmodel_without_keras_layers_is_refused(keras2, tmp_path):
+    (tmp_path / "exported").mkdir()
+    (tmp_path / "exported" / "saved_model.pb").write_bytes(b"")
+    assert find_model(tmp_path, "exported") == tmp_path / "exported"
+    with pytest.raises(DnnpipeError, match="exported: a SavedModel without a Keras model inside"):
+        load_keras_model(tmp_path / "exported")
 
 
 def test_keras3_files_load_as_before(keras2, tmp_path):
