@@ -13,12 +13,12 @@ import h5py
 import numpy as np
 import pytest
 
-from dnnpipe.cli import partition_command, partitioner_parser, run_cli
 from dnnpipe.errors import DnnpipeError
 from dnnpipe.manifest import read_manifest
 from dnnpipe.partition.graph import analyse
+from dnnpipe.partition.command import main as model_partitioner
 from dnnpipe.partition.load import find_model, load_keras_model
-from dnnpipe.runtime.local import run_local
+from dnnpipe.runtime.local import RunOptions, run_local
 from helpers import ROOT, assert_clean_error
 from keras2_models import custom_layers_source
 
@@ -74,7 +74,7 @@ def pipeline_difference(folder, kind, tmp_path) -> float:
     assert len(manifest.stages) == 3
     assert [s.units for s in manifest.stages][-1][1] == len(units_of(folder, kind))
     run_local(partitioned, folder / f"{kind}_data.h5", tmp_path / "results.h5", tmp_path / "logs",
-              extra=["--timeout=60"])
+              run=RunOptions(timeout=60.0))
     with h5py.File(tmp_path / "results.h5") as got, h5py.File(folder / f"{kind}_expected.h5") as expected:
         assert sorted(got) == sorted(expected)
         return max(float(np.abs(got[name][:] - expected[name][:]).max()) for name in expected)
@@ -82,19 +82,18 @@ def pipeline_difference(folder, kind, tmp_path) -> float:
 
 @pytest.mark.parametrize("kind", ["sequential", "functional", "tf_ops"])
 def test_keras2_h5_partitions_into_three_stages_equal_to_tf_keras(keras2, kind, tmp_path):
-    assert partition_command(partitioner_parser().parse_args(papers_command(keras2, kind))) == 0
+    assert model_partitioner(papers_command(keras2, kind)) == 0
     assert pipeline_difference(keras2, kind, tmp_path) <= TOLERANCE
 
 
 def test_custom_layer_with_custom_objects(keras2, tmp_path):
     args = papers_command(keras2, "custom", "--custom-objects", str(keras2 / "custom_layers.py"))
-    assert partition_command(partitioner_parser().parse_args(args)) == 0
+    assert model_partitioner(args) == 0
     assert pipeline_difference(keras2, "custom", tmp_path) <= TOLERANCE
 
 
 def test_custom_layer_without_its_module_is_a_clean_error(keras2, capsys):
-    args = partitioner_parser().parse_args(papers_command(keras2, "custom"))
-    assert run_cli(partition_command, args, "model_partitioner.py") == 1
+    assert model_partitioner(papers_command(keras2, "custom")) == 1
     result = subprocess.CompletedProcess([], 1, "", capsys.readouterr().err)
     assert_clean_error(result, "custom.h5: layer 'scale' is of class 'Scale', which Keras 3 does not know",
                        "--custom-objects FILE.py defining class Scale")
@@ -148,7 +147,7 @@ def test_configs_in_the_older_keras2_format_load_too(keras2, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["layer_zoo", "attention"])
 def test_every_layer_kind_partitions_into_three_stages_equal_to_tf_keras(keras2, kind, tmp_path):
-    assert partition_command(partitioner_parser().parse_args(papers_command(keras2, kind))) == 0
+    assert model_partitioner(papers_command(keras2, kind)) == 0
     assert pipeline_difference(keras2, kind, tmp_path) <= TOLERANCE
 
 
@@ -227,5 +226,5 @@ def test_a_weight_loaded_wrongly_is_caught(keras2, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", APPLICATIONS)
 def test_keras2_applications_partition_into_three_stages_equal_to_tf_keras(applications, kind, tmp_path):
-    assert partition_command(partitioner_parser().parse_args(papers_command(applications, kind))) == 0
+    assert model_partitioner(papers_command(applications, kind)) == 0
     assert pipeline_difference(applications, kind, tmp_path) <= TOLERANCE
