@@ -13,21 +13,26 @@ runs over count vectors, so ten identical boards cost 11 states, not 1024.
 The search: probing upwards from a lower bound brackets the optimum between an infeasible T and
 the real bottleneck of a feasible plan; the optimum is one of the stage times inside the bracket,
 so a binary search over those values (each probe with the plan's own arithmetic) ends exactly on
-it: the true optimum, not an approximation.
+it: the true optimum, not an approximation. Only stages that fit their device's memory are
+candidates: when memory binds, the optimum lies far above the compute-only lower bound, and the
+wide bracket used to hold hundreds of thousands of stage times that no plan can use (sorting them
+cost 50-90 ms at U=1000). The bracket is also narrowed until few candidates remain, counted before
+any is listed.
 """
 
 from __future__ import annotations
 
+import sys
 from bisect import bisect_right
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from .plan import Cut, Solution
 from .problem import Problem
 
-MAX_CANDIDATES = 1 << 16
+MAX_CANDIDATES = 1 << 12
 
 
 def max_ends(prefix: np.ndarray, scale: float, limit: float) -> np.ndarray:
@@ -84,6 +89,24 @@ class StateSpace:
                     groups.append((t, states, states - self.strides[t]))
             self.layers.append(groups)
         self.used = used
+        self.digits = digits
+
+
+def lowest_ids_key(masks: np.ndarray, N: int) -> np.ndarray:
+    """Sort key (smaller first) for device sets of equal size: the set whose sorted ids come first.
+
+    Between two such sets, the one holding the lowest device of their difference comes first, so
+    the bit of device 0 weighs most: reverse the bits and take the larger.
+    """
+    key = np.zeros(len(masks), dtype=np.int64)
+    for d in range(N):
+        key |= ((masks >> d) & 1) << (N - 1 - d)
+    return -key
+
+
+def choose_state(done: np.ndarray, used: np.ndarray, masks: np.ndarray, N: int) -> int:
+    """The tie-break shared by every algorithm: fewest devices, then the lowest device ids."""
+    return int(done[np.lexsort((lowest_ids_key(masks[done], N), used[done]))[0]])
 
 
 class Probe:
@@ -103,6 +126,10 @@ class Probe:
         self.space = StateSpace([len(m) for m in self.types.members])
         self.first = [m[0] for m in self.types.members]
         self.memory_ends = np.stack([max_ends(problem.memory_prefix, 1.0, problem.capacity[d]) for d in self.first])
+        # The devices a state uses: the lowest ids of each type (any member would do; the lowest is the rule).
+        lowest = [np.concatenate(([0], np.cumsum([1 << d for d in m]))) for m in self.types.members]
+        self.masks = sum((lowest[t][self.space.digits[:, t]] for t in range(len(lowest))),
+                         np.zeros(self.space.size, dtype=np.int64))
         self.scalar = self.space.size <= self.SCALAR_STATES
         if self.scalar:
             self.prefix_lists = [problem.time_prefix[d].tolist() for d in self.first]
@@ -120,8 +147,7 @@ class Probe:
         done = np.flatnonzero(np.asarray(reach) == U)
         if done.size == 0:
             return None
-        state = int(done[np.argmin(self.space.used[done])])  # fewest devices among the plans found
-        return self._plan(state, reach, choice)
+        return self._plan(choose_state(done, self.space.used, self.masks, self.problem.N), reach, choice)
 
     def _reach_vector(self, limit: float):
         problem, space = self.problem, self.space
@@ -181,14 +207,22 @@ def lower_bound(problem: Problem) -> float:
     return floor
 
 
-def stage_times_between(problem: Problem, types: DeviceTypes, low: float, high: float) -> np.ndarray:
-    """Every stage time in (low, high], sorted: the optimum is one of them once it is bracketed."""
-    values = []
+def stage_times_between(problem: Problem, types: DeviceTypes, low: float, high: float,
+                        limit: int = MAX_CANDIDATES) -> Optional[np.ndarray]:
+    """Every stage time in (low, high] of a stage that fits its device's memory, sorted; None if more than
+    `limit` stages qualify (counted before any is listed)."""
+    spans = []
     for members in types.members:
         d = members[0]
         P, scale = problem.time_prefix[d], problem.speed[d]
-        first, last = max_ends(P, scale, low), max_ends(P, scale, high)
-        counts = last - first
+        memory = max_ends(problem.memory_prefix, 1.0, problem.capacity[d])
+        first = np.minimum(max_ends(P, scale, low), memory)
+        last = np.minimum(max_ends(P, scale, high), memory)
+        spans.append((P, scale, first, last - first))
+    if sum(int(counts.sum()) for *_, counts in spans) > limit:
+        return None
+    values = [np.empty(0)]
+    for P, scale, first, counts in spans:
         starts = np.repeat(np.arange(problem.U + 1), counts)
         offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
         ends = first[starts] + 1 + offsets
@@ -196,10 +230,13 @@ def stage_times_between(problem: Problem, types: DeviceTypes, low: float, high: 
     return np.unique(np.concatenate(values))
 
 
-def solve(problem: Problem) -> Optional[Solution]:
-    probe = Probe(problem)
-    bound = lower_bound(problem)
-    top = float(problem.whole_ms.max())  # no stage can take longer: only memory can fail here
+Found = tuple[float, list[Cut]]  # a plan's real bottleneck and its stages
+
+
+def search(probe: Callable[[float], Optional[Found]], bound: float, top: float,
+           candidates: Callable[[float, float, int], Optional[np.ndarray]]) -> Optional[Found]:
+    """The smallest feasible bottleneck, exactly, given a probe, a lower bound, a value no plan exceeds
+    and the candidate values in a bracket (low, high] (None when more than a limit)."""
     # Bracket: the optimum lies in (low, best], found by probing upwards from the lower bound.
     low = bound * (1 - 1e-12) if bound > 0 else -1.0  # strictly below the optimum
     step, found = 1e-3, None
@@ -210,25 +247,33 @@ def solve(problem: Problem) -> Optional[Solution]:
             if limit >= top:
                 return None
             low, step = limit, step * 4
-    best_value, best_cuts = found
-    # Exact: binary search over the stage times in the bracket (bisect the bracket first if crowded).
-    while True:
-        candidates = stage_times_between(problem, probe.types, low, best_value)
-        if candidates.size <= MAX_CANDIDATES:
+    best = found
+    # Exact: binary search over the candidates in the bracket (bisect the bracket first if crowded).
+    while (values := candidates(low, best[0], MAX_CANDIDATES)) is None:
+        middle = (low + best[0]) / 2
+        if not low < middle < best[0]:  # crowded by equal values: list them after all
+            values = candidates(low, best[0], sys.maxsize)
             break
-        middle = (low + best_value) / 2
         found = probe(middle)
         if found is None:
             low = middle
         else:
-            best_value, best_cuts = found
-    lo, hi = 0, int(np.searchsorted(candidates, best_value, side="right"))  # candidates[hi - 1] == best
+            best = found
+    lo, hi = 0, int(np.searchsorted(values, best[0], side="right"))  # values[hi - 1] == best
     while lo < hi - 1:
         middle = (lo + hi) // 2
-        found = probe(float(candidates[middle - 1]))
+        found = probe(float(values[middle - 1]))
         if found is None:
             lo = middle
         else:
-            best_value, best_cuts = found
-            hi = int(np.searchsorted(candidates, best_value, side="right"))
-    return Solution(tuple(best_cuts), probe.transitions)
+            best = found
+            hi = int(np.searchsorted(values, best[0], side="right"))
+    return best
+
+
+def solve(problem: Problem) -> Optional[Solution]:
+    probe = Probe(problem)
+    top = float(problem.whole_ms.max())  # no stage can take longer: only memory can fail here
+    best = search(probe, lower_bound(problem), top,
+                  lambda low, high, limit: stage_times_between(problem, probe.types, low, high, limit))
+    return None if best is None else Solution(tuple(best[1]), probe.transitions)
