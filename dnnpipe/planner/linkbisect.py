@@ -1,0 +1,166 @@
+"""Exact link-aware planning by bisection on the bottleneck (beyond the paper), as fast as `bisect`.
+
+With links a stage's period is max(compute, sending its output cut to the next device), and the
+hop depends on where the stage ends (cut sizes rise and fall along the model) and on both devices.
+So a longer covered prefix no longer dominates a shorter one, and the feasibility DP of `bisect`
+(longest prefix per device set) does not apply. Instead, for a bottleneck T:
+
+    K[S, e] = the set of prefix ends k such that units 1..k can be covered by the devices in S, in
+              some order ending on e, every period <= T except e's outgoing hop (it needs the next
+              device), the input hop to the first device included.
+
+Appending stage (j, k] on e after a stage on d needs j in K[S, d], hop(j, d, e) <= T, and
+compute(j, k, e) <= T within e's memory, i.e. j < k <= f_e(j) with f_e the greedy end (monotone
+in j). So K[S + e, e] = { k : some j in J with g_e(k) <= j < k }, J = OR over d of
+(K[S, d] AND ok[d, e]), g_e(k) the smallest start whose stage reaches k: one prefix sum of J
+and a gather. Sets are bit masks (uint64 words), so the OR over d of ANDs is N word operations
+per state, and every step runs for a whole layer of (S, e) pairs at once in NumPy. T is feasible
+iff some K[S, e] holds U and e's result hop fits T.
+
+The search is bisect's: the optimum is a stage time, a hop between two devices, or an input or
+result hop, so bracketing and a binary search over those candidate values end exactly on it.
+The `links` DP is the reference it is tested against.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from .bisect import DeviceTypes, Found, lower_bound, lowest_ids_key, max_ends, search, stage_times_between
+from .plan import Solution
+from .problem import Problem
+
+CHUNK = 4096  # (S, e) pairs per vector step, to bound temporary memory at large N
+
+
+def pack(bits: np.ndarray, words: int) -> np.ndarray:
+    """Boolean rows (..., U + 1) to uint64 words (..., words)."""
+    padded = np.zeros((*bits.shape[:-1], words * 64), dtype=bool)
+    padded[..., :bits.shape[-1]] = bits
+    return np.packbits(padded, axis=-1, bitorder="little").view(np.uint64)
+
+
+def unpack(words: np.ndarray, length: int) -> np.ndarray:
+    return np.unpackbits(np.ascontiguousarray(words).view(np.uint8), axis=-1, bitorder="little")[..., :length]
+
+
+class LinkProbe:
+    """Is a bottleneck T feasible under the link model, and with which plan?"""
+
+    def __init__(self, problem: Problem):
+        self.problem = problem
+        N, U = problem.N, problem.U
+        self.words = (U + 1 + 63) // 64
+        self.memory_ends = [max_ends(problem.memory_prefix, 1.0, problem.capacity[d]) for d in range(N)]
+        A = problem.cut_bytes if problem.has_links and problem.cut_bytes is not None else np.zeros(U + 1)
+        B = problem.link_mbps if problem.has_links and problem.link_mbps is not None else np.full(N, np.inf)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            hop = A[None, None, :] * 8e-3 / problem.pair_mbps[:, :, None]  # hop_ms's arithmetic, [d, e, k]
+        hop[np.arange(N), np.arange(N)] = np.inf  # a device never sends to itself
+        self.hop = hop
+        self.input_hop = A[0] * 8e-3 / B
+        self.output_hop = A[U] * 8e-3 / B
+        sets = np.arange(1 << N)
+        self.used = np.array([bin(S).count("1") for S in sets])
+        # layers[l]: every (S, e) with |S| = l + 1 and e not in S, as two index arrays.
+        self.layers = []
+        for size in range(1, N):
+            S = sets[self.used == size]
+            S, e = np.repeat(S, N), np.tile(np.arange(N), len(S))
+            free = (S >> e & 1) == 0
+            self.layers.append((S[free], e[free]))
+        self.transitions = 0
+
+    def ends(self, limit: float) -> np.ndarray:
+        """f[e, j]: the last unit of a stage from j on e within the limit and e's memory."""
+        problem = self.problem
+        return np.stack([np.minimum(max_ends(problem.time_prefix[e], problem.speed[e], limit), self.memory_ends[e])
+                         for e in range(problem.N)])
+
+    def reach(self, limit: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """K as words [set, last device, word], the greedy ends f and the hop masks ok[d, e]."""
+        N, U = self.problem.N, self.problem.U
+        f = self.ends(limit)
+        positions = np.arange(U + 1)
+        first = np.stack([np.searchsorted(f[e], positions, side="left") for e in range(N)])  # g_e(k)
+        ok = pack(self.hop <= limit, self.words)  # [d, e, word]
+        to = np.ascontiguousarray(ok.transpose(1, 0, 2))  # [e, d, word]
+        K = np.zeros((1 << N, N, self.words), dtype=np.uint64)
+        for e in range(N):
+            if self.input_hop[e] <= limit:
+                K[1 << e, e] = pack((positions > 0) & (positions <= f[e, 0]), self.words)
+        low = np.minimum(first, positions)
+        for S_all, e_all in self.layers:
+            for at in range(0, len(S_all), CHUNK):
+                S, e = S_all[at:at + CHUNK], e_all[at:at + CHUNK]
+                starts = np.bitwise_or.reduce(K[S] & to[e], axis=1)
+                live = starts.any(axis=1)
+                if not live.any():
+                    continue
+                S, e, starts = S[live], e[live], starts[live]
+                self.transitions += len(S)
+                count = np.zeros((len(S), U + 2), dtype=np.int32)
+                np.cumsum(unpack(starts, U + 1), axis=1, out=count[:, 1:])
+                # k is covered iff J holds a start in [g_e(k), k - 1]
+                covered = count[:, :U + 1] > np.take_along_axis(count, low[e], axis=1)
+                K[S | (1 << e), e] = pack(covered, self.words)
+        return K, f, ok
+
+    def __call__(self, limit: float) -> Optional[Found]:
+        N, U = self.problem.N, self.problem.U
+        K, f, ok = self.reach(limit)
+        final = (K[:, :, U // 64] >> np.uint64(U % 64)) & np.uint64(1)  # [set, e]: holds U
+        S, e = np.nonzero((final == 1) & (self.output_hop <= limit)[None, :])
+        if S.size == 0:
+            return None
+        pick = np.lexsort((e, lowest_ids_key(S, N), self.used[S]))[0]  # fewest devices, lowest ids, lowest last
+        cuts = self._plan(int(S[pick]), int(e[pick]), K, f, ok)
+        periods, input_hop = self.problem.periods(cuts)
+        return max([*periods, input_hop]), cuts
+
+    def _plan(self, S: int, e: int, K: np.ndarray, f: np.ndarray, ok: np.ndarray) -> list:
+        """Walk back from (S, e, U): the previous device d (lowest first) and the latest start j that reach k."""
+        N, U = self.problem.N, self.problem.U
+        cuts, k = [], U
+        while S != 1 << e:
+            before = S & ~(1 << e)
+            for d in range(N):
+                if before >> d & 1:
+                    starts = np.flatnonzero(unpack(K[before, d] & ok[d, e], U + 1))
+                    starts = starts[(starts < k) & (f[e, starts] >= k)]
+                    if starts.size:
+                        break
+            j = int(starts[-1])
+            cuts.append((j, k, e))
+            S, e, k = before, d, j
+        cuts.append((0, k, e))
+        return cuts[::-1]
+
+
+def hop_values(probe: LinkProbe) -> np.ndarray:
+    """Every hop time a plan can contain, sorted."""
+    hops = probe.hop[np.isfinite(probe.hop)]
+    return np.unique(np.concatenate((hops, probe.input_hop, probe.output_hop)))
+
+
+def candidates(problem: Problem, probe: LinkProbe, hops: np.ndarray, low: float, high: float,
+               limit: int) -> Optional[np.ndarray]:
+    """Every stage time (of a stage that fits memory) and hop time in (low, high], sorted; None if more
+    than `limit`."""
+    every = DeviceTypes(tuple((d,) for d in range(problem.N)))
+    inside = hops[np.searchsorted(hops, low, side="right"):np.searchsorted(hops, high, side="right")]
+    if inside.size > limit:
+        return None
+    stages = stage_times_between(problem, every, low, high, limit - inside.size)
+    return None if stages is None else np.unique(np.concatenate((stages, inside)))
+
+
+def solve(problem: Problem) -> Optional[Solution]:
+    probe = LinkProbe(problem)
+    hops = hop_values(probe)
+    bound = max(lower_bound(problem), float(probe.input_hop.min()), float(probe.output_hop.min()))
+    top = max(float(problem.whole_ms.max()), float(hops.max()))  # no period can exceed this
+    best = search(probe, bound, top, lambda low, high, limit: candidates(problem, probe, hops, low, high, limit))
+    return None if best is None else Solution(tuple(best[1]), probe.transitions)
