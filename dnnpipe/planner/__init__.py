@@ -69,12 +69,15 @@ def solve_problem(problem: Problem, algorithm: Optional[str] = None) -> Plan:
 def canonical(problem: Problem, cuts: tuple[Cut, ...], algorithm: str) -> list[Cut]:
     """The tie-break rule's plan at the bottleneck of an optimal plan `cuts`.
 
-    One probe of the feasibility DP at that value finds the fewest devices and lowest ids. It also
-    checks the algorithm: a plan better than the one it returned must not exist.
+    One probe of the feasibility DP at that value finds the fewest devices and lowest ids. A probe just
+    below it checks the algorithm: no plan may be better than the one it returned.
     """
     value = bottleneck_of(problem, cuts)
-    found = (linkbisect.LinkProbe(problem) if problem.has_links else bisect.Probe(problem))(value)
-    if found is None or found[0] < value:
-        better = "none" if found is None else f"{found[0]!r}"
-        raise RuntimeError(f"algorithm {algorithm!r} returned bottleneck {value!r}, the probe found {better}")
+    probe = linkbisect.LinkProbe(problem) if problem.has_links else bisect.Probe(problem)
+    better = probe(float(np.nextafter(value, -np.inf)))
+    if better is not None:
+        raise RuntimeError(f"algorithm {algorithm!r} returned bottleneck {value!r}, the probe found {better[0]!r}")
+    found = probe(value)
+    if found is None:
+        raise RuntimeError(f"algorithm {algorithm!r} returned bottleneck {value!r}, which the probe finds infeasible")
     return found[1]
