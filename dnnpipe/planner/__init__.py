@@ -59,7 +59,7 @@ def solve_problem(problem: Problem, algorithm: Optional[str] = None) -> Plan:
     solution = ALGORITHMS[algorithm](blocks)
     if solution is None:
         raise explain_no_plan(problem)
-    cuts = canonical(blocks, solution.cuts, algorithm)
+    cuts = solution.cuts if solution.canonical else canonical(blocks, solution.cuts, algorithm)
     elapsed_ms = (time.perf_counter() - started) * 1000
     at = np.concatenate(([0], problem.ends))
     cuts = [(int(at[j]), int(at[k]), d) for j, k, d in cuts]

@@ -236,39 +236,44 @@ Found = tuple[float, list[Cut]]  # a plan's real bottleneck and its stages
 def search(probe: Callable[[float], Optional[Found]], bound: float, top: float,
            candidates: Callable[[float, float, int], Optional[np.ndarray]]) -> Optional[Found]:
     """The smallest feasible bottleneck, exactly, given a probe, a lower bound, a value no plan exceeds
-    and the candidate values in a bracket (low, high] (None when more than a limit)."""
+    and the candidate values in a bracket (low, high] (None when more than a limit).
+
+    Returns the probe's plan at the optimum itself: the tie-break rule's plan (see planner.canonical).
+    """
+    best: Optional[Found] = None
+    best_limit = np.nan  # the limit of the probe that found `best`
+
+    def feasible(limit: float) -> bool:
+        nonlocal best, best_limit
+        found = probe(limit)
+        if found is not None:
+            best, best_limit = found, limit
+        return found is not None
+
     # Bracket: the optimum lies in (low, best], found by probing upwards from the lower bound.
     low = bound * (1 - 1e-12) if bound > 0 else -1.0  # strictly below the optimum
-    step, found = 1e-3, None
-    while found is None:
-        limit = min(bound * (1 + step), top) if bound > 0 else top
-        found = probe(limit)
-        if found is None:
-            if limit >= top:
-                return None
-            low, step = limit, step * 4
-    best = found
+    step = 1e-3
+    while not feasible(limit := min(bound * (1 + step), top) if bound > 0 else top):
+        if limit >= top:
+            return None
+        low, step = limit, step * 4
+    assert best is not None
     # Exact: binary search over the candidates in the bracket (bisect the bracket first if crowded).
     while (values := candidates(low, best[0], MAX_CANDIDATES)) is None:
         middle = (low + best[0]) / 2
         if not low < middle < best[0]:  # crowded by equal values: list them after all
             values = candidates(low, best[0], sys.maxsize)
             break
-        found = probe(middle)
-        if found is None:
+        if not feasible(middle):
             low = middle
-        else:
-            best = found
     lo, hi = 0, int(np.searchsorted(values, best[0], side="right"))  # values[hi - 1] == best
     while lo < hi - 1:
         middle = (lo + hi) // 2
-        found = probe(float(values[middle - 1]))
-        if found is None:
-            lo = middle
-        else:
-            best = found
+        if feasible(float(values[middle - 1])):
             hi = int(np.searchsorted(values, best[0], side="right"))
-    return best
+        else:
+            lo = middle
+    return best if best_limit == best[0] else probe(best[0])
 
 
 def solve(problem: Problem) -> Optional[Solution]:
@@ -276,4 +281,4 @@ def solve(problem: Problem) -> Optional[Solution]:
     top = float(problem.whole_ms.max())  # no stage can take longer: only memory can fail here
     best = search(probe, lower_bound(problem), top,
                   lambda low, high, limit: stage_times_between(problem, probe.types, low, high, limit))
-    return None if best is None else Solution(tuple(best[1]), probe.transitions)
+    return None if best is None else Solution(tuple(best[1]), probe.transitions, canonical=True)

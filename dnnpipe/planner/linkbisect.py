@@ -32,7 +32,7 @@ from .bisect import DeviceTypes, Found, lower_bound, lowest_ids_key, max_ends, s
 from .plan import Solution
 from .problem import Problem
 
-CHUNK = 4096  # (S, e) pairs per vector step, to bound temporary memory at large N
+CHUNK = 4096  # (set, device) pairs per vector step, to bound temporary memory at large N
 
 
 def pack(bits: np.ndarray, words: int) -> np.ndarray:
@@ -44,6 +44,22 @@ def pack(bits: np.ndarray, words: int) -> np.ndarray:
 
 def unpack(words: np.ndarray, length: int) -> np.ndarray:
     return np.unpackbits(np.ascontiguousarray(words).view(np.uint8), axis=-1, bitorder="little")[..., :length]
+
+
+def unpack_columns(words: np.ndarray, length: int) -> np.ndarray:
+    """uint64 words (sets, words) to bits (length, sets)."""
+    columns = np.ascontiguousarray(words.view(np.uint8).T)
+    return np.unpackbits(columns, axis=0, bitorder="little")[:length]
+
+
+BIT_WEIGHTS = (1 << np.arange(8, dtype=np.uint8))[None, :, None]
+
+
+def pack_columns(bits: np.ndarray, words: int) -> np.ndarray:
+    """Bits (words * 64, sets) to uint64 words (sets, words); eight row operations per byte, not a strided pack."""
+    grouped = bits.view(np.uint8).reshape(words * 8, 8, bits.shape[1])
+    packed = (grouped * BIT_WEIGHTS).sum(axis=1, dtype=np.uint8)
+    return np.ascontiguousarray(packed.T).view(np.uint64)
 
 
 class LinkProbe:
@@ -64,13 +80,8 @@ class LinkProbe:
         self.output_hop = A[U] * 8e-3 / B
         sets = np.arange(1 << N)
         self.used = np.array([bin(S).count("1") for S in sets])
-        # layers[l]: every (S, e) with |S| = l + 1 and e not in S, as two index arrays.
-        self.layers = []
-        for size in range(1, N):
-            S = sets[self.used == size]
-            S, e = np.repeat(S, N), np.tile(np.arange(N), len(S))
-            free = (S >> e & 1) == 0
-            self.layers.append((S[free], e[free]))
+        # blocks[l][e]: every set S with |S| = l + 1 and e not in S; a layer is one vector step.
+        self.blocks = [[sets[(self.used == size) & ((sets >> e & 1) == 0)] for e in range(N)] for size in range(1, N)]
         self.transitions = 0
 
     def ends(self, limit: float) -> np.ndarray:
@@ -91,22 +102,40 @@ class LinkProbe:
         for e in range(N):
             if self.input_hop[e] <= limit:
                 K[1 << e, e] = pack((positions > 0) & (positions <= f[e, 0]), self.words)
-        low = np.minimum(first, positions)
-        for S_all, e_all in self.layers:
-            for at in range(0, len(S_all), CHUNK):
-                S, e = S_all[at:at + CHUNK], e_all[at:at + CHUNK]
-                starts = np.bitwise_or.reduce(K[S] & to[e], axis=1)
-                live = starts.any(axis=1)
-                if not live.any():
-                    continue
-                S, e, starts = S[live], e[live], starts[live]
-                self.transitions += len(S)
-                count = np.zeros((len(S), U + 2), dtype=np.int32)
-                np.cumsum(unpack(starts, U + 1), axis=1, out=count[:, 1:])
-                # k is covered iff J holds a start in [g_e(k), k - 1]
-                covered = count[:, :U + 1] > np.take_along_axis(count, low[e], axis=1)
-                K[S | (1 << e), e] = pack(covered, self.words)
+        alive = np.zeros(1 << N, dtype=bool)  # sets with some non-empty K[S, .]: the others extend nothing
+        alive[[1 << e for e in range(N) if self.input_hop[e] <= limit and f[e, 0] > 0]] = True
+        for layer in self.blocks:
+            parts = [S[alive[S]] for S in layer]
+            sizes = [len(part) for part in parts]
+            if not any(sizes):
+                break  # no set of this size covers anything: larger ones cannot either
+            if sum(sizes) <= CHUNK:  # small layers in one step (Python overhead), large ones per device
+                steps = [(np.concatenate(parts), np.repeat(np.arange(N), sizes))]
+            else:
+                steps = [(part[at:at + CHUNK], np.full(len(part[at:at + CHUNK]), e))
+                         for e, part in enumerate(parts) for at in range(0, len(part), CHUNK)]
+            for S, e in steps:
+                if len(S):
+                    self._extend(K, S, e, first, to, alive)
         return K, f, ok
+
+    def _extend(self, K: np.ndarray, S: np.ndarray, e: np.ndarray, first: np.ndarray, to: np.ndarray,
+                alive: np.ndarray) -> None:
+        """K[S + e, e] for pairs (S, e) that come in runs of one e."""
+        U = self.problem.U
+        self.transitions += len(S)
+        runs = np.concatenate(([0], np.flatnonzero(np.diff(e)) + 1, [len(S)]))
+        hops_ok = to[e[0]] if len(runs) == 2 else to[e]
+        starts = np.bitwise_or.reduce(K[S] & hops_ok, axis=1)
+        # Units along axis 0, sets along axis 1: the prefix sum then adds whole rows.
+        count = np.zeros((U + 2, len(S)), dtype=np.int16 if U < np.iinfo(np.int16).max else np.int32)
+        np.cumsum(unpack_columns(starts, U + 1), axis=0, out=count[1:])
+        # k is covered iff J holds a start in [g_e(k), k - 1]
+        covered = np.zeros((self.words * 64, len(S)), dtype=bool)
+        for a, b in zip(runs[:-1], runs[1:]):
+            np.greater(count[:U + 1, a:b], count[first[e[a]], a:b], out=covered[:U + 1, a:b])
+        K[S | (1 << e), e] = pack_columns(covered, self.words)
+        alive[(S | (1 << e))[covered.any(axis=0)]] = True
 
     def __call__(self, limit: float) -> Optional[Found]:
         N, U = self.problem.N, self.problem.U
@@ -163,4 +192,4 @@ def solve(problem: Problem) -> Optional[Solution]:
     bound = max(lower_bound(problem), float(probe.input_hop.min()), float(probe.output_hop.min()))
     top = max(float(problem.whole_ms.max()), float(hops.max()))  # no period can exceed this
     best = search(probe, bound, top, lambda low, high, limit: candidates(problem, probe, hops, low, high, limit))
-    return None if best is None else Solution(tuple(best[1]), probe.transitions)
+    return None if best is None else Solution(tuple(best[1]), probe.transitions, canonical=True)

@@ -19,6 +19,7 @@ class Solution:
 
     cuts: tuple[Cut, ...]
     transitions: int
+    canonical: bool = False  # already the tie-break rule's plan (the bisections end with its probe)
 
 
 @dataclass(frozen=True)
