@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bruteforce import brute_force_bottleneck, tie_break
+from bruteforce import tie_break
 from dnnpipe import ConfigError, NoPlanError, load_config, plan
 from dnnpipe.planner import LINK_AWARE, Problem, solve_problem
 from dnnpipe.planner.plan import check_cuts

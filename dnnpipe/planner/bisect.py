@@ -118,7 +118,7 @@ class Probe:
     computes the same IEEE doubles.
     """
 
-    SCALAR_STATES = 512
+    SCALAR_STATES = 64
 
     def __init__(self, problem: Problem):
         self.problem = problem
@@ -259,13 +259,17 @@ def search(probe: Callable[[float], Optional[Found]], bound: float, top: float,
         low, step = limit, step * 4
     assert best is not None
     # Exact: binary search over the candidates in the bracket (bisect the bracket first if crowded).
-    while (values := candidates(low, best[0], MAX_CANDIDATES)) is None:
+    while True:
+        values = candidates(low, best[0], MAX_CANDIDATES)
+        if values is not None:
+            break
         middle = (low + best[0]) / 2
         if not low < middle < best[0]:  # crowded by equal values: list them after all
             values = candidates(low, best[0], sys.maxsize)
             break
         if not feasible(middle):
             low = middle
+    assert values is not None
     lo, hi = 0, int(np.searchsorted(values, best[0], side="right"))  # values[hi - 1] == best
     while lo < hi - 1:
         middle = (lo + hi) // 2

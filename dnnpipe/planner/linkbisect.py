@@ -114,9 +114,9 @@ class LinkProbe:
             else:
                 steps = [(part[at:at + CHUNK], np.full(len(part[at:at + CHUNK]), e))
                          for e, part in enumerate(parts) for at in range(0, len(part), CHUNK)]
-            for S, e in steps:
-                if len(S):
-                    self._extend(K, S, e, first, to, alive)
+            for sets, lasts in steps:
+                if len(sets):
+                    self._extend(K, sets, lasts, first, to, alive)
         return K, f, ok
 
     def _extend(self, K: np.ndarray, S: np.ndarray, e: np.ndarray, first: np.ndarray, to: np.ndarray,
