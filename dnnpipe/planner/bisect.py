@@ -17,7 +17,9 @@ it: the true optimum, not an approximation. Only stages that fit their device's 
 candidates: when memory binds, the optimum lies far above the compute-only lower bound, and the
 wide bracket used to hold hundreds of thousands of stage times that no plan can use (sorting them
 cost 50-90 ms at U=1000). The bracket is also narrowed until few candidates remain, counted before
-any is listed.
+any is listed, and an infeasible probe reports the next limit at which any greedy stage could grow
+(below it nothing changes), so the search skips straight there: binding memory makes the search
+start far below the optimum, and these jumps cut the probes it then needs.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import sys
 from bisect import bisect_right
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -90,6 +92,13 @@ class StateSpace:
             self.layers.append(groups)
         self.used = used
         self.digits = digits
+        # tables[l] = (states using l + 1 devices, [state, type] -> the state before it, or `size` if the
+        # state has no device of that type): one gather per layer for the vector probe.
+        self.tables = []
+        for layer in range(1, int(used.max()) + 1):
+            states = np.flatnonzero(used == layer)
+            before = states[:, None] - self.strides[None, :]
+            self.tables.append((states, np.where(digits[states] > 0, before, self.size)))
 
 
 def lowest_ids_key(masks: np.ndarray, N: int) -> np.ndarray:
@@ -142,28 +151,49 @@ class Probe:
 
     def __call__(self, limit: float) -> Optional[tuple[float, list[Cut]]]:
         self.probes += 1
+        self.infeasible_below = limit
         reach, choice = self._reach_scalar(limit) if self.scalar else self._reach_vector(limit)
         U = self.problem.U
         done = np.flatnonzero(np.asarray(reach) == U)
         if done.size == 0:
+            if not self.scalar:
+                self.infeasible_below = self._next_event(np.unique(reach))
             return None
         return self._plan(choose_state(done, self.space.used, self.masks, self.problem.N), reach, choice)
 
+    def _next_event(self, starts: np.ndarray) -> float:
+        """The smallest T > limit at which some stage from a reached start j could take one more unit.
+
+        Below it every greedy end the DP used stays the same (memory-bound ones never move), so every
+        reach does: all of [limit, T) is infeasible, and the search may skip there at once.
+        """
+        problem, event = self.problem, np.inf
+        starts = starts[(starts >= 0) & (starts < problem.U)]
+        for d, memory, time_ends in zip(self.first, self.memory_ends, self.time_ends):
+            P, scale = problem.time_prefix[d], problem.speed[d]
+            ends = time_ends[starts]
+            grows = (ends < memory[starts]) & (ends < problem.U)
+            if grows.any():
+                event = min(event, float(np.min((P[ends[grows] + 1] - P[starts[grows]]) / scale)))
+        return event
+
     def _reach_vector(self, limit: float):
         problem, space = self.problem, self.space
-        ends = np.stack([np.minimum(max_ends(problem.time_prefix[d], problem.speed[d], limit), memory)
-                         for d, memory in zip(self.first, self.memory_ends)])
-        reach = np.full(space.size, -1, dtype=np.int64)
-        reach[0] = 0
+        self.time_ends = np.stack([max_ends(problem.time_prefix[d], problem.speed[d], limit) for d in self.first])
+        ends = np.minimum(self.time_ends, self.memory_ends)
+        # Row t ends with -1 at index U + 1, the reach of the placeholder state `size`: never the best.
+        ends = np.concatenate((ends, np.full((len(ends), 1), -1)), axis=1)
+        reach = np.full(space.size + 1, -1, dtype=np.int64)
+        reach[0], reach[space.size] = 0, problem.U + 1
         choice = np.full(space.size, -1, dtype=np.int64)
-        for groups in space.layers:
-            for t, states, before in groups:
-                candidate = ends[t][reach[before]]
-                better = candidate > reach[states]
-                reach[states[better]] = candidate[better]
-                choice[states[better]] = t
-                self.transitions += states.size
-        return reach, choice
+        types = np.arange(len(ends))[None, :]
+        for states, before in space.tables:
+            candidate = ends[types, reach[before]]
+            best = candidate.argmax(axis=1)  # the first type wins ties, as in the scalar probe
+            reach[states] = candidate[np.arange(len(states)), best]
+            choice[states] = best
+            self.transitions += int((before < space.size).sum())
+        return reach[:-1], choice
 
     def _reach_scalar(self, limit: float):
         U, speeds = self.problem.U, self.speed_list
@@ -207,15 +237,13 @@ def lower_bound(problem: Problem) -> float:
     return floor
 
 
-def stage_times_between(problem: Problem, types: DeviceTypes, low: float, high: float,
-                        limit: int = MAX_CANDIDATES) -> Optional[np.ndarray]:
-    """Every stage time in (low, high] of a stage that fits its device's memory, sorted; None if more than
-    `limit` stages qualify (counted before any is listed)."""
+def stage_times_between(problem: Problem, devices: Sequence[int], memory_ends: Sequence[np.ndarray] | np.ndarray,
+                        low: float, high: float, limit: int = MAX_CANDIDATES) -> Optional[np.ndarray]:
+    """Every stage time in (low, high] on the given devices of a stage that fits the device's memory (their
+    greedy memory ends given), sorted; None if more than `limit` stages qualify (counted before any is listed)."""
     spans = []
-    for members in types.members:
-        d = members[0]
+    for d, memory in zip(devices, memory_ends):
         P, scale = problem.time_prefix[d], problem.speed[d]
-        memory = max_ends(problem.memory_prefix, 1.0, problem.capacity[d])
         first = np.minimum(max_ends(P, scale, low), memory)
         last = np.minimum(max_ends(P, scale, high), memory)
         spans.append((P, scale, first, last - first))
@@ -233,7 +261,16 @@ def stage_times_between(problem: Problem, types: DeviceTypes, low: float, high: 
 Found = tuple[float, list[Cut]]  # a plan's real bottleneck and its stages
 
 
-def search(probe: Callable[[float], Optional[Found]], bound: float, top: float,
+class Prober(Protocol):
+    """A feasibility probe; after an infeasible probe, `infeasible_below` (>= the limit) says how far up
+    every limit is infeasible too."""
+
+    infeasible_below: float
+
+    def __call__(self, limit: float) -> Optional[Found]: ...
+
+
+def search(probe: Prober, bound: float, top: float,
            candidates: Callable[[float, float, int], Optional[np.ndarray]]) -> Optional[Found]:
     """The smallest feasible bottleneck, exactly, given a probe, a lower bound, a value no plan exceeds
     and the candidate values in a bracket (low, high] (None when more than a limit).
@@ -242,21 +279,24 @@ def search(probe: Callable[[float], Optional[Found]], bound: float, top: float,
     """
     best: Optional[Found] = None
     best_limit = np.nan  # the limit of the probe that found `best`
+    floor = -np.inf  # every limit below it is infeasible
 
     def feasible(limit: float) -> bool:
-        nonlocal best, best_limit
+        nonlocal best, best_limit, floor
         found = probe(limit)
         if found is not None:
             best, best_limit = found, limit
+        else:
+            floor = max(floor, probe.infeasible_below)
         return found is not None
 
     # Bracket: the optimum lies in (low, best], found by probing upwards from the lower bound.
     low = bound * (1 - 1e-12) if bound > 0 else -1.0  # strictly below the optimum
     step = 1e-3
-    while not feasible(limit := min(bound * (1 + step), top) if bound > 0 else top):
-        if limit >= top:
+    while not feasible(limit := min(max(bound * (1 + step), floor), top) if bound > 0 else top):
+        if limit >= top or floor == np.inf:  # no limit up to `top`, or no stage can ever grow
             return None
-        low, step = limit, step * 4
+        low, step = max(limit, float(np.nextafter(floor, -np.inf))), step * 4
     assert best is not None
     # Exact: binary search over the candidates in the bracket (bisect the bracket first if crowded).
     while True:
@@ -268,7 +308,7 @@ def search(probe: Callable[[float], Optional[Found]], bound: float, top: float,
             values = candidates(low, best[0], sys.maxsize)
             break
         if not feasible(middle):
-            low = middle
+            low = max(middle, float(np.nextafter(floor, -np.inf)))
     assert values is not None
     lo, hi = 0, int(np.searchsorted(values, best[0], side="right"))  # values[hi - 1] == best
     while lo < hi - 1:
@@ -276,7 +316,7 @@ def search(probe: Callable[[float], Optional[Found]], bound: float, top: float,
         if feasible(float(values[middle - 1])):
             hi = int(np.searchsorted(values, best[0], side="right"))
         else:
-            lo = middle
+            lo = max(middle, int(np.searchsorted(values, floor, side="left")))
     return best if best_limit == best[0] else probe(best[0])
 
 
@@ -284,5 +324,6 @@ def solve(problem: Problem) -> Optional[Solution]:
     probe = Probe(problem)
     top = float(problem.whole_ms.max())  # no stage can take longer: only memory can fail here
     best = search(probe, lower_bound(problem), top,
-                  lambda low, high, limit: stage_times_between(problem, probe.types, low, high, limit))
+                  lambda low, high, limit: stage_times_between(problem, probe.first, probe.memory_ends, low, high,
+                                                               limit))
     return None if best is None else Solution(tuple(best[1]), probe.transitions, canonical=True)

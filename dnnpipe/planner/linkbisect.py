@@ -28,8 +28,8 @@ from typing import Optional
 
 import numpy as np
 
-from .bisect import DeviceTypes, Found, lower_bound, lowest_ids_key, max_ends, search, stage_times_between
-from .plan import Solution
+from .bisect import Found, lower_bound, lowest_ids_key, max_ends, search, stage_times_between
+from .plan import Cut, Solution
 from .problem import Problem
 
 CHUNK = 4096  # (set, device) pairs per vector step, to bound temporary memory at large N
@@ -83,6 +83,7 @@ class LinkProbe:
         # blocks[l][e]: every set S with |S| = l + 1 and e not in S; a layer is one vector step.
         self.blocks = [[sets[(self.used == size) & ((sets >> e & 1) == 0)] for e in range(N)] for size in range(1, N)]
         self.transitions = 0
+        self.infeasible_below = -np.inf  # no jumps: hops make the next event costly to find
 
     def ends(self, limit: float) -> np.ndarray:
         """f[e, j]: the last unit of a stage from j on e within the limit and e's memory."""
@@ -149,19 +150,19 @@ class LinkProbe:
         periods, input_hop = self.problem.periods(cuts)
         return max([*periods, input_hop]), cuts
 
-    def _plan(self, S: int, e: int, K: np.ndarray, f: np.ndarray, ok: np.ndarray) -> list:
+    def _starts(self, words: np.ndarray, ends: np.ndarray, k: int) -> np.ndarray:
+        """The starts j in a set whose stage on the next device can end at k."""
+        starts = np.flatnonzero(unpack(words, self.problem.U + 1))
+        return starts[(starts < k) & (ends[starts] >= k)]
+
+    def _plan(self, S: int, e: int, K: np.ndarray, f: np.ndarray, ok: np.ndarray) -> list[Cut]:
         """Walk back from (S, e, U): the previous device d (lowest first) and the latest start j that reach k."""
-        N, U = self.problem.N, self.problem.U
+        U = self.problem.U
         cuts, k = [], U
         while S != 1 << e:
             before = S & ~(1 << e)
-            for d in range(N):
-                if before >> d & 1:
-                    starts = np.flatnonzero(unpack(K[before, d] & ok[d, e], U + 1))
-                    starts = starts[(starts < k) & (f[e, starts] >= k)]
-                    if starts.size:
-                        break
-            j = int(starts[-1])
+            j, d = next((int(starts[-1]), d) for d in range(self.problem.N) if before >> d & 1
+                        for starts in [self._starts(K[before, d] & ok[d, e], f[e], k)] if starts.size)
             cuts.append((j, k, e))
             S, e, k = before, d, j
         cuts.append((0, k, e))
@@ -178,11 +179,10 @@ def candidates(problem: Problem, probe: LinkProbe, hops: np.ndarray, low: float,
                limit: int) -> Optional[np.ndarray]:
     """Every stage time (of a stage that fits memory) and hop time in (low, high], sorted; None if more
     than `limit`."""
-    every = DeviceTypes(tuple((d,) for d in range(problem.N)))
     inside = hops[np.searchsorted(hops, low, side="right"):np.searchsorted(hops, high, side="right")]
     if inside.size > limit:
         return None
-    stages = stage_times_between(problem, every, low, high, limit - inside.size)
+    stages = stage_times_between(problem, range(problem.N), probe.memory_ends, low, high, limit - inside.size)
     return None if stages is None else np.unique(np.concatenate((stages, inside)))
 
 
