@@ -203,3 +203,12 @@ def test_per_device_times_win_where_one_speed_factor_cannot():
     for algorithm in ALL:
         result = plan(config, algorithm)
         assert result.bottleneck == 2.0 and result.stages == [[1, 2, 1], [3, 4, 2]]
+
+
+def test_algorithms_take_blocks_not_cuts():
+    # solve_problem turns legal cuts into blocks; an algorithm handed cuts directly refuses, never ignores them.
+    problem = Problem.from_lists([1.0], [10], [1.0, 1.0], [1, 1], cuts=[1])
+    for algorithm in ALGORITHMS:
+        with pytest.raises(ValueError, match="takes Problem.at_cuts"):
+            ALGORITHMS[algorithm](problem)
+    assert problem.at_cuts().U == 2 and Problem.from_lists([1.0], [10], [1.0, 1.0], [1, 1], cuts=[]).at_cuts().U == 1

@@ -321,6 +321,7 @@ def search(probe: Prober, bound: float, top: float,
 
 
 def solve(problem: Problem) -> Optional[Solution]:
+    problem.units_are_blocks()
     probe = Probe(problem)
     top = float(problem.whole_ms.max())  # no stage can take longer: only memory can fail here
     best = search(probe, lower_bound(problem), top,

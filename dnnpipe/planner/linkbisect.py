@@ -187,6 +187,7 @@ def candidates(problem: Problem, probe: LinkProbe, hops: np.ndarray, low: float,
 
 
 def solve(problem: Problem) -> Optional[Solution]:
+    problem.units_are_blocks()
     probe = LinkProbe(problem)
     hops = hop_values(probe)
     bound = max(lower_bound(problem), float(probe.input_hop.min()), float(probe.output_hop.min()))

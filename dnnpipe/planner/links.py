@@ -28,6 +28,7 @@ from .problem import Problem
 
 
 def solve(problem: Problem) -> Optional[Solution]:
+    problem.units_are_blocks()
     U, N = problem.U, problem.N
     full = 1 << N
     B, A = problem.link_mbps, problem.cut_bytes

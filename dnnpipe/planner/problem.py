@@ -91,6 +91,12 @@ class Problem:
         """Every unit boundary a stage may end at, U included, sorted."""
         return np.arange(1, self.U + 1) if self.cuts is None else np.array([*self.cuts, self.U])
 
+    def units_are_blocks(self) -> None:
+        """Algorithms end stages at any boundary: they take the problem over blocks (at_cuts), as solve_problem
+        passes it, never one with cuts left to respect."""
+        if self.cuts is not None:
+            raise ValueError("this algorithm takes Problem.at_cuts() (legal cuts as blocks); use solve_problem")
+
     def at_cuts(self) -> "Problem":
         """The same problem over blocks of units between legal cuts, so every boundary is legal.
 
