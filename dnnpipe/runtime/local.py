@@ -6,15 +6,41 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from ..errors import DnnpipeError
 from ..manifest import read_manifest
 from .metrics import StageSummary, read_summary
 
-GRACE_SECONDS = 10.0
+GRACE_SECONDS = 2.0  # after a stage failed, how long the others get to stop on their own
+POLL_SECONDS = 0.02
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The options every stage of one run shares; run-local passes them to each stage process."""
+
+    num_inputs: Optional[int] = None
+    fps: Optional[float] = None
+    num_threads: Optional[int] = None
+    delegate: Optional[str] = None
+    timeout: float = 60.0
+    connect_timeout: float = 60.0
+    queue_size: int = 4
+    key_file: Optional[Path] = None
+    insecure: bool = False
+
+    def argv(self) -> list[str]:
+        flags = []
+        for f in fields(self):
+            value, flag = getattr(self, f.name), f"--{f.name.replace('_', '-')}"
+            if isinstance(value, bool):
+                flags += [flag] if value else []
+            elif value is not None:
+                flags.append(f"{flag}={value}")
+        return flags
 
 
 @dataclass
@@ -54,12 +80,12 @@ def free_ports(count: int) -> list[int]:
 
 
 def stage_commands(folder: Path, stages: int, data_path: Path, output_path: Optional[Path], log_dir: Path,
-                   speeds: Sequence[Optional[float]], extra: Sequence[str]) -> list[list[str]]:
+                   speeds: Sequence[Optional[float]], run: RunOptions) -> list[list[str]]:
     ports = free_ports(stages - 1)
     commands = []
     for k in range(1, stages + 1):
         command = [sys.executable, "-m", "dnnpipe", "stage", "--stage", str(k), "--model-path", str(folder.parent),
-                   "--model-name", folder.name, "--log-dir", str(log_dir), *extra]
+                   "--model-name", folder.name, "--log-dir", str(log_dir), *run.argv()]
         if k > 1:
             command += ["--bind-addr", "127.0.0.1", "--bind-port", str(ports[k - 2])]
         if k < stages:
@@ -75,42 +101,69 @@ def stage_commands(folder: Path, stages: int, data_path: Path, output_path: Opti
 
 
 def run_local(folder: Path, data_path: Path, output_path: Optional[Path], log_dir: Path,
-              speeds_by_device: Optional[Sequence[float]] = None, extra: Sequence[str] = (),
-              echo=print) -> PipelineRun:
-    """Start the stages last first (each listener is up before its upstream connects) and wait for all."""
+              speeds_by_device: Optional[Sequence[float]] = None, run: RunOptions = RunOptions(),
+              echo: Callable[[str], None] = print) -> PipelineRun:
+    """Start the stages last first (each listener is up before its upstream connects) and wait for all.
+
+    Whatever happens (a stage fails, this process is interrupted), no stage process outlives the call.
+    """
     manifest = read_manifest(folder)
     devices = [s.device for s in manifest.stages]
+    if speeds_by_device is not None and max(devices) > len(speeds_by_device):
+        raise DnnpipeError(f"{folder}: the manifest places a stage on device {max(devices)} but the config has "
+                           f"{len(speeds_by_device)} devices (re-partition after re-planning)")
     speeds = [speeds_by_device[d - 1] if speeds_by_device else None for d in devices]
+    if not data_path.is_file():
+        raise DnnpipeError(f"{data_path}: input data file not found")
     log_dir.mkdir(parents=True, exist_ok=True)
-    commands = stage_commands(folder, len(devices), data_path, output_path, log_dir, speeds, extra)
+    commands = stage_commands(folder, len(devices), data_path, output_path, log_dir, speeds, run)
     processes: dict[int, subprocess.Popen] = {}
-    for k in range(len(commands), 0, -1):
-        processes[k] = subprocess.Popen(commands[k - 1], stdout=open(log_dir / f"stage_{k}.out", "w"),
-                                        stderr=subprocess.STDOUT)
-    failed = _wait(processes)
+    try:
+        for k in range(len(commands), 0, -1):
+            with open(log_dir / f"stage_{k}.out", "w") as log:
+                processes[k] = subprocess.Popen(commands[k - 1], stdout=log, stderr=subprocess.STDOUT)
+        failed = _wait(processes)
+    finally:
+        _stop(processes)
     if failed:
-        text = (log_dir / f"stage_{failed[0]}.out").read_text().strip().splitlines()
-        errors = [line for line in text if "error:" in line] or text[-1:] or ["no output"]
-        raise DnnpipeError(f"stage {failed[0]} failed: {errors[-1].split('error: ', 1)[-1]} "
+        raise DnnpipeError(f"stage {failed[0]} failed: {_last_error(log_dir / f'stage_{failed[0]}.out')} "
                            f"(exit codes: {', '.join(f'{k}={processes[k].returncode}' for k in sorted(processes))}; "
                            f"logs: {log_dir})")
     return PipelineRun([read_summary(log_dir, k) for k in range(1, len(devices) + 1)], speeds, devices, log_dir)
 
 
+def _last_error(log: Path) -> str:
+    lines = log.read_text().strip().splitlines()
+    errors = [line for line in lines if "error:" in line] or lines[-1:] or ["no output"]
+    return errors[-1].split("error: ", 1)[-1]
+
+
 def _wait(processes: dict[int, subprocess.Popen]) -> list[int]:
-    """Wait for every stage; once one fails, give the rest a grace period, then stop them."""
+    """Wait for every stage. The failed stages, the first to fail first: a broken stage exits at once, its
+    neighbours only when they notice the broken link, so exit order names the cause before the symptoms."""
     failed: list[int] = []
     deadline = None
     while any(p.poll() is None for p in processes.values()):
-        for k, p in processes.items():
+        for k, p in sorted(processes.items()):
             if p.poll() not in (None, 0) and k not in failed:
                 failed.append(k)
                 deadline = deadline or time.monotonic() + GRACE_SECONDS
         if deadline is not None and time.monotonic() > deadline:
-            for p in processes.values():
-                if p.poll() is None:
-                    p.kill()
-        time.sleep(0.05)
+            break
+        time.sleep(POLL_SECONDS)
+    _stop(processes)
     failed += [k for k, p in sorted(processes.items()) if p.returncode != 0 and k not in failed]
-    # The stage that failed first in pipeline terms is the most upstream one whose error others echo.
-    return sorted(failed, key=lambda k: (processes[k].returncode < 0, k))
+    return failed
+
+
+def _stop(processes: dict[int, subprocess.Popen]) -> None:
+    """Ask every stage still running to stop, then make sure."""
+    running = [p for p in processes.values() if p.poll() is None]
+    for p in running:
+        p.terminate()
+    for p in running:
+        try:
+            p.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

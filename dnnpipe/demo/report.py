@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from .config import load_config
-from .runtime.metrics import read_timings
-
-if TYPE_CHECKING:
-    from .demo import Work
+from ..config import load_config
+from ..runtime.metrics import read_timings
+from .work import Work
 
 
 def _plot_timeline(log_dir: Path, stages: int, path: Path, frames: int = 12) -> None:
@@ -60,7 +56,7 @@ def _plot_stage_times(predicted: list[float], measured: list[float], path: Path)
     plt.close(fig)
 
 
-def write_report(work: "Work") -> str:
+def write_report(work: Work) -> str:
     config = load_config(work.config)
     plan = json.loads(work.plan.read_text())
     measured = json.loads(work.measured.read_text())

@@ -1,4 +1,4 @@
-"""`python -m dnnpipe demo`: model -> profile -> plan -> partition -> deploy -> run -> report, on one machine.
+"""The demo's steps: model -> profile -> plan -> partition -> deploy -> run -> report, on one machine.
 
 Every artefact lands in one work directory, in the same layout the individual commands use, so each
 step can be rerun alone (`--steps profile plan`) or by hand with the command the report lists.
@@ -6,45 +6,21 @@ step can be rerun alone (`--steps profile plan`) or by hand with the command the
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .errors import DnnpipeError
-from .planfile import dump_json
+from ..errors import DnnpipeError
+from ..jsonio import write_json
+from .work import Work
 
 PAPER_C = [1.0, 0.33, 0.21, 0.21]
 PAPER_M = [8998.0, 1452.0, 562.0, 582.0]
 PAPER_MODEL_MB = 88.57  # EfficientNetV2B0's total R in the paper's profile: the memories are for that size
 LAN_MBPS = 1000.0  # each board on gigabit Ethernet: plans count the time to ship every cut
 STEPS = ("model", "profile", "plan", "partition", "deploy", "run", "report")
-
-
-@dataclass
-class Work:
-    """Where the demo keeps everything."""
-
-    root: Path
-    name: str
-
-    def __post_init__(self) -> None:
-        self.models = self.root / "original_models"
-        self.configs = self.root / "configurations"
-        self.parts = self.root / "partitioned_submodels"
-        self.single = self.root / "single_device"
-        self.devices = self.root / "devices"
-        self.logs = self.root / "logs"
-        self.dataset = self.root / "dataset.h5"
-        self.results = self.root / "results.h5"
-        self.registry = self.configs / "device_registry.json"
-        self.config = self.configs / self.name / "config.json"
-        self.plan = self.configs / self.name / "pipeline_plan.json"
-        self.model = self.models / f"{self.name}.h5"
-        self.report = self.root / "report.md"
-        self.measured = self.root / "measured.json"
 
 
 @dataclass
@@ -73,8 +49,8 @@ def run_demo(work: Work, options: Options) -> None:
 
 
 def step_model(work: Work, options: Options) -> None:
-    from .examples import make_dataset, make_model
-    from .partition.command import load_keras_model
+    from ..examples import make_dataset, make_model
+    from ..partition.partitioner import load_keras_model
 
     if not work.model.exists():
         make_model(options.model, work.model, options.input_size)
@@ -99,21 +75,24 @@ def cluster(options: Options, model_mb: float) -> dict:
 
 
 def step_profile(work: Work, options: Options) -> None:
-    from .partition.command import load_keras_model
-    from .profile import config_from, describe, profile_keras_model, progress_line
+    from ..partition.partitioner import load_keras_model
+    from ..profile.profiler import config_from, describe, profile_keras_model, progress_line
 
     profile = profile_keras_model(load_keras_model(work.model), options.repeats, num_threads=1,
                                   progress=progress_line)
-    work.config.parent.mkdir(parents=True, exist_ok=True)
-    work.config.write_text(dump_json(config_from(profile, cluster(options, sum(profile.R)))))
+    write_json(work.config, config_from(profile, cluster(options, sum(profile.R))))
     say(describe(profile))
     say(f"wrote {work.config}")
 
 
 def step_plan(work: Work, options: Options) -> None:
-    from .planfile import format_plan, write_plan
-    from .planner import plan
+    from ..planfile import format_plan, write_plan
+    from ..planner import plan
 
+    if options.cluster is not None:  # a new cluster for the same profile: re-plan without re-profiling
+        config = json.loads(work.config.read_text())
+        config["device_config"] = cluster(options, sum(config["model_config"]["R"]))
+        write_json(work.config, config)
     result = plan(work.config)
     write_plan(result, work.plan)
     say(format_plan(result))
@@ -121,8 +100,8 @@ def step_plan(work: Work, options: Options) -> None:
 
 
 def step_partition(work: Work, options: Options) -> None:
-    from .partition.command import load_keras_model, partition_keras_model
-    from .planfile import read_stages
+    from ..partition.partitioner import load_keras_model, partition_keras_model
+    from ..planfile import read_stages
 
     model = load_keras_model(work.model)
     partition_keras_model(model, read_stages(work.plan), work.parts / work.name, work.name, str(work.plan))
@@ -135,18 +114,20 @@ def step_partition(work: Work, options: Options) -> None:
 
 
 def step_deploy(work: Work, options: Options) -> None:
-    from .cli import deploy_command, deployer_parser
-    from .runtime.local import free_ports
+    from ..deploy.deployer import DeployOptions, deploy
+    from ..deploy.ship import format_reports
+    from ..runtime.local import free_ports
 
     speeds = json.loads(work.config.read_text())["device_config"]["C"]
     ports = free_ports(len(speeds))
     devices = [{"device_id": d + 1, "host": "local", "remote_dir": str(work.devices / f"device_{d + 1}"),
                 "runtime_port": ports[d]} for d in range(len(speeds))]
-    work.registry.write_text(dump_json({"devices": devices}))
-    args = deployer_parser().parse_args(["--device-registry", str(work.registry), "--model-path", str(work.parts),
-                                         "--model-name", work.name, "--config", str(work.configs),
-                                         "--dataset", str(work.dataset)])
-    deploy_command(args)
+    write_json(work.registry, {"devices": devices})
+    deployment = deploy(DeployOptions(registry=work.registry, model_name=work.name, model_path=work.parts,
+                                      config=work.configs, dataset=work.dataset))
+    say(format_reports(deployment.reports))
+    if deployment.failed:
+        raise DnnpipeError(f"deploying to {len(deployment.failed)} devices failed (see the table above)")
 
 
 def emulation_scale(speeds: list[float], cores: int) -> float:
@@ -164,18 +145,18 @@ def emulation_scale(speeds: list[float], cores: int) -> float:
 def step_run(work: Work, options: Options) -> None:
     import os
 
-    from .config import load_config
-    from .runtime.local import run_local
+    from ..config import load_config
+    from ..runtime.local import RunOptions, run_local
 
     C = load_config(work.config).cluster.C
     scale = emulation_scale(list(C), os.cpu_count() or 1)
     speeds = [c * scale for c in C]
-    extra = [f"--num-inputs={options.num_inputs}", "--num-threads=1"]
+    run = RunOptions(num_inputs=options.num_inputs, num_threads=1)
     say(f"pipeline, each stage slowed to its device's speed C x {scale:.3g} (see emulation_scale):")
-    pipeline = run_local(work.parts / work.name, work.dataset, work.results, work.logs / "pipeline", speeds, extra)
+    pipeline = run_local(work.parts / work.name, work.dataset, work.results, work.logs / "pipeline", speeds, run)
     say(pipeline.describe())
     say("the fastest device alone:")
-    single = run_local(work.single / work.name, work.dataset, None, work.logs / "single", speeds, extra)
+    single = run_local(work.single / work.name, work.dataset, None, work.logs / "single", speeds, run)
     say(single.describe())
     work.measured.write_text(json.dumps({
         "emulation_scale": scale, "pipeline_throughput": pipeline.throughput, "single_throughput": single.throughput,
@@ -194,26 +175,3 @@ def step_report(work: Work, options: Options) -> None:
 
 STEP_FUNCTIONS = {"model": step_model, "profile": step_profile, "plan": step_plan, "partition": step_partition,
                   "deploy": step_deploy, "run": step_run, "report": step_report}
-
-
-def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from .examples import EXAMPLES
-
-    parser.add_argument("--model", choices=sorted(EXAMPLES), default="efficientnetv2b0",
-                        help="example model (default: the paper's EfficientNetV2B0, untrained)")
-    parser.add_argument("--input-size", type=int, help="image size (default: the model's usual)")
-    parser.add_argument("--work-dir", type=Path, default=Path("dnnpipe-work"))
-    parser.add_argument("--cluster", type=Path,
-                        help='JSON {"C": [...], "M": [...]} replacing the paper-like 4-device cluster')
-    parser.add_argument("--num-inputs", type=int, default=200, help="inferences per measured run")
-    parser.add_argument("--repeats", type=int, default=20, help="profiling repeats per unit")
-    parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="run only these steps")
-    return parser
-
-
-def demo_command(args: argparse.Namespace) -> int:
-    options = Options(model=args.model, input_size=args.input_size, cluster=args.cluster,
-                      num_inputs=args.num_inputs, repeats=args.repeats,
-                      steps=tuple(s for s in STEPS if s in args.steps))
-    run_demo(Work(args.work_dir, args.model), options)
-    return 0
