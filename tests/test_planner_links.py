@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from bruteforce import tie_break
 from dnnpipe import ConfigError, NoPlanError, load_config, plan
-from dnnpipe.planner import LINK_AWARE, Problem, solve_problem
+from dnnpipe.planner import LINK_AWARE, Problem, linkbisect, solve_problem
 from dnnpipe.planner.plan import check_cuts
 from strategies import as_config, cut_sets, linked_instances
 
@@ -93,8 +93,10 @@ def test_link_model_needs_both_fields_and_a_link_aware_algorithm():
     assert plan(config).algorithm == "bisect"
 
 
+@pytest.mark.parametrize("chunk", [4096, 3])  # 3: layers split into per-device steps, as at 12 devices
 @pytest.mark.parametrize("seed", range(4))
-def test_bigger_linked_clusters_match_the_links_dp(seed):
+def test_bigger_linked_clusters_match_the_links_dp(seed, chunk, monkeypatch):
+    monkeypatch.setattr(linkbisect, "CHUNK", chunk)
     rng = np.random.default_rng(seed)
     N, U = int(rng.integers(5, 7)), int(rng.integers(20, 40))
     E, R = rng.lognormal(-3, 1, U), rng.lognormal(-1, 1, U)
