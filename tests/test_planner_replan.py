@@ -1,13 +1,101 @@
-"""Re-planning keeps the model's legal cuts and the link matrix of the devices that remain."""
+"""Re-planning: the new plan is the optimum of the changed cluster, and the diff is right."""
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bruteforce import brute_force_bottleneck
-from dnnpipe import NoPlanError, plan
+from dnnpipe import ConfigError, NoPlanError, plan
 from dnnpipe.planner.replan import ClusterChange, replan
-from strategies import as_config, cut_sets, linked_instances
+from strategies import as_config, cut_sets, instances, linked_instances
 
+CONFIG = as_config([1.0, 0.5, 0.5, 0.25], [100, 100, 100, 100], [4.0] * 12, [1.0] * 12)
+
+
+def test_a_device_leaves():
+    running = plan(CONFIG).stages
+    gone = running[0][2]
+    result = replan(CONFIG, running, ClusterChange(removed=frozenset({gone})))
+    assert gone not in [d for _, _, d in result.plan.stages]
+    rest = [i for i in range(4) if i + 1 != gone]
+    reduced = as_config([CONFIG["device_config"]["C"][i] for i in rest], [100] * 3, [4.0] * 12, [1.0] * 12)
+    assert result.plan.bottleneck == plan(reduced).bottleneck
+    assert result.previous_bottleneck is None and result.moved and result.units_moved > 0
+    assert "the running plan cannot run any more" in result.describe()
+
+
+def test_nothing_changed_moves_nothing():
+    running = plan(CONFIG).stages
+    result = replan(CONFIG, running, ClusterChange())
+    assert result.plan.stages == running and result.moved == [] and result.units_moved == 0
+
+
+def test_a_device_slows_down():
+    running = plan(CONFIG).stages
+    fast = max(running, key=lambda s: s[1] - s[0])[2]
+    result = replan(CONFIG, running, ClusterChange(speeds={fast: 0.05}))
+    assert result.previous_bottleneck > result.plan.bottleneck
+    changed = as_config([0.05 if i + 1 == fast else c for i, c in enumerate(CONFIG["device_config"]["C"])],
+                        [100] * 4, [4.0] * 12, [1.0] * 12)
+    assert result.plan.bottleneck == plan(changed).bottleneck
+
+
+@settings(max_examples=100, deadline=None)
+@given(instances(max_devices=4, max_units=7))
+def test_replan_is_the_optimum_of_the_changed_cluster(instance):
+    C, M, E, R = instance
+    config = as_config(C, M, E, R)
+    try:
+        running = plan(config).stages
+    except NoPlanError:
+        return
+    change = ClusterChange(removed=frozenset({1}) if len(C) > 1 else frozenset(), speeds={len(C): 0.5})
+    keep = [i for i in range(len(C)) if i + 1 not in change.removed]
+    speeds = [0.5 if i + 1 == len(C) else C[i] for i in keep]
+    expected = brute_force_bottleneck(speeds, [M[i] for i in keep], E, R)
+    if expected is None:
+        with pytest.raises(NoPlanError):
+            replan(config, running, change)
+        return
+    result = replan(config, running, change)
+    assert result.plan.bottleneck == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert all(d != 1 or len(C) == 1 for _, _, d in result.plan.stages)
+
+
+def test_unknown_device():
+    with pytest.raises(ConfigError, match="device 9 is not in the cluster"):
+        replan(CONFIG, plan(CONFIG).stages, ClusterChange(removed=frozenset({9})))
+
+
+def test_replan_command(tmp_path):
+    import json
+
+    from helpers import assert_clean_error, run_script
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(CONFIG))
+    assert run_script("model_partitioner.py", "--config", str(tmp_path), "--model-name", "m",
+                      "--plan-only").returncode == 0
+    result = run_script("dnnpipe", "replan", "--config", str(tmp_path), "--model-name", "m", "--remove", "1",
+                        "--speed", "2=0.25", "--write")
+    assert result.returncode == 0, result.stderr
+    assert "stages change" in result.stdout and "move: units" in result.stdout
+    written = json.loads((tmp_path / "m" / "pipeline_plan.json").read_text())
+    assert 1 not in [d for _, _, d in written["pipeline_plan"]]
+    assert_clean_error(run_script("dnnpipe", "replan", "--config", str(tmp_path), "--model-name", "m",
+                                  "--speed", "2:0.5"), "--speed takes DEVICE=VALUE")
+
+
+def test_a_stale_running_plan_or_a_bad_value_is_a_clear_error():
+    config = {"device_config": {"N": 2, "C": [1, 0.5], "M": [100, 100]},
+              "model_config": {"U": 4, "E": [1, 1, 1, 1], "R": [1, 1, 1, 1]}}
+    with pytest.raises(ConfigError, match="stage 2 covers units 3-9, but the stages must cover units 1-4"):
+        replan(config, [[1, 2, 1], [3, 9, 2]], ClusterChange())
+    with pytest.raises(ConfigError, match="covers units 1-3, the config has 4 units"):
+        replan(config, [[1, 3, 1]], ClusterChange())
+    for bad in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(ConfigError, match="speed must be a finite number > 0"):
+            replan(config, [[1, 4, 1]], ClusterChange(speeds={2: bad}))
 
 @st.composite
 def running_and_change(draw):
