@@ -26,8 +26,8 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--data-path", type=Path, help="first stage: HDF5 inputs, dataset 'images'")
     parser.add_argument("--output-path", type=Path, help="last stage: HDF5 results, one dataset per output")
     add_run_arguments(parser)
-    parser.add_argument("--emulate-speed", type=positive_float, metavar="C",
-                        help="emulate a device of speed C: sleep so that stage time = measured / C")
+    parser.add_argument("--pace-ms", type=positive_float, metavar="MS",
+                        help="emulate a device whose stage takes MS: each frame's stage time is max(host, MS)")
     return parser
 
 
@@ -76,7 +76,7 @@ def stage_command(args: argparse.Namespace) -> int:
         bind_port=args.bind_port, next_host=args.next_host, next_port=args.next_port, data_path=args.data_path,
         output_path=args.output_path, num_inputs=args.num_inputs, fps=args.fps, log_dir=args.log_dir,
         num_threads=args.num_threads, delegate=args.delegate, timeout=args.timeout,
-        connect_timeout=args.connect_timeout, queue_size=args.queue_size, emulate_speed=args.emulate_speed,
+        connect_timeout=args.connect_timeout, queue_size=args.queue_size, pace_ms=args.pace_ms,
         key_file=args.key_file, insecure=args.insecure)
     print(Stage(options, say=lambda text: print(text, flush=True)).run().describe(), flush=True)
     return 0
@@ -95,9 +95,14 @@ def add_run_local_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     parser.add_argument("--data-path", type=Path, required=True, help="HDF5 inputs, dataset 'images'")
     parser.add_argument("--output-path", type=Path, help="HDF5 results written by the last stage")
     parser.add_argument("--emulate-speed", action="store_true",
-                        help="slow each stage to its device's C from the config")
+                        help="pace each stage to its device's planned time from the config, and shape links to B")
     parser.add_argument("--config", type=Path, default=Path("configurations"),
                         help="folder with NAME/config.json, or the config file (for --emulate-speed)")
+    parser.add_argument("--scale", type=positive_float,
+                        help="emulate every speed and bandwidth x SCALE (default: fit the usable cores)")
+    parser.add_argument("--testbed", choices=("auto", "netns", "loopback"), default="auto",
+                        help="each device in its own network namespace with a shaped link (netns; needs root "
+                             "and iproute2), on loopback, or netns when possible (auto, the default)")
     add_run_arguments(parser)
     return parser
 
@@ -105,11 +110,27 @@ def add_run_local_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
 def run_local_command(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..layout import config_paths
+    from ..manifest import read_manifest
+    from ..testbed.cores import usable_cores
+    from ..testbed.netns import open_testbed
+    from ..testbed.pacing import emulation, emulation_scale
     from .local import run_local
 
-    speeds = load_config(config_paths(args.config, args.model_name)[0]).cluster.C if args.emulate_speed else None
     folder = args.model_path / args.model_name
-    run = run_local(folder, args.data_path, args.output_path, args.log_dir or folder / "logs", speeds,
-                    run_options(args))
+    stages = [[*s.units, s.device] for s in read_manifest(folder).stages]
+    pace: Optional[list[float]] = None
+    links: Optional[dict[int, float]] = None
+    devices = [device for _, _, device in stages]
+    if args.emulate_speed:
+        config = load_config(config_paths(args.config, args.model_name)[0])
+        emulated = emulation(config, stages, args.scale or emulation_scale(config, usable_cores()))
+        pace = emulated.pace_ms()
+        if emulated.link_mbps is not None:
+            links = {d: emulated.link_mbps[d - 1] for d in devices}
+        print(f"emulated cluster: every speed and bandwidth x {emulated.scale:.3g}; predicted "
+              f"{emulated.throughput:.1f} inferences/s")
+    with open_testbed(devices, links, args.testbed) as bed:
+        run = run_local(folder, args.data_path, args.output_path, args.log_dir or folder / "logs", pace,
+                        run_options(args), bed)
     print(run.describe())
     return 0

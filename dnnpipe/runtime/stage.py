@@ -56,7 +56,7 @@ class StageOptions:
     timeout: float = 60.0  # longest wait for a frame, or for a send to progress
     connect_timeout: float = 60.0  # longest wait for the neighbours to come up
     queue_size: int = 4
-    emulate_speed: Optional[float] = None  # C of the emulated device: stage time = measured / C
+    pace_ms: Optional[float] = None  # the emulated device's planned time for this stage: stage time = max(host, this)
     key_file: Optional[Path] = None  # default: pipeline.key beside the manifest
     insecure: bool = False  # no link authentication (both neighbours must agree)
 
@@ -96,15 +96,16 @@ class Stage:
             raise DnnpipeError(f"{self.name} a stage after the first needs --bind-port to receive on")
         if not self.last and (o.next_host is None or o.next_port is None):
             raise DnnpipeError(f"{self.name} a stage before the last needs --next-host and --next-port")
-        if o.emulate_speed is not None and not (o.emulate_speed > 0 and math.isfinite(o.emulate_speed)):
-            raise DnnpipeError(f"{self.name} --emulate-speed must be a finite number > 0, got {o.emulate_speed}")
-        for flag, value in (("--timeout", o.timeout), ("--connect-timeout", o.connect_timeout), ("--fps", o.fps)):
+        for flag, value in (("--timeout", o.timeout), ("--connect-timeout", o.connect_timeout), ("--fps", o.fps),
+                            ("--pace-ms", o.pace_ms)):
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise DnnpipeError(f"{self.name} {flag} must be a finite number > 0, got {value}")
         for flag, count in (("--queue-size", o.queue_size), ("--num-inputs", o.num_inputs),
                             ("--num-threads", o.num_threads)):
             if count is not None and count < 1:
                 raise DnnpipeError(f"{self.name} {flag} must be at least 1, got {count}")
+        if o.pace_ms is not None and o.pace_ms / 1000 >= o.timeout:
+            raise DnnpipeError(f"{self.name} --pace-ms {o.pace_ms:g} is not below --timeout {o.timeout:g} s")
 
     def _pool(self, specs) -> queue.Queue:
         pool: queue.Queue = queue.Queue()
@@ -230,12 +231,15 @@ class Stage:
             if frame.kind == Kind.END:
                 self._put(self.inbox, END)
                 return
-            timing = FrameTiming(frame.sequence, receive_ms=(time.perf_counter() - began) * 1000)
+            timing = FrameTiming(frame.sequence, receive_ms=(time.perf_counter() - began) * 1000,
+                                 received=time.time())
             if not self._put(self.inbox, (frame.sequence, frame.origin_ns, buffers, timing, time.perf_counter())):
                 return
 
     def _execute(self) -> None:
-        slowdown = 1.0 / self.options.emulate_speed - 1.0 if self.options.emulate_speed else 0.0
+        # Pacing with an absolute deadline per frame (started + planned), not a sleep proportional to the
+        # measured time: the emulated device's speed is its own, and host noise is not multiplied by 1/C.
+        pace = self.options.pace_ms / 1000 if self.options.pace_ms else 0.0
         while True:
             item = self._get(self.inbox)
             if item is None:
@@ -254,10 +258,11 @@ class Stage:
                 np.copyto(result, output)  # the interpreter reuses its output memory on the next call
             inference = time.perf_counter() - began
             self.input_buffers.put(buffers)
-            if slowdown > 0:
-                time.sleep(inference * slowdown)
+            while (left := began + pace - time.perf_counter()) > 0:
+                time.sleep(left)
             timing.inference_ms = inference * 1000
             timing.emulation_ms = (time.perf_counter() - began - inference) * 1000
+            timing.planned_ms = pace * 1000
             timing.infer_end = time.time()
             if not self._put(self.outbox, (sequence, origin_ns, results, timing)):
                 return
@@ -273,6 +278,7 @@ class Stage:
                 downstream.end(sent)
                 return
             sequence, origin_ns, results, timing = item
+            timing.send_start = time.time()
             began = time.perf_counter()
             downstream.send(sequence, origin_ns, results)
             timing.send_ms = (time.perf_counter() - began) * 1000
