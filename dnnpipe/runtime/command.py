@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..console import positive_float, positive_int, script_main
+from ..testbed.netns import MODES
 from .local import RunOptions
 from .stage import Stage, StageOptions
 
@@ -100,7 +101,7 @@ def add_run_local_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
                         help="folder with NAME/config.json, or the config file (for --emulate-speed)")
     parser.add_argument("--scale", type=positive_float,
                         help="emulate every speed and bandwidth x SCALE (default: fit the usable cores)")
-    parser.add_argument("--testbed", choices=("auto", "netns", "loopback"), default="auto",
+    parser.add_argument("--testbed", choices=MODES, default="auto",
                         help="each device in its own network namespace with a shaped link (netns; needs root "
                              "and iproute2), on loopback, or netns when possible (auto, the default)")
     add_run_arguments(parser)
