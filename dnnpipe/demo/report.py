@@ -129,6 +129,9 @@ def write_report(work: Work) -> str:
         f"({measured['pipeline_throughput'] / predicted:.0%}); end-to-end latency p50 "
         f"{measured['latency_p50_ms']:.1f} ms, p95 {measured['latency_p95_ms']:.1f} ms (source paced at the "
         f"predicted rate, queues of one frame)",
+        f"- pipeline capacity, source unpaced: {measured['pipeline_capacity']:.1f} inferences/s "
+        f"({measured['pipeline_capacity'] / predicted:.0%} of predicted; above 100% would mean the emulation is "
+        f"faster than the model)",
         f"- fastest single device: {measured['single_throughput']:.1f} inferences/s measured, "
         f"{single_predicted:.1f} predicted ({measured['single_throughput'] / single_predicted:.0%})",
         f"- speed-up of the pipeline over the fastest single device: {speedup:.2f}x measured, "

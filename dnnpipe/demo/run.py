@@ -157,11 +157,16 @@ def step_run(work: Work, options: Options) -> None:
         f"(see dnnpipe.testbed.pacing.emulation_scale)")
     runs = {}
     with open_testbed(devices, links, options.testbed, say) as bed:
-        for name, emulated, output in (("pipeline", pipeline_plan, work.results), ("single", single_plan, None)):
-            say(f"{'pipeline' if name == 'pipeline' else 'the fastest device alone'}: source paced at the "
-                f"predicted {emulated.throughput:.1f} inferences/s")
-            run = RunOptions(num_inputs=options.num_inputs, num_threads=1, fps=emulated.throughput, queue_size=1)
-            folder = (work.parts if name == "pipeline" else work.single) / work.name
+        for name, emulated, paced in (("pipeline", pipeline_plan, True), ("single", single_plan, True),
+                                      ("capacity", pipeline_plan, False)):
+            say({"pipeline": "pipeline", "single": "the fastest device alone",
+                 "capacity": "pipeline capacity"}[name] + ": source " + (
+                f"paced at the predicted {emulated.throughput:.1f} inferences/s" if paced else
+                "unpaced (as fast as the pipeline takes inputs), to show the pipeline cannot beat the prediction"))
+            run = RunOptions(num_inputs=options.num_inputs, num_threads=1, queue_size=1,
+                             fps=emulated.throughput if paced else None)
+            folder = (work.single if name == "single" else work.parts) / work.name
+            output = work.results if name == "pipeline" else None
             runs[name] = run_local(folder, work.dataset, output, work.logs / name, emulated.pace_ms(), run, bed)
             say(runs[name].describe())
     pipeline, single = runs["pipeline"], runs["single"]
@@ -169,6 +174,7 @@ def step_run(work: Work, options: Options) -> None:
         "testbed": pipeline.network, "usable_cores": cores, "emulation_scale": scale,
         "pipeline_throughput": pipeline.throughput, "predicted_pipeline_throughput": pipeline_plan.throughput,
         "single_throughput": single.throughput, "predicted_single_throughput": single_plan.throughput,
+        "pipeline_capacity": runs["capacity"].throughput,
         "latency_p50_ms": pipeline.stages[-1].latency_p50_ms, "latency_p95_ms": pipeline.stages[-1].latency_p95_ms,
         "single_latency_p50_ms": single.stages[-1].latency_p50_ms,
         "planned_stage_ms": [s.compute_ms for s in pipeline_plan.stages],

@@ -237,9 +237,13 @@ class Stage:
                 return
 
     def _execute(self) -> None:
-        # Pacing with an absolute deadline per frame (started + planned), not a sleep proportional to the
-        # measured time: the emulated device's speed is its own, and host noise is not multiplied by 1/C.
+        # Pacing follows the emulated device's own clock: it starts a frame when the frame has arrived and
+        # it finished the previous one (or, held back by the next stage, when a result buffer is free) and
+        # ends it planned ms later. Sleeping until that absolute deadline, instead of a sleep proportional
+        # to the measured time, keeps host noise from being multiplied by 1/C, and a late wake-up on a busy
+        # host does not push back the frames after it.
         pace = self.options.pace_ms / 1000 if self.options.pace_ms else 0.0
+        free_at = 0.0  # when the emulated device finished its previous frame
         while True:
             item = self._get(self.inbox)
             if item is None:
@@ -249,7 +253,10 @@ class Stage:
                 return
             sequence, origin_ns, buffers, timing, queued = item
             timing.queue_wait_ms = (time.perf_counter() - queued) * 1000
-            results = self._get(self.output_buffers)
+            try:
+                results, start = self.output_buffers.get_nowait(), max(queued, free_at)
+            except queue.Empty:
+                results, start = self._get(self.output_buffers), time.perf_counter()
             if results is None:
                 return
             timing.infer_start = time.time()
@@ -258,7 +265,8 @@ class Stage:
                 np.copyto(result, output)  # the interpreter reuses its output memory on the next call
             inference = time.perf_counter() - began
             self.input_buffers.put(buffers)
-            while (left := began + pace - time.perf_counter()) > 0:
+            free_at = start + pace
+            while (left := free_at - time.perf_counter()) > 0:
                 time.sleep(left)
             timing.inference_ms = inference * 1000
             timing.emulation_ms = (time.perf_counter() - began - inference) * 1000

@@ -29,7 +29,7 @@ MTU = 65000
 COMMAND_SECONDS = 10.0
 BURST_SECONDS = 0.001  # tbf bucket: 1 ms of line rate, at least one frame (tbf needs that); an idle link
 # gives the next transfer that much head start, a busy one (the bottleneck) none
-QUEUE_SECONDS = 0.5  # tbf queue: half a second of line rate (at least 2 MiB), so TCP never sees drops
+QUEUE_SECONDS = 0.5  # tbf queue: half a second of line rate, at least 16 MiB: more than TCP queues (4 MiB)
 _OWNED = re.compile(rf"^{re.escape(PREFIX)}(\d+)-(hub|d\d+)$")
 
 
@@ -49,7 +49,7 @@ def tbf_arguments(mbps: float) -> list[str]:
     """tbf at mbps Mbit/s: the link model counts A bytes at B Mbit/s, and with 64 KB frames headers add < 0.1%."""
     rate = int(mbps * 1e6)  # bit/s
     burst = max(MTU + 14, int(rate / 8 * BURST_SECONDS))
-    limit = max(2 << 20, int(rate / 8 * QUEUE_SECONDS))
+    limit = max(16 << 20, int(rate / 8 * QUEUE_SECONDS))
     return ["tbf", "rate", f"{rate}bit", "burst", str(burst), "limit", str(limit)]
 
 
