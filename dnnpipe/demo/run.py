@@ -33,6 +33,7 @@ class Options:
     repeats: int = 20
     steps: tuple[str, ...] = STEPS
     testbed: str = "auto"  # dnnpipe.testbed.netns.MODES
+    scale: Optional[float] = None  # every emulated speed and bandwidth x this (default: fit the usable cores)
     commands: list[str] = field(default_factory=list)
 
 
@@ -148,13 +149,13 @@ def step_run(work: Work, options: Options) -> None:
 
     config = load_config(work.config)
     cores = usable_cores()
-    scale = emulation_scale(config, cores)
+    scale = options.scale or emulation_scale(config, cores)
     pipeline_plan = emulation(config, read_stages(work.plan), scale)
     single_plan = emulation(config, [[1, config.profile.U, fastest_device(config)]], scale)
     devices = sorted({*pipeline_plan.devices, *single_plan.devices})
     links = None if pipeline_plan.link_mbps is None else {d: pipeline_plan.link_mbps[d - 1] for d in devices}
-    say(f"emulated cluster: every speed and bandwidth x {scale:.3g}, to fit {cores:g} usable cores "
-        f"(see dnnpipe.testbed.pacing.emulation_scale)")
+    say(f"emulated cluster: every speed and bandwidth x {scale:.3g}" + (
+        "" if options.scale else f", to fit {cores:g} usable cores (see dnnpipe.testbed.pacing.emulation_scale)"))
     runs = {}
     with open_testbed(devices, links, options.testbed, say) as bed:
         for name, emulated, paced in (("pipeline", pipeline_plan, True), ("single", single_plan, True),
