@@ -29,14 +29,19 @@ MTU = 65000
 COMMAND_SECONDS = 10.0
 BURST_SECONDS = 0.001  # tbf bucket: 1 ms of line rate, at least one frame (tbf needs that); an idle link
 # gives the next transfer that much head start, a busy one (the bottleneck) none
+# Send buffers of a device's stages: a link that is the bottleneck holds back the stage before it after
+# this much, not after Linux's default 4 MiB (ten frames of 400 KB), so frames in flight stay bounded by
+# the stages' own queues and latency is not a backlog's. (Receive buffers keep their defaults: with 64 KB
+# frames a small receive window stalls TCP.)
+SEND_BUFFER = 256 << 10
 QUEUE_SECONDS = 0.5  # tbf queue: half a second of line rate, at least 16 MiB: more than TCP queues (4 MiB)
 _OWNED = re.compile(rf"^{re.escape(PREFIX)}(\d+)-(hub|d\d+)$")
 
 
-def run_ip(*argv: str) -> str:
+def run_ip(*argv: str, input: Optional[str] = None) -> str:
     """One iproute2 command; its error becomes one line naming the command."""
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_SECONDS)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_SECONDS, input=input)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise DnnpipeError(f"testbed: {' '.join(argv)}: {e}") from None
     if done.returncode != 0:
@@ -166,6 +171,8 @@ class Testbed:
         run_ip("ip", "-n", name, "addr", "add", f"{self.address(d)}/24", "dev", "eth0")
         run_ip("ip", "-n", name, "link", "set", "eth0", "mtu", str(MTU), "up")
         run_ip("ip", "-n", name, "link", "set", "lo", "up")
+        run_ip("ip", "netns", "exec", name, "tee", "/proc/sys/net/ipv4/tcp_wmem",  # per namespace since Linux 4.15
+               input=f"4096 16384 {SEND_BUFFER}")
         if d in self.link_mbps:  # both directions: the device's sending side and the bridge's side toward it
             run_ip("tc", "-n", name, "qdisc", "add", "dev", "eth0", "root", *tbf_arguments(self.link_mbps[d]))
             run_ip("tc", "-n", self.hub, "qdisc", "add", "dev", port, "root", *tbf_arguments(self.link_mbps[d]))
