@@ -118,8 +118,8 @@ def write_report(work: Work) -> str:
     frames = sum(b["frames"] for b in measured["stages"] + measured["single_stages"])
     testbed = ("netns: each device's stage ran in its own network namespace, its link to a bridge shaped with "
                "tbf to the device's B x scale" if measured["testbed"] == "netns" else
-               "loopback: no network namespaces here (root and iproute2 needed), so the stages talked over "
-               "loopback; compute is paced the same, links are not emulated")
+               "loopback: the stages talked over loopback (the run says why: namespaces need root and iproute2); "
+               "compute is paced the same, links are not emulated")
     summary = [
         f"- testbed: {testbed}; {measured['usable_cores']:g} usable cores, every speed and bandwidth x {scale:.3g}",
         f"- plan: bottleneck {plan['bottleneck_ms']:.2f} ms on the real cluster (ideal sum(E)/sum(C) "
