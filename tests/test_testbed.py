@@ -78,6 +78,11 @@ def test_planned_stage_and_hop_times_by_hand():
     assert emulation(config(), [[1, 4, 1]], 1.0).link_mbps is None
 
 
+def test_a_plan_that_does_not_fit_the_config_is_one_clear_error():
+    with pytest.raises(DnnpipeError, match="stage 2 \\(units 3-4 on device 5\\) does not fit its 4 units and 3"):
+        emulation(config(), [[1, 2, 1], [3, 4, 5]], 1.0)
+
+
 def test_scale_fits_a_quarter_of_the_cores_and_never_speeds_up():
     assert emulation_scale(config(), cores=2) == pytest.approx(2 * 0.25 / 1.75)
     assert emulation_scale(config(), cores=64) == 1.0

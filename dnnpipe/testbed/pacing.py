@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from ..config import Config
+from ..errors import ConfigError
 
 HOST_SHARE = 0.25  # the emulated cluster's compute may use at most this share of the usable cores
 
@@ -86,6 +87,10 @@ def emulation(config: Config, stages: Sequence[Sequence[int]], scale: float) -> 
     B, A = config.cluster.B, config.profile.A
     paces = []
     for k, (start, end, device) in enumerate(stages):
+        if not (1 <= start <= end <= config.profile.U and 1 <= device <= config.cluster.N):
+            raise ConfigError(f"{config.source}: stage {k + 1} (units {start}-{end} on device {device}) does not "
+                              f"fit its {config.profile.U} units and {config.cluster.N} devices (re-partition "
+                              f"after re-planning)")
         hop = 0.0
         if B is not None and A is not None and k + 1 < len(stages):
             hop = A[end] * 8e-3 / min(B[device - 1], B[stages[k + 1][2] - 1])
