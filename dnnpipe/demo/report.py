@@ -33,7 +33,8 @@ def breakdown(log_dir: Path, stages: int) -> list[dict[str, Any]]:
             "transfer_p50_ms": _p50([(received[t.sequence] - t.send_start) * 1000 for t in rows_k
                                      if t.sequence in received]),
             "queueing_p50_ms": _p50([t.queue_wait_ms + _outbox_ms(t) for t in rows_k]),
-            "overruns": sum(t.overrun for t in rows_k)})
+            "overruns": sum(t.overrun for t in rows_k),
+            "overrun_frames": [t.sequence for t in rows_k if t.overrun]})
     return rows
 
 
@@ -139,7 +140,8 @@ def write_report(work: Work) -> str:
         (f"- faithful: the host computed every stage within its device's planned time ({frames} stage-frames)"
          if overruns == 0 else
          f"- NOT faithful in {overruns} of {frames} stage-frames: there the host computed slower than the emulated "
-         f"device (column 'frames over plan'), so those frames took longer than the device would have"),
+         f"device (column 'frames over plan'; their numbers are in measured.json), so those frames took longer "
+         f"than the device would have"),
     ]
     text = "\n".join([
         f"# DNNPipe demo: {work.name}", "",
