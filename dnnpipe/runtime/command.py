@@ -1,6 +1,7 @@
-"""runtime_engine.py and `python -m dnnpipe stage` / `run-local`: arguments in, a stage or a local run out.
+"""runtime_engine.py and `python -m dnnpipe stage`: arguments in, one running stage out.
 
-runtime_engine.py imports only this module on a board, so it stays within the device side.
+runtime_engine.py imports only this module on a board, so it stays within the device side; `run-local`, which
+runs every stage on this host, is the testbed's command (dnnpipe.testbed.command).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..console import positive_float, positive_int, script_main
-from ..testbed.netns import MODES
 from .local import RunOptions
 from .stage import Stage, StageOptions
 
@@ -85,53 +85,3 @@ def stage_command(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     return script_main(stage_parser(), stage_command, argv)
-
-
-# --- python -m dnnpipe run-local ---------------------------------------------------------------
-
-def add_run_local_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--model-path", type=Path, default=Path("partitioned_submodels"),
-                        help="folder holding NAME/manifest.json (default partitioned_submodels)")
-    parser.add_argument("--model-name", required=True, help="model name (sub-folder of --model-path)")
-    parser.add_argument("--data-path", type=Path, required=True, help="HDF5 inputs, dataset 'images'")
-    parser.add_argument("--output-path", type=Path, help="HDF5 results written by the last stage")
-    parser.add_argument("--emulate-speed", action="store_true",
-                        help="pace each stage to its device's planned time from the config, and shape links to B")
-    parser.add_argument("--config", type=Path, default=Path("configurations"),
-                        help="folder with NAME/config.json, or the config file (for --emulate-speed)")
-    parser.add_argument("--scale", type=positive_float,
-                        help="emulate every speed and bandwidth x SCALE (default: fit the usable cores)")
-    parser.add_argument("--testbed", choices=MODES, default="auto",
-                        help="each device in its own network namespace with a shaped link (netns; needs root "
-                             "and iproute2), on loopback, or netns when possible (auto, the default)")
-    add_run_arguments(parser)
-    return parser
-
-
-def run_local_command(args: argparse.Namespace) -> int:
-    from ..config import load_config
-    from ..layout import config_paths
-    from ..manifest import read_manifest
-    from ..testbed.cores import usable_cores
-    from ..testbed.netns import open_testbed
-    from ..testbed.pacing import emulation, emulation_scale
-    from .local import run_local
-
-    folder = args.model_path / args.model_name
-    stages = [[*s.units, s.device] for s in read_manifest(folder).stages]
-    pace: Optional[list[float]] = None
-    links: Optional[dict[int, float]] = None
-    devices = [device for _, _, device in stages]
-    if args.emulate_speed:
-        config = load_config(config_paths(args.config, args.model_name)[0])
-        emulated = emulation(config, stages, args.scale or emulation_scale(config, usable_cores()))
-        pace = emulated.pace_ms()
-        if emulated.link_mbps is not None:
-            links = {d: emulated.link_mbps[d - 1] for d in devices}
-        print(f"emulated cluster: every speed and bandwidth x {emulated.scale:.3g}; predicted "
-              f"{emulated.throughput:.1f} inferences/s")
-    with open_testbed(devices, links, args.testbed) as bed:
-        run = run_local(folder, args.data_path, args.output_path, args.log_dir or folder / "logs", pace,
-                        run_options(args), bed)
-    print(run.describe())
-    return 0
