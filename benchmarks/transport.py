@@ -4,10 +4,10 @@
     .venv/bin/python benchmarks/transport.py --no-pipeline   # frame table only (no TensorFlow)
 
 Frame table: a sender process streams frames of one float32 tensor over loopback TCP to this process,
-which times every frame after the first; best of --repeats runs. "bare" is a sendall / recv_into loop
-of the payload alone; "send_frame" is the per-call API on a socket with a timeout (what the runtime
-uses before switching); "FrameWriter" sends with descriptors encoded once per connection. Both
-protocol columns receive with FrameReader, which checks every field of every frame.
+which times every frame after the first; best of --repeats runs, the columns interleaved. "bare" is a
+sendall / recv_into loop of the payload alone; "send_frame" is the per-call API on a socket with a
+timeout (what the runtime uses before switching); "FrameWriter" sends with descriptors encoded once
+per connection. Both protocol columns receive with FrameReader, which checks every field of every frame.
 
 Pipeline: a tiny Keras model (a 1x1 convolution that widens the input to a ~100 KB cut, then global
 pooling) converted into 2 stages and run with `python -m dnnpipe run-local`, so transport, not
@@ -108,7 +108,11 @@ def frame_table(repeats: int) -> dict[int, float]:
     bare: dict[int, float] = {}
     for nbytes in SIZES:
         frames = max(MIN_FRAMES, min(MAX_FRAMES, RUN_BYTES // nbytes))
-        best = {m: min(seconds_per_frame(m, nbytes, frames) for _ in range(repeats)) for m in METHODS}
+        runs: dict[str, list[float]] = {m: [] for m in METHODS}
+        for _ in range(repeats):  # interleaved, so load from other processes falls on every column alike
+            for m in METHODS:
+                runs[m].append(seconds_per_frame(m, nbytes, frames))
+        best = {m: min(times) for m, times in runs.items()}
         bare[nbytes] = best["bare"]
         cells = [f"{nbytes / t / 1e9:5.2f} GB/s {t * 1e6:7.1f} us" for t in best.values()]
         print(f"{size_name(nbytes):>8} | " + " | ".join(f"{c:>22}" for c in cells)
@@ -158,7 +162,7 @@ def pipeline(bare: dict[int, float], inputs: int, repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5, help="runs per cell, best kept (default 5)")
+    parser.add_argument("--repeats", type=int, default=7, help="runs per cell, best kept (default 7)")
     parser.add_argument("--inputs", type=int, default=5000, help="pipeline inputs per run (default 5000)")
     parser.add_argument("--no-pipeline", action="store_true", help="frame table only")
     args = parser.parse_args()
