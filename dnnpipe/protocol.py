@@ -116,9 +116,9 @@ def check_descriptors(block: bytes | bytearray | memoryview, count: int, specs: 
     try:
         for spec in specs:
             (length,) = struct.unpack_from("!H", block, offset)
-            name = bytes(block[offset + 2:offset + 2 + length]).decode(errors="replace")
             if offset + 2 + length > len(block):
                 raise struct.error
+            name = bytes(block[offset + 2:offset + 2 + length]).decode(errors="replace")
             offset += 2 + length
             code, ndim = struct.unpack_from("!BB", block, offset)
             shape = struct.unpack_from(f"!{ndim}I", block, offset + 2)
@@ -267,11 +267,12 @@ class FrameReader:
             raise ProtocolError(f"{self.peer}: read after end-of-stream")
         self._waiter.start()
         head = self._head
-        got = self._receive([self._head_view[:self._head_size]], HEADER.size, True)
-        if got < self._head_size or head[:8] != self._expected_kind or head[24:self._head_size] != self._expected_block:
-            frame = self._unexpected(got)
-            if frame is not None:
-                return frame
+        size = self._head_size
+        got = self._receive([self._head_view[:size]], HEADER.size, True)
+        if got < size and head[:8] == self._expected_kind and head[24:28] == self._expected_block[:4]:
+            got += self._receive([self._head_view[got:size]], size - got, False)  # a DATA frame's head in pieces
+        if got < size or head[:8] != self._expected_kind or head[24:size] != self._expected_block:
+            return self._unexpected(got)
         sequence, origin_ns = STAMP.unpack_from(head, 8)
         self._check_sequence(sequence)
         views = [buffer.data.cast("B") for buffer in buffers]
@@ -281,10 +282,9 @@ class FrameReader:
         self.expected_sequence += 1
         return Frame(Kind.DATA, sequence, origin_ns, list(buffers))
 
-    def _unexpected(self, got: int) -> Optional[Frame]:
-        """The slow path, for a header and descriptors that arrived in pieces or are not the manifest's DATA
-        frame: an END or ERROR frame, or a broken one (then name the first field that differs). None for a
-        good DATA frame, whose header and descriptors are then all in place."""
+    def _unexpected(self, got: int) -> Frame:
+        """The slow path, for a frame that is not the manifest's DATA frame: an END or ERROR frame, or a broken
+        one (then name the first field that differs)."""
         kind, count, sequence, origin_ns, length = decode_header(self._head, self.peer)
         end = HEADER.size + length
         if got < end:
@@ -300,7 +300,7 @@ class FrameReader:
                 raise ProtocolError(f"{self.peer}: {got - end} unexpected bytes after end-of-stream")
             return Frame(kind, sequence, origin_ns, [])
         check_descriptors(block, count, self.specs, self.peer)
-        return None
+        raise AssertionError(f"{self.peer}: descriptors equal to the manifest's missed the fast path")
 
     def _check_sequence(self, sequence: int) -> None:
         if sequence != self.expected_sequence:
