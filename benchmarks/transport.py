@@ -8,6 +8,8 @@ which times every frame after the first; best of --repeats runs, the columns int
 sendall / recv_into loop of the payload alone; "send_frame" is the per-call API on a socket with a
 timeout (what the runtime uses before switching); "FrameWriter" sends with descriptors encoded once
 per connection. Both protocol columns receive with FrameReader, which checks every field of every frame.
+CPU us/frame is sender plus receiver CPU time per frame (best run): other processes sharing the cores
+stretch the wall-clock columns but hardly this one.
 
 Pipeline: a tiny Keras model (a 1x1 convolution that widens the input to a ~100 KB cut, then global
 pooling) converted into 2 stages and run with `python -m dnnpipe run-local`, so transport, not
@@ -22,6 +24,7 @@ import socket
 import sys
 import tempfile
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Callable
 
@@ -42,12 +45,13 @@ def spec_of(nbytes: int) -> TensorSpec:
     return TensorSpec("cut", "cut", (1, nbytes // 4), "float32")
 
 
-def send(port: int, method: str, nbytes: int, frames: int) -> None:
-    """The sender process: `frames` frames as fast as the receiver takes them."""
+def send(port: int, method: str, nbytes: int, frames: int, cpu: Connection) -> None:
+    """The sender process: `frames` frames as fast as the receiver takes them; reports its CPU seconds."""
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     spec = spec_of(nbytes)
     tensor = np.ones(spec.shape, spec.dtype)
+    started = time.process_time()
     if method == "bare":
         view = tensor.data.cast("B")
         for _ in range(frames):
@@ -60,6 +64,7 @@ def send(port: int, method: str, nbytes: int, frames: int) -> None:
         writer = FrameWriter(sock, [spec], "the receiver", 60.0)
         for sequence in range(frames):
             writer.send(sequence, 0, [tensor])
+    cpu.send(time.process_time() - started)
     sock.close()
 
 
@@ -77,12 +82,14 @@ def bare_receiver(sock: socket.socket, spec: TensorSpec) -> Callable[[], None]:
     return receive
 
 
-def seconds_per_frame(method: str, nbytes: int, frames: int) -> float:
-    """One timed run: a fresh connection, the first frame untimed."""
+def seconds_per_frame(method: str, nbytes: int, frames: int) -> tuple[float, float]:
+    """One run on a fresh connection: wall seconds per frame (the first frame untimed) and CPU seconds per
+    frame of sender and receiver together (not distorted by other processes sharing the cores)."""
     spec = spec_of(nbytes)
+    context = multiprocessing.get_context("fork")
+    cpu, child_cpu = context.Pipe(duplex=False)
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        sender = multiprocessing.get_context("fork").Process(
-            target=send, args=(listener.getsockname()[1], method, nbytes, frames))
+        sender = context.Process(target=send, args=(listener.getsockname()[1], method, nbytes, frames, child_cpu))
         sender.start()
         sock, _ = listener.accept()
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -91,33 +98,38 @@ def seconds_per_frame(method: str, nbytes: int, frames: int) -> float:
     else:
         reader, buffers = FrameReader(sock, [spec], "the sender", 60.0), [np.empty(spec.shape, spec.dtype)]
         receive = lambda: reader.read(buffers)  # noqa: E731
+    started_cpu = time.process_time()
     receive()
     started = time.perf_counter()
     for _ in range(frames - 1):
         receive()
     elapsed = time.perf_counter() - started
+    receiver_cpu = time.process_time() - started_cpu
+    sender_cpu = cpu.recv()
     sender.join()
     sock.close()
-    return elapsed / (frames - 1)
+    return elapsed / (frames - 1), (sender_cpu + receiver_cpu) / frames
 
 
 def frame_table(repeats: int) -> dict[int, float]:
     """Prints the table; returns the bare socket's seconds per frame by size."""
     print(f"{'frame':>8} | " + " | ".join(f"{m:>22}" for m in METHODS) + " | send_frame/bare | writer/bare | "
-          "writer extra us")
+          "writer extra us | CPU us/frame: " + " / ".join(METHODS))
     bare: dict[int, float] = {}
     for nbytes in SIZES:
         frames = max(MIN_FRAMES, min(MAX_FRAMES, RUN_BYTES // nbytes))
-        runs: dict[str, list[float]] = {m: [] for m in METHODS}
+        runs: dict[str, list[tuple[float, float]]] = {m: [] for m in METHODS}
         for _ in range(repeats):  # interleaved, so load from other processes falls on every column alike
             for m in METHODS:
                 runs[m].append(seconds_per_frame(m, nbytes, frames))
-        best = {m: min(times) for m, times in runs.items()}
+        best = {m: min(wall for wall, _ in times) for m, times in runs.items()}
+        cpu = {m: min(cpu for _, cpu in times) for m, times in runs.items()}
         bare[nbytes] = best["bare"]
         cells = [f"{nbytes / t / 1e9:5.2f} GB/s {t * 1e6:7.1f} us" for t in best.values()]
         print(f"{size_name(nbytes):>8} | " + " | ".join(f"{c:>22}" for c in cells)
               + f" | {best['bare'] / best['send_frame']:>15.2f} | {best['bare'] / best['FrameWriter']:>11.2f} | "
-              f"{(best['FrameWriter'] - best['bare']) * 1e6:>15.1f}", flush=True)
+              f"{(best['FrameWriter'] - best['bare']) * 1e6:>15.1f} | "
+              + " / ".join(f"{cpu[m] * 1e6:.1f}" for m in METHODS), flush=True)
     return bare
 
 
