@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import DnnpipeError
 from ..manifest import TensorSpec
-from ..protocol import Frame, FrameReader, Kind, send_frame
+from ..protocol import Frame, FrameReader, FrameWriter, ProtocolError
 from .handshake import HandshakeError, LinkAuth, ProbeClosed, connect_side, listen_side
 
 PROBE_SECONDS = 0.3  # how long a fresh connection may stay silent before it counts as a real upstream
@@ -52,26 +52,23 @@ class Upstream:
 
 
 class Downstream:
-    """The connection to the next stage: frames out, described by the stage's output specs."""
+    """The connection to the next stage: frames out, described by the stage's output specs (encoded once)."""
 
-    def __init__(self, sock: socket.socket, address: str, specs: Sequence[TensorSpec]):
-        self.sock, self.address, self.specs = sock, address, tuple(specs)
+    def __init__(self, sock: socket.socket, address: str, specs: Sequence[TensorSpec], timeout: float):
+        self.sock, self.address = sock, address
+        self.writer = FrameWriter(sock, specs, f"the next stage at {address}", timeout)
 
     def send(self, sequence: int, origin_ns: int, tensors: Sequence[np.ndarray]) -> None:
-        try:
-            send_frame(self.sock, Kind.DATA, sequence, origin_ns, self.specs, tensors)
-        except OSError as e:
-            raise DnnpipeError(f"cannot send to the next stage at {self.address}: "
-                               f"{e.strerror or e or 'timed out'}") from None
+        self.writer.send(sequence, origin_ns, tensors)
 
     def end(self, sent: int) -> None:
-        send_frame(self.sock, Kind.END, sent, 0)
+        self.writer.end(sent)
 
     def error(self, sent: int, message: str) -> None:
         """Tell the next stage why this one stopped (best effort: the link may be gone too)."""
         try:
-            send_frame(self.sock, Kind.ERROR, sent, 0, message=message)
-        except OSError:
+            self.writer.error(sent, message)
+        except ProtocolError:
             pass
 
     def close(self) -> None:
@@ -218,7 +215,6 @@ def connect_downstream(name: str, host: str, port: int, specs: Sequence[TensorSp
             except HandshakeError as e:
                 sock.close()
                 raise DnnpipeError(f"{name} the next stage at {host}:{port} refused the link: {e}") from None
-        sock.settimeout(timeout)
-        return Downstream(sock, f"{host}:{port}", specs)
+        return Downstream(sock, f"{host}:{port}", specs, timeout)
     raise DnnpipeError(f"{name} cannot reach the next stage at {host}:{port} within {connect_timeout:g} s "
                        f"({reason})")
