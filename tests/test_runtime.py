@@ -344,3 +344,12 @@ def test_run_local_names_the_stage_that_broke_without_waiting_out_the_others(pip
         run_local(root / "p4" / "res", tmp_path / "bad.h5", None, tmp_path / "logs")
     assert time.monotonic() - began < 20  # the other stages are stopped, not waited for (60 s)
     assert stage_pids(str(tmp_path / "logs")) == []
+
+
+def test_an_input_file_without_the_dataset_names_what_it_has(pipelines, tmp_path):
+    root, _ = pipelines
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["pictures"] = np.zeros((3, 12, 12, 3), "float32")
+    result = finish(stage_process(root / "p2" / "res", 1, "--data-path", str(tmp_path / "other.h5"),
+                                  "--next-host", "127.0.0.1", "--next-port", "1"))
+    assert_clean_error(result, "no dataset 'image' for input 'image' (have: pictures)")
