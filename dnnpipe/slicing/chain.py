@@ -77,3 +77,31 @@ def differences(got: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray
         scale = max(1.0, float(np.abs(reference).max(initial=0.0)))
         result[name] = float(np.abs(np.asarray(got[name], np.float64) - reference).max(initial=0.0)) / scale
     return result
+
+
+def all_tensor_values(flatbuffer: bytes, tensors: Sequence[int],
+                      feeds: Sequence[Mapping[str, np.ndarray]]) -> dict[int, np.ndarray]:
+    """Every listed tensor's value for each feed (by signature key), stacked: what mapping units needs.
+
+    Runs the built-in kernels without the default delegate, which would keep intermediate tensors to itself.
+    """
+    from ..interpreter import interpreter_module
+    from ..tfenv import native_stderr_captured
+
+    _, module = interpreter_module()
+    options: dict = {"experimental_preserve_all_tensors": True}
+    resolver = getattr(getattr(module, "OpResolverType", None), "BUILTIN_WITHOUT_DEFAULT_DELEGATES", None)
+    if resolver is not None:
+        options["experimental_op_resolver_type"] = resolver
+    with native_stderr_captured():
+        interpreter = module.Interpreter(model_content=flatbuffer, **options)
+    runner = interpreter.get_signature_runner()
+    collected: dict[int, list[np.ndarray]] = {t: [] for t in tensors}
+    for feed in feeds:
+        runner(**feed)
+        for t in list(collected):
+            try:
+                collected[t].append(np.array(interpreter.get_tensor(t)))
+            except ValueError:  # not allocated (optional or dynamic): cannot be a cut
+                del collected[t]
+    return {t: np.concatenate(values) for t, values in collected.items() if values}
