@@ -15,7 +15,7 @@ from dnnpipe.partition.graph import analyse, as_functional
 from dnnpipe.partition.split import keras_cut_table, split_model, whole_model_flatbuffer
 from dnnpipe.partition.verify import verify
 from dnnpipe.manifest import WholeModel
-from dnnpipe.slicing import (CutError, check_against_whole, op_graph, operator_cut_table, partition_tflite,
+from dnnpipe.slicing import (CutError, op_graph, operator_cut_table, partition_tflite,
                              profile_tflite, random_inputs, read_model, run_chain, slice_plan, tflite_config,
                              tflite_units)
 from dnnpipe.slicing.chain import run_whole
@@ -226,7 +226,8 @@ def test_slice_command_refuses_a_plan_ending_inside_a_fused_group(tmp_path):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"pipeline_plan": [[1, 3, 1], [4, 13, 2]]}))
     result = run_script("dnnpipe", "slice", "--model-path", str(tmp_path), "--model-name", "m", "--plan", str(plan))
-    assert_clean_error(result, f"{plan}: stage 1 ends after unit 3, which is not a legal cut", "nearest legal cuts: 1, 4")
+    assert_clean_error(result, f"{plan}: stage 1 ends after unit 3, which is not a legal cut",
+                       "nearest legal cuts: 1, 4")
 
 
 def test_slice_command_errors(tmp_path):

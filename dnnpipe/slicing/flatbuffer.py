@@ -79,7 +79,7 @@ def read_model(source: Path | bytes) -> schema.ModelT:
     try:
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
     except OSError as e:
-        raise CutError(f"{source}: cannot read the TFLite model ({e.strerror})") from None
+        raise CutError(f"{e.filename}: cannot read the TFLite model ({e.strerror})") from None
     where = "model bytes" if isinstance(source, bytes) else str(source)
     if len(data) < 8 or data[4:8] != b"TFL3":
         raise CutError(f"{where}: not a TFLite flatbuffer (no TFL3 identifier)")
@@ -157,8 +157,9 @@ def cut_submodel(model: schema.ModelT, inputs: Sequence[tuple[int, str]], output
                  graph: OpGraph | None = None) -> bytes:
     """The sub-model computing `outputs` from `inputs`, each (tensor index in subgraph 0, signature key).
 
-    Keeps the operators the outputs need (in the whole model's order), the tensors they touch and only the
-    buffers those tensors read; one signature, fed and read by key. A tensor may be both input and output (it passes through the stage).
+    Keeps the operators the outputs need (in the whole model's order), the tensors they touch and only
+    the buffers those tensors read; one signature, fed and read by key. A tensor may be both input and
+    output (it passes through the stage).
     """
     if len(model.subgraphs) > 1:
         raise CutError(f"the model has {len(model.subgraphs)} subgraphs (control flow); only one can be cut")
