@@ -30,6 +30,7 @@ class TensorSpec:
     shape: tuple[int, ...]
     dtype: str
     tensor: Optional[int] = None  # its index in the whole model.tflite when the stages were cut from it
+    quantization: Optional[tuple[float, int]] = None  # (scale, zero point) of an int8 tensor: real = scale * (q - zp)
 
     @property
     def nbytes(self) -> int:
@@ -37,7 +38,9 @@ class TensorSpec:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "key": self.key, "shape": list(self.shape), "dtype": self.dtype,
-                "bytes": self.nbytes, **({} if self.tensor is None else {"tensor": self.tensor})}
+                "bytes": self.nbytes, **({} if self.tensor is None else {"tensor": self.tensor}),
+                **({} if self.quantization is None else
+                   {"quantization": {"scale": self.quantization[0], "zero_point": self.quantization[1]}})}
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,9 @@ def _parse(data: dict[str, Any]) -> Manifest:
 
     def tensors(items) -> tuple[TensorSpec, ...]:
         specs = tuple(TensorSpec(str(t["name"]), str(t["key"]), tuple(int(x) for x in t["shape"]),
-                                 np.dtype(t["dtype"]).name, None if t.get("tensor") is None else int(t["tensor"]))
+                                 np.dtype(t["dtype"]).name, None if t.get("tensor") is None else int(t["tensor"]),
+                                 None if "quantization" not in t else
+                                 (float(t["quantization"]["scale"]), int(t["quantization"]["zero_point"])))
                       for t in items)
         return specs
 

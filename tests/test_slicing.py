@@ -148,8 +148,10 @@ def test_int8_whole_model_calibrated_once_with_int8_tensors_at_the_cuts(tmp_path
     model, graph, _, table = converted("squeeze_excite_cnn", "int8")
     stages = plan_over(table, graph.U, 3, 1)
     manifest = slice_into(tmp_path, "squeeze_excite_cnn", stages, "int8")
-    assert all(t.dtype == "int8" for s in manifest.stages for t in (*s.inputs, *s.outputs))
+    assert all(t.dtype == "int8" and t.quantization for s in manifest.stages for t in (*s.inputs, *s.outputs))
     assert_bit_exact(manifest, tmp_path)
+    check = verify(model, read_manifest(tmp_path), tmp_path, 0.25)  # int8 ends compared as the reals they encode
+    assert check.ok, check.describe()
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,8 @@ def tensor_spec(graph: OpGraph, index: int, name: str, key: str) -> TensorSpec:
     t = graph.tensors[index]
     if t.dtype.startswith("type"):
         raise CutError(f"tensor {t.name!r} has a type NumPy cannot carry ({t.dtype}); it cannot cross a cut")
-    return TensorSpec(name, key, (1, *t.shape[1:]) if t.shape else (), t.dtype, index)
+    quantization = (t.scale, t.zero_point) if t.scale and t.dtype in ("int8", "uint8") else None
+    return TensorSpec(name, key, (1, *t.shape[1:]) if t.shape else (), t.dtype, index, quantization)
 
 
 def operator_cut_table(graph: OpGraph) -> dict[int, tuple[TensorSpec, ...]]:

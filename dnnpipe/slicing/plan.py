@@ -41,3 +41,13 @@ def check_cuts(stages: Sequence[Sequence[int]], cuts: Collection[int], source: s
 def inner_cuts(cuts: Collection[int], U: int) -> list[int]:
     """model_config.cuts: sorted k in 1..U-1 after which a stage may end."""
     return sorted(c for c in cuts if 1 <= c < U)
+
+
+def with_cuts(config: dict, cuts: Collection[int]) -> dict:
+    """The config (as read from JSON) with model_config.cuts set, or left out when every cut is legal."""
+    U = int(config["model_config"]["U"])
+    inner = inner_cuts(cuts, U)
+    model = {k: v for k, v in config["model_config"].items() if k != "cuts"}
+    if len(inner) < U - 1:
+        model["cuts"] = inner
+    return {**config, "model_config": model}

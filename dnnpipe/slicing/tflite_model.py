@@ -22,6 +22,14 @@ from .slicer import WHOLE_FILE, check_against_whole, slice_plan
 MIB = float(1 << 20)
 
 
+def find_tflite(model_path: Path, model_name: str) -> Optional[Path]:
+    """NAME.tflite in the folder (or the .tflite file itself): the model when there is no Keras file."""
+    if model_path.is_file():
+        return model_path if model_path.suffix == ".tflite" else None
+    candidate = model_path / f"{model_name}.tflite"
+    return candidate if candidate.is_file() else None
+
+
 def tflite_units(path: Path) -> list[str]:
     """One name per unit (operator), in execution order: its kind and the tensor it produces."""
     graph = op_graph(read_model(path))
