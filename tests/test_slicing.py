@@ -259,3 +259,14 @@ def test_operator_crossings_and_cut_checks_on_plain_data():
     assert [t.name for t in table[2]] == ["t1", "t2"] and table[0][0].name == "x"
     with pytest.raises(CutError, match="stage 2 ends after unit 5, .* nearest legal cuts: 4, 7"):
         check_cuts([[1, 2, 1], [3, 5, 2], [6, 9, 3]], {0, 2, 4, 7, 9}, "p.json")
+
+
+def test_config_cuts_written_only_when_some_cut_is_missing(tmp_path):
+    from dnnpipe.slicing import find_tflite, with_cuts
+
+    config = {"device_config": {"N": 1}, "model_config": {"U": 5, "E": [1] * 5, "R": [1] * 5, "cuts": [9]}}
+    assert with_cuts(config, {0, 1, 3, 5})["model_config"]["cuts"] == [1, 3]
+    assert "cuts" not in with_cuts(config, range(6))["model_config"]
+    assert config["model_config"]["cuts"] == [9]  # the input is not changed
+    (tmp_path / "m.tflite").write_bytes(b"")
+    assert find_tflite(tmp_path, "m") == tmp_path / "m.tflite" and find_tflite(tmp_path, "other") is None

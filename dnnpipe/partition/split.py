@@ -76,8 +76,12 @@ def whole_model_flatbuffer(graph: UnitGraph, keras_tensors: dict[str, Any], keys
 
 
 def keras_cut_table(graph: UnitGraph, keras_tensors: dict[str, Any], keys: dict[str, str], flatbuffer: bytes,
-                    quantize: str, samples: int = 2) -> dict[int, tuple[TensorSpec, ...]]:
-    """The legal cuts of the Keras units in the converted whole model, mapped by values (not names)."""
+                    quantize: str, samples: int = 1) -> dict[int, tuple[TensorSpec, ...]]:
+    """The legal cuts of the Keras units in the converted whole model, mapped by values (not names).
+
+    One random sample is enough: tensors of one shape that agree on every element of a random input are
+    the same function (and the chain is checked against the whole model and Keras afterwards anyway).
+    """
     flat = op_graph(read_model(flatbuffer))
     specs = [wire_spec(t, keys) for t in graph.crossing(0)]
     inputs = random_inputs(specs, samples)
@@ -177,6 +181,9 @@ def tensor_values(keras_tensors: dict[str, Any], input_names: Sequence[str], nam
     _, keras = import_tensorflow()
     probe = keras.Model([keras_tensors[n] for n in input_names], [keras_tensors[n] for n in names])
     feed = [inputs[n] for n in input_names]
-    values = probe.predict(feed if len(feed) > 1 else feed[0], verbose=0, batch_size=16)
-    values = values if isinstance(values, list) else [values]
+    if len(feed[0]) <= 4:  # a few samples: one eager call, no tracing (seconds for big models)
+        values = probe(feed, training=False)
+    else:
+        values = probe.predict(feed if len(feed) > 1 else feed[0], verbose=0, batch_size=16)
+    values = values if isinstance(values, (list, tuple)) else [values]
     return {n: np.asarray(v) for n, v in zip(names, values)}
