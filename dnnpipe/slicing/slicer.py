@@ -84,8 +84,29 @@ def reslice(folder: Path, stages: Sequence[Sequence[int]], source: str,
     if whole is None:
         raise CutError(f"{folder / 'manifest.json'}: no whole model recorded (it was partitioned stage by stage); "
                        f"partition it again to slice new plans")
+    if Path(whole.file).name != whole.file or not whole.file.endswith(".tflite"):
+        raise CutError(f"{folder / 'manifest.json'}: whole_model.file must be a .tflite file name beside the "
+                       f"manifest, got {whole.file!r}")
     path = folder / whole.file
     if sha256_file(path) != whole.sha256:
         raise CutError(f"{path}: sha256 differs from the manifest's whole_model.sha256 (file changed)")
-    return slice_plan(read_model(path), whole, manifest.units, stages, folder, manifest.model_name,
-                      manifest.quantize, source, progress=progress)
+    model = read_model(path)
+    graph = op_graph(model)
+    check_table(whole, graph, folder / "manifest.json")
+    return slice_plan(model, whole, manifest.units, stages, folder, manifest.model_name, manifest.quantize, source,
+                      graph, progress)
+
+
+def check_table(whole: WholeModel, graph: OpGraph, source: Path) -> None:
+    """The manifest's cut tensors must be tensors of the whole model, of the shape and type it says."""
+    for j, specs in whole.cuts.items():
+        for spec in specs:
+            index = spec.tensor
+            if index is None or not 0 <= index < len(graph.tensors):
+                raise CutError(f"{source}: whole_model cut {j}: tensor {spec.name!r} has index {index}, outside "
+                               f"0..{len(graph.tensors) - 1} of {whole.file}")
+            t = graph.tensors[index]
+            if (1, *t.shape[1:]) != spec.shape or t.dtype != spec.dtype or t.constant:
+                raise CutError(f"{source}: whole_model cut {j}: tensor {spec.name!r} is {spec.dtype}{list(spec.shape)} "
+                               f"but tensor {index} of {whole.file} is {t.dtype}{list(t.shape)}"
+                               f"{' (a weight)' if t.constant else ''}")
