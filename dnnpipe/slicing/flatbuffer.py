@@ -219,7 +219,7 @@ def cut_submodel(model: schema.ModelT, inputs: Sequence[tuple[int, str]], output
     result.subgraphs, result.metadata = subgraphs, metadata
     result.buffers = [_aligned(model.buffers[b]) for b in sorted(buffers, key=buffers.get)]  # type: ignore[arg-type]
     result.signatureDefs = [_signature(inputs, outputs, used)]
-    return pack(result)
+    return pack(result, sum(len(b.data) for b in result.buffers if b.data is not None))
 
 
 def _aligned(buffer: schema.BufferT) -> _AlignedBuffer:
@@ -240,7 +240,7 @@ def _signature(inputs, outputs, used: dict[int, int]) -> schema.SignatureDefT:
     return signature
 
 
-def pack(model: schema.ModelT) -> bytes:
-    builder = flatbuffers.Builder(1 << 20)
+def pack(model: schema.ModelT, weight_bytes: int = 0) -> bytes:
+    builder = flatbuffers.Builder(weight_bytes + (1 << 20))  # sized up front: growing copies the whole buffer
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
