@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -41,20 +42,24 @@ def slice_plan(model: schema.ModelT, whole: WholeModel, units: int, stages: Sequ
     check_cuts(stages, whole.cuts, source)
     graph = graph or op_graph(model)
     folder.mkdir(parents=True, exist_ok=True)
-    specs = []
+    flatbuffers = []  # every stage is cut before any file is replaced, so a failure leaves the old plan whole
     for number, (start, end, device) in enumerate(stages, 1):
         started = time.perf_counter()
         inputs, outputs = whole.cuts[start - 1], whole.cuts[end]
-        flatbuffer = cut_submodel(model, [(t.tensor, t.key) for t in inputs],  # type: ignore[misc]
-                                  [(t.tensor, t.key) for t in outputs], graph)  # type: ignore[misc]
-        path = folder / f"sub_model_{number}.tflite"
-        path.write_bytes(flatbuffer)
-        specs.append(StageSpec(number, int(device), (int(start), int(end)), path.name, sha256_file(path), inputs,
-                               outputs))
+        flatbuffers.append(cut_submodel(model, [(t.tensor, t.key) for t in inputs],  # type: ignore[misc]
+                                        [(t.tensor, t.key) for t in outputs], graph))  # type: ignore[misc]
         if progress:
             progress(f"stage {number}/{len(stages)}: units {start}-{end} on device {device}: {len(inputs)} in, "
                      f"{len(outputs)} out ({sum(t.nbytes for t in outputs) / 1024:.1f} KB/inference), "
-                     f"{len(flatbuffer) / 1e6:.2f} MB, cut in {(time.perf_counter() - started) * 1000:.0f} ms")
+                     f"{len(flatbuffers[-1]) / 1e6:.2f} MB, cut in {(time.perf_counter() - started) * 1000:.0f} ms")
+    specs = []
+    for number, ((start, end, device), flatbuffer) in enumerate(zip(stages, flatbuffers), 1):
+        path = folder / f"sub_model_{number}.tflite"
+        partial = path.with_suffix(".tflite.partial")
+        partial.write_bytes(flatbuffer)
+        partial.replace(path)
+        specs.append(StageSpec(number, int(device), (int(start), int(end)), path.name,
+                               hashlib.sha256(flatbuffer).hexdigest(), whole.cuts[start - 1], whole.cuts[end]))
     remove_stale_stages(folder, len(stages))
     return Manifest(model_name, units, quantize, tuple(specs), whole_model=whole)
 
