@@ -296,3 +296,12 @@ def test_slice_command_refuses_a_tampered_manifest(tmp_path):
     path.write_text(json.dumps(data))
     assert_clean_error(run_script("dnnpipe", "slice", "--model-path", str(tmp_path), "--model-name", "m",
                                   "--plan", str(plan)), "whole_model.file must be a .tflite file name")
+
+
+def test_a_damaged_tflite_file_is_refused(tflite_files):
+    from dnnpipe.slicing.flatbuffer import pack
+
+    model = read_model(tflite_files / "float.tflite")
+    model.subgraphs[0].operators[1].inputs[0] = 9999
+    with pytest.raises(CutError, match="an operator refers to a tensor that does not exist"):
+        op_graph(read_model(pack(model)))

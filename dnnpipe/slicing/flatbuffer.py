@@ -97,6 +97,20 @@ def _text(value) -> str:
 
 
 def op_graph(model: schema.ModelT) -> OpGraph:
+    """Subgraph 0 as plain data; a flatbuffer whose indices point nowhere is refused (files are untrusted)."""
+    try:
+        graph = _op_graph(model)
+    except (IndexError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise CutError(f"damaged TFLite model: {type(e).__name__} while reading its operators and tensors") from None
+    for ins, outs in graph.ops:
+        if any(not 0 <= t < len(graph.tensors) for t in (*ins, *outs)):
+            raise CutError("damaged TFLite model: an operator refers to a tensor that does not exist")
+    if any(not 0 <= t < len(graph.tensors) for t in (*graph.inputs, *graph.outputs)):
+        raise CutError("damaged TFLite model: its inputs or outputs refer to a tensor that does not exist")
+    return graph
+
+
+def _op_graph(model: schema.ModelT) -> OpGraph:
     subgraph = model.subgraphs[0]
     tensors = []
     for i, t in enumerate(subgraph.tensors):
