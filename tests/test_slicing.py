@@ -302,6 +302,7 @@ def test_a_damaged_tflite_file_is_refused(tflite_files):
     from dnnpipe.slicing.flatbuffer import pack
 
     model = read_model(tflite_files / "float.tflite")
-    model.subgraphs[0].operators[1].inputs[0] = 9999
+    operator = model.subgraphs[0].operators[1]
+    operator.inputs = [9999, *operator.inputs[1:]]
     with pytest.raises(CutError, match="an operator refers to a tensor that does not exist"):
         op_graph(read_model(pack(model)))
