@@ -7,7 +7,7 @@
 
 import sys
 
-from dnnpipe.cli import deploy_command, deployer_parser, run_cli
+from dnnpipe.deploy.command import main
 
 if __name__ == "__main__":
-    sys.exit(run_cli(deploy_command, deployer_parser().parse_args(), "deployer.py"))
+    sys.exit(main())

@@ -7,7 +7,7 @@
 
 import sys
 
-from dnnpipe.cli import partitioner_parser, partition_command, run_cli
+from dnnpipe.partition.command import main
 
 if __name__ == "__main__":
-    sys.exit(run_cli(partition_command, partitioner_parser().parse_args(), "model_partitioner.py"))
+    sys.exit(main())

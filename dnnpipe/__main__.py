@@ -5,18 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import cli
+from .cli import SUBCOMMANDS
+from .console import run_command
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dnnpipe", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (add_arguments, run, help_text) in cli.SUBCOMMANDS.items():
+    for name, (add_arguments, run, help_text) in SUBCOMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
         add_arguments(sub)
         sub.set_defaults(run=run)
     args = parser.parse_args(argv)
-    return cli.run_cli(args.run, args, f"dnnpipe {args.command}")
+    return run_command(args.run, args, f"dnnpipe {args.command}")
 
 
 if __name__ == "__main__":

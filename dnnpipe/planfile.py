@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .jsonio import write_json
 from .planner import Plan
-
-PLAN_FILE = "pipeline_plan.json"
-
-
-def dump_json(data: Any) -> str:
-    """Indented JSON with lists of numbers kept on one line, so plans and manifests read as tables."""
-    text = json.dumps(data, indent=2)
-    return re.sub(r"\[\s+([^\[\]{}\"]*?)\s+\]",
-                  lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text) + "\n"
 
 
 def write_plan(plan: Plan, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dump_json(plan.to_json()))
+    write_json(path, plan.to_json())
 
 
 def read_stages(path: Path) -> list[list[int]]:

@@ -7,7 +7,7 @@ import pytest
 
 import models
 from dnnpipe.manifest import read_manifest
-from dnnpipe.partition.command import partition_keras_model
+from dnnpipe.partition.partitioner import partition_keras_model
 from dnnpipe.partition.graph import PartitionError, analyse, as_functional
 from dnnpipe.partition.verify import random_inputs, run_chain
 
@@ -93,6 +93,8 @@ def test_float16_quantized_chain_within_stated_tolerance(tmp_path):
     manifest, check = split(model, random_plan(U, 3, 7), tmp_path, quantize="float16")
     assert check.ok and check.tolerance == 2e-2
     assert manifest.quantize == "float16"
+    for stage in manifest.stages:  # the weights really are float16 (dequantized at run time)
+        assert "float16" in tensor_dtypes(tmp_path / stage.file), stage.file
 
 
 def test_int8_quantized_chain_with_calibration(tmp_path):
@@ -103,6 +105,15 @@ def test_int8_quantized_chain_with_calibration(tmp_path):
                             calibration_inputs=calibration)
     assert check.ok, check.describe()
     assert all(t.dtype == "float32" for s in manifest.stages for t in (*s.inputs, *s.outputs))
+    for stage in manifest.stages:  # the arithmetic really is int8
+        assert "int8" in tensor_dtypes(tmp_path / stage.file), stage.file
+
+
+def tensor_dtypes(path):
+    """The dtypes of every tensor a TFLite model holds, as the runtime's interpreter sees them."""
+    from dnnpipe.interpreter import load_interpreter
+
+    return {np.dtype(t["dtype"]).name for t in load_interpreter(path).get_tensor_details()}
 
 
 def test_plan_that_does_not_cover_the_model(tmp_path):

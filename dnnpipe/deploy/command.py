@@ -1,58 +1,85 @@
-"""deployer.py's job: ship every stage to its device, then print (and optionally run) the launch plan."""
+"""deployer.py and `python -m dnnpipe deploy`: arguments in, the deployment's table and launch plan out."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Optional, Sequence
 
-from ..cli import config_paths
+from ..console import positive_float, script_main
 from ..errors import DnnpipeError
-from ..manifest import read_manifest
-from .launch import format_launch_plan, launch, launch_plan, stop, write_launch_plan
-from .registry import devices_for, load_registry
-from .ship import DeviceReport, format_reports, runtime_code, ship_all, uploads_for
-from .transport import SshOptions, transport_for
+from .deployer import DeployOptions, deploy, start_stages, stop_stages
+from .launch import format_launch_plan
+from .ship import format_reports
+from .transport import SshOptions
 
-LAUNCH_PLAN = "launch_plan.json"
-DATASET = "dataset.h5"
+
+def add_deployer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--device-registry", type=Path, required=True,
+                        help="device_registry.json: where each device is and how to reach it (required)")
+    parser.add_argument("--model-path", type=Path, default=Path("partitioned_submodels"),
+                        help="folder holding NAME/manifest.json and the sub-models (default: %(default)s)")
+    parser.add_argument("--model-name", required=True, help="model name, a sub-folder of --model-path (required)")
+    parser.add_argument("--config", type=Path, default=Path("configurations"),
+                        help="folder with NAME/pipeline_plan.json, shipped along when present (default: %(default)s)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="ask each device what it has and print what a real run would send; change nothing "
+                             "(default: off)")
+    parser.add_argument("--accept-new-host-keys", action="store_true",
+                        help="trust a device's host key on first contact (default: off, it must be in known_hosts)")
+    parser.add_argument("--ssh-config", type=Path,
+                        help="an ssh_config file to use instead of ~/.ssh/config (default: ssh's own)")
+    parser.add_argument("--connect-timeout", type=positive_float, default=10.0,
+                        help="SSH connect timeout, s (default: %(default)g)")
+    parser.add_argument("--no-runtime-code", action="store_true",
+                        help="do not ship runtime_engine.py and the dnnpipe runtime (default: ship them)")
+    parser.add_argument("--dataset", type=Path,
+                        help="an HDF5 input file to ship to the first stage's device (default: none)")
+    parser.add_argument("--data-path",
+                        help="input path on the first device, relative to its remote_dir (default: dataset.h5)")
+    parser.add_argument("--output-path", default="results.h5",
+                        help="results path on the last device (default: %(default)s)")
+    parser.add_argument("--launch", action="store_true",
+                        help="after shipping, start every stage, last stage first (default: off)")
+    parser.add_argument("--wait", type=positive_float, default=60.0,
+                        help="how long --launch waits for each stage's port, s; a stage that exits fails at once "
+                             "(default: %(default)g)")
+    parser.add_argument("--stop", action="store_true", help="stop the stages started by --launch (default: off)")
+    return parser
+
+
+def deployer_parser() -> argparse.ArgumentParser:
+    return add_deployer_arguments(argparse.ArgumentParser(
+        prog="deployer.py", description="Ship each stage's sub-model to its device over SSH, verified."))
+
+
+def deploy_options(args: argparse.Namespace) -> DeployOptions:
+    return DeployOptions(
+        registry=args.device_registry, model_name=args.model_name, model_path=args.model_path, config=args.config,
+        dry_run=args.dry_run, ssh=SshOptions(connect_timeout=args.connect_timeout,
+                                             accept_new_host_keys=args.accept_new_host_keys,
+                                             ssh_config=args.ssh_config),
+        runtime_code=not args.no_runtime_code, dataset=args.dataset, data_path=args.data_path,
+        output_path=args.output_path, wait=args.wait)
 
 
 def deploy_command(args: argparse.Namespace) -> int:
-    registry = load_registry(args.device_registry)
-    folder = args.model_path / args.model_name
-    manifest = read_manifest(folder)
-    devices = devices_for(registry, [s.device for s in manifest.stages], str(args.device_registry))
-    options = SshOptions(connect_timeout=args.connect_timeout, accept_new_host_keys=args.accept_new_host_keys,
-                         ssh_config=args.ssh_config)
-    transports = {d.device_id: transport_for(d, options) for d in devices}
-    models_dir = args.model_path.resolve().name
-    data_path = args.data_path or DATASET
-    launches = launch_plan(manifest, devices, models_dir, data_path, args.output_path)
+    options = deploy_options(args)
     if args.stop:
-        stop(launches, transports)
+        stop_stages(options)
         return 0
-
-    plan_file = config_paths(args.config, args.model_name)[1]
-    extra = [(plan_file, f"{models_dir}/{args.model_name}/{plan_file.name}")] if plan_file.is_file() else []
-    extra += [] if args.no_runtime_code else runtime_code()
-    jobs = []
-    for k, device in enumerate(devices, 1):
-        files = list(extra)
-        if k == 1 and args.dataset is not None:
-            if not args.dataset.is_file():
-                raise DnnpipeError(f"{args.dataset}: dataset file not found")
-            files.append((args.dataset, data_path))
-        jobs.append((transports[device.device_id], DeviceReport(device, [k]),
-                     uploads_for(manifest, folder, models_dir, [k], files)))
-    reports = ship_all(jobs, dry_run=args.dry_run)
-    print(format_reports(reports, args.dry_run))
-    print(format_launch_plan(launches))
-    if not args.dry_run:
-        write_launch_plan(folder / LAUNCH_PLAN, launches)
-        print(f"wrote {folder / LAUNCH_PLAN}")
-    failed = [r for r in reports if not r.ok]
-    if failed:
-        raise DnnpipeError(f"{len(failed)} of {len(reports)} devices failed: "
-                           f"{', '.join(str(r.device.device_id) for r in failed)} (see the table above)")
-    if args.launch and not args.dry_run:
-        launch(launches, transports, args.wait)
+    deployment = deploy(options)
+    print(format_reports(deployment.reports, options.dry_run))
+    if deployment.failed:
+        raise DnnpipeError(f"{len(deployment.failed)} of {len(deployment.reports)} devices failed: "
+                           f"{', '.join(str(r.device.device_id) for r in deployment.failed)} (see the table above)")
+    print(format_launch_plan(deployment.launches))
+    if deployment.launch_plan_file is not None:
+        print(f"wrote {deployment.launch_plan_file}")
+    if args.launch and not options.dry_run:
+        start_stages(deployment, options.wait)
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return script_main(deployer_parser(), deploy_command, argv)

@@ -1,119 +1,81 @@
-"""model_partitioner.py's full job: load the model, plan (or read a plan), split, verify, write."""
+"""model_partitioner.py and `python -m dnnpipe partition` / `make-model`: arguments in, the library's result out."""
 
 from __future__ import annotations
 
 import argparse
-import time
-from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
-from ..config import load_config
-from ..errors import DnnpipeError
-from ..manifest import Manifest, write_manifest
-from ..planfile import format_plan, read_stages, write_plan
-from ..planner import plan
-from ..tfenv import import_tensorflow, native_stderr_captured
-from .graph import PartitionError, analyse, as_functional
-from .split import check_stages, intermediate_values, split_model
-from .verify import TOLERANCE, Verification, verify
-
-MODEL_SUFFIXES = (".h5", ".keras")
+from ..console import positive_float, positive_int, script_main
+from ..planner import ALGORITHMS
+from .partitioner import QUANTIZE, PartitionOptions, partition
 
 
-def find_model(model_path: Path, model_name: str) -> Path:
-    """NAME.h5 (the paper's layout) or NAME.keras in the folder, or the file itself."""
-    if model_path.is_file():
-        return model_path
-    for suffix in MODEL_SUFFIXES:
-        candidate = model_path / f"{model_name}{suffix}"
-        if candidate.is_file():
-            return candidate
-    raise DnnpipeError(f"{model_path / (model_name + '.h5')}: model file not found")
+def add_partitioner_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model-path", type=Path, help="folder holding NAME.h5 (or NAME.keras)")
+    parser.add_argument("--config", type=Path, required=True,
+                        help="folder holding NAME/config.json, or a config JSON file")
+    parser.add_argument("--output-dir", type=Path, help="where NAME/sub_model_K.tflite are written")
+    parser.add_argument("--model-name", required=True, help="model name (file stem and sub-folder)")
+    parser.add_argument("--algorithm", choices=sorted(ALGORITHMS),
+                        help="default: bisect (exact, fastest), or links when the config has link bandwidth B")
+    parser.add_argument("--plan-only", action="store_true", help="plan, write pipeline_plan.json, stop")
+    parser.add_argument("--plan", type=Path, help="partition by this existing plan instead of planning")
+    parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                        help="check the sub-model chain against the Keras model (default: on)")
+    parser.add_argument("--tolerance", type=positive_float, default=None,
+                        help="largest absolute difference --verify accepts (default depends on --quantize)")
+    parser.add_argument("--quantize", choices=QUANTIZE, default="none", help="sub-model precision (default: none)")
+    parser.add_argument("--calibration-data", type=Path,
+                        help="HDF5 file with an 'images' dataset for --quantize int8")
+    parser.add_argument("--custom-objects", type=Path, metavar="FILE",
+                        help="Python file defining the model's custom layers (registered before loading)")
+    return parser
 
 
-def load_keras_model(path: Path):
-    _, keras = import_tensorflow()
-    with native_stderr_captured():
-        try:
-            model = keras.models.load_model(path, compile=False)
-        except Exception as e:  # Keras raises many types for unreadable files; one message for all
-            raise DnnpipeError(f"{path}: cannot load the Keras model ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
-    return as_functional(model)
+def partitioner_parser() -> argparse.ArgumentParser:
+    return add_partitioner_arguments(argparse.ArgumentParser(
+        prog="model_partitioner.py",
+        description="Plan the optimal pipeline for a model and cut it into TFLite sub-models."))
 
 
-def read_calibration(path: Path, input_names: list[str], limit: int = 200):
-    """HDF5 calibration samples: dataset 'images' for a one-input model, else one dataset per input name."""
-    import h5py
-    import numpy as np
-
-    try:
-        with h5py.File(path, "r") as f:
-            names = {n: ("images" if len(input_names) == 1 and "images" in f else n) for n in input_names}
-            missing = [d for d in names.values() if d not in f]
-            if missing:
-                raise DnnpipeError(f"{path}: no dataset {missing[0]!r} (have: {', '.join(f.keys())})")
-            return {n: np.asarray(f[d][:limit]) for n, d in names.items()}
-    except OSError as e:
-        raise DnnpipeError(f"{path}: cannot read HDF5 calibration data ({e})") from None
+def partition_command(args: argparse.Namespace) -> int:
+    partition(PartitionOptions(
+        config=args.config, model_name=args.model_name, model_path=args.model_path, output_dir=args.output_dir,
+        algorithm=args.algorithm, plan_only=args.plan_only, plan=args.plan, verify=args.verify,
+        tolerance=args.tolerance, quantize=args.quantize, calibration_data=args.calibration_data,
+        custom_objects=args.custom_objects))
+    return 0
 
 
-def partition_keras_model(model, stages, folder: Path, model_name: str, source: str, quantize: str = "none",
-                          calibration_inputs=None, tolerance: Optional[float] = None,
-                          verify_chain: bool = True) -> tuple[Manifest, Optional[Verification]]:
-    """Split a (functional) Keras model by plan stages into folder; verify the chain unless told not to."""
-    graph, keras_tensors = analyse(model)
-    check_stages(graph, stages, source)
-    calibration = None
-    if quantize == "int8":
-        if calibration_inputs is None:
-            raise DnnpipeError("--quantize int8 needs --calibration-data FILE.h5 (dataset 'images')")
-        names = sorted({t.name for start, _, _ in stages for t in graph.crossing(start - 1)})
-        calibration = intermediate_values(model, keras_tensors, names, calibration_inputs)
-    started = time.perf_counter()
-    manifest = split_model(graph, keras_tensors, stages, folder, model_name, quantize, calibration)
-    manifest = replace(manifest, extra={"conversion_seconds": round(time.perf_counter() - started, 3)})
-    write_manifest(manifest, folder)  # written before verifying, so a failed chain can be inspected
-    if not verify_chain:
-        return manifest, None
-    tolerance = tolerance if tolerance is not None else TOLERANCE[quantize]
-    check = verify(model, manifest, folder, tolerance)
-    print(check.describe())
-    manifest = replace(manifest, extra={**manifest.extra, "verification": {
-        "max_relative_difference": check.differences, "tolerance": tolerance, "ok": check.ok}})
-    write_manifest(manifest, folder)
-    if not check.ok:
-        raise PartitionError(f"{folder}: the sub-model chain differs from the Keras model by more than "
-                             f"{tolerance:g} (see above); sub-models kept for inspection")
-    return manifest, check
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return script_main(partitioner_parser(), partition_command, argv)
 
 
-def partition_model(args: argparse.Namespace, config_file: Path, plan_file: Path) -> int:
-    started = time.perf_counter()
-    model_file = find_model(args.model_path, args.model_name)
-    model = load_keras_model(model_file)
-    graph, _ = analyse(model)
-    print(f"{model_file}: {graph.U} units, inputs {[t.name for t in graph.crossing(0)]}, "
-          f"outputs {list(graph.outputs)}")
-    if args.plan is not None:
-        stages, source = read_stages(args.plan), str(args.plan)
-    else:
-        config = load_config(config_file)
-        if config.profile.U != graph.U:
-            raise PartitionError(f"{config_file}: model_config.U = {config.profile.U} but {model_file} has "
-                                 f"{graph.U} units (its non-input layers)")
-        result = plan(config, args.algorithm)
-        write_plan(result, plan_file)
-        print(format_plan(result))
-        print(f"wrote {plan_file}")
-        stages, source = result.stages, str(plan_file)
-    calibration_inputs = None
-    if args.calibration_data is not None:
-        calibration_inputs = read_calibration(args.calibration_data, [t.name for t in graph.crossing(0)])
-    folder = args.output_dir / args.model_name
-    manifest, _ = partition_keras_model(model, stages, folder, args.model_name, source, args.quantize,
-                                        calibration_inputs, args.tolerance, args.verify)
-    print(f"wrote {len(manifest.stages)} sub-models and {folder / 'manifest.json'} in "
-          f"{time.perf_counter() - started:.1f} s (conversion {manifest.extra['conversion_seconds']:.1f} s)")
+# --- python -m dnnpipe make-model --------------------------------------------------------------
+
+def add_make_model_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from ..examples import EXAMPLES
+
+    parser.add_argument("--model", choices=sorted(EXAMPLES), default="tiny", help="which example model (default tiny)")
+    parser.add_argument("--model-path", type=Path, default=Path("original_models"),
+                        help="folder to write NAME.h5 into (default original_models)")
+    parser.add_argument("--model-name", help="file stem (default: the --model name)")
+    parser.add_argument("--input-size", type=positive_int, help="image height and width")
+    parser.add_argument("--dataset", type=Path, help="also write this HDF5 dataset of synthetic images")
+    parser.add_argument("--samples", type=positive_int, default=64, help="rows in --dataset (default 64)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def make_model_command(args: argparse.Namespace) -> int:
+    from ..examples import make_dataset, make_model
+    from .partitioner import load_keras_model
+
+    path = make_model(args.model, args.model_path / f"{args.model_name or args.model}.h5", args.input_size,
+                      args.seed)
+    print(f"wrote {path}")
+    if args.dataset:
+        shape = tuple(load_keras_model(path).inputs[0].shape[1:])
+        print(f"wrote {make_dataset(args.dataset, shape, args.samples, args.seed)} ({args.samples} x {shape})")
     return 0

@@ -23,8 +23,9 @@ def input_datasets(path: Path, specs: Sequence[TensorSpec]):
     datasets = []
     for name, spec in zip(names, specs):
         if name not in f:
+            have = ", ".join(f) or "nothing"
             f.close()
-            raise DnnpipeError(f"{path}: no dataset {name!r} for input {spec.name!r} (have: {', '.join(f)})")
+            raise DnnpipeError(f"{path}: no dataset {name!r} for input {spec.name!r} (have: {have})")
         data = f[name]
         if tuple(data.shape[1:]) != spec.shape[1:] or data.shape[0] == 0:
             f.close()
@@ -45,7 +46,11 @@ def read_inputs(path: Path, specs: Sequence[TensorSpec], count: Optional[int]) -
 
 
 class ResultWriter:
-    """Writes each model output as one HDF5 dataset, one row per inference, rows in input order."""
+    """Writes each model output as one HDF5 dataset, one row per inference, rows in input order.
+
+    The file's `complete` attribute stays False until end-of-stream, so a file left by a failed or
+    interrupted run says it is partial.
+    """
 
     def __init__(self, path: Optional[Path], specs: Sequence[TensorSpec]):
         self.specs, self.file, self.rows = list(specs), None, 0
@@ -56,6 +61,7 @@ class ResultWriter:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.file = h5py.File(path, "w")
+            self.file.attrs["complete"] = False
         except OSError as e:
             raise DnnpipeError(f"{path}: cannot write results ({e})") from None
         self.datasets = [self.file.create_dataset(spec.name, shape=(0, *spec.shape[1:]), dtype=spec.dtype,
@@ -71,9 +77,10 @@ class ResultWriter:
             dataset[sequence] = tensor[0]
         self.rows = max(self.rows, sequence + 1)
 
-    def close(self) -> None:
+    def close(self, complete: bool = False) -> None:
         if self.file is not None:
             for dataset in self.datasets:
                 dataset.resize(self.rows, axis=0)
+            self.file.attrs["complete"] = complete
             self.file.close()
             self.file = None

@@ -1,5 +1,6 @@
-"""One pipeline stage as a process: receive (or read inputs), infer, send (or write results).
+"""One pipeline stage's schedule: receive (or read inputs), infer, send (or write results).
 
+Links to the neighbouring stages are dnnpipe.runtime.transport's; this module owns only the order of work.
 Three threads joined by bounded queues, with fixed pools of tensor buffers: when a later stage is
 slow, its sender blocks, the queues fill, the receiver stops reading and TCP pushes back on the
 stage before it, so memory stays bounded all along the pipeline. The stage's role comes from its
@@ -8,8 +9,8 @@ position in the manifest (first reads the data file, last writes results), never
 
 from __future__ import annotations
 
+import math
 import queue
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -21,14 +22,16 @@ import numpy as np
 
 from ..errors import DnnpipeError
 from ..interpreter import StageRunner
-from ..manifest import read_manifest, sha256_file
-from ..protocol import FrameReader, Kind, PeerError, send_frame
+from ..manifest import MANIFEST_FILE, read_manifest, sha256_file
+from ..pipeline_key import stage_key
+from ..protocol import Kind, PeerError
 from .dataio import ResultWriter, input_datasets, read_inputs
 from .metrics import FrameTiming, StageSummary, summarise, write_log
+from .handshake import LinkAuth, manifest_identity
+from .transport import Downstream, Say, Upstream, accept_upstream, connect_downstream, listen
 
 END = "end-of-stream"
 POLL_SECONDS = 0.1
-PROBE_SECONDS = 0.3
 
 
 class StageFailed(DnnpipeError):
@@ -53,18 +56,25 @@ class StageOptions:
     timeout: float = 60.0  # longest wait for a frame, or for a send to progress
     connect_timeout: float = 60.0  # longest wait for the neighbours to come up
     queue_size: int = 4
-    emulate_speed: Optional[float] = None  # C of the emulated device: stage time = measured / C
+    pace_ms: Optional[float] = None  # the emulated device's planned time for this stage: stage time = max(host, this)
+    key_file: Optional[Path] = None  # default: pipeline.key beside the manifest
+    insecure: bool = False  # no link authentication (both neighbours must agree)
 
 
 class Stage:
-    def __init__(self, options: StageOptions):
+    def __init__(self, options: StageOptions, say: Say = print):
         self.options = options
+        self.say = say
         manifest = read_manifest(options.folder)
         self.spec = manifest.stage(options.stage)
         self.first = options.stage == 1
         self.last = options.stage == len(manifest.stages)
         self.name = f"[stage {options.stage}]"
         self._check_options()
+        key = stage_key(options.folder, options.key_file, options.insecure)
+        identity = manifest_identity((options.folder / MANIFEST_FILE).read_bytes())
+        self.upstream_auth = None if key is None else LinkAuth(key, identity, options.stage - 1, options.stage)
+        self.downstream_auth = None if key is None else LinkAuth(key, identity, options.stage, options.stage + 1)
         self.stop = threading.Event()
         self.error: Optional[str] = None
         self._lock = threading.Lock()
@@ -73,8 +83,8 @@ class Stage:
         self.input_buffers = self._pool(self.spec.inputs)
         self.output_buffers = self._pool(self.spec.outputs)
         self.timings: list[FrameTiming] = []
-        self.upstream: Optional[socket.socket] = None
-        self.downstream: Optional[socket.socket] = None
+        self.upstream: Optional[Upstream] = None
+        self.downstream: Optional[Downstream] = None
 
     def _check_options(self) -> None:
         o = self.options
@@ -86,8 +96,16 @@ class Stage:
             raise DnnpipeError(f"{self.name} a stage after the first needs --bind-port to receive on")
         if not self.last and (o.next_host is None or o.next_port is None):
             raise DnnpipeError(f"{self.name} a stage before the last needs --next-host and --next-port")
-        if o.emulate_speed is not None and o.emulate_speed <= 0:
-            raise DnnpipeError(f"{self.name} --emulate-speed must be > 0, got {o.emulate_speed}")
+        for flag, value in (("--timeout", o.timeout), ("--connect-timeout", o.connect_timeout), ("--fps", o.fps),
+                            ("--pace-ms", o.pace_ms)):
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise DnnpipeError(f"{self.name} {flag} must be a finite number > 0, got {value}")
+        for flag, count in (("--queue-size", o.queue_size), ("--num-inputs", o.num_inputs),
+                            ("--num-threads", o.num_threads)):
+            if count is not None and count < 1:
+                raise DnnpipeError(f"{self.name} {flag} must be at least 1, got {count}")
+        if o.pace_ms is not None and o.pace_ms / 1000 >= o.timeout:
+            raise DnnpipeError(f"{self.name} --pace-ms {o.pace_ms:g} is not below --timeout {o.timeout:g} s")
 
     def _pool(self, specs) -> queue.Queue:
         pool: queue.Queue = queue.Queue()
@@ -98,28 +116,33 @@ class Stage:
     # --- set-up ------------------------------------------------------------------------------
 
     def run(self) -> StageSummary:
-        listener = None if self.first else self._listen()
+        o = self.options
+        listener = None if self.first or o.bind_port is None else listen(self.name, o.bind_addr, o.bind_port)
         try:
-            path = self.options.folder / self.spec.file
+            path = o.folder / self.spec.file
             if not path.is_file():
                 raise DnnpipeError(f"{self.name} {path}: sub-model not found")
             if sha256_file(path) != self.spec.sha256:
                 raise DnnpipeError(f"{self.name} {path}: sha256 differs from the manifest (stale or damaged file)")
-            self.runner = StageRunner(path, self.spec, self.options.num_threads, self.options.delegate)
+            self.runner = StageRunner(path, self.spec, o.num_threads, o.delegate)
             if not self.last:
-                self.downstream = self._connect()
+                assert o.next_host is not None and o.next_port is not None  # _check_options made sure
+                self.downstream = connect_downstream(self.name, o.next_host, o.next_port, self.spec.outputs,
+                                                     o.connect_timeout, o.timeout, self.say, self.downstream_auth)
             if listener is not None:
-                self.upstream, peer = self._accept(listener)
+                self.upstream = accept_upstream(self.name, listener, self.spec.inputs, o.connect_timeout,
+                                                o.timeout, self.say, self.upstream_auth)
         finally:
             if listener is not None:
                 listener.close()
         if self.upstream is not None:
-            source = partial(self._receive, self.upstream, peer)
-        elif self.options.data_path is not None:
-            source = partial(self._read_inputs, self.options.data_path)
+            source = partial(self._receive, self.upstream)
+        elif o.data_path is not None:
+            source = partial(self._read_inputs, o.data_path)
         else:  # _check_options already refused a first stage without data
             raise DnnpipeError(f"{self.name} the first stage needs --data-path")
         sink = self._write_results if self.downstream is None else partial(self._send, self.downstream)
+        self.say(f"{self.name} running")
         threads = [self._thread(source), self._thread(self._execute), self._thread(sink)]
         for thread in threads:
             thread.start()
@@ -131,69 +154,15 @@ class Stage:
             self._fail(f"{self.name} interrupted")
             raise
         finally:
-            for sock in (self.upstream, self.downstream):
-                if sock is not None:
-                    sock.close()
+            for link in (self.upstream, self.downstream):
+                if link is not None:
+                    link.close()
         if self.error:
             raise StageFailed(self.error)
-        summary = summarise(self.options.stage, self.timings, self.last)
-        if self.options.log_dir is not None:
-            write_log(self.options.log_dir, self.options.stage, self.timings, summary)
+        summary = summarise(o.stage, self.timings, self.last)
+        if o.log_dir is not None:
+            write_log(o.log_dir, o.stage, self.timings, summary)
         return summary
-
-    def _listen(self) -> socket.socket:
-        o = self.options
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            listener.bind((o.bind_addr, o.bind_port))
-            listener.listen(1)
-        except OSError as e:
-            listener.close()
-            raise DnnpipeError(f"{self.name} cannot listen on {o.bind_addr}:{o.bind_port}: "
-                               f"{e.strerror or e}") from None
-        return listener
-
-    def _accept(self, listener: socket.socket) -> tuple[socket.socket, str]:
-        """The upstream stage's connection. One closed without a byte is a readiness probe (the deployer's
-        --launch checks ports that way): it is dropped and the stage keeps waiting."""
-        o = self.options
-        deadline = time.monotonic() + o.connect_timeout
-        while True:
-            listener.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                sock, (host, port) = listener.accept()
-            except socket.timeout:
-                raise DnnpipeError(f"{self.name} no upstream stage connected to {o.bind_addr}:{o.bind_port} "
-                                   f"within {o.connect_timeout:g} s (--connect-timeout)") from None
-            sock.settimeout(PROBE_SECONDS)
-            try:
-                probe = sock.recv(1, socket.MSG_PEEK) == b""
-            except socket.timeout:
-                probe = False  # connected and quiet: an upstream stage waiting for its own input
-            except OSError:
-                probe = True
-            if not probe:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                return sock, f"{self.name} upstream {host}:{port}"
-            sock.close()
-
-    def _connect(self) -> socket.socket:
-        """Retry until the next stage listens, for at most --connect-timeout seconds."""
-        o = self.options
-        deadline, delay, reason = time.monotonic() + o.connect_timeout, 0.1, "no attempt"
-        while time.monotonic() < deadline:
-            try:
-                sock = socket.create_connection((o.next_host, o.next_port), timeout=min(5.0, o.connect_timeout))
-            except OSError as e:
-                reason = e.strerror or str(e)
-                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                delay = min(delay * 2, 1.0)
-                continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.settimeout(o.timeout)
-            return sock
-        raise DnnpipeError(f"{self.name} cannot reach the next stage at {o.next_host}:{o.next_port} within "
-                           f"{o.connect_timeout:g} s ({reason})")
 
     # --- threads -----------------------------------------------------------------------------
 
@@ -204,8 +173,8 @@ class Stage:
                 body()
             except PeerError as e:  # already names the stage it came from
                 self._fail(str(e))
-            except DnnpipeError as e:
-                self._fail(f"{self.name} {e}")
+            except DnnpipeError as e:  # transport errors name this stage already
+                self._fail(str(e) if str(e).startswith(self.name) else f"{self.name} {e}")
             except Exception as e:  # noqa: BLE001 - any failure must stop the stage, not hang it
                 self._fail(f"{self.name} {type(e).__name__}: {e}")
 
@@ -217,10 +186,7 @@ class Stage:
                 self.error = message
         self.stop.set()
         if self.upstream is not None:
-            try:
-                self.upstream.shutdown(socket.SHUT_RDWR)  # unblocks the receiver; upstream sees the close
-            except OSError:
-                pass
+            self.upstream.shutdown()
 
     def _put(self, box: queue.Queue, item: Any) -> bool:
         while not self.stop.is_set():
@@ -255,23 +221,29 @@ class Stage:
                 return
         self._put(self.inbox, END)
 
-    def _receive(self, upstream: socket.socket, peer: str) -> None:
-        reader = FrameReader(upstream, self.spec.inputs, peer, self.options.timeout)
+    def _receive(self, upstream: Upstream) -> None:
         while True:
             buffers = self._get(self.input_buffers)
             if buffers is None:
                 return
             began = time.perf_counter()
-            frame = reader.read(buffers)
+            frame = upstream.read(buffers)
             if frame.kind == Kind.END:
                 self._put(self.inbox, END)
                 return
-            timing = FrameTiming(frame.sequence, receive_ms=(time.perf_counter() - began) * 1000)
+            timing = FrameTiming(frame.sequence, receive_ms=(time.perf_counter() - began) * 1000,
+                                 received=time.time())
             if not self._put(self.inbox, (frame.sequence, frame.origin_ns, buffers, timing, time.perf_counter())):
                 return
 
     def _execute(self) -> None:
-        slowdown = 1.0 / self.options.emulate_speed - 1.0 if self.options.emulate_speed else 0.0
+        # Pacing follows the emulated device's own clock: it starts a frame when the frame has arrived and
+        # it finished the previous one (or, held back by the next stage, when a result buffer is free) and
+        # ends it planned ms later. Sleeping until that absolute deadline, instead of a sleep proportional
+        # to the measured time, keeps host noise from being multiplied by 1/C, and a late wake-up on a busy
+        # host does not push back the frames after it.
+        pace = self.options.pace_ms / 1000 if self.options.pace_ms else 0.0
+        free_at = 0.0  # when the emulated device finished its previous frame
         while True:
             item = self._get(self.inbox)
             if item is None:
@@ -281,7 +253,10 @@ class Stage:
                 return
             sequence, origin_ns, buffers, timing, queued = item
             timing.queue_wait_ms = (time.perf_counter() - queued) * 1000
-            results = self._get(self.output_buffers)
+            try:
+                results, start = self.output_buffers.get_nowait(), max(queued, free_at)
+            except queue.Empty:
+                results, start = self._get(self.output_buffers), time.perf_counter()
             if results is None:
                 return
             timing.infer_start = time.time()
@@ -290,31 +265,30 @@ class Stage:
                 np.copyto(result, output)  # the interpreter reuses its output memory on the next call
             inference = time.perf_counter() - began
             self.input_buffers.put(buffers)
-            if slowdown > 0:
-                time.sleep(inference * slowdown)
+            free_at = start + pace
+            while (left := free_at - time.perf_counter()) > 0:
+                time.sleep(left)
             timing.inference_ms = inference * 1000
             timing.emulation_ms = (time.perf_counter() - began - inference) * 1000
+            timing.planned_ms = pace * 1000
             timing.infer_end = time.time()
             if not self._put(self.outbox, (sequence, origin_ns, results, timing)):
                 return
 
-    def _send(self, downstream: socket.socket) -> None:
+    def _send(self, downstream: Downstream) -> None:
         sent = 0
         while True:
             item = self._get(self.outbox)
             if item is None:  # stopped by an error elsewhere in this stage: tell the next stage
-                send_frame(downstream, Kind.ERROR, sent, 0, message=self.error or f"{self.name} stopped")
+                downstream.error(sent, self.error or f"{self.name} stopped")
                 return
             if item == END:
-                send_frame(downstream, Kind.END, sent, 0)
+                downstream.end(sent)
                 return
             sequence, origin_ns, results, timing = item
+            timing.send_start = time.time()
             began = time.perf_counter()
-            try:
-                send_frame(downstream, Kind.DATA, sequence, origin_ns, self.spec.outputs, results)
-            except OSError as e:
-                raise DnnpipeError(f"cannot send to the next stage at {self.options.next_host}:"
-                                   f"{self.options.next_port}: {e.strerror or e or 'timed out'}") from None
+            downstream.send(sequence, origin_ns, results)
             timing.send_ms = (time.perf_counter() - began) * 1000
             self.output_buffers.put(results)
             self.timings.append(timing)
@@ -322,10 +296,12 @@ class Stage:
 
     def _write_results(self) -> None:
         writer = ResultWriter(self.options.output_path, self.spec.outputs)
+        complete = False
         try:
             while True:
                 item = self._get(self.outbox)
                 if item is None or item == END:
+                    complete = item == END
                     return
                 sequence, origin_ns, results, timing = item
                 began = time.perf_counter()
@@ -335,4 +311,4 @@ class Stage:
                 self.output_buffers.put(results)
                 self.timings.append(timing)
         finally:
-            writer.close()
+            writer.close(complete)

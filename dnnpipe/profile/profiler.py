@@ -21,13 +21,13 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .errors import DnnpipeError
-from .interpreter import load_interpreter
-from .manifest import TensorSpec
-from .partition.convert import endpoint, signature_keys
-from .partition.split import wire_spec
-from .partition.graph import analyse
-from .tfenv import import_tensorflow, native_stderr_captured
+from ..errors import DnnpipeError
+from ..interpreter import load_interpreter
+from ..manifest import TensorSpec
+from ..partition.convert import endpoint, signature_keys
+from ..partition.split import wire_spec
+from ..partition.graph import analyse
+from ..tfenv import import_tensorflow, native_stderr_captured
 
 MIB = float(1 << 20)
 SUM_TOLERANCE = 0.15
@@ -110,7 +110,7 @@ def time_invoke(runner, feed: dict[str, np.ndarray], repeats: int, warmup: int) 
 
 def profile_keras_model(model, repeats: int = 30, warmup: int = 5, num_threads: Optional[int] = None,
                         progress: Optional[Callable[[str], None]] = None) -> ModelProfile:
-    from .partition.verify import random_inputs
+    from ..partition.verify import random_inputs
 
     graph, keras_tensors = analyse(model)
     keys = signature_keys(t.name for t in graph.tensors)

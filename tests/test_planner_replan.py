@@ -2,11 +2,12 @@
 
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bruteforce import brute_force_bottleneck
 from dnnpipe import ConfigError, NoPlanError, plan
 from dnnpipe.planner.replan import ClusterChange, replan
-from strategies import as_config, instances
+from strategies import as_config, cut_sets, instances, linked_instances
 
 CONFIG = as_config([1.0, 0.5, 0.5, 0.25], [100, 100, 100, 100], [4.0] * 12, [1.0] * 12)
 
@@ -83,3 +84,45 @@ def test_replan_command(tmp_path):
     assert 1 not in [d for _, _, d in written["pipeline_plan"]]
     assert_clean_error(run_script("dnnpipe", "replan", "--config", str(tmp_path), "--model-name", "m",
                                   "--speed", "2:0.5"), "--speed takes DEVICE=VALUE")
+
+
+def test_a_stale_running_plan_or_a_bad_value_is_a_clear_error():
+    config = {"device_config": {"N": 2, "C": [1, 0.5], "M": [100, 100]},
+              "model_config": {"U": 4, "E": [1, 1, 1, 1], "R": [1, 1, 1, 1]}}
+    with pytest.raises(ConfigError, match="stage 2 covers units 3-9, but the stages must cover units 1-4"):
+        replan(config, [[1, 2, 1], [3, 9, 2]], ClusterChange())
+    with pytest.raises(ConfigError, match="covers units 1-3, the config has 4 units"):
+        replan(config, [[1, 3, 1]], ClusterChange())
+    for bad in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(ConfigError, match="speed must be a finite number > 0"):
+            replan(config, [[1, 4, 1]], ClusterChange(speeds={2: bad}))
+
+@st.composite
+def running_and_change(draw):
+    C, M, E, R, B, A, B_link = draw(linked_instances(matrix=True))
+    cuts = draw(cut_sets(len(E)))
+    gone = draw(st.sampled_from(range(1, len(C) + 1)))
+    return (C, M, E, R, B, A, B_link), cuts, gone
+
+
+@settings(max_examples=100, deadline=None)
+@given(running_and_change())
+def test_replan_respects_cuts_and_link_matrix(case):
+    (C, M, E, R, B, A, B_link), cuts, gone = case
+    config = as_config(C, M, E, R, B, A, B_link, cuts)
+    try:
+        running = plan(config).stages
+    except NoPlanError:
+        return
+    keep = [d for d in range(len(C)) if d != gone - 1]
+    expected = None
+    if keep:
+        expected = brute_force_bottleneck([C[d] for d in keep], [M[d] for d in keep], E, R, [B[d] for d in keep], A,
+                                          B_link=[[B_link[d][e] for e in keep] for d in keep], cuts=cuts)
+    if expected is None:
+        return  # nothing left that can run the model (covered by test_replan.py)
+    result = replan(config, running, ClusterChange(removed=frozenset({gone})))
+    assert abs(result.plan.bottleneck - expected) <= 1e-12 * max(1.0, expected)
+    legal = set(cuts if cuts is not None else range(1, len(E))) | {len(E)}
+    assert all(end in legal for _, end, _ in result.plan.stages)
+    assert gone not in [d for *_, d in result.plan.stages]

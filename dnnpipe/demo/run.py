@@ -1,0 +1,197 @@
+"""The demo's steps: model -> profile -> plan -> partition -> deploy -> run -> report, on one machine.
+
+Every artefact lands in one work directory, in the same layout the individual commands use, so each
+step can be rerun alone (`--steps profile plan`) or by hand with the command the report lists.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ..errors import DnnpipeError
+from ..jsonio import write_json
+from .work import Work
+
+PAPER_C = [1.0, 0.33, 0.21, 0.21]
+PAPER_M = [8998.0, 1452.0, 562.0, 582.0]
+PAPER_MODEL_MB = 88.57  # EfficientNetV2B0's total R in the paper's profile: the memories are for that size
+LAN_MBPS = 1000.0  # each board on gigabit Ethernet: plans count the time to ship every cut
+STEPS = ("model", "profile", "plan", "partition", "deploy", "run", "report")
+
+
+@dataclass
+class Options:
+    model: str = "efficientnetv2b0"
+    input_size: Optional[int] = None
+    cluster: Optional[Path] = None
+    num_inputs: int = 200
+    samples: int = 32
+    repeats: int = 20
+    steps: tuple[str, ...] = STEPS
+    testbed: str = "auto"  # dnnpipe.testbed.netns.MODES
+    scale: Optional[float] = None  # every emulated speed and bandwidth x this (default: fit the usable cores)
+    commands: list[str] = field(default_factory=list)
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def run_demo(work: Work, options: Options) -> None:
+    for step in options.steps:
+        began = time.perf_counter()
+        say(f"\n== {step} ==")
+        STEP_FUNCTIONS[step](work, options)
+        say(f"({step}: {time.perf_counter() - began:.1f} s)")
+    say(f"\nwork directory: {work.root}")
+
+
+def step_model(work: Work, options: Options) -> None:
+    from ..examples import make_dataset, make_model
+    from ..partition.partitioner import load_keras_model
+
+    if not work.model.exists():
+        make_model(options.model, work.model, options.input_size)
+        say(f"wrote {work.model}")
+    else:
+        say(f"using {work.model}")
+    if not work.dataset.exists():
+        shape = tuple(load_keras_model(work.model).inputs[0].shape[1:])
+        make_dataset(work.dataset, shape, options.samples)
+        say(f"wrote {work.dataset} ({options.samples} synthetic images {shape})")
+
+
+def cluster(options: Options, model_mb: float) -> dict:
+    """The paper's testbed speeds, memories scaled to this model as they were to EfficientNetV2B0, and
+    gigabit links (the testbed shapes each device's link to its B; the plan avoids cuts too big to ship)."""
+    if options.cluster is not None:
+        data = json.loads(options.cluster.read_text())
+        data = data.get("device_config", data)
+        return {"N": len(data["C"]), **{k: data[k] for k in ("C", "M", "B") if k in data}}
+    scale = model_mb / PAPER_MODEL_MB
+    return {"N": 4, "C": PAPER_C, "M": [round(m * scale, 3) for m in PAPER_M], "B": [LAN_MBPS] * 4}
+
+
+def step_profile(work: Work, options: Options) -> None:
+    from ..partition.partitioner import load_keras_model
+    from ..profile.profiler import config_from, describe, profile_keras_model, progress_line
+
+    profile = profile_keras_model(load_keras_model(work.model), options.repeats, num_threads=1,
+                                  progress=progress_line)
+    write_json(work.config, config_from(profile, cluster(options, sum(profile.R))))
+    say(describe(profile))
+    say(f"wrote {work.config}")
+
+
+def step_plan(work: Work, options: Options) -> None:
+    from ..planfile import format_plan, write_plan
+    from ..planner import plan
+
+    if options.cluster is not None:  # a new cluster for the same profile: re-plan without re-profiling
+        config = json.loads(work.config.read_text())
+        config["device_config"] = cluster(options, sum(config["model_config"]["R"]))
+        write_json(work.config, config)
+    result = plan(work.config)
+    write_plan(result, work.plan)
+    say(format_plan(result))
+    say(f"wrote {work.plan}")
+
+
+def step_partition(work: Work, options: Options) -> None:
+    from ..config import load_config
+    from ..partition.partitioner import load_keras_model, partition_keras_model
+    from ..planfile import read_stages
+    from ..testbed.pacing import fastest_device
+
+    model = load_keras_model(work.model)
+    partition_keras_model(model, read_stages(work.plan), work.parts / work.name, work.name, str(work.plan))
+    # The comparison: the whole model as one stage on the fastest device.
+    config = load_config(work.config)
+    partition_keras_model(model, [[1, config.profile.U, fastest_device(config)]], work.single / work.name,
+                          work.name, "single device", verify_chain=False)
+
+
+def step_deploy(work: Work, options: Options) -> None:
+    from ..deploy.deployer import DeployOptions, deploy
+    from ..deploy.ship import format_reports
+    from ..runtime.local import free_ports
+
+    speeds = json.loads(work.config.read_text())["device_config"]["C"]
+    ports = free_ports(len(speeds))
+    devices = [{"device_id": d + 1, "host": "local", "remote_dir": str(work.devices / f"device_{d + 1}"),
+                "runtime_port": ports[d]} for d in range(len(speeds))]
+    write_json(work.registry, {"devices": devices})
+    deployment = deploy(DeployOptions(registry=work.registry, model_name=work.name, model_path=work.parts,
+                                      config=work.configs, dataset=work.dataset))
+    say(format_reports(deployment.reports))
+    if deployment.failed:
+        raise DnnpipeError(f"deploying to {len(deployment.failed)} devices failed (see the table above)")
+
+
+def step_run(work: Work, options: Options) -> None:
+    """The pipeline and the fastest device alone, each stage paced to its device's planned time on the testbed.
+
+    The source offers inputs at the predicted rate and every queue holds one frame, so a pipeline that
+    keeps up carries a bounded number of inputs and its latency is that of full throughput, not of a
+    backlog; one slower than predicted falls behind the source, which shows as queueing in the report.
+    """
+    from ..config import load_config
+    from ..planfile import read_stages
+    from ..runtime.local import RunOptions, run_local
+    from ..testbed.cores import usable_cores
+    from ..testbed.netns import open_testbed
+    from ..testbed.pacing import emulation, emulation_scale, fastest_device
+    from .report import breakdown
+
+    config = load_config(work.config)
+    cores = usable_cores()
+    scale = options.scale or emulation_scale(config, cores)
+    pipeline_plan = emulation(config, read_stages(work.plan), scale)
+    single_plan = emulation(config, [[1, config.profile.U, fastest_device(config)]], scale)
+    devices = sorted({*pipeline_plan.devices, *single_plan.devices})
+    links = None if pipeline_plan.link_mbps is None else {d: pipeline_plan.link_mbps[d - 1] for d in devices}
+    say(f"emulated cluster: every speed and bandwidth x {scale:.3g}" + (
+        "" if options.scale else f", to fit {cores:g} usable cores (see dnnpipe.testbed.pacing.emulation_scale)"))
+    runs = {}
+    with open_testbed(devices, links, options.testbed, say) as bed:
+        for name, emulated, paced in (("pipeline", pipeline_plan, True), ("single", single_plan, True),
+                                      ("capacity", pipeline_plan, False)):
+            say({"pipeline": "pipeline", "single": "the fastest device alone",
+                 "capacity": "pipeline capacity"}[name] + ": source " + (
+                f"paced at the predicted {emulated.throughput:.1f} inferences/s" if paced else
+                "unpaced (as fast as the pipeline takes inputs), to show the pipeline cannot beat the prediction"))
+            run = RunOptions(num_inputs=options.num_inputs, num_threads=1, queue_size=1,
+                             fps=emulated.throughput if paced else None)
+            folder = (work.single if name == "single" else work.parts) / work.name
+            output = work.results if name == "pipeline" else None
+            runs[name] = run_local(folder, work.dataset, output, work.logs / name, emulated.pace_ms(), run, bed)
+            say(runs[name].describe())
+    pipeline, single = runs["pipeline"], runs["single"]
+    write_json(work.measured, {
+        "testbed": pipeline.network, "usable_cores": cores, "emulation_scale": scale,
+        "pipeline_throughput": pipeline.throughput, "predicted_pipeline_throughput": pipeline_plan.throughput,
+        "single_throughput": single.throughput, "predicted_single_throughput": single_plan.throughput,
+        "pipeline_capacity": runs["capacity"].throughput,
+        "latency_p50_ms": pipeline.stages[-1].latency_p50_ms, "latency_p95_ms": pipeline.stages[-1].latency_p95_ms,
+        "single_latency_p50_ms": single.stages[-1].latency_p50_ms,
+        "planned_stage_ms": [s.compute_ms for s in pipeline_plan.stages],
+        "planned_hop_ms": [s.hop_ms for s in pipeline_plan.stages],
+        "stage_time_p50_ms": [s.stage_time_p50_ms for s in pipeline.stages],
+        "stages": breakdown(work.logs / "pipeline", len(pipeline.stages)),
+        "single_stages": breakdown(work.logs / "single", 1)})
+
+
+def step_report(work: Work, options: Options) -> None:
+    from .report import write_report
+
+    if not work.measured.exists():
+        raise DnnpipeError(f"{work.measured} not found: run the 'run' step first")
+    say(write_report(work))
+
+
+STEP_FUNCTIONS = {"model": step_model, "profile": step_profile, "plan": step_plan, "partition": step_partition,
+                  "deploy": step_deploy, "run": step_run, "report": step_report}

@@ -1,0 +1,108 @@
+"""The deployer's job as a library call: ship every stage to its device, then (optionally) start or stop them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..errors import DnnpipeError
+from ..layout import config_paths
+from ..manifest import read_manifest
+from .launch import StageLaunch, launch, launch_plan, stop, write_launch_plan
+from .registry import devices_for, load_registry
+from .ship import DeviceReport, runtime_code, ship_all, uploads_for
+from .transport import SshOptions, Transport, transport_for
+
+LAUNCH_PLAN = "launch_plan.json"
+DATASET = "dataset.h5"
+Echo = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DeployOptions:
+    registry: Path
+    model_name: str
+    model_path: Path = Path("partitioned_submodels")
+    config: Path = Path("configurations")
+    dry_run: bool = False
+    ssh: SshOptions = field(default_factory=SshOptions)
+    runtime_code: bool = True
+    dataset: Optional[Path] = None  # shipped to the first stage's device
+    data_path: Optional[str] = None  # the input path there (default dataset.h5)
+    output_path: str = "results.h5"
+    wait: float = 60.0  # how long a launch waits for each stage's port
+
+    @property
+    def folder(self) -> Path:
+        return self.model_path / self.model_name
+
+
+@dataclass
+class Deployment:
+    """What deploy() did: per-device reports, the launch plan, and where it was written."""
+
+    reports: list[DeviceReport]
+    launches: list[StageLaunch]
+    transports: dict[int, Transport]
+    launch_plan_file: Optional[Path] = None
+
+    @property
+    def failed(self) -> list[DeviceReport]:
+        return [r for r in self.reports if not r.ok]
+
+
+def _setup(options: DeployOptions) -> tuple[list[StageLaunch], dict[int, Transport]]:
+    registry = load_registry(options.registry)
+    manifest = read_manifest(options.folder)
+    devices = devices_for(registry, [s.device for s in manifest.stages], str(options.registry))
+    transports = {d.device_id: transport_for(d, options.ssh) for d in devices}
+    launches = launch_plan(manifest, devices, options.model_path.resolve().name, options.data_path or DATASET,
+                           options.output_path)
+    return launches, transports
+
+
+def deploy(options: DeployOptions) -> Deployment:
+    """Ship each device its stage's files (hash-checked, skipping what is there); write launch_plan.json when
+    every device succeeded."""
+    if options.dataset is not None and not options.dataset.is_file():
+        raise DnnpipeError(f"{options.dataset}: dataset file not found")
+    if options.dataset is not None and options.data_path is not None:
+        check_device_path(options.data_path, "--data-path")
+    launches, transports = _setup(options)
+    manifest = read_manifest(options.folder)
+    models_dir = options.model_path.resolve().name
+    plan_file = config_paths(options.config, options.model_name)[1]
+    extra = [(plan_file, f"{models_dir}/{options.model_name}/{plan_file.name}")] if plan_file.is_file() else []
+    extra += runtime_code() if options.runtime_code else []
+    jobs = []
+    for item in launches:
+        files = list(extra)
+        if item.stage == 1 and options.dataset is not None:
+            files.append((options.dataset, options.data_path or DATASET))
+        jobs.append((transports[item.device.device_id], DeviceReport(item.device, [item.stage]),
+                     uploads_for(manifest, options.folder, models_dir, [item.stage], files)))
+    deployment = Deployment(ship_all(jobs, dry_run=options.dry_run), launches, transports)
+    if not options.dry_run and not deployment.failed:
+        deployment.launch_plan_file = options.folder / LAUNCH_PLAN
+        write_launch_plan(deployment.launch_plan_file, launches)
+    return deployment
+
+
+def check_device_path(path: str, what: str) -> None:
+    """A file shipped to a device stays inside its remote_dir: relative, no '..', no control characters."""
+    parts = path.split("/")
+    if path.startswith("/") or ".." in parts or "" in parts or any(p.startswith("-") for p in parts) \
+            or any(ord(c) < 32 or c == "\x7f" for c in path):
+        raise DnnpipeError(f"{what} {path!r} must be a relative path inside the device folder (no '..', no leading "
+                           f"'/' or '-', no control characters)")
+
+
+def start_stages(deployment: Deployment, wait: float, echo: Echo = print) -> None:
+    launch(deployment.launches, deployment.transports, wait, echo)
+
+
+def stop_stages(options: DeployOptions, echo: Echo = print) -> None:
+    """Stop the stages a launch started, by the pid files on each device."""
+    launches, transports = _setup(options)
+    stop(launches, transports, echo)

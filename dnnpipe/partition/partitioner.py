@@ -1,0 +1,158 @@
+"""The partitioner's job as a library call: load the model, plan (or read a plan), split, verify, write."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..config import load_config
+from ..errors import DnnpipeError
+from ..layout import config_paths
+from ..manifest import Manifest, write_manifest
+from ..pipeline_key import create_key
+from ..planfile import format_plan, read_stages, write_plan
+from ..planner import Plan, plan
+from .graph import PartitionError, analyse
+from .load import find_model, load_keras_model
+from .split import check_stages, intermediate_values, split_model
+from .verify import TOLERANCE, Verification, verify
+
+QUANTIZE = ("none", "float16", "int8")
+Echo = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class PartitionOptions:
+    """What model_partitioner.py is asked to do; `check` refuses a bad combination before any work."""
+
+    config: Path
+    model_name: str
+    model_path: Optional[Path] = None
+    output_dir: Optional[Path] = None
+    algorithm: Optional[str] = None
+    plan_only: bool = False
+    plan: Optional[Path] = None
+    verify: bool = True
+    tolerance: Optional[float] = None
+    quantize: str = "none"
+    calibration_data: Optional[Path] = None
+    custom_objects: Optional[Path] = None  # a Python file defining the model's custom layers
+
+    def check(self) -> None:
+        if self.quantize not in QUANTIZE:
+            raise DnnpipeError(f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
+        if self.plan_only:
+            return
+        if self.model_path is None or self.output_dir is None:
+            raise DnnpipeError("--model-path and --output-dir are needed to partition a model "
+                               "(or give --plan-only to only plan)")
+        if self.quantize == "int8" and self.calibration_data is None:
+            raise DnnpipeError("--quantize int8 needs --calibration-data FILE.h5 (dataset 'images')")
+        if self.calibration_data is not None and not self.calibration_data.is_file():
+            raise DnnpipeError(f"{self.calibration_data}: calibration data file not found")
+        if self.plan is not None and not self.plan.is_file():
+            raise DnnpipeError(f"{self.plan}: plan file not found")
+        if self.tolerance is not None and not self.tolerance > 0:
+            raise DnnpipeError(f"--tolerance must be > 0, got {self.tolerance}")
+
+
+@dataclass(frozen=True)
+class PartitionResult:
+    plan: Optional[Plan]  # None when the stages came from an existing plan file
+    plan_file: Optional[Path]  # where the new plan was written
+    manifest: Optional[Manifest]  # None with plan_only
+    folder: Optional[Path]
+
+
+def read_calibration(path: Path, input_names: list[str], limit: int = 200):
+    """HDF5 calibration samples: dataset 'images' for a one-input model, else one dataset per input name."""
+    import h5py
+    import numpy as np
+
+    try:
+        with h5py.File(path, "r") as f:
+            names = {n: ("images" if len(input_names) == 1 and "images" in f else n) for n in input_names}
+            missing = [d for d in names.values() if d not in f]
+            if missing:
+                raise DnnpipeError(f"{path}: no dataset {missing[0]!r} (have: {', '.join(f.keys())})")
+            return {n: np.asarray(f[d][:limit]) for n, d in names.items()}
+    except OSError as e:
+        raise DnnpipeError(f"{path}: cannot read HDF5 calibration data ({e})") from None
+
+
+def partition_keras_model(model, stages, folder: Path, model_name: str, source: str, quantize: str = "none",
+                          calibration_inputs=None, tolerance: Optional[float] = None,
+                          verify_chain: bool = True, echo: Echo = print) -> tuple[Manifest, Optional[Verification]]:
+    """Split a (functional) Keras model by plan stages into folder; verify the chain unless told not to."""
+    graph, keras_tensors = analyse(model)
+    check_stages(graph, stages, source)
+    calibration = None
+    if quantize == "int8":
+        if calibration_inputs is None:
+            raise DnnpipeError("--quantize int8 needs --calibration-data FILE.h5 (dataset 'images')")
+        names = sorted({t.name for start, _, _ in stages for t in graph.crossing(start - 1)})
+        calibration = intermediate_values(model, keras_tensors, names, calibration_inputs)
+    started = time.perf_counter()
+    manifest = split_model(graph, keras_tensors, stages, folder, model_name, quantize, calibration)
+    manifest = replace(manifest, extra={"conversion_seconds": round(time.perf_counter() - started, 3)})
+    write_manifest(manifest, folder)  # written before verifying, so a failed chain can be inspected
+    create_key(folder)  # stages authenticate their links with it (kept when re-partitioning)
+    if not verify_chain:
+        return manifest, None
+    tolerance = tolerance if tolerance is not None else TOLERANCE[quantize]
+    check = verify(model, manifest, folder, tolerance)
+    echo(check.describe())
+    manifest = replace(manifest, extra={**manifest.extra, "verification": {
+        "max_relative_difference": check.differences, "tolerance": tolerance, "ok": check.ok}})
+    write_manifest(manifest, folder)
+    if not check.ok:
+        raise PartitionError(f"{folder}: the sub-model chain differs from the Keras model by more than "
+                             f"{tolerance:g} (see above); sub-models kept for inspection")
+    return manifest, check
+
+
+def plan_model(options: PartitionOptions, echo: Echo = print) -> tuple[Plan, Path]:
+    """Plan the config's model and write pipeline_plan.json beside the config."""
+    config_file, plan_file = config_paths(options.config, options.model_name)
+    result = plan(config_file, options.algorithm)
+    write_plan(result, plan_file)
+    echo(format_plan(result))
+    echo(f"wrote {plan_file}")
+    return result, plan_file
+
+
+def partition(options: PartitionOptions, echo: Echo = print) -> PartitionResult:
+    """The paper's step 1: plan (or read a plan), then cut the model into verified sub-models."""
+    options.check()
+    if options.plan_only:
+        return PartitionResult(*plan_model(options, echo), None, None)
+    assert options.model_path is not None and options.output_dir is not None  # check() made sure
+    started = time.perf_counter()
+    model_file = find_model(options.model_path, options.model_name)
+    model = load_keras_model(model_file, options.custom_objects)
+    graph, _ = analyse(model)
+    echo(f"{model_file}: {graph.U} units, inputs {[t.name for t in graph.crossing(0)]}, "
+         f"outputs {list(graph.outputs)}")
+    calibration_inputs = None
+    if options.calibration_data is not None:
+        calibration_inputs = read_calibration(options.calibration_data, [t.name for t in graph.crossing(0)])
+    new_plan: Optional[Plan] = None
+    plan_file: Optional[Path] = None
+    if options.plan is not None:
+        stages, source = read_stages(options.plan), str(options.plan)
+    else:
+        config_file = config_paths(options.config, options.model_name)[0]
+        config = load_config(config_file)
+        if config.profile.U != graph.U:
+            raise PartitionError(f"{config_file}: model_config.U = {config.profile.U} but {model_file} has "
+                                 f"{graph.U} units (its non-input layers)")
+        new_plan, plan_file = plan_model(options, echo)
+        stages, source = new_plan.stages, str(plan_file)
+    folder = options.output_dir / options.model_name
+    manifest, _ = partition_keras_model(model, stages, folder, options.model_name, source, options.quantize,
+                                        calibration_inputs, options.tolerance, options.verify, echo)
+    echo(f"wrote {len(manifest.stages)} sub-models and {folder / 'manifest.json'} in "
+         f"{time.perf_counter() - started:.1f} s (conversion {manifest.extra['conversion_seconds']:.1f} s)")
+    return PartitionResult(new_plan, plan_file, manifest, folder)

@@ -1,0 +1,1 @@
+"""Measuring a model on this machine: per-unit times and memory (profiler), and the profile command."""

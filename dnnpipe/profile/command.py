@@ -1,0 +1,48 @@
+"""`python -m dnnpipe profile`: measure a model's units on this machine and write the paper's config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..console import positive_float, positive_int
+from ..jsonio import write_json
+from ..layout import config_paths
+from ..partition.partitioner import find_model, load_keras_model
+from .profiler import config_from, describe, device_config, profile_keras_model, progress_line
+
+
+def add_profile_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model-path", type=Path, default=Path("original_models"),
+                        help="folder holding NAME.h5 (default original_models)")
+    parser.add_argument("--model-name", required=True, help="model name (file stem and config sub-folder)")
+    parser.add_argument("--config", type=Path, default=Path("configurations"),
+                        help="writes NAME/config.json below this folder (or this .json file; default configurations)")
+    parser.add_argument("--devices", type=Path, help='JSON file {"C": [...], "M": [...]} of the cluster')
+    parser.add_argument("--speeds", type=positive_float, nargs="+", metavar="C", help="each device's speed factor")
+    parser.add_argument("--memory", type=float, nargs="+", metavar="MB", help="each device's memory, MiB")
+    parser.add_argument("--speed-factor-of", type=positive_float, nargs="+", metavar="MS",
+                        help="the whole model's time measured on each device, ms: sets C relative to this machine")
+    parser.add_argument("--bandwidth", type=positive_float, nargs="+", metavar="MBPS",
+                        help="each device's link, Mbit/s: plans then count the time to ship each cut")
+    parser.add_argument("--repeats", type=positive_int, default=30,
+                        help="timed runs per unit; E is their median (default 30)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed runs per unit before timing (default 5)")
+    parser.add_argument("--num-threads", type=positive_int, default=1, help="interpreter threads (default 1)")
+    parser.add_argument("--custom-objects", type=Path, metavar="FILE",
+                        help="Python file defining the model's custom layers (registered before loading)")
+    return parser
+
+
+def profile_command(args: argparse.Namespace) -> int:
+    device_config(args.devices, args.speeds, args.memory, args.speed_factor_of, None, args.bandwidth)  # fail early
+    model = load_keras_model(find_model(args.model_path, args.model_name), args.custom_objects)
+    profile = profile_keras_model(model, args.repeats, args.warmup, args.num_threads, progress_line)
+    devices = device_config(args.devices, args.speeds, args.memory, args.speed_factor_of, profile.whole_ms,
+                            args.bandwidth)
+    config_file = write_json(config_paths(args.config, args.model_name)[0], config_from(profile, devices))
+    print(describe(profile))
+    print(f"devices: C = {json.dumps(devices['C'])}, M = {json.dumps(devices['M'])}")
+    print(f"wrote {config_file}")
+    return 0

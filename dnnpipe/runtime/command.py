@@ -1,0 +1,87 @@
+"""runtime_engine.py and `python -m dnnpipe stage`: arguments in, one running stage out.
+
+runtime_engine.py imports only this module on a board, so it stays within the device side; `run-local`, which
+runs every stage on this host, is the testbed's command (dnnpipe.testbed.command).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..console import positive_float, positive_int, script_main
+from .local import RunOptions
+from .stage import Stage, StageOptions
+
+
+def add_stage_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--stage", type=positive_int, required=True, help="this process's stage, 1-based")
+    parser.add_argument("--model-path", type=Path, required=True, help="folder holding NAME/manifest.json")
+    parser.add_argument("--model-name", required=True, help="model name (sub-folder of --model-path)")
+    parser.add_argument("--bind-addr", default="0.0.0.0",
+                        help="address to receive the previous stage on (default 0.0.0.0)")
+    parser.add_argument("--bind-port", type=port, help="port to receive on (every stage but the first)")
+    parser.add_argument("--next-host", help="the next stage's host (every stage but the last)")
+    parser.add_argument("--next-port", type=port, help="the next stage's port (every stage but the last)")
+    parser.add_argument("--data-path", type=Path, help="first stage: HDF5 inputs, dataset 'images'")
+    parser.add_argument("--output-path", type=Path, help="last stage: HDF5 results, one dataset per output")
+    add_run_arguments(parser)
+    parser.add_argument("--pace-ms", type=positive_float, metavar="MS",
+                        help="emulate a device whose stage takes MS: each frame's stage time is max(host, MS)")
+    return parser
+
+
+def port(text: str) -> int:
+    """argparse type: a TCP port, 1..65535."""
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is at most 65535, got {value}")
+    return value
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options every stage of a run shares (run-local passes them on to each stage)."""
+    parser.add_argument("--num-inputs", type=positive_int,
+                        help="inferences to run (cycles the data; default: every row)")
+    parser.add_argument("--fps", type=positive_float, help="pace inputs at this rate (default: as fast as taken)")
+    parser.add_argument("--log-dir", type=Path, help="per-frame CSV and summary JSON per stage")
+    parser.add_argument("--num-threads", type=positive_int, help="interpreter threads (default: the interpreter's)")
+    parser.add_argument("--delegate", help="delegate library, e.g. libedgetpu.so.1")
+    parser.add_argument("--timeout", type=positive_float, default=60.0,
+                        help="longest wait for a frame, s (default 60)")
+    parser.add_argument("--connect-timeout", type=positive_float, default=60.0,
+                        help="longest wait for the neighbouring stages to come up, s (default 60)")
+    parser.add_argument("--queue-size", type=positive_int, default=4,
+                        help="frames buffered between threads (default 4)")
+    parser.add_argument("--key-file", type=Path,
+                        help="the pipeline key (default: pipeline.key beside manifest.json)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="run without authenticating the links between stages (every stage must agree)")
+
+
+def run_options(args: argparse.Namespace) -> RunOptions:
+    return RunOptions(num_inputs=args.num_inputs, fps=args.fps, num_threads=args.num_threads,
+                      delegate=args.delegate, timeout=args.timeout, connect_timeout=args.connect_timeout,
+                      queue_size=args.queue_size, key_file=args.key_file, insecure=args.insecure)
+
+
+def stage_parser() -> argparse.ArgumentParser:
+    return add_stage_arguments(argparse.ArgumentParser(
+        prog="runtime_engine.py", description="Run one stage of a pipeline; tensors flow between stages over TCP."))
+
+
+def stage_command(args: argparse.Namespace) -> int:
+    options = StageOptions(
+        stage=args.stage, folder=args.model_path / args.model_name, bind_addr=args.bind_addr,
+        bind_port=args.bind_port, next_host=args.next_host, next_port=args.next_port, data_path=args.data_path,
+        output_path=args.output_path, num_inputs=args.num_inputs, fps=args.fps, log_dir=args.log_dir,
+        num_threads=args.num_threads, delegate=args.delegate, timeout=args.timeout,
+        connect_timeout=args.connect_timeout, queue_size=args.queue_size, pace_ms=args.pace_ms,
+        key_file=args.key_file, insecure=args.insecure)
+    print(Stage(options, say=lambda text: print(text, flush=True)).run().describe(), flush=True)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return script_main(stage_parser(), stage_command, argv)
