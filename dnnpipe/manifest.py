@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -37,6 +37,8 @@ class TensorSpec:
     key: str
     shape: tuple[int, ...]
     dtype: str
+    tensor: Optional[int] = None  # its index in the whole model.tflite when the stages were cut from it
+    quantization: Optional[tuple[float, int]] = None  # (scale, zero point) of an int8 tensor: real = scale * (q - zp)
 
     @property
     def nbytes(self) -> int:
@@ -44,7 +46,27 @@ class TensorSpec:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "key": self.key, "shape": list(self.shape), "dtype": self.dtype,
-                "bytes": self.nbytes}
+                "bytes": self.nbytes, **({} if self.tensor is None else {"tensor": self.tensor}),
+                **({} if self.quantization is None else
+                   {"quantization": {"scale": self.quantization[0], "zero_point": self.quantization[1]}})}
+
+
+@dataclass(frozen=True)
+class WholeModel:
+    """The whole model.tflite the stages were cut from, and the tensors crossing each of its legal cuts.
+
+    `cuts[j]` lists the tensors crossing the cut after unit j, for j = 0 (the inputs), every legal cut, and U
+    (the outputs): what `python -m dnnpipe slice` needs to cut a new plan without TensorFlow.
+    """
+
+    file: str
+    sha256: str
+    cuts: dict[int, tuple[TensorSpec, ...]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "sha256": self.sha256,
+                "legal_cuts": [{"after_unit": j, "tensors": [t.to_json() for t in tensors]}
+                               for j, tensors in sorted(self.cuts.items())]}
 
 
 @dataclass(frozen=True)
@@ -72,6 +94,7 @@ class Manifest:
     quantize: str
     stages: tuple[StageSpec, ...]
     extra: dict[str, Any] = field(default_factory=dict)
+    whole_model: Optional[WholeModel] = None
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -91,6 +114,7 @@ class Manifest:
                 "quantize": self.quantize, "stages": [s.to_json() for s in self.stages],
                 "cuts": [{"after_unit": s.units[1], "tensors": [t.name for t in s.outputs],
                           "bytes": sum(t.nbytes for t in s.outputs)} for s in self.stages[:-1]],
+                **({} if self.whole_model is None else {"whole_model": self.whole_model.to_json()}),
                 **self.extra}
 
 
@@ -171,8 +195,28 @@ def _tensor(item: Any, where: str) -> TensorSpec:
     dtype = f.get("dtype")
     if dtype not in DTYPES:
         raise ConfigError(f"{f.name('dtype')} must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    index = f.integer("tensor", 0) if "tensor" in item else None
+    quantization = None
+    if "quantization" in item:
+        q = Fields(item["quantization"], f.name("quantization"))
+        scale, zero_point = q.get("scale"), q.get("zero_point")
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0 \
+                or isinstance(zero_point, bool) or not isinstance(zero_point, int):
+            raise ConfigError(f"{f.name('quantization')} must be {{scale > 0, integer zero_point}}, "
+                              f"got {item['quantization']!r}")
+        quantization = (float(scale), zero_point)
     return TensorSpec(name, f.text("key", KEY, "a signature key (a letter, then letters, digits, _)"), tuple(shape),
-                      dtype)
+                      dtype, index, quantization)
+
+
+def _whole_model(item: Any) -> WholeModel:
+    f = Fields(item, "whole_model")
+    cuts = {}
+    for i, cut in enumerate(f.array("legal_cuts")):
+        c = Fields(cut, f"whole_model.legal_cuts[{i}]")
+        cuts[c.integer("after_unit", 0)] = tuple(_tensor(t, f"{c.where}.tensors[{k}]")
+                                                 for k, t in enumerate(c.array("tensors")))
+    return WholeModel(f.text("file", FILE_NAME, "a plain file name"), f.text("sha256", SHA256, "64 hex digits"), cuts)
 
 
 def _stage(item: Any, where: str, number: int) -> StageSpec:
@@ -220,5 +264,6 @@ def _parse(data: Any) -> Manifest:
         if [t.name for t in s.outputs] != [t.name for t in nxt.inputs]:
             raise ConfigError(f"stage {i} outputs {[t.name for t in s.outputs]} but stage {i + 1} "
                               f"takes {[t.name for t in nxt.inputs]}")
-    known = {"format", "version", "model_name", "units", "quantize", "stages", "cuts"}
-    return Manifest(model_name, units, quantize, stages, {k: v for k, v in data.items() if k not in known})
+    whole = _whole_model(data["whole_model"]) if "whole_model" in data else None
+    known = {"format", "version", "model_name", "units", "quantize", "stages", "cuts", "whole_model"}
+    return Manifest(model_name, units, quantize, stages, {k: v for k, v in data.items() if k not in known}, whole)
