@@ -13,6 +13,7 @@ from .partition.command import add_make_model_arguments, add_partitioner_argumen
 from .planning.command import add_replan_arguments, replan_command
 from .profile.command import add_profile_arguments, profile_command
 from .runtime.command import add_stage_arguments, stage_command
+from .slicing.command import add_slice_arguments, slice_command
 from .testbed.command import add_run_local_arguments, run_local_command
 
 AddArguments = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
@@ -30,8 +31,7 @@ SUBCOMMANDS: dict[str, tuple[AddArguments, Command, str]] = {
                 "measure each unit's time and memory on this machine and write the config"),
     "demo": (add_demo_arguments, demo_command,
              "the whole job on this machine: model, profile, plan, partition, deploy, run, report"),
-    "slice": (lambda parser: __import__("dnnpipe.slicing.command", fromlist=["_"]).add_slice_arguments(parser),
-              lambda args: __import__("dnnpipe.slicing.command", fromlist=["_"]).slice_command(args),
+    "slice": (add_slice_arguments, slice_command,
               "cut the sub-models of a new plan from the stored whole model.tflite, without TensorFlow"),
     "make-model": (add_make_model_arguments, make_model_command,
                    "write an example Keras model (weights=None, fixed seed) and optionally a synthetic dataset"),

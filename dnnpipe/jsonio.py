@@ -33,3 +33,12 @@ def write_atomic(path: Path, text: str) -> None:
 def write_json(path: Path, data: Any) -> Path:
     write_atomic(path, dump_json(data))
     return path
+
+
+def size_text(nbytes: int) -> str:
+    """A byte count as a person reads it: 40 B, 200.0 KiB, 1.4 MiB."""
+    if nbytes < 1024:
+        return f"{nbytes} B"
+    if nbytes < 1024 ** 2:
+        return f"{nbytes / 1024:.1f} KiB"
+    return f"{nbytes / 1024 ** 2:.1f} MiB"

@@ -7,7 +7,8 @@ import pytest
 
 from dnnpipe import load_config
 from dnnpipe.examples import tiny_cnn
-from dnnpipe.profile.profiler import MIB, SUM_TOLERANCE, device_config, profile_keras_model
+from dnnpipe.profile.costs import MIB, SUM_TOLERANCE
+from dnnpipe.profile.profiler import device_config, profile_keras_model
 from helpers import assert_clean_error, run_script
 
 

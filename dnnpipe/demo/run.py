@@ -78,11 +78,12 @@ def cluster(options: Options, model_mb: float) -> dict:
 
 def step_profile(work: Work, options: Options) -> None:
     from ..partition.partitioner import load_keras_model
-    from ..profile.profiler import config_from, describe, profile_keras_model, progress_line
+    from ..profile.costs import describe
+    from ..profile.profiler import keras_config, profile_keras_model, progress_line
 
-    profile = profile_keras_model(load_keras_model(work.model), options.repeats, num_threads=1,
-                                  progress=progress_line)
-    write_json(work.config, config_from(profile, cluster(options, sum(profile.R))))
+    model = load_keras_model(work.model)
+    profile = profile_keras_model(model, options.repeats, num_threads=1, progress=progress_line)
+    write_json(work.config, keras_config(model, profile, cluster(options, sum(profile.R))))
     say(describe(profile))
     say(f"wrote {work.config}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -9,11 +10,14 @@ from typing import Callable, Optional
 
 from ..config import load_config
 from ..errors import DnnpipeError
+from ..jsonio import write_json
 from ..layout import config_paths
 from ..manifest import Manifest, write_manifest
 from ..pipeline_key import create_key
 from ..planfile import format_plan, read_stages, write_plan
 from ..planner import Plan, plan
+from ..slicing.plan import with_cuts
+from ..slicing.tflite_model import find_tflite, partition_tflite, tflite_units
 from .graph import PartitionError, analyse
 from .load import find_model, load_keras_model
 from .split import check_stages, intermediate_values, split_model
@@ -84,8 +88,12 @@ def read_calibration(path: Path, input_names: list[str], limit: int = 200):
 
 def partition_keras_model(model, stages, folder: Path, model_name: str, source: str, quantize: str = "none",
                           calibration_inputs=None, tolerance: Optional[float] = None,
-                          verify_chain: bool = True, echo: Echo = print) -> tuple[Manifest, Optional[Verification]]:
-    """Split a (functional) Keras model by plan stages into folder; verify the chain unless told not to."""
+                          verify_chain: bool = True, echo: Echo = print,
+                          slicing: str = "auto") -> tuple[Manifest, Optional[Verification]]:
+    """Split a (functional) Keras model by plan stages into folder; verify the chain unless told not to.
+
+    slicing "auto" converts the whole model once and slices every stage from it (falling back, and saying
+    so, to one conversion per stage where a cut has no tensor); "never" converts stage by stage."""
     graph, keras_tensors = analyse(model)
     check_stages(graph, stages, source)
     calibration = None
@@ -95,7 +103,8 @@ def partition_keras_model(model, stages, folder: Path, model_name: str, source: 
         names = sorted({t.name for start, _, _ in stages for t in graph.crossing(start - 1)})
         calibration = intermediate_values(model, keras_tensors, names, calibration_inputs)
     started = time.perf_counter()
-    manifest = split_model(graph, keras_tensors, stages, folder, model_name, quantize, calibration)
+    manifest = split_model(graph, keras_tensors, stages, folder, model_name, quantize, calibration, progress=echo,
+                           slicing=slicing)
     manifest = replace(manifest, extra={"conversion_seconds": round(time.perf_counter() - started, 3)})
     write_manifest(manifest, folder)  # written before verifying, so a failed chain can be inspected
     create_key(folder)  # stages authenticate their links with it (kept when re-partitioning)
@@ -130,7 +139,13 @@ def partition(options: PartitionOptions, echo: Echo = print) -> PartitionResult:
         return PartitionResult(*plan_model(options, echo), None, None)
     assert options.model_path is not None and options.output_dir is not None  # check() made sure
     started = time.perf_counter()
-    model_file = find_model(options.model_path, options.model_name)
+    try:
+        model_file = find_model(options.model_path, options.model_name)
+    except DnnpipeError:
+        tflite = find_tflite(options.model_path, options.model_name)
+        if tflite is None:
+            raise
+        return _partition_tflite(options, tflite, started, echo)
     model = load_keras_model(model_file, options.custom_objects)
     graph, _ = analyse(model)
     echo(f"{model_file}: {graph.U} units, inputs {[t.name for t in graph.crossing(0)]}, "
@@ -138,21 +153,47 @@ def partition(options: PartitionOptions, echo: Echo = print) -> PartitionResult:
     calibration_inputs = None
     if options.calibration_data is not None:
         calibration_inputs = read_calibration(options.calibration_data, [t.name for t in graph.crossing(0)])
-    new_plan: Optional[Plan] = None
-    plan_file: Optional[Path] = None
-    if options.plan is not None:
-        stages, source = read_stages(options.plan), str(options.plan)
-    else:
-        config_file = config_paths(options.config, options.model_name)[0]
-        config = load_config(config_file)
-        if config.profile.U != graph.U:
-            raise PartitionError(f"{config_file}: model_config.U = {config.profile.U} but {model_file} has "
-                                 f"{graph.U} units (its non-input layers)")
-        new_plan, plan_file = plan_model(options, echo)
-        stages, source = new_plan.stages, str(plan_file)
+    new_plan, plan_file, stages, source = _stages(options, graph.U, str(model_file), echo)
     folder = options.output_dir / options.model_name
     manifest, _ = partition_keras_model(model, stages, folder, options.model_name, source, options.quantize,
                                         calibration_inputs, options.tolerance, options.verify, echo)
+    if options.plan is None and manifest.whole_model is not None:
+        _record_cuts(config_paths(options.config, options.model_name)[0], manifest.whole_model.cuts, echo)
     echo(f"wrote {len(manifest.stages)} sub-models and {folder / 'manifest.json'} in "
          f"{time.perf_counter() - started:.1f} s (conversion {manifest.extra['conversion_seconds']:.1f} s)")
+    return PartitionResult(new_plan, plan_file, manifest, folder)
+
+
+def _stages(options: PartitionOptions, units: int, model: str,
+            echo: Echo) -> tuple[Optional[Plan], Optional[Path], list[list[int]], str]:
+    """The stages to cut: from --plan, or a new plan of the config (whose U must be the model's)."""
+    if options.plan is not None:
+        return None, None, read_stages(options.plan), str(options.plan)
+    config_file = config_paths(options.config, options.model_name)[0]
+    if load_config(config_file).profile.U != units:
+        raise PartitionError(f"{config_file}: model_config.U = {load_config(config_file).profile.U} but {model} "
+                             f"has {units} units")
+    new_plan, plan_file = plan_model(options, echo)
+    return new_plan, plan_file, new_plan.stages, str(plan_file)
+
+
+def _record_cuts(config_file: Path, cuts, echo: Echo) -> None:
+    """Write the model's legal cuts into its config, so the next plan cuts only where slicing can."""
+    data = json.loads(config_file.read_text())
+    updated = with_cuts(data, cuts)
+    if updated != data:
+        write_json(config_file, updated)
+        echo(f"wrote model_config.cuts ({len(updated['model_config'].get('cuts', []))} legal cuts) to {config_file}")
+
+
+def _partition_tflite(options: PartitionOptions, model_file: Path, started: float, echo: Echo) -> PartitionResult:
+    """A .tflite file as the model: its operators are the units, every cut exists, nothing is converted."""
+    assert options.output_dir is not None
+    echo(f"{model_file}: {len(tflite_units(model_file))} units (its operators)")
+    new_plan, plan_file, stages, source = _stages(options, len(tflite_units(model_file)), str(model_file), echo)
+    folder = options.output_dir / options.model_name
+    manifest, _ = partition_tflite(model_file, stages, folder, options.model_name, source, options.verify, echo)
+    create_key(folder)
+    echo(f"wrote {len(manifest.stages)} sub-models and {folder / 'manifest.json'} in "
+         f"{time.perf_counter() - started:.1f} s")
     return PartitionResult(new_plan, plan_file, manifest, folder)

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from ..jsonio import size_text
 from ..manifest import Manifest, StageSpec, TensorSpec, WholeModel, sha256_file
 from ..slicing import plan as slicing_plan
 from ..slicing.chain import all_tensor_values, random_inputs
@@ -160,9 +161,9 @@ def convert_stages(graph: UnitGraph, keras_tensors: dict[str, Any], stages: Sequ
         spec = StageSpec(number, int(device), (int(start), int(end)), path.name, sha256_file(path),
                          tuple(wire_spec(t, keys) for t in inputs), tuple(wire_spec(t, keys) for t in outputs))
         specs.append(spec)
-        out_kb = sum(t.nbytes for t in spec.outputs) / 1024
+        out_bytes = sum(t.nbytes for t in spec.outputs)
         progress(f"stage {number}/{len(stages)}: units {start}-{end} on device {device}: {len(inputs)} in, "
-                 f"{len(outputs)} out ({out_kb:.1f} KB/inference), {len(flatbuffer) / 1e6:.2f} MB, "
+                 f"{len(outputs)} out ({size_text(out_bytes)}/inference), {len(flatbuffer) / 1e6:.2f} MB, "
                  f"converted in {time.perf_counter() - started:.1f} s")
     remove_stale_stages(folder, len(stages))
     return Manifest(model_name, graph.U, quantize, tuple(specs))

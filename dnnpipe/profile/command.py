@@ -9,8 +9,11 @@ from pathlib import Path
 from ..console import positive_float, positive_int
 from ..jsonio import write_json
 from ..layout import config_paths
+from ..errors import DnnpipeError
 from ..partition.partitioner import find_model, load_keras_model
-from .profiler import config_from, describe, device_config, profile_keras_model, progress_line
+from ..slicing.tflite_model import find_tflite, profile_tflite, tflite_config
+from .costs import describe
+from .profiler import device_config, keras_config, profile_keras_model, progress_line
 
 
 def add_profile_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -37,12 +40,27 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 def profile_command(args: argparse.Namespace) -> int:
     device_config(args.devices, args.speeds, args.memory, args.speed_factor_of, None, args.bandwidth)  # fail early
-    model = load_keras_model(find_model(args.model_path, args.model_name), args.custom_objects)
-    profile = profile_keras_model(model, args.repeats, args.warmup, args.num_threads, progress_line)
-    devices = device_config(args.devices, args.speeds, args.memory, args.speed_factor_of, profile.whole_ms,
-                            args.bandwidth)
-    config_file = write_json(config_paths(args.config, args.model_name)[0], config_from(profile, devices))
+    try:
+        model_file = find_model(args.model_path, args.model_name)
+    except DnnpipeError:
+        tflite = find_tflite(args.model_path, args.model_name)
+        if tflite is None:
+            raise
+        model_file = tflite
+    if model_file.suffix == ".tflite":  # its operators are the units; every cut exists
+        profile = profile_tflite(model_file, args.repeats, args.warmup, args.num_threads, progress_line)
+        config = tflite_config(profile, devices(args, profile.whole_ms))
+    else:
+        model = load_keras_model(model_file, args.custom_objects)
+        profile = profile_keras_model(model, args.repeats, args.warmup, args.num_threads, progress_line)
+        config = keras_config(model, profile, devices(args, profile.whole_ms))
+    config_file = write_json(config_paths(args.config, args.model_name)[0], config)
     print(describe(profile))
-    print(f"devices: C = {json.dumps(devices['C'])}, M = {json.dumps(devices['M'])}")
+    cluster = config["device_config"]
+    print(f"devices: C = {json.dumps(cluster['C'])}, M = {json.dumps(cluster['M'])}")
     print(f"wrote {config_file}")
     return 0
+
+
+def devices(args: argparse.Namespace, whole_ms: float) -> dict:
+    return device_config(args.devices, args.speeds, args.memory, args.speed_factor_of, whole_ms, args.bandwidth)

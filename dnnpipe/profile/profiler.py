@@ -11,11 +11,8 @@ R[u] counts the unit's weights plus the activations it produces for one inferenc
 
 from __future__ import annotations
 
-import statistics
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -28,48 +25,7 @@ from ..partition.convert import endpoint, signature_keys
 from ..partition.split import wire_spec
 from ..partition.graph import analyse
 from ..tfenv import import_tensorflow, native_stderr_captured
-
-MIB = float(1 << 20)
-SUM_TOLERANCE = 0.15
-
-
-@dataclass(frozen=True)
-class UnitCost:
-    name: str
-    time_ms: float
-    weights_mb: float
-    activations_mb: float
-
-    @property
-    def memory_mb(self) -> float:
-        return self.weights_mb + self.activations_mb
-
-
-@dataclass(frozen=True)
-class ModelProfile:
-    units: tuple[UnitCost, ...]
-    whole_ms: float  # the whole model in one invoke
-    probe_ms: float  # an empty signature's invoke: the fixed cost removed from each unit
-    cut_bytes: tuple[int, ...] = ()  # A: bytes crossing the cut after unit j, j = 0..U
-
-    @property
-    def E(self) -> list[float]:
-        return [u.time_ms for u in self.units]
-
-    @property
-    def R(self) -> list[float]:
-        return [u.memory_mb for u in self.units]
-
-    @property
-    def sum_gap(self) -> float:
-        """Relative difference between the sum of unit times and the whole model's time."""
-        return sum(self.E) / self.whole_ms - 1 if self.whole_ms > 0 else 0.0
-
-    def check(self) -> str:
-        verdict = "within" if abs(self.sum_gap) <= SUM_TOLERANCE else "WARNING: outside"
-        return (f"sum of unit times {sum(self.E):.2f} ms vs whole model {self.whole_ms:.2f} ms "
-                f"({self.sum_gap:+.1%}, {verdict} {SUM_TOLERANCE:.0%})")
-
+from .costs import MIB, ModelProfile, UnitCost, config_from, time_invoke
 
 def _convert_all(model, graph, keras_tensors, keys) -> bytes:
     """One TFLite flatbuffer with a signature per unit, one for the whole model and an empty probe."""
@@ -92,20 +48,6 @@ def _convert_all(model, graph, keras_tensors, keys) -> bytes:
             failure = e
     raise DnnpipeError(f"profiling conversion failed: {str(failure).splitlines()[0]} "
                        f"{' '.join(log[0].split())[-300:]}")
-
-
-def time_invoke(runner, feed: dict[str, np.ndarray], repeats: int, warmup: int) -> float:
-    """Median ms of the interpreter's invoke alone, inputs set once beforehand."""
-    runner(**feed)  # allocates and sets the inputs
-    wrapper, index = runner._interpreter_wrapper, runner._subgraph_index  # the runner's own invoke, untimed I/O
-    for _ in range(warmup):
-        wrapper.Invoke(index)
-    samples = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        wrapper.Invoke(index)
-        samples.append(time.perf_counter() - began)
-    return statistics.median(samples) * 1000
 
 
 def profile_keras_model(model, repeats: int = 30, warmup: int = 5, num_threads: Optional[int] = None,
@@ -192,16 +134,10 @@ def device_config(devices: Optional[Path], speeds: Optional[Sequence[float]], me
     return result
 
 
-def config_from(profile: ModelProfile, devices: dict) -> dict:
-    model = {"U": len(profile.units), "E": [round(e, 6) for e in profile.E], "R": [round(r, 6) for r in profile.R]}
-    if profile.cut_bytes:
-        model["A"] = list(profile.cut_bytes)
-    return {"device_config": devices, "model_config": model}
+def keras_config(model, profile: ModelProfile, devices: dict) -> dict:
+    """The config of a profiled Keras model, with the cuts slicing can make (model_config.cuts): the converter
+    fuses layers, so a plan must not end inside a fused group."""
+    from ..partition.split import legal_cuts
+    from ..slicing.plan import with_cuts
 
-
-def describe(profile: ModelProfile, top: int = 5) -> str:
-    lines = [f"{len(profile.units)} units, whole model {profile.whole_ms:.2f} ms, memory {sum(profile.R):.1f} MiB",
-             profile.check(), "costliest units:"]
-    for unit in sorted(profile.units, key=lambda u: -u.time_ms)[:top]:
-        lines.append(f"  {unit.name:<32} {unit.time_ms:8.3f} ms {unit.memory_mb:8.2f} MiB")
-    return "\n".join(lines)
+    return with_cuts(config_from(profile, devices), legal_cuts(*analyse(model)))
