@@ -9,6 +9,7 @@ import models
 from dnnpipe.manifest import read_manifest
 from dnnpipe.partition.partitioner import partition_keras_model
 from dnnpipe.partition.graph import PartitionError, analyse, as_functional
+from dnnpipe.partition.split import legal_cuts
 from dnnpipe.partition.verify import random_inputs, run_chain
 
 _built: dict = {}
@@ -98,13 +99,18 @@ def test_float16_quantized_chain_within_stated_tolerance(tmp_path):
 
 
 def test_int8_quantized_chain_with_calibration(tmp_path):
+    """The whole model is calibrated once and sliced: int8 ends and int8 cut tensors, each with its scale."""
     model = model_named("squeeze_excite_cnn")
-    U = analyse(model)[0].U
+    graph, keras_tensors = analyse(model)
+    cuts = legal_cuts(graph, keras_tensors)
+    plan = [[1, cuts[len(cuts) // 3], 3], [cuts[len(cuts) // 3] + 1, cuts[2 * len(cuts) // 3], 2],
+            [cuts[2 * len(cuts) // 3] + 1, graph.U, 1]]
     calibration = {"image": np.random.default_rng(0).random((32, 8, 8, 3)).astype("float32")}
-    manifest, check = split(model, random_plan(U, 2, 3), tmp_path, quantize="int8",
-                            calibration_inputs=calibration)
+    manifest, check = split(model, plan, tmp_path, quantize="int8", calibration_inputs=calibration,
+                            slicing="require")
     assert check.ok, check.describe()
-    assert all(t.dtype == "float32" for s in manifest.stages for t in (*s.inputs, *s.outputs))
+    assert manifest.whole_model is not None
+    assert all(t.dtype == "int8" and t.quantization for s in manifest.stages for t in (*s.inputs, *s.outputs))
     for stage in manifest.stages:  # the arithmetic really is int8
         assert "int8" in tensor_dtypes(tmp_path / stage.file), stage.file
 

@@ -47,9 +47,6 @@ def split_model(graph: UnitGraph, keras_tensors: dict[str, Any], stages: Sequenc
         raise ValueError(f"slicing must be one of {SLICING_MODES}, got {slicing!r}")
     folder.mkdir(parents=True, exist_ok=True)
     keys = signature_keys(t.name for t in graph.tensors)
-    if slicing == "auto" and quantize == "int8":
-        slicing = "never"
-        progress("int8: converting each stage, calibrated on its own inputs, with float32 stage inputs and outputs")
     if slicing != "never":
         try:
             return slice_from_whole(graph, keras_tensors, stages, folder, model_name, quantize, calibration, keys,

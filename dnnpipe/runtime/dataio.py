@@ -35,18 +35,36 @@ def input_datasets(path: Path, specs: Sequence[TensorSpec]):
     return f, datasets
 
 
+def to_wire(spec: TensorSpec, real: np.ndarray) -> np.ndarray:
+    """A model input as the first stage takes it: quantized when the pipeline's ends are int8."""
+    if spec.quantization is None:
+        return np.asarray(real, dtype=spec.dtype).reshape(spec.shape)
+    scale, zero_point = spec.quantization
+    info = np.iinfo(spec.dtype)
+    quantized = np.round(np.asarray(real, dtype=np.float64) / scale + zero_point)
+    return np.clip(quantized, info.min, info.max).astype(spec.dtype).reshape(spec.shape)
+
+
+def to_real(spec: TensorSpec, wire: np.ndarray) -> np.ndarray:
+    """A model output as the user reads it: dequantized when the pipeline's ends are int8."""
+    if spec.quantization is None:
+        return wire
+    scale, zero_point = spec.quantization
+    return ((wire.astype(np.float32) - zero_point) * scale).astype(np.float32)
+
+
 def read_inputs(path: Path, specs: Sequence[TensorSpec], count: Optional[int]) -> Iterator[list[np.ndarray]]:
     """One list of batch-1 arrays per inference, cycling through the rows when count exceeds them."""
     f, datasets = input_datasets(path, specs)
     with f:
         rows = datasets[0].shape[0]
         for i in range(rows if count is None else count):
-            yield [np.asarray(data[i % rows], dtype=spec.dtype).reshape(spec.shape)
-                   for data, spec in zip(datasets, specs)]
+            yield [to_wire(spec, data[i % rows]) for data, spec in zip(datasets, specs)]
 
 
 class ResultWriter:
-    """Writes each model output as one HDF5 dataset, one row per inference, rows in input order.
+    """Writes each model output as one HDF5 dataset, one row per inference, rows in input order (as real
+    numbers: an int8 pipeline's outputs are dequantized).
 
     The file's `complete` attribute stays False until end-of-stream, so a file left by a failed or
     interrupted run says it is partial.
@@ -64,17 +82,18 @@ class ResultWriter:
             self.file.attrs["complete"] = False
         except OSError as e:
             raise DnnpipeError(f"{path}: cannot write results ({e})") from None
-        self.datasets = [self.file.create_dataset(spec.name, shape=(0, *spec.shape[1:]), dtype=spec.dtype,
+        self.datasets = [self.file.create_dataset(spec.name, shape=(0, *spec.shape[1:]),
+                                                  dtype="float32" if spec.quantization else spec.dtype,
                                                   maxshape=(None, *spec.shape[1:]), chunks=(1, *spec.shape[1:]))
                          for spec in self.specs]
 
     def write(self, sequence: int, tensors: Sequence[np.ndarray]) -> None:
         if self.file is None:
             return
-        for dataset, tensor in zip(self.datasets, tensors):
+        for dataset, tensor, spec in zip(self.datasets, tensors, self.specs):
             if dataset.shape[0] <= sequence:
                 dataset.resize(max(sequence + 1, 2 * dataset.shape[0]), axis=0)
-            dataset[sequence] = tensor[0]
+            dataset[sequence] = to_real(spec, tensor)[0]
         self.rows = max(self.rows, sequence + 1)
 
     def close(self, complete: bool = False) -> None:
