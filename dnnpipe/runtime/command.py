@@ -28,6 +28,8 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add_run_arguments(parser)
     parser.add_argument("--emulate-speed", type=positive_float, metavar="C",
                         help="emulate a device of speed C: sleep so that stage time = measured / C")
+    parser.add_argument("--control-host", help="a controller (serve) to send heartbeats to and take commands from")
+    parser.add_argument("--control-port", type=port, help="the controller's control port")
     return parser
 
 
@@ -72,7 +74,8 @@ def stage_command(args: argparse.Namespace) -> int:
         bind_port=args.bind_port, next_host=args.next_host, next_port=args.next_port, data_path=args.data_path,
         output_path=args.output_path, num_inputs=args.num_inputs, fps=args.fps, log_dir=args.log_dir,
         num_threads=args.num_threads, delegate=args.delegate, timeout=args.timeout,
-        connect_timeout=args.connect_timeout, queue_size=args.queue_size, emulate_speed=args.emulate_speed)
+        connect_timeout=args.connect_timeout, queue_size=args.queue_size, emulate_speed=args.emulate_speed,
+        control_host=args.control_host, control_port=args.control_port)
     print(Stage(options, say=lambda text: print(text, flush=True)).run().describe(), flush=True)
     return 0
 

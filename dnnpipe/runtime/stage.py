@@ -26,6 +26,7 @@ from ..manifest import read_manifest, sha256_file
 from ..protocol import Kind, PeerError
 from .dataio import ResultWriter, input_datasets, read_inputs
 from .metrics import FrameTiming, StageSummary, summarise, write_log
+from .control import ControlLink
 from .transport import Downstream, Say, Upstream, accept_upstream, connect_downstream, listen
 
 END = "end-of-stream"
@@ -55,6 +56,8 @@ class StageOptions:
     connect_timeout: float = 60.0  # longest wait for the neighbours to come up
     queue_size: int = 4
     emulate_speed: Optional[float] = None  # C of the emulated device: stage time = measured / C
+    control_host: Optional[str] = None  # a controller (serve) to send heartbeats to and take commands from
+    control_port: Optional[int] = None
 
 
 class Stage:
@@ -77,17 +80,24 @@ class Stage:
         self.timings: list[FrameTiming] = []
         self.upstream: Optional[Upstream] = None
         self.downstream: Optional[Downstream] = None
+        self.emulate_speed = options.emulate_speed  # a controller may change it while running
+        self.control: Optional[ControlLink] = None
 
     def _check_options(self) -> None:
         o = self.options
-        if self.first:
-            if o.data_path is None:
-                raise DnnpipeError(f"{self.name} the first stage needs --data-path (HDF5 with dataset 'images')")
+        if self.first and o.data_path is not None:
             input_datasets(o.data_path, self.spec.inputs)[0].close()  # fail now on a bad file, not mid-run
+        elif self.first and o.bind_port is None:
+            raise DnnpipeError(f"{self.name} the first stage needs --data-path (HDF5 with dataset 'images') or "
+                               f"--bind-port to receive its inputs on")
         if not self.first and o.bind_port is None:
             raise DnnpipeError(f"{self.name} a stage after the first needs --bind-port to receive on")
-        if not self.last and (o.next_host is None or o.next_port is None):
-            raise DnnpipeError(f"{self.name} a stage before the last needs --next-host and --next-port")
+        if (not self.last or o.next_host is not None or o.next_port is not None) and \
+                (o.next_host is None or o.next_port is None):
+            raise DnnpipeError(f"{self.name} a stage before the last (or a last stage sending its results on) "
+                               f"needs --next-host and --next-port")
+        if (o.control_host is None) != (o.control_port is None):
+            raise DnnpipeError(f"{self.name} --control-host and --control-port go together")
         if o.emulate_speed is not None and not (o.emulate_speed > 0 and math.isfinite(o.emulate_speed)):
             raise DnnpipeError(f"{self.name} --emulate-speed must be a finite number > 0, got {o.emulate_speed}")
         for flag, value in (("--timeout", o.timeout), ("--connect-timeout", o.connect_timeout), ("--fps", o.fps)):
@@ -108,21 +118,28 @@ class Stage:
 
     def run(self) -> StageSummary:
         o = self.options
-        listener = None if self.first or o.bind_port is None else listen(self.name, o.bind_addr, o.bind_port)
+        receives = o.bind_port is not None and not (self.first and o.data_path is not None)
+        listener = listen(self.name, o.bind_addr, o.bind_port) if receives and o.bind_port is not None else None
         try:
+            if o.control_host is not None and o.control_port is not None:
+                self.control = ControlLink(self.name, o.stage, o.control_host, o.control_port, o.connect_timeout,
+                                           self.timings, self._command, self._fail)
             path = o.folder / self.spec.file
             if not path.is_file():
                 raise DnnpipeError(f"{self.name} {path}: sub-model not found")
             if sha256_file(path) != self.spec.sha256:
                 raise DnnpipeError(f"{self.name} {path}: sha256 differs from the manifest (stale or damaged file)")
             self.runner = StageRunner(path, self.spec, o.num_threads, o.delegate)
-            if not self.last:
-                assert o.next_host is not None and o.next_port is not None  # _check_options made sure
+            if o.next_host is not None and o.next_port is not None:  # the next stage, or a controller
                 self.downstream = connect_downstream(self.name, o.next_host, o.next_port, self.spec.outputs,
                                                      o.connect_timeout, o.timeout, self.say)
             if listener is not None:
                 self.upstream = accept_upstream(self.name, listener, self.spec.inputs, o.connect_timeout,
                                                 o.timeout, self.say)
+        except DnnpipeError as e:
+            if self.control is not None:
+                self.control.close(str(e))
+            raise
         finally:
             if listener is not None:
                 listener.close()
@@ -148,6 +165,8 @@ class Stage:
             for link in (self.upstream, self.downstream):
                 if link is not None:
                     link.close()
+            if self.control is not None:
+                self.control.close(self.error)
         if self.error:
             raise StageFailed(self.error)
         summary = summarise(o.stage, self.timings, self.last)
@@ -178,6 +197,12 @@ class Stage:
         self.stop.set()
         if self.upstream is not None:
             self.upstream.shutdown()
+
+    def _command(self, command: dict) -> None:
+        """A controller's command (already validated by the control link)."""
+        if command["kind"] == "emulate":
+            self.emulate_speed = command["speed"]
+            self.say(f"{self.name} now emulating speed {self.emulate_speed:g}")
 
     def _put(self, box: queue.Queue, item: Any) -> bool:
         while not self.stop.is_set():
@@ -227,7 +252,6 @@ class Stage:
                 return
 
     def _execute(self) -> None:
-        slowdown = 1.0 / self.options.emulate_speed - 1.0 if self.options.emulate_speed else 0.0
         while True:
             item = self._get(self.inbox)
             if item is None:
@@ -246,6 +270,7 @@ class Stage:
                 np.copyto(result, output)  # the interpreter reuses its output memory on the next call
             inference = time.perf_counter() - began
             self.input_buffers.put(buffers)
+            slowdown = 1.0 / self.emulate_speed - 1.0 if self.emulate_speed else 0.0
             if slowdown > 0:
                 time.sleep(inference * slowdown)
             timing.inference_ms = inference * 1000

@@ -1,0 +1,71 @@
+"""OUT: one HDF5 dataset per model output, one row per input in input order, and how many rows are stored.
+
+Rows are stored in input order (the ledger stores a prefix), so one attribute, `stored`, says which rows
+hold results; `serve --resume` continues from there. `complete` turns True only when every row is stored.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import DnnpipeError
+from ..manifest import TensorSpec
+
+FLUSH_SECONDS = 0.5  # how stale `stored` on disk may get while running
+
+
+class ResultStore:
+    def __init__(self, path: Path, specs: Sequence[TensorSpec], total: int, resume: bool):
+        import h5py
+
+        self.path, self.specs, self.total = path, list(specs), total
+        try:
+            if resume and path.is_file():
+                self.file = h5py.File(path, "r+")
+                self._check_resumable()
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.file = h5py.File(path, "w")
+                for spec in self.specs:
+                    self.file.create_dataset(spec.name, shape=(total, *spec.shape[1:]), dtype=spec.dtype,
+                                             chunks=(1, *spec.shape[1:]))
+                self.file.attrs.update({"num_inputs": total, "stored": 0, "complete": False})
+        except OSError as e:
+            raise DnnpipeError(f"{path}: cannot write results ({e})") from None
+        self.stored = int(self.file.attrs["stored"])
+        self._flushed = time.monotonic()
+
+    def _check_resumable(self) -> None:
+        f = self.file
+        if int(f.attrs.get("num_inputs", -1)) != self.total or "stored" not in f.attrs:
+            f.close()
+            raise DnnpipeError(f"{self.path}: cannot resume: it holds {f.attrs.get('num_inputs', 'an unknown number of')}"
+                               f" inputs, this run has {self.total} (same --num-inputs and model needed)")
+        for spec in self.specs:
+            if spec.name not in f or f[spec.name].shape != (self.total, *spec.shape[1:]):
+                f.close()
+                raise DnnpipeError(f"{self.path}: cannot resume: no dataset {spec.name!r} of "
+                                   f"{self.total} x {spec.shape[1:]}")
+
+    def write(self, index: int, tensors: Sequence[np.ndarray], stored: int) -> None:
+        """Row `index`; `stored` rows (a prefix) now hold results."""
+        for spec, tensor in zip(self.specs, tensors):
+            self.file[spec.name][index] = tensor[0]
+        self.stored = stored
+        if time.monotonic() - self._flushed > FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        self.file.attrs["stored"] = self.stored
+        self.file.flush()
+        self._flushed = time.monotonic()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.attrs["stored"] = self.stored
+            self.file.attrs["complete"] = self.stored >= self.total
+            self.file.close()
