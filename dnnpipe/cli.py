@@ -32,6 +32,9 @@ SUBCOMMANDS: dict[str, tuple[AddArguments, Command, str]] = {
                 "measure each unit's time and memory on this machine and write the config"),
     "demo": (add_demo_arguments, demo_command,
              "the whole job on this machine: model, profile, plan, partition, deploy, run, report"),
+    "slice": (lambda parser: __import__("dnnpipe.slicing.command", fromlist=["_"]).add_slice_arguments(parser),
+              lambda args: __import__("dnnpipe.slicing.command", fromlist=["_"]).slice_command(args),
+              "cut the sub-models of a new plan from the stored whole model.tflite, without TensorFlow"),
     "make-model": (add_make_model_arguments, make_model_command,
                    "write an example Keras model (weights=None, fixed seed) and optionally a synthetic dataset"),
 }

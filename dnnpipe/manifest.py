@@ -9,7 +9,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -29,6 +29,8 @@ class TensorSpec:
     key: str
     shape: tuple[int, ...]
     dtype: str
+    tensor: Optional[int] = None  # its index in the whole model.tflite when the stages were cut from it
+    quantization: Optional[tuple[float, int]] = None  # (scale, zero point) of an int8 tensor: real = scale * (q - zp)
 
     @property
     def nbytes(self) -> int:
@@ -36,7 +38,27 @@ class TensorSpec:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "key": self.key, "shape": list(self.shape), "dtype": self.dtype,
-                "bytes": self.nbytes}
+                "bytes": self.nbytes, **({} if self.tensor is None else {"tensor": self.tensor}),
+                **({} if self.quantization is None else
+                   {"quantization": {"scale": self.quantization[0], "zero_point": self.quantization[1]}})}
+
+
+@dataclass(frozen=True)
+class WholeModel:
+    """The whole model.tflite the stages were cut from, and the tensors crossing each of its legal cuts.
+
+    `cuts[j]` lists the tensors crossing the cut after unit j, for j = 0 (the inputs), every legal cut, and U
+    (the outputs): what `python -m dnnpipe slice` needs to cut a new plan without TensorFlow.
+    """
+
+    file: str
+    sha256: str
+    cuts: dict[int, tuple[TensorSpec, ...]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "sha256": self.sha256,
+                "legal_cuts": [{"after_unit": j, "tensors": [t.to_json() for t in tensors]}
+                               for j, tensors in sorted(self.cuts.items())]}
 
 
 @dataclass(frozen=True)
@@ -64,6 +86,7 @@ class Manifest:
     quantize: str
     stages: tuple[StageSpec, ...]
     extra: dict[str, Any] = field(default_factory=dict)
+    whole_model: Optional[WholeModel] = None
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -83,6 +106,7 @@ class Manifest:
                 "quantize": self.quantize, "stages": [s.to_json() for s in self.stages],
                 "cuts": [{"after_unit": s.units[1], "tensors": [t.name for t in s.outputs],
                           "bytes": sum(t.nbytes for t in s.outputs)} for s in self.stages[:-1]],
+                **({} if self.whole_model is None else {"whole_model": self.whole_model.to_json()}),
                 **self.extra}
 
 
@@ -122,7 +146,10 @@ def _parse(data: dict[str, Any]) -> Manifest:
 
     def tensors(items) -> tuple[TensorSpec, ...]:
         specs = tuple(TensorSpec(str(t["name"]), str(t["key"]), tuple(int(x) for x in t["shape"]),
-                                 np.dtype(t["dtype"]).name) for t in items)
+                                 np.dtype(t["dtype"]).name, None if t.get("tensor") is None else int(t["tensor"]),
+                                 None if "quantization" not in t else
+                                 (float(t["quantization"]["scale"]), int(t["quantization"]["zero_point"])))
+                      for t in items)
         return specs
 
     stages = tuple(StageSpec(int(s["stage"]), int(s["device"]), (int(s["units"][0]), int(s["units"][1])),
@@ -134,8 +161,13 @@ def _parse(data: dict[str, Any]) -> Manifest:
         if [t.name for t in s.outputs] != [t.name for t in nxt.inputs]:
             raise ValueError(f"stage {i} outputs {[t.name for t in s.outputs]} but stage {i + 1} "
                              f"takes {[t.name for t in nxt.inputs]}")
-    known = {"format", "version", "model_name", "units", "quantize", "stages", "cuts"}
+    whole = None
+    if "whole_model" in data:
+        w = data["whole_model"]
+        whole = WholeModel(str(w["file"]), str(w["sha256"]),
+                           {int(c["after_unit"]): tensors(c["tensors"]) for c in w["legal_cuts"]})
+    known = {"format", "version", "model_name", "units", "quantize", "stages", "cuts", "whole_model"}
     return Manifest(str(data["model_name"]), int(data["units"]), str(data.get("quantize", "none")), stages,
-                    {k: v for k, v in data.items() if k not in known})
+                    {k: v for k, v in data.items() if k not in known}, whole)
 
 

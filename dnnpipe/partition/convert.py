@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import re
 import tempfile
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from ..slicing.cuts import signature_keys
 from ..tfenv import import_tensorflow, native_stderr_captured
 from .graph import GraphTensor, PartitionError
 
 QUANTIZE_MODES = ("none", "float16", "int8")
-
-
-def signature_keys(names: Iterable[str]) -> dict[str, str]:
-    """A stable, valid signature key for every tensor name (TensorFlow restricts the characters)."""
-    keys: dict[str, str] = {}
-    used: set[str] = set()
-    for name in names:
-        key = re.sub(r"[^A-Za-z0-9_]", "_", name)
-        key = key if key[:1].isalpha() else f"t_{key}"
-        base, n = key, 1
-        while key in used:
-            n += 1
-            key = f"{base}_{n}"
-        keys[name], used = key, used | {key}
-    return keys
+__all__ = ["QUANTIZE_MODES", "convert_stage", "endpoint", "signature_keys", "stage_model", "tensor_spec"]
 
 
 def stage_model(keras_tensors: dict[str, Any], inputs: Sequence[GraphTensor], outputs: Sequence[GraphTensor]):
@@ -75,8 +61,13 @@ def endpoint(model, inputs: Sequence[GraphTensor], outputs: Sequence[GraphTensor
 
 def convert_stage(model, inputs: Sequence[GraphTensor], outputs: Sequence[GraphTensor], keys: dict[str, str],
                   quantize: str = "none",
-                  representative: Optional[Callable[[], Iterable[dict[str, np.ndarray]]]] = None) -> bytes:
-    """Convert with batch size 1; int8 needs representative samples of the stage's inputs by key."""
+                  representative: Optional[Callable[[], Iterable[dict[str, np.ndarray]]]] = None,
+                  integer_io: bool = False) -> bytes:
+    """Convert with batch size 1; int8 needs representative samples of the stage's inputs by key.
+
+    integer_io (int8 only): the model takes and returns int8 too, as a whole model to be sliced does, so
+    the tensors at every cut stay int8 (a float interface would need a quantize op at every cut).
+    """
     tf, keras = import_tensorflow()
     serve, signature = endpoint(model, inputs, outputs, keys)
 
@@ -90,6 +81,8 @@ def convert_stage(model, inputs: Sequence[GraphTensor], outputs: Sequence[GraphT
             archive.write_out(folder, verbose=False)
             converter = tf.lite.TFLiteConverter.from_saved_model(folder)
             _set_quantization(tf, converter, quantize, representative)
+            if integer_io and quantize == "int8":
+                converter.inference_input_type = converter.inference_output_type = tf.int8
             return converter.convert()
         except PartitionError:
             raise

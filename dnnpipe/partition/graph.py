@@ -12,11 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import DnnpipeError
+from ..slicing.plan import CutError as PartitionError  # one error for "cannot be cut", sliced or converted
 
-
-class PartitionError(DnnpipeError):
-    """The model cannot be cut as asked; the message names the layer or tensor."""
+__all__ = ["GraphTensor", "PartitionError", "UnitGraph", "analyse", "as_functional"]
 
 
 @dataclass(frozen=True)

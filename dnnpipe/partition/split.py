@@ -1,4 +1,8 @@
-"""Write one TFLite sub-model per stage of a plan, and the manifest that describes them."""
+"""Write one TFLite sub-model per stage of a plan, and the manifest that describes them.
+
+The whole model is converted once and every stage is sliced out of it (dnnpipe.slicing); converting
+each stage on its own remains for graphs whose cuts cannot be mapped, chosen automatically and reported.
+"""
 
 from __future__ import annotations
 
@@ -8,35 +12,129 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from ..manifest import Manifest, StageSpec, TensorSpec, sha256_file
+from ..manifest import Manifest, StageSpec, TensorSpec, WholeModel, sha256_file
+from ..slicing import plan as slicing_plan
+from ..slicing.chain import all_tensor_values, random_inputs
+from ..slicing.cuts import mapped_cut_table, match_tensors
+from ..slicing.flatbuffer import op_graph, read_model
+from ..slicing.slicer import WHOLE_FILE, check_against_whole, remove_stale_stages, slice_plan, store_whole_model
 from .convert import convert_stage, signature_keys, stage_model
 from .graph import PartitionError, UnitGraph
 
 Progress = Callable[[str], None]
+SLICING_MODES = ("auto", "require", "never")  # slice, else convert per stage / slice or fail / per stage only
+# Largest difference (relative to max(1, |value|)) at which a TFLite tensor is taken to be a Keras tensor.
+MATCH_TOLERANCE = {"none": 1e-4, "float16": 1e-2, "int8": 0.1}
 
 
 def check_stages(graph: UnitGraph, stages: Sequence[Sequence[int]], source: str) -> None:
     """The plan's stages must cover units 1..U in order, each on its own device."""
-    expected = 1
-    for i, (start, end, _) in enumerate(stages):
-        if start != expected or end < start:
-            raise PartitionError(f"{source}: stage {i + 1} covers units {start}-{end}, expected it to start at "
-                                 f"unit {expected}")
-        expected = end + 1
-    if expected != graph.U + 1:
-        raise PartitionError(f"{source}: the plan covers units 1-{expected - 1} but the model has {graph.U} units")
-    devices = [d for _, _, d in stages]
-    if len(set(devices)) != len(devices):
-        raise PartitionError(f"{source}: a device runs two stages: {devices}")
+    slicing_plan.check_stages(graph.U, stages, source)
 
 
 def split_model(graph: UnitGraph, keras_tensors: dict[str, Any], stages: Sequence[Sequence[int]], folder: Path,
                 model_name: str, quantize: str = "none",
                 calibration: Optional[dict[str, np.ndarray]] = None,
-                progress: Progress = print) -> Manifest:
-    """Convert every stage into folder/sub_model_K.tflite; returns the manifest (not yet written)."""
+                progress: Progress = print, slicing: str = "auto") -> Manifest:
+    """Write folder/sub_model_K.tflite for every stage; returns the manifest (not yet written).
+
+    slicing "auto" converts the whole model once and slices every stage from it, falling back (and saying
+    why) to converting each stage when the graph cannot be mapped or the plan ends a stage inside a fused
+    group; "require" fails instead; "never" converts each stage.
+    """
+    if slicing not in SLICING_MODES:
+        raise ValueError(f"slicing must be one of {SLICING_MODES}, got {slicing!r}")
     folder.mkdir(parents=True, exist_ok=True)
     keys = signature_keys(t.name for t in graph.tensors)
+    if slicing == "auto" and quantize == "int8":
+        slicing = "never"
+        progress("int8: converting each stage, calibrated on its own inputs, with float32 stage inputs and outputs")
+    if slicing != "never":
+        try:
+            return slice_from_whole(graph, keras_tensors, stages, folder, model_name, quantize, calibration, keys,
+                                    progress)
+        except PartitionError as e:
+            if slicing == "require":
+                raise
+            (folder / WHOLE_FILE).unlink(missing_ok=True)
+            progress(f"cannot slice the whole model ({e}); converting each stage instead")
+    return convert_stages(graph, keras_tensors, stages, folder, model_name, quantize, calibration, keys, progress)
+
+
+def whole_model_flatbuffer(graph: UnitGraph, keras_tensors: dict[str, Any], keys: dict[str, str], quantize: str,
+                           calibration: Optional[dict[str, np.ndarray]]) -> bytes:
+    """The whole model converted once; int8 is calibrated once on the model inputs, with int8 I/O."""
+    inputs, outputs = graph.crossing(0), graph.crossing(graph.U)
+    representative = None
+    if quantize == "int8":
+        if calibration is None:
+            raise PartitionError("--quantize int8 needs --calibration-data")
+        representative = lambda: ({keys[t.name]: calibration[t.name][i:i + 1] for t in inputs}  # noqa: E731
+                                  for i in range(len(calibration[inputs[0].name])))
+    return convert_stage(stage_model(keras_tensors, inputs, outputs), inputs, outputs, keys, quantize,
+                         representative, integer_io=True)
+
+
+def keras_cut_table(graph: UnitGraph, keras_tensors: dict[str, Any], keys: dict[str, str], flatbuffer: bytes,
+                    quantize: str, samples: int = 1) -> dict[int, tuple[TensorSpec, ...]]:
+    """The legal cuts of the Keras units in the converted whole model, mapped by values (not names).
+
+    One random sample is enough: tensors of one shape that agree on every element of a random input are
+    the same function (and the chain is checked against the whole model and Keras afterwards anyway).
+    """
+    flat = op_graph(read_model(flatbuffer))
+    specs = [wire_spec(t, keys) for t in graph.crossing(0)]
+    inputs = random_inputs(specs, samples)
+    computed = [t.name for t in graph.tensors if t.producer > 0]
+    reference = {**inputs, **tensor_values(keras_tensors, [t.name for t in graph.crossing(0)], computed, inputs)}
+    feeds = []
+    for i in range(samples):
+        feed = {}
+        for spec, tensor in zip(specs, flat.inputs):
+            value = inputs[spec.name][i:i + 1]
+            quantized = flat.tensors[tensor]
+            if quantized.scale and quantized.dtype in ("int8", "uint8"):
+                info = np.iinfo(quantized.dtype)
+                value = np.clip(np.round(value / quantized.scale + quantized.zero_point), info.min, info.max)
+            feed[spec.key] = value.astype(quantized.dtype)
+        feeds.append(feed)
+    values = all_tensor_values(flatbuffer, [t.index for t in flat.tensors if not t.constant], feeds)
+    matches = match_tensors(reference, values, flat, MATCH_TOLERANCE[quantize])
+    crossings = {j: tuple(wire_spec(t, keys) for t in graph.crossing(j)) for j in range(graph.U + 1)}
+    return mapped_cut_table(crossings, matches, flat)
+
+
+def legal_cuts(graph: UnitGraph, keras_tensors: dict[str, Any], quantize: str = "none",
+               calibration: Optional[dict[str, np.ndarray]] = None) -> list[int]:
+    """model_config.cuts for a Keras model: the k in 1..U-1 after which a sliced stage may end."""
+    keys = signature_keys(t.name for t in graph.tensors)
+    flatbuffer = whole_model_flatbuffer(graph, keras_tensors, keys, quantize, calibration)
+    return slicing_plan.inner_cuts(keras_cut_table(graph, keras_tensors, keys, flatbuffer, quantize), graph.U)
+
+
+def slice_from_whole(graph: UnitGraph, keras_tensors: dict[str, Any], stages: Sequence[Sequence[int]], folder: Path,
+                     model_name: str, quantize: str, calibration: Optional[dict[str, np.ndarray]],
+                     keys: dict[str, str], progress: Progress) -> Manifest:
+    started = time.perf_counter()
+    flatbuffer = whole_model_flatbuffer(graph, keras_tensors, keys, quantize, calibration)
+    converted = time.perf_counter()
+    table = keras_cut_table(graph, keras_tensors, keys, flatbuffer, quantize)
+    progress(f"converted the whole model once in {converted - started:.1f} s ({len(flatbuffer) / 1e6:.2f} MB); "
+             f"{len(table) - 2} of {graph.U - 1} cuts exist in it (mapped in {time.perf_counter() - converted:.1f} s)")
+    name, digest = store_whole_model(flatbuffer, folder)
+    manifest = slice_plan(read_model(flatbuffer), WholeModel(name, digest, table), graph.U, stages, folder,
+                          model_name, quantize, "the plan", progress=progress)
+    check = check_against_whole(manifest, folder)
+    progress(check.describe().replace("verify", "chain vs whole model.tflite:", 1))
+    if not check.ok:
+        raise PartitionError(f"the sliced chain differs from the whole model ({check.describe()})")
+    return manifest
+
+
+def convert_stages(graph: UnitGraph, keras_tensors: dict[str, Any], stages: Sequence[Sequence[int]], folder: Path,
+                   model_name: str, quantize: str, calibration: Optional[dict[str, np.ndarray]],
+                   keys: dict[str, str], progress: Progress) -> Manifest:
+    """Convert every stage on its own (each int8 stage calibrated on its own inputs, float I/O)."""
     specs = []
     for number, (start, end, device) in enumerate(stages, 1):
         inputs, outputs = graph.crossing(start - 1), graph.crossing(end)
@@ -57,9 +155,7 @@ def split_model(graph: UnitGraph, keras_tensors: dict[str, Any], stages: Sequenc
         progress(f"stage {number}/{len(stages)}: units {start}-{end} on device {device}: {len(inputs)} in, "
                  f"{len(outputs)} out ({out_kb:.1f} KB/inference), {len(flatbuffer) / 1e6:.2f} MB, "
                  f"converted in {time.perf_counter() - started:.1f} s")
-    for stale in folder.glob("sub_model_*.tflite"):
-        if stale.stem.rsplit("_", 1)[-1].isdigit() and int(stale.stem.rsplit("_", 1)[-1]) > len(stages):
-            stale.unlink()
+    remove_stale_stages(folder, len(stages))
     return Manifest(model_name, graph.U, quantize, tuple(specs))
 
 
@@ -74,11 +170,20 @@ def wire_spec(tensor, keys: dict[str, str]) -> TensorSpec:
 def intermediate_values(model, keras_tensors: dict[str, Any], names: Sequence[str],
                         inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Values of named graph tensors for a batch of model inputs (int8 calibration per stage)."""
+    return tensor_values(keras_tensors, [x._keras_history[0].name for x in model.inputs], names, inputs)
+
+
+def tensor_values(keras_tensors: dict[str, Any], input_names: Sequence[str], names: Sequence[str],
+                  inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Values of named graph tensors for a batch of model inputs, by name."""
     from ..tfenv import import_tensorflow
 
     _, keras = import_tensorflow()
-    probe = keras.Model(model.inputs, [keras_tensors[n] for n in names])
-    feed = [inputs[x._keras_history[0].name] for x in model.inputs]
-    values = probe.predict(feed if len(feed) > 1 else feed[0], verbose=0, batch_size=16)
-    values = values if isinstance(values, list) else [values]
+    probe = keras.Model([keras_tensors[n] for n in input_names], [keras_tensors[n] for n in names])
+    feed = [inputs[n] for n in input_names]
+    if len(feed[0]) <= 4:  # a few samples: one eager call, no tracing (seconds for big models)
+        values = probe(feed, training=False)
+    else:
+        values = probe.predict(feed if len(feed) > 1 else feed[0], verbose=0, batch_size=16)
+    values = values if isinstance(values, (list, tuple)) else [values]
     return {n: np.asarray(v) for n, v in zip(names, values)}
