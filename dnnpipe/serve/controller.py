@@ -29,7 +29,7 @@ from ..config import Config, load_config
 from ..deploy.deployer import DeployOptions, deploy
 from ..deploy.registry import Device, load_registry
 from ..deploy.transport import SshOptions
-from ..errors import ConfigError, DnnpipeError
+from ..errors import ConfigError, DnnpipeError, NoPlanError
 from ..layout import config_paths
 from ..manifest import Manifest, TensorSpec, read_manifest
 from ..planfile import write_plan
@@ -135,6 +135,8 @@ class Epoch:
         self.link_error: Optional[tuple[float, str]] = None
         self.first_result: Optional[float] = None
         self.ended = False  # the last stage sent END
+        self.announced = False  # its first result was reported
+        self.started = time.monotonic()
         self.epoch = controller.ledger.switch()
         self.sockets: list[socket.socket] = []
         now = time.monotonic()
@@ -387,6 +389,7 @@ class Controller:
         self._hup = False
         self.pending: tuple[list[list[int]], float] = ([], 0.0)
         self.started = time.monotonic()
+        self.serving_since: Optional[float] = None  # the first result of the run
         self.changes = sorted(o.emulate_changes)
 
     # --- helpers the epoch uses --------------------------------------------------------------
@@ -401,9 +404,11 @@ class Controller:
             time.sleep(max(0.0, self.started_pacing + self.sent_paced / self.options.fps - time.monotonic()))
 
     def emulated_speed(self, device: int) -> Optional[float]:
+        if device in self.emulation:
+            return self.emulation[device] * self.options.emulation_scale
         if not self.options.emulate_speed:
             return None
-        return self.emulation.get(device, self.config.cluster.C[device - 1]) * self.options.emulation_scale
+        return self.config.cluster.C[device - 1] * self.options.emulation_scale
 
     def _read_registry(self) -> dict[int, Device]:
         registry = load_registry(self.options.registry)
@@ -467,7 +472,7 @@ class Controller:
             try:
                 result = replan(self.config, self.stages, ClusterChange(removed=frozenset(self.absent()),
                                                                         speeds=dict(self.speeds)))
-            except (ConfigError, ValueError) as e:
+            except (ConfigError, NoPlanError, ValueError) as e:
                 raise NoPlan(f"no plan can serve the remaining devices "
                              f"{sorted(set(self.devices) - self.absent()) or 'none'}: {e}") from None
             new = result.plan
@@ -534,10 +539,15 @@ class Controller:
 
     def check_adaptation(self, epoch: Epoch) -> None:
         """Between polls: note a switch's first result; re-read the registry; re-plan for measured speeds."""
-        if self.switches and self.switches[-1].first_result_s is None and epoch.first_result is not None:
-            s = self.switches[-1]
-            s.first_result_s = epoch.first_result - s.detected_at
-            self.echo(f"serve: first result after the switch {s.first_result_s:.2f} s after detection")
+        if epoch.first_result is not None and not epoch.announced:
+            epoch.announced = True
+            self.serving_since = self.serving_since or epoch.first_result
+            since = f"{epoch.first_result - epoch.started:.2f} s after its start"
+            if self.switches and self.switches[-1].first_result_s is None:
+                s = self.switches[-1]
+                s.first_result_s = epoch.first_result - s.detected_at
+                since += f", {s.first_result_s:.2f} s after the fault was detected"
+            self.echo(f"serve: epoch {epoch.epoch}: first result {since}")
         self._emulate_changes(epoch)
         mtime = _mtime(self.options.registry)
         if self._hup or mtime != self._registry_mtime:
@@ -557,7 +567,7 @@ class Controller:
 
     def _emulate_changes(self, epoch: Epoch) -> None:
         """Scripted slow-downs (tests, benchmarks): the device's stage is told over its control channel."""
-        while self.changes and time.monotonic() - self.started >= self.changes[0][0]:
+        while self.changes and self.serving_since and time.monotonic() - self.serving_since >= self.changes[0][0]:
             _, device, speed = self.changes.pop(0)
             self.emulation[device] = speed
             stage = next((s.stage for s in epoch.manifest.stages if s.device == device), None)
@@ -600,7 +610,7 @@ class Controller:
         try:
             result = replan(self.config, self.stages, ClusterChange(removed=frozenset(self.absent()),
                                                                     speeds=dict(self.speeds)))
-        except (ConfigError, ValueError):
+        except (ConfigError, NoPlanError, ValueError):
             return
         if result.plan.stages == self.stages:
             return
@@ -615,7 +625,10 @@ class Controller:
         """Send a control command to a running stage (the benchmark and tests slow a device down this way)."""
         sock = self.stage_sockets.get(stage)
         if sock is not None:
-            sock.sendall(encode(message))
+            try:
+                sock.sendall(encode(message))
+            except OSError as e:
+                self.echo(f"serve: cannot reach stage {stage}'s control channel: {e.strerror or e}")
 
 
 def serve(options: ServeOptions, echo: Echo = print) -> ServeSummary:

@@ -31,8 +31,13 @@ class Recutter:
         started = time.perf_counter()
         slicer = _slicer()
         if slicer is not None and getattr(read_manifest(self.folder), "whole_model", None) is not None:
-            manifest = slicer(self.folder, stages, source)
-            return Cut(manifest, time.perf_counter() - started, "slice")
+            try:
+                manifest = slicer(self.folder, stages, source)
+                return Cut(manifest, time.perf_counter() - started, "slice")
+            except DnnpipeError as e:  # e.g. a stage ending inside a fused group: no tensor to cut at
+                if self.keras_model_path is None:
+                    raise
+                self.echo(f"cannot slice ({e}); converting each stage instead")
         if self.keras_model_path is None:
             raise DnnpipeError(f"{self.folder}: no whole model.tflite to slice a new plan from, and no --keras-model "
                                f"to convert it from")

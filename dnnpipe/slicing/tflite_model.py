@@ -82,7 +82,7 @@ def profile_tflite(path: Path, repeats: int = 30, warmup: int = 5, num_threads: 
     removed from each, as the Keras profiler does with its probe signature.
     """
     from ..interpreter import load_interpreter
-    from ..profile import ModelProfile, UnitCost, time_invoke
+    from ..profile.profiler import ModelProfile, UnitCost, time_invoke
     from .chain import random_inputs
 
     model = read_model(path)
@@ -130,6 +130,6 @@ def _bytes(graph: OpGraph, t: int) -> int:
 
 def tflite_config(profile, devices: dict) -> dict:
     """The config for a .tflite model: every cut exists, so model_config.cuts is left out (all cuts)."""
-    from ..profile import config_from
+    from ..profile.profiler import config_from
 
     return config_from(profile, devices)
