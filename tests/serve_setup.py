@@ -56,10 +56,12 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def make_served(root: Path, speeds: Sequence[float], input_size: int = 48, rows: int = 8) -> Served:
-    """The example tiny CNN converted once to a .tflite file whose operators are the units (every cut exists,
-    so any re-plan slices in milliseconds), profiled with the interpreter, planned for `speeds`, partitioned."""
-    from dnnpipe.examples import tiny_cnn
+def make_served(root: Path, speeds: Sequence[float], kind: str = "tiny", input_size: Optional[int] = 48,
+                rows: int = 8, repeats: int = 10) -> Served:
+    """An example model (dnnpipe.examples) converted once to a .tflite file whose operators are the units (every
+    cut exists, so any re-plan slices in milliseconds), profiled with the interpreter, planned for `speeds`,
+    partitioned by that plan."""
+    from dnnpipe.examples import EXAMPLES
     from dnnpipe.jsonio import write_json
     from dnnpipe.manifest import read_manifest
     from dnnpipe.partition.convert import convert_stage
@@ -72,12 +74,12 @@ def make_served(root: Path, speeds: Sequence[float], input_size: int = 48, rows:
 
     _, keras = import_tensorflow()
     keras.utils.set_random_seed(0)
-    model = as_functional(tiny_cnn(input_size))
+    model = as_functional(EXAMPLES[kind](input_size) if input_size else EXAMPLES[kind]())
     graph, _ = analyse(model)
     keys = signature_keys(t.name for t in graph.tensors)
     whole = root / "tiny.tflite"
     whole.write_bytes(convert_stage(model, graph.crossing(0), graph.crossing(graph.U), keys))
-    profile = profile_tflite(whole, repeats=10, warmup=3)
+    profile = profile_tflite(whole, repeats=repeats, warmup=3)
     config = root / "configurations" / "tiny" / "config.json"
     config.parent.mkdir(parents=True)
     write_json(config, tflite_config(profile, {"N": len(speeds), "C": list(speeds), "M": [1e4] * len(speeds)}))
@@ -85,7 +87,8 @@ def make_served(root: Path, speeds: Sequence[float], input_size: int = 48, rows:
     write_plan(result, config.parent / "pipeline_plan.json")
     parts = root / "parts"
     partition_tflite(whole, result.stages, parts / "tiny", "tiny", str(config), verify_chain=False, progress=None)
-    images = np.random.default_rng(0).random((rows, input_size, input_size, 3)).astype("float32")
+    shape = tuple(model.inputs[0].shape[1:])
+    images = np.random.default_rng(0).random((rows, *shape)).astype("float32")
     data = root / "data.h5"
     with h5py.File(data, "w") as f:
         f["images"] = images

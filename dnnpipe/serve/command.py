@@ -48,8 +48,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--emulation-scale", type=positive_float, default=1.0,
                         help="multiply every emulated speed by this (default 1)")
     parser.add_argument("--emulate-change", type=emulate_change, action="append", default=[], metavar="T:DEVICE=C",
-                        help="T seconds after the first result, DEVICE runs at speed C: its stage is told over the control "
-                             "channel (tests, benchmarks)")
+                        help="T seconds after the first result, DEVICE runs at speed C: its stage is told over "
+                             "the control channel (tests, benchmarks)")
     parser.add_argument("--keras-model", type=Path,
                         help="the Keras model, to convert new stages from when there is no model.tflite to slice")
     parser.add_argument("--controller-host", default="127.0.0.1",

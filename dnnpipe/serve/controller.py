@@ -107,6 +107,7 @@ class ServeSummary:
     switches: list[Switch]
     duplicates: int
     result_times: list[float]  # monotonic time of every result stored, for throughput before/after
+    start_throughput: float  # predicted by the plan the run started with
 
     def describe(self) -> str:
         rate = (self.stored - self.resumed_from) / self.seconds if self.seconds > 0 else 0.0
@@ -381,7 +382,8 @@ class Controller:
         self.emulation: dict[int, float] = {}  # device -> C emulated, when emulating
         self.switches: list[Switch] = []
         self.stages: list[list[int]] = [[*s.units, s.device] for s in read_manifest(o.folder).stages]
-        self.predicted = 0.0
+        self.predicted = self.start_predicted = 0.0
+        self.code_shipped: set[int] = set()  # devices that have the runtime code
         self.last_switch = time.monotonic()
         self.started_pacing = time.monotonic()
         self.sent_paced = 0
@@ -463,7 +465,8 @@ class Controller:
 
     def _summary(self, started: float, resumed_from: int) -> ServeSummary:
         return ServeSummary(self.total, self.ledger.first_unstored, resumed_from, time.monotonic() - started,
-                            self.stages, self.predicted, self.switches, self.duplicates, self.result_times)
+                            self.stages, self.predicted, self.switches, self.duplicates, self.result_times,
+                            self.start_predicted)
 
     def _plan(self, reason: str, detected: Optional[float], already_planned: bool = False) -> None:
         """Re-plan for the devices present, re-cut and ship what changed (the switch's middle part)."""
@@ -496,6 +499,8 @@ class Controller:
         self.stages, self.predicted = stages, predicted
         if detected is not None:
             self.switches.append(switch)
+        else:
+            self.start_predicted = predicted
 
     def plan_written(self, stages: list[list[int]]) -> None:
         """The plan beside the config follows the running one (it is shipped with the sub-models)."""
@@ -509,12 +514,17 @@ class Controller:
     def _ship(self) -> None:
         o = self.options
         started = time.perf_counter()
-        deployment = deploy(DeployOptions(o.registry, o.model_name, o.model_path, o.config, ssh=o.ssh))
+        # The runtime code does not change while serving: once every planned device has it, only model files
+        # are compared (hashing ~80 code files per device would cost a switch about half a second).
+        planned = {s.device for s in read_manifest(o.folder).stages}
+        deployment = deploy(DeployOptions(o.registry, o.model_name, o.model_path, o.config, ssh=o.ssh,
+                                          runtime_code=not planned <= self.code_shipped))
         if deployment.failed:
             bad = deployment.failed[0]
             self.removed.add(bad.device.device_id)
             raise DnnpipeError(f"device {bad.device.device_id}: shipping failed: "
                                f"{bad.error or next(iter(bad.failed.values()))}")
+        self.code_shipped |= planned
         sent = sum(len(r.sent) for r in deployment.reports)
         self.echo(f"serve: shipped {sent} files to {len(deployment.reports)} devices "
                   f"({sum(len(r.skipped) for r in deployment.reports)} already there) in "

@@ -41,10 +41,11 @@ class ResultStore:
 
     def _check_resumable(self) -> None:
         f = self.file
-        if int(f.attrs.get("num_inputs", -1)) != self.total or "stored" not in f.attrs:
+        held = int(f.attrs.get("num_inputs", -1))
+        if held != self.total or "stored" not in f.attrs:
             f.close()
-            raise DnnpipeError(f"{self.path}: cannot resume: it holds {f.attrs.get('num_inputs', 'an unknown number of')}"
-                               f" inputs, this run has {self.total} (same --num-inputs and model needed)")
+            raise DnnpipeError(f"{self.path}: cannot resume: it was made for {held} inputs, this run has "
+                               f"{self.total} (resume with the same --num-inputs and model)")
         for spec in self.specs:
             if spec.name not in f or f[spec.name].shape != (self.total, *spec.shape[1:]):
                 f.close()
