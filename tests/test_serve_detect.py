@@ -4,8 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dnnpipe.serve.detect import (SpeedModel, StageState, find_lost, measured_speed, revised_beliefs, smooth,
-                                  worth_switching)
+from dnnpipe.serve.detect import SpeedModel, StageState, find_lost, speed_outliers, stage_median, worth_switching
 
 
 def states(now: float = 10.0) -> list[StageState]:
@@ -37,22 +36,47 @@ def test_a_stage_without_heartbeat_is_frozen_and_one_that_never_came_up_is_lost(
     assert find_lost([late], 31.0, 2.0, 30.0) == (5, "stage 1 did not come up within 30 s")
 
 
-def test_measured_speed_is_profiled_time_over_median_stage_time():
-    assert measured_speed([4.0, 5.0, 100.0], 1.0) == pytest.approx(0.2)
-    assert measured_speed([], 1.0) is None and measured_speed([0.0], 1.0) is None
-    assert smooth(None, 0.5, SpeedModel()) == 0.5
-    assert smooth(1.0, 0.0, SpeedModel(smoothing=0.25)) == pytest.approx(0.75)
+MODEL = SpeedModel(band=0.25)
+PROFILED = {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0}
+
+
+def test_stage_time_is_the_median_of_the_last_frames():
+    model = SpeedModel(window=4, min_frames=3)
+    assert stage_median([1.0, 1.0], model) is None
+    assert stage_median([100.0, 100.0, 1.0, 2.0, 3.0, 50.0], model) == pytest.approx(2.5)
+
+
+def test_a_slowed_bottleneck_device_is_found_with_the_host_s_common_factor_divided_out():
+    predicted = {1: 1.0, 2: 1.0, 3: 0.8, 4: 1.0}
+    measured = {d: 1.6 * t for d, t in predicted.items()}  # this host runs everything 1.6x slower than profiled
+    assert speed_outliers(predicted, measured, PROFILED, PROFILED, MODEL) == {}
+    measured[2] = 1.6 * 10  # device 2 now ten times slower
+    assert speed_outliers(predicted, measured, PROFILED, PROFILED, MODEL) == {2: pytest.approx(0.1)}
+
+
+def test_a_small_stage_s_per_frame_overhead_never_makes_it_slow():
+    predicted = {1: 1.0, 2: 0.05, 3: 1.0}
+    measured = {1: 1.1, 2: 0.3, 3: 1.1}  # six times its profile, still far below the bottleneck
+    assert speed_outliers(predicted, measured, PROFILED, PROFILED, MODEL) == {}
+
+
+def test_a_device_believed_slow_recovers_up_to_its_profiled_speed():
+    beliefs = {1: 1.0, 2: 0.1}
+    predicted = {1: 1.0, 2: 0.3 / 0.1}
+    measured = {1: 1.0, 2: 0.3}  # runs at full speed again
+    assert speed_outliers(predicted, measured, beliefs, PROFILED, MODEL) == {2: pytest.approx(1.0)}
 
 
 @settings(max_examples=200, deadline=None)
-@given(belief=st.floats(0.05, 20), noise=st.floats(-0.24, 0.24))
-def test_noise_within_the_band_never_changes_a_belief(belief, noise):
-    """Hysteresis: measurements within the band around the belief keep it, so plans do not flap."""
-    assert revised_beliefs({1: belief}, {1: belief * (1 + noise)}, SpeedModel(band=0.25)) == {1: belief}
-
-
-def test_a_real_slowdown_changes_the_belief():
-    assert revised_beliefs({1: 1.0, 2: 1.0}, {1: 0.2, 2: 0.9}, SpeedModel(band=0.25)) == {1: 0.2, 2: 1.0}
+@given(times=st.lists(st.floats(0.1, 5.0), min_size=2, max_size=6), noise=st.data())
+def test_noise_within_the_band_never_changes_a_belief(times, noise):
+    """Hysteresis: every stage measured within the band of its prediction (times any common factor) changes
+    nothing, so timing noise never makes plans flap."""
+    predicted = dict(enumerate(times, 1))
+    common = noise.draw(st.floats(0.5, 3.0))
+    measured = {d: t * common * noise.draw(st.floats(0.9, 1.1)) for d, t in predicted.items()}
+    beliefs = {d: 1.0 for d in predicted}
+    assert speed_outliers(predicted, measured, beliefs, beliefs, MODEL) == {}
 
 
 def test_switch_only_when_the_new_bottleneck_beats_the_running_one_by_the_threshold():

@@ -38,7 +38,7 @@ from ..protocol import FrameReader, Kind, send_frame
 from ..runtime.control import LineReader, encode
 from ..runtime.dataio import input_datasets
 from .delivery import Ledger
-from .detect import SpeedModel, StageState, find_lost, measured_speed, revised_beliefs, smooth, worth_switching
+from .detect import SpeedModel, StageState, find_lost, speed_outliers, stage_median, worth_switching
 from .processes import StageProcess
 from .recut import Recutter
 from .results import ResultStore
@@ -46,6 +46,7 @@ from .results import ResultStore
 Echo = Callable[[str], None]
 POLL_SECONDS = 0.05
 FINISH_SECONDS = 5.0  # after the last result, how long the stages get to end on their own
+MEASURE_SECONDS = 0.2  # how often measured speeds are evaluated (the heartbeat period)
 
 
 class NoPlan(DnnpipeError):
@@ -226,7 +227,8 @@ class Epoch:
                 if isinstance(sent, int):
                     state.sent = sent
                 if isinstance(times, list):
-                    state.times += [float(t) for t in times if isinstance(t, (int, float)) and t >= 0][:10000]
+                    state.times += [float(t) for t in times if isinstance(t, (int, float)) and t >= 0]
+                    del state.times[:-SpeedModel.window]
             elif message["kind"] == "done":
                 state.ended = "done"
             elif message["kind"] == "error":
@@ -378,7 +380,8 @@ class Controller:
         self.stage_sockets: dict[int, socket.socket] = {}
         self.key: Optional[bytes] = None
         self.speeds: dict[int, float] = {}  # device -> C the planner assumes (measured, with hysteresis)
-        self.smoothed: dict[int, float] = {}
+        self.outlier_runs: dict[int, int] = {}  # device -> evaluations in a row it was out of the band
+        self.measured_at = 0.0
         self.emulation: dict[int, float] = {}  # device -> C emulated, when emulating
         self.switches: list[Switch] = []
         self.stages: list[list[int]] = [[*s.units, s.device] for s in read_manifest(o.folder).stages]
@@ -587,33 +590,36 @@ class Controller:
                 self.command(stage, {"kind": "emulate", "speed": speed * self.options.emulation_scale})
 
     def _measure(self, epoch: Epoch) -> None:
-        model = SpeedModel()
+        """Speeds from the stage times the control channel reports, against the profile (with hysteresis)."""
+        now = time.monotonic()
+        if now - self.measured_at < MEASURE_SECONDS:
+            return
+        self.measured_at = now
+        model, profile = SpeedModel(), self.config.profile
+        measured: dict[int, float] = {}
+        predicted: dict[int, float] = {}
+        beliefs: dict[int, float] = {}
+        profiled: dict[int, float] = {}
         with epoch.lock:
-            samples = [(s.device, s.stage, s.times) for s in epoch.states if len(s.times) >= model.min_frames]
-            for s in epoch.states:
-                if len(s.times) >= model.min_frames:
-                    s.times = []
-        if not samples:
-            return
-        E = self.config.profile
-        for device, stage, times in samples:
-            start, end = epoch.manifest.stage(stage).units
-            row = E.E_device[device - 1] if E.E_device is not None else E.E
-            units_ms = float(sum(row[start - 1:end]))
-            speed = measured_speed(times, units_ms)
-            if speed is None:
+            medians = {s.stage: stage_median(s.times, model) for s in epoch.states}
+        for spec in epoch.manifest.stages:
+            median = medians[spec.stage]
+            if median is None:
                 continue
-            if self.options.emulate_speed:
-                speed /= self.options.emulation_scale
-            self.smoothed[device] = smooth(self.smoothed.get(device), speed, model)
-        if time.monotonic() - self.last_switch < self.options.cooldown:
+            d = spec.device
+            row = profile.E_device[d - 1] if profile.E_device is not None else profile.E
+            profiled[d] = 1.0 if profile.E_device is not None else self.config.cluster.C[d - 1]
+            beliefs[d] = self.speeds.get(d, profiled[d])
+            predicted[d] = float(sum(row[spec.units[0] - 1:spec.units[1]])) / beliefs[d]
+            measured[d] = median
+        outliers = speed_outliers(predicted, measured, beliefs, profiled, model)
+        self.outlier_runs = {d: self.outlier_runs.get(d, 0) + 1 for d in outliers}
+        settled = {d: c for d, c in outliers.items() if self.outlier_runs[d] >= model.dwell}
+        if not settled or now - self.last_switch < self.options.cooldown:
             return
-        beliefs = {d: self.speeds.get(d, self.config.cluster.C[d - 1]) for d in self.smoothed}
-        revised = revised_beliefs(beliefs, self.smoothed, model)
-        changed = {d: c for d, c in revised.items() if c != beliefs[d]}
-        if changed:
-            self.speeds.update(changed)
-            self._consider("measured speed " + ", ".join(f"device {d} {c:.2f}" for d, c in sorted(changed.items())))
+        self.speeds.update(settled)
+        self.outlier_runs = {}
+        self._consider("measured speed " + ", ".join(f"device {d} {c:.3g}" for d, c in sorted(settled.items())))
 
     def _consider(self, reason: str, force_check: bool = False) -> None:
         """Switch when the re-planned bottleneck beats the running plan's by more than the threshold."""

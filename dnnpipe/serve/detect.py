@@ -45,35 +45,52 @@ def find_lost(states: Sequence[StageState], now: float, progress_timeout: float,
 
 @dataclass(frozen=True)
 class SpeedModel:
-    """Smoothing and hysteresis of measured speeds (Section 3.1's C, measured instead of profiled)."""
+    """How measured stage times become speeds (Section 3.1's C, measured instead of profiled)."""
 
-    smoothing: float = 0.3  # weight of a new measurement in the moving average
-    band: float = 0.25  # a belief changes only when the measurement leaves it by more than this (relative)
-    min_frames: int = 5  # frames per measurement
-
-
-def measured_speed(stage_ms: Sequence[float], units_ms: float) -> Optional[float]:
-    """C of a device from its stage times: the stage's units take `units_ms` at C = 1."""
-    if not stage_ms:
-        return None
-    median = statistics.median(stage_ms)
-    return units_ms / median if median > 0 else None
+    window: int = 24  # per device, the median of its last `window` stage times (smoothing)
+    min_frames: int = 12  # frames in the window before it counts
+    band: float = 0.25  # hysteresis: how far beyond the expected bottleneck a stage must be to count as slow
+    dwell: int = 3  # consecutive evaluations a device must stay out of the band before its belief changes
 
 
-def smooth(previous: Optional[float], measured: float, model: SpeedModel) -> float:
-    return measured if previous is None else (1 - model.smoothing) * previous + model.smoothing * measured
+def stage_median(times: Sequence[float], model: SpeedModel) -> Optional[float]:
+    """A stage's smoothed time: the median of its last frames (robust to the host's scheduling hiccups)."""
+    recent = list(times)[-model.window:]
+    return statistics.median(recent) if len(recent) >= model.min_frames else None
 
 
-def revised_beliefs(beliefs: Mapping[int, float], smoothed: Mapping[int, float],
-                    model: SpeedModel) -> dict[int, float]:
-    """The speeds the planner should now assume: a device's belief moves to its smoothed measurement only when
-    the two differ by more than the band, so timing noise never changes a plan."""
-    revised = dict(beliefs)
-    for device, speed in smoothed.items():
-        belief = beliefs.get(device)
-        if belief is None or abs(speed - belief) > model.band * belief:
-            revised[device] = speed
-    return revised
+def speed_outliers(predicted_ms: Mapping[int, float], measured_ms: Mapping[int, float], beliefs: Mapping[int, float],
+                   profiled: Mapping[int, float], model: SpeedModel) -> dict[int, float]:
+    """Devices whose speed is not what the planner believes, and the speed they now show.
+
+    Measured times include what the profile leaves out (per-frame work, this host's other load), alike on
+    every stage; that common factor, the median of measured over predicted on the other devices, is divided
+    out, so only a device that differs from the others counts. A device is slow when its stage, so corrected, takes more
+    than the expected bottleneck plus the band: a small stage's larger share of per-frame work never makes
+    it look slow, and a slowed device that is still no bottleneck changes nothing. A device believed slower
+    than profiled recovers when it runs faster than believed by more than the band (up to its profiled C).
+    """
+    devices = [d for d in measured_ms if d in predicted_ms and predicted_ms[d] > 0]
+    if len(devices) < 2:
+        return {}
+    ratio = {d: measured_ms[d] / predicted_ms[d] for d in devices}
+    bottleneck = max(predicted_ms[d] for d in devices)
+    slow, recovered = {}, {}
+    for d in devices:
+        common = statistics.median(ratio[e] for e in devices if e != d)  # the others: d's own change left out
+        expected, seen = predicted_ms[d] * common, measured_ms[d]
+        factor = expected / seen if seen > 0 else 1.0
+        if beliefs[d] < profiled[d] and factor > 1 + model.band:
+            recovered[d] = (factor, min(profiled[d], beliefs[d] * factor))
+        elif seen > bottleneck * common * (1 + model.band):
+            slow[d] = (1 / factor, beliefs[d] * factor)
+    # Only relative speeds are measurable: one device per evaluation, a recovery first (its slowness was seen
+    # before), else the slowest, and the next evaluation sees the others against the revised belief.
+    for found in (recovered, slow):
+        if found:
+            d = max(found, key=lambda e: found[e][0])
+            return {d: found[d][1]}
+    return {}
 
 
 def worth_switching(running_ms: Optional[float], candidate_ms: float, threshold: float) -> bool:
