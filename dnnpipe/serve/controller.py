@@ -39,7 +39,7 @@ from ..runtime.control import LineReader, encode
 from ..runtime.dataio import input_datasets
 from .delivery import Ledger
 from .detect import SpeedModel, StageState, find_lost, speed_outliers, stage_median, worth_switching
-from .processes import StageProcess
+from .processes import StageProcess, stop_all
 from .recut import Recutter
 from .results import ResultStore
 
@@ -138,6 +138,7 @@ class Epoch:
         self.first_result: Optional[float] = None
         self.ended = False  # the last stage sent END
         self.announced = False  # its first result was reported
+        self.closed = False
         self.started = time.monotonic()
         self.epoch = controller.ledger.switch()
         self.sockets: list[socket.socket] = []
@@ -149,14 +150,15 @@ class Epoch:
                         threading.Thread(target=self._receive, daemon=True),
                         threading.Thread(target=self._send, daemon=True)]
         self.threads[0].start()
-        try:
-            for k in range(len(stages), 0, -1):
-                spec = stages[k - 1]
-                argv = self._argv(spec.stage, devices, [s.device for s in stages])
+        for k in range(len(stages), 0, -1):
+            spec = stages[k - 1]
+            argv = self._argv(spec.stage, devices, [s.device for s in stages])
+            try:
                 self.processes.append(StageProcess(k, devices[spec.device], argv, o.ssh))
-        except Exception:
-            self.close()
-            raise
+            except (OSError, DnnpipeError) as e:
+                self.close()
+                raise EpochFailed(spec.device, f"cannot start stage {k}: {getattr(e, 'strerror', None) or e}") \
+                    from None
         for thread in self.threads[1:]:
             thread.start()
 
@@ -339,13 +341,15 @@ class Epoch:
             time.sleep(POLL_SECONDS)
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         self.stop.set()
         for sock in list(self.sockets):
             _shutdown(sock)
         for listener in (self.control_listener, self.result_listener):
             listener.close()
-        for p in self.processes:
-            p.stop()
+        stop_all(self.processes)
         for thread in self.threads:
             if thread.ident is not None:
                 thread.join(5)
@@ -431,11 +435,12 @@ class Controller:
             self.echo(f"serve: resumed: {resumed_from} of {self.total} results already in {self.options.output_path}")
         previous = signal.signal(signal.SIGHUP, self._on_hup) if _main_thread() else None
         try:
-            self._plan("start", None)
+            self._switch("start", None)
             failures = 0
             while not self.ledger.done:
-                epoch = self._start_epoch()
+                epoch: Optional[Epoch] = None
                 try:
+                    epoch = self._start_epoch()
                     epoch.watch()
                     epoch.finish()
                     failures = 0
@@ -443,22 +448,23 @@ class Controller:
                     detected = time.monotonic()
                     who = f"device {e.device} lost" if e.device is not None else "pipeline failed"
                     self.echo(f"serve: {who}: {e.reason} (stored {self.ledger.first_unstored} of {self.total})")
-                    epoch.close()
+                    if epoch is not None:
+                        epoch.close()
                     failures = 0 if e.device is not None else failures + 1
                     if failures > self.options.max_restarts:
                         raise DnnpipeError(f"the pipeline failed {failures} times in a row without a device to "
                                            f"blame; last: {e.reason}") from None
                     if e.device is not None:
                         self.removed.add(e.device)
-                    self._plan(f"{who}", detected)
-                    continue
+                    self._switch(who, detected)
                 except Replanned as r:
                     detected = time.monotonic()
-                    epoch.close()
-                    self._plan(r.reason, detected, already_planned=True)
-                    continue
+                    if epoch is not None:
+                        epoch.close()
+                    self._switch(r.reason, detected, self.pending)
                 finally:
-                    epoch.close()
+                    if epoch is not None:
+                        epoch.close()
             return self._summary(started, resumed_from)
         finally:
             self.store.close()
@@ -471,10 +477,23 @@ class Controller:
                             self.stages, self.predicted, self.switches, self.duplicates, self.result_times,
                             self.start_predicted)
 
-    def _plan(self, reason: str, detected: Optional[float], already_planned: bool = False) -> None:
-        """Re-plan for the devices present, re-cut and ship what changed (the switch's middle part)."""
+    def _switch(self, reason: str, detected: Optional[float],
+                planned: Optional[tuple[list[list[int]], float]] = None) -> None:
+        """Re-plan for the devices present, re-cut and ship what changed (the switch's middle part); a device
+        that cannot be shipped to is lost too, and planned around."""
+        while True:
+            failed = self._plan(reason, detected, planned)
+            if failed is None:
+                return
+            device, why = failed
+            self.echo(f"serve: device {device} lost: {why}")
+            self.removed.add(device)
+            reason, planned = f"device {device} lost", None
+
+    def _plan(self, reason: str, detected: Optional[float],
+              planned: Optional[tuple[list[list[int]], float]]) -> Optional[tuple[int, str]]:
         began = time.perf_counter()
-        if not already_planned:
+        if planned is None:
             try:
                 result = replan(self.config, self.stages, ClusterChange(removed=frozenset(self.absent()),
                                                                         speeds=dict(self.speeds)))
@@ -487,7 +506,7 @@ class Controller:
                           f"({new.throughput:.1f} inf/s predicted), planned in {result.plan.planning_time_ms:.1f} ms")
             stages, predicted = new.stages, new.throughput
         else:
-            stages, predicted = self.pending
+            stages, predicted = planned
         replan_s = time.perf_counter() - began
         switch = Switch(reason, sorted(self.removed), stages, predicted, replan_s, detected_at=detected or 0.0)
         cut_started = time.perf_counter()
@@ -497,13 +516,16 @@ class Controller:
             self.plan_written(stages)
         switch.cut_s = time.perf_counter() - cut_started
         ship_started = time.perf_counter()
-        self._ship()
+        failed = self._ship()
+        if failed is not None:
+            return failed
         switch.ship_s = time.perf_counter() - ship_started
         self.stages, self.predicted = stages, predicted
         if detected is not None:
             self.switches.append(switch)
         else:
             self.start_predicted = predicted
+        return None
 
     def plan_written(self, stages: list[list[int]]) -> None:
         """The plan beside the config follows the running one (it is shipped with the sub-models)."""
@@ -514,7 +536,8 @@ class Controller:
             problem = Problem.from_config(self.config)
             write_plan(make_plan(problem, [(s - 1, e, d - 1) for s, e, d in stages], "serve"), self.plan_file)
 
-    def _ship(self) -> None:
+    def _ship(self) -> Optional[tuple[int, str]]:
+        """Send what the planned devices lack; the first device that failed, and why."""
         o = self.options
         started = time.perf_counter()
         # The runtime code does not change while serving: once every planned device has it, only model files
@@ -524,14 +547,13 @@ class Controller:
                                           runtime_code=not planned <= self.code_shipped))
         if deployment.failed:
             bad = deployment.failed[0]
-            self.removed.add(bad.device.device_id)
-            raise DnnpipeError(f"device {bad.device.device_id}: shipping failed: "
-                               f"{bad.error or next(iter(bad.failed.values()))}")
+            return bad.device.device_id, f"shipping failed: {bad.error or next(iter(bad.failed.values()))}"
         self.code_shipped |= planned
         sent = sum(len(r.sent) for r in deployment.reports)
         self.echo(f"serve: shipped {sent} files to {len(deployment.reports)} devices "
                   f"({sum(len(r.skipped) for r in deployment.reports)} already there) in "
                   f"{time.perf_counter() - started:.2f} s")
+        return None
 
     def _start_epoch(self) -> Epoch:
         manifest = read_manifest(self.options.folder)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -42,23 +43,36 @@ class StageProcess:
         """The exit status once the process ended (None while running, or when remote)."""
         return self.process.poll() if self.process is not None else None
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
+        """Ask the stage to stop (a frozen one is woken first, so it can see SIGTERM)."""
         if self.remote is not None:
             try:
                 self.remote.stop(self.pid_rel)
             except Exception:  # noqa: BLE001 - a lost device cannot be reached to stop; nothing more to do
                 pass
-            return
-        assert self.process is not None
-        if self.process.poll() is None:
-            _signal_group(self.process.pid, signal.SIGCONT)  # a frozen stage must run to see SIGTERM
+        elif self.process is not None and self.process.poll() is None:
+            _signal_group(self.process.pid, signal.SIGCONT)
             _signal_group(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                _signal_group(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        _signal_group(self.process.pid, signal.SIGKILL)  # anything it started in its session
+
+    def wait(self, deadline: float) -> None:
+        """Until it exited, or kill it at the deadline; then anything left in its session."""
+        if self.process is None:
+            return
+        try:
+            self.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal_group(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        _signal_group(self.process.pid, signal.SIGKILL)
+
+
+def stop_all(processes: Sequence[StageProcess]) -> None:
+    """Every stage at once: all asked first, then each waited for, so stopping K stages costs one grace period."""
+    for p in processes:
+        p.terminate()
+    deadline = time.monotonic() + STOP_SECONDS
+    for p in processes:
+        p.wait(deadline)
 
 
 def _signal_group(pid: int, signum: int) -> None:
