@@ -68,6 +68,7 @@ def make_served(root: Path, speeds: Sequence[float], kind: str = "tiny", input_s
     from dnnpipe.slicing import signature_keys
     from dnnpipe.partition.graph import analyse, as_functional
     from dnnpipe.planfile import write_plan
+    from dnnpipe.pipeline_key import create_key
     from dnnpipe.planner import plan
     from dnnpipe.slicing import partition_tflite, profile_tflite, tflite_config
     from dnnpipe.tfenv import import_tensorflow
@@ -87,6 +88,7 @@ def make_served(root: Path, speeds: Sequence[float], kind: str = "tiny", input_s
     write_plan(result, config.parent / "pipeline_plan.json")
     parts = root / "parts"
     partition_tflite(whole, result.stages, parts / "tiny", "tiny", str(config), verify_chain=False, progress=None)
+    create_key(parts / "tiny")  # serve and the stages authenticate every link with it
     shape = tuple(model.inputs[0].shape[1:])
     images = np.random.default_rng(0).random((rows, *shape)).astype("float32")
     data = root / "data.h5"

@@ -73,3 +73,37 @@ def test_missing_config_and_missing_model_path(tmp_path):
     write_config(tmp_path, "model", CONFIG)
     result = run_script("model_partitioner.py", "--config", str(tmp_path), "--model-name", "model")
     assert_clean_error(result, "--model-path and --output-dir are needed")
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--speed", "2=nan"], ["--speed '2=nan'", "finite number > 0"]),
+    (["--speed", "2=-1"], ["--speed '2=-1'"]),
+    (["--memory", "x=1"], ["--memory takes DEVICE=VALUE"]),
+    (["--remove", "7"], ["device 7 is not in the cluster (devices 1..3)"]),
+])
+def test_replan_refuses_bad_values_at_once(tmp_path, args, fragments):
+    write_config(tmp_path, "model", CONFIG)
+    assert run_script("model_partitioner.py", "--config", str(tmp_path), "--model-name", "model",
+                      "--plan-only").returncode == 0
+    result = run_script("dnnpipe", "replan", "--config", str(tmp_path), "--model-name", "model", *args, timeout=60)
+    assert_clean_error(result, "dnnpipe replan: error:", *fragments)
+
+
+def test_quantize_int8_without_calibration_fails_before_planning(tmp_path):
+    write_config(tmp_path, "model", CONFIG)
+    result = run_script("model_partitioner.py", "--config", str(tmp_path), "--model-name", "model", "--model-path",
+                        str(tmp_path), "--output-dir", str(tmp_path / "out"), "--quantize", "int8")
+    assert_clean_error(result, "--quantize int8 needs --calibration-data")
+    assert not (tmp_path / "model" / "pipeline_plan.json").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--queue-size", "-2"], "argument --queue-size: must be at least 1, got -2"),
+    (["--queue-size", "0"], "argument --queue-size: must be at least 1, got 0"),
+    (["--timeout", "nan"], "argument --timeout: must be a finite number > 0, got nan"),
+    (["--bind-port", "70000"], "argument --bind-port: a port is at most 65535"),
+])
+def test_runtime_options_out_of_range(tmp_path, args, fragment):
+    result = run_script("runtime_engine.py", "--stage", "1", "--model-path", str(tmp_path), "--model-name", "m", *args,
+                        timeout=60)
+    assert result.returncode == 2 and fragment in result.stderr and "Traceback" not in result.stderr

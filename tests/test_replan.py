@@ -83,3 +83,15 @@ def test_replan_command(tmp_path):
     assert 1 not in [d for _, _, d in written["pipeline_plan"]]
     assert_clean_error(run_script("dnnpipe", "replan", "--config", str(tmp_path), "--model-name", "m",
                                   "--speed", "2:0.5"), "--speed takes DEVICE=VALUE")
+
+
+def test_a_stale_running_plan_or_a_bad_value_is_a_clear_error():
+    config = {"device_config": {"N": 2, "C": [1, 0.5], "M": [100, 100]},
+              "model_config": {"U": 4, "E": [1, 1, 1, 1], "R": [1, 1, 1, 1]}}
+    with pytest.raises(ConfigError, match="stage 2 covers units 3-9, but the stages must cover units 1-4"):
+        replan(config, [[1, 2, 1], [3, 9, 2]], ClusterChange())
+    with pytest.raises(ConfigError, match="covers units 1-3, the config has 4 units"):
+        replan(config, [[1, 3, 1]], ClusterChange())
+    for bad in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(ConfigError, match="speed must be a finite number > 0"):
+            replan(config, [[1, 4, 1]], ClusterChange(speeds={2: bad}))

@@ -1,20 +1,25 @@
 """Pipelines of real stage processes on 127.0.0.1: results, back-pressure and every failure class."""
 
+import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
 import models
+from dnnpipe.errors import DnnpipeError
 from dnnpipe.manifest import read_manifest
 from dnnpipe.partition.partitioner import partition_keras_model
 from dnnpipe.partition.graph import analyse
 from dnnpipe.protocol import Kind, encode_header, send_frame
 from dnnpipe.runtime.local import RunOptions, free_ports, run_local
+from dnnpipe.pipeline_key import KEY_FILE, create_key, read_key
+from dnnpipe.runtime.handshake import LinkAuth, connect_side, manifest_identity
 from dnnpipe.runtime.metrics import read_timings
 from helpers import ROOT, assert_clean_error
 
@@ -54,7 +59,8 @@ def test_cycling_inputs_and_paced_rate(pipelines, tmp_path):
     run = run_local(root / "p2" / "res", root / "data.h5", tmp_path / "out.h5", tmp_path / "logs",
                     run=RunOptions(num_inputs=20, fps=100))
     assert run.stages[-1].frames == 20
-    assert run.throughput < 130  # paced at 100 inputs/s
+    starts = np.array([t.infer_start for t in read_timings(tmp_path / "logs", 1)])
+    assert np.median(np.diff(starts)) >= 0.009  # paced at 100 inputs/s (load can delay frames, never hasten)
     with h5py.File(tmp_path / "out.h5") as f:
         np.testing.assert_allclose(f["logits"][ROWS:2 * ROWS], expected, rtol=1e-5, atol=1e-5)
 
@@ -89,6 +95,11 @@ def test_slow_last_stage_holds_back_the_first(wide_pipeline, tmp_path):
     assert lead < 40, lead
 
 
+def link_auth(folder, sender, receiver, key=None):
+    return LinkAuth(key or read_key(folder / KEY_FILE), manifest_identity((folder / "manifest.json").read_bytes()),
+                    sender, receiver)
+
+
 def stage_process(folder, stage, *args):
     return subprocess.Popen([sys.executable, str(ROOT / "runtime_engine.py"), "--stage", str(stage),
                              "--model-path", str(folder.parent), "--model-name", folder.name, *args],
@@ -119,6 +130,7 @@ def stage2(pipelines):
     (port,) = free_ports(1)
     process = stage_process(folder, 2, "--bind-addr", "127.0.0.1", "--bind-port", str(port), "--timeout", "5")
     sock = connect(port)
+    connect_side(sock, link_auth(folder, 1, 2))  # frames are read only from an authenticated upstream
     yield process, sock, read_manifest(folder).stage(2)
     sock.close()
     if process.poll() is None:
@@ -192,7 +204,8 @@ def test_downstream_dies_mid_stream(pipelines, tmp_path):
         listener.bind(("127.0.0.1", port))
         listener.listen(1)
         process = stage_process(root / "p2" / "res", 1, "--data-path", str(root / "data.h5"), "--next-host",
-                                "127.0.0.1", "--next-port", str(port), "--num-inputs", "100000", "--timeout", "5")
+                                "127.0.0.1", "--next-port", str(port), "--num-inputs", "100000", "--timeout", "5",
+                                "--insecure")
         conn, _ = listener.accept()
         conn.recv(1000)
         conn.close()
@@ -232,3 +245,102 @@ def test_runtime_does_not_import_tensorflow(pipelines):
             "print('tensorflow' in sys.modules, 'keras' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.stdout.split()[-3:] == ["ai-edge-litert", "False", "False"], result.stderr
+
+
+def test_intruders_on_a_stage_port_neither_feed_it_nor_stop_it(pipelines, tmp_path):
+    """While the real pipeline runs, an injector, a trickler and a peer with another key try stage 2's port:
+    each is dropped with a line, and the results are exactly the model's."""
+    root, expected = pipelines
+    folder = root / "p2" / "res"
+    (port,) = free_ports(1)
+    last = stage_process(folder, 2, "--bind-addr", "127.0.0.1", "--bind-port", str(port),
+                         "--output-path", str(tmp_path / "out.h5"), "--timeout", "30")
+    injector = connect(port)
+    injector.sendall(encode_header(Kind.DATA, 0, 0, read_manifest(folder).stage(2).inputs) + b"\0" * 64)
+    trickler = connect(port)
+    trickler.sendall(b"D")  # then nothing: the handshake deadline drops it
+    impostor = connect(port)
+    with pytest.raises(Exception, match="another pipeline key"):
+        connect_side(impostor, link_auth(folder, 1, 2, key=b"k" * 32))
+    impostor.close()
+    first = stage_process(folder, 1, "--data-path", str(root / "data.h5"), "--next-host", "127.0.0.1",
+                          "--next-port", str(port))
+    assert finish(first).returncode == 0
+    result = finish(last)
+    assert result.returncode == 0, result.stderr
+    for intruder in (injector, trickler):
+        intruder.close()
+    # The trickler is still being vetted when the pipeline ends (its deadline is 5 s): it held nothing up.
+    dropped = [line for line in result.stdout.splitlines() if "dropped" in line]
+    assert len(dropped) == 2, result.stdout
+    assert any("not a DNNPipe handshake" in line for line in dropped)
+    assert any("closed during the handshake" in line for line in dropped)
+    with h5py.File(tmp_path / "out.h5") as f:
+        np.testing.assert_allclose(f["logits"][:], expected, rtol=1e-5, atol=1e-5)
+        assert f.attrs["complete"]
+
+
+def test_a_stage_with_another_key_is_refused(pipelines, tmp_path):
+    root, _ = pipelines
+    folder = root / "p2" / "res"
+    other = create_key(tmp_path)
+    (port,) = free_ports(1)
+    last = stage_process(folder, 2, "--bind-addr", "127.0.0.1", "--bind-port", str(port), "--connect-timeout", "3")
+    first = finish(stage_process(folder, 1, "--data-path", str(root / "data.h5"), "--next-host", "127.0.0.1",
+                                 "--next-port", str(port), "--key-file", str(other)))
+    assert_clean_error(first, f"[stage 1] the next stage at 127.0.0.1:{port} refused the link",
+                       "another pipeline key or another manifest")
+    second = finish(last)
+    assert_clean_error(second, "[stage 2] no upstream stage connected")
+    assert "dropped 127.0.0.1" in second.stdout
+
+
+def test_a_stage_without_its_key_says_how_to_get_one(pipelines, tmp_path):
+    root, _ = pipelines
+    result = finish(stage_process(root / "p2" / "res", 1, "--data-path", str(root / "data.h5"), "--next-host",
+                                  "127.0.0.1", "--next-port", "1", "--key-file", str(tmp_path / "none.key")))
+    assert_clean_error(result, "none.key: pipeline key not found", "--insecure")
+
+
+def stage_pids(marker: str) -> list[int]:
+    """Processes whose command line mentions marker (a test's own folder)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_interrupting_run_local_alone_leaves_no_stage_behind(pipelines, tmp_path, signal_number):
+    root, _ = pipelines
+    logs = tmp_path / "logs"
+    command = [sys.executable, "-m", "dnnpipe", "run-local", "--model-path", str(root / "p4"), "--model-name", "res",
+               "--data-path", str(root / "data.h5"), "--output-path", str(tmp_path / "out.h5"), "--log-dir",
+               str(logs), "--num-inputs", "100000", "--fps", "50"]
+    runner = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "out.h5").exists() or len(set(stage_pids(str(logs))) - {runner.pid}) < 4:
+        assert time.monotonic() < deadline and runner.poll() is None, runner.communicate()
+        time.sleep(0.2)
+    assert len(set(stage_pids(str(logs))) - {runner.pid}) == 4
+    runner.send_signal(signal_number)  # to run-local only, as a supervisor or `kill` does
+    result = finish(runner, timeout=30)
+    assert result.returncode == 130 and "interrupted" in result.stderr, result.stderr
+    assert stage_pids(str(logs)) == []
+    with h5py.File(tmp_path / "out.h5") as f:
+        assert not f.attrs["complete"]  # a partial results file says so
+
+
+def test_run_local_names_the_stage_that_broke_without_waiting_out_the_others(pipelines, tmp_path):
+    root, _ = pipelines
+    with h5py.File(tmp_path / "bad.h5", "w") as f:
+        f["images"] = np.zeros((3, 5, 5, 3), "float32")
+    began = time.monotonic()
+    with pytest.raises(DnnpipeError, match=r"stage 1 failed: .*input 'image' needs rows of shape \(12, 12, 3\)"):
+        run_local(root / "p4" / "res", tmp_path / "bad.h5", None, tmp_path / "logs")
+    assert time.monotonic() - began < 20  # the other stages are stopped, not waited for (60 s)
+    assert stage_pids(str(tmp_path / "logs")) == []

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..manifest import MANIFEST_FILE, Manifest, sha256_file
+from ..pipeline_key import KEY_FILE
 from .closure import device_files
 from .registry import Device
 from .transport import Transport, TransportError, Upload, temporary_names
@@ -44,6 +45,8 @@ def uploads_for(manifest: Manifest, folder: Path, models_dir: str, stages: Seque
     uploads = [Upload(folder / manifest.stage(k).file, f"{prefix}/{manifest.stage(k).file}",
                       manifest.stage(k).sha256) for k in stages]
     uploads.append(Upload(folder / MANIFEST_FILE, f"{prefix}/{MANIFEST_FILE}", sha256_file(folder / MANIFEST_FILE)))
+    if (folder / KEY_FILE).is_file():  # stages authenticate their links with it; readable by the owner only
+        uploads.append(Upload(folder / KEY_FILE, f"{prefix}/{KEY_FILE}", sha256_file(folder / KEY_FILE), private=True))
     uploads += [Upload(local, rel, sha256_file(local)) for local, rel in extra]
     return uploads
 

@@ -40,6 +40,7 @@ class Upload:
     local: Path
     rel: str  # path below the device's remote_dir
     sha256: str
+    private: bool = False  # mode 0600 on the device (the pipeline key)
 
     @property
     def temporary(self) -> str:
@@ -86,6 +87,8 @@ class LocalTransport:
                     part.unlink()
                     results[upload.rel] = f"sha256 mismatch after transfer ({got[:12]}...)"
                     continue
+                if upload.private:
+                    part.chmod(0o600)
                 os.replace(part, target)
                 results[upload.rel] = None
             except OSError as e:
@@ -188,6 +191,8 @@ class SshTransport:
                  'else rm -f "$1"; echo "BAD $4 ${got:-missing}"; fi; }',
                  f"cd {shell_path(self.device.remote_dir)}"]
         for upload, temporary in staged:
+            if upload.private:
+                lines.append(f"chmod 600 {shlex.quote(temporary)}")
             lines.append(f"check {shlex.quote(temporary)} {shlex.quote(upload.rel)} {upload.sha256} "
                          f"{shlex.quote(upload.rel)}")
         results: dict[str, Optional[str]] = {u.rel: "not confirmed by the device" for u, _ in staged}

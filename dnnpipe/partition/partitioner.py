@@ -11,6 +11,7 @@ from ..config import load_config
 from ..errors import DnnpipeError
 from ..layout import config_paths
 from ..manifest import Manifest, write_manifest
+from ..pipeline_key import create_key
 from ..planfile import format_plan, read_stages, write_plan
 from ..planner import Plan, plan
 from ..tfenv import import_tensorflow, native_stderr_captured
@@ -119,6 +120,7 @@ def partition_keras_model(model, stages, folder: Path, model_name: str, source: 
     manifest = split_model(graph, keras_tensors, stages, folder, model_name, quantize, calibration)
     manifest = replace(manifest, extra={"conversion_seconds": round(time.perf_counter() - started, 3)})
     write_manifest(manifest, folder)  # written before verifying, so a failed chain can be inspected
+    create_key(folder)  # stages authenticate their links with it (kept when re-partitioning)
     if not verify_chain:
         return manifest, None
     tolerance = tolerance if tolerance is not None else TOLERANCE[quantize]

@@ -6,6 +6,7 @@ If the running plan is still feasible and still optimal it is kept, so nothing m
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Optional, Sequence
@@ -50,10 +51,12 @@ def changed_problem(problem: Problem, change: ClusterChange) -> tuple[Problem, l
         raise ConfigError("every device was removed")
     speed, capacity = problem.speed.copy(), problem.capacity.copy()
     for d, value in change.speeds.items():
-        if value <= 0:
-            raise ConfigError(f"device {d}: speed must be > 0, got {value}")
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"device {d}: speed must be a finite number > 0, got {value}")
         speed[d - 1] = value
     for d, value in change.memory.items():
+        if not (value >= 0 and math.isfinite(value)):
+            raise ConfigError(f"device {d}: memory must be a finite number >= 0, got {value}")
         capacity[d - 1] = value
     keep = np.array(ids) - 1
     return replace(problem, speed=speed[keep], capacity=capacity[keep], time_prefix=problem.time_prefix[keep],
@@ -66,6 +69,7 @@ def replan(config: ConfigSource, running: Sequence[Sequence[int]], change: Clust
 
     started = time.perf_counter()
     problem, ids = changed_problem(Problem.from_config(load_config(config)), change)
+    check_running(running, problem.U)
     index = {d: i for i, d in enumerate(ids)}
     fresh = solve_problem(problem, algorithm)
     previous = None
@@ -84,6 +88,18 @@ def replan(config: ConfigSource, running: Sequence[Sequence[int]], change: Clust
     moved = [s for s in stages if tuple(s) not in running_set]
     return Replan(result, moved, [s for s in stages if tuple(s) in running_set],
                   int(np.sum(_owner(stages, problem.U) != _owner(running, problem.U))), previous)
+
+
+def check_running(running: Sequence[Sequence[int]], U: int) -> None:
+    """The running plan must cover units 1..U in order before anything is indexed by it."""
+    expected = 1
+    for i, (start, end, _) in enumerate(running):
+        if start != expected or not start <= end <= U:
+            raise ConfigError(f"running plan: stage {i + 1} covers units {start}-{end}, but the stages must cover "
+                              f"units 1-{U} of this config in order (a plan for another model or config?)")
+        expected = end + 1
+    if expected != U + 1:
+        raise ConfigError(f"running plan: covers units 1-{expected - 1}, the config has {U} units")
 
 
 def _owner(stages: Sequence[Sequence[int]], U: int) -> np.ndarray:

@@ -55,12 +55,16 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest wait for the neighbouring stages to come up, s (default 60)")
     parser.add_argument("--queue-size", type=positive_int, default=4,
                         help="frames buffered between threads (default 4)")
+    parser.add_argument("--key-file", type=Path,
+                        help="the pipeline key (default: pipeline.key beside manifest.json)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="run without authenticating the links between stages (every stage must agree)")
 
 
 def run_options(args: argparse.Namespace) -> RunOptions:
     return RunOptions(num_inputs=args.num_inputs, fps=args.fps, num_threads=args.num_threads,
                       delegate=args.delegate, timeout=args.timeout, connect_timeout=args.connect_timeout,
-                      queue_size=args.queue_size)
+                      queue_size=args.queue_size, key_file=args.key_file, insecure=args.insecure)
 
 
 def stage_parser() -> argparse.ArgumentParser:
@@ -75,7 +79,8 @@ def stage_command(args: argparse.Namespace) -> int:
         output_path=args.output_path, num_inputs=args.num_inputs, fps=args.fps, log_dir=args.log_dir,
         num_threads=args.num_threads, delegate=args.delegate, timeout=args.timeout,
         connect_timeout=args.connect_timeout, queue_size=args.queue_size, emulate_speed=args.emulate_speed,
-        control_host=args.control_host, control_port=args.control_port)
+        control_host=args.control_host, control_port=args.control_port,
+        key_file=args.key_file, insecure=args.insecure)
     print(Stage(options, say=lambda text: print(text, flush=True)).run().describe(), flush=True)
     return 0
 

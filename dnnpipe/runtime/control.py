@@ -22,15 +22,12 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 from ..errors import DnnpipeError
+from .handshake import LinkAuth, connect_side
 from .metrics import FrameTiming
 
 HEARTBEAT_SECONDS = 0.2
 MAX_LINE = 1 << 16
-Authenticate = Callable[[socket.socket], None]
-
-
-def _no_authentication(sock: socket.socket) -> None:
-    """Until the pipeline key handshake is in dnnpipe.runtime.transport, links are not authenticated."""
+CONTROLLER = 0  # the controller's number in a control link's handshake: stage k -> 0, never a data link
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -74,12 +71,17 @@ def check_command(message: dict[str, Any], peer: str) -> dict[str, Any]:
 class ControlLink:
     def __init__(self, name: str, stage: int, host: str, port: int, connect_timeout: float,
                  timings: Sequence[FrameTiming], on_command: Callable[[dict], None], on_lost: Callable[[str], None],
-                 authenticate: Authenticate = _no_authentication):
+                 auth: Optional[LinkAuth] = None):
+        """Connect and, with a pipeline key, prove it as stage k sending to the controller (auth is k -> 0)."""
         self.name, self.peer = name, f"{name} controller {host}:{port}"
         self.timings, self.on_command, self.on_lost = timings, on_command, on_lost
         self.sock = _connect(self.peer, host, port, connect_timeout)
-        self.sock.settimeout(connect_timeout)
-        authenticate(self.sock)
+        if auth is not None:
+            try:
+                connect_side(self.sock, auth)
+            except DnnpipeError as e:
+                self.sock.close()
+                raise DnnpipeError(f"{self.peer} refused the control channel: {e}") from None
         self.sock.settimeout(None)
         self._lock = threading.Lock()
         self._closing = threading.Event()

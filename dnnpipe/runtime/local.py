@@ -29,10 +29,18 @@ class RunOptions:
     timeout: float = 60.0
     connect_timeout: float = 60.0
     queue_size: int = 4
+    key_file: Optional[Path] = None
+    insecure: bool = False
 
     def argv(self) -> list[str]:
-        return [f"--{f.name.replace('_', '-')}={getattr(self, f.name)}" for f in fields(self)
-                if getattr(self, f.name) is not None]
+        flags = []
+        for f in fields(self):
+            value, flag = getattr(self, f.name), f"--{f.name.replace('_', '-')}"
+            if isinstance(value, bool):
+                flags += [flag] if value else []
+            elif value is not None:
+                flags.append(f"{flag}={value}")
+        return flags
 
 
 @dataclass

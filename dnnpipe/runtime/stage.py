@@ -13,7 +13,7 @@ import math
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -22,11 +22,13 @@ import numpy as np
 
 from ..errors import DnnpipeError
 from ..interpreter import StageRunner
-from ..manifest import read_manifest, sha256_file
+from ..manifest import MANIFEST_FILE, read_manifest, sha256_file
+from ..pipeline_key import stage_key
 from ..protocol import Kind, PeerError
 from .dataio import ResultWriter, input_datasets, read_inputs
 from .metrics import FrameTiming, StageSummary, summarise, write_log
-from .control import ControlLink
+from .control import CONTROLLER, ControlLink
+from .handshake import LinkAuth, manifest_identity
 from .transport import Downstream, Say, Upstream, accept_upstream, connect_downstream, listen
 
 END = "end-of-stream"
@@ -58,6 +60,8 @@ class StageOptions:
     emulate_speed: Optional[float] = None  # C of the emulated device: stage time = measured / C
     control_host: Optional[str] = None  # a controller (serve) to send heartbeats to and take commands from
     control_port: Optional[int] = None
+    key_file: Optional[Path] = None  # default: pipeline.key beside the manifest
+    insecure: bool = False  # no link authentication (both neighbours must agree)
 
 
 class Stage:
@@ -70,6 +74,10 @@ class Stage:
         self.last = options.stage == len(manifest.stages)
         self.name = f"[stage {options.stage}]"
         self._check_options()
+        key = stage_key(options.folder, options.key_file, options.insecure)
+        identity = manifest_identity((options.folder / MANIFEST_FILE).read_bytes())
+        self.upstream_auth = None if key is None else LinkAuth(key, identity, options.stage - 1, options.stage)
+        self.downstream_auth = None if key is None else LinkAuth(key, identity, options.stage, options.stage + 1)
         self.stop = threading.Event()
         self.error: Optional[str] = None
         self._lock = threading.Lock()
@@ -122,8 +130,10 @@ class Stage:
         listener = listen(self.name, o.bind_addr, o.bind_port) if receives and o.bind_port is not None else None
         try:
             if o.control_host is not None and o.control_port is not None:
+                auth = None if self.upstream_auth is None else replace(self.upstream_auth, sender=o.stage,
+                                                                                receiver=CONTROLLER)
                 self.control = ControlLink(self.name, o.stage, o.control_host, o.control_port, o.connect_timeout,
-                                           self.timings, self._command, self._fail)
+                                           self.timings, self._command, self._fail, auth)
             path = o.folder / self.spec.file
             if not path.is_file():
                 raise DnnpipeError(f"{self.name} {path}: sub-model not found")
@@ -132,10 +142,10 @@ class Stage:
             self.runner = StageRunner(path, self.spec, o.num_threads, o.delegate)
             if o.next_host is not None and o.next_port is not None:  # the next stage, or a controller
                 self.downstream = connect_downstream(self.name, o.next_host, o.next_port, self.spec.outputs,
-                                                     o.connect_timeout, o.timeout, self.say)
+                                                     o.connect_timeout, o.timeout, self.say, self.downstream_auth)
             if listener is not None:
                 self.upstream = accept_upstream(self.name, listener, self.spec.inputs, o.connect_timeout,
-                                                o.timeout, self.say)
+                                                o.timeout, self.say, self.upstream_auth)
         except DnnpipeError as e:
             if self.control is not None:
                 self.control.close(str(e))

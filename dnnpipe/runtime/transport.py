@@ -7,18 +7,22 @@ communication apart from the schedule.
 
 from __future__ import annotations
 
+import queue
 import socket
+import threading
 import time
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from ..errors import DnnpipeError
 from ..manifest import TensorSpec
 from ..protocol import Frame, FrameReader, Kind, send_frame
+from .handshake import HandshakeError, LinkAuth, ProbeClosed, connect_side, listen_side
 
 PROBE_SECONDS = 0.3  # how long a fresh connection may stay silent before it counts as a real upstream
 PROGRESS_SECONDS = 5.0  # while waiting for a neighbour, say so this often
+MAX_PENDING = 16  # connections vetted at once; more wait in the listen backlog
 Say = Callable[[str], None]
 
 
@@ -87,30 +91,95 @@ def listen(name: str, bind_addr: str, bind_port: int) -> socket.socket:
 
 
 def accept_upstream(name: str, listener: socket.socket, specs: Sequence[TensorSpec], connect_timeout: float,
-                    timeout: float, say: Say = _quiet) -> Upstream:
-    """The previous stage's connection. One closed without a byte is a readiness probe (the deployer's
-    --launch checks ports that way): it is dropped and the stage keeps waiting."""
+                    timeout: float, say: Say = _quiet, auth: Optional[LinkAuth] = None) -> Upstream:
+    """The previous stage's connection, once it has proven itself (with a key) or said anything (without).
+
+    Every connection is vetted on its own thread, so a peer that connects and stalls cannot hold the
+    port: the real upstream is taken as soon as it passes, and a peer that fails is dropped with a line
+    while the stage keeps listening. One closed without a byte is a readiness probe (the deployer's
+    --launch checks ports that way) and is dropped quietly.
+    """
     bind_addr, bind_port = listener.getsockname()[:2]
     began = time.monotonic()
-    deadline = began + connect_timeout
+    deadline, next_word = began + connect_timeout, began + PROGRESS_SECONDS
     say(f"{name} waiting for the upstream stage on {bind_addr}:{bind_port} (up to {connect_timeout:g} s)")
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise DnnpipeError(f"{name} no upstream stage connected to {bind_addr}:{bind_port} "
-                               f"within {connect_timeout:g} s (--connect-timeout)")
-        listener.settimeout(min(left, PROGRESS_SECONDS))
+    gate = _Gate(name, auth, say)
+    try:
+        while True:
+            chosen = gate.chosen(0.0)
+            if chosen is not None:
+                sock, peer = chosen
+                return Upstream(sock, f"{name} upstream {peer}", specs, timeout)
+            now = time.monotonic()
+            if now >= deadline:
+                raise DnnpipeError(f"{name} no upstream stage connected to {bind_addr}:{bind_port} "
+                                   f"within {connect_timeout:g} s (--connect-timeout)")
+            if now >= next_word:
+                say(f"{name} still waiting for the upstream stage on {bind_addr}:{bind_port} ({now - began:.0f} s)")
+                next_word += PROGRESS_SECONDS
+            listener.settimeout(min(0.05, deadline - now))
+            try:
+                sock, address = listener.accept()
+            except socket.timeout:
+                continue
+            gate.vet(sock, f"{address[0]}:{address[1]}")
+    finally:
+        gate.close()
+
+
+class _Gate:
+    """Vets incoming connections in parallel; the first that passes becomes the upstream."""
+
+    def __init__(self, name: str, auth: Optional[LinkAuth], say: Say):
+        self.name, self.auth, self.say = name, auth, say
+        self.passed: queue.Queue[tuple[socket.socket, str]] = queue.Queue()
+        self.slots = threading.BoundedSemaphore(MAX_PENDING)
+        self.done = threading.Event()
+
+    def vet(self, sock: socket.socket, peer: str) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.say(f"{self.name} dropped {peer}: too many connections waiting to be vetted")
+            sock.close()
+            return
+        threading.Thread(target=self._vet, args=(sock, peer), daemon=True, name=f"{self.name} vet {peer}").start()
+
+    def _vet(self, sock: socket.socket, peer: str) -> None:
         try:
-            sock, (host, port) = listener.accept()
-        except socket.timeout:
-            if deadline - time.monotonic() > 0:
-                say(f"{name} still waiting for the upstream stage on {bind_addr}:{bind_port} "
-                    f"({time.monotonic() - began:.0f} s)")
-            continue
-        if not _is_probe(sock):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return Upstream(sock, f"{name} upstream {host}:{port}", specs, timeout)
-        sock.close()
+            if self.auth is not None:
+                listen_side(sock, self.auth)
+            elif _is_probe(sock):
+                raise ProbeClosed("readiness probe")
+        except ProbeClosed:
+            sock.close()
+            return
+        except HandshakeError as e:
+            self.say(f"{self.name} dropped {peer}: {e}")
+            sock.close()
+            return
+        finally:
+            self.slots.release()
+        if self.done.is_set():
+            sock.close()
+        else:
+            self.passed.put((sock, peer))
+
+    def chosen(self, wait: float) -> Optional[tuple[socket.socket, str]]:
+        try:
+            sock, peer = self.passed.get(timeout=wait) if wait > 0 else self.passed.get_nowait()
+        except queue.Empty:
+            return None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.done.set()
+        return sock, peer
+
+    def close(self) -> None:
+        """No second upstream: whatever passes after the first is closed."""
+        self.done.set()
+        while True:
+            try:
+                self.passed.get_nowait()[0].close()
+            except queue.Empty:
+                return
 
 
 def _is_probe(sock: socket.socket) -> bool:
@@ -124,7 +193,7 @@ def _is_probe(sock: socket.socket) -> bool:
 
 
 def connect_downstream(name: str, host: str, port: int, specs: Sequence[TensorSpec], connect_timeout: float,
-                       timeout: float, say: Say = _quiet) -> Downstream:
+                       timeout: float, say: Say = _quiet, auth: Optional[LinkAuth] = None) -> Downstream:
     """Retry until the next stage listens, for at most connect_timeout seconds."""
     began = time.monotonic()
     deadline, delay, reason = began + connect_timeout, 0.1, "no attempt"
@@ -143,6 +212,12 @@ def connect_downstream(name: str, host: str, port: int, specs: Sequence[TensorSp
             delay = min(delay * 2, 1.0)
             continue
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if auth is not None:
+            try:
+                connect_side(sock, auth)
+            except HandshakeError as e:
+                sock.close()
+                raise DnnpipeError(f"{name} the next stage at {host}:{port} refused the link: {e}") from None
         sock.settimeout(timeout)
         return Downstream(sock, f"{host}:{port}", specs)
     raise DnnpipeError(f"{name} cannot reach the next stage at {host}:{port} within {connect_timeout:g} s "

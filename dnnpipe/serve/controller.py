@@ -31,11 +31,13 @@ from ..deploy.registry import Device, load_registry
 from ..deploy.transport import SshOptions
 from ..errors import ConfigError, DnnpipeError, NoPlanError
 from ..layout import config_paths
-from ..manifest import Manifest, TensorSpec, read_manifest
+from ..manifest import MANIFEST_FILE, Manifest, TensorSpec, read_manifest
 from ..planfile import write_plan
 from ..planner.replan import ClusterChange, replan
 from ..protocol import FrameReader, Kind, send_frame
-from ..runtime.control import LineReader, encode
+from ..pipeline_key import stage_key
+from ..runtime.control import CONTROLLER, LineReader, encode
+from ..runtime.handshake import HandshakeError, LinkAuth, ProbeClosed, connect_side, listen_side, manifest_identity
 from ..runtime.dataio import input_datasets
 from .delivery import Ledger
 from .detect import SpeedModel, StageState, find_lost, speed_outliers, stage_median, worth_switching
@@ -76,6 +78,7 @@ class ServeOptions:
     ssh: SshOptions = field(default_factory=SshOptions)
     emulate_changes: tuple[tuple[float, int, float], ...] = ()  # (after s, device, C): a device slows down
     max_restarts: int = 3  # epochs that fail without a device to blame, in a row, before giving up
+    insecure: bool = False  # links without the pipeline key handshake (stages get --insecure too)
 
     @property
     def folder(self) -> Path:
@@ -130,7 +133,10 @@ class Epoch:
         self.c, self.manifest = controller, manifest
         o = controller.options
         host = o.controller_host
-        self.control_listener = _listen(host)
+        identity = manifest_identity((o.folder / MANIFEST_FILE).read_bytes())
+        self.auth = lambda sender, receiver: (None if controller.key is None else
+                                              LinkAuth(controller.key, identity, sender, receiver))
+        self.control_listeners = {s.stage: _listen(host) for s in manifest.stages}  # one each: auth is per stage
         self.result_listener = _listen(host)
         self.stop = threading.Event()
         self.lock = threading.Lock()
@@ -146,10 +152,11 @@ class Epoch:
         stages = manifest.stages
         self.states = [StageState(s.stage, s.device, now) for s in stages]
         self.processes: list[StageProcess] = []
-        self.threads = [threading.Thread(target=self._accept_control, daemon=True),
-                        threading.Thread(target=self._receive, daemon=True),
+        self.threads = [threading.Thread(target=self._receive, daemon=True),
                         threading.Thread(target=self._send, daemon=True)]
-        self.threads[0].start()
+        control = [threading.Thread(target=self._control, args=(s.stage,), daemon=True) for s in stages]
+        for thread in control:
+            thread.start()
         for k in range(len(stages), 0, -1):
             spec = stages[k - 1]
             argv = self._argv(spec.stage, devices, [s.device for s in stages])
@@ -159,16 +166,19 @@ class Epoch:
                 self.close()
                 raise EpochFailed(spec.device, f"cannot start stage {k}: {getattr(e, 'strerror', None) or e}") \
                     from None
-        for thread in self.threads[1:]:
+        for thread in self.threads:
             thread.start()
+        self.threads += control
 
     def _argv(self, k: int, devices: dict[int, Device], order: Sequence[int]) -> list[str]:
         o, device = self.c.options, devices[order[k - 1]]
         argv = [device.interpreter, "runtime_engine.py", "--stage", str(k), "--model-path",
                 o.model_path.resolve().name, "--model-name", o.model_name, "--log-dir", "logs",
                 "--bind-addr", "127.0.0.1" if device.is_local else "0.0.0.0", "--bind-port", str(device.runtime_port),
-                "--control-host", o.controller_host, "--control-port", str(self.control_listener.getsockname()[1]),
-                "--connect-timeout", f"{o.connect_timeout:g}"]
+                "--control-host", o.controller_host, "--control-port",
+                str(self.control_listeners[k].getsockname()[1]), "--connect-timeout", f"{o.connect_timeout:g}"]
+        if o.insecure:
+            argv.append("--insecure")
         if k < len(order):
             following = devices[order[k]]
             argv += ["--next-host", _reach(following), "--next-port", str(following.runtime_port)]
@@ -181,44 +191,53 @@ class Epoch:
 
     # --- control channel ---------------------------------------------------------------------
 
-    def _accept_control(self) -> None:
-        self.control_listener.settimeout(POLL_SECONDS * 4)
-        while not self.stop.is_set():
+    def _accept(self, listener: socket.socket, auth: Optional[LinkAuth], what: str,
+                deadline: Optional[float] = None) -> Optional[socket.socket]:
+        """The first connection that proves it is the expected end of this link; others are dropped."""
+        listener.settimeout(POLL_SECONDS * 4)
+        while not self.stop.is_set() and (deadline is None or time.monotonic() < deadline):
             try:
-                sock, _ = self.control_listener.accept()
+                sock, (host, port) = listener.accept()[:2]
             except socket.timeout:
                 continue
             except OSError:
-                return
+                return None
+            if auth is not None:
+                try:
+                    listen_side(sock, auth)
+                except HandshakeError as e:
+                    sock.close()
+                    if not isinstance(e, ProbeClosed):
+                        self.c.echo(f"serve: dropped {host}:{port} on the {what}: {e}")
+                    continue
+            sock.settimeout(None)
             self.sockets.append(sock)
-            threading.Thread(target=self._control, args=(sock,), daemon=True).start()
+            return sock
+        return None
 
-    def _control(self, sock: socket.socket) -> None:
-        sock.settimeout(None)
-        authenticate(sock, self.c.key, 0, None)
-        reader = LineReader(sock, "control")
-        state: Optional[StageState] = None
+    def _control(self, stage: int) -> None:
+        """Stage k's control channel: hello, heartbeats with stage times, and how it ended."""
+        sock = self._accept(self.control_listeners[stage], self.auth(stage, CONTROLLER), f"stage {stage} control")
+        if sock is None:
+            return
+        reader = LineReader(sock, f"stage {stage} control")
+        state = self.states[stage - 1]
         try:
             while True:
                 message = reader.read()
                 if message is None:
                     break
-                if message["kind"] == "hello" and state is None:
-                    stage = message.get("stage")
-                    if not isinstance(stage, int) or not 1 <= stage <= len(self.states):
-                        return
-                    state = self.states[stage - 1]
+                if message["kind"] == "hello" and message.get("stage") == stage:
                     with self.lock:
                         state.hello, state.last_beat = True, time.monotonic()
                         self.c.stage_sockets[stage] = sock
-                elif state is not None:
+                elif state.hello:
                     self._update(state, message)
         except (OSError, DnnpipeError):
             pass
-        if state is not None:
-            with self.lock:
-                if state.ended is None:
-                    state.ended = "silent"
+        with self.lock:
+            if state.ended is None and state.hello:
+                state.ended = "silent"
 
     def _update(self, state: StageState, message: dict) -> None:
         with self.lock:
@@ -252,7 +271,13 @@ class Epoch:
             self._failed(f"cannot reach stage 1 at {address[0]}:{address[1]}")
             return
         self.sockets.append(sock)
-        authenticate(sock, c.key, 0, 1)
+        auth = self.auth(0, 1)
+        if auth is not None:
+            try:
+                connect_side(sock, auth)
+            except HandshakeError as e:
+                self._failed(f"stage 1 at {address[0]}:{address[1]} refused the link: {e}")
+                return
         specs = self.manifest.inputs
         try:
             while not self.stop.is_set():
@@ -271,22 +296,13 @@ class Epoch:
 
     def _receive(self) -> None:
         c, o = self.c, self.c.options
-        self.result_listener.settimeout(POLL_SECONDS * 4)
-        deadline = time.monotonic() + o.connect_timeout
-        sock = None
-        while sock is None and not self.stop.is_set():
-            try:
-                sock, _ = self.result_listener.accept()
-            except socket.timeout:
-                if time.monotonic() > deadline:
-                    self._failed(f"the last stage did not connect within {o.connect_timeout:g} s")
-                    return
-            except OSError:
-                return
+        last = len(self.manifest.stages)
+        sock = self._accept(self.result_listener, self.auth(last, last + 1), "result link",
+                            time.monotonic() + o.connect_timeout)
         if sock is None:
+            if not self.stop.is_set():
+                self._failed(f"the last stage did not connect within {o.connect_timeout:g} s")
             return
-        self.sockets.append(sock)
-        authenticate(sock, c.key, len(self.manifest.stages) + 1, len(self.manifest.stages))
         specs = self.manifest.outputs
         reader = FrameReader(sock, specs, f"results from stage {len(self.manifest.stages)}", None)
         buffers = [np.empty(s.shape, s.dtype) for s in specs]
@@ -347,7 +363,7 @@ class Epoch:
         self.stop.set()
         for sock in list(self.sockets):
             _shutdown(sock)
-        for listener in (self.control_listener, self.result_listener):
+        for listener in (*self.control_listeners.values(), self.result_listener):
             listener.close()
         stop_all(self.processes)
         for thread in self.threads:
@@ -382,7 +398,7 @@ class Controller:
         self.duplicates = 0
         self.result_times: list[float] = []
         self.stage_sockets: dict[int, socket.socket] = {}
-        self.key: Optional[bytes] = None
+        self.key = stage_key(o.folder, None, o.insecure)  # the pipeline key beside the manifest
         self.speeds: dict[int, float] = {}  # device -> C the planner assumes (measured, with hysteresis)
         self.outlier_runs: dict[int, int] = {}  # device -> evaluations in a row it was out of the band
         self.measured_at = 0.0
@@ -671,10 +687,6 @@ class Controller:
 
 def serve(options: ServeOptions, echo: Echo = print) -> ServeSummary:
     return Controller(options, echo).run()
-
-
-def authenticate(sock: socket.socket, key: Optional[bytes], local_stage: int, peer_stage: Optional[int]) -> None:
-    """The pipeline key handshake at link set-up (a no-op until dnnpipe.runtime.transport provides it)."""
 
 
 def _listen(host: str) -> socket.socket:
