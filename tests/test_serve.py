@@ -98,10 +98,13 @@ def assert_no_orphans(root: Path) -> None:
 
 
 def serve_run(served: Served, tmp_path: Path, devices=(1, 2, 3, 4), extra: tuple[str, ...] = (),
-              inputs: int = INPUTS, registry: Optional[Path] = None) -> tuple[Run, Path]:
+              inputs: int = INPUTS, registry: Optional[Path] = None, speed: bool = False) -> tuple[Run, Path]:
+    """serve in the background; without `speed`, re-planning for measured speeds is practically off (a
+    threshold of 100x), so a test of one fault is not disturbed by this shared host's timing noise."""
     registry = registry or served.registry(list(devices), tmp_path / "registry.json")
     out = tmp_path / "out.h5"
-    args = served.args(registry, out, "--num-inputs", str(inputs), "--fps", FPS, "--progress-timeout", "2", *extra)
+    args = served.args(registry, out, "--num-inputs", str(inputs), "--fps", FPS, "--progress-timeout", "2",
+                       *(() if speed else ("--threshold", "100")), *extra)
     return Run(args), out
 
 
@@ -146,7 +149,7 @@ def test_a_frozen_stage_is_detected_by_its_silence(served, tmp_path):
 
 @pytest.mark.slow
 def test_a_slow_device_is_measured_and_planned_around(served, tmp_path):
-    run, out = serve_run(served, tmp_path, extra=("--emulate-speed", "--emulate-change", "0.5:2=0.05"))
+    run, out = serve_run(served, tmp_path, extra=("--emulate-speed", "--emulate-change", "0.5:2=0.05"), speed=True)
     stdout = finish(run, served, out)
     assert "device 2 now emulates speed 0.05" in stdout
     replans = [line for line in stdout.splitlines() if "re-plan (measured speed" in line and "device 2" in line]
@@ -166,7 +169,7 @@ def test_a_device_that_joins_is_planned_in(served, tmp_path):
         served.registry([1, 2, 3, 4], registry, ports)
         run.process.send_signal(signal.SIGHUP)
 
-    run, out = serve_run(served, tmp_path, registry=registry)
+    run, out = serve_run(served, tmp_path, registry=registry, speed=True)
     run.on("epoch 1: first result", after(0.5, join))
     stdout = finish(run, served, out)
     assert "device 4 joined" in stdout

@@ -47,10 +47,10 @@ def find_lost(states: Sequence[StageState], now: float, progress_timeout: float,
 class SpeedModel:
     """How measured stage times become speeds (Section 3.1's C, measured instead of profiled)."""
 
-    window: int = 24  # per device, the median of its last `window` stage times (smoothing)
-    min_frames: int = 12  # frames in the window before it counts
+    window: int = 32  # per device, the median of its last `window` stage times (smoothing)
+    min_frames: int = 16  # frames in the window before it counts
     band: float = 0.25  # hysteresis: how far beyond the expected bottleneck a stage must be to count as slow
-    dwell: int = 3  # consecutive evaluations a device must stay out of the band before its belief changes
+    dwell: int = 5  # consecutive evaluations a device must stay out of the band before its belief changes
 
 
 def stage_median(times: Sequence[float], model: SpeedModel) -> Optional[float]:
