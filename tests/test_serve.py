@@ -200,3 +200,13 @@ def test_no_plan_for_the_devices_is_one_line(served, tmp_path):
     args = served.args(registry, tmp_path / "out.h5")
     args[args.index("--config") + 1] = str(small)
     assert_clean_error(run_script("dnnpipe", *args, timeout=60), "no plan can serve the remaining devices [1, 2]")
+
+
+@pytest.mark.slow
+def test_stages_stop_on_their_own_when_serve_is_killed(served, tmp_path):
+    """SIGKILL leaves serve no chance to clean up: the stages notice their control channel closing and stop."""
+    run, _ = serve_run(served, tmp_path)
+    run.on("epoch 1: first result", after(0.5, lambda run: run.process.kill()))
+    code, stdout, _ = run.wait()
+    assert code == -signal.SIGKILL and "epoch 1: first result" in stdout
+    assert_no_orphans(served.root)
