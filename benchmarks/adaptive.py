@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from dnnpipe.demo.run import emulation_scale  # noqa: E402
-from dnnpipe.serve.controller import ServeOptions, ServeSummary, serve  # noqa: E402
+from dnnpipe.serve.controller import ServeSummary, serve  # noqa: E402
+from dnnpipe.serve.options import ServeOptions  # noqa: E402
 from serve_setup import Served, make_served  # noqa: E402
 
 SPEEDS = [1.0, 0.33, 0.21, 0.21]

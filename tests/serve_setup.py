@@ -4,13 +4,14 @@ of `local` devices, and the model's own outputs for every row (the reference OUT
 from __future__ import annotations
 
 import json
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import h5py
 import numpy as np
+
+from dnnpipe.runtime.local import free_ports
 
 
 @dataclass(frozen=True)
@@ -43,17 +44,6 @@ class Served:
             for name, expected in self.expected.items():
                 assert f[name].shape[0] == total
                 np.testing.assert_allclose(f[name][:], expected[np.arange(total) % rows], rtol=1e-4, atol=1e-4)
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def make_served(root: Path, speeds: Sequence[float], kind: str = "tiny", input_size: Optional[int] = 48,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,8 @@ import h5py
 import pytest
 
 from helpers import ROOT, assert_clean_error, run_script
-from serve_setup import Served, free_ports, make_served
+from dnnpipe.runtime.local import free_ports
+from serve_setup import Served, make_served
 
 INPUTS = 500
 FPS = "150"  # about 3.5 s of inputs: long enough to act on a running pipeline
@@ -210,3 +212,20 @@ def test_stages_stop_on_their_own_when_serve_is_killed(served, tmp_path):
     code, stdout, _ = run.wait()
     assert code == -signal.SIGKILL and "epoch 1: first result" in stdout
     assert_no_orphans(served.root)
+
+
+def test_bad_inputs_are_one_line_errors(served, tmp_path):
+    registry = served.registry([1, 2, 3, 4], tmp_path / "registry.json")
+    out = tmp_path / "out.h5"
+    assert_clean_error(run_script("dnnpipe", *served.args(registry, out, "--emulate-change", "1:9=0.5"), timeout=60),
+                       "--emulate-change: device 9 is not in the config")
+    with h5py.File(out, "w") as f:
+        f.attrs.update({"num_inputs": 7, "stored": 3})
+    assert_clean_error(run_script("dnnpipe", *served.args(registry, out, "--num-inputs", "9", "--resume"), timeout=60),
+                       f"{out}: cannot resume: it was made for 7 inputs, this run has 9")
+    bare = tmp_path / "bare"
+    shutil.copytree(served.parts, bare)
+    (bare / served.name / "pipeline.key").unlink()
+    args = served.args(registry, out)
+    args[args.index("--model-path") + 1] = str(bare)
+    assert_clean_error(run_script("dnnpipe", *args, timeout=60), "pipeline key not found")

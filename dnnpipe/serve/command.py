@@ -7,7 +7,8 @@ import re
 from pathlib import Path
 
 from ..console import positive_float, positive_int
-from .controller import ServeOptions, serve
+from .controller import serve
+from .options import ServeOptions
 
 
 def emulate_change(text: str) -> tuple[float, int, float]:

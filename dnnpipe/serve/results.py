@@ -2,6 +2,8 @@
 
 Rows are stored in input order (the ledger stores a prefix), so one attribute, `stored`, says which rows
 hold results; `serve --resume` continues from there. `complete` turns True only when every row is stored.
+Results are written in batches; `stored` counts only rows on disk, so a crash loses at most a batch, which a
+resumed run computes again.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import numpy as np
 from ..errors import DnnpipeError
 from ..manifest import TensorSpec
 
-FLUSH_SECONDS = 0.5  # how stale `stored` on disk may get while running
+FLUSH_SECONDS = 0.2  # how long a result may wait in memory before it is written
+FLUSH_ROWS = 64  # results written to the file in one go (one HDF5 call per output, not one per row)
 
 
 class ResultStore:
@@ -36,7 +39,8 @@ class ResultStore:
                 self.file.attrs.update({"num_inputs": total, "stored": 0, "complete": False})
         except OSError as e:
             raise DnnpipeError(f"{path}: cannot write results ({e})") from None
-        self.stored = int(self.file.attrs["stored"])
+        self.stored = self._stored_after = int(self.file.attrs["stored"])
+        self._pending: list[tuple[int, list[np.ndarray]]] = []
         self._flushed = time.monotonic()
 
     def _check_resumable(self) -> None:
@@ -53,20 +57,29 @@ class ResultStore:
                                    f"{self.total} x {spec.shape[1:]}")
 
     def write(self, index: int, tensors: Sequence[np.ndarray], stored: int) -> None:
-        """Row `index`; `stored` rows (a prefix) now hold results."""
-        for spec, tensor in zip(self.specs, tensors):
-            self.file[spec.name][index] = tensor[0]
-        self.stored = stored
-        if time.monotonic() - self._flushed > FLUSH_SECONDS:
+        """Row `index` (a copy: the caller reuses its buffers); `stored` rows (a prefix) now hold results."""
+        self._pending.append((index, [np.array(t[0]) for t in tensors]))
+        self._stored_after = stored
+        if len(self._pending) >= FLUSH_ROWS or time.monotonic() - self._flushed > FLUSH_SECONDS:
             self.flush()
 
     def flush(self) -> None:
+        """Write what waits, in runs of consecutive rows, then record how many rows hold results."""
+        pending, self._pending = self._pending, []
+        run_start = 0
+        for i in range(1, len(pending) + 1):
+            if i == len(pending) or pending[i][0] != pending[i - 1][0] + 1:
+                first, rows = pending[run_start][0], pending[run_start:i]
+                for k, spec in enumerate(self.specs):
+                    self.file[spec.name][first:first + len(rows)] = np.stack([row[k] for _, row in rows])
+                run_start = i
+        self.stored = self._stored_after
         self.file.attrs["stored"] = self.stored
         self.file.flush()
         self._flushed = time.monotonic()
 
     def close(self) -> None:
         if self.file:
-            self.file.attrs["stored"] = self.stored
+            self.flush()
             self.file.attrs["complete"] = self.stored >= self.total
             self.file.close()
