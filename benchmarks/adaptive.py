@@ -87,8 +87,9 @@ def run_fault(served: Served, work: Path, scale: float) -> tuple[ServeSummary, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tiny"], choices=["tiny", "efficientnetv2b0"])
+    parser.add_argument("--scale", type=float, help="emulation scale (default: the demo's, to fit this host)")
     args = parser.parse_args()
-    scale = emulation_scale(SPEEDS, os.cpu_count() or 1)
+    scale = args.scale or emulation_scale(SPEEDS, os.cpu_count() or 1)
     rows = []
     for kind in args.models:
         with tempfile.TemporaryDirectory() as folder:
@@ -107,12 +108,12 @@ def main() -> None:
     print(f"\nemulated paper testbed C = {SPEEDS} x {scale:.3f}; the stage on device {VICTIM} SIGKILLed; "
           f"seconds after the detection except 'detect' (after the kill)\n")
     print("| model | before inf/s (predicted) | detect s | re-plan ms | cut s | ship s | first new result s "
-          "| after inf/s (predicted) | lost | duplicated |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| after inf/s (predicted) | after/before (predicted) | lost | duplicated |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for kind, before, p_before, detect, replan_s, cut, ship, first_s, after, p_after, lost, dup in rows:
         print(f"| {kind} | {before:.1f} ({p_before:.1f}, {before / p_before:.0%}) | {detect:.2f} | "
               f"{replan_s * 1000:.1f} | {cut:.2f} | {ship:.2f} | {first_s:.2f} | {after:.1f} ({p_after:.1f}, "
-              f"{after / p_after:.0%}) | {lost} | {dup} |")
+              f"{after / p_after:.0%}) | {after / before:.2f} ({p_after / p_before:.2f}) | {lost} | {dup} |")
 
 
 if __name__ == "__main__":

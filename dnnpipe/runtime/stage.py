@@ -179,7 +179,7 @@ class Stage:
                 self.control.close(self.error)
         if self.error:
             raise StageFailed(self.error)
-        summary = summarise(o.stage, self.timings, self.last)
+        summary = summarise(o.stage, self.timings, self.last and self.downstream is None)  # latency where written
         if o.log_dir is not None:
             write_log(o.log_dir, o.stage, self.timings, summary)
         return summary
