@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -229,3 +230,16 @@ def test_bad_inputs_are_one_line_errors(served, tmp_path):
     args = served.args(registry, out)
     args[args.index("--model-path") + 1] = str(bare)
     assert_clean_error(run_script("dnnpipe", *args, timeout=60), "pipeline key not found")
+
+
+@pytest.mark.slow
+def test_a_device_whose_port_is_taken_is_planned_around(served, tmp_path):
+    """Its stage cannot listen, exits before it comes up: the device is lost and the run goes on without it."""
+    ports = dict(zip((1, 2, 3, 4), free_ports(4)))
+    registry = served.registry([1, 2, 3, 4], tmp_path / "registry.json", ports)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", ports[3]))
+        squatter.listen(1)
+        run, out = serve_run(served, tmp_path, registry=registry, inputs=60)
+        stdout = finish(run, served, out, 60)
+    assert "device 3 lost: stage 3 exited with status 1 before it came up" in stdout

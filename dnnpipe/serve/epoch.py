@@ -286,6 +286,9 @@ class Epoch:
                 status = p.exited()
                 if status is not None and status < 0:
                     raise EpochFailed(p.device.device_id, f"stage {p.stage} was killed by signal {-status}")
+                if status and not self.states[p.stage - 1].hello:  # it could not even start: port taken, ...
+                    raise EpochFailed(p.device.device_id, f"stage {p.stage} exited with status {status} before it "
+                                                          f"came up (see {p.device.remote_dir}/{p.log_rel})")
             if link_error is not None and now - link_error[0] > o.progress_timeout:
                 raise EpochFailed(None, link_error[1])
             if errors and now - max(s.last_beat for s in errors) > o.progress_timeout:
