@@ -337,11 +337,14 @@ class Controller:
                 self.echo(f"serve: registry not re-read: {e}")
                 return
             joined = sorted(set(devices) - set(self.devices))
+            gone = sorted({s.device for s in epoch.manifest.stages} - set(devices))
             self.devices = devices
             self.removed -= set(joined)
+            if gone:  # taken out of the registry while it runs a stage: as good as lost
+                raise EpochFailed(gone[0], f"device {gone[0]} was removed from {self.options.registry}")
             if joined:
                 self.echo(f"serve: device {', '.join(map(str, joined))} joined")
-                self._consider(f"device {', '.join(map(str, joined))} joined", force_check=True)
+                self._consider(f"device {', '.join(map(str, joined))} joined")
         self._measure(epoch)
 
     def _emulate_changes(self, epoch: Epoch) -> None:
@@ -387,7 +390,7 @@ class Controller:
         self.outlier_runs = {}
         self._consider("measured speed " + ", ".join(f"device {d} {c:.3g}" for d, c in sorted(settled.items())))
 
-    def _consider(self, reason: str, force_check: bool = False) -> None:
+    def _consider(self, reason: str) -> None:
         """Switch when the re-planned bottleneck beats the running plan's by more than the threshold."""
         try:
             result = replan(self.config, self.stages, ClusterChange(removed=frozenset(self.absent()),
