@@ -243,3 +243,18 @@ def test_a_device_whose_port_is_taken_is_planned_around(served, tmp_path):
         run, out = serve_run(served, tmp_path, registry=registry, inputs=60)
         stdout = finish(run, served, out, 60)
     assert "device 3 lost: stage 3 exited with status 1 before it came up" in stdout
+
+
+@pytest.mark.slow
+def test_a_device_taken_out_of_the_registry_is_planned_away(served, tmp_path):
+    ports = dict(zip((1, 2, 3, 4), free_ports(4)))
+    registry = served.registry([1, 2, 3, 4], tmp_path / "registry.json", ports)
+
+    def leave(run: Run) -> None:
+        served.registry([1, 3, 4], registry, ports)
+        run.process.send_signal(signal.SIGHUP)
+
+    run, out = serve_run(served, tmp_path, registry=registry)
+    run.on("epoch 1: first result", after(0.5, leave))
+    stdout = finish(run, served, out)
+    assert f"device 2 lost: device 2 was removed from {registry}" in stdout
