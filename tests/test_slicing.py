@@ -270,3 +270,39 @@ def test_config_cuts_written_only_when_some_cut_is_missing(tmp_path):
     assert config["model_config"]["cuts"] == [9]  # the input is not changed
     (tmp_path / "m.tflite").write_bytes(b"")
     assert find_tflite(tmp_path, "m") == tmp_path / "m.tflite" and find_tflite(tmp_path, "other") is None
+
+
+def test_legal_cuts_for_the_config_of_a_keras_model():
+    from dnnpipe.partition.split import legal_cuts
+
+    model, _, _, _ = converted("residual_cnn")
+    graph, tensors = analyse(model)
+    assert legal_cuts(graph, tensors) == [1, 4, 5, 6, 9, 10, 11, 12]
+
+
+def test_slice_command_refuses_a_tampered_manifest(tmp_path):
+    slice_into(tmp_path / "m", "residual_cnn", [[1, 13, 1]])
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"pipeline_plan": [[1, 4, 1], [5, 13, 2]]}))
+    path = tmp_path / "m" / "manifest.json"
+    original = path.read_text()
+    data = json.loads(original)
+    data["whole_model"]["legal_cuts"][1]["tensors"][0]["tensor"] = 10 ** 6
+    path.write_text(json.dumps(data))
+    assert_clean_error(run_script("dnnpipe", "slice", "--model-path", str(tmp_path), "--model-name", "m",
+                                  "--plan", str(plan)), "whole_model cut 1", "outside 0..")
+    data = json.loads(original)
+    data["whole_model"]["file"] = "../model.tflite"
+    path.write_text(json.dumps(data))
+    assert_clean_error(run_script("dnnpipe", "slice", "--model-path", str(tmp_path), "--model-name", "m",
+                                  "--plan", str(plan)), "whole_model.file must be a .tflite file name")
+
+
+def test_a_damaged_tflite_file_is_refused(tflite_files):
+    from dnnpipe.slicing.flatbuffer import pack
+
+    model = read_model(tflite_files / "float.tflite")
+    operator = model.subgraphs[0].operators[1]
+    operator.inputs = [9999, *operator.inputs[1:]]
+    with pytest.raises(CutError, match="an operator refers to a tensor that does not exist"):
+        op_graph(read_model(pack(model)))

@@ -117,10 +117,19 @@ def slice_from_whole(graph: UnitGraph, keras_tensors: dict[str, Any], stages: Se
                      keys: dict[str, str], progress: Progress) -> Manifest:
     started = time.perf_counter()
     flatbuffer = whole_model_flatbuffer(graph, keras_tensors, keys, quantize, calibration)
-    converted = time.perf_counter()
+    progress(f"converted the whole model once in {time.perf_counter() - started:.1f} s "
+             f"({len(flatbuffer) / 1e6:.2f} MB)")
+    return slice_converted(graph, keras_tensors, flatbuffer, stages, folder, model_name, quantize, keys, progress)
+
+
+def slice_converted(graph: UnitGraph, keras_tensors: dict[str, Any], flatbuffer: bytes,
+                    stages: Sequence[Sequence[int]], folder: Path, model_name: str, quantize: str,
+                    keys: dict[str, str], progress: Progress) -> Manifest:
+    """Map the units onto the converted whole model, store it, cut every stage, check the chain against it."""
+    started = time.perf_counter()
     table = keras_cut_table(graph, keras_tensors, keys, flatbuffer, quantize)
-    progress(f"converted the whole model once in {converted - started:.1f} s ({len(flatbuffer) / 1e6:.2f} MB); "
-             f"{len(table) - 2} of {graph.U - 1} cuts exist in it (mapped in {time.perf_counter() - converted:.1f} s)")
+    progress(f"{len(table) - 2} of {graph.U - 1} cuts exist in the whole model (mapped in "
+             f"{time.perf_counter() - started:.1f} s)")
     name, digest = store_whole_model(flatbuffer, folder)
     manifest = slice_plan(read_model(flatbuffer), WholeModel(name, digest, table), graph.U, stages, folder,
                           model_name, quantize, "the plan", progress=progress)

@@ -97,6 +97,20 @@ def _text(value) -> str:
 
 
 def op_graph(model: schema.ModelT) -> OpGraph:
+    """Subgraph 0 as plain data; a flatbuffer whose indices point nowhere is refused (files are untrusted)."""
+    try:
+        graph = _op_graph(model)
+    except (IndexError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise CutError(f"damaged TFLite model: {type(e).__name__} while reading its operators and tensors") from None
+    for ins, outs in graph.ops:
+        if any(not 0 <= t < len(graph.tensors) for t in (*ins, *outs)):
+            raise CutError("damaged TFLite model: an operator refers to a tensor that does not exist")
+    if any(not 0 <= t < len(graph.tensors) for t in (*graph.inputs, *graph.outputs)):
+        raise CutError("damaged TFLite model: its inputs or outputs refer to a tensor that does not exist")
+    return graph
+
+
+def _op_graph(model: schema.ModelT) -> OpGraph:
     subgraph = model.subgraphs[0]
     tensors = []
     for i, t in enumerate(subgraph.tensors):
@@ -219,7 +233,7 @@ def cut_submodel(model: schema.ModelT, inputs: Sequence[tuple[int, str]], output
     result.subgraphs, result.metadata = subgraphs, metadata
     result.buffers = [_aligned(model.buffers[b]) for b in sorted(buffers, key=buffers.get)]  # type: ignore[arg-type]
     result.signatureDefs = [_signature(inputs, outputs, used)]
-    return pack(result)
+    return pack(result, sum(len(b.data) for b in result.buffers if b.data is not None))
 
 
 def _aligned(buffer: schema.BufferT) -> _AlignedBuffer:
@@ -240,7 +254,7 @@ def _signature(inputs, outputs, used: dict[int, int]) -> schema.SignatureDefT:
     return signature
 
 
-def pack(model: schema.ModelT) -> bytes:
-    builder = flatbuffers.Builder(1 << 20)
+def pack(model: schema.ModelT, weight_bytes: int = 0) -> bytes:
+    builder = flatbuffers.Builder(weight_bytes + (1 << 20))  # sized up front: growing copies the whole buffer
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -41,20 +42,24 @@ def slice_plan(model: schema.ModelT, whole: WholeModel, units: int, stages: Sequ
     check_cuts(stages, whole.cuts, source)
     graph = graph or op_graph(model)
     folder.mkdir(parents=True, exist_ok=True)
-    specs = []
+    flatbuffers = []  # every stage is cut before any file is replaced, so a failure leaves the old plan whole
     for number, (start, end, device) in enumerate(stages, 1):
         started = time.perf_counter()
         inputs, outputs = whole.cuts[start - 1], whole.cuts[end]
-        flatbuffer = cut_submodel(model, [(t.tensor, t.key) for t in inputs],  # type: ignore[misc]
-                                  [(t.tensor, t.key) for t in outputs], graph)  # type: ignore[misc]
-        path = folder / f"sub_model_{number}.tflite"
-        path.write_bytes(flatbuffer)
-        specs.append(StageSpec(number, int(device), (int(start), int(end)), path.name, sha256_file(path), inputs,
-                               outputs))
+        flatbuffers.append(cut_submodel(model, [(t.tensor, t.key) for t in inputs],  # type: ignore[misc]
+                                        [(t.tensor, t.key) for t in outputs], graph))  # type: ignore[misc]
         if progress:
             progress(f"stage {number}/{len(stages)}: units {start}-{end} on device {device}: {len(inputs)} in, "
                      f"{len(outputs)} out ({sum(t.nbytes for t in outputs) / 1024:.1f} KB/inference), "
-                     f"{len(flatbuffer) / 1e6:.2f} MB, cut in {(time.perf_counter() - started) * 1000:.0f} ms")
+                     f"{len(flatbuffers[-1]) / 1e6:.2f} MB, cut in {(time.perf_counter() - started) * 1000:.0f} ms")
+    specs = []
+    for number, ((start, end, device), flatbuffer) in enumerate(zip(stages, flatbuffers), 1):
+        path = folder / f"sub_model_{number}.tflite"
+        partial = path.with_suffix(".tflite.partial")
+        partial.write_bytes(flatbuffer)
+        partial.replace(path)
+        specs.append(StageSpec(number, int(device), (int(start), int(end)), path.name,
+                               hashlib.sha256(flatbuffer).hexdigest(), whole.cuts[start - 1], whole.cuts[end]))
     remove_stale_stages(folder, len(stages))
     return Manifest(model_name, units, quantize, tuple(specs), whole_model=whole)
 
@@ -84,8 +89,29 @@ def reslice(folder: Path, stages: Sequence[Sequence[int]], source: str,
     if whole is None:
         raise CutError(f"{folder / 'manifest.json'}: no whole model recorded (it was partitioned stage by stage); "
                        f"partition it again to slice new plans")
+    if Path(whole.file).name != whole.file or not whole.file.endswith(".tflite"):
+        raise CutError(f"{folder / 'manifest.json'}: whole_model.file must be a .tflite file name beside the "
+                       f"manifest, got {whole.file!r}")
     path = folder / whole.file
     if sha256_file(path) != whole.sha256:
         raise CutError(f"{path}: sha256 differs from the manifest's whole_model.sha256 (file changed)")
-    return slice_plan(read_model(path), whole, manifest.units, stages, folder, manifest.model_name,
-                      manifest.quantize, source, progress=progress)
+    model = read_model(path)
+    graph = op_graph(model)
+    check_table(whole, graph, folder / "manifest.json")
+    return slice_plan(model, whole, manifest.units, stages, folder, manifest.model_name, manifest.quantize, source,
+                      graph, progress)
+
+
+def check_table(whole: WholeModel, graph: OpGraph, source: Path) -> None:
+    """The manifest's cut tensors must be tensors of the whole model, of the shape and type it says."""
+    for j, specs in whole.cuts.items():
+        for spec in specs:
+            index = spec.tensor
+            if index is None or not 0 <= index < len(graph.tensors):
+                raise CutError(f"{source}: whole_model cut {j}: tensor {spec.name!r} has index {index}, outside "
+                               f"0..{len(graph.tensors) - 1} of {whole.file}")
+            t = graph.tensors[index]
+            if (1, *t.shape[1:]) != spec.shape or t.dtype != spec.dtype or t.constant:
+                raise CutError(f"{source}: whole_model cut {j}: tensor {spec.name!r} is {spec.dtype}{list(spec.shape)} "
+                               f"but tensor {index} of {whole.file} is {t.dtype}{list(t.shape)}"
+                               f"{' (a weight)' if t.constant else ''}")
