@@ -1,14 +1,19 @@
 """Beyond the paper: planning with link costs, and re-planning a running pipeline online.
 
-    .venv/bin/python benchmarks/online.py
+    taskset -c 0 .venv/bin/python benchmarks/online.py            # a few minutes
+    taskset -c 0 .venv/bin/python benchmarks/online.py --quick
 
-Link model: synthetic clusters with B (Mbit/s) per device and cut sizes A that rise and fall along
-the model; solved by the exact 'links' DP. Re-planning: a device leaves, or the fastest device
-slows to a quarter, in a running plan; solved with the default algorithm.
+Link model: synthetic clusters with B (Mbit/s) per device, cut sizes A that rise and fall along the
+model, and either min(B[d], B[e]) between devices ("per device") or a random link matrix B_link
+("matrix"). The exact `bisect-links` and the reference `links` DP run side by side and must agree on
+the bottleneck and the plan; the DP is skipped where it would take minutes. Re-planning: a device
+leaves, or the first device slows to a quarter, in a running plan; solved with the default algorithm.
+Times are the median CPU time of this process over repeats (wall time beside it).
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -20,18 +25,21 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dnnpipe.planner import solve_problem  # noqa: E402
+from dnnpipe.planner import Problem, solve_problem  # noqa: E402
 from dnnpipe.planner.replan import ClusterChange, replan  # noqa: E402
 from planner import synthetic  # noqa: E402
 
+LINKS_DP_LIMIT = 8  # devices; the DP takes 98 s at N=12, U=273
+
 
 def median_ms(function, repeats: int = 3):
-    times, result = [], None
+    cpu, wall, result = [], [], None
     for _ in range(repeats):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         result = function()
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times), result
+        cpu.append((time.process_time() - started_cpu) * 1000)
+        wall.append((time.perf_counter() - started) * 1000)
+    return statistics.median(cpu), statistics.median(wall), result
 
 
 def as_config(problem) -> dict:
@@ -41,28 +49,63 @@ def as_config(problem) -> dict:
             "model_config": {"U": problem.U, "E": E, "R": R}}
 
 
-def main() -> None:
-    rng = np.random.default_rng(0)
-    print(f"{'link model':<28} {'median ms':>10} {'transitions':>12} {'bottleneck ms':>14} {'no-link ms':>11}")
-    for N, U in ((4, 100), (4, 273), (6, 273), (8, 100)):
-        problem = synthetic(N, U)
-        links = replace(problem, link_mbps=rng.choice([100.0, 300.0, 1000.0], N),
-                        cut_bytes=rng.lognormal(11, 1.0, U + 1))
-        ms, result = median_ms(lambda links=links: solve_problem(links))
-        plain = solve_problem(problem).bottleneck
-        print(f"{f'N={N} U={U}':<28} {ms:>10.1f} {result.transitions:>12,} {result.bottleneck:>14.6f} "
-              f"{plain:>11.6f}", flush=True)
-    print()
-    print(f"{'re-plan':<28} {'median ms':>10} {'moved stages':>12} {'units moved':>14}")
-    for N, U in ((4, 273), (10, 1000), (16, 1000)):
+def linked(N: int, U: int, matrix: bool, binding: bool = False) -> Problem:
+    rng = np.random.default_rng(N * 1000 + U)
+    problem = synthetic(N, U, binding=binding)
+    B = rng.choice([100.0, 300.0, 1000.0], N)
+    return replace(problem, link_mbps=B, cut_bytes=rng.lognormal(11, 1.0, U + 1),
+                   link_matrix=rng.choice([100.0, 300.0, 1000.0], (N, N)) if matrix else None)
+
+
+def link_table(sizes, repeats: int) -> None:
+    print(f"{'link model':<34} {'algorithm':<13} {'median ms':>10} {'wall ms':>9} {'transitions':>12} "
+          f"{'bottleneck ms':>14} {'no-link ms':>11}")
+    for N, U, matrix, binding in sizes:
+        problem = linked(N, U, matrix, binding)
+        name = f"N={N} U={U} {'matrix' if matrix else 'per device'}{' binding' if binding else ''}"
+        plain = solve_problem(replace(problem, link_mbps=None, cut_bytes=None, link_matrix=None)).bottleneck
+        plans = set()
+        for algorithm in ("bisect-links", "links"):
+            if algorithm == "links" and N > LINKS_DP_LIMIT:
+                print(f"{name:<34} {algorithm:<13} {'skip':>10}")
+                continue
+            ms, wall, result = median_ms(lambda problem=problem, algorithm=algorithm: solve_problem(problem, algorithm),
+                                         repeats)
+            plans.add((result.bottleneck, str(result.stages)))
+            print(f"{name:<34} {algorithm:<13} {ms:>10.1f} {wall:>9.1f} {result.transitions:>12,} "
+                  f"{result.bottleneck:>14.6f} {plain:>11.6f}", flush=True)
+        if len(plans) > 1:
+            raise SystemExit(f"{name}: the algorithms disagree: {sorted(plans)}")
+
+
+def replan_table(sizes, repeats: int) -> None:
+    print(f"{'re-plan':<34} {'median ms':>10} {'wall ms':>9} {'moved stages':>12} {'units moved':>12}")
+    for N, U in sizes:
         config = as_config(synthetic(N, U))
         running = solve_problem(synthetic(N, U)).stages
         first = running[0][2]
         for label, change in ((f"N={N} U={U}, device {first} leaves", ClusterChange(removed=frozenset({first}))),
                               (f"N={N} U={U}, device {first} slows", ClusterChange(speeds={first: 0.25}))):
-            ms, result = median_ms(lambda config=config, running=running, change=change:
-                                   replan(config, running, change))
-            print(f"{label:<28} {ms:>10.1f} {len(result.moved):>12} {result.units_moved:>14}", flush=True)
+            ms, wall, result = median_ms(lambda config=config, running=running, change=change:
+                                         replan(config, running, change), repeats)
+            print(f"{label:<34} {ms:>10.1f} {wall:>9.1f} {len(result.moved):>12} {result.units_moved:>12}",
+                  flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if args.quick:
+        sizes = [(4, 100, False, False), (6, 273, True, False)]
+    else:
+        sizes = [(4, 100, False, False), (4, 273, False, False), (6, 273, False, False), (8, 100, False, False),
+                 (4, 273, True, False), (6, 273, True, False), (8, 273, True, False), (8, 273, True, True),
+                 (10, 273, True, False), (12, 273, True, False), (12, 273, True, True)]
+    link_table(sizes, args.repeats)
+    print()
+    replan_table([(4, 273)] if args.quick else [(4, 273), (10, 1000), (16, 1000)], args.repeats)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from .partition.command import add_make_model_arguments, add_partitioner_argumen
     partition_command
 from .planning.command import add_replan_arguments, replan_command
 from .profile.command import add_profile_arguments, profile_command
-from .runtime.command import add_run_local_arguments, add_stage_arguments, run_local_command, stage_command
+from .runtime.command import add_stage_arguments, stage_command
+from .testbed.command import add_run_local_arguments, run_local_command
 from .serve.command import add_serve_arguments, serve_command
 
 AddArguments = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]

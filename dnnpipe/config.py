@@ -21,6 +21,7 @@ class Cluster:
     C: tuple[float, ...]
     M: tuple[float, ...]
     B: Optional[tuple[float, ...]] = None  # link bandwidth per device, Mbit/s (optional)
+    B_link: Optional[tuple[tuple[float, ...], ...]] = None  # Mbit/s from device d (row) to e (column) (optional)
 
     @property
     def N(self) -> int:
@@ -35,6 +36,7 @@ class Profile:
     R: tuple[float, ...]
     E_device: Optional[tuple[tuple[float, ...], ...]] = None  # per-device unit times, N rows (optional)
     A: Optional[tuple[float, ...]] = None  # bytes crossing the cut after unit j, j = 0..U (optional)
+    cuts: Optional[tuple[int, ...]] = None  # legal stage ends k (1 <= k < U), increasing; None: every boundary
 
     @property
     def U(self) -> int:
@@ -52,10 +54,14 @@ class Config:
         model: dict[str, Any] = {"U": self.profile.U, "E": list(self.profile.E), "R": list(self.profile.R)}
         if self.cluster.B is not None:
             devices["B"] = list(self.cluster.B)
+        if self.cluster.B_link is not None:
+            devices["B_link"] = [list(row) for row in self.cluster.B_link]
         if self.profile.E_device is not None:
             model["E_device"] = [list(row) for row in self.profile.E_device]
         if self.profile.A is not None:
             model["A"] = list(self.profile.A)
+        if self.profile.cuts is not None:
+            model["cuts"] = list(self.profile.cuts)
         return {"device_config": devices, "model_config": model}
 
 
@@ -79,28 +85,78 @@ def load_config(source: ConfigSource) -> Config:
     return parse_config(data, str(path))
 
 
+KEYS = {"": ("device_config", "model_config"), "device_config": ("N", "C", "M", "B", "B_link"),
+        "model_config": ("U", "E", "R", "E_device", "A", "cuts")}
+
+
 def parse_config(data: Any, source: str) -> Config:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: top level must be a JSON object with device_config and model_config")
+    _known_keys(data, "", source)
     devices = _section(data, "device_config", source)
     model = _section(data, "model_config", source)
     n = _count(devices, "device_config.N", "N", source)
     c = _numbers(devices, "device_config.C", "C", n, "N", source, positive=True)
     m = _numbers(devices, "device_config.M", "M", n, "N", source)
     b = _numbers(devices, "device_config.B", "B", n, "N", source, positive=True) if "B" in devices else None
+    b_link = _link_matrix(devices, n, source) if "B_link" in devices else None
+    if b_link is not None and b is None:
+        raise ConfigError(f"{source}: 'device_config.B_link' needs 'device_config.B' (each device's link for the "
+                          f"model's input and result)")
     u = _count(model, "model_config.U", "U", source)
     e_device = None
     if "E_device" in model:
-        rows = model["E_device"]
-        if not isinstance(rows, Sequence) or isinstance(rows, (str, bytes)) or len(rows) != n:
-            raise ConfigError(f"{source}: 'model_config.E_device' must be a list of N = {n} lists of U = {u} numbers")
-        e_device = tuple(_numbers({"row": row}, f"model_config.E_device[{d}]", "row", u, "U", source)
-                         for d, row in enumerate(rows))
+        e_device = _rows(model, "model_config.E_device", "E_device", n, "N", u, "U", source)
     # With per-device times E may be left out: the paper's E is device 1's row.
     e = _numbers(model, "model_config.E", "E", u, "U", source) if "E" in model or e_device is None else e_device[0]
     r = _numbers(model, "model_config.R", "R", u, "U", source)
     a = _numbers(model, "model_config.A", "A", u + 1, "U + 1", source) if "A" in model else None
-    return Config(Cluster(c, m, b), Profile(e, r, e_device, a), source)
+    cuts = _cuts(model["cuts"], u, source) if "cuts" in model else None
+    return Config(Cluster(c, m, b, b_link), Profile(e, r, e_device, a, cuts), source)
+
+
+def _known_keys(section: Mapping[str, Any], name: str, source: str) -> None:
+    """A misspelt optional key (B_lnk) would otherwise be ignored without a word."""
+    for key in section:
+        if key not in KEYS[name]:
+            field = f"{name}.{key}" if name else str(key)
+            raise ConfigError(f"{source}: unknown key '{field}' (known: {', '.join(KEYS[name])})")
+
+
+def _rows(section: Mapping[str, Any], field: str, key: str, n: int, n_name: str, length: int, length_name: str,
+          source: str, positive: bool = False) -> tuple[tuple[float, ...], ...]:
+    rows = section[key]
+    if not isinstance(rows, Sequence) or isinstance(rows, (str, bytes)) or len(rows) != n:
+        raise ConfigError(f"{source}: '{field}' must be a list of {n_name} = {n} lists of {length_name} = {length} "
+                          f"numbers")
+    return tuple(_numbers({"row": row}, f"{field}[{d}]", "row", length, length_name, source, positive)
+                 for d, row in enumerate(rows))
+
+
+def _link_matrix(devices: Mapping[str, Any], n: int, source: str) -> tuple[tuple[float, ...], ...]:
+    """N x N Mbit/s, finite; > 0 between two devices, the diagonal (a device to itself) is never used."""
+    rows = _rows(devices, "device_config.B_link", "B_link", n, "N", n, "N", source)
+    for d, row in enumerate(rows):
+        for e, value in enumerate(row):
+            if d != e and value <= 0:
+                raise ConfigError(f"{source}: 'device_config.B_link[{d}][{e}]' must be > 0 (a link between two "
+                                  f"devices), got {value!r}")
+    return rows
+
+
+def _cuts(values: Any, u: int, source: str) -> tuple[int, ...]:
+    field = "model_config.cuts"
+    if not isinstance(values, Sequence) or isinstance(values, (str, bytes)):
+        raise ConfigError(f"{source}: '{field}' must be a list of unit indices, got {type(values).__name__}")
+    for i, k in enumerate(values):
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise ConfigError(f"{source}: '{field}[{i}]' must be an integer unit index, got {k!r}")
+        if not 1 <= k <= u - 1:
+            raise ConfigError(f"{source}: '{field}[{i}]' = {k} is out of range: a stage may end after unit 1..U - 1 "
+                              f"= {u - 1}")
+        if i and k <= values[i - 1]:
+            raise ConfigError(f"{source}: '{field}' must be strictly increasing, got {values[i - 1]} then {k}")
+    return tuple(values)
 
 
 def _section(data: Mapping[str, Any], key: str, source: str) -> Mapping[str, Any]:
@@ -109,6 +165,7 @@ def _section(data: Mapping[str, Any], key: str, source: str) -> Mapping[str, Any
     section = data[key]
     if not isinstance(section, Mapping):
         raise ConfigError(f"{source}: '{key}' must be an object, got {type(section).__name__}")
+    _known_keys(section, key, source)
     return section
 
 

@@ -1,12 +1,15 @@
 """manifest.json: what each stage's sub-model takes and returns, in wire order (docs/manifest.md).
 
-Read by the runtime and the deployer, so it stays free of TensorFlow.
+Read by the runtime and the deployer, so it stays free of TensorFlow. Its values become file names on the
+workstation and the devices and arguments of remote commands, so each is checked here, once, against what it
+may be (docs/security.md): a stage file is a plain name in the manifest's folder, a sha256 is 64 hex digits.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -19,6 +22,11 @@ from .jsonio import write_json
 MANIFEST_FILE = "manifest.json"
 FORMAT = "dnnpipe-manifest"
 VERSION = 1
+FILE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+KEY = re.compile(r"[A-Za-z][A-Za-z0-9_]*")  # a TFLite signature key
+DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
+QUANTIZE = ("none", "float16", "int8")
 
 
 @dataclass(frozen=True)
@@ -135,39 +143,134 @@ def read_manifest(path: Path) -> Manifest:
         raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     try:
         return _parse(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
 
 
-def _parse(data: dict[str, Any]) -> Manifest:
+class Fields:
+    """Typed reads of one JSON object, each failure naming the field (`stages[1].sha256`)."""
+
+    def __init__(self, data: Any, where: str):
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where or 'the manifest'} must be an object")
+        self.data, self.where = data, where
+
+    def name(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def get(self, key: str) -> Any:
+        if key not in self.data:
+            raise ConfigError(f"{self.name(key)} is missing")
+        return self.data[key]
+
+    def integer(self, key: str, low: int = 1) -> int:
+        value = self.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{self.name(key)} must be an integer >= {low}, got {value!r}")
+        return value
+
+    def text(self, key: str, pattern: re.Pattern[str], meaning: str, default: str | None = None) -> str:
+        value = self.data.get(key, default) if default is not None else self.get(key)
+        if not isinstance(value, str) or not pattern.fullmatch(value):
+            raise ConfigError(f"{self.name(key)} must be {meaning}, got {value!r}")
+        return value
+
+    def array(self, key: str) -> list[Any]:
+        value = self.get(key)
+        if not isinstance(value, list):
+            raise ConfigError(f"{self.name(key)} must be a list, got {value!r}")
+        return value
+
+
+def _tensor(item: Any, where: str) -> TensorSpec:
+    f = Fields(item, where)
+    name = f.get("name")
+    if not isinstance(name, str) or not name or len(name) > 256 or not name.isprintable():
+        raise ConfigError(f"{f.name('name')} must be a tensor name (printable, 1-256 characters), got {name!r}")
+    shape = f.array("shape")
+    if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+        raise ConfigError(f"{f.name('shape')} must be a list of positive integers, got {shape!r}")
+    dtype = f.get("dtype")
+    if dtype not in DTYPES:
+        raise ConfigError(f"{f.name('dtype')} must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    tensor = item.get("tensor")
+    if tensor is not None and (isinstance(tensor, bool) or not isinstance(tensor, int) or tensor < 0):
+        raise ConfigError(f"{f.name('tensor')} must be a tensor index >= 0, got {tensor!r}")
+    quantization = None
+    if "quantization" in item:
+        q = Fields(item["quantization"], f.name("quantization"))
+        scale, zero_point = q.get("scale"), q.get("zero_point")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0 \
+                or isinstance(zero_point, bool) or not isinstance(zero_point, int):
+            raise ConfigError(f"{f.name('quantization')} must have a scale > 0 and an integer zero_point, "
+                              f"got {item['quantization']!r}")
+        quantization = (float(scale), zero_point)
+    return TensorSpec(name, f.text("key", KEY, "a signature key (a letter, then letters, digits, _)"), tuple(shape),
+                      dtype, tensor, quantization)
+
+
+def _stage(item: Any, where: str, number: int) -> StageSpec:
+    f = Fields(item, where)
+    if f.integer("stage") != number:
+        raise ConfigError(f"{f.name('stage')} must be {number}: stages are numbered 1..K in order")
+    units = f.array("units")
+    if len(units) != 2 or any(isinstance(u, bool) or not isinstance(u, int) for u in units) \
+            or not 1 <= units[0] <= units[1]:
+        raise ConfigError(f"{f.name('units')} must be [first, last] with 1 <= first <= last, got {units!r}")
+    return StageSpec(number, f.integer("device"), (units[0], units[1]),
+                     f.text("file", FILE_NAME, "a plain file name in the manifest's folder (letters, digits, _ . -)"),
+                     f.text("sha256", SHA256, "64 lowercase hex digits"),
+                     tuple(_tensor(t, f"{where}.inputs[{i}]") for i, t in enumerate(f.array("inputs"))),
+                     tuple(_tensor(t, f"{where}.outputs[{i}]") for i, t in enumerate(f.array("outputs"))))
+
+
+def _parse(data: Any) -> Manifest:
+    f = Fields(data, "")
     if data.get("format") != FORMAT or data.get("version") != VERSION:
-        raise ValueError(f"expected format {FORMAT!r} version {VERSION}, "
-                         f"got {data.get('format')!r} version {data.get('version')!r}")
-
-    def tensors(items) -> tuple[TensorSpec, ...]:
-        specs = tuple(TensorSpec(str(t["name"]), str(t["key"]), tuple(int(x) for x in t["shape"]),
-                                 np.dtype(t["dtype"]).name, None if t.get("tensor") is None else int(t["tensor"]),
-                                 None if "quantization" not in t else
-                                 (float(t["quantization"]["scale"]), int(t["quantization"]["zero_point"])))
-                      for t in items)
-        return specs
-
-    stages = tuple(StageSpec(int(s["stage"]), int(s["device"]), (int(s["units"][0]), int(s["units"][1])),
-                             str(s["file"]), str(s["sha256"]), tensors(s["inputs"]), tensors(s["outputs"]))
-                   for s in data["stages"])
+        raise ConfigError(f"expected format {FORMAT!r} version {VERSION}, "
+                          f"got {data.get('format')!r} version {data.get('version')!r}")
+    model_name = f.text("model_name", FILE_NAME, "a plain folder name (letters, digits, _ . -)")
+    if model_name in (".", ".."):
+        raise ConfigError(f"model_name must be a plain folder name, got {model_name!r}")
+    units = f.integer("units")
+    quantize = f.get("quantize") if "quantize" in data else "none"
+    if quantize not in QUANTIZE:
+        raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
+    stages = tuple(_stage(s, f"stages[{i}]", i + 1) for i, s in enumerate(f.array("stages")))
     if not stages:
-        raise ValueError("no stages")
+        raise ConfigError("no stages")
+    expected = 1
+    for s in stages:
+        if s.units[0] != expected:
+            raise ConfigError(f"stages[{s.stage - 1}].units starts at {s.units[0]}, expected {expected}: the stages "
+                              f"cover units 1..{units} in order without gaps")
+        expected = s.units[1] + 1
+    if expected != units + 1:
+        raise ConfigError(f"the stages cover units 1..{expected - 1} but units is {units}")
+    files = [s.file for s in stages]
+    if len(set(files)) != len(files) or MANIFEST_FILE in files:
+        raise ConfigError(f"stage files must be distinct and not {MANIFEST_FILE}, got {files}")
     for i, (s, nxt) in enumerate(zip(stages, stages[1:]), 1):
         if [t.name for t in s.outputs] != [t.name for t in nxt.inputs]:
-            raise ValueError(f"stage {i} outputs {[t.name for t in s.outputs]} but stage {i + 1} "
-                             f"takes {[t.name for t in nxt.inputs]}")
-    whole = None
-    if "whole_model" in data:
-        w = data["whole_model"]
-        whole = WholeModel(str(w["file"]), str(w["sha256"]),
-                           {int(c["after_unit"]): tensors(c["tensors"]) for c in w["legal_cuts"]})
+            raise ConfigError(f"stage {i} outputs {[t.name for t in s.outputs]} but stage {i + 1} "
+                              f"takes {[t.name for t in nxt.inputs]}")
+    whole = _whole_model(data["whole_model"], units) if "whole_model" in data else None
     known = {"format", "version", "model_name", "units", "quantize", "stages", "cuts", "whole_model"}
-    return Manifest(str(data["model_name"]), int(data["units"]), str(data.get("quantize", "none")), stages,
-                    {k: v for k, v in data.items() if k not in known}, whole)
+    return Manifest(model_name, units, quantize, stages, {k: v for k, v in data.items() if k not in known}, whole)
+
+
+def _whole_model(item: Any, units: int) -> WholeModel:
+    f = Fields(item, "whole_model")
+    cuts = {}
+    for i, cut in enumerate(f.array("legal_cuts")):
+        c = Fields(cut, f"whole_model.legal_cuts[{i}]")
+        after = c.integer("after_unit", low=0)
+        if after > units:
+            raise ConfigError(f"{c.name('after_unit')} must be at most units = {units}, got {after}")
+        cuts[after] = tuple(_tensor(t, f"{c.name('tensors')}[{k}]") for k, t in enumerate(c.array("tensors")))
+    return WholeModel(f.text("file", FILE_NAME, "a plain file name in the manifest's folder (letters, digits, _ . -)"),
+                      f.text("sha256", SHA256, "64 lowercase hex digits"), cuts)
 
 

@@ -6,17 +6,21 @@ import itertools
 import math
 from typing import Optional, Sequence
 
+Plan = tuple[float, tuple[int, ...], tuple[int, ...]]  # bottleneck, device sequence (0-based), stage ends
 
-def brute_force_bottleneck(C: Sequence[float], M: Sequence[float], E, R: Sequence[float], B=None,
-                           A=None) -> Optional[float]:
-    """E is one list of unit times (scaled by 1/C[d]) or one list per device. With links B (Mbit/s) and
-    cut bytes A, every hop takes A[cut] * 8e-3 / min(B of both ends) ms: source to first device, between
-    stages, last device to sink; a stage's period is max(compute, its outgoing hop)."""
+
+def all_plans(C: Sequence[float], M: Sequence[float], E, R: Sequence[float], B=None, A=None, B_link=None,
+              cuts=None) -> list[Plan]:
+    """Every valid plan. E is one list of unit times (scaled by 1/C[d]) or one list per device. With links B
+    (Mbit/s) and cut bytes A, every hop takes A[cut] * 8e-3 / link ms: source to first device and last device
+    to sink over B of that device, between stages over B_link[d][e] if given, else min(B[d], B[e]); a stage's
+    period is max(compute, its outgoing hop). Stages end only at the legal `cuts` (all boundaries if None)."""
     rows = E if isinstance(E[0], (list, tuple)) else [E] * len(C)
     U, N = len(R), len(C)
-    best = math.inf
+    legal = range(1, U) if cuts is None else cuts
+    plans = []
     for stages in range(1, min(N, U) + 1):
-        for inner_cuts in itertools.combinations(range(1, U), stages - 1):
+        for inner_cuts in itertools.combinations(legal, stages - 1):
             bounds = (0, *inner_cuts, U)
             ranges = list(zip(bounds, bounds[1:]))
             for devices in itertools.permutations(range(N), stages):
@@ -26,8 +30,28 @@ def brute_force_bottleneck(C: Sequence[float], M: Sequence[float], E, R: Sequenc
                         break
                     worst = max(worst, math.fsum(rows[d][j:k]) / C[d])
                     if B is not None:
-                        link = B[d] if i + 1 == len(devices) else min(B[d], B[devices[i + 1]])
+                        if i + 1 == len(devices):
+                            link = B[d]
+                        else:
+                            e = devices[i + 1]
+                            link = B_link[d][e] if B_link is not None else min(B[d], B[e])
                         worst = max(worst, A[k] * 8e-3 / link)
                 else:
-                    best = min(best, worst)
-    return None if math.isinf(best) else best
+                    plans.append((worst, devices, bounds[1:]))
+    return plans
+
+
+def brute_force_bottleneck(*instance, **options) -> Optional[float]:
+    plans = all_plans(*instance, **options)
+    return min(p[0] for p in plans) if plans else None
+
+
+def tie_break(*instance, **options) -> Optional[tuple[float, tuple[int, ...]]]:
+    """The rule's choice among optimal plans: the bottleneck and the device set (sorted 0-based ids) with the
+    fewest devices, then the lowest ids."""
+    plans = all_plans(*instance, **options)
+    if not plans:
+        return None
+    best = min(p[0] for p in plans)
+    sets = [tuple(sorted(devices)) for value, devices, _ in plans if value <= best * (1 + 1e-12) + 1e-12]
+    return best, min(sets, key=lambda s: (len(s), s))

@@ -1,4 +1,7 @@
-"""A real OpenSSH server on 127.0.0.1 for the deployer's tests: throw-away host and user keys, own known_hosts."""
+"""A real OpenSSH server on 127.0.0.1 for the deployer's tests: throw-away host and user keys, own known_hosts.
+
+It has no sftp subsystem, like many small boards: the deployer needs ssh, sh, tar and sha256sum only.
+"""
 
 from __future__ import annotations
 
@@ -62,7 +65,6 @@ PasswordAuthentication no
 KbdInteractiveAuthentication no
 UsePAM no
 PermitRootLogin prohibit-password
-Subsystem sftp internal-sftp
 LogLevel ERROR
 """)
     if os.geteuid() == 0:
@@ -82,8 +84,9 @@ LogLevel ERROR
     (root / "empty_known_hosts").write_text("")
     configs = []
     for name, known in (("ssh_config", "known_hosts"), ("empty_ssh_config", "empty_known_hosts")):
+        # curve25519 alone: the post-quantum default key exchange costs each connection CPU on a shared machine
         (root / name).write_text(f"Host *\n  UserKnownHostsFile {root / known}\n  GlobalKnownHostsFile /dev/null\n"
-                                 f"  LogLevel ERROR\n")
+                                 f"  LogLevel ERROR\n  KexAlgorithms curve25519-sha256\n")
         configs.append(root / name)
     server = SshServer(port, getpass.getuser(), root, user_key, wrong_key, *configs)
     return server, process

@@ -5,10 +5,11 @@ from hypothesis import strategies as st
 # Speeds and sizes on a coarse grid keep sums exact, so the oracle and the planners compare
 # exactly; the real profile test covers arbitrary floats.
 SPEEDS = st.sampled_from([1.0, 0.5, 0.25, 0.33, 0.21, 2.0])
+MBPS = st.sampled_from([1.0, 2.0, 8.0, 100.0])
 
 
 @st.composite
-def instances(draw, max_devices: int = 4, max_units: int = 8):
+def instances(draw, max_devices: int = 4, max_units: int = 8, roomy: bool = False):
     N = draw(st.integers(1, max_devices))
     U = draw(st.integers(1, max_units))
     E = draw(st.lists(st.integers(0, 20).map(float), min_size=U, max_size=U))
@@ -16,10 +17,34 @@ def instances(draw, max_devices: int = 4, max_units: int = 8):
     C = draw(st.lists(SPEEDS, min_size=N, max_size=N))
     # Capacities around total/N make memory bind often and make some instances infeasible.
     top = max(1, int(sum(R)))
-    M = draw(st.lists(st.integers(0, top).map(float), min_size=N, max_size=N))
+    M = draw(st.lists(st.integers(top // 2 if roomy else 0, top).map(float), min_size=N, max_size=N))
     return C, M, E, R
 
 
-def as_config(C, M, E, R) -> dict:
-    return {"device_config": {"N": len(C), "C": list(C), "M": list(M)},
-            "model_config": {"U": len(E), "E": list(E), "R": list(R)}}
+def cut_sets(U: int):
+    """None (every boundary legal) or a random sorted subset of 1..U-1, as the TFLite converter's fusions leave."""
+    return st.none() | st.sets(st.integers(1, U - 1), max_size=U - 1).map(sorted) if U > 1 else st.none()
+
+
+@st.composite
+def linked_instances(draw, matrix: bool = False):
+    """Link Mbit/s per device (B) and bytes per cut (A) that go up and down along the model, as real activations
+    do (8e-3 ms per byte at 1 Mbit/s); with `matrix` also a link between each pair (B_link), not symmetric."""
+    C, M, E, R = draw(instances(roomy=draw(st.booleans())))
+    N = len(C)
+    B = draw(st.lists(MBPS, min_size=N, max_size=N))
+    A = draw(st.lists(st.integers(0, 10_000).map(float), min_size=len(E) + 1, max_size=len(E) + 1))
+    B_link = None
+    if matrix:
+        B_link = [[0.0 if d == e else draw(MBPS) for e in range(N)] for d in range(N)]
+    return C, M, E, R, B, A, B_link
+
+
+def as_config(C, M, E, R, B=None, A=None, B_link=None, cuts=None) -> dict:
+    config: dict = {"device_config": {"N": len(C), "C": list(C), "M": list(M)},
+                    "model_config": {"U": len(E), "E": list(E), "R": list(R)}}
+    for section, key, value in (("device_config", "B", B), ("model_config", "A", A),
+                                ("device_config", "B_link", B_link), ("model_config", "cuts", cuts)):
+        if value is not None:
+            config[section][key] = list(value)
+    return config

@@ -89,3 +89,46 @@ def test_optional_fields_of_the_richer_models():
 def test_bad_optional_fields(section, key, value, message):
     with pytest.raises(ConfigError, match=__import__("re").escape(message)):
         load_config(broken(section, key, value))
+
+
+LINKED = {**GOOD, "device_config": {**GOOD["device_config"], "B": [100, 10]}}
+
+
+def linked(key, value):
+    config = copy.deepcopy(LINKED)
+    config["device_config"][key] = value
+    return config
+
+
+@pytest.mark.parametrize("config, message", [
+    ({**GOOD, "devices": {}}, "unknown key 'devices' (known: device_config, model_config)"),
+    (broken("device_config", "B_lnk", [[0, 1], [1, 0]]), "unknown key 'device_config.B_lnk' (known: N, C, M, B, "),
+    (broken("model_config", "cut", [1]), "unknown key 'model_config.cut' (known: U, E, R, E_device, A, cuts)"),
+    (linked("B_link", [[0, 1]]), "'device_config.B_link' must be a list of N = 2 lists of N = 2 numbers"),
+    (linked("B_link", "fast"), "'device_config.B_link' must be a list of N = 2 lists"),
+    (linked("B_link", [[0, 1], [1]]), "'device_config.B_link[1]' has 1 values but N = 2"),
+    (linked("B_link", [[0, 1], [math.inf, 0]]), "'device_config.B_link[1][0]' must be a finite number, got inf"),
+    (linked("B_link", [[0, 0], [1, 0]]), "'device_config.B_link[0][1]' must be > 0 (a link between two devices)"),
+    (linked("B_link", [[0, 1], [-3, 0]]), "'device_config.B_link[1][0]' must be >= 0, got -3"),
+    (broken("device_config", "B_link", [[0, 1], [1, 0]]), "'device_config.B_link' needs 'device_config.B'"),
+    (broken("model_config", "cuts", 2), "'model_config.cuts' must be a list of unit indices, got int"),
+    (broken("model_config", "cuts", [1.0]), "'model_config.cuts[0]' must be an integer unit index, got 1.0"),
+    (broken("model_config", "cuts", [True]), "'model_config.cuts[0]' must be an integer unit index, got True"),
+    (broken("model_config", "cuts", [0]), "'model_config.cuts[0]' = 0 is out of range: a stage may end after unit "
+                                          "1..U - 1 = 2"),
+    (broken("model_config", "cuts", [1, 3]), "'model_config.cuts[1]' = 3 is out of range"),
+    (broken("model_config", "cuts", [2, 1]), "'model_config.cuts' must be strictly increasing, got 2 then 1"),
+    (broken("model_config", "cuts", [1, 1]), "'model_config.cuts' must be strictly increasing, got 1 then 1"),
+])
+def test_bad_links_cuts_and_unknown_keys(config, message):
+    with pytest.raises(ConfigError, match=__import__("re").escape(message)):
+        load_config(config)
+
+
+def test_link_matrix_and_cuts_are_plain_data_and_round_trip():
+    config = linked("B_link", [[0, 50], [20, 0]])
+    config["model_config"]["cuts"] = [2]
+    loaded = load_config(config)
+    assert loaded.cluster.B_link == ((0.0, 50.0), (20.0, 0.0)) and loaded.profile.cuts == (2,)
+    assert load_config(loaded.to_dict()) == loaded
+    assert load_config(broken("model_config", "cuts", [])).profile.cuts == ()  # no legal cut: one stage

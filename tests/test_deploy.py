@@ -1,23 +1,36 @@
 """The deployer over a real OpenSSH server on loopback, and over the local transport."""
 
 import json
+import os
+import pwd
+import shutil
+import stat
+import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
 import models
-from dnnpipe.deploy.registry import parse_registry
-from dnnpipe.deploy.ship import DeviceReport, ship, uploads_for
-from dnnpipe.deploy.transport import SshOptions, SshTransport, temporary_names
-from dnnpipe.errors import ConfigError
+from dnnpipe.deploy.command import deployer_parser
+from dnnpipe.deploy.command import main as deploy_main
+from dnnpipe.deploy.launch import launch_plan
+from dnnpipe.deploy.registry import Device
+from dnnpipe.deploy.ship import DeviceReport, format_reports, ship, uploads_for
+from dnnpipe.deploy.transport import SshOptions, SshTransport, _reason, temporary_names
+from dnnpipe.deploy.deployer import deploy, start_stages, stop_stages, DeployOptions
+from dnnpipe.errors import DnnpipeError
 from dnnpipe.manifest import read_manifest, sha256_file
 from dnnpipe.partition.partitioner import partition_keras_model
 from dnnpipe.partition.graph import analyse
-from dnnpipe.deploy.registry import Device
+from dnnpipe.pipeline_key import KEY_FILE
 from helpers import assert_clean_error, run_script
-from sshd import start_sshd
+from sshd import free_port, start_sshd
+
+# A value that, pasted into shell or sftp text anywhere, would run a command creating MARKER.
+HOSTILE = "a b'\"$(touch {m})`touch {m}`;touch {m};!touch {m} \u00e9\u6f22"
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +59,34 @@ def write_registry(path, devices):
     return path
 
 
+def deployer_in_process(capsys, partitioned, registry, *extra) -> tuple[int, str, str]:
+    """deployer.py's own main() without a new interpreter: its exit status, stdout and stderr."""
+    code = deploy_main(["--device-registry", str(registry), "--model-path", str(partitioned / "partitioned_submodels"),
+                        "--model-name", "res", "--config", str(partitioned / "configurations"), *extra])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(outcome: tuple[int, str, str], *fragments: str) -> None:
+    code, _, err = outcome
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("deployer.py: error: ") and all(f in err for f in fragments), err
+
+
+def copy_models(partitioned, tmp_path):
+    """A private copy of the partitioned model, for tests that change it or check what gets written there."""
+    shutil.copytree(partitioned / "partitioned_submodels", tmp_path / "partitioned_submodels")
+    (tmp_path / "partitioned_submodels" / "res" / "launch_plan.json").unlink(missing_ok=True)
+    return tmp_path
+
+
+def rows(stdout):
+    """The deploy table's rows as (device, stages, sent, skipped, failed, destination and result)."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("device"))
+    return [line.split(None, 5) for line in lines[start + 1:] if line[:6].strip().isdigit()]
+
+
 def deployer(partitioned, registry, *extra):
     return run_script("deployer.py", "--device-registry", str(registry), "--model-path",
                       str(partitioned / "partitioned_submodels"), "--model-name", "res", "--config",
@@ -71,17 +112,17 @@ def test_three_stage_deploy_over_ssh_then_nothing_to_resend(server, partitioned,
 
     again = deployer(partitioned, registry, "--ssh-config", str(server.ssh_config))
     assert again.returncode == 0, again.stderr
-    for line in again.stdout.splitlines()[1:4]:
-        sent, skipped, failed = line.split()[3:6]
-        assert sent == "0" and int(skipped) > 0 and failed == "0", line
+    assert len(rows(again.stdout)) == 3
+    for _, _, sent, skipped, failed, _ in rows(again.stdout):
+        assert sent == "0" and int(skipped) > 0 and failed == "0", again.stdout
 
 
 def test_corrupted_upload_is_caught_and_never_installed(server, partitioned, tmp_path):
     class CorruptingSsh(SshTransport):
-        def upload(self, pairs):
+        def payload(self, items):
             damaged = tmp_path / "damaged.bin"
             damaged.write_bytes(b"half a model")
-            super().upload([(damaged, rel) for _, rel in pairs])
+            return super().payload([(damaged, rel, mode) for _, rel, mode in items])
 
     device = Device(1, "127.0.0.1", server.user, server.port, str(server.user_key), str(tmp_path / "dev"))
     manifest = read_manifest(partitioned / "partitioned_submodels" / "res")
@@ -96,34 +137,32 @@ def test_corrupted_upload_is_caught_and_never_installed(server, partitioned, tmp
 
 
 def test_interrupted_upload_leaves_no_half_file(server, partitioned, tmp_path):
-    """A transfer that dies midway (here: sftp never ran) is not confirmed, and nothing is renamed."""
+    """A stream that breaks off midway: the cut file and the ones that never came are reported, none is renamed
+    into place, and no temporary file stays behind."""
+    class CuttingSsh(SshTransport):
+        def payload(self, items):
+            return super().payload(items)[:2048]  # a tar header and the sub-model's first 1.5 KB
+
     device = Device(1, "127.0.0.1", server.user, server.port, str(server.user_key), str(tmp_path / "dev"))
     manifest = read_manifest(partitioned / "partitioned_submodels" / "res")
-    uploads = uploads_for(manifest, partitioned / "partitioned_submodels" / "res", "partitioned_submodels", [1])
-    transport = SshTransport(device, SshOptions(ssh_config=server.ssh_config))
-    transport.hashes([u.rel for u in uploads])  # creates the folders
-    staged = temporary_names(uploads)
-    stage_file = partitioned / "partitioned_submodels" / "res" / manifest.stage(1).file
-    half = tmp_path / "half.tflite"
-    half.write_bytes(stage_file.read_bytes()[: stage_file.stat().st_size // 2])
-    transport.upload([(half, staged[0][1])])
-    results = transport.install(staged)
-    assert "sha256 mismatch" in results[uploads[0].rel]
-    assert "file missing after transfer" in results[uploads[1].rel]
-    assert not (tmp_path / "dev" / uploads[0].rel).exists()
+    uploads = uploads_for(manifest, partitioned / "partitioned_submodels" / "res", "partitioned_submodels", [1],
+                          extra=[(partitioned / "dataset.h5", "dataset.h5")])
+    results = CuttingSsh(device, SshOptions(ssh_config=server.ssh_config)).send(temporary_names(uploads))
+    assert "sha256 mismatch after transfer" in results[uploads[0].rel], results
+    assert all(results[u.rel] == "file missing after transfer" for u in uploads[1:]), results
+    assert not any((tmp_path / "dev" / u.rel).exists() for u in uploads)
+    assert not [p for p in (tmp_path / "dev").rglob("*") if p.is_file()]  # no temporary left behind
 
 
 def test_one_unreachable_device_does_not_hide_the_others(server, partitioned, tmp_path):
-    from sshd import free_port
-
     devices = [server.device(1, tmp_path / "dev1"), server.device(2, tmp_path / "dev2", port=free_port()),
                server.device(3, tmp_path / "dev3")]
     result = deployer(partitioned, write_registry(tmp_path / "reg.json", devices), "--ssh-config",
                       str(server.ssh_config), "--connect-timeout", "3")
     assert result.returncode == 1
-    table = result.stdout.splitlines()
-    assert any(line.split()[0] == "2" and "Connection refused" in line for line in table[1:4]), result.stdout
-    assert sum(line.rstrip().endswith(" ok") for line in table[1:4]) == 2, result.stdout
+    table = rows(result.stdout)
+    assert any(row[0] == "2" and "Connection refused" in row[5] for row in table), result.stdout
+    assert sum(row[5].endswith(" ok") for row in table) == 2, result.stdout
     assert "deployer.py: error: 1 of 3 devices failed: 2" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -134,48 +173,200 @@ def test_wrong_key_and_unknown_host_key(server, partitioned, tmp_path):
     result = deployer(partitioned, registry, "--ssh-config", str(server.ssh_config))
     assert result.returncode == 1 and "Permission denied (publickey)" in result.stdout, result.stdout
 
+    models = copy_models(partitioned, tmp_path)
     registry = write_registry(tmp_path / "reg.json", [server.device(i, tmp_path / f"e{i}") for i in (1, 2, 3)])
-    result = deployer(partitioned, registry, "--ssh-config", str(server.empty_config))
+    result = deployer(models, registry, "--ssh-config", str(server.empty_config), "--launch")
     assert result.returncode == 1 and "Host key verification failed" in result.stdout, result.stdout
-    result = deployer(partitioned, registry, "--ssh-config", str(server.empty_config), "--accept-new-host-keys")
+    assert all("pass --accept-new-host-keys to trust it" in row[5] for row in rows(result.stdout)), result.stdout
+    assert_clean_error(result, "3 of 3 devices failed")
+    # every device failed: no launch commands printed, no launch plan written, nothing started
+    assert "runtime_engine.py" not in result.stdout and "stage 3" not in result.stdout
+    assert not (models / "partitioned_submodels" / "res" / "launch_plan.json").exists()
+    result = deployer(models, registry, "--ssh-config", str(server.empty_config), "--accept-new-host-keys")
     assert result.returncode == 0, result.stdout + result.stderr
+    assert (models / "partitioned_submodels" / "res" / "launch_plan.json").exists()
 
 
-def test_launch_and_stop_over_ssh(server, partitioned, tmp_path):
-    """Deploy, start all three stages over SSH last first, get results on the last device, stop."""
-    import sys
-
-    devices = [server.device(i, tmp_path / f"dev{i}", python=sys.executable) for i in (1, 2, 3)]
+def test_launch_and_stop_over_ssh_in_hostile_but_legal_folders(server, partitioned, tmp_path):
+    """Deploy, start all three stages over SSH last first, get results on the last device, stop. The device
+    folders hold quotes, $(...), backticks, ';', '!', spaces and non-ASCII letters, and one is below ~: all are
+    legitimate, and none of the commands in them runs."""
+    marker = tmp_path / "MARKER"
+    home = f"~/.dnnpipe-test-{os.getpid()}-\u00e9 x"
+    remote_home = Path(pwd.getpwuid(os.getuid()).pw_dir)  # the ssh login's home: sshd runs as this user
+    folders = {1: home, 2: str(tmp_path / HOSTILE.format(m=marker) / "dev2"), 3: str(tmp_path / "dev3")}
+    devices = [server.device(i, folders[i], python=sys.executable) for i in (1, 2, 3)]
     registry = write_registry(tmp_path / "reg.json", devices)
-    result = deployer(partitioned, registry, "--ssh-config", str(server.ssh_config), "--dataset",
-                      str(partitioned / "dataset.h5"), "--launch", "--wait", "60")
+    try:
+        result = deployer(partitioned, registry, "--ssh-config", str(server.ssh_config), "--dataset",
+                          str(partitioned / "dataset.h5"), "--launch", "--wait", "60")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.index("stage 3 listening") < result.stdout.index("stage 2 listening")
+        device2 = tmp_path / HOSTILE.format(m=marker) / "dev2"  # stage 3 runs on device 2
+        deadline = time.monotonic() + 60
+        log = device2 / "logs" / "stage_3.out"
+        while not (log.exists() and "pipeline:" in log.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "pipeline: 5 results" in log.read_text(), log.read_text()
+        with h5py.File(device2 / "results.h5") as f:
+            assert f["logits"].shape == (5, 5)
+        assert (remote_home / home[2:] / "logs" / "stage_2.out").is_file()  # stage 2 runs on device 1, below ~
+        stopped = deployer(partitioned, registry, "--ssh-config", str(server.ssh_config), "--stop")
+        assert stopped.returncode == 0 and stopped.stdout.count("stage ") == 3, stopped.stdout
+        again = deployer(partitioned, registry, "--ssh-config", str(server.ssh_config), "--stop")
+        assert again.stdout.count("not running") == 3, again.stdout
+    finally:
+        shutil.rmtree(remote_home / home[2:], ignore_errors=True)
+    assert not marker.exists() and not list(tmp_path.rglob("MARKER"))
+
+
+def test_a_stage_that_dies_at_start_fails_the_launch_at_once_with_its_error(server, partitioned, tmp_path):
+    devices = [server.device(i, tmp_path / f"dev{i}", python="/nonexistent/bin/python3") for i in (1, 2, 3)]
+    registry = write_registry(tmp_path / "reg.json", devices)
+    args = ("--ssh-config", str(server.ssh_config), "--no-runtime-code")
+    assert deployer(partitioned, registry, *args).returncode == 0
+    started = time.monotonic()
+    result = deployer(partitioned, registry, *args, "--launch", "--wait", "60")
+    assert time.monotonic() - started < 15  # not the 60 s --wait
+    assert_clean_error(result, "stage 3 on device 2 exited at start", "/nonexistent/bin/python3",
+                       "No such file or directory", "logs/stage_3.out")
+    assert "the end of" in result.stdout and "stage 2 listening" not in result.stdout
+    assert not list(tmp_path.rglob("*.pid"))  # what the launch started, it stopped
+
+
+def test_values_reach_the_device_as_arguments_never_as_shell_text(server, partitioned, tmp_path):
+    """Below the registry's checks: a hostile interpreter, host or user that got into a Device anyway is an
+    argument, not a command."""
+    marker = tmp_path / "MARKER"
+    options = SshOptions(ssh_config=server.ssh_config, connect_timeout=3)
+    device = Device(1, "127.0.0.1", server.user, server.port, str(server.user_key), str(tmp_path / "dev"),
+                    runtime_port=free_port(), python=f"$(touch {marker})")
+    transport = SshTransport(device, options)
+    manifest = read_manifest(partitioned / "partitioned_submodels" / "res")
+    [item] = launch_plan(manifest, [device], "m", "d.h5", None)
+    transport.start(item.argv, item.log_file, item.pid_file)
+    deadline = time.monotonic() + 10
+    while transport.alive(item.pid_file) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "$(touch" in transport.tail(item.log_file)  # nohup could not find a program by that very name
+    for hostile in (Device(1, f"-oProxyCommand=touch {marker}", port=server.port),
+                    Device(1, "127.0.0.1", f"-oProxyCommand=touch {marker}", server.port)):
+        with pytest.raises(DnnpipeError):
+            SshTransport(hostile, options).hashes(["x"])
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"remote_dir": "x\"\n!touch {m}\n"}, "'remote_dir' holds a control character"),
+    ({"host": "-oProxyCommand=touch {m}"}, "'host' must be a host name"),
+    ({"user": "-oProxyCommand=touch {m}"}, "'user' must be a user name"),
+    ({"python": "python3; touch {m}"}, "'python' must be an interpreter path or name"),
+    ({"python": "$(touch {m})"}, "'python' must be an interpreter path or name"),
+])
+def test_hostile_registries_are_refused_before_anything_runs(server, partitioned, tmp_path, capsys, entry,
+                                                            message):
+    marker = tmp_path / "MARKER"
+    devices = [server.device(i, tmp_path / f"dev{i}") for i in (1, 2, 3)]
+    devices[1].update({k: v.format(m=marker) for k, v in entry.items()})
+    registry = write_registry(tmp_path / "reg.json", devices)
+    assert_one_line_error(deployer_in_process(capsys, partitioned, registry, "--ssh-config", str(server.ssh_config),
+                                              "--launch"), "reg.json: devices[1]", message)
+    assert not marker.exists() and not (tmp_path / "dev1").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("file", "../../escaped.tflite", "stages[1].file must be a plain file name"),
+    ("file", "/etc/passwd", "stages[1].file must be a plain file name"),
+    ("sha256", "$(touch {m})", "stages[1].sha256 must be 64 lowercase hex digits"),
+    ("sha256", "abc", "stages[1].sha256 must be 64 lowercase hex digits"),
+])
+def test_hostile_manifests_are_refused_before_anything_is_read_or_sent(partitioned, tmp_path, capsys, field, value,
+                                                                        message):
+    marker = tmp_path / "MARKER"
+    models = copy_models(partitioned, tmp_path)
+    manifest_file = models / "partitioned_submodels" / "res" / "manifest.json"
+    data = json.loads(manifest_file.read_text())
+    data["stages"][1][field] = value.format(m=marker)
+    manifest_file.write_text(json.dumps(data))
+    devices = [{"device_id": i, "host": "local", "remote_dir": str(tmp_path / "devices" / f"dev{i}"),
+                "runtime_port": free_port()} for i in (1, 2, 3)]
+    outcome = deployer_in_process(capsys, models, write_registry(tmp_path / "reg.json", devices), "--launch")
+    assert_one_line_error(outcome, "manifest.json: ", message)
+    assert not marker.exists() and not (tmp_path / "devices").exists() and not (tmp_path / "escaped.tflite").exists()
+
+
+def test_pipeline_key_reaches_every_device_private_and_unprinted(server, partitioned, tmp_path):
+    models = copy_models(partitioned, tmp_path)
+    key = models / "partitioned_submodels" / "res" / KEY_FILE
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o600)
+    devices = [server.device(1, tmp_path / "dev1"), server.device(2, tmp_path / "dev2"),
+               {"device_id": 3, "host": "local", "remote_dir": str(tmp_path / "dev3"), "runtime_port": free_port()}]
+    old_umask = os.umask(0o022)
+    try:
+        result = deployer(models, write_registry(tmp_path / "reg.json", devices), "--ssh-config",
+                          str(server.ssh_config), "--no-runtime-code")
+    finally:
+        os.umask(old_umask)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.index("stage 3 listening") < result.stdout.index("stage 2 listening")
-    results = tmp_path / "dev2" / "results.h5"  # stage 3 runs on device 2
-    deadline = time.monotonic() + 60
-    log = tmp_path / "dev2" / "logs" / "stage_3.out"
-    while not (log.exists() and "pipeline:" in log.read_text()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert "pipeline: 5 results" in log.read_text(), log.read_text()
-    with h5py.File(results) as f:
-        assert f["logits"].shape == (5, 5)
-    stopped = deployer(partitioned, registry, "--ssh-config", str(server.ssh_config), "--stop")
-    assert stopped.returncode == 0 and stopped.stdout.count("stage ") == 3, stopped.stdout
-    again = deployer(partitioned, registry, "--ssh-config", str(server.ssh_config), "--stop")
-    assert again.stdout.count("not running") == 3, again.stdout
+    for i in (1, 2, 3):
+        shipped = tmp_path / f"dev{i}" / "partitioned_submodels" / "res" / KEY_FILE
+        assert shipped.read_bytes() == key.read_bytes()
+        assert stat.S_IMODE(shipped.stat().st_mode) == 0o600, (i, oct(shipped.stat().st_mode))
+    assert key.read_bytes().hex() not in result.stdout + result.stderr
+    assert KEY_FILE not in result.stdout + result.stderr
 
 
-def test_local_transport_and_dry_run(partitioned, tmp_path):
+def test_dry_run_asks_the_device_and_changes_nothing(server, partitioned, tmp_path):
     devices = [{"device_id": i, "host": "local", "remote_dir": str(tmp_path / f"dev{i}"), "runtime_port": 50000 + i}
-               for i in (1, 2, 3)]
+               for i in (1, 3)] + [server.device(2, tmp_path / "dev2")]
     registry = write_registry(tmp_path / "reg.json", devices)
-    dry = deployer(partitioned, registry, "--dry-run")
-    assert dry.returncode == 0 and "would send" in dry.stdout and not (tmp_path / "dev1").exists()
-    result = deployer(partitioned, registry)
+    args = ("--ssh-config", str(server.ssh_config))
+    dry = deployer(partitioned, registry, "--dry-run", *args)
+    assert dry.returncode == 0 and "would send" in dry.stdout, dry.stdout + dry.stderr
+    assert all(int(row[2]) > 0 and row[3] == "0" for row in rows(dry.stdout)), dry.stdout
+    assert not any((tmp_path / f"dev{i}").exists() for i in (1, 2, 3))  # read-only, even over ssh
+    result = deployer(partitioned, registry, *args)
     assert result.returncode == 0, result.stderr
     manifest = read_manifest(tmp_path / "dev1" / "partitioned_submodels" / "res")
     assert manifest.stage(2).device == 1
     assert (tmp_path / "dev1" / "partitioned_submodels" / "res" / manifest.stage(2).file).exists()
+    dry = deployer(partitioned, registry, "--dry-run", *args)
+    assert [row[2] for row in rows(dry.stdout)] == ["0", "0", "0"], dry.stdout  # what a real run would send
+
+
+def test_local_launch_fails_fast_and_stops_what_it_started(partitioned, tmp_path):
+    """Through the library, as the demo calls it: stage 3 starts, stage 2 cannot; stage 3 is stopped again."""
+    devices = [{"device_id": i, "host": "local", "remote_dir": str(tmp_path / f"dev{i}"),
+                "runtime_port": free_port()} for i in (1, 2, 3)]
+    devices[0]["python"] = "/nonexistent/python3"  # device 1 runs stage 2
+    options = DeployOptions(registry=write_registry(tmp_path / "reg.json", devices), model_name="res",
+                            model_path=partitioned / "partitioned_submodels", config=tmp_path / "none")
+    deployment = deploy(options)
+    assert not deployment.failed
+    lines: list[str] = []
+    with pytest.raises(DnnpipeError, match="cannot start '/nonexistent/python3'"):
+        start_stages(deployment, 30, lines.append)
+    assert lines == ["stage 3 listening on 127.0.0.1:%d" % devices[1]["runtime_port"]]
+    stop_lines: list[str] = []
+    stop_stages(options, stop_lines.append)
+    assert all(line.endswith("not running") for line in stop_lines), stop_lines
+
+
+def test_the_table_keeps_its_columns_with_long_paths():
+    devices = [Device(1, "local", remote_dir="/a/very/long/path" * 6 + "/device_1"),
+               Device(22, "board.example", "pi", 2222, remote_dir="~/DNNPipe")]
+    reports = [DeviceReport(devices[0], [1], sent=["x"] * 12), DeviceReport(devices[1], [2, 3], error="refused")]
+    table = format_reports(reports).splitlines()
+    column = table[0].index("result")
+    assert [line[column:] for line in table[1:]] == ["ok", "FAILED: refused"]
+    assert ".../path/a/very/long/path/device_1  ok" in table[1] and "pi@board.example:2222:~/DNNPipe" in table[2]
+
+
+def test_every_option_says_its_default():
+    for action in deployer_parser()._actions:
+        if action.dest != "help":
+            assert action.help and ("default" in action.help or "required" in action.help), action.dest
 
 
 def test_registry_with_a_password_is_refused(partitioned, tmp_path):
@@ -184,22 +375,13 @@ def test_registry_with_a_password_is_refused(partitioned, tmp_path):
                        "identity_file")
 
 
-@pytest.mark.parametrize("devices, message", [
-    ([{"device_id": 1, "host": "a"}, {"device_id": 1, "host": "b"}], "device_id 1 appears twice"),
-    ([{"device_id": 1, "host": "a", "port": 70000}], "'port' must be a port number 1-65535, got 70000"),
-    ([{"device_id": 1, "host": "a", "runtime_port": "x"}], "'runtime_port' must be a port number"),
-    ([{"device_id": 0, "host": "a"}], "'device_id' must be a positive integer, got 0"),
-    ([{"device_id": 1}], "'host' must be a host name"),
-    ([{"device_id": 1, "host": "a", "pasword": "x"}], "unknown key 'pasword'"),
-    ([], "at least one device"),
-])
-def test_registry_validation(devices, message):
-    with pytest.raises(ConfigError, match=__import__("re").escape(message)):
-        parse_registry({"devices": devices}, "reg.json")
-
-
-def test_username_alias_and_missing_plan_device(partitioned, tmp_path):
-    registry = parse_registry({"devices": [{"device_id": 1, "host": "h", "username": "rtos"}]}, "reg.json")
-    assert registry[1].user == "rtos" and registry[1].address == "rtos@h"
+def test_a_plan_device_missing_from_the_registry(partitioned, tmp_path):
     path = write_registry(tmp_path / "reg.json", [{"device_id": 1, "host": "local", "remote_dir": str(tmp_path)}])
     assert_clean_error(deployer(partitioned, path), "the plan uses device 3, which the registry does not list")
+
+
+def test_host_key_errors_say_what_to_do():
+    unknown = "Host key verification failed.\n"
+    changed = "@@@@@@@@\n@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @\n@@@@@@@@\n" + unknown
+    assert "pass --accept-new-host-keys to trust it on first contact" in _reason(unknown)
+    assert "ssh-keygen -R" in _reason(changed) and "--accept-new-host-keys" not in _reason(changed)

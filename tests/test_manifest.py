@@ -45,8 +45,22 @@ def mangle(tmp_path, change):
     (lambda d: d.update(version=99), "expected format 'dnnpipe-manifest' version 1"),
     (lambda d: d.update(stages=[]), "no stages"),
     (lambda d: d["stages"][1]["inputs"][0].update(name="other"), "stage 1 outputs ['conv:0'] but stage 2 takes"),
-    (lambda d: d["stages"][0].pop("sha256"), "malformed manifest (KeyError"),
-    (lambda d: d["stages"][0]["inputs"][0].update(dtype="complex-ish"), "malformed manifest"),
+    (lambda d: d["stages"][0].pop("sha256"), "stages[0].sha256 is missing"),
+    (lambda d: d["stages"][0]["inputs"][0].update(dtype="complex-ish"), "stages[0].inputs[0].dtype must be one of"),
+    # hostile values: each would reach a file system or a remote command
+    (lambda d: d["stages"][1].update(file="../../etc/passwd"), "stages[1].file must be a plain file name"),
+    (lambda d: d["stages"][0].update(file="/etc/passwd"), "stages[0].file must be a plain file name"),
+    (lambda d: d["stages"][0].update(sha256="$(touch /tmp/x)" + "a" * 49), "stages[0].sha256 must be 64"),
+    (lambda d: d["stages"][0].update(sha256="A" * 64), "stages[0].sha256 must be 64 lowercase hex digits"),
+    (lambda d: d.update(model_name="../x"), "model_name must be a plain folder name"),
+    (lambda d: d["stages"][1].update(stage=3), "stages[1].stage must be 2: stages are numbered 1..K in order"),
+    (lambda d: d["stages"][1].update(units=[5, 5]), "stages[1].units starts at 5, expected 4"),
+    (lambda d: d["stages"][0].update(units=[3, 1]), "stages[0].units must be [first, last] with 1 <= first"),
+    (lambda d: d.update(units=9), "the stages cover units 1..5 but units is 9"),
+    (lambda d: d["stages"][0]["outputs"][0].update(shape=[1, -4, 4, 16]), "outputs[0].shape must be a list"),
+    (lambda d: d["stages"][0]["outputs"][0].update(key="a b"), "stages[0].outputs[0].key must be a signature key"),
+    (lambda d: d["stages"][0]["inputs"][0].update(name="a\nb"), "stages[0].inputs[0].name must be a tensor name"),
+    (lambda d: d["stages"][1].update(file="sub_model_1.tflite"), "stage files must be distinct"),
 ])
 def test_malformed_manifests_are_refused_with_the_file_named(tmp_path, change, message):
     folder = mangle(tmp_path, change)

@@ -1,15 +1,18 @@
-"""The wire format over real socket pairs: round trips and every malformed frame class."""
+"""The wire format over real socket pairs: round trips, every malformed frame class, whole-frame deadlines."""
 
 import socket
 import struct
 import threading
+import time
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dnnpipe.manifest import TensorSpec
-from dnnpipe.protocol import (HEADER, MAGIC, FrameReader, Kind, PeerError, ProtocolError, encode_header,
-                              send_frame)
+from dnnpipe.protocol import (HEADER, MAGIC, MAX_DESCRIPTOR_BYTES, FrameReader, FrameWriter, Kind, PeerError,
+                              ProtocolError, _advance, encode_header, send_frame)
 
 SPECS = [TensorSpec("block1", "block1", (1, 4, 4, 2), "float32"), TensorSpec("ids", "ids", (1, 3), "int32")]
 
@@ -118,7 +121,7 @@ def test_truncated_frame_and_dead_peer(pair):
     sender, reader = pair
     sender.sendall(frame_with(SPECS) + b"\0" * 10)
     sender.close()
-    with pytest.raises(ProtocolError, match="truncated frame: connection closed after 10 of 128 bytes"):
+    with pytest.raises(ProtocolError, match="truncated frame: connection closed after 10 of 140 bytes"):
         reader.read(buffers())
 
 
@@ -143,3 +146,196 @@ def test_read_timeout():
     with pytest.raises(ProtocolError, match=r"no data for 0.2 s \(--timeout\)"):
         FrameReader(b, SPECS, "peer", 0.2).read(buffers())
     a.close(), b.close()
+
+
+def test_writer_round_trip_data_end_and_error():
+    a, b = socket.socketpair()
+    writer, reader = FrameWriter(a, SPECS, "the next stage", 2.0), FrameReader(b, SPECS, "peer", 2.0)
+    sent = [tensors(i) for i in range(3)]
+    for i, t in enumerate(sent):
+        writer.send(i, 1000 + i, t)
+    writer.end(3)
+    for i, t in enumerate(sent):
+        frame = reader.read(buffers())
+        assert frame.kind == Kind.DATA and frame.sequence == i and frame.origin_ns == 1000 + i
+        for got, want in zip(frame.tensors, t):
+            np.testing.assert_array_equal(got, want)
+    end = reader.read(buffers())
+    assert end.kind == Kind.END and end.sequence == 3
+    with pytest.raises(ProtocolError, match="peer: read after end-of-stream"):
+        reader.read(buffers())
+    c, d = socket.socketpair()
+    FrameWriter(c, SPECS, "x", 2.0).error(0, "[stage 1] boom")
+    with pytest.raises(PeerError, match=r"^\[stage 1\] boom$"):
+        FrameReader(d, SPECS, "peer", 2.0).read(buffers())
+    for s in (a, b, c, d):
+        s.close()
+
+
+def test_writer_refuses_tensors_that_disagree_with_the_manifest():
+    a, b = socket.socketpair()
+    with pytest.raises(ProtocolError, match=r"tensors of \[128, 16\] bytes do not match the manifest's \[128, 12\]"):
+        FrameWriter(a, SPECS, "x", 2.0).send(0, 0, [tensors()[0], np.zeros((1, 4), "int32")])
+    a.close(), b.close()
+
+
+def test_large_multi_tensor_frames_survive_partial_sends_both_ways():
+    """Small socket buffers force many partial sendmsg and recvmsg_into calls within one frame."""
+    specs = [TensorSpec("a", "a", (1, 300, 301), "float32"), TensorSpec("b", "b", (7,), "uint8"),
+             TensorSpec("c", "c", (1, 200, 99), "float64")]
+    a, b = socket.socketpair()
+    for sock, option in ((a, socket.SO_SNDBUF), (b, socket.SO_RCVBUF)):
+        sock.setsockopt(socket.SOL_SOCKET, option, 4096)
+    rng = np.random.default_rng(2)
+    frames = [[rng.random(s.shape).astype(s.dtype) for s in specs] for _ in range(3)]
+    writer = FrameWriter(a, specs, "x", 5.0)
+    thread = threading.Thread(target=lambda: [writer.send(i, 0, f) for i, f in enumerate(frames)])
+    thread.start()
+    reader = FrameReader(b, specs, "peer", 5.0)
+    for want in frames:
+        got = reader.read([np.empty(s.shape, s.dtype) for s in specs])
+        for x, y in zip(got.tensors, want):
+            np.testing.assert_array_equal(x, y)
+    thread.join()
+    a.close(), b.close()
+
+
+def test_header_and_descriptors_arriving_in_pieces_are_still_checked(pair):
+    """A block that arrives after its header must be read, never taken from the previous frame's bytes."""
+    sender, reader = pair
+    send_frame(sender, Kind.DATA, 0, 0, SPECS, tensors())
+    reader.read(buffers())
+    renamed = [TensorSpec("block2", "b", (1, 4, 4, 2), "float32"), SPECS[1]]  # same block length
+    head = encode_header(Kind.DATA, 1, 0, renamed)
+    sender.sendall(head[:HEADER.size])
+    threading.Timer(0.1, sender.sendall, [head[HEADER.size:]]).start()
+    with pytest.raises(ProtocolError, match="got tensor 'block2' where 'block1' was expected"):
+        reader.read(buffers())
+
+
+def test_good_frame_arriving_in_pieces(pair):
+    sender, reader = pair
+    data = tensors(3)
+    head = encode_header(Kind.DATA, 0, 7, SPECS)
+    sender.sendall(head[:5])
+    threading.Timer(0.05, lambda: (sender.sendall(head[5:40]), time.sleep(0.05),
+                                   send_rest(sender, head[40:], data))).start()
+    frame = reader.read(buffers())
+    assert frame.origin_ns == 7
+    for got, want in zip(frame.tensors, data):
+        np.testing.assert_array_equal(got, want)
+
+
+def send_rest(sock, head_tail, data):
+    sock.sendall(head_tail)
+    for t in data:
+        sock.sendall(t.tobytes())
+
+
+def test_name_in_invalid_utf8_is_not_the_manifests_name():
+    specs = [TensorSpec("a\ufffd", "a", (2,), "uint8")]
+    name = b"a\xff\xff\xff"  # decodes (with replacement) to 'a' + three U+FFFD: different length, so also its bytes
+    block = struct.pack("!H", 2) + b"a\xff" + struct.pack("!BBIQ", 5, 1, 2, 2)
+    block_long = struct.pack("!H", len(name)) + name + struct.pack("!BBIQ", 5, 1, 2, 2)
+    for bad, message in ((block, "descriptor block differs from the manifest's encoding"),
+                         (block_long, "got tensor")):
+        a, b = socket.socketpair()
+        a.sendall(HEADER.pack(MAGIC, 1, 1, 1, 0, 0, len(bad)) + bad)
+        with pytest.raises(ProtocolError, match=message):
+            FrameReader(b, specs, "peer", 2.0).read([np.empty((2,), "uint8")])
+        a.close(), b.close()
+
+
+@pytest.mark.parametrize("block, message", [
+    (struct.pack("!H", 60000) + b"block1", "descriptor block ends early"),  # name longer than the block
+    (struct.pack("!H", 6) + b"block1" + struct.pack("!BB", 1, 255), "descriptor block ends early"),  # 255 dims
+    (struct.pack("!H", 6) + b"block1" + struct.pack("!BB4IQ", 1, 4, 1, 4, 4, 2, 128) + b"xx",
+     "2 unexpected bytes after the descriptors"),
+])
+def test_sizes_inside_the_block_are_bounded_by_it(block, message):
+    a, b = socket.socketpair()
+    a.sendall(HEADER.pack(MAGIC, 1, 1, 1, 0, 0, len(block)) + block)
+    with pytest.raises(ProtocolError, match=message):
+        FrameReader(b, SPECS[:1], "peer", 2.0).read([np.empty((1, 4, 4, 2), "float32")])
+    a.close(), b.close()
+
+
+def test_oversized_error_message_is_refused_before_it_is_read(pair):
+    sender, reader = pair
+    sender.sendall(raw_header(kind=3, count=0, block=MAX_DESCRIPTOR_BYTES + 1))
+    with pytest.raises(ProtocolError, match="descriptor block of 65537 bytes exceeds 65536"):
+        reader.read(buffers())
+
+
+def test_long_error_message_is_cut_to_the_limit(pair):
+    sender, reader = pair
+    send_frame(sender, Kind.ERROR, 0, 0, message="x" * (MAX_DESCRIPTOR_BYTES + 10))
+    with pytest.raises(PeerError) as error:
+        reader.read(buffers())
+    assert str(error.value) == "x" * MAX_DESCRIPTOR_BYTES
+
+
+def test_bytes_after_end_of_stream(pair):
+    sender, reader = pair
+    sender.sendall(encode_header(Kind.END, 0, 0) + b"junk!")
+    with pytest.raises(ProtocolError, match="5 unexpected bytes after end-of-stream"):
+        reader.read(buffers())
+
+
+def test_buffers_must_fit_the_manifest(pair):
+    sender, reader = pair
+    send_frame(sender, Kind.DATA, 0, 0, SPECS, tensors())
+    with pytest.raises(ValueError, match=r"buffers of \[128, 8\] bytes for tensors of \[128, 12\]"):
+        reader.read([np.empty((1, 4, 4, 2), "float32"), np.empty((1, 2), "int32")])
+
+
+def test_timeout_is_a_deadline_for_the_whole_frame():
+    """A peer trickling a byte every 20 ms never lets one recv wait 0.3 s, but the frame misses its deadline."""
+    a, b = socket.socketpair()
+    frame = encode_header(Kind.DATA, 0, 0, SPECS) + b"\0" * 140
+    stop = threading.Event()
+
+    def trickle():
+        for byte in frame:
+            if stop.wait(0.02):
+                return
+            a.sendall(bytes([byte]))
+
+    thread = threading.Thread(target=trickle)
+    thread.start()
+    started = time.monotonic()
+    with pytest.raises(ProtocolError, match=r"peer: frame incomplete after 0.3 s \(--timeout\)"):
+        FrameReader(b, SPECS, "peer", 0.3).read(buffers())
+    assert 0.29 < time.monotonic() - started < 1.0
+    stop.set()
+    thread.join()
+    a.close(), b.close()
+
+
+def test_send_deadline_covers_the_whole_frame():
+    big = [TensorSpec("x", "x", (4 << 20,), "uint8")]
+    a, b = socket.socketpair()  # b never reads
+    started = time.monotonic()
+    with pytest.raises(ProtocolError, match=r"cannot send to the next stage at h:1: frame not taken within 0.2 s"):
+        FrameWriter(a, big, "the next stage at h:1", 0.2).send(0, 0, [np.zeros(4 << 20, "uint8")])
+    assert time.monotonic() - started < 1.0
+    a.close(), b.close()
+
+
+def test_send_to_a_closed_peer():
+    a, b = socket.socketpair()
+    b.close()
+    with pytest.raises(ProtocolError, match="cannot send to the next stage at h:1: Broken pipe"):
+        FrameWriter(a, SPECS, "the next stage at h:1", 2.0).send(0, 0, tensors())
+    a.close()
+
+
+@given(st.lists(st.binary(max_size=20), max_size=6), st.lists(st.integers(0, 30), max_size=8))
+def test_advance_drops_exactly_the_bytes_sent(chunks, steps):
+    views = [memoryview(c) for c in chunks]
+    rest = b"".join(chunks)
+    for n in steps:
+        n = min(n, len(rest))
+        _advance(views, n)
+        rest = rest[n:]
+        assert b"".join(bytes(v) for v in views) == rest

@@ -84,7 +84,7 @@ def wide_pipeline(tmp_path_factory):
 def test_slow_last_stage_holds_back_the_first(wide_pipeline, tmp_path):
     """Back-pressure: a slow last stage (20 ms a frame) stops the first (1 ms) from running ahead."""
     root, frames = wide_pipeline, 120
-    run_local(root / "wide", root / "data.h5", None, tmp_path / "logs", speeds_by_device=[1.0, 0.005],
+    run_local(root / "wide", root / "data.h5", None, tmp_path / "logs", pace_ms=[None, 20.0],
               run=RunOptions(num_inputs=frames, queue_size=1))
     first, last = read_timings(tmp_path / "logs", 1), read_timings(tmp_path / "logs", 2)
     assert len(first) == len(last) == frames

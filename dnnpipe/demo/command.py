@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..console import positive_int
+from ..console import positive_float, positive_int
 from ..examples import EXAMPLES
+from ..testbed.netns import MODES
 from .run import STEPS, Options, Work, run_demo
 
 
@@ -22,12 +23,17 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="inferences per measured run (default 200)")
     parser.add_argument("--repeats", type=positive_int, default=20, help="profiling repeats per unit (default 20)")
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="run only these steps")
+    parser.add_argument("--scale", type=positive_float,
+                        help="emulate every speed and bandwidth x SCALE (default: fit the usable cores)")
+    parser.add_argument("--testbed", choices=MODES, default="auto",
+                        help="each device in its own network namespace with a shaped link (netns; needs root and "
+                             "iproute2), loopback, or netns when possible (auto, the default)")
     return parser
 
 
 def demo_command(args: argparse.Namespace) -> int:
     options = Options(model=args.model, input_size=args.input_size, cluster=args.cluster,
                       num_inputs=args.num_inputs, repeats=args.repeats,
-                      steps=tuple(s for s in STEPS if s in args.steps))
+                      steps=tuple(s for s in STEPS if s in args.steps), testbed=args.testbed, scale=args.scale)
     run_demo(Work(args.work_dir, args.model), options)
     return 0

@@ -4,13 +4,46 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
 from ..config import load_config
-from ..runtime.metrics import read_timings
+from ..runtime.metrics import FrameTiming, read_timings
 from .work import Work
 
 
+def _p50(values: list[float]) -> Optional[float]:
+    return float(np.percentile(values, 50)) if values else None
+
+
+def breakdown(log_dir: Path, stages: int) -> list[dict[str, Any]]:
+    """Where each stage's time went, p50 per frame: host compute, pacing (waiting out the device's planned
+    time), transfer to the next stage (send start to fully received; one clock, all stages on one host) and
+    queueing (waiting for the executor, then for the sender), and the frames the host could not pace."""
+    timings = [read_timings(log_dir, k) for k in range(1, stages + 1)]
+    rows = []
+    for k, rows_k in enumerate(timings):
+        received = {t.sequence: t.received for t in timings[k + 1]} if k + 1 < stages else {}
+        rows.append({
+            "stage": k + 1, "frames": len(rows_k), "planned_ms": rows_k[0].planned_ms if rows_k else 0.0,
+            "host_compute_p50_ms": _p50([t.inference_ms for t in rows_k]),
+            "host_compute_p95_ms": float(np.percentile([t.inference_ms for t in rows_k], 95)) if rows_k else None,
+            "pacing_p50_ms": _p50([t.emulation_ms for t in rows_k]),
+            "transfer_p50_ms": _p50([(received[t.sequence] - t.send_start) * 1000 for t in rows_k
+                                     if t.sequence in received]),
+            "queueing_p50_ms": _p50([t.queue_wait_ms + _outbox_ms(t) for t in rows_k]),
+            "overruns": sum(t.overrun for t in rows_k),
+            "overrun_frames": [t.sequence for t in rows_k if t.overrun]})
+    return rows
+
+
+def _outbox_ms(t: FrameTiming) -> float:
+    return max(0.0, (t.send_start - t.infer_end) * 1000) if t.send_start else 0.0
+
+
 def _plot_timeline(log_dir: Path, stages: int, path: Path, frames: int = 12) -> None:
-    """Every stage's busy intervals (inference plus emulated slowdown) in one window of steady state."""
+    """Every stage's busy intervals (host compute plus pacing) in one window of steady state."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,7 +79,7 @@ def _plot_stage_times(predicted: list[float], measured: list[float], path: Path)
 
     stages = range(1, len(predicted) + 1)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar([k - 0.2 for k in stages], predicted, width=0.4, label="predicted (profile / C)")
+    ax.bar([k - 0.2 for k in stages], predicted, width=0.4, label="planned (profile / (C x scale))")
     ax.bar([k + 0.2 for k in stages], measured, width=0.4, label="measured p50")
     ax.set_xticks(list(stages), [f"stage {k}" for k in stages])
     ax.set_ylabel("stage time (ms)")
@@ -56,46 +89,69 @@ def _plot_stage_times(predicted: list[float], measured: list[float], path: Path)
     plt.close(fig)
 
 
+def _ms(value: Optional[float]) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
 def write_report(work: Work) -> str:
     config = load_config(work.config)
     plan = json.loads(work.plan.read_text())
     measured = json.loads(work.measured.read_text())
     C = config.cluster.C
-    scale = measured["emulation_scale"]  # every emulated speed is C x scale: predictions scale alike
-    predicted = 1000.0 / plan["bottleneck_ms"] * scale
-    single_predicted = 1000.0 / (sum(config.profile.E) / max(C)) * scale
-    stage_predicted = [t / scale for t in plan["stage_times_ms"]]
+    scale = measured["emulation_scale"]  # every emulated speed and bandwidth is x scale: times are / scale
+    predicted, single_predicted = measured["predicted_pipeline_throughput"], measured["predicted_single_throughput"]
     speedup = measured["pipeline_throughput"] / measured["single_throughput"]
-    closeness = measured["pipeline_throughput"] / predicted
     stages = len(plan["pipeline_plan"])
     _plot_timeline(work.logs / "pipeline", stages, work.root / "timeline.png")
-    _plot_stage_times(stage_predicted, measured["stage_time_p50_ms"], work.root / "stage_times.png")
+    _plot_stage_times(measured["planned_stage_ms"], measured["stage_time_p50_ms"], work.root / "stage_times.png")
 
-    rows = ["| stage | units | device | C | predicted ms (emulated) | measured p50 ms | memory MiB / capacity |",
-            "|---:|---|---:|---:|---:|---:|---|"]
-    for k, ((start, end, d), p, m, mem) in enumerate(zip(plan["pipeline_plan"], plan["stage_times_ms"],
-                                                          measured["stage_time_p50_ms"], plan["stage_memory_mb"]), 1):
-        p = p / scale
-        rows.append(f"| {k} | {start}-{end} | {d} | {C[d - 1]:g} | {p:.2f} | {m:.2f} | "
+    rows = ["| stage | units | device | C | planned ms | link ms | host compute p50 | pacing p50 | transfer p50 | "
+            "queueing p50 | frames over plan | memory MiB / capacity |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for (start, end, d), planned, hop, b, mem in zip(plan["pipeline_plan"], measured["planned_stage_ms"],
+                                                     measured["planned_hop_ms"], measured["stages"],
+                                                     plan["stage_memory_mb"]):
+        rows.append(f"| {b['stage']} | {start}-{end} | {d} | {C[d - 1]:g} | {planned:.2f} | {_ms(hop or None)} | "
+                    f"{_ms(b['host_compute_p50_ms'])} | {_ms(b['pacing_p50_ms'])} | {_ms(b['transfer_p50_ms'])} | "
+                    f"{_ms(b['queueing_p50_ms'])} | {b['overruns']} / {b['frames']} | "
                     f"{mem:.1f} / {config.cluster.M[d - 1]:.1f} |")
+    overruns = sum(b["overruns"] for b in measured["stages"] + measured["single_stages"])
+    frames = sum(b["frames"] for b in measured["stages"] + measured["single_stages"])
+    testbed = ("netns: each device's stage ran in its own network namespace, its link to a bridge shaped with "
+               "tbf to the device's B x scale" if measured["testbed"] == "netns" else
+               "loopback: the stages talked over loopback (the run says why: namespaces need root and iproute2); "
+               "compute is paced the same, links are not emulated")
     summary = [
+        f"- testbed: {testbed}; {measured['usable_cores']:g} usable cores, every speed and bandwidth x {scale:.3g}",
         f"- plan: bottleneck {plan['bottleneck_ms']:.2f} ms on the real cluster (ideal sum(E)/sum(C) "
-        f"{plan['ideal_ms']:.2f} ms); emulated here with every speed x {scale:.3g}: predicted "
-        f"{plan['bottleneck_ms'] / scale:.2f} ms, {predicted:.1f} inferences/s",
-        f"- measured pipeline: {measured['pipeline_throughput']:.1f} inferences/s, end-to-end latency p50 "
-        f"{measured['latency_p50_ms']:.1f} ms, p95 {measured['latency_p95_ms']:.1f} ms",
-        f"- measured/predicted throughput: {closeness:.0%}",
-        f"- fastest single device (C = {max(C):g}, emulated x {scale:.3g}): {measured['single_throughput']:.1f} "
-        f"inferences/s measured, {single_predicted:.1f} predicted",
-        f"- speed-up of the pipeline over the fastest single device: {speedup:.2f}x",
+        f"{plan['ideal_ms']:.2f} ms); emulated period (stage compute and the hops between stages, / scale) "
+        f"{1000 / predicted:.2f} ms",
+        f"- pipeline: {measured['pipeline_throughput']:.1f} inferences/s measured, {predicted:.1f} predicted "
+        f"({measured['pipeline_throughput'] / predicted:.0%}); end-to-end latency p50 "
+        f"{measured['latency_p50_ms']:.1f} ms, p95 {measured['latency_p95_ms']:.1f} ms (source paced at the "
+        f"predicted rate, queues of one frame)",
+        f"- pipeline capacity, source unpaced: {measured['pipeline_capacity']:.1f} inferences/s "
+        f"({measured['pipeline_capacity'] / predicted:.0%} of predicted; above 100% would mean the emulation is "
+        f"faster than the model)",
+        f"- fastest single device: {measured['single_throughput']:.1f} inferences/s measured, "
+        f"{single_predicted:.1f} predicted ({measured['single_throughput'] / single_predicted:.0%})",
+        f"- speed-up of the pipeline over the fastest single device: {speedup:.2f}x measured, "
+        f"{predicted / single_predicted:.2f}x predicted",
+        (f"- faithful: the host computed every stage within its device's planned time ({frames} stage-frames)"
+         if overruns == 0 else
+         f"- NOT faithful in {overruns} of {frames} stage-frames: there the host computed slower than the emulated "
+         f"device (column 'frames over plan'; their numbers are in measured.json), so those frames took longer "
+         f"than the device would have"),
     ]
     text = "\n".join([
         f"# DNNPipe demo: {work.name}", "",
-        f"Work directory: `{work.root}`. Device speeds are emulated on this machine: every stage sleeps after "
-        f"each inference so that its stage time is its measured time / (C x {scale:.3g}). The common factor "
-        f"keeps the emulated cluster within half of this host's cores; it leaves the plan and the speed-up as "
-        f"they are.", "",
-        "## Plan", "", *rows, "", "## Throughput and latency", "", *summary, "",
+        f"Work directory: `{work.root}`. Each device is emulated on this host: its stage computes, then waits "
+        f"until the device's planned time for the stage (profile / (C x {scale:.3g})) has passed since the "
+        f"frame started, so a stage takes max(host compute, planned). The common factor makes the emulated "
+        f"cluster fit this host's usable cores; it leaves the plan and the speed-up as they are. The first "
+        f"device reads its inputs locally and the last writes results locally, as deployed, so the plan's input "
+        f"and output hops are not part of the emulated period.", "",
+        "## Plan and where the time went", "", *rows, "", "## Throughput and latency", "", *summary, "",
         "![stage times](stage_times.png)", "", "![timeline](timeline.png)", "",
         "## Artefacts", "",
         f"- model `{work.model}`, inputs `{work.dataset}`, config `{work.config}`, plan `{work.plan}`",
@@ -108,7 +164,8 @@ def write_report(work: Work) -> str:
         f"python deployer.py --device-registry {work.registry} --model-path {work.parts} --model-name {work.name} "
         f"--config {work.configs} --dataset {work.dataset}",
         f"python -m dnnpipe run-local --model-path {work.parts} --model-name {work.name} --data-path {work.dataset} "
-        f"--output-path {work.results} --config {work.configs} --emulate-speed",
+        f"--output-path {work.results} --config {work.configs} --emulate-speed --scale {scale:.6g} "
+        f"--fps {predicted:.6g} --queue-size 1 --num-threads 1",
         "```", ""])
     work.report.write_text(text)
     return "\n".join(summary + [f"wrote {work.report}, {work.root / 'timeline.png'}, {work.root / 'stage_times.png'}"])

@@ -32,6 +32,8 @@ class Options:
     samples: int = 32
     repeats: int = 20
     steps: tuple[str, ...] = STEPS
+    testbed: str = "auto"  # dnnpipe.testbed.netns.MODES
+    scale: Optional[float] = None  # every emulated speed and bandwidth x this (default: fit the usable cores)
     commands: list[str] = field(default_factory=list)
 
 
@@ -65,7 +67,7 @@ def step_model(work: Work, options: Options) -> None:
 
 def cluster(options: Options, model_mb: float) -> dict:
     """The paper's testbed speeds, memories scaled to this model as they were to EfficientNetV2B0, and
-    gigabit links (the runtime on loopback does not emulate them; the plan avoids cuts too big to ship)."""
+    gigabit links (the testbed shapes each device's link to its B; the plan avoids cuts too big to ship)."""
     if options.cluster is not None:
         data = json.loads(options.cluster.read_text())
         data = data.get("device_config", data)
@@ -100,17 +102,17 @@ def step_plan(work: Work, options: Options) -> None:
 
 
 def step_partition(work: Work, options: Options) -> None:
+    from ..config import load_config
     from ..partition.partitioner import load_keras_model, partition_keras_model
     from ..planfile import read_stages
+    from ..testbed.pacing import fastest_device
 
     model = load_keras_model(work.model)
     partition_keras_model(model, read_stages(work.plan), work.parts / work.name, work.name, str(work.plan))
     # The comparison: the whole model as one stage on the fastest device.
-    config = json.loads(work.config.read_text())
-    speeds, U = config["device_config"]["C"], config["model_config"]["U"]
-    fastest = max(range(len(speeds)), key=lambda d: speeds[d]) + 1
-    partition_keras_model(model, [[1, U, fastest]], work.single / work.name, work.name, "single device",
-                          verify_chain=False)
+    config = load_config(work.config)
+    partition_keras_model(model, [[1, config.profile.U, fastest_device(config)]], work.single / work.name,
+                          work.name, "single device", verify_chain=False)
 
 
 def step_deploy(work: Work, options: Options) -> None:
@@ -130,39 +132,57 @@ def step_deploy(work: Work, options: Options) -> None:
         raise DnnpipeError(f"deploying to {len(deployment.failed)} devices failed (see the table above)")
 
 
-def emulation_scale(speeds: list[float], cores: int) -> float:
-    """One factor for every emulated speed, so the emulated cluster fits this host.
-
-    Every stage computes on this host and sleeps the rest of its emulated stage time, so a cluster
-    with sum(C) = 1.75 would need 1.75 cores for compute alone and its stages would compete for
-    them: the factor keeps it within half of the cores. Scaling every C alike leaves the plan and the
-    speed-up unchanged and scales predicted times by 1/factor. (It is no larger a slow-down than
-    needed: emulation multiplies the host's own timing noise by 1/C as well.)
-    """
-    return min(1.0, cores / 4 / sum(speeds))
-
-
 def step_run(work: Work, options: Options) -> None:
-    import os
+    """The pipeline and the fastest device alone, each stage paced to its device's planned time on the testbed.
 
+    The source offers inputs at the predicted rate and every queue holds one frame, so a pipeline that
+    keeps up carries a bounded number of inputs and its latency is that of full throughput, not of a
+    backlog; one slower than predicted falls behind the source, which shows as queueing in the report.
+    """
     from ..config import load_config
+    from ..planfile import read_stages
     from ..runtime.local import RunOptions, run_local
+    from ..testbed.cores import usable_cores
+    from ..testbed.netns import open_testbed
+    from ..testbed.pacing import emulation, emulation_scale, fastest_device
+    from .report import breakdown
 
-    C = load_config(work.config).cluster.C
-    scale = emulation_scale(list(C), os.cpu_count() or 1)
-    speeds = [c * scale for c in C]
-    run = RunOptions(num_inputs=options.num_inputs, num_threads=1)
-    say(f"pipeline, each stage slowed to its device's speed C x {scale:.3g} (see emulation_scale):")
-    pipeline = run_local(work.parts / work.name, work.dataset, work.results, work.logs / "pipeline", speeds, run)
-    say(pipeline.describe())
-    say("the fastest device alone:")
-    single = run_local(work.single / work.name, work.dataset, None, work.logs / "single", speeds, run)
-    say(single.describe())
-    work.measured.write_text(json.dumps({
-        "emulation_scale": scale, "pipeline_throughput": pipeline.throughput, "single_throughput": single.throughput,
+    config = load_config(work.config)
+    cores = usable_cores()
+    scale = options.scale or emulation_scale(config, cores)
+    pipeline_plan = emulation(config, read_stages(work.plan), scale)
+    single_plan = emulation(config, [[1, config.profile.U, fastest_device(config)]], scale)
+    devices = sorted({*pipeline_plan.devices, *single_plan.devices})
+    links = None if pipeline_plan.link_mbps is None else {d: pipeline_plan.link_mbps[d - 1] for d in devices}
+    say(f"emulated cluster: every speed and bandwidth x {scale:.3g}" + (
+        "" if options.scale else f", to fit {cores:g} usable cores (see dnnpipe.testbed.pacing.emulation_scale)"))
+    runs = {}
+    with open_testbed(devices, links, options.testbed, say) as bed:
+        for name, emulated, paced in (("pipeline", pipeline_plan, True), ("single", single_plan, True),
+                                      ("capacity", pipeline_plan, False)):
+            say({"pipeline": "pipeline", "single": "the fastest device alone",
+                 "capacity": "pipeline capacity"}[name] + ": source " + (
+                f"paced at the predicted {emulated.throughput:.1f} inferences/s" if paced else
+                "unpaced (as fast as the pipeline takes inputs), to show the pipeline cannot beat the prediction"))
+            run = RunOptions(num_inputs=options.num_inputs, num_threads=1, queue_size=1,
+                             fps=emulated.throughput if paced else None)
+            folder = (work.single if name == "single" else work.parts) / work.name
+            output = work.results if name == "pipeline" else None
+            runs[name] = run_local(folder, work.dataset, output, work.logs / name, emulated.pace_ms(), run, bed)
+            say(runs[name].describe())
+    pipeline, single = runs["pipeline"], runs["single"]
+    write_json(work.measured, {
+        "testbed": pipeline.network, "usable_cores": cores, "emulation_scale": scale,
+        "pipeline_throughput": pipeline.throughput, "predicted_pipeline_throughput": pipeline_plan.throughput,
+        "single_throughput": single.throughput, "predicted_single_throughput": single_plan.throughput,
+        "pipeline_capacity": runs["capacity"].throughput,
         "latency_p50_ms": pipeline.stages[-1].latency_p50_ms, "latency_p95_ms": pipeline.stages[-1].latency_p95_ms,
         "single_latency_p50_ms": single.stages[-1].latency_p50_ms,
-        "stage_time_p50_ms": [s.stage_time_p50_ms for s in pipeline.stages]}, indent=2) + "\n")
+        "planned_stage_ms": [s.compute_ms for s in pipeline_plan.stages],
+        "planned_hop_ms": [s.hop_ms for s in pipeline_plan.stages],
+        "stage_time_p50_ms": [s.stage_time_p50_ms for s in pipeline.stages],
+        "stages": breakdown(work.logs / "pipeline", len(pipeline.stages)),
+        "single_stages": breakdown(work.logs / "single", 1)})
 
 
 def step_report(work: Work, options: Options) -> None:

@@ -15,27 +15,36 @@ from .transport import SshOptions
 
 
 def add_deployer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--device-registry", type=Path, required=True, help="device_registry.json")
+    parser.add_argument("--device-registry", type=Path, required=True,
+                        help="device_registry.json: where each device is and how to reach it (required)")
     parser.add_argument("--model-path", type=Path, default=Path("partitioned_submodels"),
-                        help="folder holding NAME/manifest.json and the sub-models (default partitioned_submodels)")
-    parser.add_argument("--model-name", required=True, help="model name (sub-folder of --model-path)")
+                        help="folder holding NAME/manifest.json and the sub-models (default: %(default)s)")
+    parser.add_argument("--model-name", required=True, help="model name, a sub-folder of --model-path (required)")
     parser.add_argument("--config", type=Path, default=Path("configurations"),
-                        help="folder with NAME/pipeline_plan.json (shipped along when present)")
-    parser.add_argument("--dry-run", action="store_true", help="print what would be sent and run; change nothing")
+                        help="folder with NAME/pipeline_plan.json, shipped along when present (default: %(default)s)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="ask each device what it has and print what a real run would send; change nothing "
+                             "(default: off)")
     parser.add_argument("--accept-new-host-keys", action="store_true",
-                        help="trust a device's host key on first contact (default: it must be in known_hosts)")
-    parser.add_argument("--ssh-config", type=Path, help="an ssh_config file to use instead of ~/.ssh/config")
+                        help="trust a device's host key on first contact (default: off, it must be in known_hosts)")
+    parser.add_argument("--ssh-config", type=Path,
+                        help="an ssh_config file to use instead of ~/.ssh/config (default: ssh's own)")
     parser.add_argument("--connect-timeout", type=positive_float, default=10.0,
-                        help="SSH connect timeout, s (default 10)")
+                        help="SSH connect timeout, s (default: %(default)g)")
     parser.add_argument("--no-runtime-code", action="store_true",
-                        help="do not ship runtime_engine.py and the dnnpipe runtime")
-    parser.add_argument("--dataset", type=Path, help="an HDF5 input file to ship to the first stage's device")
-    parser.add_argument("--data-path", help="input path on the first device (default dataset.h5)")
-    parser.add_argument("--output-path", default="results.h5", help="results path on the last device")
-    parser.add_argument("--launch", action="store_true", help="start every stage over SSH, last stage first")
+                        help="do not ship runtime_engine.py and the dnnpipe runtime (default: ship them)")
+    parser.add_argument("--dataset", type=Path,
+                        help="an HDF5 input file to ship to the first stage's device (default: none)")
+    parser.add_argument("--data-path",
+                        help="input path on the first device, relative to its remote_dir (default: dataset.h5)")
+    parser.add_argument("--output-path", default="results.h5",
+                        help="results path on the last device (default: %(default)s)")
+    parser.add_argument("--launch", action="store_true",
+                        help="after shipping, start every stage, last stage first (default: off)")
     parser.add_argument("--wait", type=positive_float, default=60.0,
-                        help="how long --launch waits for each port, s (default 60)")
-    parser.add_argument("--stop", action="store_true", help="stop the stages started by --launch")
+                        help="how long --launch waits for each stage's port, s; a stage that exits fails at once "
+                             "(default: %(default)g)")
+    parser.add_argument("--stop", action="store_true", help="stop the stages started by --launch (default: off)")
     return parser
 
 

@@ -67,6 +67,8 @@ def deploy(options: DeployOptions) -> Deployment:
     every device succeeded."""
     if options.dataset is not None and not options.dataset.is_file():
         raise DnnpipeError(f"{options.dataset}: dataset file not found")
+    if options.dataset is not None and options.data_path is not None:
+        check_device_path(options.data_path, "--data-path")
     launches, transports = _setup(options)
     manifest = read_manifest(options.folder)
     models_dir = options.model_path.resolve().name
@@ -85,6 +87,15 @@ def deploy(options: DeployOptions) -> Deployment:
         deployment.launch_plan_file = options.folder / LAUNCH_PLAN
         write_launch_plan(deployment.launch_plan_file, launches)
     return deployment
+
+
+def check_device_path(path: str, what: str) -> None:
+    """A file shipped to a device stays inside its remote_dir: relative, no '..', no control characters."""
+    parts = path.split("/")
+    if path.startswith("/") or ".." in parts or "" in parts or any(p.startswith("-") for p in parts) \
+            or any(ord(c) < 32 or c == "\x7f" for c in path):
+        raise DnnpipeError(f"{what} {path!r} must be a relative path inside the device folder (no '..', no leading "
+                           f"'/' or '-', no control characters)")
 
 
 def start_stages(deployment: Deployment, wait: float, echo: Echo = print) -> None:

@@ -16,6 +16,7 @@ from .registry import Device
 from .transport import Transport
 
 LOG_DIR = "logs"
+TAIL_LINES = 10
 
 
 @dataclass(frozen=True)
@@ -85,30 +86,50 @@ def format_launch_plan(launches: Sequence[StageLaunch]) -> str:
                      f"    {shlex.join(s.argv)}" for s in launches)
 
 
-def wait_for_port(host: str, port: int, seconds: float) -> bool:
+def wait_for_stage(item: StageLaunch, transport: Transport, seconds: float, echo=print) -> None:
+    """Until the stage's port takes a connection; as soon as the stage has exited, its own last words (the
+    log's end through `echo`, its last line in the error)."""
+    host, port = item.probe_host, item.device.runtime_port
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
             with socket.create_connection((host, port), timeout=1.0):
-                return True  # the stage takes a connection closed without data for a probe
+                return  # the stage takes a connection closed without data for a probe
         except OSError:
-            time.sleep(0.2)
-    return False
+            pass
+        if not transport.alive(item.pid_file):
+            log = f"{item.device.remote_dir}/{item.log_file}"
+            lines = [line for line in transport.tail(item.log_file, TAIL_LINES).splitlines() if line.strip()]
+            if lines:
+                echo(f"stage {item.stage}: the end of {log}:\n" + "\n".join(f"    {line}" for line in lines))
+            raise DnnpipeError(f"stage {item.stage} on device {item.device.device_id} exited at start: "
+                               f"{lines[-1].strip() if lines else 'its log is empty'} (log: {log})")
+        time.sleep(0.3)
+    raise DnnpipeError(f"stage {item.stage} on device {item.device.device_id} did not accept connections on "
+                       f"{host}:{port} within {seconds:g} s (see {item.device.remote_dir}/{item.log_file})")
 
 
 def launch(launches: Sequence[StageLaunch], transports: dict[int, Transport], wait_seconds: float,
            echo=print) -> None:
-    """Last stage first, so every listener is up before the stage before it connects."""
-    for item in reversed(launches):
-        transports[item.device.device_id].start(item.argv, item.log_file, item.pid_file)
-        if item.listens:
-            if not wait_for_port(item.probe_host, item.device.runtime_port, wait_seconds):
-                raise DnnpipeError(f"stage {item.stage} on device {item.device.device_id} did not accept connections "
-                                   f"on {item.probe_host}:{item.device.runtime_port} within {wait_seconds:g} s "
-                                   f"(see {item.device.remote_dir}/{item.log_file})")
-            echo(f"stage {item.stage} listening on {item.probe_host}:{item.device.runtime_port}")
-        else:
-            echo(f"stage {item.stage} started on device {item.device.device_id}")
+    """Last stage first, so every listener is up before the stage before it connects. If a stage fails to
+    come up, the ones already started are stopped again: nothing is left running half a pipeline."""
+    started: list[StageLaunch] = []
+    try:
+        for item in reversed(launches):
+            transport = transports[item.device.device_id]
+            transport.start(item.argv, item.log_file, item.pid_file)
+            started.append(item)
+            if item.listens:
+                wait_for_stage(item, transport, wait_seconds, echo)
+                echo(f"stage {item.stage} listening on {item.probe_host}:{item.device.runtime_port}")
+            else:
+                echo(f"stage {item.stage} started on device {item.device.device_id}")
+    except BaseException:
+        try:
+            stop(started, transports, echo=lambda line: None)
+        except DnnpipeError:
+            pass  # the first failure is the one to report
+        raise
 
 
 def stop(launches: Sequence[StageLaunch], transports: dict[int, Transport], echo=print) -> None:

@@ -1,8 +1,14 @@
-"""device_registry.json: where each device is and how to reach it. Keys and agents only, no secrets."""
+"""device_registry.json: where each device is and how to reach it. Keys and agents only, no secrets.
+
+Every value here ends up in an ssh argument vector or as an argument of a remote script, so each is checked
+once, here, against what it may be (docs/security.md): nothing can start with `-` and be taken for an option,
+and nothing holds a control character.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +18,10 @@ from ..errors import ConfigError
 
 LOCAL = "local"
 SECRET_KEYS = ("password", "passwd", "pass", "passphrase")
+HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}|[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*")  # a name, IPv4 or IPv6
+USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+PYTHON = re.compile(r"[A-Za-z0-9_.~/+][A-Za-z0-9_.~/+-]*")  # a path or bare name, no shell metacharacters
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -81,8 +91,9 @@ def _device(entry: dict[str, Any], where: str) -> Device:
     if isinstance(device_id, bool) or not isinstance(device_id, int) or device_id < 1:
         raise ConfigError(f"{where}: 'device_id' must be a positive integer, got {device_id!r}")
     host = entry.get("host")
-    if not isinstance(host, str) or not host.strip():
-        raise ConfigError(f"{where}: 'host' must be a host name, an address or \"local\", got {host!r}")
+    if not isinstance(host, str) or not (host == LOCAL or HOST.fullmatch(host)):
+        raise ConfigError(f"{where}: 'host' must be a host name, an IP address or \"local\" (letters, digits, "
+                          f"'.', '-', '_', ':' and not starting with '-'), got {host!r}")
     for key in ("port", "runtime_port"):
         value = entry.get(key, 22 if key == "port" else 50000)
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
@@ -90,10 +101,32 @@ def _device(entry: dict[str, Any], where: str) -> Device:
     for key in ("user", "username", "identity_file", "remote_dir", "python"):
         if key in entry and (not isinstance(entry[key], str) or not entry[key]):
             raise ConfigError(f"{where}: '{key}' must be a non-empty string, got {entry[key]!r}")
-    return Device(device_id=device_id, host=host.strip(), user=entry.get("user", entry.get("username")),
-                  port=entry.get("port", 22), identity_file=entry.get("identity_file"),
-                  remote_dir=entry.get("remote_dir", "~/DNNPipe"), runtime_port=entry.get("runtime_port", 50000),
-                  python=entry.get("python"))
+    user = entry.get("user", entry.get("username"))
+    if user is not None and not USER.fullmatch(user):
+        raise ConfigError(f"{where}: 'user' must be a user name (letters, digits, '.', '-', '_', not starting with "
+                          f"'-'), got {user!r}")
+    for key in ("identity_file", "remote_dir"):
+        _check_path(entry.get(key), f"{where}: '{key}'")
+    python = entry.get("python")
+    if python is not None and not PYTHON.fullmatch(python):
+        raise ConfigError(f"{where}: 'python' must be an interpreter path or name without spaces or shell "
+                          f"characters (letters, digits, '.', '_', '+', '-', '/', '~'), got {python!r}")
+    return Device(device_id=device_id, host=host, user=user, port=entry.get("port", 22),
+                  identity_file=entry.get("identity_file"), remote_dir=entry.get("remote_dir", "~/DNNPipe"),
+                  runtime_port=entry.get("runtime_port", 50000), python=python)
+
+
+def _check_path(path: Optional[str], what: str) -> None:
+    """Spaces, quotes and non-ASCII letters are fine (they travel as arguments); control characters are not,
+    nor a leading '-', nor a `~user` home the deployer would not expand."""
+    if path is None:
+        return
+    if CONTROL.search(path):
+        raise ConfigError(f"{what} holds a control character (newline, tab, ...): {path!r}")
+    if path.startswith("-"):
+        raise ConfigError(f"{what} must not start with '-': {path!r}")
+    if path.startswith("~") and path != "~" and not path.startswith("~/"):
+        raise ConfigError(f"{what}: only '~' and '~/...' (your home) are expanded, got {path!r}")
 
 
 def devices_for(registry: dict[int, Device], device_ids: Sequence[int], source: str) -> list[Device]:

@@ -14,6 +14,7 @@ from .registry import Device
 from .transport import Transport, TransportError, Upload, temporary_names
 
 RUNTIME_ROOT = Path(__file__).resolve().parents[2]  # holds runtime_engine.py and dnnpipe/
+WHERE_WIDTH = 34
 
 
 @dataclass
@@ -40,21 +41,23 @@ def runtime_code() -> list[tuple[Path, str]]:
 
 def uploads_for(manifest: Manifest, folder: Path, models_dir: str, stages: Sequence[int],
                 extra: Sequence[tuple[Path, str]] = ()) -> list[Upload]:
-    """A device's files: its stages' sub-models and the manifest, in the runtime's layout, plus extras."""
+    """A device's files: its stages' sub-models, the manifest and the pipeline key (when the partitioner wrote
+    one), in the runtime's layout, plus extras. Names come from the checked manifest, so none leaves `folder`."""
     prefix = f"{models_dir}/{manifest.model_name}"
     uploads = [Upload(folder / manifest.stage(k).file, f"{prefix}/{manifest.stage(k).file}",
                       manifest.stage(k).sha256) for k in stages]
     uploads.append(Upload(folder / MANIFEST_FILE, f"{prefix}/{MANIFEST_FILE}", sha256_file(folder / MANIFEST_FILE)))
-    if (folder / KEY_FILE).is_file():  # stages authenticate their links with it; readable by the owner only
+    if (folder / KEY_FILE).is_file():
         uploads.append(Upload(folder / KEY_FILE, f"{prefix}/{KEY_FILE}", sha256_file(folder / KEY_FILE), private=True))
     uploads += [Upload(local, rel, sha256_file(local)) for local, rel in extra]
     return uploads
 
 
 def ship(transport: Transport, report: DeviceReport, uploads: Sequence[Upload], dry_run: bool = False) -> DeviceReport:
-    """Compare hashes first, send only what differs, and record the outcome of every file."""
+    """Compare hashes first, send only what differs, and record the outcome of every file. A dry run asks
+    the device too (reading only), so it reports what a real run would send."""
     try:
-        present = {} if dry_run else transport.hashes([u.rel for u in uploads])
+        present = transport.hashes([u.rel for u in uploads])
         todo = [u for u in uploads if present.get(u.rel) != u.sha256]
         report.skipped = [u.rel for u in uploads if u not in todo]
         if dry_run:
@@ -79,8 +82,10 @@ def ship_all(jobs: Sequence[Job], dry_run: bool = False, workers: int = 8) -> li
 
 
 def format_reports(reports: Sequence[DeviceReport], dry_run: bool = False) -> str:
+    """Fixed columns whatever the paths: the destination is cut from the left, the result comes last."""
     verb = "would send" if dry_run else "sent"
-    rows = [f"{'device':>6}  {'host':<22} {'stages':<7} {verb:>10} {'skipped':>8} {'failed':>7}  result"]
+    rows = [f"{'device':>6}  {'stages':<6} {verb:>10} {'skipped':>7} {'failed':>6}  {'destination':<{WHERE_WIDTH}}  "
+            f"result"]
     for r in reports:
         if r.error:
             result = f"FAILED: {r.error}"
@@ -89,8 +94,14 @@ def format_reports(reports: Sequence[DeviceReport], dry_run: bool = False) -> st
             result = f"FAILED: {rel}: {why}" + (f" (+{len(r.failed) - 1} more)" if len(r.failed) > 1 else "")
         else:
             result = "dry run" if dry_run else "ok"
-        host = f"{r.device.address}:{r.device.port}" if not r.device.is_local else f"local {r.device.remote_dir}"
-        rows.append(f"{r.device.device_id:>6}  {host:<22} {','.join(map(str, r.stages)):<7} {len(r.sent):>10} "
-                    f"{len(r.skipped):>8} {len(r.failed) or (1 if r.error else 0):>7}  {result}")
+        d = r.device
+        where = d.remote_dir if d.is_local else f"{d.address}:{d.port}:{d.remote_dir}"
+        rows.append(f"{d.device_id:>6}  {','.join(map(str, r.stages)):<6} {len(r.sent):>10} {len(r.skipped):>7} "
+                    f"{len(r.failed) or (1 if r.error else 0):>6}  {cut_left(where, WHERE_WIDTH):<{WHERE_WIDTH}}  "
+                    f"{result}")
     return "\n".join(rows)
 
+
+def cut_left(text: str, width: int) -> str:
+    """The end of a path is the part that tells devices apart."""
+    return text if len(text) <= width else "..." + text[len(text) - width + 3:]

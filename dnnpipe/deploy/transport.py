@@ -4,16 +4,22 @@ Both follow one contract so a broken transfer never leaves a half file where the
 upload to a temporary name beside the target, check its sha256 on the device, then rename it into
 place (atomic on one file system). OpenSSH is used as installed, so the user's ~/.ssh/config, keys,
 agent and known_hosts just work; BatchMode means it never prompts.
+
+No shell or sftp text is ever built from a value: every remote step is one of the fixed scripts below,
+run as `sh -c SCRIPT sh ARG...` with the registry's and manifest's values as its arguments, and the
+files travel as a tar stream on ssh's stdin (tar, sh and sha256sum are all a device needs; no sftp).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
 import shlex
 import shutil
 import signal
 import subprocess
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Protocol, Sequence
@@ -40,12 +46,16 @@ class Upload:
     local: Path
     rel: str  # path below the device's remote_dir
     sha256: str
-    private: bool = False  # mode 0600 on the device (the pipeline key)
+    private: bool = False  # a secret (the pipeline key): mode 0600 on the device, from the first byte
 
     @property
     def temporary(self) -> str:
         folder, _, name = self.rel.rpartition("/")
         return f"{folder + '/' if folder else ''}.{name}.part-{secrets.token_hex(4)}"
+
+    @property
+    def mode(self) -> int:
+        return 0o600 if self.private else 0o644
 
 
 def temporary_names(uploads: Sequence[Upload]) -> list[tuple[Upload, str]]:
@@ -61,6 +71,10 @@ class Transport(Protocol):
 
     def start(self, argv: Sequence[str], log_rel: str, pid_rel: str) -> None: ...
 
+    def alive(self, pid_rel: str) -> bool: ...
+
+    def tail(self, log_rel: str, lines: int = 10) -> str: ...
+
     def stop(self, pid_rel: str) -> bool: ...
 
 
@@ -70,6 +84,7 @@ class LocalTransport:
     def __init__(self, device: Device):
         self.device = device
         self.root = Path(os.path.expanduser(device.remote_dir))
+        self.started: dict[str, subprocess.Popen] = {}
 
     def hashes(self, rels: Sequence[str]) -> dict[str, str]:
         return {rel: sha256_file(self.root / rel) for rel in rels if (self.root / rel).is_file()}
@@ -81,29 +96,52 @@ class LocalTransport:
             target, part = self.root / upload.rel, self.root / temporary
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
-                self.copy(upload.local, part)
+                self.copy(upload.local, part, upload.mode)
                 got = sha256_file(part)
                 if got != upload.sha256:
                     part.unlink()
                     results[upload.rel] = f"sha256 mismatch after transfer ({got[:12]}...)"
                     continue
-                if upload.private:
-                    part.chmod(0o600)
                 os.replace(part, target)
                 results[upload.rel] = None
             except OSError as e:
+                part.unlink(missing_ok=True)
                 results[upload.rel] = e.strerror or str(e)
         return results
 
-    def copy(self, source: Path, destination: Path) -> None:
-        shutil.copyfile(source, destination)
+    def copy(self, source: Path, destination: Path, mode: int = 0o644) -> None:
+        """Created with its final mode, so a secret is never readable by others, even for a moment."""
+        with open(source, "rb") as src, open(os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode),
+                                             "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.chmod(destination, mode)  # the umask may have narrowed it; the key must be exactly 0600
 
     def start(self, argv: Sequence[str], log_rel: str, pid_rel: str) -> None:
         (self.root / log_rel).parent.mkdir(parents=True, exist_ok=True)
+        command = [os.path.expanduser(argv[0]), *argv[1:]]
         with open(self.root / log_rel, "w") as log:
-            process = subprocess.Popen(list(argv), cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
+            try:
+                process = subprocess.Popen(command, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
+                                           stdin=subprocess.DEVNULL, start_new_session=True)
+            except OSError as e:
+                raise TransportError(f"cannot start {command[0]!r}: {e.strerror or e}") from None
+        self.started[pid_rel] = process
         (self.root / pid_rel).write_text(f"{process.pid}\n")
+
+    def alive(self, pid_rel: str) -> bool:
+        if pid_rel in self.started:
+            return self.started[pid_rel].poll() is None
+        try:
+            os.kill(int((self.root / pid_rel).read_text()), 0)
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def tail(self, log_rel: str, lines: int = 10) -> str:
+        try:
+            return "\n".join((self.root / log_rel).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
 
     def stop(self, pid_rel: str) -> bool:
         try:
@@ -112,21 +150,43 @@ class LocalTransport:
         except (OSError, ValueError):
             return False
         (self.root / pid_rel).unlink(missing_ok=True)
+        if pid_rel in self.started:
+            self.started.pop(pid_rel).wait(10)
         return True
 
 
-def shell_path(remote_dir: str, rel: str = "") -> str:
-    """A POSIX shell word for remote_dir/rel; a leading ~ is expanded by the device's shell."""
-    path = remote_dir.rstrip("/") + (f"/{rel}" if rel else "")
-    if path == "~":
-        return '"$HOME"'
-    if path.startswith("~/"):
-        return '"$HOME"/' + shlex.quote(path[2:])
-    return shlex.quote(path)
+# The fixed remote scripts. $1 is always remote_dir ("~" and "~/..." mean the login's home), which `enter`
+# makes the working directory; the rest of the arguments are the step's own.
+ENTER = ('enter() { case $1 in "~") d=$HOME;; "~/"*) d=$HOME/${1#"~/"};; *) d=$1;; esac; '
+         'if [ "$2" = make ]; then mkdir -p -- "$d" || exit 3; fi; cd -- "$d" 2>/dev/null; }\n')
+HASHES = ENTER + ('enter "$1" || exit 0\nshift\n'
+                  'for f do if [ -f "$f" ]; then sha256sum -- "$f"; fi; done\n')
+NEEDS = ('for tool in tar sha256sum; do command -v $tool >/dev/null || '
+         '{ echo "$tool is not installed on the device" >&2; exit 4; }; done\n')
+# Unpack the stream under temporary names, then check each one's sha256: rename the good ones into place, delete
+# the rest (also what a broken stream left), so the device never holds a half file under a real name.
+SEND = ENTER + NEEDS + ('enter "$1" make || exit 3\nshift\n'
+                        'tar -x -o -f - || echo "tar could not unpack everything" >&2\n'
+                        'while [ $# -ge 4 ]; do t=$1 r=$2 want=$3 mode=$4; shift 4\n'
+                        '  got=$(sha256sum -- "$t" 2>/dev/null | cut -d" " -f1)\n'
+                        '  if [ "$got" = "$want" ] && chmod -- "$mode" "$t" && mv -f -- "$t" "$r"; then echo "OK $r"\n'
+                        '  else rm -f -- "$t"; echo "BAD $r ${got:-missing}"; fi\ndone\n')
+START = ENTER + ('enter "$1" make || { echo "cannot enter $1" >&2; exit 3; }\nlog=$2 pid=$3; shift 3\n'
+                 'case $1 in "~/"*) p=$HOME/${1#"~/"}; shift; set -- "$p" "$@";; esac\n'
+                 'mkdir -p -- "$(dirname -- "$log")" || exit 3\n'
+                 'nohup "$@" > "$log" 2>&1 < /dev/null &\necho $! > "$pid"\n')
+# A stage that exited may linger as a zombie when nothing reaps it (containers): that is not alive.
+ALIVE = ENTER + ('enter "$1" || exit 1\npid=$(cat -- "$2" 2>/dev/null) || exit 1\n'
+                 'kill -0 "$pid" 2>/dev/null || exit 1\n'
+                 'if [ -r "/proc/$pid/stat" ]; then case $(sed -n "s/.*) //p" "/proc/$pid/stat") in Z*) exit 1;; '
+                 'esac; fi\necho alive\n')
+TAIL = ENTER + 'enter "$1" || exit 0\ntail -n "$3" -- "$2" 2>/dev/null || true\n'
+STOP = ENTER + ('enter "$1" || exit 0\nif [ -f "$2" ]; then kill "$(cat -- "$2")" 2>/dev/null && echo stopped; '
+                'rm -f -- "$2"; fi\n')
 
 
 class SshTransport:
-    """A device reached with the system's ssh and sftp (one connection per step, three steps a deploy)."""
+    """A device reached with the system's ssh (one connection per step: two a deploy, hashes and send)."""
 
     def __init__(self, device: Device, options: SshOptions = SshOptions()):
         self.device, self.options = device, options
@@ -136,67 +196,48 @@ class SshTransport:
         args = ["-F", str(o.ssh_config)] if o.ssh_config else []
         args += ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(max(1, o.connect_timeout))}",
                  "-o", f"StrictHostKeyChecking={'accept-new' if o.accept_new_host_keys else 'yes'}",
-                 "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3", "-o", f"Port={d.port}"]
+                 "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3", "-p", str(d.port)]
+        if d.user:
+            args += ["-l", d.user]
         if d.identity_file:
             args += ["-i", os.path.expanduser(d.identity_file), "-o", "IdentitiesOnly=yes"]
         return args
 
-    def run(self, script: str, stdin: Optional[str] = None) -> str:
-        """Run a POSIX shell script on the device; its stdout, or TransportError with ssh's reason."""
-        command = ["ssh", *self._options(), self.device.address, "sh -c " + shlex.quote(script)]
-        return self._call(command, stdin)
+    def run(self, script: str, *args: str, stdin: Optional[bytes] = None, check: bool = True) -> str:
+        """Run one of the fixed scripts on the device with remote_dir and `args` as its arguments.
 
-    def _call(self, command: list[str], stdin: Optional[str] = None) -> str:
+        ssh hands the remote login shell one string, so the vector is quoted for it as a whole; the
+        script itself sees every value as a plain argument."""
+        remote = shlex.join(["sh", "-c", script, "sh", self.device.remote_dir, *args])
+        command = ["ssh", *self._options(), "--", self.device.host, remote]
         try:
-            result = subprocess.run(command, input=stdin, capture_output=True, text=True,
-                                    timeout=self.options.command_timeout)
+            result = subprocess.run(command, input=stdin, capture_output=True, timeout=self.options.command_timeout)
         except subprocess.TimeoutExpired:
-            raise TransportError(f"{command[0]} to {self.device.address}:{self.device.port} took longer than "
+            raise TransportError(f"ssh to {self.device.address}:{self.device.port} took longer than "
                                  f"{self.options.command_timeout:g} s") from None
         except FileNotFoundError:
-            raise TransportError(f"'{command[0]}' not found: install the OpenSSH client") from None
-        if result.returncode != 0:
-            raise TransportError(_reason(result.stderr) or f"{command[0]} exited with {result.returncode}")
-        return result.stdout
+            raise TransportError("'ssh' not found: install the OpenSSH client") from None
+        stdout, stderr = result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace")
+        if check and result.returncode != 0:
+            raise TransportError(_reason(stderr) or f"ssh exited with {result.returncode}")
+        return stdout
 
     def hashes(self, rels: Sequence[str]) -> dict[str, str]:
-        folders = sorted({rel.rpartition("/")[0] for rel in rels} - {""})
-        root = shell_path(self.device.remote_dir)
-        script = (f"mkdir -p {root} {' '.join(shell_path(self.device.remote_dir, f) for f in folders)} && "
-                  f"cd {root} && for f in {' '.join(shlex.quote(r) for r in rels)}; do "
-                  f'if [ -f "$f" ]; then sha256sum "$f"; fi; done')
+        """The sha256 of each file that exists; read-only, so a dry run can ask too."""
         found = {}
-        for line in self.run(script).splitlines():
+        for line in self.run(HASHES, *rels).splitlines():
             digest, _, rel = line.partition("  ")
             found[rel.strip()] = digest.strip()
         return found
 
     def send(self, staged: Sequence[tuple[Upload, str]]) -> dict[str, Optional[str]]:
+        """All files in one connection: a tar stream in, one OK or BAD line per file out."""
         if not staged:
             return {}
-        self.upload([(upload.local, temporary) for upload, temporary in staged])
-        return self.install(staged)
-
-    def upload(self, pairs: Sequence[tuple[Path, str]]) -> None:
-        """All files in one sftp session, to the given (temporary) names below remote_dir."""
-        base = self.device.remote_dir.rstrip("/")
-        base = base[2:] if base.startswith("~/") else ("." if base == "~" else base)  # sftp starts at $HOME
-        batch = "".join(f'put "{local}" "{base}/{rel}"\n' for local, rel in pairs)
-        self._call(["sftp", *self._options(), "-b", "-", self.device.address], stdin=batch)
-
-    def install(self, staged: Sequence[tuple[Upload, str]]) -> dict[str, Optional[str]]:
-        """Check each temporary file's sha256 on the device; rename the good ones, delete the bad ones."""
-        lines = ['check() { got=$(sha256sum "$1" 2>/dev/null | cut -d" " -f1); '
-                 'if [ "$got" = "$3" ]; then mv -f "$1" "$2" && echo "OK $4"; '
-                 'else rm -f "$1"; echo "BAD $4 ${got:-missing}"; fi; }',
-                 f"cd {shell_path(self.device.remote_dir)}"]
-        for upload, temporary in staged:
-            if upload.private:
-                lines.append(f"chmod 600 {shlex.quote(temporary)}")
-            lines.append(f"check {shlex.quote(temporary)} {shlex.quote(upload.rel)} {upload.sha256} "
-                         f"{shlex.quote(upload.rel)}")
+        stream = self.payload([(upload.local, temporary, upload.mode) for upload, temporary in staged])
+        args = [a for upload, temporary in staged for a in (temporary, upload.rel, upload.sha256, f"{upload.mode:o}")]
         results: dict[str, Optional[str]] = {u.rel: "not confirmed by the device" for u, _ in staged}
-        for line in self.run("\n".join(lines)).splitlines():
+        for line in self.run(SEND, *args, stdin=stream).splitlines():
             status, _, rest = line.partition(" ")
             rel, _, got = rest.partition(" ")
             if status == "OK":
@@ -206,25 +247,47 @@ class SshTransport:
                     "file missing after transfer"
         return results
 
+    def payload(self, items: Sequence[tuple[Path, str, int]]) -> bytes:
+        return tar_stream(items)
+
     def start(self, argv: Sequence[str], log_rel: str, pid_rel: str) -> None:
-        root = shell_path(self.device.remote_dir)
-        folder = shlex.quote(log_rel.rpartition("/")[0] or ".")
-        self.run(f"cd {root} || exit 1\nmkdir -p {folder} || exit 1\n"
-                 f"nohup {' '.join(shlex.quote(a) for a in argv)} > {shlex.quote(log_rel)} 2>&1 < /dev/null &\n"
-                 f"echo $! > {shlex.quote(pid_rel)}")
+        self.run(START, log_rel, pid_rel, *argv)
+
+    def alive(self, pid_rel: str) -> bool:
+        return "alive" in self.run(ALIVE, pid_rel, check=False)
+
+    def tail(self, log_rel: str, lines: int = 10) -> str:
+        return self.run(TAIL, log_rel, str(lines), check=False).rstrip("\n")
 
     def stop(self, pid_rel: str) -> bool:
-        root = shell_path(self.device.remote_dir)
-        out = self.run(f"cd {root} && if [ -f {shlex.quote(pid_rel)} ]; then kill $(cat {shlex.quote(pid_rel)}) "
-                       f"2>/dev/null && echo stopped; rm -f {shlex.quote(pid_rel)}; fi")
-        return "stopped" in out
+        return "stopped" in self.run(STOP, pid_rel)
+
+
+def tar_stream(items: Sequence[tuple[Path, str, int]]) -> bytes:
+    """A tar archive of (local file, name, mode): names are ours (checked paths below remote_dir)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for local, name, mode in items:
+            info = tar.gettarinfo(str(local), arcname=name)
+            info.mode, info.uid, info.gid, info.uname, info.gname = mode, 0, 0, "", ""
+            with open(local, "rb") as f:
+                tar.addfile(info, f)
+    return buffer.getvalue()
 
 
 def _reason(stderr: str) -> str:
-    """ssh's own words, without the chatter (warnings about added host keys, banners)."""
+    """ssh's own words, without the chatter (warnings about added host keys, banners), plus what to do."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()
-             and not line.startswith(("Warning: Permanently added", "**"))]
-    return "; ".join(lines[-2:])
+             and not line.startswith(("Warning: Permanently added", "**", "@@@"))]
+    reason = "; ".join(lines[-2:])
+    if "Host key verification failed" in stderr:
+        if "HOST IDENTIFICATION HAS CHANGED" in stderr:
+            reason += (" (the device's host key differs from the one in known_hosts: if the device was really "
+                       "reinstalled, remove the old key with ssh-keygen -R)")
+        else:
+            reason += (" (the device's host key is not in known_hosts: add it, or pass --accept-new-host-keys "
+                       "to trust it on first contact)")
+    return reason
 
 
 def transport_for(device: Device, options: SshOptions) -> Transport:

@@ -28,6 +28,8 @@ def add_partitioner_arguments(parser: argparse.ArgumentParser) -> argparse.Argum
     parser.add_argument("--quantize", choices=QUANTIZE, default="none", help="sub-model precision (default: none)")
     parser.add_argument("--calibration-data", type=Path,
                         help="HDF5 file with an 'images' dataset for --quantize int8")
+    parser.add_argument("--custom-objects", type=Path, metavar="FILE",
+                        help="Python file defining the model's custom layers (registered before loading)")
     return parser
 
 
@@ -41,7 +43,8 @@ def partition_command(args: argparse.Namespace) -> int:
     partition(PartitionOptions(
         config=args.config, model_name=args.model_name, model_path=args.model_path, output_dir=args.output_dir,
         algorithm=args.algorithm, plan_only=args.plan_only, plan=args.plan, verify=args.verify,
-        tolerance=args.tolerance, quantize=args.quantize, calibration_data=args.calibration_data))
+        tolerance=args.tolerance, quantize=args.quantize, calibration_data=args.calibration_data,
+        custom_objects=args.custom_objects))
     return 0
 
 

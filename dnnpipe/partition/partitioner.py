@@ -14,12 +14,11 @@ from ..manifest import Manifest, write_manifest
 from ..pipeline_key import create_key
 from ..planfile import format_plan, read_stages, write_plan
 from ..planner import Plan, plan
-from ..tfenv import import_tensorflow, native_stderr_captured
-from .graph import PartitionError, analyse, as_functional
+from .graph import PartitionError, analyse
+from .load import find_model, load_keras_model
 from .split import check_stages, intermediate_values, split_model
 from .verify import TOLERANCE, Verification, verify
 
-MODEL_SUFFIXES = (".h5", ".keras")
 QUANTIZE = ("none", "float16", "int8")
 Echo = Callable[[str], None]
 
@@ -39,6 +38,7 @@ class PartitionOptions:
     tolerance: Optional[float] = None
     quantize: str = "none"
     calibration_data: Optional[Path] = None
+    custom_objects: Optional[Path] = None  # a Python file defining the model's custom layers
 
     def check(self) -> None:
         if self.quantize not in QUANTIZE:
@@ -64,28 +64,6 @@ class PartitionResult:
     plan_file: Optional[Path]  # where the new plan was written
     manifest: Optional[Manifest]  # None with plan_only
     folder: Optional[Path]
-
-
-def find_model(model_path: Path, model_name: str) -> Path:
-    """NAME.h5 (the paper's layout) or NAME.keras in the folder, or the file itself."""
-    if model_path.is_file():
-        return model_path
-    for suffix in MODEL_SUFFIXES:
-        candidate = model_path / f"{model_name}{suffix}"
-        if candidate.is_file():
-            return candidate
-    raise DnnpipeError(f"{model_path / (model_name + '.h5')}: model file not found")
-
-
-def load_keras_model(path: Path):
-    _, keras = import_tensorflow()
-    with native_stderr_captured():
-        try:
-            model = keras.models.load_model(path, compile=False)
-        except Exception as e:  # Keras raises many types for unreadable files; one message for all
-            raise DnnpipeError(f"{path}: cannot load the Keras model ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
-    return as_functional(model)
 
 
 def read_calibration(path: Path, input_names: list[str], limit: int = 200):
@@ -153,7 +131,7 @@ def partition(options: PartitionOptions, echo: Echo = print) -> PartitionResult:
     assert options.model_path is not None and options.output_dir is not None  # check() made sure
     started = time.perf_counter()
     model_file = find_model(options.model_path, options.model_name)
-    model = load_keras_model(model_file)
+    model = load_keras_model(model_file, options.custom_objects)
     graph, _ = analyse(model)
     echo(f"{model_file}: {graph.U} units, inputs {[t.name for t in graph.crossing(0)]}, "
          f"outputs {list(graph.outputs)}")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
+import numpy as np
+
 from ..config import ConfigSource, load_config
 from ..errors import ConfigError
-from . import bisect, dp, links, pipeedge
-from .plan import Plan, Solution, make_plan, explain_no_plan
+from . import bisect, dp, linkbisect, links, pipeedge
+from .plan import Cut, Plan, Solution, bottleneck_of, explain_no_plan, make_plan
 from .problem import Problem
 
 __all__ = ["ALGORITHMS", "Plan", "Problem", "plan", "solve_problem"]
@@ -21,21 +23,30 @@ ALGORITHMS: dict[str, Solver] = {
     "pipeedge": pipeedge.solve,
     "bisect": bisect.solve,
     "links": links.solve,
+    "bisect-links": linkbisect.solve,
 }
 DEFAULT = "bisect"  # exact and fastest everywhere measured (benchmarks/planner.py)
-LINK_AWARE = {"links"}  # the algorithms that model link bandwidth (device_config.B)
+DEFAULT_LINKS = "bisect-links"  # exact and fastest with links everywhere measured (benchmarks/online.py)
+LINK_AWARE = {"links", "bisect-links"}  # the algorithms that model link bandwidth (device_config.B)
 
 
 def plan(config: ConfigSource, algorithm: Optional[str] = None) -> Plan:
     """The optimal pipeline plan for a config (path, parsed dict or Config); raises NoPlanError.
 
-    By default: 'bisect', or 'links' when the config describes links (device_config.B).
+    By default: 'bisect', or 'bisect-links' when the config describes links (device_config.B).
     """
     return solve_problem(Problem.from_config(load_config(config)), algorithm)
 
 
 def solve_problem(problem: Problem, algorithm: Optional[str] = None) -> Plan:
-    algorithm = algorithm or ("links" if problem.has_links else DEFAULT)
+    """The optimal plan by one algorithm, its stages ending only at legal cuts (model_config.cuts).
+
+    Tie-break, the same for every algorithm: among plans with the smallest bottleneck, the fewest
+    devices, then the lowest device ids (sorted ids compared in order). The order of those devices
+    and the cuts are then chosen by one deterministic probe at the optimum (`canonical`), so every
+    algorithm returns the very same plan.
+    """
+    algorithm = algorithm or (DEFAULT_LINKS if problem.has_links else DEFAULT)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
     if problem.has_links and algorithm not in LINK_AWARE:
@@ -44,8 +55,29 @@ def solve_problem(problem: Problem, algorithm: Optional[str] = None) -> Plan:
     if algorithm in LINK_AWARE and not problem.has_links:
         raise ConfigError(f"algorithm {algorithm!r} needs device_config.B and model_config.A")
     started = time.perf_counter()
-    solution = ALGORITHMS[algorithm](problem)
-    elapsed_ms = (time.perf_counter() - started) * 1000
+    blocks = problem.at_cuts()
+    solution = ALGORITHMS[algorithm](blocks)
     if solution is None:
         raise explain_no_plan(problem)
-    return make_plan(problem, solution.cuts, algorithm, solution.transitions, elapsed_ms)
+    cuts = solution.cuts if solution.canonical else canonical(blocks, solution.cuts, algorithm)
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    at = np.concatenate(([0], problem.ends))
+    cuts = [(int(at[j]), int(at[k]), d) for j, k, d in cuts]
+    return make_plan(problem, cuts, algorithm, solution.transitions, elapsed_ms)
+
+
+def canonical(problem: Problem, cuts: tuple[Cut, ...], algorithm: str) -> list[Cut]:
+    """The tie-break rule's plan at the bottleneck of an optimal plan `cuts`.
+
+    One probe of the feasibility DP at that value finds the fewest devices and lowest ids. A probe just
+    below it checks the algorithm: no plan may be better than the one it returned.
+    """
+    value = bottleneck_of(problem, cuts)
+    probe = linkbisect.LinkProbe(problem) if problem.has_links else bisect.Probe(problem)
+    better = probe(float(np.nextafter(value, -np.inf)))
+    if better is not None:
+        raise RuntimeError(f"algorithm {algorithm!r} returned bottleneck {value!r}, the probe found {better[0]!r}")
+    found = probe(value)
+    if found is None:
+        raise RuntimeError(f"algorithm {algorithm!r} returned bottleneck {value!r}, which the probe finds infeasible")
+    return found[1]

@@ -26,6 +26,7 @@ from .problem import Problem
 
 
 def solve(problem: Problem, prune: bool = True) -> Optional[Solution]:
+    problem.units_are_blocks()
     U, N = problem.U, problem.N
     full = 1 << N
     value = np.full((U + 1, full), np.inf)

@@ -1,5 +1,7 @@
 """Exact planning when links cost time (beyond the paper): a DP over (prefix, device set, last device).
 
+The reference for `bisect-links` (tested equal); exponential with N^2 work per state, so slow beyond 8 devices.
+
 With link bandwidth B and cut sizes A a stage's period is max(compute, sending its output cut), and
 a hop's time depends on both ends, so the state must carry the last device (as PipeEdge's does).
 Cut sizes are not monotone along the model (a pooling layer shrinks them), so a longer prefix no
@@ -10,6 +12,7 @@ V[k, S, e] is the smallest bottleneck of a plan for units 1..k over devices S wh
 on e, not counting that stage's outgoing hop (it depends on the next device). Appending stage
 (j, k] on e after a stage on d: V[k, S + e, e] <= max(V[j, S, d], hop(j, d, e), compute(j, k, e)),
 and min over d of max(V[j, S, d], hop(j, d, e)) is taken first, one vector operation per (j, S, e).
+hop(j, d, e) uses the link matrix B_link when given, else the slower of B[d] and B[e].
 """
 
 from __future__ import annotations
@@ -20,17 +23,20 @@ import numpy as np
 
 from .bounds import upper_bound
 from .dp import best_final_state
-from .plan import Solution
+from .plan import Solution, bottleneck_of
 from .problem import Problem
 
 
 def solve(problem: Problem) -> Optional[Solution]:
+    problem.units_are_blocks()
     U, N = problem.U, problem.N
     full = 1 << N
     B, A = problem.link_mbps, problem.cut_bytes
     if B is None or A is None:
         raise ValueError("the links algorithm needs link bandwidth (B) and cut sizes (A)")
-    pair_mbps = np.minimum(B[:, None], B[None, :])  # slower end of each device pair
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pair_hop = A[:, None, None] * 8e-3 / problem.pair_mbps[None, :, :]  # [j, d, e], as hop_ms computes it
+    pair_hop[:, np.arange(N), np.arange(N)] = np.inf  # a device never sends to itself
     value = np.full((U + 1, full, N), np.inf)
     parent_cut = np.full((U + 1, full, N), -1, dtype=np.int32)
     parent_device = np.full((U + 1, full, N), -1, dtype=np.int16)  # N stands for the data source
@@ -46,7 +52,7 @@ def solve(problem: Problem) -> Optional[Solution]:
                 if not np.isfinite(held).any() or held.min() > bound:
                     continue
                 # Each possible next device e: the best previous device d and the value with its hop.
-                with_hop = np.maximum(held[:, None], A[j] * 8e-3 / pair_mbps)  # [d, e]
+                with_hop = np.maximum(held[:, None], pair_hop[j])  # [d, e]
                 source = np.argmin(with_hop, axis=0)
                 arrival = with_hop[source, np.arange(N)]
             else:
@@ -83,7 +89,4 @@ def solve(problem: Problem) -> Optional[Solution]:
 def _bound(problem: Problem) -> float:
     """The period of a real plan under the link model (a greedy plan from bounds), or inf."""
     _, cuts = upper_bound(problem)
-    if cuts is None:
-        return np.inf
-    periods, input_hop = problem.periods(cuts)
-    return max([*periods, input_hop])
+    return np.inf if cuts is None else bottleneck_of(problem, cuts)

@@ -17,6 +17,7 @@ from .problem import Problem
 
 
 def solve(problem: Problem) -> Optional[Solution]:
+    problem.units_are_blocks()
     U, N = problem.U, problem.N
     full = 1 << N
     H = np.full((U + 1, full, N), np.inf)

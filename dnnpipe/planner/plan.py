@@ -19,6 +19,7 @@ class Solution:
 
     cuts: tuple[Cut, ...]
     transitions: int
+    canonical: bool = False  # already the tie-break rule's plan (the bisections end with its probe)
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def make_plan(problem: Problem, cuts: Sequence[Cut], algorithm: str, transitions
         stage_times_ms=periods,
         stage_memory_mb=[problem.stage_memory(j, k) for j, k, _ in cuts],
         stage_capacity_mb=[float(problem.capacity[d]) for _, _, d in cuts],
-        bottleneck=max([*periods, input_hop]),
+        bottleneck=bottleneck_of(problem, cuts),
         ideal_ms=problem.ideal_ms,
         algorithm=algorithm,
         transitions=transitions,
@@ -79,14 +80,24 @@ def make_plan(problem: Problem, cuts: Sequence[Cut], algorithm: str, transitions
     )
 
 
+def bottleneck_of(problem: Problem, cuts: Sequence[Cut]) -> float:
+    """The largest period or input hop, with the plan's own arithmetic."""
+    periods, input_hop = problem.periods(cuts)
+    return max([*periods, input_hop])
+
+
 def check_cuts(problem: Problem, cuts: Sequence[Cut]) -> None:
-    """Raise ValueError unless the cuts cover all units in order, on distinct devices, within memory."""
+    """Raise ValueError unless the cuts cover all units in order, on distinct devices, within memory,
+    each stage ending at a legal cut."""
     if not cuts:
         raise ValueError("a plan needs at least one stage")
     expected = 0
+    legal = set(problem.ends.tolist())
     for j, k, d in cuts:
         if j != expected or k <= j:
             raise ValueError(f"stage ({j}, {k}] does not continue from unit {expected}")
+        if k not in legal:
+            raise ValueError(f"a stage ends after unit {k}, which is not a legal cut (model_config.cuts)")
         if not 0 <= d < problem.N:
             raise ValueError(f"device {d + 1} does not exist")
         if not problem.fits(j, k, d):
@@ -111,6 +122,14 @@ def explain_no_plan(problem: Problem) -> NoPlanError:
         more = f" (and {len(too_big) - 1} more units)" if len(too_big) > 1 else ""
         return NoPlanError(f"unit {u + 1} needs {R[u]:.1f} MB, more than any device has "
                            f"(largest: {biggest:.1f} MB on device {largest_device}){more}")
+    if problem.cuts is not None:
+        starts = np.concatenate(([0], problem.ends[:-1]))
+        needs = problem.memory_prefix[problem.ends] - problem.memory_prefix[starts]
+        if needs.max() > biggest:
+            i = int(np.argmax(needs > biggest))
+            return NoPlanError(f"units {starts[i] + 1}..{problem.ends[i]} lie between two legal cuts "
+                               f"(model_config.cuts) and need {needs[i]:.1f} MB together, more than any device has "
+                               f"(largest: {biggest:.1f} MB on device {largest_device})")
     total, capacity = float(problem.memory_prefix[-1]), float(problem.capacity.sum())
     if total > capacity:
         return NoPlanError(f"the model needs {total:.1f} MB in total but all {problem.N} devices "

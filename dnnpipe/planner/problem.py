@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -27,23 +27,29 @@ class Problem:
     memory_prefix: np.ndarray  # RP, shape (U + 1,)
     link_mbps: Optional[np.ndarray] = None  # B, shape (N,): each device's link, Mbit/s
     cut_bytes: Optional[np.ndarray] = None  # A, shape (U + 1,): bytes crossing the cut after unit j
+    link_matrix: Optional[np.ndarray] = None  # B_link, shape (N, N): Mbit/s from d to e; else min(B[d], B[e])
+    cuts: Optional[tuple[int, ...]] = None  # legal stage ends below U (model_config.cuts); None: every unit
 
     @classmethod
     def from_config(cls, config: Config) -> "Problem":
         E_device, B, A = config.profile.E_device, config.cluster.B, config.profile.A
+        B_link, cuts = config.cluster.B_link, config.profile.cuts
         if B is None:
             A = None  # cut sizes alone are information; link bandwidth turns the model on
         elif A is None:
             raise ConfigError(f"{config.source}: the communication model needs both device_config.B (link "
                               f"Mbit/s per device) and model_config.A (bytes per cut), got only B")
         if E_device is not None:
-            return cls.from_lists([1.0] * config.cluster.N, config.cluster.M, E_device, config.profile.R, B, A)
-        return cls.from_lists(config.cluster.C, config.cluster.M, config.profile.E, config.profile.R, B, A)
+            return cls.from_lists([1.0] * config.cluster.N, config.cluster.M, E_device, config.profile.R, B, A,
+                                  B_link, cuts)
+        return cls.from_lists(config.cluster.C, config.cluster.M, config.profile.E, config.profile.R, B, A, B_link,
+                              cuts)
 
     @classmethod
-    def from_lists(cls, C, M, E, R, B=None, A=None) -> "Problem":
+    def from_lists(cls, C, M, E, R, B=None, A=None, B_link=None, cuts=None) -> "Problem":
         """E is one list of unit times on device 1, or one list per device (then C should be all 1).
-        B (Mbit/s per device) and A (bytes per cut, U + 1 values) turn on the communication model."""
+        B (Mbit/s per device) and A (bytes per cut, U + 1 values) turn on the communication model; B_link
+        (N x N Mbit/s) replaces min(B[d], B[e]) between devices. cuts: the legal stage ends below U."""
         speed = np.asarray(C, dtype=float)
         E = np.asarray(E, dtype=float)
         rows = np.broadcast_to(E, (len(speed), E.shape[-1])) if E.ndim == 1 else E
@@ -54,18 +60,55 @@ class Problem:
             memory_prefix=np.concatenate(([0.0], np.cumsum(np.asarray(R, dtype=float)))),
             link_mbps=None if B is None else np.asarray(B, dtype=float),
             cut_bytes=None if A is None else np.asarray(A, dtype=float),
+            link_matrix=None if B is None or B_link is None else np.asarray(B_link, dtype=float),
+            cuts=None if cuts is None else tuple(int(k) for k in cuts),
         )
 
     @property
     def has_links(self) -> bool:
         return self.link_mbps is not None
 
+    @property
+    def pair_mbps(self) -> np.ndarray:
+        """Mbit/s from device d (row) to device e (column): B_link, or the slower of the two devices' links."""
+        if self.link_matrix is not None:
+            return self.link_matrix
+        B = self.link_mbps if self.link_mbps is not None else np.full(self.N, np.inf)
+        return np.minimum(B[:, None], B[None, :])
+
     def hop_ms(self, j: int, sender: Optional[int], receiver: Optional[int]) -> float:
-        """Moving cut j's bytes over the slower of two links; None is the data source or the sink."""
+        """Moving cut j's bytes from sender to receiver; None is the data source or the sink (device's own B)."""
         if self.link_mbps is None or self.cut_bytes is None:
             return 0.0
-        links = [self.link_mbps[d] for d in (sender, receiver) if d is not None]
-        return float(self.cut_bytes[j] * 8e-3 / min(links))
+        if sender is None or receiver is None:
+            mbps = self.link_mbps[receiver if sender is None else sender]
+        else:
+            mbps = self.pair_mbps[sender, receiver]
+        return float(self.cut_bytes[j] * 8e-3 / mbps)
+
+    @property
+    def ends(self) -> np.ndarray:
+        """Every unit boundary a stage may end at, U included, sorted."""
+        return np.arange(1, self.U + 1) if self.cuts is None else np.array([*self.cuts, self.U])
+
+    def units_are_blocks(self) -> None:
+        """Algorithms end stages at any boundary: they take the problem over blocks (at_cuts), as solve_problem
+        passes it, never one with cuts left to respect."""
+        if self.cuts is not None:
+            raise ValueError("this algorithm takes Problem.at_cuts() (legal cuts as blocks); use solve_problem")
+
+    def at_cuts(self) -> "Problem":
+        """The same problem over blocks of units between legal cuts, so every boundary is legal.
+
+        Stage (i, l] of blocks is stage (ends[i-1], ends[l-1]] of units; the prefix sums are the very
+        same numbers, so every stage time, memory and hop is computed identically: solving this one is
+        exactly solving the original among plans with legal cuts.
+        """
+        if self.cuts is None:
+            return self
+        at = np.concatenate(([0], self.ends))
+        return replace(self, time_prefix=self.time_prefix[:, at], memory_prefix=self.memory_prefix[at],
+                       cut_bytes=None if self.cut_bytes is None else self.cut_bytes[at], cuts=None)
 
     def periods(self, cuts) -> tuple[list[float], float]:
         """Each stage's period and the input hop. A stage computes while it sends (the runtime's sender

@@ -2,6 +2,8 @@
 
 Devices keep their ids: a removed device is left out of the problem and the result is mapped back.
 If the running plan is still feasible and still optimal it is kept, so nothing moves for nothing.
+The model's legal cuts (model_config.cuts) carry over: the new plan, like any, ends stages only there,
+and a running plan that does not is not kept.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def changed_problem(problem: Problem, change: ClusterChange) -> tuple[Problem, l
         capacity[d - 1] = value
     keep = np.array(ids) - 1
     return replace(problem, speed=speed[keep], capacity=capacity[keep], time_prefix=problem.time_prefix[keep],
-                   link_mbps=None if problem.link_mbps is None else problem.link_mbps[keep]), ids
+                   link_mbps=None if problem.link_mbps is None else problem.link_mbps[keep],
+                   link_matrix=None if problem.link_matrix is None else problem.link_matrix[np.ix_(keep, keep)]), ids
 
 
 def replan(config: ConfigSource, running: Sequence[Sequence[int]], change: ClusterChange,

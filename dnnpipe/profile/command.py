@@ -30,12 +30,14 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                         help="timed runs per unit; E is their median (default 30)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs per unit before timing (default 5)")
     parser.add_argument("--num-threads", type=positive_int, default=1, help="interpreter threads (default 1)")
+    parser.add_argument("--custom-objects", type=Path, metavar="FILE",
+                        help="Python file defining the model's custom layers (registered before loading)")
     return parser
 
 
 def profile_command(args: argparse.Namespace) -> int:
     device_config(args.devices, args.speeds, args.memory, args.speed_factor_of, None, args.bandwidth)  # fail early
-    model = load_keras_model(find_model(args.model_path, args.model_name))
+    model = load_keras_model(find_model(args.model_path, args.model_name), args.custom_objects)
     profile = profile_keras_model(model, args.repeats, args.warmup, args.num_threads, progress_line)
     devices = device_config(args.devices, args.speeds, args.memory, args.speed_factor_of, profile.whole_ms,
                             args.bandwidth)

@@ -1,6 +1,7 @@
-"""runtime_engine.py and `python -m dnnpipe stage` / `run-local`: arguments in, a stage or a local run out.
+"""runtime_engine.py and `python -m dnnpipe stage`: arguments in, one running stage out.
 
-runtime_engine.py imports only this module on a board, so it stays within the device side.
+runtime_engine.py imports only this module on a board, so it stays within the device side; `run-local`, which
+runs every stage on this host, is the testbed's command (dnnpipe.testbed.command).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--data-path", type=Path, help="first stage: HDF5 inputs, dataset 'images'")
     parser.add_argument("--output-path", type=Path, help="last stage: HDF5 results, one dataset per output")
     add_run_arguments(parser)
-    parser.add_argument("--emulate-speed", type=positive_float, metavar="C",
-                        help="emulate a device of speed C: sleep so that stage time = measured / C")
+    parser.add_argument("--pace-ms", type=positive_float, metavar="MS",
+                        help="emulate a device whose stage takes MS: each frame's stage time is max(host, MS)")
     parser.add_argument("--control-host", help="a controller (serve) to send heartbeats to and take commands from")
     parser.add_argument("--control-port", type=port, help="the controller's control port")
     return parser
@@ -78,7 +79,7 @@ def stage_command(args: argparse.Namespace) -> int:
         bind_port=args.bind_port, next_host=args.next_host, next_port=args.next_port, data_path=args.data_path,
         output_path=args.output_path, num_inputs=args.num_inputs, fps=args.fps, log_dir=args.log_dir,
         num_threads=args.num_threads, delegate=args.delegate, timeout=args.timeout,
-        connect_timeout=args.connect_timeout, queue_size=args.queue_size, emulate_speed=args.emulate_speed,
+        connect_timeout=args.connect_timeout, queue_size=args.queue_size, pace_ms=args.pace_ms,
         control_host=args.control_host, control_port=args.control_port,
         key_file=args.key_file, insecure=args.insecure)
     print(Stage(options, say=lambda text: print(text, flush=True)).run().describe(), flush=True)
@@ -87,32 +88,3 @@ def stage_command(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     return script_main(stage_parser(), stage_command, argv)
-
-
-# --- python -m dnnpipe run-local ---------------------------------------------------------------
-
-def add_run_local_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--model-path", type=Path, default=Path("partitioned_submodels"),
-                        help="folder holding NAME/manifest.json (default partitioned_submodels)")
-    parser.add_argument("--model-name", required=True, help="model name (sub-folder of --model-path)")
-    parser.add_argument("--data-path", type=Path, required=True, help="HDF5 inputs, dataset 'images'")
-    parser.add_argument("--output-path", type=Path, help="HDF5 results written by the last stage")
-    parser.add_argument("--emulate-speed", action="store_true",
-                        help="slow each stage to its device's C from the config")
-    parser.add_argument("--config", type=Path, default=Path("configurations"),
-                        help="folder with NAME/config.json, or the config file (for --emulate-speed)")
-    add_run_arguments(parser)
-    return parser
-
-
-def run_local_command(args: argparse.Namespace) -> int:
-    from ..config import load_config
-    from ..layout import config_paths
-    from .local import run_local
-
-    speeds = load_config(config_paths(args.config, args.model_name)[0]).cluster.C if args.emulate_speed else None
-    folder = args.model_path / args.model_name
-    run = run_local(folder, args.data_path, args.output_path, args.log_dir or folder / "logs", speeds,
-                    run_options(args))
-    print(run.describe())
-    return 0

@@ -8,7 +8,7 @@ frozen device from a slow one.
     stage -> controller   {"kind": "hello", "stage": k, "pid": p}
                           {"kind": "beat", "sent": frames done, "times": [stage ms of each new frame]}
                           {"kind": "error", "message": "..."} or {"kind": "done"}, then close
-    controller -> stage   {"kind": "emulate", "speed": C}
+    controller -> stage   {"kind": "pace", "ms": planned stage time of the emulated device}
 """
 
 from __future__ import annotations
@@ -60,11 +60,11 @@ class LineReader:
 
 def check_command(message: dict[str, Any], peer: str) -> dict[str, Any]:
     """The commands a stage obeys, checked at the boundary."""
-    if message["kind"] == "emulate":
-        speed = message.get("speed")
-        if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not (speed > 0 and math.isfinite(speed)):
-            raise DnnpipeError(f"{peer}: emulate needs a finite speed > 0, got {speed!r}")
-        return {"kind": "emulate", "speed": float(speed)}
+    if message["kind"] == "pace":
+        ms = message.get("ms")
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not (ms > 0 and math.isfinite(ms)):
+            raise DnnpipeError(f"{peer}: pace needs a finite number of ms > 0, got {ms!r}")
+        return {"kind": "pace", "ms": float(ms)}
     raise DnnpipeError(f"{peer}: unknown control command {message['kind']!r}")
 
 

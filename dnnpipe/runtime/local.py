@@ -1,4 +1,8 @@
-"""Every stage of a manifest as its own process on loopback ports: a whole pipeline on one machine."""
+"""Every stage of a manifest as its own process: a whole pipeline on one machine.
+
+Where the stages run and how they reach each other is a Network: loopback ports here, or
+dnnpipe.testbed's namespaces (one per emulated device, with shaped links).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Protocol, Sequence
 
 from ..errors import DnnpipeError
 from ..manifest import read_manifest
@@ -43,27 +47,61 @@ class RunOptions:
         return flags
 
 
+class Network(Protocol):
+    """Where each device's stage runs and how the previous stage reaches it."""
+
+    kind: str
+
+    def address(self, device: int) -> str: ...
+    def port(self, stage: int) -> int: ...
+    def command(self, device: int, argv: Sequence[str]) -> list[str]: ...
+
+
+class Loopback:
+    """Every stage on this host's loopback, each listening on its own free port."""
+
+    kind = "loopback"
+
+    def __init__(self, stages: int):
+        self.ports = free_ports(stages)
+
+    def address(self, device: int) -> str:
+        return "127.0.0.1"
+
+    def port(self, stage: int) -> int:
+        return self.ports[stage - 1]
+
+    def command(self, device: int, argv: Sequence[str]) -> list[str]:
+        return list(argv)
+
+
 @dataclass
 class PipelineRun:
     stages: list[StageSummary]
-    speeds: list[Optional[float]]
+    pace_ms: list[Optional[float]]
     devices: list[int]
     log_dir: Path
+    network: str = "loopback"
 
     @property
     def throughput(self) -> float:
         return self.stages[-1].throughput
 
     def describe(self) -> str:
-        rows = [f"{'stage':>5} {'device':>6} {'speed':>6} {'frames':>6} {'infer p50 ms':>12} {'stage p50 ms':>12} "
-                f"{'busy':>5} {'inf/s':>7}"]
-        for s, c, d in zip(self.stages, self.speeds, self.devices):
-            rows.append(f"{s.stage:>5} {d:>6} {'' if c is None else f'{c:g}':>6} {s.frames:>6} "
-                        f"{s.inference_p50_ms:>12.2f} {s.stage_time_p50_ms:>12.2f} {s.busy_fraction:>5.0%} "
-                        f"{s.throughput:>7.1f}")
+        rows = [f"{'stage':>5} {'device':>6} {'paced ms':>8} {'frames':>6} {'infer p50 ms':>12} "
+                f"{'stage p50 ms':>12} {'over':>5} {'busy':>5} {'inf/s':>7}"]
+        for s, p, d in zip(self.stages, self.pace_ms, self.devices):
+            rows.append(f"{s.stage:>5} {d:>6} {'' if p is None else f'{p:.2f}':>8} {s.frames:>6} "
+                        f"{s.inference_p50_ms:>12.2f} {s.stage_time_p50_ms:>12.2f} {s.overruns:>5} "
+                        f"{s.busy_fraction:>5.0%} {s.throughput:>7.1f}")
         last = self.stages[-1]
         rows.append(f"pipeline: {last.frames} results, {last.throughput:.1f} inferences/s, end-to-end latency "
-                    f"p50 {last.latency_p50_ms:.1f} ms p95 {last.latency_p95_ms:.1f} ms (logs: {self.log_dir})")
+                    f"p50 {last.latency_p50_ms:.1f} ms p95 {last.latency_p95_ms:.1f} ms "
+                    f"({self.network}; logs: {self.log_dir})")
+        overruns = sum(s.overruns for s in self.stages)
+        if overruns:
+            rows.append(f"not faithful: in {overruns} stage-frames the host computed slower than the emulated "
+                        f"device's planned time (column 'over')")
         return "\n".join(rows)
 
 
@@ -79,44 +117,47 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def stage_commands(folder: Path, stages: int, data_path: Path, output_path: Optional[Path], log_dir: Path,
-                   speeds: Sequence[Optional[float]], run: RunOptions) -> list[list[str]]:
-    ports = free_ports(stages - 1)
+def stage_commands(folder: Path, devices: Sequence[int], data_path: Path, output_path: Optional[Path],
+                   log_dir: Path, pace_ms: Sequence[Optional[float]], run: RunOptions,
+                   network: Network) -> list[list[str]]:
+    stages = len(devices)
     commands = []
     for k in range(1, stages + 1):
         command = [sys.executable, "-m", "dnnpipe", "stage", "--stage", str(k), "--model-path", str(folder.parent),
                    "--model-name", folder.name, "--log-dir", str(log_dir), *run.argv()]
         if k > 1:
-            command += ["--bind-addr", "127.0.0.1", "--bind-port", str(ports[k - 2])]
+            command += ["--bind-addr", network.address(devices[k - 1]), "--bind-port", str(network.port(k))]
         if k < stages:
-            command += ["--next-host", "127.0.0.1", "--next-port", str(ports[k - 1])]
+            command += ["--next-host", network.address(devices[k]), "--next-port", str(network.port(k + 1))]
         if k == 1:
             command += ["--data-path", str(data_path)]
         if k == stages and output_path is not None:
             command += ["--output-path", str(output_path)]
-        if speeds[k - 1] is not None:
-            command += ["--emulate-speed", str(speeds[k - 1])]
-        commands.append(command)
+        if pace_ms[k - 1] is not None:
+            command += ["--pace-ms", repr(pace_ms[k - 1])]
+        commands.append(network.command(devices[k - 1], command))
     return commands
 
 
 def run_local(folder: Path, data_path: Path, output_path: Optional[Path], log_dir: Path,
-              speeds_by_device: Optional[Sequence[float]] = None, run: RunOptions = RunOptions(),
-              echo: Callable[[str], None] = print) -> PipelineRun:
+              pace_ms: Optional[Sequence[Optional[float]]] = None, run: RunOptions = RunOptions(),
+              network: Optional[Network] = None) -> PipelineRun:
     """Start the stages last first (each listener is up before its upstream connects) and wait for all.
 
+    pace_ms: each stage's planned time on its emulated device (dnnpipe.testbed.pacing), or None.
     Whatever happens (a stage fails, this process is interrupted), no stage process outlives the call.
     """
     manifest = read_manifest(folder)
     devices = [s.device for s in manifest.stages]
-    if speeds_by_device is not None and max(devices) > len(speeds_by_device):
-        raise DnnpipeError(f"{folder}: the manifest places a stage on device {max(devices)} but the config has "
-                           f"{len(speeds_by_device)} devices (re-partition after re-planning)")
-    speeds = [speeds_by_device[d - 1] if speeds_by_device else None for d in devices]
+    paces: list[Optional[float]] = list(pace_ms) if pace_ms is not None else [None] * len(devices)
+    if len(paces) != len(devices):
+        raise DnnpipeError(f"{folder}: {len(devices)} stages in the manifest but {len(paces)} planned stage "
+                           f"times (re-partition after re-planning)")
     if not data_path.is_file():
         raise DnnpipeError(f"{data_path}: input data file not found")
     log_dir.mkdir(parents=True, exist_ok=True)
-    commands = stage_commands(folder, len(devices), data_path, output_path, log_dir, speeds, run)
+    network = network or Loopback(len(devices))
+    commands = stage_commands(folder, devices, data_path, output_path, log_dir, paces, run, network)
     processes: dict[int, subprocess.Popen] = {}
     try:
         for k in range(len(commands), 0, -1):
@@ -129,7 +170,8 @@ def run_local(folder: Path, data_path: Path, output_path: Optional[Path], log_di
         raise DnnpipeError(f"stage {failed[0]} failed: {_last_error(log_dir / f'stage_{failed[0]}.out')} "
                            f"(exit codes: {', '.join(f'{k}={processes[k].returncode}' for k in sorted(processes))}; "
                            f"logs: {log_dir})")
-    return PipelineRun([read_summary(log_dir, k) for k in range(1, len(devices) + 1)], speeds, devices, log_dir)
+    return PipelineRun([read_summary(log_dir, k) for k in range(1, len(devices) + 1)], paces, devices, log_dir,
+                       network.kind)
 
 
 def _last_error(log: Path) -> str:

@@ -17,11 +17,19 @@ class FrameTiming:
     receive_ms: float = 0.0  # reading the frame off the socket (or the input file)
     queue_wait_ms: float = 0.0  # waiting for the executor
     inference_ms: float = 0.0
-    emulation_ms: float = 0.0  # added sleep that emulates a slower device
+    emulation_ms: float = 0.0  # pacing: sleep until the emulated device's planned time has passed
     send_ms: float = 0.0  # writing the result to the socket (or the output file)
     infer_start: float = 0.0  # epoch seconds: busy interval for timelines across stages
     infer_end: float = 0.0
     latency_ms: float = float("nan")  # end to end, last stage only (clocks must agree across devices)
+    planned_ms: float = 0.0  # the emulated device's planned stage time (0: not paced)
+    received: float = 0.0  # epoch seconds the frame was read off the link (0: read from the input file)
+    send_start: float = 0.0  # epoch seconds its result began to go to the next stage (0: last stage)
+
+    @property
+    def overrun(self) -> bool:
+        """The host computed slower than the emulated device would have: this frame is not faithful."""
+        return 0 < self.planned_ms < self.inference_ms
 
 
 @dataclass
@@ -36,11 +44,15 @@ class StageSummary:
     busy_fraction: float
     latency_p50_ms: Optional[float] = None
     latency_p95_ms: Optional[float] = None
+    planned_ms: float = 0.0  # the emulated device's planned stage time (0: not paced)
+    overruns: int = 0  # frames whose host compute exceeded planned_ms
 
     def describe(self) -> str:
         text = (f"[stage {self.stage}] {self.frames} frames in {self.seconds:.2f} s: {self.throughput:.1f} "
                 f"inferences/s; inference p50 {self.inference_p50_ms:.2f} ms p95 {self.inference_p95_ms:.2f} ms; "
                 f"stage time p50 {self.stage_time_p50_ms:.2f} ms; busy {self.busy_fraction:.0%}")
+        if self.planned_ms:
+            text += f"; paced to {self.planned_ms:.2f} ms, {self.overruns} frames over it"
         if self.latency_p50_ms is not None:
             text += (f"\n[stage {self.stage}] pipeline: {self.frames} results, {self.throughput:.1f} inferences/s "
                      f"end to end, latency p50 {self.latency_p50_ms:.1f} ms p95 {self.latency_p95_ms:.1f} ms")
@@ -66,6 +78,7 @@ def summarise(stage: int, timings: Sequence[FrameTiming], last: bool) -> StageSu
         busy_fraction=float(stage_time.sum() / 1000 / span) if span > 0 else 1.0,
         latency_p50_ms=float(np.percentile(latency, 50)) if last else None,
         latency_p95_ms=float(np.percentile(latency, 95)) if last else None,
+        planned_ms=timings[0].planned_ms, overruns=sum(t.overrun for t in timings),
     )
 
 

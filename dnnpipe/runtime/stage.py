@@ -57,7 +57,7 @@ class StageOptions:
     timeout: float = 60.0  # longest wait for a frame, or for a send to progress
     connect_timeout: float = 60.0  # longest wait for the neighbours to come up
     queue_size: int = 4
-    emulate_speed: Optional[float] = None  # C of the emulated device: stage time = measured / C
+    pace_ms: Optional[float] = None  # the emulated device's planned time for this stage: stage time = max(host, this)
     control_host: Optional[str] = None  # a controller (serve) to send heartbeats to and take commands from
     control_port: Optional[int] = None
     key_file: Optional[Path] = None  # default: pipeline.key beside the manifest
@@ -88,7 +88,7 @@ class Stage:
         self.timings: list[FrameTiming] = []
         self.upstream: Optional[Upstream] = None
         self.downstream: Optional[Downstream] = None
-        self.emulate_speed = options.emulate_speed  # a controller may change it while running
+        self.pace_ms = options.pace_ms  # a controller may change it while running
         self.control: Optional[ControlLink] = None
 
     def _check_options(self) -> None:
@@ -106,15 +106,16 @@ class Stage:
                                f"needs --next-host and --next-port")
         if (o.control_host is None) != (o.control_port is None):
             raise DnnpipeError(f"{self.name} --control-host and --control-port go together")
-        if o.emulate_speed is not None and not (o.emulate_speed > 0 and math.isfinite(o.emulate_speed)):
-            raise DnnpipeError(f"{self.name} --emulate-speed must be a finite number > 0, got {o.emulate_speed}")
-        for flag, value in (("--timeout", o.timeout), ("--connect-timeout", o.connect_timeout), ("--fps", o.fps)):
+        for flag, value in (("--timeout", o.timeout), ("--connect-timeout", o.connect_timeout), ("--fps", o.fps),
+                            ("--pace-ms", o.pace_ms)):
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise DnnpipeError(f"{self.name} {flag} must be a finite number > 0, got {value}")
         for flag, count in (("--queue-size", o.queue_size), ("--num-inputs", o.num_inputs),
                             ("--num-threads", o.num_threads)):
             if count is not None and count < 1:
                 raise DnnpipeError(f"{self.name} {flag} must be at least 1, got {count}")
+        if o.pace_ms is not None and o.pace_ms / 1000 >= o.timeout:
+            raise DnnpipeError(f"{self.name} --pace-ms {o.pace_ms:g} is not below --timeout {o.timeout:g} s")
 
     def _pool(self, specs) -> queue.Queue:
         pool: queue.Queue = queue.Queue()
@@ -210,9 +211,9 @@ class Stage:
 
     def _command(self, command: dict) -> None:
         """A controller's command (already validated by the control link)."""
-        if command["kind"] == "emulate":
-            self.emulate_speed = command["speed"]
-            self.say(f"{self.name} now emulating speed {self.emulate_speed:g}")
+        if command["kind"] == "pace":
+            self.pace_ms = command["ms"]
+            self.say(f"{self.name} now paced at {self.pace_ms:g} ms a frame")
 
     def _put(self, box: queue.Queue, item: Any) -> bool:
         while not self.stop.is_set():
@@ -257,11 +258,18 @@ class Stage:
             if frame.kind == Kind.END:
                 self._put(self.inbox, END)
                 return
-            timing = FrameTiming(frame.sequence, receive_ms=(time.perf_counter() - began) * 1000)
+            timing = FrameTiming(frame.sequence, receive_ms=(time.perf_counter() - began) * 1000,
+                                 received=time.time())
             if not self._put(self.inbox, (frame.sequence, frame.origin_ns, buffers, timing, time.perf_counter())):
                 return
 
     def _execute(self) -> None:
+        # Pacing follows the emulated device's own clock: it starts a frame when the frame has arrived and
+        # it finished the previous one (or, held back by the next stage, when a result buffer is free) and
+        # ends it planned ms later. Sleeping until that absolute deadline, instead of a sleep proportional
+        # to the measured time, keeps host noise from being multiplied by 1/C, and a late wake-up on a busy
+        # host does not push back the frames after it.
+        free_at = 0.0  # when the emulated device finished its previous frame
         while True:
             item = self._get(self.inbox)
             if item is None:
@@ -271,7 +279,10 @@ class Stage:
                 return
             sequence, origin_ns, buffers, timing, queued = item
             timing.queue_wait_ms = (time.perf_counter() - queued) * 1000
-            results = self._get(self.output_buffers)
+            try:
+                results, start = self.output_buffers.get_nowait(), max(queued, free_at)
+            except queue.Empty:
+                results, start = self._get(self.output_buffers), time.perf_counter()
             if results is None:
                 return
             timing.infer_start = time.time()
@@ -280,11 +291,13 @@ class Stage:
                 np.copyto(result, output)  # the interpreter reuses its output memory on the next call
             inference = time.perf_counter() - began
             self.input_buffers.put(buffers)
-            slowdown = 1.0 / self.emulate_speed - 1.0 if self.emulate_speed else 0.0
-            if slowdown > 0:
-                time.sleep(inference * slowdown)
+            pace = self.pace_ms / 1000 if self.pace_ms else 0.0  # a controller may change it
+            free_at = start + pace
+            while (left := free_at - time.perf_counter()) > 0:
+                time.sleep(left)
             timing.inference_ms = inference * 1000
             timing.emulation_ms = (time.perf_counter() - began - inference) * 1000
+            timing.planned_ms = pace * 1000
             timing.infer_end = time.time()
             if not self._put(self.outbox, (sequence, origin_ns, results, timing)):
                 return
@@ -300,6 +313,7 @@ class Stage:
                 downstream.end(sent)
                 return
             sequence, origin_ns, results, timing = item
+            timing.send_start = time.time()
             began = time.perf_counter()
             downstream.send(sequence, origin_ns, results)
             timing.send_ms = (time.perf_counter() - began) * 1000

@@ -45,7 +45,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--threshold", type=positive_float, default=0.10,
                         help="re-plan for measured speeds when the new bottleneck is this much better (default 0.10)")
     parser.add_argument("--emulate-speed", action="store_true",
-                        help="each stage emulates its device's C from the config (one host as a cluster)")
+                        help="pace each stage at its units' profiled time at its device's C from the config "
+                             "(the runtime's --pace-ms: one host as a cluster)")
     parser.add_argument("--emulation-scale", type=positive_float, default=1.0,
                         help="multiply every emulated speed by this (default 1)")
     parser.add_argument("--emulate-change", type=emulate_change, action="append", default=[], metavar="T:DEVICE=C",

@@ -156,12 +156,22 @@ class Controller:
             self.sent_paced += 1
             time.sleep(max(0.0, self.started_pacing + self.sent_paced / self.options.fps - time.monotonic()))
 
-    def emulated_speed(self, device: int) -> Optional[float]:
+    def paced_ms(self, device: int, units: tuple[int, int]) -> Optional[float]:
+        """The planned time of an emulated device's stage (the runtime's --pace-ms): its units' profiled time
+        at the device's emulated speed; None when not emulating."""
         if device in self.emulation:
-            return self.emulation[device] * self.options.emulation_scale
-        if not self.options.emulate_speed:
+            speed = self.emulation[device]
+        elif self.options.emulate_speed:
+            speed = self.config.cluster.C[device - 1]
+        else:
             return None
-        return self.config.cluster.C[device - 1] * self.options.emulation_scale
+        return self.profiled_ms(device, units) / (speed * self.options.emulation_scale)
+
+    def profiled_ms(self, device: int, units: tuple[int, int]) -> float:
+        """The units' time at C = 1 (or on the device itself, with per-device rows)."""
+        profile = self.config.profile
+        row = profile.E_device[device - 1] if profile.E_device is not None else profile.E
+        return float(sum(row[units[0] - 1:units[1]]))
 
     def _read_registry(self) -> dict[int, Device]:
         registry = load_registry(self.options.registry)
@@ -352,11 +362,12 @@ class Controller:
         while self.changes and self.serving_since and time.monotonic() - self.serving_since >= self.changes[0][0]:
             _, device, speed = self.changes.pop(0)
             self.emulation[device] = speed
-            stage = next((s.stage for s in epoch.manifest.stages if s.device == device), None)
+            spec = next((s for s in epoch.manifest.stages if s.device == device), None)
             self.echo(f"serve: device {device} now emulates speed {speed:g}"
-                      f"{'' if stage is None else f' (stage {stage})'}")
-            if stage is not None:
-                self.command(stage, {"kind": "emulate", "speed": speed * self.options.emulation_scale})
+                      f"{'' if spec is None else f' (stage {spec.stage})'}")
+            pace = None if spec is None else self.paced_ms(device, spec.units)
+            if spec is not None and pace is not None:
+                self.command(spec.stage, {"kind": "pace", "ms": pace})
 
     def _measure(self, epoch: Epoch) -> None:
         """Speeds from the stage times the control channel reports, against the profile (with hysteresis)."""
@@ -376,10 +387,9 @@ class Controller:
             if median is None:
                 continue
             d = spec.device
-            row = profile.E_device[d - 1] if profile.E_device is not None else profile.E
             profiled[d] = 1.0 if profile.E_device is not None else self.config.cluster.C[d - 1]
             beliefs[d] = self.speeds.get(d, profiled[d])
-            predicted[d] = float(sum(row[spec.units[0] - 1:spec.units[1]])) / beliefs[d]
+            predicted[d] = self.profiled_ms(d, spec.units) / beliefs[d]
             measured[d] = median
         outliers = speed_outliers(predicted, measured, beliefs, profiled, model)
         self.outlier_runs = {d: self.outlier_runs.get(d, 0) + 1 for d in outliers}

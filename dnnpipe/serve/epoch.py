@@ -49,7 +49,7 @@ class Host(Protocol):
 
     def pace(self) -> None: ...
 
-    def emulated_speed(self, device: int) -> Optional[float]: ...
+    def paced_ms(self, device: int, units: tuple[int, int]) -> Optional[float]: ...
 
     def check_adaptation(self, epoch: Epoch) -> None: ...
 
@@ -119,9 +119,9 @@ class Epoch:
             argv += ["--next-host", _reach(following), "--next-port", str(following.runtime_port)]
         else:
             argv += ["--next-host", o.controller_host, "--next-port", str(self.result_listener.getsockname()[1])]
-        speed = self.c.emulated_speed(device.device_id)
-        if speed is not None:
-            argv += ["--emulate-speed", f"{speed:.6g}"]
+        pace = self.c.paced_ms(device.device_id, self.manifest.stage(k).units)
+        if pace is not None:
+            argv += ["--pace-ms", f"{pace:.6g}"]
         return argv
 
     # --- control channel ---------------------------------------------------------------------

@@ -2,11 +2,12 @@
 
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bruteforce import brute_force_bottleneck
 from dnnpipe import ConfigError, NoPlanError, plan
 from dnnpipe.planner.replan import ClusterChange, replan
-from strategies import as_config, instances
+from strategies import as_config, cut_sets, instances, linked_instances
 
 CONFIG = as_config([1.0, 0.5, 0.5, 0.25], [100, 100, 100, 100], [4.0] * 12, [1.0] * 12)
 
@@ -95,3 +96,33 @@ def test_a_stale_running_plan_or_a_bad_value_is_a_clear_error():
     for bad in (float("nan"), float("inf"), 0.0):
         with pytest.raises(ConfigError, match="speed must be a finite number > 0"):
             replan(config, [[1, 4, 1]], ClusterChange(speeds={2: bad}))
+
+@st.composite
+def running_and_change(draw):
+    C, M, E, R, B, A, B_link = draw(linked_instances(matrix=True))
+    cuts = draw(cut_sets(len(E)))
+    gone = draw(st.sampled_from(range(1, len(C) + 1)))
+    return (C, M, E, R, B, A, B_link), cuts, gone
+
+
+@settings(max_examples=100, deadline=None)
+@given(running_and_change())
+def test_replan_respects_cuts_and_link_matrix(case):
+    (C, M, E, R, B, A, B_link), cuts, gone = case
+    config = as_config(C, M, E, R, B, A, B_link, cuts)
+    try:
+        running = plan(config).stages
+    except NoPlanError:
+        return
+    keep = [d for d in range(len(C)) if d != gone - 1]
+    expected = None
+    if keep:
+        expected = brute_force_bottleneck([C[d] for d in keep], [M[d] for d in keep], E, R, [B[d] for d in keep], A,
+                                          B_link=[[B_link[d][e] for e in keep] for d in keep], cuts=cuts)
+    if expected is None:
+        return  # nothing left that can run the model (covered by test_replan.py)
+    result = replan(config, running, ClusterChange(removed=frozenset({gone})))
+    assert abs(result.plan.bottleneck - expected) <= 1e-12 * max(1.0, expected)
+    legal = set(cuts if cuts is not None else range(1, len(E))) | {len(E)}
+    assert all(end in legal for _, end, _ in result.plan.stages)
+    assert gone not in [d for *_, d in result.plan.stages]

@@ -10,7 +10,7 @@ from dnnpipe import NoPlanError
 from dnnpipe.planner import Problem, solve_problem
 from dnnpipe.planner import bisect as fast
 from dnnpipe.planner.plan import check_cuts
-from strategies import SPEEDS, instances
+from strategies import SPEEDS, cut_sets, instances
 
 
 @pytest.fixture(params=["scalar", "vector"])
@@ -29,7 +29,7 @@ def clusters_with_identical_devices(draw):
                           min_size=1, max_size=3))
     C = [c for c, _, n in types for _ in range(n)][:5]
     M = [m for _, m, n in types for _ in range(n)][:5]
-    return C, M, E, R
+    return C, M, E, R, None, None, None, draw(cut_sets(U))
 
 
 def check(instance, expected):

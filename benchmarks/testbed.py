@@ -1,0 +1,82 @@
+"""The demo on the virtual testbed: predicted against measured, for the README's demo table.
+
+    .venv/bin/python benchmarks/testbed.py [--models tiny efficientnetv2b0] [--work-dir DIR]
+
+Per model: the demo's paper-like cluster on gigabit links, then (tiny only) a link-bound cluster (`--cluster`
+with 40 Mbit/s links and slow devices, so the plan's bottleneck is a hop between two stages) re-planned on
+the same profile. Each row: pipeline and fastest-device throughput, predicted / measured, the speed-up
+both ways, the capacity with an unpaced source, latency, and how many stage-frames the host could not pace.
+Run as root for network namespaces and tbf-shaped links; otherwise the demo says it fell back to loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LINK_BOUND = {"C": [0.1, 0.05, 0.05, 0.05], "M": [100, 100, 100, 100], "B": [40, 40, 40, 40]}
+
+
+def demo(work: Path, model: str, *extra: str) -> float:
+    began = time.perf_counter()
+    command = [sys.executable, "-m", "dnnpipe", "demo", "--model", model, "--work-dir", str(work), *extra]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"})
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    return time.perf_counter() - began
+
+
+def row(name: str, work: Path, seconds: float) -> str:
+    m = json.loads((work / "measured.json").read_text())
+    plan = json.loads((work / "configurations" / work.name / "pipeline_plan.json").read_text())
+    pipe, single = m["pipeline_throughput"], m["single_throughput"]
+    pipe_p, single_p = m["predicted_pipeline_throughput"], m["predicted_single_throughput"]
+    over = sum(s["overruns"] for s in m["stages"] + m["single_stages"])
+    frames = sum(s["frames"] for s in m["stages"] + m["single_stages"])
+    return (f"| {name} | {m['testbed']} | {m['emulation_scale']:.3g} | {len(plan['pipeline_plan'])} | "
+            f"{pipe_p:.1f} / {pipe:.1f} ({pipe / pipe_p:.0%}) | "
+            f"{single_p:.1f} / {single:.1f} ({single / single_p:.0%}) | "
+            f"{pipe_p / single_p:.2f}x / {pipe / single:.2f}x | {m['pipeline_capacity'] / pipe_p:.0%} | "
+            f"{m['latency_p50_ms']:.0f} / {m['latency_p95_ms']:.0f} | {over} / {frames} | {seconds:.0f} s |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["tiny"], choices=["tiny", "mobilenetv2", "efficientnetv2b0"])
+    parser.add_argument("--work-dir", type=Path, help="keep the work directories here (default: a temporary one)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as temporary:
+        base = args.work_dir or Path(temporary)
+        rows = []
+        for model in args.models:
+            work = base / model
+            rows.append(row(f"{model}, paper-like cluster, 1000 Mbit/s", work, demo(work, model)))
+            if model == "tiny":
+                cluster = base / "link-bound.json"
+                cluster.write_text(json.dumps(LINK_BOUND))
+                bound = base / "link-bound" / model
+                bound.parent.mkdir(parents=True, exist_ok=True)
+                subprocess.run(["cp", "-r", str(work), str(bound)], check=True)
+                seconds = demo(bound, model, "--cluster", str(cluster), "--steps", "plan", "partition", "deploy",
+                               "run", "report")
+                rows.append(row(f"{model}, link-bound: C {LINK_BOUND['C']}, 40 Mbit/s", bound, seconds))
+    load = os.getloadavg()
+    print(f"{os.cpu_count()} CPUs here, usable {len(os.sched_getaffinity(0))}; load average "
+          f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min)")
+    print("| run | testbed | scale | stages | pipeline inf/s predicted / measured | fastest device predicted / "
+          "measured | speed-up predicted / measured | capacity / predicted | latency p50 / p95 ms | "
+          "frames over plan | time |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Transport cost per frame: the protocol against a bare socket moving the same bytes (issue 19).
+
+    .venv/bin/python benchmarks/transport.py                 # frame table, then the 2-stage pipeline
+    .venv/bin/python benchmarks/transport.py --no-pipeline   # frame table only (no TensorFlow)
+
+Frame table: a sender process streams frames of one float32 tensor over loopback TCP to this process,
+which times every frame after the first; best of --repeats runs, the columns interleaved. "bare" is a
+sendall / recv_into loop of the payload alone; "send_frame" is the per-call API on a socket with a
+timeout (what the runtime uses before switching); "FrameWriter" sends with descriptors encoded once
+per connection. Both protocol columns receive with FrameReader, which checks every field of every frame.
+CPU us/frame is sender plus receiver CPU time per frame (best run): other processes sharing the cores
+stretch the wall-clock columns but hardly this one.
+
+Pipeline: a tiny Keras model (a 1x1 convolution that widens the input to a ~100 KB cut, then global
+pooling) converted into 2 stages and run with `python -m dnnpipe run-local`, so transport, not
+inference, dominates; reported against the bare-socket bound for frames of the cut's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import socket
+import sys
+import tempfile
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dnnpipe.manifest import TensorSpec  # noqa: E402
+from dnnpipe.protocol import FrameReader, FrameWriter, Kind, send_frame  # noqa: E402
+
+METHODS = ("bare", "send_frame", "FrameWriter")
+SIZES = (1 << 20, 100 << 10, 10 << 10, 1 << 10)
+RUN_BYTES = 200 << 20  # bytes per timed run, at least MIN_FRAMES and at most MAX_FRAMES frames
+MIN_FRAMES, MAX_FRAMES = 200, 20000
+
+
+def spec_of(nbytes: int) -> TensorSpec:
+    return TensorSpec("cut", "cut", (1, nbytes // 4), "float32")
+
+
+def send(port: int, method: str, nbytes: int, frames: int, cpu: Connection) -> None:
+    """The sender process: `frames` frames as fast as the receiver takes them; reports its CPU seconds."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    spec = spec_of(nbytes)
+    tensor = np.ones(spec.shape, spec.dtype)
+    started = time.process_time()
+    if method == "bare":
+        view = tensor.data.cast("B")
+        for _ in range(frames):
+            sock.sendall(view)
+    elif method == "send_frame":
+        sock.settimeout(60.0)
+        for sequence in range(frames):
+            send_frame(sock, Kind.DATA, sequence, 0, [spec], [tensor])
+    else:
+        writer = FrameWriter(sock, [spec], "the receiver", 60.0)
+        for sequence in range(frames):
+            writer.send(sequence, 0, [tensor])
+    cpu.send(time.process_time() - started)
+    sock.close()
+
+
+def bare_receiver(sock: socket.socket, spec: TensorSpec) -> Callable[[], None]:
+    view = np.empty(spec.shape, spec.dtype).data.cast("B")
+
+    def receive() -> None:
+        got = 0
+        while got < len(view):
+            n = sock.recv_into(view[got:])
+            if n == 0:
+                raise ConnectionError("sender closed early")
+            got += n
+
+    return receive
+
+
+def seconds_per_frame(method: str, nbytes: int, frames: int) -> tuple[float, float]:
+    """One run on a fresh connection: wall seconds per frame (the first frame untimed) and CPU seconds per
+    frame of sender and receiver together (not distorted by other processes sharing the cores)."""
+    spec = spec_of(nbytes)
+    context = multiprocessing.get_context("fork")
+    cpu, child_cpu = context.Pipe(duplex=False)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        sender = context.Process(target=send, args=(listener.getsockname()[1], method, nbytes, frames, child_cpu))
+        sender.start()
+        sock, _ = listener.accept()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if method == "bare":
+        receive = bare_receiver(sock, spec)
+    else:
+        reader, buffers = FrameReader(sock, [spec], "the sender", 60.0), [np.empty(spec.shape, spec.dtype)]
+        receive = lambda: reader.read(buffers)  # noqa: E731
+    started_cpu = time.process_time()
+    receive()
+    started = time.perf_counter()
+    for _ in range(frames - 1):
+        receive()
+    elapsed = time.perf_counter() - started
+    receiver_cpu = time.process_time() - started_cpu
+    sender_cpu = cpu.recv()
+    sender.join()
+    sock.close()
+    return elapsed / (frames - 1), (sender_cpu + receiver_cpu) / frames
+
+
+def frame_table(repeats: int) -> dict[int, float]:
+    """Prints the table; returns the bare socket's seconds per frame by size."""
+    print(f"{'frame':>8} | " + " | ".join(f"{m:>22}" for m in METHODS) + " | send_frame/bare | writer/bare | "
+          "writer extra us | CPU us/frame: " + " / ".join(METHODS))
+    bare: dict[int, float] = {}
+    for nbytes in SIZES:
+        frames = max(MIN_FRAMES, min(MAX_FRAMES, RUN_BYTES // nbytes))
+        runs: dict[str, list[tuple[float, float]]] = {m: [] for m in METHODS}
+        for _ in range(repeats):  # interleaved, so load from other processes falls on every column alike
+            for m in METHODS:
+                runs[m].append(seconds_per_frame(m, nbytes, frames))
+        best = {m: min(wall for wall, _ in times) for m, times in runs.items()}
+        cpu = {m: min(cpu for _, cpu in times) for m, times in runs.items()}
+        bare[nbytes] = best["bare"]
+        cells = [f"{nbytes / t / 1e9:5.2f} GB/s {t * 1e6:7.1f} us" for t in best.values()]
+        print(f"{size_name(nbytes):>8} | " + " | ".join(f"{c:>22}" for c in cells)
+              + f" | {best['bare'] / best['send_frame']:>15.2f} | {best['bare'] / best['FrameWriter']:>11.2f} | "
+              f"{(best['FrameWriter'] - best['bare']) * 1e6:>15.1f} | "
+              + " / ".join(f"{cpu[m] * 1e6:.1f}" for m in METHODS), flush=True)
+    return bare
+
+
+def size_name(nbytes: int) -> str:
+    return f"{nbytes >> 20} MB" if nbytes >= 1 << 20 else f"{nbytes >> 10} KB"
+
+
+def pipeline(bare: dict[int, float], inputs: int, repeats: int) -> None:
+    """Two cheap stages joined by a ~100 KB cut, run as processes by run-local."""
+    import h5py
+
+    from dnnpipe.partition.command import partition_keras_model
+    from dnnpipe.runtime.local import run_local
+    from dnnpipe.runtime.metrics import read_timings
+    from dnnpipe.tfenv import import_tensorflow
+
+    _, keras = import_tensorflow()
+    keras.utils.set_random_seed(0)
+    x = keras.Input((40, 40, 3), name="image")
+    wide = keras.layers.Conv2D(16, 1, name="widen")(x)
+    model = keras.Model(x, keras.layers.GlobalAveragePooling2D(name="pool")(wide))
+    with tempfile.TemporaryDirectory() as root:
+        folder = Path(root) / "wide"
+        manifest, _ = partition_keras_model(model, [[1, 1, 1], [2, 2, 2]], folder, "wide", "benchmark",
+                                            verify_chain=False)
+        cut = sum(t.nbytes for t in manifest.stages[0].outputs)  # 40 x 40 x 16 float32: 100 KB
+        with h5py.File(Path(root) / "data.h5", "w") as f:
+            f["images"] = np.random.default_rng(0).random((64, 40, 40, 3)).astype("float32")
+        runs = []
+        for i in range(repeats):
+            run = run_local(folder, Path(root) / "data.h5", None, Path(root) / f"logs{i}",
+                            extra=[f"--num-inputs={inputs}"])
+            send = np.median([t.send_ms for t in read_timings(run.log_dir, 1)]) * 1000
+            receive = np.median([t.receive_ms for t in read_timings(run.log_dir, 2)]) * 1000
+            runs.append((run.throughput, send, receive))
+    throughput, send, receive = max(runs)
+    bound = 1 / bare[cut]
+    print(f"\n2-stage pipeline (run-local, {inputs} inputs, cut {size_name(cut)}, best of {repeats}): "
+          f"{throughput:,.0f} frames/s; bare-socket bound {bound:,.0f} frames/s ({throughput / bound:.2f} of it); "
+          f"p50 per frame: stage 1 sending {send:.0f} us, stage 2 receiving {receive:.0f} us")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7, help="runs per cell, best kept (default 7)")
+    parser.add_argument("--inputs", type=int, default=5000, help="pipeline inputs per run (default 5000)")
+    parser.add_argument("--no-pipeline", action="store_true", help="frame table only")
+    args = parser.parse_args()
+    bare = frame_table(args.repeats)
+    if not args.no_pipeline:
+        pipeline(bare, args.inputs, min(args.repeats, 3))
+
+
+if __name__ == "__main__":
+    main()
