@@ -23,6 +23,7 @@ MANIFEST_FILE = "manifest.json"
 FORMAT = "dnnpipe-manifest"
 VERSION = 1
 FILE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+TFLITE_NAME = re.compile(r"[A-Za-z0-9_.-]+\.tflite")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 KEY = re.compile(r"[A-Za-z][A-Za-z0-9_]*")  # a TFLite signature key
 DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
@@ -270,7 +271,7 @@ def _whole_model(item: Any, units: int) -> WholeModel:
         if after > units:
             raise ConfigError(f"{c.name('after_unit')} must be at most units = {units}, got {after}")
         cuts[after] = tuple(_tensor(t, f"{c.name('tensors')}[{k}]") for k, t in enumerate(c.array("tensors")))
-    return WholeModel(f.text("file", FILE_NAME, "a plain file name in the manifest's folder (letters, digits, _ . -)"),
+    return WholeModel(f.text("file", TFLITE_NAME, "a .tflite file name beside the manifest"),
                       f.text("sha256", SHA256, "64 lowercase hex digits"), cuts)
 
 
