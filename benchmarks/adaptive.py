@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/adaptive.py [--models tiny efficientnetv2b0]
 
-The cluster is the paper's testbed (C = 1, 0.33, 0.21, 0.21) emulated on `local` devices, every speed
-scaled by one factor so the emulated cluster fits this host (as the demo does). After a few seconds of
+The cluster is the paper's testbed (C = 1, 0.33, 0.21, 0.21) emulated on `local` devices: each stage is
+paced at its planned time (the runtime's --pace-ms), every speed scaled by one factor so the emulated cluster
+fits this host (the testbed's emulation_scale). After a few seconds of
 results the stage on device 2 is SIGKILLed; the table gives the throughput before the fault, the time to
 detect it, to re-plan, to cut the new sub-models, to ship them and to the first new result (each from the
 detection), the throughput after the switch, both throughputs against their plan's prediction (scaled like
@@ -28,9 +29,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from dnnpipe.demo.run import emulation_scale  # noqa: E402
+from dnnpipe.config import load_config  # noqa: E402
 from dnnpipe.serve.controller import ServeSummary, serve  # noqa: E402
 from dnnpipe.serve.options import ServeOptions  # noqa: E402
+from dnnpipe.testbed.cores import usable_cores  # noqa: E402
+from dnnpipe.testbed.pacing import emulation_scale  # noqa: E402
 from serve_setup import Served, make_served  # noqa: E402
 
 SPEEDS = [1.0, 0.33, 0.21, 0.21]
@@ -89,13 +92,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["tiny"], choices=["tiny", "efficientnetv2b0"])
     parser.add_argument("--scale", type=float, help="emulation scale (default: the demo's, to fit this host)")
     args = parser.parse_args()
-    scale = args.scale or emulation_scale(SPEEDS, os.cpu_count() or 1)
     rows = []
+    scale = args.scale or 1.0
     for kind in args.models:
         with tempfile.TemporaryDirectory() as folder:
             work = Path(folder)
             print(f"{kind}: converting and profiling ...", flush=True)
             served = make_served(work, SPEEDS, kind, 48 if kind == "tiny" else None, repeats=5)
+            scale = args.scale or emulation_scale(load_config(served.config), usable_cores())
             summary, kill_at, lost, duplicates = run_fault(served, work, scale)
         switch = summary.switches[0]
         first = min(summary.result_times)
