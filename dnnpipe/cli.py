@@ -15,6 +15,7 @@ from .profile.command import add_profile_arguments, profile_command
 from .runtime.command import add_stage_arguments, stage_command
 from .slicing.command import add_slice_arguments, slice_command
 from .testbed.command import add_run_local_arguments, run_local_command
+from .serve.command import add_serve_arguments, serve_command
 
 AddArguments = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
@@ -27,6 +28,8 @@ SUBCOMMANDS: dict[str, tuple[AddArguments, Command, str]] = {
     "stage": (add_stage_arguments, stage_command, "run one pipeline stage (runtime_engine.py)"),
     "run-local": (add_run_local_arguments, run_local_command,
                   "run every stage of a partitioned model as its own process on loopback ports"),
+    "serve": (add_serve_arguments, serve_command,
+              "run a pipeline that re-plans while running: devices may leave, freeze, slow down or join"),
     "profile": (add_profile_arguments, profile_command,
                 "measure each unit's time and memory on this machine and write the config"),
     "demo": (add_demo_arguments, demo_command,

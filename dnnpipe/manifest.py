@@ -23,6 +23,7 @@ MANIFEST_FILE = "manifest.json"
 FORMAT = "dnnpipe-manifest"
 VERSION = 1
 FILE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+TFLITE_NAME = re.compile(r"[A-Za-z0-9_.-]+\.tflite")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 KEY = re.compile(r"[A-Za-z][A-Za-z0-9_]*")  # a TFLite signature key
 DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
@@ -195,28 +196,20 @@ def _tensor(item: Any, where: str) -> TensorSpec:
     dtype = f.get("dtype")
     if dtype not in DTYPES:
         raise ConfigError(f"{f.name('dtype')} must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    index = f.integer("tensor", 0) if "tensor" in item else None
+    tensor = item.get("tensor")
+    if tensor is not None and (isinstance(tensor, bool) or not isinstance(tensor, int) or tensor < 0):
+        raise ConfigError(f"{f.name('tensor')} must be a tensor index >= 0, got {tensor!r}")
     quantization = None
     if "quantization" in item:
         q = Fields(item["quantization"], f.name("quantization"))
         scale, zero_point = q.get("scale"), q.get("zero_point")
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0 \
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0 \
                 or isinstance(zero_point, bool) or not isinstance(zero_point, int):
-            raise ConfigError(f"{f.name('quantization')} must be {{scale > 0, integer zero_point}}, "
+            raise ConfigError(f"{f.name('quantization')} must have a scale > 0 and an integer zero_point, "
                               f"got {item['quantization']!r}")
         quantization = (float(scale), zero_point)
     return TensorSpec(name, f.text("key", KEY, "a signature key (a letter, then letters, digits, _)"), tuple(shape),
-                      dtype, index, quantization)
-
-
-def _whole_model(item: Any) -> WholeModel:
-    f = Fields(item, "whole_model")
-    cuts = {}
-    for i, cut in enumerate(f.array("legal_cuts")):
-        c = Fields(cut, f"whole_model.legal_cuts[{i}]")
-        cuts[c.integer("after_unit", 0)] = tuple(_tensor(t, f"{c.where}.tensors[{k}]")
-                                                 for k, t in enumerate(c.array("tensors")))
-    return WholeModel(f.text("file", FILE_NAME, "a plain file name"), f.text("sha256", SHA256, "64 hex digits"), cuts)
+                      dtype, tensor, quantization)
 
 
 def _stage(item: Any, where: str, number: int) -> StageSpec:
@@ -264,6 +257,21 @@ def _parse(data: Any) -> Manifest:
         if [t.name for t in s.outputs] != [t.name for t in nxt.inputs]:
             raise ConfigError(f"stage {i} outputs {[t.name for t in s.outputs]} but stage {i + 1} "
                               f"takes {[t.name for t in nxt.inputs]}")
-    whole = _whole_model(data["whole_model"]) if "whole_model" in data else None
+    whole = _whole_model(data["whole_model"], units) if "whole_model" in data else None
     known = {"format", "version", "model_name", "units", "quantize", "stages", "cuts", "whole_model"}
     return Manifest(model_name, units, quantize, stages, {k: v for k, v in data.items() if k not in known}, whole)
+
+
+def _whole_model(item: Any, units: int) -> WholeModel:
+    f = Fields(item, "whole_model")
+    cuts = {}
+    for i, cut in enumerate(f.array("legal_cuts")):
+        c = Fields(cut, f"whole_model.legal_cuts[{i}]")
+        after = c.integer("after_unit", low=0)
+        if after > units:
+            raise ConfigError(f"{c.name('after_unit')} must be at most units = {units}, got {after}")
+        cuts[after] = tuple(_tensor(t, f"{c.name('tensors')}[{k}]") for k, t in enumerate(c.array("tensors")))
+    return WholeModel(f.text("file", TFLITE_NAME, "a .tflite file name beside the manifest"),
+                      f.text("sha256", SHA256, "64 lowercase hex digits"), cuts)
+
+

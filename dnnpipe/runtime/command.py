@@ -29,6 +29,8 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add_run_arguments(parser)
     parser.add_argument("--pace-ms", type=positive_float, metavar="MS",
                         help="emulate a device whose stage takes MS: each frame's stage time is max(host, MS)")
+    parser.add_argument("--control-host", help="a controller (serve) to send heartbeats to and take commands from")
+    parser.add_argument("--control-port", type=port, help="the controller's control port")
     return parser
 
 
@@ -78,6 +80,7 @@ def stage_command(args: argparse.Namespace) -> int:
         output_path=args.output_path, num_inputs=args.num_inputs, fps=args.fps, log_dir=args.log_dir,
         num_threads=args.num_threads, delegate=args.delegate, timeout=args.timeout,
         connect_timeout=args.connect_timeout, queue_size=args.queue_size, pace_ms=args.pace_ms,
+        control_host=args.control_host, control_port=args.control_port,
         key_file=args.key_file, insecure=args.insecure)
     print(Stage(options, say=lambda text: print(text, flush=True)).run().describe(), flush=True)
     return 0

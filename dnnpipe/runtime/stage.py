@@ -13,7 +13,7 @@ import math
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -27,6 +27,7 @@ from ..pipeline_key import stage_key
 from ..protocol import Kind, PeerError
 from .dataio import ResultWriter, input_datasets, read_inputs
 from .metrics import FrameTiming, StageSummary, summarise, write_log
+from .control import CONTROLLER, ControlLink
 from .handshake import LinkAuth, manifest_identity
 from .transport import Downstream, Say, Upstream, accept_upstream, connect_downstream, listen
 
@@ -57,6 +58,8 @@ class StageOptions:
     connect_timeout: float = 60.0  # longest wait for the neighbours to come up
     queue_size: int = 4
     pace_ms: Optional[float] = None  # the emulated device's planned time for this stage: stage time = max(host, this)
+    control_host: Optional[str] = None  # a controller (serve) to send heartbeats to and take commands from
+    control_port: Optional[int] = None
     key_file: Optional[Path] = None  # default: pipeline.key beside the manifest
     insecure: bool = False  # no link authentication (both neighbours must agree)
 
@@ -85,17 +88,24 @@ class Stage:
         self.timings: list[FrameTiming] = []
         self.upstream: Optional[Upstream] = None
         self.downstream: Optional[Downstream] = None
+        self.pace_ms = options.pace_ms  # a controller may change it while running
+        self.control: Optional[ControlLink] = None
 
     def _check_options(self) -> None:
         o = self.options
-        if self.first:
-            if o.data_path is None:
-                raise DnnpipeError(f"{self.name} the first stage needs --data-path (HDF5 with dataset 'images')")
+        if self.first and o.data_path is not None:
             input_datasets(o.data_path, self.spec.inputs)[0].close()  # fail now on a bad file, not mid-run
+        elif self.first and o.bind_port is None:
+            raise DnnpipeError(f"{self.name} the first stage needs --data-path (HDF5 with dataset 'images') or "
+                               f"--bind-port to receive its inputs on")
         if not self.first and o.bind_port is None:
             raise DnnpipeError(f"{self.name} a stage after the first needs --bind-port to receive on")
-        if not self.last and (o.next_host is None or o.next_port is None):
-            raise DnnpipeError(f"{self.name} a stage before the last needs --next-host and --next-port")
+        if (not self.last or o.next_host is not None or o.next_port is not None) and \
+                (o.next_host is None or o.next_port is None):
+            raise DnnpipeError(f"{self.name} a stage before the last (or a last stage sending its results on) "
+                               f"needs --next-host and --next-port")
+        if (o.control_host is None) != (o.control_port is None):
+            raise DnnpipeError(f"{self.name} --control-host and --control-port go together")
         for flag, value in (("--timeout", o.timeout), ("--connect-timeout", o.connect_timeout), ("--fps", o.fps),
                             ("--pace-ms", o.pace_ms)):
             if value is not None and not (value > 0 and math.isfinite(value)):
@@ -117,21 +127,30 @@ class Stage:
 
     def run(self) -> StageSummary:
         o = self.options
-        listener = None if self.first or o.bind_port is None else listen(self.name, o.bind_addr, o.bind_port)
+        receives = o.bind_port is not None and not (self.first and o.data_path is not None)
+        listener = listen(self.name, o.bind_addr, o.bind_port) if receives and o.bind_port is not None else None
         try:
+            if o.control_host is not None and o.control_port is not None:
+                auth = None if self.upstream_auth is None else replace(self.upstream_auth, sender=o.stage,
+                                                                                receiver=CONTROLLER)
+                self.control = ControlLink(self.name, o.stage, o.control_host, o.control_port, o.connect_timeout,
+                                           self.timings, self._command, self._fail, auth)
             path = o.folder / self.spec.file
             if not path.is_file():
                 raise DnnpipeError(f"{self.name} {path}: sub-model not found")
             if sha256_file(path) != self.spec.sha256:
                 raise DnnpipeError(f"{self.name} {path}: sha256 differs from the manifest (stale or damaged file)")
             self.runner = StageRunner(path, self.spec, o.num_threads, o.delegate)
-            if not self.last:
-                assert o.next_host is not None and o.next_port is not None  # _check_options made sure
+            if o.next_host is not None and o.next_port is not None:  # the next stage, or a controller
                 self.downstream = connect_downstream(self.name, o.next_host, o.next_port, self.spec.outputs,
                                                      o.connect_timeout, o.timeout, self.say, self.downstream_auth)
             if listener is not None:
                 self.upstream = accept_upstream(self.name, listener, self.spec.inputs, o.connect_timeout,
                                                 o.timeout, self.say, self.upstream_auth)
+        except DnnpipeError as e:
+            if self.control is not None:
+                self.control.close(str(e))
+            raise
         finally:
             if listener is not None:
                 listener.close()
@@ -157,9 +176,11 @@ class Stage:
             for link in (self.upstream, self.downstream):
                 if link is not None:
                     link.close()
+            if self.control is not None:
+                self.control.close(self.error)
         if self.error:
             raise StageFailed(self.error)
-        summary = summarise(o.stage, self.timings, self.last)
+        summary = summarise(o.stage, self.timings, self.last and self.downstream is None)  # latency where written
         if o.log_dir is not None:
             write_log(o.log_dir, o.stage, self.timings, summary)
         return summary
@@ -187,6 +208,12 @@ class Stage:
         self.stop.set()
         if self.upstream is not None:
             self.upstream.shutdown()
+
+    def _command(self, command: dict) -> None:
+        """A controller's command (already validated by the control link)."""
+        if command["kind"] == "pace":
+            self.pace_ms = command["ms"]
+            self.say(f"{self.name} now paced at {self.pace_ms:g} ms a frame")
 
     def _put(self, box: queue.Queue, item: Any) -> bool:
         while not self.stop.is_set():
@@ -242,7 +269,6 @@ class Stage:
         # ends it planned ms later. Sleeping until that absolute deadline, instead of a sleep proportional
         # to the measured time, keeps host noise from being multiplied by 1/C, and a late wake-up on a busy
         # host does not push back the frames after it.
-        pace = self.options.pace_ms / 1000 if self.options.pace_ms else 0.0
         free_at = 0.0  # when the emulated device finished its previous frame
         while True:
             item = self._get(self.inbox)
@@ -265,6 +291,7 @@ class Stage:
                 np.copyto(result, output)  # the interpreter reuses its output memory on the next call
             inference = time.perf_counter() - began
             self.input_buffers.put(buffers)
+            pace = self.pace_ms / 1000 if self.pace_ms else 0.0  # a controller may change it
             free_at = start + pace
             while (left := free_at - time.perf_counter()) > 0:
                 time.sleep(left)

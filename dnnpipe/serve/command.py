@@ -1,0 +1,74 @@
+"""`python -m dnnpipe serve`: arguments in, the adaptive controller's events and summary out."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from ..console import positive_float, positive_int
+from .controller import serve
+from .options import ServeOptions
+
+
+def emulate_change(text: str) -> tuple[float, int, float]:
+    """argparse type: T:DEVICE=C, "after T seconds device DEVICE runs at speed C"."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*:\s*([0-9]+)\s*=\s*([0-9.eE+-]+)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected T:DEVICE=C, e.g. 2.5:3=0.2, got {text!r}")
+    try:
+        at, device, speed = float(match[1]), int(match[2]), positive_float(match[3])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected T:DEVICE=C, e.g. 2.5:3=0.2, got {text!r}") from None
+    if device < 1:
+        raise argparse.ArgumentTypeError(f"device ids start at 1, got {device}")
+    return at, device, speed
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--device-registry", type=Path, required=True,
+                        help="device_registry.json (re-read on SIGHUP or when it changes)")
+    parser.add_argument("--model-path", type=Path, required=True, help="folder holding NAME/manifest.json")
+    parser.add_argument("--model-name", required=True, help="model name (sub-folder of --model-path)")
+    parser.add_argument("--config", type=Path, required=True, help="folder with NAME/config.json, or the file")
+    parser.add_argument("--data-path", type=Path, required=True, help="HDF5 inputs, dataset 'images'")
+    parser.add_argument("--output-path", type=Path, required=True,
+                        help="HDF5 results: one dataset per model output, one row per input")
+    parser.add_argument("--num-inputs", type=positive_int, help="inputs to serve (cycles DATA; default: its rows)")
+    parser.add_argument("--fps", type=positive_float, help="pace inputs at this rate (default: as fast as taken)")
+    parser.add_argument("--resume", action="store_true", help="continue from the results already in OUT")
+    parser.add_argument("--window", type=positive_int, default=8, help="inputs in flight at most (default 8)")
+    parser.add_argument("--progress-timeout", type=positive_float, default=3.0,
+                        help="a stage without a heartbeat this long is frozen, s (default 3)")
+    parser.add_argument("--connect-timeout", type=positive_float, default=30.0,
+                        help="how long a stage may take to come up, s (default 30)")
+    parser.add_argument("--threshold", type=positive_float, default=0.10,
+                        help="re-plan for measured speeds when the new bottleneck is this much better (default 0.10)")
+    parser.add_argument("--emulate-speed", action="store_true",
+                        help="pace each stage at its units' profiled time at its device's C from the config "
+                             "(the runtime's --pace-ms: one host as a cluster)")
+    parser.add_argument("--emulation-scale", type=positive_float, default=1.0,
+                        help="multiply every emulated speed by this (default 1)")
+    parser.add_argument("--emulate-change", type=emulate_change, action="append", default=[], metavar="T:DEVICE=C",
+                        help="T seconds after the first result, DEVICE runs at speed C: its stage is told over "
+                             "the control channel (tests, benchmarks)")
+    parser.add_argument("--keras-model", type=Path,
+                        help="the Keras model, to convert new stages from when there is no model.tflite to slice")
+    parser.add_argument("--controller-host", default="127.0.0.1",
+                        help="this machine's address as the devices reach it (default 127.0.0.1)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="no pipeline key handshake on any link (data and control); default: authenticated")
+    return parser
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    options = ServeOptions(
+        registry=args.device_registry, model_path=args.model_path, model_name=args.model_name, config=args.config,
+        data_path=args.data_path, output_path=args.output_path, num_inputs=args.num_inputs, fps=args.fps,
+        resume=args.resume, window=args.window, progress_timeout=args.progress_timeout,
+        connect_timeout=args.connect_timeout, threshold=args.threshold, emulate_speed=args.emulate_speed,
+        emulation_scale=args.emulation_scale, keras_model=args.keras_model, controller_host=args.controller_host,
+        emulate_changes=tuple(args.emulate_change), insecure=args.insecure)
+    summary = serve(options, echo=lambda text: print(text, flush=True))
+    print(summary.describe(), flush=True)
+    return 0

@@ -1,0 +1,100 @@
+"""The controller's ledger: which inputs are stored, which are in flight, and which come next.
+
+Pure bookkeeping (no sockets, no files), so replay and de-duplication are property-tested on their own.
+Inputs are numbered 0..total-1 and re-read from the data file when needed, so "keeping" an input costs one
+index. Every connection set-up (an epoch) numbers its frames from 0, as dnnpipe.protocol requires; the
+pipeline is FIFO, so the ledger maps the k-th result of an epoch to the k-th input sent in it. After a
+switch the source replays from the first unstored input; a result arriving from an older epoch, or for an
+input already stored, is dropped, so every result is stored exactly once.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Optional
+
+from ..errors import DnnpipeError
+
+
+class DeliveryError(DnnpipeError):
+    """A result the pipeline could not have produced (a FIFO or numbering violation)."""
+
+
+class Ledger:
+    def __init__(self, total: int, window: int, stored: int = 0):
+        """`stored` inputs (a prefix, as a resumed run finds them in OUT) need no result."""
+        if total < 0 or window < 1 or not 0 <= stored <= total:
+            raise ValueError(f"bad ledger: total {total}, window {window}, stored {stored}")
+        self.total, self.window = total, window
+        self.first_unstored = stored  # every input below this is stored
+        self._stored_above: set[int] = set()  # stored inputs above first_unstored (none while FIFO holds)
+        self.epoch = 0
+        self._cursor = stored  # the next input this epoch sends
+        self._sent: deque[int] = deque()  # inputs sent this epoch whose results have not come back
+        self._received = 0  # results received this epoch (the next expected wire sequence)
+
+    # --- source side -------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._sent)
+
+    @property
+    def wire_sequence(self) -> int:
+        """The wire sequence number the next input sent this epoch carries."""
+        return self._received + len(self._sent)
+
+    def next_input(self) -> Optional[int]:
+        """The next input to send, or None while the credit window is full or everything was sent."""
+        while self._cursor < self.total and self.is_stored(self._cursor):
+            self._cursor += 1
+        if self.in_flight >= self.window or self._cursor >= self.total:
+            return None
+        index = self._cursor
+        self._sent.append(index)
+        self._cursor += 1
+        return index
+
+    # --- result side -------------------------------------------------------------------------
+
+    def result(self, epoch: int, wire_sequence: int) -> Optional[int]:
+        """The input a result belongs to, if it is to be stored now; None for a stale or duplicate result."""
+        if epoch != self.epoch:
+            return None  # from a connection the switch already closed: its inputs are replayed
+        if wire_sequence != self._received or not self._sent:
+            raise DeliveryError(f"result {wire_sequence} of epoch {epoch} where {self._received} was expected "
+                                f"({len(self._sent)} in flight)")
+        self._received += 1
+        index = self._sent.popleft()
+        if self.is_stored(index):
+            return None
+        self._mark(index)
+        return index
+
+    def is_stored(self, index: int) -> bool:
+        return index < self.first_unstored or index in self._stored_above
+
+    def _mark(self, index: int) -> None:
+        self._stored_above.add(index)
+        while self.first_unstored in self._stored_above:
+            self._stored_above.remove(self.first_unstored)
+            self.first_unstored += 1
+
+    # --- switching ---------------------------------------------------------------------------
+
+    def switch(self) -> int:
+        """A new epoch (new connections): everything in flight is dropped and replayed from the first unstored
+        input. Returns the new epoch number, which the caller tags its result reader with."""
+        self.epoch += 1
+        self._cursor = self.first_unstored
+        self._sent.clear()
+        self._received = 0
+        return self.epoch
+
+    @property
+    def done(self) -> bool:
+        return self.first_unstored >= self.total
+
+    @property
+    def stored(self) -> int:
+        return self.first_unstored + len(self._stored_above)

@@ -1,0 +1,99 @@
+"""What the control channel says about the devices: which one is lost, and how fast each really is.
+
+Pure functions over plain state (times are passed in), so the rules are tested without processes.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+
+@dataclass
+class StageState:
+    """One running stage as its control channel shows it."""
+
+    stage: int
+    device: int
+    started: float  # when the controller started it (monotonic seconds)
+    hello: bool = False
+    last_beat: float = 0.0
+    ended: Optional[str] = None  # "done", "error" (said why) or "silent" (closed without a word)
+    message: str = ""
+    sent: int = 0
+    times: list[float] = field(default_factory=list)  # stage ms per frame not yet used for the speed estimate
+
+
+def find_lost(states: Sequence[StageState], now: float, progress_timeout: float,
+              connect_timeout: float) -> Optional[tuple[int, str]]:
+    """The device whose stage failed first, and why; None while every stage is healthy or only reports errors
+    caused by a neighbour (a neighbour's error is a symptom: the stage that went silent is the cause)."""
+    for s in states:
+        if s.ended == "silent":
+            return s.device, (f"stage {s.stage} stopped without a word (process killed, or its device "
+                              f"unreachable)")
+    for s in states:
+        if s.hello and s.ended is None and now - s.last_beat > progress_timeout:
+            return s.device, (f"stage {s.stage} sent no heartbeat for {now - s.last_beat:.1f} s "
+                              f"(frozen; --progress-timeout {progress_timeout:g})")
+    for s in states:
+        if not s.hello and s.ended is None and now - s.started > connect_timeout:
+            return s.device, f"stage {s.stage} did not come up within {connect_timeout:g} s"
+    return None
+
+
+@dataclass(frozen=True)
+class SpeedModel:
+    """How measured stage times become speeds (Section 3.1's C, measured instead of profiled)."""
+
+    window: int = 32  # per device, the median of its last `window` stage times (smoothing)
+    min_frames: int = 16  # frames in the window before it counts
+    band: float = 0.25  # hysteresis: how far beyond the expected bottleneck a stage must be to count as slow
+    dwell: int = 5  # consecutive evaluations a device must stay out of the band before its belief changes
+
+
+def stage_median(times: Sequence[float], model: SpeedModel) -> Optional[float]:
+    """A stage's smoothed time: the median of its last frames (robust to the host's scheduling hiccups)."""
+    recent = list(times)[-model.window:]
+    return statistics.median(recent) if len(recent) >= model.min_frames else None
+
+
+def speed_outliers(predicted_ms: Mapping[int, float], measured_ms: Mapping[int, float], beliefs: Mapping[int, float],
+                   profiled: Mapping[int, float], model: SpeedModel) -> dict[int, float]:
+    """Devices whose speed is not what the planner believes, and the speed they now show.
+
+    Measured times include what the profile leaves out (per-frame work, this host's other load), alike on
+    every stage; that common factor, the median of measured over predicted on the other devices, is divided
+    out, so only a device that differs from the others counts. A device is slow when its stage, so corrected, takes more
+    than the expected bottleneck plus the band: a small stage's larger share of per-frame work never makes
+    it look slow, and a slowed device that is still no bottleneck changes nothing. A device believed slower
+    than profiled recovers when it runs faster than believed by more than the band (up to its profiled C).
+    """
+    devices = [d for d in measured_ms if d in predicted_ms and predicted_ms[d] > 0]
+    if len(devices) < 2:
+        return {}
+    ratio = {d: measured_ms[d] / predicted_ms[d] for d in devices}
+    bottleneck = max(predicted_ms[d] for d in devices)
+    slow, recovered = {}, {}
+    for d in devices:
+        common = statistics.median(ratio[e] for e in devices if e != d)  # the others: d's own change left out
+        expected, seen = predicted_ms[d] * common, measured_ms[d]
+        factor = expected / seen if seen > 0 else 1.0
+        if beliefs[d] < profiled[d] and factor > 1 + model.band:
+            recovered[d] = (factor, min(profiled[d], beliefs[d] * factor))
+        elif seen > bottleneck * common * (1 + model.band):
+            slow[d] = (1 / factor, beliefs[d] * factor)
+    # Only relative speeds are measurable: one device per evaluation, a recovery first (its slowness was seen
+    # before), else the slowest, and the next evaluation sees the others against the revised belief.
+    for found in (recovered, slow):
+        if found:
+            d = max(found, key=lambda e: found[e][0])
+            return {d: found[d][1]}
+    return {}
+
+
+def worth_switching(running_ms: Optional[float], candidate_ms: float, threshold: float) -> bool:
+    """Re-plan only when the new bottleneck beats the running one by more than the threshold (or the running
+    plan cannot run at all)."""
+    return running_ms is None or candidate_ms < running_ms / (1 + threshold)

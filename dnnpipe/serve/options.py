@@ -1,0 +1,39 @@
+"""What serve is asked to do, as one typed value (the command builds it from arguments, benchmarks directly)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ..deploy.transport import SshOptions
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    registry: Path
+    model_path: Path
+    model_name: str
+    config: Path
+    data_path: Path
+    output_path: Path
+    num_inputs: Optional[int] = None
+    fps: Optional[float] = None
+    resume: bool = False
+    window: int = 8  # inputs in flight at most (credits)
+    progress_timeout: float = 3.0  # a stage silent this long is frozen
+    connect_timeout: float = 30.0  # how long a stage may take to come up
+    threshold: float = 0.10  # re-plan for speed when the new bottleneck is this much better
+    cooldown: float = 3.0  # no re-plan for speed this soon after a switch (hysteresis)
+    emulate_speed: bool = False  # each stage emulates its device's C from the config, times emulation_scale
+    emulation_scale: float = 1.0
+    keras_model: Optional[Path] = None  # to convert stages from when there is no whole model.tflite to slice
+    controller_host: str = "127.0.0.1"  # the address the devices reach this machine at
+    ssh: SshOptions = field(default_factory=SshOptions)
+    emulate_changes: tuple[tuple[float, int, float], ...] = ()  # (after s, device, C): a device slows down
+    max_restarts: int = 3  # epochs that fail without a device to blame, in a row, before giving up
+    insecure: bool = False  # links without the pipeline key handshake (stages get --insecure too)
+
+    @property
+    def folder(self) -> Path:
+        return self.model_path / self.model_name

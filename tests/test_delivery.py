@@ -1,0 +1,97 @@
+"""The controller's ledger against a simulated FIFO pipeline that fails at random points."""
+
+from collections import deque
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dnnpipe.serve.delivery import DeliveryError, Ledger
+
+
+def simulate(total: int, window: int, stored: int, actions: list[int]) -> tuple[list[int], int]:
+    """Drive the ledger with a pipeline that may lose everything in flight (a switch) at any step, and whose
+    old connection may still deliver results after the switch. Returns the inputs stored, in order, and the
+    largest number of inputs ever in flight."""
+    ledger = Ledger(total, window, stored)
+    pipe: deque = deque()  # (epoch, wire sequence, input) in FIFO order, as the stages hold them
+    stale: deque = deque()  # results still arriving on a connection a switch closed
+    out: list[int] = []
+    peak = 0
+    steps = iter(actions)
+    for _ in range(100 * (total + 1) + len(actions)):
+        if ledger.done:
+            break
+        action = next(steps, 0)  # after the random prefix: send and deliver until done
+        if action == 0:  # the source sends what the window allows
+            wire = ledger.wire_sequence
+            index = ledger.next_input()
+            if index is not None:
+                pipe.append((ledger.epoch, wire, index))
+            elif pipe:
+                action = 1
+        if action == 1 and pipe:  # the last stage returns the oldest result
+            epoch, wire, index = pipe.popleft()
+            got = ledger.result(epoch, wire)
+            assert got in (None, index)
+            if got is not None:
+                out.append(got)
+        elif action == 2:  # a device fails: the pipeline's contents are lost, some still trickle in
+            stale.extend(pipe)
+            pipe.clear()
+            ledger.switch()
+        elif action == 3 and stale:  # a late result from before the switch
+            epoch, wire, _ = stale.popleft()
+            assert ledger.result(epoch, wire) is None
+        peak = max(peak, ledger.in_flight, len(pipe))
+    assert ledger.done, f"not finished: stored up to {ledger.first_unstored} of {total}"
+    return out, peak
+
+
+@settings(max_examples=300, deadline=None)
+@given(total=st.integers(0, 40), window=st.integers(1, 6), data=st.data(),
+       actions=st.lists(st.integers(0, 3), max_size=200))
+def test_every_result_stored_exactly_once_in_order(total, window, data, actions):
+    stored = data.draw(st.integers(0, total))
+    out, peak = simulate(total, window, stored, actions)
+    assert out == list(range(stored, total))
+    assert peak <= window
+
+
+def test_window_bounds_what_is_sent():
+    ledger = Ledger(10, 3)
+    assert [ledger.next_input() for _ in range(5)] == [0, 1, 2, None, None]
+    assert ledger.result(0, 0) == 0
+    assert ledger.next_input() == 3
+
+
+def test_switch_replays_from_the_first_unstored_input():
+    ledger = Ledger(6, 4)
+    for _ in range(4):
+        ledger.next_input()
+    assert ledger.result(0, 0) == 0 and ledger.result(0, 1) == 1
+    epoch = ledger.switch()
+    assert epoch == 1 and ledger.wire_sequence == 0
+    assert [ledger.next_input() for _ in range(4)] == [2, 3, 4, 5]
+    assert ledger.result(0, 2) is None  # a late result of the closed connection
+    assert [ledger.result(1, k) for k in range(4)] == [2, 3, 4, 5]
+    assert ledger.done and ledger.stored == 6
+
+
+def test_a_result_out_of_order_is_an_error():
+    ledger = Ledger(4, 4)
+    ledger.next_input()
+    with pytest.raises(DeliveryError, match="result 1 of epoch 0 where 0 was expected"):
+        ledger.result(0, 1)
+    ledger.next_input()
+    ledger.result(0, 0), ledger.result(0, 1)
+    with pytest.raises(DeliveryError):
+        ledger.result(0, 2)  # nothing in flight
+
+
+def test_resume_skips_what_is_stored():
+    ledger = Ledger(5, 2, stored=3)
+    assert [ledger.next_input(), ledger.next_input(), ledger.next_input()] == [3, 4, None]
+    assert Ledger(3, 1, stored=3).done
+    with pytest.raises(ValueError):
+        Ledger(3, 0)
