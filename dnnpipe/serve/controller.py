@@ -31,7 +31,7 @@ from ..planfile import write_plan
 from ..planner.replan import ClusterChange, replan
 from ..pipeline_key import stage_key
 from ..runtime.control import encode
-from ..runtime.dataio import input_datasets
+from ..runtime.dataio import input_datasets, to_wire
 from .delivery import Ledger
 from .detect import SpeedModel, speed_outliers, stage_median, worth_switching
 from .epoch import Epoch, EpochFailed
@@ -149,7 +149,7 @@ class Controller:
             data = [d[row] for d in self.datasets]
         else:
             data = [d[row] for d in self.cached]
-        return [np.asarray(d, dtype=s.dtype).reshape(s.shape) for d, s in zip(data, specs)]
+        return [to_wire(s, d) for d, s in zip(data, specs)]
 
     def pace(self) -> None:
         if self.options.fps:

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import DnnpipeError
 from ..manifest import TensorSpec
+from ..runtime.dataio import to_real
 
 FLUSH_SECONDS = 0.2  # how long a result may wait in memory before it is written
 FLUSH_ROWS = 64  # results written to the file in one go (one HDF5 call per output, not one per row)
@@ -34,7 +35,8 @@ class ResultStore:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self.file = h5py.File(path, "w")
                 for spec in self.specs:
-                    self.file.create_dataset(spec.name, shape=(total, *spec.shape[1:]), dtype=spec.dtype,
+                    self.file.create_dataset(spec.name, shape=(total, *spec.shape[1:]),
+                                             dtype="float32" if spec.quantization else spec.dtype,
                                              chunks=(1, *spec.shape[1:]))
                 self.file.attrs.update({"num_inputs": total, "stored": 0, "complete": False})
         except OSError as e:
@@ -58,7 +60,7 @@ class ResultStore:
 
     def write(self, index: int, tensors: Sequence[np.ndarray], stored: int) -> None:
         """Row `index` (a copy: the caller reuses its buffers); `stored` rows (a prefix) now hold results."""
-        self._pending.append((index, [np.array(t[0]) for t in tensors]))
+        self._pending.append((index, [np.array(to_real(s, t)[0]) for s, t in zip(self.specs, tensors)]))
         self._stored_after = stored
         if len(self._pending) >= FLUSH_ROWS or time.monotonic() - self._flushed > FLUSH_SECONDS:
             self.flush()
