@@ -100,7 +100,7 @@ def test_a_real_keras_applications_architecture(tmp_path):
                         "--model-path", str(tmp_path / "original_models"), "--model-name", "net")
     assert result.returncode == 0, result.stderr
     plan = tmp_path / "plan.json"
-    from dnnpipe.partition.partitioner import load_keras_model
+    from dnnpipe.partition.load import load_keras_model
     from dnnpipe.partition.graph import analyse
 
     U = analyse(load_keras_model(tmp_path / "original_models" / "net.h5"))[0].U

@@ -52,7 +52,7 @@ def run_demo(work: Work, options: Options) -> None:
 
 def step_model(work: Work, options: Options) -> None:
     from ..examples import make_dataset, make_model
-    from ..partition.partitioner import load_keras_model
+    from ..partition.load import load_keras_model
 
     if not work.model.exists():
         make_model(options.model, work.model, options.input_size)
@@ -77,7 +77,7 @@ def cluster(options: Options, model_mb: float) -> dict:
 
 
 def step_profile(work: Work, options: Options) -> None:
-    from ..partition.partitioner import load_keras_model
+    from ..partition.load import load_keras_model
     from ..profile.costs import describe
     from ..profile.profiler import keras_config, profile_keras_model, progress_line
 

@@ -70,7 +70,7 @@ def add_make_model_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
 
 def make_model_command(args: argparse.Namespace) -> int:
     from ..examples import make_dataset, make_model
-    from .partitioner import load_keras_model
+    from .load import load_keras_model
 
     path = make_model(args.model, args.model_path / f"{args.model_name or args.model}.h5", args.input_size,
                       args.seed)

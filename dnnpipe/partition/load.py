@@ -41,6 +41,19 @@ def is_savedmodel(path: Path) -> bool:
     return path.is_dir() and (path / "saved_model.pb").is_file()
 
 
+def find_any_model(model_path: Path, model_name: str) -> Path:
+    """The Keras model (find_model), else NAME.tflite: a TFLite file is a model too (its operators the units)."""
+    from ..slicing.tflite_model import find_tflite
+
+    try:
+        return find_model(model_path, model_name)
+    except DnnpipeError:
+        tflite = find_tflite(model_path, model_name)
+        if tflite is None:
+            raise
+        return tflite
+
+
 def load_keras_model(path: Path, custom_objects: Path | None = None):
     """The model as a functional Keras 3 model, whatever format and Keras version wrote it."""
     from .graph import as_functional

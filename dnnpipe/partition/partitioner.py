@@ -17,9 +17,9 @@ from ..pipeline_key import create_key
 from ..planfile import format_plan, read_stages, write_plan
 from ..planner import Plan, plan
 from ..slicing.plan import with_cuts
-from ..slicing.tflite_model import find_tflite, partition_tflite, tflite_units
+from ..slicing.tflite_model import partition_tflite, tflite_units
 from .graph import PartitionError, analyse
-from .load import find_model, load_keras_model
+from .load import find_any_model, load_keras_model
 from .split import check_stages, intermediate_values, split_model
 from .verify import TOLERANCE, Verification, verify
 
@@ -139,13 +139,9 @@ def partition(options: PartitionOptions, echo: Echo = print) -> PartitionResult:
         return PartitionResult(*plan_model(options, echo), None, None)
     assert options.model_path is not None and options.output_dir is not None  # check() made sure
     started = time.perf_counter()
-    try:
-        model_file = find_model(options.model_path, options.model_name)
-    except DnnpipeError:
-        tflite = find_tflite(options.model_path, options.model_name)
-        if tflite is None:
-            raise
-        return _partition_tflite(options, tflite, started, echo)
+    model_file = find_any_model(options.model_path, options.model_name)
+    if model_file.suffix == ".tflite":
+        return _partition_tflite(options, model_file, started, echo)
     model = load_keras_model(model_file, options.custom_objects)
     graph, _ = analyse(model)
     echo(f"{model_file}: {graph.U} units, inputs {[t.name for t in graph.crossing(0)]}, "

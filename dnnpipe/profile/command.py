@@ -9,9 +9,8 @@ from pathlib import Path
 from ..console import positive_float, positive_int
 from ..jsonio import write_json
 from ..layout import config_paths
-from ..errors import DnnpipeError
-from ..partition.partitioner import find_model, load_keras_model
-from ..slicing.tflite_model import find_tflite, profile_tflite, tflite_config
+from ..partition.load import find_any_model, load_keras_model
+from ..slicing.tflite_model import profile_tflite, tflite_config
 from .costs import describe
 from .profiler import device_config, keras_config, profile_keras_model, progress_line
 
@@ -40,13 +39,7 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 def profile_command(args: argparse.Namespace) -> int:
     device_config(args.devices, args.speeds, args.memory, args.speed_factor_of, None, args.bandwidth)  # fail early
-    try:
-        model_file = find_model(args.model_path, args.model_name)
-    except DnnpipeError:
-        tflite = find_tflite(args.model_path, args.model_name)
-        if tflite is None:
-            raise
-        model_file = tflite
+    model_file = find_any_model(args.model_path, args.model_name)
     if model_file.suffix == ".tflite":  # its operators are the units; every cut exists
         profile = profile_tflite(model_file, args.repeats, args.warmup, args.num_threads, progress_line)
         config = tflite_config(profile, devices(args, profile.whole_ms))
