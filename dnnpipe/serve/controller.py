@@ -328,15 +328,7 @@ class Controller:
 
     def check_adaptation(self, epoch: Epoch) -> None:
         """Between polls: note a switch's first result; re-read the registry; re-plan for measured speeds."""
-        if epoch.first_result is not None and not epoch.announced:
-            epoch.announced = True
-            self.serving_since = self.serving_since or epoch.first_result
-            since = f"{epoch.first_result - epoch.started:.2f} s after its start"
-            if self.switches and self.switches[-1].first_result_s is None:
-                s = self.switches[-1]
-                s.first_result_s = epoch.first_result - s.detected_at
-                since += f", {s.first_result_s:.2f} s after the fault was detected"
-            self.echo(f"serve: epoch {epoch.epoch}: first result {since}")
+        self.announce(epoch)
         self._emulate_changes(epoch)
         mtime = _mtime(self.options.registry)
         if self._hup or mtime != self._registry_mtime:
@@ -356,6 +348,18 @@ class Controller:
                 self.echo(f"serve: device {', '.join(map(str, joined))} joined")
                 self._consider(f"device {', '.join(map(str, joined))} joined")
         self._measure(epoch)
+
+    def announce(self, epoch: Epoch) -> None:
+        """Say when an epoch's first result arrived (once; also when the epoch ends before a poll saw it)."""
+        if epoch.first_result is not None and not epoch.announced:
+            epoch.announced = True
+            self.serving_since = self.serving_since or epoch.first_result
+            since = f"{epoch.first_result - epoch.started:.2f} s after its start"
+            if self.switches and self.switches[-1].first_result_s is None:
+                s = self.switches[-1]
+                s.first_result_s = epoch.first_result - s.detected_at
+                since += f", {s.first_result_s:.2f} s after the fault was detected"
+            self.echo(f"serve: epoch {epoch.epoch}: first result {since}")
 
     def _emulate_changes(self, epoch: Epoch) -> None:
         """Scripted slow-downs (tests, benchmarks): the device's stage is told over its control channel."""

@@ -53,6 +53,8 @@ class Host(Protocol):
 
     def check_adaptation(self, epoch: Epoch) -> None: ...
 
+    def announce(self, epoch: Epoch) -> None: ...
+
 
 class EpochFailed(Exception):
     def __init__(self, device: Optional[int], reason: str):
@@ -301,6 +303,7 @@ class Epoch:
 
     def finish(self) -> None:
         """After the last result: the END frame flows through; give the stages a moment to end cleanly."""
+        self.c.announce(self)
         deadline = time.monotonic() + FINISH_SECONDS
         while time.monotonic() < deadline and any(p.exited() is None for p in self.processes if p.process):
             time.sleep(POLL_SECONDS)
