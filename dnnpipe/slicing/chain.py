@@ -109,7 +109,12 @@ def all_tensor_values(flatbuffer: bytes, tensors: Sequence[int],
         runner(**feed)
         for t in list(collected):
             try:
-                collected[t].append(np.array(interpreter.get_tensor(t)))
+                value = np.array(interpreter.get_tensor(t))
             except ValueError:  # not allocated (optional or dynamic): cannot be a cut
                 del collected[t]
+                continue
+            if value.ndim == 0:  # a scalar (a loop counter, a shape): never a tensor crossing a cut
+                del collected[t]
+                continue
+            collected[t].append(value)
     return {t: np.concatenate(values) for t, values in collected.items() if values}
