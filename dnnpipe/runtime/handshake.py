@@ -106,6 +106,8 @@ def listen_side(sock: socket.socket, auth: LinkAuth, seconds: float = HANDSHAKE_
     """The receiving end of a link, right after accept(); raises ProbeClosed for a silent close."""
     deadline = time.monotonic() + seconds
     magic, version, sender, receiver, nonce_c = HELLO.unpack(_receive(sock, HELLO.size, deadline, first=True))
+    if magic.startswith(b"\x16\x03"):
+        raise HandshakeError("the peer speaks TLS: it runs with --tls and this stage does not")
     if magic != MAGIC:
         raise HandshakeError(f"not a DNNPipe handshake (starts with {magic!r}; an unauthenticated peer?)")
     if version != VERSION:

@@ -102,7 +102,8 @@ def accept_upstream(name: str, listener: socket.socket, specs: Sequence[TensorSp
     bind_addr, bind_port = listener.getsockname()[:2]
     began = time.monotonic()
     deadline, next_word = began + connect_timeout, began + PROGRESS_SECONDS
-    say(f"{name} waiting for the upstream stage on {bind_addr}:{bind_port} (up to {connect_timeout:g} s)")
+    say(f"{name} waiting for the upstream stage on {bind_addr}:{bind_port}{' over TLS' if tls else ''} "
+        f"(up to {connect_timeout:g} s)")
     gate = _Gate(name, auth, say, tls)
     try:
         while True:
@@ -204,7 +205,8 @@ def connect_downstream(name: str, host: str, port: int, specs: Sequence[TensorSp
     began = time.monotonic()
     deadline, delay, reason = began + connect_timeout, 0.1, "no attempt"
     next_word = began + PROGRESS_SECONDS
-    say(f"{name} connecting to the next stage at {host}:{port} (up to {connect_timeout:g} s)")
+    say(f"{name} connecting to the next stage at {host}:{port}{' over TLS' if tls else ''} "
+        f"(up to {connect_timeout:g} s)")
     while time.monotonic() < deadline:
         try:
             sock = socket.create_connection((host, port), timeout=min(5.0, connect_timeout))
