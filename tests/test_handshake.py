@@ -14,21 +14,21 @@ KEY = bytes(range(32))
 IDENTITY = manifest_identity(b'{"format": "dnnpipe-manifest"}')
 
 
-def run_pair(connector: LinkAuth, listener: LinkAuth, seconds: float = 2.0):
-    """Both sides at once; the outcome of each, None for success or the exception."""
+def run_ends(connector, listener):
+    """Both ends of a fresh link at once (each a function of its socket); the outcome of each."""
     a, b = socket.socketpair()
     outcome: dict[str, object] = {}
 
-    def side(name, function, sock, auth):
+    def side(name, function, sock):
         try:
-            function(sock, auth, seconds)
+            function(sock)
             outcome[name] = None
         except HandshakeError as e:
             outcome[name] = e
             sock.close()
 
-    threads = [threading.Thread(target=side, args=("connector", connect_side, a, connector)),
-               threading.Thread(target=side, args=("listener", listen_side, b, listener))]
+    threads = [threading.Thread(target=side, args=("connector", connector, a)),
+               threading.Thread(target=side, args=("listener", listener, b))]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -36,6 +36,12 @@ def run_pair(connector: LinkAuth, listener: LinkAuth, seconds: float = 2.0):
     a.close()
     b.close()
     return outcome["connector"], outcome["listener"]
+
+
+def run_pair(connector: LinkAuth, listener: LinkAuth, seconds: float = 2.0):
+    """Both sides at once; the outcome of each, None for success or the exception."""
+    return run_ends(lambda sock: connect_side(sock, connector, seconds),
+                    lambda sock: listen_side(sock, listener, seconds))
 
 
 def test_both_ends_with_the_same_key_manifest_and_link_pass():
@@ -103,30 +109,6 @@ def certificates(tmp_path_factory):
     create_certificate(ours)
     create_certificate(theirs)
     return ours, theirs
-
-
-def run_ends(connector, listener):
-    """Both ends of a fresh link at once (each a function of its socket); the outcome of each."""
-    a, b = socket.socketpair()
-    outcome: dict[str, object] = {}
-
-    def side(name, function, sock):
-        try:
-            function(sock)
-            outcome[name] = None
-        except HandshakeError as e:
-            outcome[name] = e
-            sock.close()
-
-    threads = [threading.Thread(target=side, args=("connector", connector, a)),
-               threading.Thread(target=side, args=("listener", listener, b))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
-    a.close()
-    b.close()
-    return outcome["connector"], outcome["listener"]
 
 
 def tls_end(folder, server_side, then=None, seconds=2.0):

@@ -151,11 +151,13 @@ def test_read_timeout():
     a.close(), b.close()
 
 
-def test_writer_round_trip_data_end_and_error():
-    a, b = socket.socketpair()
+@pytest.mark.parametrize("tls", [False, True])
+def test_writer_round_trip_data_end_and_error(tls, certificate):
+    pair = (lambda: tls_socketpair(certificate)) if tls else socket.socketpair
+    a, b = pair()
     writer, reader = FrameWriter(a, SPECS, "the next stage", 2.0), FrameReader(b, SPECS, "peer", 2.0)
     sent = [tensors(i) for i in range(3)]
-    for i, t in enumerate(sent):
+    for i, t in enumerate(sent):  # all in flight at once: with TLS, later frames wait decrypted in its buffer
         writer.send(i, 1000 + i, t)
     writer.end(3)
     for i, t in enumerate(sent):
@@ -167,7 +169,7 @@ def test_writer_round_trip_data_end_and_error():
     assert end.kind == Kind.END and end.sequence == 3
     with pytest.raises(ProtocolError, match="peer: read after end-of-stream"):
         reader.read(buffers())
-    c, d = socket.socketpair()
+    c, d = pair()
     FrameWriter(c, SPECS, "x", 2.0).error(0, "[stage 1] boom")
     with pytest.raises(PeerError, match=r"^\[stage 1\] boom$"):
         FrameReader(d, SPECS, "peer", 2.0).read(buffers())
@@ -182,13 +184,13 @@ def test_writer_refuses_tensors_that_disagree_with_the_manifest():
     a.close(), b.close()
 
 
-def test_large_multi_tensor_frames_survive_partial_sends_both_ways():
-    """Small socket buffers force many partial sendmsg and recvmsg_into calls within one frame."""
+@pytest.mark.parametrize("tls", [False, True])
+def test_large_multi_tensor_frames_survive_partial_sends_both_ways(tls, certificate):
+    """Small socket buffers force many partial sendmsg and recvmsg_into calls within one frame (with TLS: OpenSSL
+    asks again and again to retry a write and to read more)."""
     specs = [TensorSpec("a", "a", (1, 300, 301), "float32"), TensorSpec("b", "b", (7,), "uint8"),
              TensorSpec("c", "c", (1, 200, 99), "float64")]
-    a, b = socket.socketpair()
-    for sock, option in ((a, socket.SO_SNDBUF), (b, socket.SO_RCVBUF)):
-        sock.setsockopt(socket.SOL_SOCKET, option, 4096)
+    a, b = tls_socketpair(certificate, 4096) if tls else small_socketpair(4096)
     rng = np.random.default_rng(2)
     frames = [[rng.random(s.shape).astype(s.dtype) for s in specs] for _ in range(3)]
     writer = FrameWriter(a, specs, "x", 5.0)
@@ -201,6 +203,14 @@ def test_large_multi_tensor_frames_survive_partial_sends_both_ways():
             np.testing.assert_array_equal(x, y)
     thread.join()
     a.close(), b.close()
+
+
+def small_socketpair(buffer_bytes=None):
+    a, b = socket.socketpair()
+    if buffer_bytes:
+        for sock, option in ((a, socket.SO_SNDBUF), (b, socket.SO_RCVBUF)):
+            sock.setsockopt(socket.SOL_SOCKET, option, buffer_bytes)
+    return a, b
 
 
 def test_header_and_descriptors_arriving_in_pieces_are_still_checked(pair):
@@ -355,10 +365,7 @@ def certificate(tmp_path_factory):
 
 def tls_socketpair(folder, buffer_bytes=None):
     """A connected pair of SSLSockets, both ends pinning the pipeline certificate, as two stages' link."""
-    a, b = socket.socketpair()
-    if buffer_bytes:
-        for sock, option in ((a, socket.SO_SNDBUF), (b, socket.SO_RCVBUF)):
-            sock.setsockopt(socket.SOL_SOCKET, option, buffer_bytes)
+    a, b = small_socketpair(buffer_bytes)
     server: list = []
     thread = threading.Thread(target=lambda: server.append(tls_wrap(b, tls_context(folder, True), True)))
     thread.start()
@@ -366,46 +373,6 @@ def tls_socketpair(folder, buffer_bytes=None):
     thread.join()
     assert isinstance(client, ssl.SSLSocket) and isinstance(server[0], ssl.SSLSocket)
     return client, server[0]
-
-
-def test_tls_writer_round_trip_data_end_and_error(certificate):
-    a, b = tls_socketpair(certificate)
-    writer, reader = FrameWriter(a, SPECS, "the next stage", 2.0), FrameReader(b, SPECS, "peer", 2.0)
-    sent = [tensors(i) for i in range(5)]
-    for i, t in enumerate(sent):  # all in flight at once: later frames wait decrypted in TLS's buffer
-        writer.send(i, 1000 + i, t)
-    writer.end(5)
-    for i, t in enumerate(sent):
-        frame = reader.read(buffers())
-        assert frame.kind == Kind.DATA and frame.sequence == i and frame.origin_ns == 1000 + i
-        for got, want in zip(frame.tensors, t):
-            np.testing.assert_array_equal(got, want)
-    assert reader.read(buffers()).kind == Kind.END
-    c, d = tls_socketpair(certificate)
-    FrameWriter(c, SPECS, "x", 2.0).error(0, "[stage 1] boom")
-    with pytest.raises(PeerError, match=r"^\[stage 1\] boom$"):
-        FrameReader(d, SPECS, "peer", 2.0).read(buffers())
-    for s in (a, b, c, d):
-        s.close()
-
-
-def test_tls_large_frames_survive_full_socket_buffers(certificate):
-    """Small kernel buffers make OpenSSL ask again and again to retry a write and to read more."""
-    specs = [TensorSpec("a", "a", (1, 300, 301), "float32"), TensorSpec("b", "b", (7,), "uint8"),
-             TensorSpec("c", "c", (1, 200, 99), "float64")]
-    a, b = tls_socketpair(certificate, buffer_bytes=4096)
-    rng = np.random.default_rng(2)
-    frames = [[rng.random(s.shape).astype(s.dtype) for s in specs] for _ in range(3)]
-    writer = FrameWriter(a, specs, "x", 5.0)
-    thread = threading.Thread(target=lambda: [writer.send(i, 0, f) for i, f in enumerate(frames)])
-    thread.start()
-    reader = FrameReader(b, specs, "peer", 5.0)
-    for want in frames:
-        got = reader.read([np.empty(s.shape, s.dtype) for s in specs])
-        for x, y in zip(got.tensors, want):
-            np.testing.assert_array_equal(x, y)
-    thread.join()
-    a.close(), b.close()
 
 
 def test_tls_checks_and_deadlines_still_hold(certificate):
