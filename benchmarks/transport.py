@@ -7,7 +7,9 @@ Frame table: a sender process streams frames of one float32 tensor over loopback
 which times every frame after the first; best of --repeats runs, the columns interleaved. "bare" is a
 sendall / recv_into loop of the payload alone; "send_frame" is the per-call API on a socket with a
 timeout (what the runtime uses before switching); "FrameWriter" sends with descriptors encoded once
-per connection. Both protocol columns receive with FrameReader, which checks every field of every frame.
+per connection; "TLS FrameWriter" is the same inside mutual TLS 1.3 (--tls: both ends pin one EC P-256
+certificate made for the run). Every protocol column receives with FrameReader, which checks every field
+of every frame; "TLS extra us" is what TLS adds to FrameWriter per frame.
 CPU us/frame is sender plus receiver CPU time per frame (best run): other processes sharing the cores
 stretch the wall-clock columns but hardly this one.
 
@@ -33,9 +35,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dnnpipe.manifest import TensorSpec  # noqa: E402
+from dnnpipe.pipeline_key import create_certificate, tls_context  # noqa: E402
 from dnnpipe.protocol import FrameReader, FrameWriter, Kind, send_frame  # noqa: E402
+from dnnpipe.runtime.handshake import tls_wrap  # noqa: E402
 
-METHODS = ("bare", "send_frame", "FrameWriter")
+METHODS = ("bare", "send_frame", "FrameWriter", "TLS FrameWriter")
 SIZES = (1 << 20, 100 << 10, 10 << 10, 1 << 10)
 RUN_BYTES = 200 << 20  # bytes per timed run, at least MIN_FRAMES and at most MAX_FRAMES frames
 MIN_FRAMES, MAX_FRAMES = 200, 20000
@@ -45,10 +49,12 @@ def spec_of(nbytes: int) -> TensorSpec:
     return TensorSpec("cut", "cut", (1, nbytes // 4), "float32")
 
 
-def send(port: int, method: str, nbytes: int, frames: int, cpu: Connection) -> None:
+def send(port: int, method: str, nbytes: int, frames: int, cpu: Connection, certs: Path) -> None:
     """The sender process: `frames` frames as fast as the receiver takes them; reports its CPU seconds."""
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if method.startswith("TLS"):
+        sock = tls_wrap(sock, tls_context(certs, server_side=False), False)
     spec = spec_of(nbytes)
     tensor = np.ones(spec.shape, spec.dtype)
     started = time.process_time()
@@ -82,17 +88,20 @@ def bare_receiver(sock: socket.socket, spec: TensorSpec) -> Callable[[], None]:
     return receive
 
 
-def seconds_per_frame(method: str, nbytes: int, frames: int) -> tuple[float, float]:
+def seconds_per_frame(method: str, nbytes: int, frames: int, certs: Path) -> tuple[float, float]:
     """One run on a fresh connection: wall seconds per frame (the first frame untimed) and CPU seconds per
     frame of sender and receiver together (not distorted by other processes sharing the cores)."""
     spec = spec_of(nbytes)
     context = multiprocessing.get_context("fork")
     cpu, child_cpu = context.Pipe(duplex=False)
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        sender = context.Process(target=send, args=(listener.getsockname()[1], method, nbytes, frames, child_cpu))
+        sender = context.Process(target=send, args=(listener.getsockname()[1], method, nbytes, frames, child_cpu,
+                                                    certs))
         sender.start()
         sock, _ = listener.accept()
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if method.startswith("TLS"):
+        sock = tls_wrap(sock, tls_context(certs, server_side=True), True)
     if method == "bare":
         receive = bare_receiver(sock, spec)
     else:
@@ -111,17 +120,17 @@ def seconds_per_frame(method: str, nbytes: int, frames: int) -> tuple[float, flo
     return elapsed / (frames - 1), (sender_cpu + receiver_cpu) / frames
 
 
-def frame_table(repeats: int) -> dict[int, float]:
+def frame_table(repeats: int, certs: Path) -> dict[int, float]:
     """Prints the table; returns the bare socket's seconds per frame by size."""
     print(f"{'frame':>8} | " + " | ".join(f"{m:>22}" for m in METHODS) + " | send_frame/bare | writer/bare | "
-          "writer extra us | CPU us/frame: " + " / ".join(METHODS))
+          "writer extra us | TLS extra us | CPU us/frame: " + " / ".join(METHODS))
     bare: dict[int, float] = {}
     for nbytes in SIZES:
         frames = max(MIN_FRAMES, min(MAX_FRAMES, RUN_BYTES // nbytes))
         runs: dict[str, list[tuple[float, float]]] = {m: [] for m in METHODS}
         for _ in range(repeats):  # interleaved, so load from other processes falls on every column alike
             for m in METHODS:
-                runs[m].append(seconds_per_frame(m, nbytes, frames))
+                runs[m].append(seconds_per_frame(m, nbytes, frames, certs))
         best = {m: min(wall for wall, _ in times) for m, times in runs.items()}
         cpu = {m: min(cpu for _, cpu in times) for m, times in runs.items()}
         bare[nbytes] = best["bare"]
@@ -129,6 +138,7 @@ def frame_table(repeats: int) -> dict[int, float]:
         print(f"{size_name(nbytes):>8} | " + " | ".join(f"{c:>22}" for c in cells)
               + f" | {best['bare'] / best['send_frame']:>15.2f} | {best['bare'] / best['FrameWriter']:>11.2f} | "
               f"{(best['FrameWriter'] - best['bare']) * 1e6:>15.1f} | "
+              f"{(best['TLS FrameWriter'] - best['FrameWriter']) * 1e6:>12.1f} | "
               + " / ".join(f"{cpu[m] * 1e6:.1f}" for m in METHODS), flush=True)
     return bare
 
@@ -178,7 +188,9 @@ def main() -> None:
     parser.add_argument("--inputs", type=int, default=5000, help="pipeline inputs per run (default 5000)")
     parser.add_argument("--no-pipeline", action="store_true", help="frame table only")
     args = parser.parse_args()
-    bare = frame_table(args.repeats)
+    with tempfile.TemporaryDirectory() as certs:
+        create_certificate(Path(certs))
+        bare = frame_table(args.repeats, Path(certs))
     if not args.no_pipeline:
         pipeline(bare, args.inputs, min(args.repeats, 3))
 

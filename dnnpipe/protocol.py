@@ -16,6 +16,8 @@ them once per connection and FrameReader checks them with one byte comparison, p
 field only to name a difference. A frame leaves in one sendmsg call and its header and descriptors
 arrive in one recv, on non-blocking sockets whose waits are bounded by one deadline per whole frame.
 Frame I/O starts on a connected socket: connection set-up (and any handshake) happens before.
+On a TLS socket (--tls), which has neither sendmsg nor recvmsg_into, a frame leaves as one SSL write
+per buffer and arrives by recv_into, with the same checks and deadlines.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import math
 import select
 import socket
+import ssl
 import struct
 import time
 from dataclasses import dataclass
@@ -155,14 +158,18 @@ def _advance(views: list[memoryview], n: int) -> None:
 
 
 def _send_views(sock: socket.socket, views: list[memoryview], waiter: Optional[_Waiter] = None) -> None:
-    """Every byte of `views`, one sendmsg call per batch the kernel takes (one per frame unless buffers fill)."""
+    """Every byte of `views`, one sendmsg call per batch the kernel takes (one per frame unless buffers fill).
+
+    A TLS socket writes one view at a time: OpenSSL takes a whole view or, when the socket buffer is full,
+    asks to be called again with the same view once the socket is ready (never half of one)."""
+    tls = isinstance(sock, ssl.SSLSocket)
     while views:
         try:
-            sent = sock.sendmsg(views[:IOV_LIMIT])
-        except BlockingIOError:
+            sent = sock.send(views[0]) if tls else sock.sendmsg(views[:IOV_LIMIT])
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError) as e:
             if waiter is None:
                 raise
-            waiter.wait()
+            waiter.wait(select.POLLIN if isinstance(e, ssl.SSLWantReadError) else None)
             continue
         _advance(views, sent)
 
@@ -182,6 +189,7 @@ class _Waiter:
     def __init__(self, sock: socket.socket, events: int, timeout: Optional[float]):
         self.timeout = timeout
         self.deadline: Optional[float] = None
+        self._sock = sock
         self._poll = select.poll()
         self._poll.register(sock, events)
 
@@ -189,12 +197,17 @@ class _Waiter:
         """A new frame: its deadline is the timeout from now."""
         self.deadline = None if self.timeout is None else time.monotonic() + self.timeout
 
-    def wait(self) -> None:
+    def wait(self, events: Optional[int] = None) -> None:
+        """Until the socket is ready for its usual direction, or for `events` (TLS may need the other one)."""
+        poll = self._poll
+        if events is not None:
+            poll = select.poll()
+            poll.register(self._sock, events)
         if self.deadline is None:
-            self._poll.poll()
+            poll.poll()
             return
         remaining = self.deadline - time.monotonic()
-        if remaining <= 0 or not self._poll.poll(math.ceil(remaining * 1000)):
+        if remaining <= 0 or not poll.poll(math.ceil(remaining * 1000)):
             raise TimeoutError
 
 
@@ -251,6 +264,7 @@ class FrameReader:
         self.timeout = timeout
         sock.setblocking(False)
         self._waiter = _Waiter(sock, select.POLLIN, timeout)
+        self._tls = isinstance(sock, ssl.SSLSocket)
         self.expected_sequence = 0
         expected = encode_header(Kind.DATA, 0, 0, self.specs)
         self._expected_kind = expected[:8]  # magic, version, kind DATA, tensor count
@@ -312,12 +326,14 @@ class FrameReader:
         total, got = sum(len(view) for view in views), 0
         while got < minimum:
             try:
-                if len(views) == 1:
+                if len(views) == 1 or self._tls:
                     n = self.sock.recv_into(views[0])
                 else:
                     n = self.sock.recvmsg_into(views[:IOV_LIMIT])[0]
-            except BlockingIOError:
-                self._wait(at_boundary and got == 0)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError) as e:
+                if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():  # decrypted, unseen by poll
+                    continue
+                self._wait(at_boundary and got == 0, select.POLLOUT if isinstance(e, ssl.SSLWantWriteError) else None)
                 continue
             except OSError as e:
                 raise ProtocolError(f"{self.peer}: connection lost ({e.strerror or e})") from None
@@ -331,9 +347,9 @@ class FrameReader:
             _advance(views, n)
         return got
 
-    def _wait(self, idle: bool) -> None:
+    def _wait(self, idle: bool, events: Optional[int] = None) -> None:
         try:
-            self._waiter.wait()
+            self._waiter.wait(events)
         except TimeoutError:
             if idle:
                 raise ProtocolError(f"{self.peer}: no data for {self.timeout:g} s (--timeout)") from None

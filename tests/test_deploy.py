@@ -25,7 +25,7 @@ from dnnpipe.errors import DnnpipeError
 from dnnpipe.manifest import read_manifest, sha256_file
 from dnnpipe.partition.partitioner import partition_keras_model
 from dnnpipe.partition.graph import analyse
-from dnnpipe.pipeline_key import KEY_FILE
+from dnnpipe.pipeline_key import CERT_FILE, CERT_KEY_FILE, KEY_FILE
 from helpers import assert_clean_error, run_script
 from sshd import free_port, start_sshd
 
@@ -296,8 +296,10 @@ def test_hostile_manifests_are_refused_before_anything_is_read_or_sent(partition
 
 
 def test_pipeline_key_reaches_every_device_private_and_unprinted(server, partitioned, tmp_path):
+    """And with --tls, the certificate (public) and its key (private), and every stage's command says --tls."""
     models = copy_models(partitioned, tmp_path)
-    key = models / "partitioned_submodels" / "res" / KEY_FILE
+    folder = models / "partitioned_submodels" / "res"
+    key = folder / KEY_FILE
     key.write_bytes(os.urandom(32))
     key.chmod(0o600)
     devices = [server.device(1, tmp_path / "dev1"), server.device(2, tmp_path / "dev2"),
@@ -305,16 +307,20 @@ def test_pipeline_key_reaches_every_device_private_and_unprinted(server, partiti
     old_umask = os.umask(0o022)
     try:
         result = deployer(models, write_registry(tmp_path / "reg.json", devices), "--ssh-config",
-                          str(server.ssh_config), "--no-runtime-code")
+                          str(server.ssh_config), "--no-runtime-code", "--tls")
     finally:
         os.umask(old_umask)
     assert result.returncode == 0, result.stdout + result.stderr
     for i in (1, 2, 3):
-        shipped = tmp_path / f"dev{i}" / "partitioned_submodels" / "res" / KEY_FILE
-        assert shipped.read_bytes() == key.read_bytes()
-        assert stat.S_IMODE(shipped.stat().st_mode) == 0o600, (i, oct(shipped.stat().st_mode))
+        for name, mode in ((KEY_FILE, 0o600), (CERT_KEY_FILE, 0o600), (CERT_FILE, 0o644)):
+            shipped = tmp_path / f"dev{i}" / "partitioned_submodels" / "res" / name
+            assert shipped.read_bytes() == (folder / name).read_bytes()
+            assert stat.S_IMODE(shipped.stat().st_mode) == mode, (i, name, oct(shipped.stat().st_mode))
     assert key.read_bytes().hex() not in result.stdout + result.stderr
     assert KEY_FILE not in result.stdout + result.stderr
+    assert (folder / CERT_KEY_FILE).read_text().splitlines()[1] not in result.stdout + result.stderr
+    plan = json.loads((folder / "launch_plan.json").read_text())
+    assert all("--tls" in stage["argv"] for stage in plan["stages"])
 
 
 def test_dry_run_asks_the_device_and_changes_nothing(server, partitioned, tmp_path):

@@ -1,6 +1,7 @@
 """The wire format over real socket pairs: round trips, every malformed frame class, whole-frame deadlines."""
 
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -13,6 +14,8 @@ from hypothesis import strategies as st
 from dnnpipe.manifest import TensorSpec
 from dnnpipe.protocol import (HEADER, MAGIC, MAX_DESCRIPTOR_BYTES, FrameReader, FrameWriter, Kind, PeerError,
                               ProtocolError, _advance, encode_header, send_frame)
+from dnnpipe.pipeline_key import create_certificate, tls_context
+from dnnpipe.runtime.handshake import tls_wrap
 
 SPECS = [TensorSpec("block1", "block1", (1, 4, 4, 2), "float32"), TensorSpec("ids", "ids", (1, 3), "int32")]
 
@@ -148,11 +151,13 @@ def test_read_timeout():
     a.close(), b.close()
 
 
-def test_writer_round_trip_data_end_and_error():
-    a, b = socket.socketpair()
+@pytest.mark.parametrize("tls", [False, True])
+def test_writer_round_trip_data_end_and_error(tls, certificate):
+    pair = (lambda: tls_socketpair(certificate)) if tls else socket.socketpair
+    a, b = pair()
     writer, reader = FrameWriter(a, SPECS, "the next stage", 2.0), FrameReader(b, SPECS, "peer", 2.0)
     sent = [tensors(i) for i in range(3)]
-    for i, t in enumerate(sent):
+    for i, t in enumerate(sent):  # all in flight at once: with TLS, later frames wait decrypted in its buffer
         writer.send(i, 1000 + i, t)
     writer.end(3)
     for i, t in enumerate(sent):
@@ -164,7 +169,7 @@ def test_writer_round_trip_data_end_and_error():
     assert end.kind == Kind.END and end.sequence == 3
     with pytest.raises(ProtocolError, match="peer: read after end-of-stream"):
         reader.read(buffers())
-    c, d = socket.socketpair()
+    c, d = pair()
     FrameWriter(c, SPECS, "x", 2.0).error(0, "[stage 1] boom")
     with pytest.raises(PeerError, match=r"^\[stage 1\] boom$"):
         FrameReader(d, SPECS, "peer", 2.0).read(buffers())
@@ -179,13 +184,13 @@ def test_writer_refuses_tensors_that_disagree_with_the_manifest():
     a.close(), b.close()
 
 
-def test_large_multi_tensor_frames_survive_partial_sends_both_ways():
-    """Small socket buffers force many partial sendmsg and recvmsg_into calls within one frame."""
+@pytest.mark.parametrize("tls", [False, True])
+def test_large_multi_tensor_frames_survive_partial_sends_both_ways(tls, certificate):
+    """Small socket buffers force many partial sendmsg and recvmsg_into calls within one frame (with TLS: OpenSSL
+    asks again and again to retry a write and to read more)."""
     specs = [TensorSpec("a", "a", (1, 300, 301), "float32"), TensorSpec("b", "b", (7,), "uint8"),
              TensorSpec("c", "c", (1, 200, 99), "float64")]
-    a, b = socket.socketpair()
-    for sock, option in ((a, socket.SO_SNDBUF), (b, socket.SO_RCVBUF)):
-        sock.setsockopt(socket.SOL_SOCKET, option, 4096)
+    a, b = tls_socketpair(certificate, 4096) if tls else small_socketpair(4096)
     rng = np.random.default_rng(2)
     frames = [[rng.random(s.shape).astype(s.dtype) for s in specs] for _ in range(3)]
     writer = FrameWriter(a, specs, "x", 5.0)
@@ -198,6 +203,14 @@ def test_large_multi_tensor_frames_survive_partial_sends_both_ways():
             np.testing.assert_array_equal(x, y)
     thread.join()
     a.close(), b.close()
+
+
+def small_socketpair(buffer_bytes=None):
+    a, b = socket.socketpair()
+    if buffer_bytes:
+        for sock, option in ((a, socket.SO_SNDBUF), (b, socket.SO_RCVBUF)):
+            sock.setsockopt(socket.SOL_SOCKET, option, buffer_bytes)
+    return a, b
 
 
 def test_header_and_descriptors_arriving_in_pieces_are_still_checked(pair):
@@ -339,3 +352,42 @@ def test_advance_drops_exactly_the_bytes_sent(chunks, steps):
         _advance(views, n)
         rest = rest[n:]
         assert b"".join(bytes(v) for v in views) == rest
+
+
+# --- the same frames over TLS (--tls): SSLSocket has no sendmsg/recvmsg_into, and decrypted bytes hide from poll
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tls")
+    create_certificate(folder)
+    return folder
+
+
+def tls_socketpair(folder, buffer_bytes=None):
+    """A connected pair of SSLSockets, both ends pinning the pipeline certificate, as two stages' link."""
+    a, b = small_socketpair(buffer_bytes)
+    server: list = []
+    thread = threading.Thread(target=lambda: server.append(tls_wrap(b, tls_context(folder, True), True)))
+    thread.start()
+    client = tls_wrap(a, tls_context(folder, False), False)
+    thread.join()
+    assert isinstance(client, ssl.SSLSocket) and isinstance(server[0], ssl.SSLSocket)
+    return client, server[0]
+
+
+def test_tls_checks_and_deadlines_still_hold(certificate):
+    a, b = tls_socketpair(certificate)
+    with pytest.raises(ProtocolError, match=r"no data for 0.2 s \(--timeout\)"):
+        FrameReader(b, SPECS, "peer", 0.2).read(buffers())
+    a.sendall(encode_header(Kind.DATA, 0, 0, SPECS)[:-3])  # a head cut short, then the peer dies
+    a.close()
+    with pytest.raises(ProtocolError, match="peer: truncated frame: connection closed after"):
+        FrameReader(b, SPECS, "peer", 2.0).read(buffers())
+    b.close()
+    big = [TensorSpec("x", "x", (4 << 20,), "uint8")]
+    c, d = tls_socketpair(certificate)  # d never reads
+    started = time.monotonic()
+    with pytest.raises(ProtocolError, match=r"cannot send to the next stage at h:1: frame not taken within 0.2 s"):
+        FrameWriter(c, big, "the next stage at h:1", 0.2).send(0, 0, [np.zeros(4 << 20, "uint8")])
+    assert time.monotonic() - started < 1.0
+    c.close(), d.close()

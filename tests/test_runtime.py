@@ -1,7 +1,10 @@
 """Pipelines of real stage processes on 127.0.0.1: results, back-pressure and every failure class."""
 
+import os
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -18,7 +21,7 @@ from dnnpipe.partition.partitioner import partition_keras_model
 from dnnpipe.partition.graph import analyse
 from dnnpipe.protocol import Kind, encode_header, send_frame
 from dnnpipe.runtime.local import RunOptions, free_ports, run_local
-from dnnpipe.pipeline_key import KEY_FILE, create_key, read_key
+from dnnpipe.pipeline_key import CERT_FILE, CERT_KEY_FILE, KEY_FILE, create_key, read_key
 from dnnpipe.runtime.handshake import LinkAuth, connect_side, manifest_identity
 from dnnpipe.runtime.metrics import read_timings
 from helpers import ROOT, assert_clean_error
@@ -353,3 +356,51 @@ def test_an_input_file_without_the_dataset_names_what_it_has(pipelines, tmp_path
     result = finish(stage_process(root / "p2" / "res", 1, "--data-path", str(tmp_path / "other.h5"),
                                   "--next-host", "127.0.0.1", "--next-port", "1"))
     assert_clean_error(result, "no dataset 'image' for input 'image' (have: pictures)")
+
+
+def test_tls_pipeline_results_equal_the_keras_model(pipelines, tmp_path):
+    """--tls: both stages' link inside mutual TLS with the certificate the partitioner made."""
+    root, expected = pipelines
+    folder = root / "p2" / "res"
+    assert (folder / CERT_FILE).is_file() and stat.S_IMODE((folder / CERT_KEY_FILE).stat().st_mode) == 0o600
+    run = run_local(folder, root / "data.h5", tmp_path / "out.h5", tmp_path / "logs",
+                    run=RunOptions(timeout=30, tls=True))
+    assert [s.frames for s in run.stages] == [ROWS, ROWS]
+    with h5py.File(tmp_path / "out.h5") as f:
+        np.testing.assert_allclose(f["logits"][:], expected, rtol=1e-5, atol=1e-5)
+    assert "over TLS" in (tmp_path / "logs" / "stage_1.out").read_text()
+
+
+@pytest.mark.parametrize("sender, receiver, dropped", [
+    ((), ("--tls",), "failed the TLS handshake"),  # a plain peer knocking at a TLS stage
+    (("--tls",), (), "the peer speaks TLS: it runs with --tls and this stage does not"),
+])
+def test_both_ends_of_a_link_must_agree_on_tls(pipelines, sender, receiver, dropped):
+    root, _ = pipelines
+    folder = root / "p2" / "res"
+    (port,) = free_ports(1)
+    last = stage_process(folder, 2, "--bind-addr", "127.0.0.1", "--bind-port", str(port), "--connect-timeout", "3",
+                         *receiver)
+    first = finish(stage_process(folder, 1, "--data-path", str(root / "data.h5"), "--next-host", "127.0.0.1",
+                                 "--next-port", str(port), *sender))
+    assert_clean_error(first, f"[stage 1] the next stage at 127.0.0.1:{port} refused the link")
+    second = finish(last)
+    assert_clean_error(second, "[stage 2] no upstream stage connected")
+    assert "dropped 127.0.0.1" in second.stdout and dropped in second.stdout, second.stdout
+
+
+def test_tls_with_insecure_and_without_openssl_are_clean_errors(pipelines, tmp_path):
+    root, _ = pipelines
+    result = finish(stage_process(root / "p2" / "res", 1, "--data-path", str(root / "data.h5"), "--next-host",
+                                  "127.0.0.1", "--next-port", "1", "--tls", "--insecure"))
+    assert_clean_error(result, "[stage 1] --tls and --insecure do not go together")
+    folder = tmp_path / "res"  # a partition made where openssl was missing: no certificate
+    shutil.copytree(root / "p2" / "res", folder)
+    for name in (CERT_FILE, CERT_KEY_FILE):
+        (folder / name).unlink()
+    result = subprocess.run([sys.executable, "-m", "dnnpipe", "run-local", "--model-path", str(tmp_path),
+                             "--model-name", "res", "--data-path", str(root / "data.h5"), "--testbed", "loopback",
+                             "--tls"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PATH": str(tmp_path / "no-bin")})
+    assert_clean_error(result, "pipeline.crt: cannot make the TLS certificate for --tls: the openssl command is "
+                               "not installed")

@@ -9,6 +9,7 @@ from typing import Callable, Optional
 from ..errors import DnnpipeError
 from ..layout import config_paths
 from ..manifest import read_manifest
+from ..pipeline_key import create_certificate
 from .launch import StageLaunch, launch, launch_plan, stop, write_launch_plan
 from .registry import devices_for, load_registry
 from .ship import DeviceReport, runtime_code, ship_all, uploads_for
@@ -32,6 +33,7 @@ class DeployOptions:
     data_path: Optional[str] = None  # the input path there (default dataset.h5)
     output_path: str = "results.h5"
     wait: float = 60.0  # how long a launch waits for each stage's port
+    tls: bool = False  # every stage runs with --tls; the certificate is made here if the partitioner did not
 
     @property
     def folder(self) -> Path:
@@ -58,7 +60,7 @@ def _setup(options: DeployOptions) -> tuple[list[StageLaunch], dict[int, Transpo
     devices = devices_for(registry, [s.device for s in manifest.stages], str(options.registry))
     transports = {d.device_id: transport_for(d, options.ssh) for d in devices}
     launches = launch_plan(manifest, devices, options.model_path.resolve().name, options.data_path or DATASET,
-                           options.output_path)
+                           options.output_path, ["--tls"] if options.tls else [])
     return launches, transports
 
 
@@ -70,6 +72,8 @@ def deploy(options: DeployOptions) -> Deployment:
     if options.dataset is not None and options.data_path is not None:
         check_device_path(options.data_path, "--data-path")
     launches, transports = _setup(options)
+    if options.tls and not options.dry_run:
+        create_certificate(options.folder)
     manifest = read_manifest(options.folder)
     models_dir = options.model_path.resolve().name
     plan_file = config_paths(options.config, options.model_name)[1]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..manifest import MANIFEST_FILE, Manifest, sha256_file
-from ..pipeline_key import KEY_FILE
+from ..pipeline_key import CERT_FILE, CERT_KEY_FILE, KEY_FILE
 from .closure import device_files
 from .registry import Device
 from .transport import Transport, TransportError, Upload, temporary_names
@@ -41,14 +41,16 @@ def runtime_code() -> list[tuple[Path, str]]:
 
 def uploads_for(manifest: Manifest, folder: Path, models_dir: str, stages: Sequence[int],
                 extra: Sequence[tuple[Path, str]] = ()) -> list[Upload]:
-    """A device's files: its stages' sub-models, the manifest and the pipeline key (when the partitioner wrote
-    one), in the runtime's layout, plus extras. Names come from the checked manifest, so none leaves `folder`."""
+    """A device's files: its stages' sub-models, the manifest, the pipeline key and the --tls certificate (when
+    present; the keys private), in the runtime's layout, plus extras. Names come from the checked manifest, so
+    none leaves `folder`."""
     prefix = f"{models_dir}/{manifest.model_name}"
     uploads = [Upload(folder / manifest.stage(k).file, f"{prefix}/{manifest.stage(k).file}",
                       manifest.stage(k).sha256) for k in stages]
     uploads.append(Upload(folder / MANIFEST_FILE, f"{prefix}/{MANIFEST_FILE}", sha256_file(folder / MANIFEST_FILE)))
-    if (folder / KEY_FILE).is_file():
-        uploads.append(Upload(folder / KEY_FILE, f"{prefix}/{KEY_FILE}", sha256_file(folder / KEY_FILE), private=True))
+    for name, private in ((KEY_FILE, True), (CERT_FILE, False), (CERT_KEY_FILE, True)):
+        if (folder / name).is_file():
+            uploads.append(Upload(folder / name, f"{prefix}/{name}", sha256_file(folder / name), private=private))
     uploads += [Upload(local, rel, sha256_file(local)) for local, rel in extra]
     return uploads
 

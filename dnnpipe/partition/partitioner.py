@@ -13,7 +13,7 @@ from ..errors import DnnpipeError
 from ..jsonio import write_json
 from ..layout import config_paths
 from ..manifest import Manifest, write_manifest
-from ..pipeline_key import create_key
+from ..pipeline_key import create_link_secrets
 from ..planfile import format_plan, read_stages, write_plan
 from ..planner import Plan, plan
 from ..slicing.plan import with_cuts
@@ -107,7 +107,7 @@ def partition_keras_model(model, stages, folder: Path, model_name: str, source: 
                            slicing=slicing)
     manifest = replace(manifest, extra={"conversion_seconds": round(time.perf_counter() - started, 3)})
     write_manifest(manifest, folder)  # written before verifying, so a failed chain can be inspected
-    create_key(folder)  # stages authenticate their links with it (kept when re-partitioning)
+    create_link_secrets(folder)  # stages authenticate (and with --tls encrypt) their links with them
     if not verify_chain:
         return manifest, None
     tolerance = tolerance if tolerance is not None else TOLERANCE[quantize]
@@ -189,7 +189,7 @@ def _partition_tflite(options: PartitionOptions, model_file: Path, started: floa
     new_plan, plan_file, stages, source = _stages(options, len(tflite_units(model_file)), str(model_file), echo)
     folder = options.output_dir / options.model_name
     manifest, _ = partition_tflite(model_file, stages, folder, options.model_name, source, options.verify, echo)
-    create_key(folder)
+    create_link_secrets(folder)
     echo(f"wrote {len(manifest.stages)} sub-models and {folder / 'manifest.json'} in "
          f"{time.perf_counter() - started:.1f} s")
     return PartitionResult(new_plan, plan_file, manifest, folder)

@@ -60,12 +60,16 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the pipeline key (default: pipeline.key beside manifest.json)")
     parser.add_argument("--insecure", action="store_true",
                         help="run without authenticating the links between stages (every stage must agree)")
+    parser.add_argument("--tls", action="store_true",
+                        help="encrypt the links between stages with mutual TLS, pinning pipeline.crt beside "
+                             "manifest.json (every stage must agree; default: off)")
 
 
 def run_options(args: argparse.Namespace) -> RunOptions:
     return RunOptions(num_inputs=args.num_inputs, fps=args.fps, num_threads=args.num_threads,
                       delegate=args.delegate, timeout=args.timeout, connect_timeout=args.connect_timeout,
-                      queue_size=args.queue_size, key_file=args.key_file, insecure=args.insecure)
+                      queue_size=args.queue_size, key_file=args.key_file, insecure=args.insecure,
+                      tls=args.tls)
 
 
 def stage_parser() -> argparse.ArgumentParser:
@@ -81,7 +85,7 @@ def stage_command(args: argparse.Namespace) -> int:
         num_threads=args.num_threads, delegate=args.delegate, timeout=args.timeout,
         connect_timeout=args.connect_timeout, queue_size=args.queue_size, pace_ms=args.pace_ms,
         control_host=args.control_host, control_port=args.control_port,
-        key_file=args.key_file, insecure=args.insecure)
+        key_file=args.key_file, insecure=args.insecure, tls=args.tls)
     print(Stage(options, say=lambda text: print(text, flush=True)).run().describe(), flush=True)
     return 0
 

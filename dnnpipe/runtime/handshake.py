@@ -8,7 +8,8 @@ very manifest, on this connection (a recorded handshake cannot be replayed: the 
     listener  -> connector  REPLY   nonce_l (32) | HMAC(key, "listener"  | identity | from | to | nonce_c | nonce_l)
     connector -> listener   FINISH  HMAC(key, "connector" | identity | from | to | nonce_c | nonce_l)
 
-The whole exchange has one deadline; any failure closes the link.
+The whole exchange has one deadline; any failure closes the link. With --tls, `tls_wrap` first runs a
+mutual TLS handshake (both ends pin the pipeline certificate) and this exchange runs inside it, unchanged.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import select
 import socket
+import ssl
 import struct
 import time
 from dataclasses import dataclass
@@ -103,6 +106,8 @@ def listen_side(sock: socket.socket, auth: LinkAuth, seconds: float = HANDSHAKE_
     """The receiving end of a link, right after accept(); raises ProbeClosed for a silent close."""
     deadline = time.monotonic() + seconds
     magic, version, sender, receiver, nonce_c = HELLO.unpack(_receive(sock, HELLO.size, deadline, first=True))
+    if magic.startswith(b"\x16\x03"):
+        raise HandshakeError("the peer speaks TLS: it runs with --tls and this stage does not")
     if magic != MAGIC:
         raise HandshakeError(f"not a DNNPipe handshake (starts with {magic!r}; an unauthenticated peer?)")
     if version != VERSION:
@@ -114,3 +119,53 @@ def listen_side(sock: socket.socket, auth: LinkAuth, seconds: float = HANDSHAKE_
     _send(sock, nonce_l + auth.mac(b"listener", nonce_c, nonce_l), deadline)
     if not hmac.compare_digest(_receive(sock, MAC, deadline), auth.mac(b"connector", nonce_c, nonce_l)):
         raise HandshakeError("the peer failed the handshake: it holds another pipeline key or another manifest")
+
+
+def tls_wrap(sock: socket.socket, context: ssl.SSLContext, server_side: bool,
+             seconds: float = HANDSHAKE_SECONDS) -> ssl.SSLSocket:
+    """The link inside TLS, after a handshake bounded by one deadline (a trickling peer cannot hold it).
+
+    A listener raises ProbeClosed for a peer that closes before its first byte, like listen_side."""
+    deadline = time.monotonic() + seconds
+    if server_side:
+        _receive_first(sock, deadline)
+    tls = context.wrap_socket(sock, server_side=server_side, do_handshake_on_connect=False)
+    tls.setblocking(False)
+    try:
+        while True:
+            try:
+                tls.do_handshake()
+                return tls
+            except ssl.SSLWantReadError:
+                events = select.POLLIN
+            except ssl.SSLWantWriteError:
+                events = select.POLLOUT
+            left = deadline - time.monotonic()
+            poll = select.poll()
+            poll.register(tls, events)
+            if left <= 0 or not poll.poll(int(left * 1000) + 1):
+                raise HandshakeError("TLS handshake not finished by its deadline (a stalled or trickling peer)")
+    except ssl.SSLError as e:
+        tls.close()
+        raise HandshakeError(f"failed the TLS handshake ({e.reason or e}; a peer without --tls or with another "
+                             f"pipeline certificate?)") from None
+    except OSError as e:
+        tls.close()
+        raise HandshakeError(f"connection lost during the TLS handshake ({e.strerror or e}; a peer without --tls?)") \
+            from None
+    except HandshakeError:
+        tls.close()
+        raise
+
+
+def _receive_first(sock: socket.socket, deadline: float) -> None:
+    """Wait for the peer's first byte without taking it; a close before it is a readiness probe."""
+    sock.settimeout(max(0.01, deadline - time.monotonic()))
+    try:
+        first = sock.recv(1, socket.MSG_PEEK)
+    except socket.timeout:
+        raise HandshakeError("TLS handshake not started by its deadline (a silent peer)") from None
+    except OSError as e:
+        raise ProbeClosed(f"connection lost before the handshake ({e.strerror or e})") from None
+    if not first:
+        raise ProbeClosed("closed before the handshake")

@@ -16,6 +16,7 @@ from typing import Optional, Protocol, Sequence
 
 from ..errors import DnnpipeError
 from ..manifest import read_manifest
+from ..pipeline_key import create_certificate
 from .metrics import StageSummary, read_summary
 
 GRACE_SECONDS = 2.0  # after a stage failed, how long the others get to stop on their own
@@ -35,6 +36,7 @@ class RunOptions:
     queue_size: int = 4
     key_file: Optional[Path] = None
     insecure: bool = False
+    tls: bool = False  # the certificate is made here when the partitioner could not (no openssl then)
 
     def argv(self) -> list[str]:
         flags = []
@@ -155,6 +157,8 @@ def run_local(folder: Path, data_path: Path, output_path: Optional[Path], log_di
                            f"times (re-partition after re-planning)")
     if not data_path.is_file():
         raise DnnpipeError(f"{data_path}: input data file not found")
+    if run.tls:
+        create_certificate(folder)
     log_dir.mkdir(parents=True, exist_ok=True)
     network = network or Loopback(len(devices))
     commands = stage_commands(folder, devices, data_path, output_path, log_dir, paces, run, network)

@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import DnnpipeError
 from ..interpreter import StageRunner
 from ..manifest import MANIFEST_FILE, read_manifest, sha256_file
-from ..pipeline_key import stage_key
+from ..pipeline_key import stage_key, tls_context
 from ..protocol import Kind, PeerError
 from .dataio import ResultWriter, input_datasets, read_inputs
 from .metrics import FrameTiming, StageSummary, summarise, write_log
@@ -62,6 +62,7 @@ class StageOptions:
     control_port: Optional[int] = None
     key_file: Optional[Path] = None  # default: pipeline.key beside the manifest
     insecure: bool = False  # no link authentication (both neighbours must agree)
+    tls: bool = False  # links inside mutual TLS with pipeline.crt (both neighbours must agree)
 
 
 class Stage:
@@ -78,6 +79,8 @@ class Stage:
         identity = manifest_identity((options.folder / MANIFEST_FILE).read_bytes())
         self.upstream_auth = None if key is None else LinkAuth(key, identity, options.stage - 1, options.stage)
         self.downstream_auth = None if key is None else LinkAuth(key, identity, options.stage, options.stage + 1)
+        self.tls_listen = tls_context(options.folder, server_side=True) if options.tls else None
+        self.tls_connect = tls_context(options.folder, server_side=False) if options.tls else None
         self.stop = threading.Event()
         self.error: Optional[str] = None
         self._lock = threading.Lock()
@@ -104,6 +107,9 @@ class Stage:
                 (o.next_host is None or o.next_port is None):
             raise DnnpipeError(f"{self.name} a stage before the last (or a last stage sending its results on) "
                                f"needs --next-host and --next-port")
+        if o.tls and o.insecure:
+            raise DnnpipeError(f"{self.name} --tls and --insecure do not go together (inside TLS, the pipeline key "
+                               f"still binds each link to this manifest and these stages)")
         if (o.control_host is None) != (o.control_port is None):
             raise DnnpipeError(f"{self.name} --control-host and --control-port go together")
         for flag, value in (("--timeout", o.timeout), ("--connect-timeout", o.connect_timeout), ("--fps", o.fps),
@@ -143,10 +149,11 @@ class Stage:
             self.runner = StageRunner(path, self.spec, o.num_threads, o.delegate)
             if o.next_host is not None and o.next_port is not None:  # the next stage, or a controller
                 self.downstream = connect_downstream(self.name, o.next_host, o.next_port, self.spec.outputs,
-                                                     o.connect_timeout, o.timeout, self.say, self.downstream_auth)
+                                                     o.connect_timeout, o.timeout, self.say, self.downstream_auth,
+                                                     self.tls_connect)
             if listener is not None:
                 self.upstream = accept_upstream(self.name, listener, self.spec.inputs, o.connect_timeout,
-                                                o.timeout, self.say, self.upstream_auth)
+                                                o.timeout, self.say, self.upstream_auth, self.tls_listen)
         except DnnpipeError as e:
             if self.control is not None:
                 self.control.close(str(e))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import socket
+import ssl
 import threading
 import time
 from typing import Callable, Optional, Sequence
@@ -18,7 +19,7 @@ import numpy as np
 from ..errors import DnnpipeError
 from ..manifest import TensorSpec
 from ..protocol import Frame, FrameReader, FrameWriter, ProtocolError
-from .handshake import HandshakeError, LinkAuth, ProbeClosed, connect_side, listen_side
+from .handshake import HANDSHAKE_SECONDS, HandshakeError, LinkAuth, ProbeClosed, connect_side, listen_side, tls_wrap
 
 PROBE_SECONDS = 0.3  # how long a fresh connection may stay silent before it counts as a real upstream
 PROGRESS_SECONDS = 5.0  # while waiting for a neighbour, say so this often
@@ -43,7 +44,7 @@ class Upstream:
     def shutdown(self) -> None:
         """Unblock a reader waiting on this link; the upstream stage sees the close."""
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)  # SSLSocket's own would drop TLS under the reader
         except OSError:
             pass
 
@@ -88,19 +89,22 @@ def listen(name: str, bind_addr: str, bind_port: int) -> socket.socket:
 
 
 def accept_upstream(name: str, listener: socket.socket, specs: Sequence[TensorSpec], connect_timeout: float,
-                    timeout: float, say: Say = _quiet, auth: Optional[LinkAuth] = None) -> Upstream:
+                    timeout: float, say: Say = _quiet, auth: Optional[LinkAuth] = None,
+                    tls: Optional[ssl.SSLContext] = None) -> Upstream:
     """The previous stage's connection, once it has proven itself (with a key) or said anything (without).
 
     Every connection is vetted on its own thread, so a peer that connects and stalls cannot hold the
     port: the real upstream is taken as soon as it passes, and a peer that fails is dropped with a line
     while the stage keeps listening. One closed without a byte is a readiness probe (the deployer's
-    --launch checks ports that way) and is dropped quietly.
+    --launch checks ports that way) and is dropped quietly. With `tls`, the TLS handshake comes first, within
+    the same deadline as the key handshake that follows it inside TLS.
     """
     bind_addr, bind_port = listener.getsockname()[:2]
     began = time.monotonic()
     deadline, next_word = began + connect_timeout, began + PROGRESS_SECONDS
-    say(f"{name} waiting for the upstream stage on {bind_addr}:{bind_port} (up to {connect_timeout:g} s)")
-    gate = _Gate(name, auth, say)
+    say(f"{name} waiting for the upstream stage on {bind_addr}:{bind_port}{' over TLS' if tls else ''} "
+        f"(up to {connect_timeout:g} s)")
+    gate = _Gate(name, auth, say, tls)
     try:
         while True:
             chosen = gate.chosen(0.0)
@@ -127,8 +131,8 @@ def accept_upstream(name: str, listener: socket.socket, specs: Sequence[TensorSp
 class _Gate:
     """Vets incoming connections in parallel; the first that passes becomes the upstream."""
 
-    def __init__(self, name: str, auth: Optional[LinkAuth], say: Say):
-        self.name, self.auth, self.say = name, auth, say
+    def __init__(self, name: str, auth: Optional[LinkAuth], say: Say, tls: Optional[ssl.SSLContext] = None):
+        self.name, self.auth, self.say, self.tls = name, auth, say, tls
         self.passed: queue.Queue[tuple[socket.socket, str]] = queue.Queue()
         self.slots = threading.BoundedSemaphore(MAX_PENDING)
         self.done = threading.Event()
@@ -142,7 +146,12 @@ class _Gate:
 
     def _vet(self, sock: socket.socket, peer: str) -> None:
         try:
-            if self.auth is not None:
+            if self.tls is not None:
+                ends = time.monotonic() + HANDSHAKE_SECONDS  # TLS and the key handshake together
+                sock = tls_wrap(sock, self.tls, True)
+                if self.auth is not None:
+                    listen_side(sock, self.auth, max(0.01, ends - time.monotonic()))
+            elif self.auth is not None:
                 listen_side(sock, self.auth)
             elif _is_probe(sock):
                 raise ProbeClosed("readiness probe")
@@ -190,12 +199,14 @@ def _is_probe(sock: socket.socket) -> bool:
 
 
 def connect_downstream(name: str, host: str, port: int, specs: Sequence[TensorSpec], connect_timeout: float,
-                       timeout: float, say: Say = _quiet, auth: Optional[LinkAuth] = None) -> Downstream:
+                       timeout: float, say: Say = _quiet, auth: Optional[LinkAuth] = None,
+                       tls: Optional[ssl.SSLContext] = None) -> Downstream:
     """Retry until the next stage listens, for at most connect_timeout seconds."""
     began = time.monotonic()
     deadline, delay, reason = began + connect_timeout, 0.1, "no attempt"
     next_word = began + PROGRESS_SECONDS
-    say(f"{name} connecting to the next stage at {host}:{port} (up to {connect_timeout:g} s)")
+    say(f"{name} connecting to the next stage at {host}:{port}{' over TLS' if tls else ''} "
+        f"(up to {connect_timeout:g} s)")
     while time.monotonic() < deadline:
         try:
             sock = socket.create_connection((host, port), timeout=min(5.0, connect_timeout))
@@ -209,12 +220,15 @@ def connect_downstream(name: str, host: str, port: int, specs: Sequence[TensorSp
             delay = min(delay * 2, 1.0)
             continue
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if auth is not None:
-            try:
-                connect_side(sock, auth)
-            except HandshakeError as e:
-                sock.close()
-                raise DnnpipeError(f"{name} the next stage at {host}:{port} refused the link: {e}") from None
+        try:
+            ends = time.monotonic() + HANDSHAKE_SECONDS  # TLS and the key handshake together
+            if tls is not None:
+                sock = tls_wrap(sock, tls, False)
+            if auth is not None:
+                connect_side(sock, auth, max(0.01, ends - time.monotonic()))
+        except HandshakeError as e:
+            sock.close()
+            raise DnnpipeError(f"{name} the next stage at {host}:{port} refused the link: {e}") from None
         return Downstream(sock, f"{host}:{port}", specs, timeout)
     raise DnnpipeError(f"{name} cannot reach the next stage at {host}:{port} within {connect_timeout:g} s "
                        f"({reason})")
