@@ -79,7 +79,7 @@ def main() -> None:
         (2, 50), (2, 1000), (4, 100), (4, 273), (4, 1000), (6, 273), (6, 1000), (8, 273), (8, 1000), (10, 50),
         (10, 273), (10, 1000), (12, 1000), (16, 1000)]
     if args.sizes:
-        sizes = [tuple(int(x) for x in size.split("x")) for size in args.sizes]
+        sizes = [(int(size.split("x")[0]), int(size.split("x")[1])) for size in args.sizes]
     instances += [(f"synthetic N={N} U={U}", synthetic(N, U)) for N, U in sizes]
     binding = [(4, 1000), (8, 273)] if args.quick else [(4, 1000), (8, 273), (8, 1000), (12, 1000)]
     instances += [(f"binding memory N={N} U={U}", synthetic(N, U, binding=True)) for N, U in binding]

@@ -102,11 +102,14 @@ def seconds_per_frame(method: str, nbytes: int, frames: int, certs: Path) -> tup
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if method.startswith("TLS"):
         sock = tls_wrap(sock, tls_context(certs, server_side=True), True)
+    receive: Callable[[], None]
     if method == "bare":
         receive = bare_receiver(sock, spec)
     else:
         reader, buffers = FrameReader(sock, [spec], "the sender", 60.0), [np.empty(spec.shape, spec.dtype)]
-        receive = lambda: reader.read(buffers)  # noqa: E731
+
+        def receive() -> None:
+            reader.read(buffers)
     started_cpu = time.process_time()
     receive()
     started = time.perf_counter()
@@ -151,8 +154,8 @@ def pipeline(bare: dict[int, float], inputs: int, repeats: int) -> None:
     """Two cheap stages joined by a ~100 KB cut, run as processes by run-local."""
     import h5py
 
-    from dnnpipe.partition.command import partition_keras_model
-    from dnnpipe.runtime.local import run_local
+    from dnnpipe.partition.partitioner import partition_keras_model
+    from dnnpipe.runtime.local import RunOptions, run_local
     from dnnpipe.runtime.metrics import read_timings
     from dnnpipe.tfenv import import_tensorflow
 
@@ -171,7 +174,7 @@ def pipeline(bare: dict[int, float], inputs: int, repeats: int) -> None:
         runs = []
         for i in range(repeats):
             run = run_local(folder, Path(root) / "data.h5", None, Path(root) / f"logs{i}",
-                            extra=[f"--num-inputs={inputs}"])
+                            run=RunOptions(num_inputs=inputs))
             send = np.median([t.send_ms for t in read_timings(run.log_dir, 1)]) * 1000
             receive = np.median([t.receive_ms for t in read_timings(run.log_dir, 2)]) * 1000
             runs.append((run.throughput, send, receive))

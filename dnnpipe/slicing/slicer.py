@@ -9,6 +9,7 @@ from typing import Callable, Optional, Sequence
 
 from ai_edge_litert import schema_py_generated as schema
 
+from ..jsonio import size_text
 from ..manifest import Manifest, StageSpec, WholeModel, read_manifest, sha256_file
 from .chain import Verification, differences, random_inputs, run_chain, run_whole
 from .flatbuffer import OpGraph, cut_submodel, op_graph, read_model
@@ -50,7 +51,7 @@ def slice_plan(model: schema.ModelT, whole: WholeModel, units: int, stages: Sequ
                                         [(t.tensor, t.key) for t in outputs], graph))  # type: ignore[misc]
         if progress:
             progress(f"stage {number}/{len(stages)}: units {start}-{end} on device {device}: {len(inputs)} in, "
-                     f"{len(outputs)} out ({sum(t.nbytes for t in outputs) / 1024:.1f} KB/inference), "
+                     f"{len(outputs)} out ({size_text(sum(t.nbytes for t in outputs))}/inference), "
                      f"{len(flatbuffers[-1]) / 1e6:.2f} MB, cut in {(time.perf_counter() - started) * 1000:.0f} ms")
     specs = []
     for number, ((start, end, device), flatbuffer) in enumerate(zip(stages, flatbuffers), 1):
