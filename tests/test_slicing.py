@@ -306,3 +306,38 @@ def test_a_damaged_tflite_file_is_refused(tflite_files):
     operator.inputs = [9999, *operator.inputs[1:]]
     with pytest.raises(CutError, match="an operator refers to a tensor that does not exist"):
         op_graph(read_model(pack(model)))
+
+
+@pytest.mark.parametrize("kind", ["float", "int8"])
+def test_the_papers_flow_with_only_a_tflite_file(kind, tflite_files, tmp_path):
+    """profile -> plan -> partition -> run with NAME.tflite alone: the pipeline gives the whole model's outputs."""
+    import h5py
+
+    models_dir = tmp_path / "models"
+    models_dir.mkdir()
+    (models_dir / "net.tflite").write_bytes((tflite_files / f"{kind}.tflite").read_bytes())
+    profiled = run_script("dnnpipe", "profile", "--model-path", str(models_dir), "--model-name", "net", "--config",
+                          str(tmp_path / "configurations"), "--speeds", "1", "0.5", "0.5", "--memory", "100", "100",
+                          "100", "--repeats", "2", "--warmup", "1")
+    assert profiled.returncode == 0, profiled.stderr
+    parted = run_script("model_partitioner.py", "--model-path", str(models_dir), "--config",
+                        str(tmp_path / "configurations"), "--output-dir", str(tmp_path / "parts"),
+                        "--model-name", "net")
+    assert parted.returncode == 0, parted.stderr
+    manifest = read_manifest(tmp_path / "parts" / "net")
+    assert len(manifest.stages) > 1 and manifest.whole_model is not None
+    images = np.random.default_rng(1).random((5, 12, 12, 3)).astype("float32")
+    with h5py.File(tmp_path / "data.h5", "w") as f:
+        f["images"] = images
+    ran = run_script("dnnpipe", "run-local", "--model-path", str(tmp_path / "parts"), "--model-name", "net",
+                     "--data-path", str(tmp_path / "data.h5"), "--output-path", str(tmp_path / "out.h5"),
+                     "--testbed", "loopback")
+    assert ran.returncode == 0, ran.stderr
+    from dnnpipe.runtime.dataio import to_real, to_wire
+
+    spec_in, spec_out = manifest.inputs[0], manifest.outputs[0]
+    expected = [to_real(spec_out, run_whole(manifest.whole_model, tmp_path / "parts" / "net", manifest.units,
+                                            {spec_in.name: to_wire(spec_in, image)})[spec_out.name])
+                for image in images]
+    with h5py.File(tmp_path / "out.h5") as f:
+        np.testing.assert_array_equal(f[spec_out.name][:], np.concatenate(expected))
