@@ -166,9 +166,9 @@ def _stages(options: PartitionOptions, units: int, model: str,
     if options.plan is not None:
         return None, None, read_stages(options.plan), str(options.plan)
     config_file = config_paths(options.config, options.model_name)[0]
-    if load_config(config_file).profile.U != units:
-        raise PartitionError(f"{config_file}: model_config.U = {load_config(config_file).profile.U} but {model} "
-                             f"has {units} units")
+    configured = load_config(config_file).profile.U
+    if configured != units:
+        raise PartitionError(f"{config_file}: model_config.U = {configured} but {model} has {units} units")
     new_plan, plan_file = plan_model(options, echo)
     return new_plan, plan_file, new_plan.stages, str(plan_file)
 
@@ -185,8 +185,9 @@ def _record_cuts(config_file: Path, cuts, echo: Echo) -> None:
 def _partition_tflite(options: PartitionOptions, model_file: Path, started: float, echo: Echo) -> PartitionResult:
     """A .tflite file as the model: its operators are the units, every cut exists, nothing is converted."""
     assert options.output_dir is not None
-    echo(f"{model_file}: {len(tflite_units(model_file))} units (its operators)")
-    new_plan, plan_file, stages, source = _stages(options, len(tflite_units(model_file)), str(model_file), echo)
+    units = len(tflite_units(model_file))
+    echo(f"{model_file}: {units} units (its operators)")
+    new_plan, plan_file, stages, source = _stages(options, units, str(model_file), echo)
     folder = options.output_dir / options.model_name
     manifest, _ = partition_tflite(model_file, stages, folder, options.model_name, source, options.verify, echo)
     create_link_secrets(folder)
