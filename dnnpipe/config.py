@@ -106,7 +106,7 @@ def parse_config(data: Any, source: str) -> Config:
     u = _count(model, "model_config.U", "U", source)
     e_device = None
     if "E_device" in model:
-        e_device = _rows(model, "model_config.E_device", "E_device", n, "N", u, "U", source)
+        e_device = _rows(model, "model_config.E_device", "E_device", n, u, "U", source)
     # With per-device times E may be left out: the paper's E is device 1's row.
     e = _numbers(model, "model_config.E", "E", u, "U", source) if "E" in model or e_device is None else e_device[0]
     r = _numbers(model, "model_config.R", "R", u, "U", source)
@@ -123,19 +123,20 @@ def _known_keys(section: Mapping[str, Any], name: str, source: str) -> None:
             raise ConfigError(f"{source}: unknown key '{field}' (known: {', '.join(KEYS[name])})")
 
 
-def _rows(section: Mapping[str, Any], field: str, key: str, n: int, n_name: str, length: int, length_name: str,
-          source: str, positive: bool = False) -> tuple[tuple[float, ...], ...]:
+def _rows(section: Mapping[str, Any], field: str, key: str, n: int, length: int, length_name: str,
+          source: str) -> tuple[tuple[float, ...], ...]:
+    """N rows (one per device) of `length` numbers each."""
     rows = section[key]
     if not isinstance(rows, Sequence) or isinstance(rows, (str, bytes)) or len(rows) != n:
-        raise ConfigError(f"{source}: '{field}' must be a list of {n_name} = {n} lists of {length_name} = {length} "
+        raise ConfigError(f"{source}: '{field}' must be a list of N = {n} lists of {length_name} = {length} "
                           f"numbers")
-    return tuple(_numbers({"row": row}, f"{field}[{d}]", "row", length, length_name, source, positive)
+    return tuple(_numbers({"row": row}, f"{field}[{d}]", "row", length, length_name, source)
                  for d, row in enumerate(rows))
 
 
 def _link_matrix(devices: Mapping[str, Any], n: int, source: str) -> tuple[tuple[float, ...], ...]:
     """N x N Mbit/s, finite; > 0 between two devices, the diagonal (a device to itself) is never used."""
-    rows = _rows(devices, "device_config.B_link", "B_link", n, "N", n, "N", source)
+    rows = _rows(devices, "device_config.B_link", "B_link", n, n, "N", source)
     for d, row in enumerate(rows):
         for e, value in enumerate(row):
             if d != e and value <= 0:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -34,7 +34,6 @@ class Options:
     steps: tuple[str, ...] = STEPS
     testbed: str = "auto"  # dnnpipe.testbed.netns.MODES
     scale: Optional[float] = None  # every emulated speed and bandwidth x this (default: fit the usable cores)
-    commands: list[str] = field(default_factory=list)
 
 
 def say(text: str) -> None:

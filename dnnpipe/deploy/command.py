@@ -63,7 +63,7 @@ def deploy_options(args: argparse.Namespace) -> DeployOptions:
                                              accept_new_host_keys=args.accept_new_host_keys,
                                              ssh_config=args.ssh_config),
         runtime_code=not args.no_runtime_code, dataset=args.dataset, data_path=args.data_path,
-        output_path=args.output_path, wait=args.wait, tls=args.tls)
+        output_path=args.output_path, tls=args.tls)
 
 
 def deploy_command(args: argparse.Namespace) -> int:
@@ -80,7 +80,7 @@ def deploy_command(args: argparse.Namespace) -> int:
     if deployment.launch_plan_file is not None:
         print(f"wrote {deployment.launch_plan_file}")
     if args.launch and not options.dry_run:
-        start_stages(deployment, options.wait)
+        start_stages(deployment, args.wait)
     return 0
 
 

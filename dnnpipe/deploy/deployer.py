@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 from ..errors import DnnpipeError
 from ..layout import config_paths
-from ..manifest import read_manifest
+from ..manifest import Manifest, read_manifest
 from ..pipeline_key import create_certificate
 from .launch import StageLaunch, launch, launch_plan, stop, write_launch_plan
 from .registry import devices_for, load_registry
@@ -32,12 +32,16 @@ class DeployOptions:
     dataset: Optional[Path] = None  # shipped to the first stage's device
     data_path: Optional[str] = None  # the input path there (default dataset.h5)
     output_path: str = "results.h5"
-    wait: float = 60.0  # how long a launch waits for each stage's port
     tls: bool = False  # every stage runs with --tls; the certificate is made here if the partitioner did not
 
     @property
     def folder(self) -> Path:
         return self.model_path / self.model_name
+
+    @property
+    def models_dir(self) -> str:
+        """The models folder's name on every device (the runtime's --model-path there)."""
+        return self.model_path.resolve().name
 
 
 @dataclass
@@ -54,14 +58,14 @@ class Deployment:
         return [r for r in self.reports if not r.ok]
 
 
-def _setup(options: DeployOptions) -> tuple[list[StageLaunch], dict[int, Transport]]:
+def _setup(options: DeployOptions) -> tuple[Manifest, list[StageLaunch], dict[int, Transport]]:
     registry = load_registry(options.registry)
     manifest = read_manifest(options.folder)
     devices = devices_for(registry, [s.device for s in manifest.stages], str(options.registry))
     transports = {d.device_id: transport_for(d, options.ssh) for d in devices}
-    launches = launch_plan(manifest, devices, options.model_path.resolve().name, options.data_path or DATASET,
+    launches = launch_plan(manifest, devices, options.models_dir, options.data_path or DATASET,
                            options.output_path, ["--tls"] if options.tls else [])
-    return launches, transports
+    return manifest, launches, transports
 
 
 def deploy(options: DeployOptions) -> Deployment:
@@ -71,11 +75,10 @@ def deploy(options: DeployOptions) -> Deployment:
         raise DnnpipeError(f"{options.dataset}: dataset file not found")
     if options.dataset is not None and options.data_path is not None:
         check_device_path(options.data_path, "--data-path")
-    launches, transports = _setup(options)
+    manifest, launches, transports = _setup(options)
     if options.tls and not options.dry_run:
         create_certificate(options.folder)
-    manifest = read_manifest(options.folder)
-    models_dir = options.model_path.resolve().name
+    models_dir = options.models_dir
     plan_file = config_paths(options.config, options.model_name)[1]
     extra = [(plan_file, f"{models_dir}/{options.model_name}/{plan_file.name}")] if plan_file.is_file() else []
     extra += runtime_code() if options.runtime_code else []
@@ -108,5 +111,5 @@ def start_stages(deployment: Deployment, wait: float, echo: Echo = print) -> Non
 
 def stop_stages(options: DeployOptions, echo: Echo = print) -> None:
     """Stop the stages a launch started, by the pid files on each device."""
-    launches, transports = _setup(options)
+    _, launches, transports = _setup(options)
     stop(launches, transports, echo)

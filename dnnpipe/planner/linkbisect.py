@@ -29,7 +29,7 @@ from typing import Optional
 import numpy as np
 
 from .bisect import Found, lower_bound, lowest_ids_key, max_ends, search, stage_times_between
-from .plan import Cut, Solution
+from .plan import Cut, Solution, bottleneck_of
 from .problem import Problem
 
 CHUNK = 4096  # (set, device) pairs per vector step, to bound temporary memory at large N
@@ -147,8 +147,7 @@ class LinkProbe:
             return None
         pick = np.lexsort((e, lowest_ids_key(S, N), self.used[S]))[0]  # fewest devices, lowest ids, lowest last
         cuts = self._plan(int(S[pick]), int(e[pick]), K, f, ok)
-        periods, input_hop = self.problem.periods(cuts)
-        return max([*periods, input_hop]), cuts
+        return bottleneck_of(self.problem, cuts), cuts
 
     def _starts(self, words: np.ndarray, ends: np.ndarray, k: int) -> np.ndarray:
         """The starts j in a set whose stage on the next device can end at k."""

@@ -18,12 +18,12 @@ import math
 import os
 import socket
 import threading
-import time
 from typing import Any, Callable, Optional, Sequence
 
 from ..errors import DnnpipeError
 from .handshake import LinkAuth, connect_side
 from .metrics import FrameTiming
+from .transport import dial
 
 HEARTBEAT_SECONDS = 0.2
 MAX_LINE = 1 << 16
@@ -133,14 +133,7 @@ class ControlLink:
 
 
 def _connect(peer: str, host: str, port: int, timeout: float) -> socket.socket:
-    deadline, delay, reason = time.monotonic() + timeout, 0.05, "no attempt"
-    while time.monotonic() < deadline:
-        try:
-            sock = socket.create_connection((host, port), timeout=min(5.0, timeout))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return sock
-        except OSError as e:
-            reason = e.strerror or str(e)
-            time.sleep(delay)
-            delay = min(2 * delay, 0.5)
-    raise DnnpipeError(f"{peer}: cannot connect within {timeout:g} s ({reason})")
+    sock, reason = dial(host, port, timeout)
+    if sock is None:
+        raise DnnpipeError(f"{peer}: cannot connect within {timeout:g} s ({reason})")
+    return sock

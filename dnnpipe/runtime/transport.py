@@ -35,7 +35,7 @@ class Upstream:
     """The connection from the previous stage: frames in, checked against the stage's input specs."""
 
     def __init__(self, sock: socket.socket, peer: str, specs: Sequence[TensorSpec], timeout: float):
-        self.sock, self.peer = sock, peer
+        self.sock = sock
         self.reader = FrameReader(sock, specs, peer, timeout)
 
     def read(self, buffers: Sequence[np.ndarray]) -> Frame:
@@ -56,7 +56,7 @@ class Downstream:
     """The connection to the next stage: frames out, described by the stage's output specs (encoded once)."""
 
     def __init__(self, sock: socket.socket, address: str, specs: Sequence[TensorSpec], timeout: float):
-        self.sock, self.address = sock, address
+        self.sock = sock
         self.writer = FrameWriter(sock, specs, f"the next stage at {address}", timeout)
 
     def send(self, sequence: int, origin_ns: int, tensors: Sequence[np.ndarray]) -> None:
@@ -107,7 +107,7 @@ def accept_upstream(name: str, listener: socket.socket, specs: Sequence[TensorSp
     gate = _Gate(name, auth, say, tls)
     try:
         while True:
-            chosen = gate.chosen(0.0)
+            chosen = gate.chosen()
             if chosen is not None:
                 sock, peer = chosen
                 return Upstream(sock, f"{name} upstream {peer}", specs, timeout)
@@ -146,14 +146,12 @@ class _Gate:
 
     def _vet(self, sock: socket.socket, peer: str) -> None:
         try:
+            ends = time.monotonic() + HANDSHAKE_SECONDS  # TLS and the key handshake together
             if self.tls is not None:
-                ends = time.monotonic() + HANDSHAKE_SECONDS  # TLS and the key handshake together
                 sock = tls_wrap(sock, self.tls, True)
-                if self.auth is not None:
-                    listen_side(sock, self.auth, max(0.01, ends - time.monotonic()))
-            elif self.auth is not None:
-                listen_side(sock, self.auth)
-            elif _is_probe(sock):
+            if self.auth is not None:
+                listen_side(sock, self.auth, max(0.01, ends - time.monotonic()))
+            elif self.tls is None and _is_probe(sock):
                 raise ProbeClosed("readiness probe")
         except ProbeClosed:
             sock.close()
@@ -169,9 +167,9 @@ class _Gate:
         else:
             self.passed.put((sock, peer))
 
-    def chosen(self, wait: float) -> Optional[tuple[socket.socket, str]]:
+    def chosen(self) -> Optional[tuple[socket.socket, str]]:
         try:
-            sock, peer = self.passed.get(timeout=wait) if wait > 0 else self.passed.get_nowait()
+            sock, peer = self.passed.get_nowait()
         except queue.Empty:
             return None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -198,37 +196,50 @@ def _is_probe(sock: socket.socket) -> bool:
         return True
 
 
-def connect_downstream(name: str, host: str, port: int, specs: Sequence[TensorSpec], connect_timeout: float,
-                       timeout: float, say: Say = _quiet, auth: Optional[LinkAuth] = None,
-                       tls: Optional[ssl.SSLContext] = None) -> Downstream:
-    """Retry until the next stage listens, for at most connect_timeout seconds."""
+def dial(host: str, port: int, connect_timeout: float,
+         waiting: Callable[[str, float], None] = lambda reason, waited: None) -> tuple[Optional[socket.socket], str]:
+    """Connect, retrying with backoff for at most connect_timeout seconds: the socket (TCP_NODELAY), or None and
+    the last reason. `waiting(reason, seconds waited)` hears of every failed attempt."""
     began = time.monotonic()
     deadline, delay, reason = began + connect_timeout, 0.1, "no attempt"
-    next_word = began + PROGRESS_SECONDS
-    say(f"{name} connecting to the next stage at {host}:{port}{' over TLS' if tls else ''} "
-        f"(up to {connect_timeout:g} s)")
     while time.monotonic() < deadline:
         try:
             sock = socket.create_connection((host, port), timeout=min(5.0, connect_timeout))
         except OSError as e:
             reason = e.strerror or str(e)
-            if time.monotonic() >= next_word:
-                say(f"{name} still waiting for the next stage at {host}:{port} ({reason}; "
-                    f"{time.monotonic() - began:.0f} s)")
-                next_word += PROGRESS_SECONDS
+            waiting(reason, time.monotonic() - began)
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, 1.0)
             continue
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            ends = time.monotonic() + HANDSHAKE_SECONDS  # TLS and the key handshake together
-            if tls is not None:
-                sock = tls_wrap(sock, tls, False)
-            if auth is not None:
-                connect_side(sock, auth, max(0.01, ends - time.monotonic()))
-        except HandshakeError as e:
-            sock.close()
-            raise DnnpipeError(f"{name} the next stage at {host}:{port} refused the link: {e}") from None
-        return Downstream(sock, f"{host}:{port}", specs, timeout)
-    raise DnnpipeError(f"{name} cannot reach the next stage at {host}:{port} within {connect_timeout:g} s "
-                       f"({reason})")
+        return sock, reason
+    return None, reason
+
+
+def connect_downstream(name: str, host: str, port: int, specs: Sequence[TensorSpec], connect_timeout: float,
+                       timeout: float, say: Say = _quiet, auth: Optional[LinkAuth] = None,
+                       tls: Optional[ssl.SSLContext] = None) -> Downstream:
+    """Retry until the next stage listens, for at most connect_timeout seconds."""
+    say(f"{name} connecting to the next stage at {host}:{port}{' over TLS' if tls else ''} "
+        f"(up to {connect_timeout:g} s)")
+    next_word = [PROGRESS_SECONDS]
+
+    def waiting(reason: str, waited: float) -> None:
+        if waited >= next_word[0]:
+            say(f"{name} still waiting for the next stage at {host}:{port} ({reason}; {waited:.0f} s)")
+            next_word[0] += PROGRESS_SECONDS
+
+    sock, reason = dial(host, port, connect_timeout, waiting)
+    if sock is None:
+        raise DnnpipeError(f"{name} cannot reach the next stage at {host}:{port} within {connect_timeout:g} s "
+                           f"({reason})")
+    try:
+        ends = time.monotonic() + HANDSHAKE_SECONDS  # TLS and the key handshake together
+        if tls is not None:
+            sock = tls_wrap(sock, tls, False)
+        if auth is not None:
+            connect_side(sock, auth, max(0.01, ends - time.monotonic()))
+    except HandshakeError as e:
+        sock.close()
+        raise DnnpipeError(f"{name} the next stage at {host}:{port} refused the link: {e}") from None
+    return Downstream(sock, f"{host}:{port}", specs, timeout)
