@@ -11,8 +11,7 @@ from ..slicing.cuts import signature_keys
 from ..tfenv import import_tensorflow, native_stderr_captured
 from .graph import GraphTensor, PartitionError
 
-QUANTIZE_MODES = ("none", "float16", "int8")
-__all__ = ["QUANTIZE_MODES", "convert_stage", "endpoint", "signature_keys", "stage_model", "tensor_spec"]
+__all__ = ["convert_stage", "endpoint", "signature_keys", "stage_model", "tensor_spec"]
 
 
 def stage_model(keras_tensors: dict[str, Any], inputs: Sequence[GraphTensor], outputs: Sequence[GraphTensor]):

@@ -8,11 +8,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..config import load_config
+from ..config import Config, load_config
 from ..errors import DnnpipeError
 from ..jsonio import write_json
 from ..layout import config_paths
-from ..manifest import Manifest, write_manifest
+from ..manifest import QUANTIZE, Manifest, write_manifest
 from ..pipeline_key import create_link_secrets
 from ..planfile import format_plan, read_stages, write_plan
 from ..planner import Plan, plan
@@ -23,7 +23,6 @@ from .load import find_any_model, load_keras_model
 from .split import check_stages, intermediate_values, split_model
 from .verify import TOLERANCE, Verification, verify
 
-QUANTIZE = ("none", "float16", "int8")
 Echo = Callable[[str], None]
 
 
@@ -122,10 +121,10 @@ def partition_keras_model(model, stages, folder: Path, model_name: str, source: 
     return manifest, check
 
 
-def plan_model(options: PartitionOptions, echo: Echo = print) -> tuple[Plan, Path]:
-    """Plan the config's model and write pipeline_plan.json beside the config."""
+def plan_model(options: PartitionOptions, echo: Echo = print, config: Optional[Config] = None) -> tuple[Plan, Path]:
+    """Plan the config's model (the file, or `config` when already read) and write pipeline_plan.json beside it."""
     config_file, plan_file = config_paths(options.config, options.model_name)
-    result = plan(config_file, options.algorithm)
+    result = plan(config if config is not None else config_file, options.algorithm)
     write_plan(result, plan_file)
     echo(format_plan(result))
     echo(f"wrote {plan_file}")
@@ -166,10 +165,10 @@ def _stages(options: PartitionOptions, units: int, model: str,
     if options.plan is not None:
         return None, None, read_stages(options.plan), str(options.plan)
     config_file = config_paths(options.config, options.model_name)[0]
-    configured = load_config(config_file).profile.U
-    if configured != units:
-        raise PartitionError(f"{config_file}: model_config.U = {configured} but {model} has {units} units")
-    new_plan, plan_file = plan_model(options, echo)
+    config = load_config(config_file)
+    if config.profile.U != units:
+        raise PartitionError(f"{config_file}: model_config.U = {config.profile.U} but {model} has {units} units")
+    new_plan, plan_file = plan_model(options, echo, config)
     return new_plan, plan_file, new_plan.stages, str(plan_file)
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 
 from ..manifest import Manifest
-from ..slicing.chain import Verification, differences, random_inputs, real_values, run_chain
+from ..runtime.dataio import to_real
+from ..slicing.chain import Verification, differences, random_inputs, run_chain
 
 __all__ = ["TOLERANCE", "Verification", "random_inputs", "run_chain", "verify"]
 
@@ -18,12 +18,11 @@ TOLERANCE = {"none": 1e-4, "float16": 2e-2, "int8": 0.25}
 def verify(model, manifest: Manifest, folder: Path, tolerance: float, samples: int = 2) -> Verification:
     """Int8 model inputs and outputs (a whole int8 model sliced) are compared as the real numbers they stand for."""
     inputs = random_inputs(manifest.inputs, samples)
-    real = {spec.name: real_values(spec, inputs[spec.name]).astype(np.float32) if spec.quantization else
-            inputs[spec.name] for spec in manifest.inputs}
+    real = {spec.name: to_real(spec, inputs[spec.name]) for spec in manifest.inputs}
     feed = [real[x._keras_history[0].name] for x in model.inputs]
     expected = model(feed if len(feed) > 1 else feed[0], training=False)
     expected = expected if isinstance(expected, (list, tuple)) else [expected]
     chain = run_chain(manifest, folder, inputs)
-    got = {spec.name: real_values(spec, chain[spec.name]) for spec in manifest.outputs}
+    got = {spec.name: to_real(spec, chain[spec.name]) for spec in manifest.outputs}
     return Verification(differences(got, {spec.name: value for spec, value in zip(manifest.outputs, expected)}),
                         tolerance)

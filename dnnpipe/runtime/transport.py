@@ -197,19 +197,20 @@ def _is_probe(sock: socket.socket) -> bool:
 
 
 def dial(host: str, port: int, connect_timeout: float,
-         waiting: Callable[[str, float], None] = lambda reason, waited: None) -> tuple[Optional[socket.socket], str]:
-    """Connect, retrying with backoff for at most connect_timeout seconds: the socket (TCP_NODELAY), or None and
-    the last reason. `waiting(reason, seconds waited)` hears of every failed attempt."""
+         waiting: Callable[[str, float], None] = lambda reason, waited: None,
+         stop: Optional[threading.Event] = None) -> tuple[Optional[socket.socket], str]:
+    """Connect, retrying with backoff for at most connect_timeout seconds (or until `stop` is set): the socket
+    (TCP_NODELAY), or None and the last reason. `waiting(reason, seconds waited)` hears of every failed attempt."""
     began = time.monotonic()
-    deadline, delay, reason = began + connect_timeout, 0.1, "no attempt"
-    while time.monotonic() < deadline:
+    deadline, delay, reason = began + connect_timeout, 0.05, "no attempt"
+    while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
         try:
             sock = socket.create_connection((host, port), timeout=min(5.0, connect_timeout))
         except OSError as e:
             reason = e.strerror or str(e)
             waiting(reason, time.monotonic() - began)
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, 1.0)
+            delay = min(delay * 2, 0.5)  # a neighbour that comes up is found within half a second
             continue
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, reason

@@ -162,10 +162,14 @@ class Controller:
         if device in self.emulation:
             speed = self.emulation[device]
         elif self.options.emulate_speed:
-            speed = self.config.cluster.C[device - 1]
+            speed = self.profiled_speed(device)
         else:
             return None
         return self.profiled_ms(device, units) / (speed * self.options.emulation_scale)
+
+    def profiled_speed(self, device: int) -> float:
+        """The speed profiled_ms is at: C[d], or 1 with per-device rows (they are the device's own times)."""
+        return 1.0 if self.config.profile.E_device is not None else self.config.cluster.C[device - 1]
 
     def profiled_ms(self, device: int, units: tuple[int, int]) -> float:
         """The units' time at C = 1 (or on the device itself, with per-device rows)."""
@@ -379,7 +383,7 @@ class Controller:
         if now - self.measured_at < MEASURE_SECONDS:
             return
         self.measured_at = now
-        model, profile = SpeedModel(), self.config.profile
+        model = SpeedModel()
         measured: dict[int, float] = {}
         predicted: dict[int, float] = {}
         beliefs: dict[int, float] = {}
@@ -391,7 +395,7 @@ class Controller:
             if median is None:
                 continue
             d = spec.device
-            profiled[d] = 1.0 if profile.E_device is not None else self.config.cluster.C[d - 1]
+            profiled[d] = self.profiled_speed(d)
             beliefs[d] = self.speeds.get(d, profiled[d])
             predicted[d] = self.profiled_ms(d, spec.units) / beliefs[d]
             measured[d] = median

@@ -19,6 +19,7 @@ from ..errors import DnnpipeError
 from ..manifest import MANIFEST_FILE, Manifest, TensorSpec
 from ..protocol import FrameReader, Kind, send_frame
 from ..runtime.control import CONTROLLER, LineReader
+from ..runtime.transport import dial
 from ..runtime.handshake import HandshakeError, LinkAuth, ProbeClosed, connect_side, listen_side, manifest_identity
 from .delivery import Ledger
 from .detect import SpeedModel, StageState, find_lost
@@ -335,18 +336,11 @@ def _reach(device: Device) -> str:
 
 
 def _connect(address: tuple[str, int], timeout: float, stop: threading.Event) -> Optional[socket.socket]:
-    deadline, delay = time.monotonic() + timeout, 0.05
-    while time.monotonic() < deadline and not stop.is_set():
-        try:
-            sock = socket.create_connection(address, timeout=2.0)
-        except OSError:
-            time.sleep(delay)
-            delay = min(2 * delay, 0.5)
-            continue
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    """The runtime's dial, given up early when the epoch stops."""
+    sock, _ = dial(*address, timeout, stop=stop)
+    if sock is not None:
         sock.settimeout(60.0)
-        return sock
-    return None
+    return sock
 
 
 def _shutdown(sock: socket.socket) -> None:

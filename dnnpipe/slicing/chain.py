@@ -69,14 +69,6 @@ def run_whole(whole: WholeModel, folder: Path, units: int, inputs: Mapping[str, 
     return run_stages([StageRunner(folder / whole.file, stage)], inputs)
 
 
-def real_values(spec: TensorSpec, value: np.ndarray) -> np.ndarray:
-    """The real numbers an int8 tensor stands for (the value itself when not quantized)."""
-    if spec.quantization is None:
-        return value
-    scale, zero_point = spec.quantization
-    return (value.astype(np.float64) - zero_point) * scale
-
-
 def differences(got: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Largest |got - expected| per output, relative to max(1, largest reference magnitude)."""
     result = {}
