@@ -20,7 +20,7 @@ from ..slicing.plan import with_cuts
 from ..slicing.tflite_model import partition_tflite, tflite_units
 from .graph import PartitionError, analyse
 from .load import find_any_model, load_keras_model
-from .split import check_stages, intermediate_values, split_model
+from .split import check_stages, split_model
 from .verify import TOLERANCE, Verification, verify
 
 Echo = Callable[[str], None]
@@ -99,8 +99,7 @@ def partition_keras_model(model, stages, folder: Path, model_name: str, source: 
     if quantize == "int8":
         if calibration_inputs is None:
             raise DnnpipeError("--quantize int8 needs --calibration-data FILE.h5 (dataset 'images')")
-        names = sorted({t.name for start, _, _ in stages for t in graph.crossing(start - 1)})
-        calibration = intermediate_values(model, keras_tensors, names, calibration_inputs)
+        calibration = calibration_inputs  # the model's inputs: split_model derives what else it needs
     started = time.perf_counter()
     manifest = split_model(graph, keras_tensors, stages, folder, model_name, quantize, calibration, progress=echo,
                            slicing=slicing)

@@ -141,7 +141,12 @@ def slice_converted(graph: UnitGraph, keras_tensors: dict[str, Any], flatbuffer:
 def convert_stages(graph: UnitGraph, keras_tensors: dict[str, Any], stages: Sequence[Sequence[int]], folder: Path,
                    model_name: str, quantize: str, calibration: Optional[dict[str, np.ndarray]],
                    keys: dict[str, str], progress: Progress) -> Manifest:
-    """Convert every stage on its own (each int8 stage calibrated on its own inputs, float I/O)."""
+    """Convert every stage on its own (each int8 stage calibrated on its own inputs, float I/O).
+
+    `calibration` holds the model inputs' samples; each stage's own inputs are computed from them here."""
+    if calibration is not None:
+        names = sorted({t.name for start, _, _ in stages for t in graph.crossing(start - 1)})
+        calibration = tensor_values(keras_tensors, [t.name for t in graph.crossing(0)], names, calibration)
     specs = []
     for number, (start, end, device) in enumerate(stages, 1):
         inputs, outputs = graph.crossing(start - 1), graph.crossing(end)
@@ -172,12 +177,6 @@ def wire_spec(tensor, keys: dict[str, str]) -> TensorSpec:
         raise PartitionError(f"tensor {tensor.name!r} has an unknown dimension: {tensor.shape}")
     return TensorSpec(tensor.name, keys[tensor.name], (1, *(int(d) for d in tensor.shape[1:])),
                       np.dtype(tensor.dtype).name)
-
-
-def intermediate_values(model, keras_tensors: dict[str, Any], names: Sequence[str],
-                        inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Values of named graph tensors for a batch of model inputs (int8 calibration per stage)."""
-    return tensor_values(keras_tensors, [x._keras_history[0].name for x in model.inputs], names, inputs)
 
 
 def tensor_values(keras_tensors: dict[str, Any], input_names: Sequence[str], names: Sequence[str],
