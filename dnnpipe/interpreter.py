@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import DnnpipeError
-from .tfenv import native_stderr_captured
+from .native import native_stderr_captured
 
 BACKENDS = (
     ("ai-edge-litert", "ai_edge_litert.interpreter"),

@@ -8,8 +8,8 @@ from dnnpipe.deploy.closure import closure, device_files
 from helpers import ROOT
 
 NOT_ON_A_BOARD = ("dnnpipe.planner", "dnnpipe.partition", "dnnpipe.deploy", "dnnpipe.cli", "dnnpipe.demo",
-                  "dnnpipe.profile", "dnnpipe.planning", "dnnpipe.examples", "dnnpipe.testbed", "dnnpipe.config",
-                  "tensorflow", "keras")
+                  "dnnpipe.profile", "dnnpipe.replan", "dnnpipe.examples", "dnnpipe.tfenv", "dnnpipe.testbed",
+                  "dnnpipe.config", "tensorflow", "keras")
 
 
 def test_the_closure_holds_the_runtime_and_nothing_of_the_workstation():

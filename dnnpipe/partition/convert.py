@@ -8,7 +8,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from ..slicing.cuts import signature_keys
-from ..tfenv import import_tensorflow, native_stderr_captured
+from ..native import native_stderr_captured
+from ..tfenv import import_tensorflow
 from .graph import GraphTensor, PartitionError
 
 __all__ = ["convert_stage", "endpoint", "signature_keys", "stage_model", "tensor_spec"]

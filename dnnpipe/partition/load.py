@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import DnnpipeError
-from ..tfenv import import_tensorflow, native_stderr_captured
+from ..native import native_stderr_captured
+from ..tfenv import import_tensorflow
 from .legacy import MODELS, WEIGHT_RENAMES, is_keras2, layer_classes, translate
 
 MODEL_SUFFIXES = (".h5", ".keras", ".hdf5")

@@ -24,7 +24,8 @@ from ..manifest import TensorSpec
 from ..partition.convert import endpoint, signature_keys
 from ..partition.split import wire_spec
 from ..partition.graph import analyse
-from ..tfenv import import_tensorflow, native_stderr_captured
+from ..native import native_stderr_captured
+from ..tfenv import import_tensorflow
 from .costs import MIB, ModelProfile, UnitCost, config_from, time_invoke
 
 def _convert_all(model, graph, keras_tensors, keys) -> bytes:

@@ -86,7 +86,7 @@ def all_tensor_values(flatbuffer: bytes, tensors: Sequence[int],
     Runs the built-in kernels without the default delegate, which would keep intermediate tensors to itself.
     """
     from ..interpreter import interpreter_module
-    from ..tfenv import native_stderr_captured
+    from ..native import native_stderr_captured
 
     _, module = interpreter_module()
     options: dict = {"experimental_preserve_all_tensors": True}

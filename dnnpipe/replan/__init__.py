@@ -1,0 +1,1 @@
+"""`python -m dnnpipe replan`: re-planning a running pipeline (the algorithms are dnnpipe.planner)."""
