@@ -27,11 +27,11 @@ sys.path.insert(0, str(ROOT))
 
 from dnnpipe.examples import EXAMPLES  # noqa: E402
 from dnnpipe.manifest import write_manifest  # noqa: E402
-from dnnpipe.partition.convert import signature_keys  # noqa: E402
 from dnnpipe.partition.graph import analyse  # noqa: E402
 from dnnpipe.partition.split import (keras_cut_table, slice_converted, split_model,  # noqa: E402
                                      whole_model_flatbuffer)
-from dnnpipe.slicing import reslice  # noqa: E402
+from dnnpipe.slicing.cuts import signature_keys  # noqa: E402
+from dnnpipe.slicing.slicer import reslice  # noqa: E402
 from dnnpipe.tfenv import import_tensorflow  # noqa: E402
 
 

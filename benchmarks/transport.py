@@ -5,11 +5,10 @@
 
 Frame table: a sender process streams frames of one float32 tensor over loopback TCP to this process,
 which times every frame after the first; best of --repeats runs, the columns interleaved. "bare" is a
-sendall / recv_into loop of the payload alone; "send_frame" is the per-call API on a socket with a
-timeout (what the runtime uses before switching); "FrameWriter" sends with descriptors encoded once
-per connection; "TLS FrameWriter" is the same inside mutual TLS 1.3 (--tls: both ends pin one EC P-256
-certificate made for the run). Every protocol column receives with FrameReader, which checks every field
-of every frame; "TLS extra us" is what TLS adds to FrameWriter per frame.
+sendall / recv_into loop of the payload alone; "FrameWriter" sends with descriptors encoded once
+per connection (the one way to send frames); "TLS FrameWriter" is the same inside mutual TLS 1.3 (--tls:
+both ends pin one EC P-256 certificate made for the run). Every protocol column receives with FrameReader,
+which checks every field of every frame; "TLS extra us" is what TLS adds to FrameWriter per frame.
 CPU us/frame is sender plus receiver CPU time per frame (best run): other processes sharing the cores
 stretch the wall-clock columns but hardly this one.
 
@@ -36,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dnnpipe.manifest import TensorSpec  # noqa: E402
 from dnnpipe.pipeline_key import create_certificate, tls_context  # noqa: E402
-from dnnpipe.protocol import FrameReader, FrameWriter, Kind, send_frame  # noqa: E402
+from dnnpipe.frameio import FrameReader, FrameWriter  # noqa: E402
 from dnnpipe.runtime.handshake import tls_wrap  # noqa: E402
 
-METHODS = ("bare", "send_frame", "FrameWriter", "TLS FrameWriter")
+METHODS = ("bare", "FrameWriter", "TLS FrameWriter")
 SIZES = (1 << 20, 100 << 10, 10 << 10, 1 << 10)
 RUN_BYTES = 200 << 20  # bytes per timed run, at least MIN_FRAMES and at most MAX_FRAMES frames
 MIN_FRAMES, MAX_FRAMES = 200, 20000
@@ -62,10 +61,6 @@ def send(port: int, method: str, nbytes: int, frames: int, cpu: Connection, cert
         view = tensor.data.cast("B")
         for _ in range(frames):
             sock.sendall(view)
-    elif method == "send_frame":
-        sock.settimeout(60.0)
-        for sequence in range(frames):
-            send_frame(sock, Kind.DATA, sequence, 0, [spec], [tensor])
     else:
         writer = FrameWriter(sock, [spec], "the receiver", 60.0)
         for sequence in range(frames):
@@ -125,7 +120,7 @@ def seconds_per_frame(method: str, nbytes: int, frames: int, certs: Path) -> tup
 
 def frame_table(repeats: int, certs: Path) -> dict[int, float]:
     """Prints the table; returns the bare socket's seconds per frame by size."""
-    print(f"{'frame':>8} | " + " | ".join(f"{m:>22}" for m in METHODS) + " | send_frame/bare | writer/bare | "
+    print(f"{'frame':>8} | " + " | ".join(f"{m:>22}" for m in METHODS) + " | writer/bare | "
           "writer extra us | TLS extra us | CPU us/frame: " + " / ".join(METHODS))
     bare: dict[int, float] = {}
     for nbytes in SIZES:
@@ -139,7 +134,7 @@ def frame_table(repeats: int, certs: Path) -> dict[int, float]:
         bare[nbytes] = best["bare"]
         cells = [f"{nbytes / t / 1e9:5.2f} GB/s {t * 1e6:7.1f} us" for t in best.values()]
         print(f"{size_name(nbytes):>8} | " + " | ".join(f"{c:>22}" for c in cells)
-              + f" | {best['bare'] / best['send_frame']:>15.2f} | {best['bare'] / best['FrameWriter']:>11.2f} | "
+              + f" | {best['bare'] / best['FrameWriter']:>11.2f} | "
               f"{(best['FrameWriter'] - best['bare']) * 1e6:>15.1f} | "
               f"{(best['TLS FrameWriter'] - best['FrameWriter']) * 1e6:>12.1f} | "
               + " / ".join(f"{cpu[m] * 1e6:.1f}" for m in METHODS), flush=True)

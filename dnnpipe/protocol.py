@@ -1,4 +1,4 @@
-"""The tensor wire format between stages (docs/protocol.md): one TCP connection per hop.
+"""The tensor wire format between stages (docs/protocol.md): a pure codec, frames to bytes and back.
 
 Frame = header (28 bytes) + descriptor block + raw tensor bytes, all integers big-endian:
 
@@ -11,26 +11,16 @@ Frame = header (28 bytes) + descriptor block + raw tensor bytes, all integers bi
 An ERROR frame carries its UTF-8 message as the descriptor block; END carries nothing. Every field of
 an incoming frame is checked against the manifest's specs before any payload byte is read.
 
-The fast path (issue 19): a hop's DATA descriptors are fixed by the manifest, so FrameWriter encodes
-them once per connection and FrameReader checks them with one byte comparison, parsing field by
-field only to name a difference. A frame leaves in one sendmsg call and its header and descriptors
-arrive in one recv, on non-blocking sockets whose waits are bounded by one deadline per whole frame.
-Frame I/O starts on a connected socket: connection set-up (and any handshake) happens before.
-On a TLS socket (--tls), which has neither sendmsg nor recvmsg_into, a frame leaves as one SSL write
-per buffer and arrives by recv_into, with the same checks and deadlines.
+Nothing here touches a socket: dnnpipe.frameio sends and receives frames on connected (TCP or TLS) sockets
+with this codec, so every check can be tested on bytes.
 """
 
 from __future__ import annotations
 
-import math
-import select
-import socket
-import ssl
 import struct
-import time
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -40,9 +30,12 @@ from .manifest import TensorSpec
 MAGIC = b"DNNP"
 VERSION = 1
 HEADER = struct.Struct("!4sBBHQQI")
-STAMP = struct.Struct("!QQ")  # sequence and origin ns, at offset 8 of the header
+# Byte offsets in the header: [0, STAMP_OFFSET) is fixed for a hop's DATA frames (magic, version, kind, tensor
+# count); sequence and origin ns follow; the descriptor block length sits at BLOCK_LENGTH_OFFSET.
+STAMP_OFFSET = 8
+STAMP = struct.Struct("!QQ")  # sequence and origin ns
+BLOCK_LENGTH_OFFSET = STAMP_OFFSET + STAMP.size
 MAX_DESCRIPTOR_BYTES = 1 << 16
-IOV_LIMIT = 512  # buffers per sendmsg/recvmsg_into call, under Linux's IOV_MAX of 1024
 DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64",
           "uint64", "bool")
 DTYPE_CODE = {name: code for code, name in enumerate(DTYPES, 1)}
@@ -89,6 +82,13 @@ def encode_header(kind: Kind, sequence: int, origin_ns: int, specs: Sequence[Ten
     return HEADER.pack(MAGIC, VERSION, kind, len(specs), sequence, origin_ns, len(block)) + block
 
 
+def encode_frame(kind: Kind, sequence: int, origin_ns: int, specs: Sequence[TensorSpec] = (),
+                 tensors: Sequence[np.ndarray] = (), message: str = "") -> bytes:
+    """A whole frame as bytes (FrameWriter sends the same bytes without joining them)."""
+    head = encode_header(kind, sequence, origin_ns, specs if kind == Kind.DATA else (), message)
+    return head + b"".join(np.ascontiguousarray(tensor).tobytes() for tensor in tensors)
+
+
 def _descriptor(spec: TensorSpec) -> bytes:
     name = spec.name.encode()
     return (struct.pack("!H", len(name)) + name + struct.pack("!BB", DTYPE_CODE[spec.dtype], len(spec.shape))
@@ -97,17 +97,34 @@ def _descriptor(spec: TensorSpec) -> bytes:
 
 def decode_header(data: bytes | bytearray | memoryview, peer: str) -> tuple[Kind, int, int, int, int]:
     """(kind, tensor count, sequence, origin ns, descriptor length) of a header, checked."""
-    magic, version, kind, count, sequence, origin_ns, block = HEADER.unpack_from(data)
+    if len(data) < HEADER.size:
+        raise ProtocolError(f"{peer}: truncated frame: {len(data)} of {HEADER.size} header bytes")
+    magic, version, code, count, sequence, origin_ns, block = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise ProtocolError(f"{peer}: bad magic {magic!r}, expected {MAGIC!r} (not a DNNPipe stage?)")
     if version != VERSION:
         raise ProtocolError(f"{peer}: protocol version {version}, this stage speaks {VERSION}")
-    if kind not in Kind._value2member_map_:
-        raise ProtocolError(f"{peer}: unknown message kind {kind}")
+    try:
+        kind = Kind(code)
+    except ValueError:
+        raise ProtocolError(f"{peer}: unknown message kind {code}") from None
     if block > MAX_DESCRIPTOR_BYTES:
         raise ProtocolError(f"{peer}: descriptor block of {block} bytes exceeds {MAX_DESCRIPTOR_BYTES}")
-    return Kind(kind), count, sequence, origin_ns, block
+    return kind, count, sequence, origin_ns, block
 
+
+def check_block(kind: Kind, count: int, block: bytes | bytearray | memoryview, specs: Sequence[TensorSpec],
+                peer: str) -> None:
+    """A decoded header's block: an ERROR frame raises the peer's message, DATA descriptors must be the
+    manifest's, END carries nothing."""
+    if kind == Kind.ERROR:
+        raise PeerError(bytes(block).decode(errors="replace"))
+    if kind == Kind.END:
+        if count or len(block):
+            raise ProtocolError(f"{peer}: end-of-stream frame announces {count} tensors and {len(block)} "
+                                f"descriptor bytes, expected none")
+        return
+    check_descriptors(block, count, specs, peer)
 
 def check_descriptors(block: bytes | bytearray | memoryview, count: int, specs: Sequence[TensorSpec],
                       peer: str) -> None:
@@ -145,213 +162,32 @@ def check_descriptors(block: bytes | bytearray | memoryview, count: int, specs: 
         raise ProtocolError(f"{peer}: descriptor block differs from the manifest's encoding")
 
 
-def _payload(tensors: Sequence[np.ndarray]) -> list[memoryview]:
-    return [np.ascontiguousarray(tensor).data.cast("B") for tensor in tensors]
+def decode_frame(data: bytes | bytearray | memoryview, specs: Sequence[TensorSpec], expected_sequence: int,
+                 peer: str) -> tuple[Frame, int]:
+    """The frame at the start of `data`, checked as FrameReader checks it, and the bytes it took.
 
-
-def _advance(views: list[memoryview], n: int) -> None:
-    """Drop the first n bytes from a scatter-gather list after a partial send or receive."""
-    while views and n >= len(views[0]):
-        n -= len(views.pop(0))
-    if n:
-        views[0] = views[0][n:]
-
-
-def _send_views(sock: socket.socket, views: list[memoryview], waiter: Optional[_Waiter] = None) -> None:
-    """Every byte of `views`, one sendmsg call per batch the kernel takes (one per frame unless buffers fill).
-
-    A TLS socket writes one view at a time: OpenSSL takes a whole view or, when the socket buffer is full,
-    asks to be called again with the same view once the socket is ready (never half of one)."""
-    tls = isinstance(sock, ssl.SSLSocket)
-    while views:
-        try:
-            sent = sock.send(views[0]) if tls else sock.sendmsg(views[:IOV_LIMIT])
-        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError) as e:
-            if waiter is None:
-                raise
-            waiter.wait(select.POLLIN if isinstance(e, ssl.SSLWantReadError) else None)
-            continue
-        _advance(views, sent)
-
-
-def send_frame(sock: socket.socket, kind: Kind, sequence: int, origin_ns: int,
-               specs: Sequence[TensorSpec] = (), tensors: Sequence[np.ndarray] = (), message: str = "") -> None:
-    """One frame on a blocking socket or one with a timeout (the timeout bounds each call's progress), in one
-    sendmsg call where the kernel takes it all. Encodes the descriptors every time: a connection that sends
-    many frames uses FrameWriter."""
-    head = encode_header(kind, sequence, origin_ns, specs if kind == Kind.DATA else (), message)
-    _send_views(sock, [memoryview(head), *_payload(tensors)])
-
-
-class _Waiter:
-    """Waits for a non-blocking socket to become readable or writable, up to the current frame's deadline."""
-
-    def __init__(self, sock: socket.socket, events: int, timeout: Optional[float]):
-        self.timeout = timeout
-        self.deadline: Optional[float] = None
-        self._sock = sock
-        self._poll = select.poll()
-        self._poll.register(sock, events)
-
-    def start(self) -> None:
-        """A new frame: its deadline is the timeout from now."""
-        self.deadline = None if self.timeout is None else time.monotonic() + self.timeout
-
-    def wait(self, events: Optional[int] = None) -> None:
-        """Until the socket is ready for its usual direction, or for `events` (TLS may need the other one)."""
-        poll = self._poll
-        if events is not None:
-            poll = select.poll()
-            poll.register(self._sock, events)
-        if self.deadline is None:
-            poll.poll()
-            return
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0 or not poll.poll(math.ceil(remaining * 1000)):
-            raise TimeoutError
-
-
-class FrameWriter:
-    """Sends one connection's frames to a downstream peer; owns the socket's sending side from here on.
-
-    Header and descriptors of DATA frames are encoded once, at construction; a frame patches in its sequence
-    and origin and leaves in one sendmsg call with its tensors' own buffers (no copy). `timeout` bounds each
-    whole frame: a peer that does not take a frame within it is an error, however slowly it reads.
+    An ERROR frame raises PeerError with the peer's message; everything else a peer can send that is not
+    the next frame of this hop raises ProtocolError, naming the peer.
     """
-
-    def __init__(self, sock: socket.socket, specs: Sequence[TensorSpec], peer: str, timeout: Optional[float]):
-        self.sock, self.specs, self.peer = sock, list(specs), peer
-        sock.setblocking(False)
-        self._waiter = _Waiter(sock, select.POLLOUT, timeout)
-        self._head = bytearray(encode_header(Kind.DATA, 0, 0, self.specs))
-        self._head_view = memoryview(self._head)
-        self._nbytes = [spec.nbytes for spec in self.specs]
-
-    def send(self, sequence: int, origin_ns: int, tensors: Sequence[np.ndarray]) -> None:
-        """A DATA frame; `tensors` in manifest order with the manifest's sizes."""
-        views = _payload(tensors)
-        if [len(view) for view in views] != self._nbytes:
-            raise ProtocolError(f"tensors of {[len(view) for view in views]} bytes do not match the manifest's "
-                                f"{self._nbytes} ({', '.join(spec.name for spec in self.specs)})")
-        STAMP.pack_into(self._head, 8, sequence, origin_ns)
-        self._send([self._head_view, *views])
-
-    def end(self, sequence: int) -> None:
-        """End of stream; `sequence` is the number of DATA frames sent."""
-        self._send([memoryview(encode_header(Kind.END, sequence, 0))])
-
-    def error(self, sequence: int, message: str) -> None:
-        """Tell the peer this stage failed, with the one-line message it should pass on."""
-        self._send([memoryview(encode_header(Kind.ERROR, sequence, 0, message=message))])
-
-    def _send(self, views: list[memoryview]) -> None:
-        self._waiter.start()
-        try:
-            _send_views(self.sock, views, self._waiter)
-        except TimeoutError:
-            raise ProtocolError(f"cannot send to {self.peer}: frame not taken within {self._waiter.timeout:g} s "
-                                f"(--timeout)") from None
-        except OSError as e:
-            raise ProtocolError(f"cannot send to {self.peer}: {e.strerror or e}") from None
+    view = memoryview(data).cast("B")
+    kind, count, sequence, origin_ns, length = decode_header(view, peer)
+    end = HEADER.size + length
+    if len(view) < end:
+        raise ProtocolError(f"{peer}: truncated frame: {len(view)} of {end} header and descriptor bytes")
+    check_block(kind, count, view[HEADER.size:end], specs, peer)
+    check_sequence(sequence, expected_sequence, peer)
+    if kind == Kind.END:
+        return Frame(kind, sequence, origin_ns, []), end
+    total = end + sum(spec.nbytes for spec in specs)
+    if len(view) < total:
+        raise ProtocolError(f"{peer}: truncated frame: {len(view)} of {total} bytes")
+    tensors = []
+    for spec in specs:
+        tensors.append(np.frombuffer(view[end:end + spec.nbytes], spec.dtype).reshape(spec.shape).copy())
+        end += spec.nbytes
+    return Frame(kind, sequence, origin_ns, tensors), end
 
 
-class FrameReader:
-    """Reads frames from one upstream peer into caller-provided buffers, checking every field; owns the socket's
-    receiving side from here on. `timeout` bounds each whole frame, from when read() starts waiting for it."""
-
-    def __init__(self, sock: socket.socket, specs: Sequence[TensorSpec], peer: str, timeout: Optional[float]):
-        self.sock, self.specs, self.peer = sock, list(specs), peer
-        self.timeout = timeout
-        sock.setblocking(False)
-        self._waiter = _Waiter(sock, select.POLLIN, timeout)
-        self._tls = isinstance(sock, ssl.SSLSocket)
-        self.expected_sequence = 0
-        expected = encode_header(Kind.DATA, 0, 0, self.specs)
-        self._expected_kind = expected[:8]  # magic, version, kind DATA, tensor count
-        self._expected_block = expected[24:]  # block length and descriptors
-        self._head_size = len(expected)
-        self._nbytes = [spec.nbytes for spec in self.specs]
-        self._head = bytearray(HEADER.size + MAX_DESCRIPTOR_BYTES)
-        self._head_view = memoryview(self._head)
-        self._ended = False
-
-    def read(self, buffers: Sequence[np.ndarray]) -> Frame:
-        """The next frame; DATA tensors land in `buffers` (one per spec, right shape and dtype)."""
-        if self._ended:
-            raise ProtocolError(f"{self.peer}: read after end-of-stream")
-        self._waiter.start()
-        head = self._head
-        size = self._head_size
-        got = self._receive([self._head_view[:size]], HEADER.size, True)
-        if got < size and head[:8] == self._expected_kind and head[24:28] == self._expected_block[:4]:
-            got += self._receive([self._head_view[got:size]], size - got, False)  # a DATA frame's head in pieces
-        if got < size or head[:8] != self._expected_kind or head[24:size] != self._expected_block:
-            return self._unexpected(got)
-        sequence, origin_ns = STAMP.unpack_from(head, 8)
-        self._check_sequence(sequence)
-        views = [buffer.data.cast("B") for buffer in buffers]
-        if [len(view) for view in views] != self._nbytes:
-            raise ValueError(f"buffers of {[len(view) for view in views]} bytes for tensors of {self._nbytes}")
-        self._receive(views, sum(self._nbytes), False)
-        self.expected_sequence += 1
-        return Frame(Kind.DATA, sequence, origin_ns, list(buffers))
-
-    def _unexpected(self, got: int) -> Frame:
-        """The slow path, for a frame that is not the manifest's DATA frame: an END or ERROR frame, or a broken
-        one (then name the first field that differs)."""
-        kind, count, sequence, origin_ns, length = decode_header(self._head, self.peer)
-        end = HEADER.size + length
-        if got < end:
-            self._receive([self._head_view[got:end]], end - got, False)
-        block = self._head_view[HEADER.size:end]
-        if kind == Kind.ERROR:
-            self._ended = True
-            raise PeerError(bytes(block).decode(errors="replace"))
-        self._check_sequence(sequence)
-        if kind == Kind.END:
-            self._ended = True
-            if got > end:
-                raise ProtocolError(f"{self.peer}: {got - end} unexpected bytes after end-of-stream")
-            return Frame(kind, sequence, origin_ns, [])
-        check_descriptors(block, count, self.specs, self.peer)
-        raise AssertionError(f"{self.peer}: descriptors equal to the manifest's missed the fast path")
-
-    def _check_sequence(self, sequence: int) -> None:
-        if sequence != self.expected_sequence:
-            raise ProtocolError(f"{self.peer}: sequence {sequence} where {self.expected_sequence} was expected "
-                                f"(frames lost or reordered)")
-
-    def _receive(self, views: list[memoryview], minimum: int, at_boundary: bool) -> int:
-        """Receive into `views` until at least `minimum` bytes arrived (never past their end); the count."""
-        total, got = sum(len(view) for view in views), 0
-        while got < minimum:
-            try:
-                if len(views) == 1 or self._tls:
-                    n = self.sock.recv_into(views[0])
-                else:
-                    n = self.sock.recvmsg_into(views[:IOV_LIMIT])[0]
-            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError) as e:
-                if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():  # decrypted, unseen by poll
-                    continue
-                self._wait(at_boundary and got == 0, select.POLLOUT if isinstance(e, ssl.SSLWantWriteError) else None)
-                continue
-            except OSError as e:
-                raise ProtocolError(f"{self.peer}: connection lost ({e.strerror or e})") from None
-            if n == 0:
-                if at_boundary and got == 0:
-                    raise ProtocolError(f"{self.peer}: connection closed before end-of-stream "
-                                        f"(upstream stage died?)")
-                raise ProtocolError(f"{self.peer}: truncated frame: connection closed after {got} of "
-                                    f"{total if minimum == total else minimum} bytes")
-            got += n
-            _advance(views, n)
-        return got
-
-    def _wait(self, idle: bool, events: Optional[int] = None) -> None:
-        try:
-            self._waiter.wait(events)
-        except TimeoutError:
-            if idle:
-                raise ProtocolError(f"{self.peer}: no data for {self.timeout:g} s (--timeout)") from None
-            raise ProtocolError(f"{self.peer}: frame incomplete after {self.timeout:g} s (--timeout): the peer "
-                                f"sends too slowly or stalled") from None
+def check_sequence(sequence: int, expected: int, peer: str) -> None:
+    if sequence != expected:
+        raise ProtocolError(f"{peer}: sequence {sequence} where {expected} was expected (frames lost or reordered)")

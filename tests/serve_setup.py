@@ -55,12 +55,14 @@ def make_served(root: Path, speeds: Sequence[float], kind: str = "tiny", input_s
     from dnnpipe.jsonio import write_json
     from dnnpipe.manifest import read_manifest
     from dnnpipe.partition.convert import convert_stage
-    from dnnpipe.slicing import signature_keys
+    from dnnpipe.slicing.cuts import signature_keys
     from dnnpipe.partition.graph import analyse, as_functional
     from dnnpipe.planfile import write_plan
     from dnnpipe.pipeline_key import create_key
     from dnnpipe.planner import plan
-    from dnnpipe.slicing import partition_tflite, profile_tflite, tflite_config
+    from dnnpipe.profile.costs import config_from
+    from dnnpipe.profile.tflite import profile_tflite
+    from dnnpipe.slicing.tflite_model import partition_tflite
     from dnnpipe.tfenv import import_tensorflow
 
     _, keras = import_tensorflow()
@@ -73,7 +75,7 @@ def make_served(root: Path, speeds: Sequence[float], kind: str = "tiny", input_s
     profile = profile_tflite(whole, repeats=repeats, warmup=3)
     config = root / "configurations" / "tiny" / "config.json"
     config.parent.mkdir(parents=True)
-    write_json(config, tflite_config(profile, {"N": len(speeds), "C": list(speeds), "M": [1e4] * len(speeds)}))
+    write_json(config, config_from(profile, {"N": len(speeds), "C": list(speeds), "M": [1e4] * len(speeds)}))
     result = plan(config)
     write_plan(result, config.parent / "pipeline_plan.json")
     parts = root / "parts"

@@ -8,9 +8,10 @@ import pytest
 import models
 from dnnpipe.manifest import read_manifest
 from dnnpipe.partition.partitioner import partition_keras_model
-from dnnpipe.partition.graph import PartitionError, analyse, as_functional
+from dnnpipe.partition.graph import analyse, as_functional
+from dnnpipe.slicing.plan import CutError
 from dnnpipe.partition.split import legal_cuts
-from dnnpipe.partition.verify import random_inputs, run_chain
+from dnnpipe.slicing.chain import random_inputs, run_chain
 
 _built: dict = {}
 
@@ -125,9 +126,9 @@ def tensor_dtypes(path):
 def test_plan_that_does_not_cover_the_model(tmp_path):
     model = model_named("residual_cnn")
     U = analyse(model)[0].U
-    with pytest.raises(PartitionError, match=f"the plan covers units 1-{U - 1} but the model has {U} units"):
+    with pytest.raises(CutError, match=f"the plan covers units 1-{U - 1} but the model has {U} units"):
         split(model, [[1, 2, 1], [3, U - 1, 2]], tmp_path)
-    with pytest.raises(PartitionError, match="stage 2 covers units 4-5, expected it to start at unit 3"):
+    with pytest.raises(CutError, match="stage 2 covers units 4-5, expected it to start at unit 3"):
         split(model, [[1, 2, 1], [4, 5, 2]], tmp_path)
 
 
@@ -138,7 +139,7 @@ def test_shared_layer_is_refused():
     shared = keras.layers.Dense(3, name="shared")
     x = keras.Input((3,), name="x")
     model = keras.Model(x, shared(shared(x)))
-    with pytest.raises(PartitionError, match="layer 'shared' is called 2 times"):
+    with pytest.raises(CutError, match="layer 'shared' is called 2 times"):
         analyse(model)
 
 

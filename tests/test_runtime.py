@@ -19,7 +19,7 @@ from dnnpipe.errors import DnnpipeError
 from dnnpipe.manifest import read_manifest
 from dnnpipe.partition.partitioner import partition_keras_model
 from dnnpipe.partition.graph import analyse
-from dnnpipe.protocol import Kind, encode_header, send_frame
+from dnnpipe.protocol import Kind, encode_frame, encode_header
 from dnnpipe.runtime.local import RunOptions, free_ports, run_local
 from dnnpipe.pipeline_key import CERT_FILE, CERT_KEY_FILE, KEY_FILE, create_key, read_key
 from dnnpipe.runtime.handshake import LinkAuth, connect_side, manifest_identity
@@ -163,15 +163,15 @@ def test_truncated_frame_then_peer_dies(stage2):
 def test_peer_dies_mid_stream(stage2):
     process, sock, spec = stage2
     for sequence in range(3):
-        send_frame(sock, Kind.DATA, sequence, time.time_ns(), spec.inputs,
-                   [np.zeros(t.shape, t.dtype) for t in spec.inputs])
+        sock.sendall(encode_frame(Kind.DATA, sequence, time.time_ns(), spec.inputs,
+                                  [np.zeros(t.shape, t.dtype) for t in spec.inputs]))
     sock.close()
     assert_clean_error(finish(process), "[stage 2]", "connection closed before end-of-stream")
 
 
 def test_upstream_error_is_passed_down_and_the_stage_exits_non_zero(stage2):
     process, sock, _ = stage2
-    send_frame(sock, Kind.ERROR, 0, 0, message="[stage 1] disk on fire")
+    sock.sendall(encode_frame(Kind.ERROR, 0, 0, message="[stage 1] disk on fire"))
     assert_clean_error(finish(process), "runtime_engine.py: error: [stage 1] disk on fire")
 
 

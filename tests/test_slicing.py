@@ -15,10 +15,14 @@ from dnnpipe.partition.graph import analyse, as_functional
 from dnnpipe.partition.split import keras_cut_table, split_model, whole_model_flatbuffer
 from dnnpipe.partition.verify import verify
 from dnnpipe.manifest import WholeModel
-from dnnpipe.slicing import (CutError, op_graph, operator_cut_table, partition_tflite,
-                             profile_tflite, random_inputs, read_model, run_chain, slice_plan, tflite_config,
-                             tflite_units)
-from dnnpipe.slicing.chain import run_whole
+from dnnpipe.profile.costs import config_from
+from dnnpipe.profile.tflite import profile_tflite
+from dnnpipe.slicing.chain import random_inputs, run_chain, run_whole
+from dnnpipe.slicing.cuts import operator_cut_table
+from dnnpipe.slicing.flatbuffer import op_graph, read_model
+from dnnpipe.slicing.plan import CutError
+from dnnpipe.slicing.slicer import slice_plan
+from dnnpipe.slicing.tflite_model import partition_tflite, tflite_units
 from dnnpipe.slicing.cuts import operator_crossings
 from dnnpipe.slicing.flatbuffer import FlatTensor, OpGraph
 from dnnpipe.slicing.plan import check_cuts
@@ -39,7 +43,7 @@ def converted(name, quantize="none"):
 
 
 def _spec(graph, tensor):
-    from dnnpipe.partition.convert import signature_keys
+    from dnnpipe.slicing.cuts import signature_keys
     from dnnpipe.partition.split import wire_spec
 
     return wire_spec(tensor, signature_keys(t.name for t in graph.tensors))
@@ -196,7 +200,7 @@ def test_profile_of_a_tflite_file_gives_the_config(tflite_files):
                if t.buffer and model.buffers[t.buffer].data is not None}
     assert sum(u.weights_mb for u in profile.units) * (1 << 20) == sum(weights.values())
     assert profile.cut_bytes[0] == 12 * 12 * 3 * 4 and profile.cut_bytes[-1] == 5 * 4
-    config = tflite_config(profile, {"N": 1, "C": [1.0], "M": [100.0]})
+    config = config_from(profile, {"N": 1, "C": [1.0], "M": [100.0]})
     assert config["model_config"]["U"] == len(graph.ops) and "cuts" not in config["model_config"]
 
 
@@ -262,7 +266,8 @@ def test_operator_crossings_and_cut_checks_on_plain_data():
 
 
 def test_config_cuts_written_only_when_some_cut_is_missing(tmp_path):
-    from dnnpipe.slicing import find_tflite, with_cuts
+    from dnnpipe.slicing.plan import with_cuts
+    from dnnpipe.slicing.tflite_model import find_tflite
 
     config = {"device_config": {"N": 1}, "model_config": {"U": 5, "E": [1] * 5, "R": [1] * 5, "cuts": [9]}}
     assert with_cuts(config, {0, 1, 3, 5})["model_config"]["cuts"] == [1, 3]

@@ -7,12 +7,10 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from ..slicing.cuts import signature_keys
 from ..native import native_stderr_captured
 from ..tfenv import import_tensorflow
-from .graph import GraphTensor, PartitionError
-
-__all__ = ["convert_stage", "endpoint", "signature_keys", "stage_model", "tensor_spec"]
+from ..slicing.plan import CutError
+from .graph import GraphTensor
 
 
 def stage_model(keras_tensors: dict[str, Any], inputs: Sequence[GraphTensor], outputs: Sequence[GraphTensor]):
@@ -25,18 +23,18 @@ def stage_model(keras_tensors: dict[str, Any], inputs: Sequence[GraphTensor], ou
     passed = {t.name for t in inputs}
     computed = [keras_tensors[t.name] for t in outputs if t.name not in passed]
     if not computed:
-        raise PartitionError(f"the stage from {[t.name for t in inputs]} computes none of {[t.name for t in outputs]}")
+        raise CutError(f"the stage from {[t.name for t in inputs]} computes none of {[t.name for t in outputs]}")
     try:
         return keras.Model([keras_tensors[t.name] for t in inputs], computed)
     except ValueError as e:
-        raise PartitionError(f"cannot build the sub-model from {[t.name for t in inputs]} to "
+        raise CutError(f"cannot build the sub-model from {[t.name for t in inputs]} to "
                              f"{[t.name for t in outputs]}: {str(e).splitlines()[0]}") from None
 
 
 def tensor_spec(tensor: GraphTensor, key: str):
     tf, _ = import_tensorflow()
     if any(d is None for d in tensor.shape[1:]):
-        raise PartitionError(f"tensor {tensor.name!r} has shape {tensor.shape}: every dimension but the batch "
+        raise CutError(f"tensor {tensor.name!r} has shape {tensor.shape}: every dimension but the batch "
                              f"must be fixed to run on a TFLite interpreter")
     return tf.TensorSpec([1, *tensor.shape[1:]], tf.as_dtype(tensor.dtype), name=key)
 
@@ -84,12 +82,12 @@ def convert_stage(model, inputs: Sequence[GraphTensor], outputs: Sequence[GraphT
             if integer_io and quantize == "int8":
                 converter.inference_input_type = converter.inference_output_type = tf.int8
             return converter.convert()
-        except PartitionError:
+        except CutError:
             raise
         except Exception as e:  # the converter raises many types; all mean the same to the user
             failure = e
     detail = " ".join(log[0].split())[-400:]
-    raise PartitionError(f"TFLite conversion failed: {str(failure).splitlines()[0]} {detail}".strip())
+    raise CutError(f"TFLite conversion failed: {str(failure).splitlines()[0]} {detail}".strip())
 
 
 def _set_quantization(tf, converter, quantize: str, representative) -> None:
@@ -98,7 +96,7 @@ def _set_quantization(tf, converter, quantize: str, representative) -> None:
         converter.target_spec.supported_types = [tf.float16]
     elif quantize == "int8":
         if representative is None:
-            raise PartitionError("--quantize int8 needs --calibration-data")
+            raise CutError("--quantize int8 needs --calibration-data")
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = representative  # samples as {signature key: array}, fed by name
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]

@@ -12,9 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..slicing.plan import CutError as PartitionError  # one error for "cannot be cut", sliced or converted
-
-__all__ = ["GraphTensor", "PartitionError", "UnitGraph", "analyse", "as_functional"]
+from ..slicing.plan import CutError  # one error for "cannot be cut", sliced or converted
 
 
 @dataclass(frozen=True)
@@ -75,7 +73,7 @@ def as_functional(model):
 
     if isinstance(model, keras.Sequential):
         if not model.built or not model.inputs:
-            raise PartitionError("the Sequential model has no input shape; build it with keras.Input first")
+            raise CutError("the Sequential model has no input shape; build it with keras.Input first")
         inputs = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype,
                              name=model.inputs[0].name.replace(":", "_"))
         x = inputs
@@ -92,7 +90,7 @@ def analyse(model) -> tuple[UnitGraph, dict[str, Any]]:
     _, keras = import_tensorflow()
 
     if not hasattr(model, "_nodes_by_depth"):
-        raise PartitionError(f"model {model.name!r} is a subclassed model; only functional and Sequential "
+        raise CutError(f"model {model.name!r} is a subclassed model; only functional and Sequential "
                              f"models have a graph to cut")
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     unit_of = {id(layer): u for u, layer in enumerate(layers, 1)}
@@ -102,7 +100,7 @@ def analyse(model) -> tuple[UnitGraph, dict[str, Any]]:
         calls[id(node.operation)] = calls.get(id(node.operation), 0) + 1
     for layer in layers:
         if calls.get(id(layer), 0) > 1:
-            raise PartitionError(f"layer {layer.name!r} is called {calls[id(layer)]} times in the model; "
+            raise CutError(f"layer {layer.name!r} is called {calls[id(layer)]} times in the model; "
                                  f"a shared layer cannot be one unit of a pipeline")
 
     U = len(layers)
@@ -121,9 +119,9 @@ def analyse(model) -> tuple[UnitGraph, dict[str, Any]]:
         unit = node_unit[id(node)]
         for t in node.input_tensors:
             if id(t) not in producer:
-                raise PartitionError(f"layer {op.name!r} reads a tensor from outside the model graph")
+                raise CutError(f"layer {op.name!r} reads a tensor from outside the model graph")
             if producer[id(t)] > unit:
-                raise PartitionError(f"layer {op.name!r} (unit {unit}) reads {name_of[id(t)]!r} from unit "
+                raise CutError(f"layer {op.name!r} (unit {unit}) reads {name_of[id(t)]!r} from unit "
                                      f"{producer[id(t)]}: model.layers is not in execution order")
             last_consumer[id(t)] = max(last_consumer.get(id(t), 0), unit)
             consumers.setdefault(id(t), set()).add(unit)
@@ -139,7 +137,7 @@ def analyse(model) -> tuple[UnitGraph, dict[str, Any]]:
                                 tuple(sorted(consumers.get(i, ())))) for i in producer)
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
-        raise PartitionError("two tensors share a name; give every layer a unique name")
+        raise CutError("two tensors share a name; give every layer a unique name")
     graph = UnitGraph(tuple(layer.name for layer in layers), tensors, tuple(name_of[id(t)] for t in model.outputs))
     return graph, {name_of[i]: keras_tensor[i] for i in producer}
 

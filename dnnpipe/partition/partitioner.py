@@ -16,12 +16,13 @@ from ..manifest import QUANTIZE, Manifest, write_manifest
 from ..pipeline_key import create_link_secrets
 from ..planfile import format_plan, read_stages, write_plan
 from ..planner import Plan, plan
-from ..slicing.plan import with_cuts
+from ..slicing.chain import Verification
+from ..slicing.plan import CutError, check_stages, with_cuts
 from ..slicing.tflite_model import partition_tflite, tflite_units
-from .graph import PartitionError, analyse
+from .graph import analyse
 from .load import find_any_model, load_keras_model
-from .split import check_stages, split_model
-from .verify import TOLERANCE, Verification, verify
+from .split import split_model
+from .verify import TOLERANCE, verify
 
 Echo = Callable[[str], None]
 
@@ -94,7 +95,7 @@ def partition_keras_model(model, stages, folder: Path, model_name: str, source: 
     slicing "auto" converts the whole model once and slices every stage from it (falling back, and saying
     so, to one conversion per stage where a cut has no tensor); "never" converts stage by stage."""
     graph, keras_tensors = analyse(model)
-    check_stages(graph, stages, source)
+    check_stages(graph.U, stages, source)
     calibration = None
     if quantize == "int8":
         if calibration_inputs is None:
@@ -115,7 +116,7 @@ def partition_keras_model(model, stages, folder: Path, model_name: str, source: 
         "max_relative_difference": check.differences, "tolerance": tolerance, "ok": check.ok}})
     write_manifest(manifest, folder)
     if not check.ok:
-        raise PartitionError(f"{folder}: the sub-model chain differs from the Keras model by more than "
+        raise CutError(f"{folder}: the sub-model chain differs from the Keras model by more than "
                              f"{tolerance:g} (see above); sub-models kept for inspection")
     return manifest, check
 
@@ -166,7 +167,7 @@ def _stages(options: PartitionOptions, units: int, model: str,
     config_file = config_paths(options.config, options.model_name)[0]
     config = load_config(config_file)
     if config.profile.U != units:
-        raise PartitionError(f"{config_file}: model_config.U = {config.profile.U} but {model} has {units} units")
+        raise CutError(f"{config_file}: model_config.U = {config.profile.U} but {model} has {units} units")
     new_plan, plan_file = plan_model(options, echo, config)
     return new_plan, plan_file, new_plan.stages, str(plan_file)
 

@@ -14,23 +14,18 @@ import numpy as np
 
 from ..jsonio import size_text
 from ..manifest import Manifest, StageSpec, TensorSpec, WholeModel, sha256_file
-from ..slicing import plan as slicing_plan
 from ..slicing.chain import all_tensor_values, random_inputs
-from ..slicing.cuts import mapped_cut_table, match_tensors
+from ..slicing.cuts import mapped_cut_table, match_tensors, signature_keys
 from ..slicing.flatbuffer import op_graph, read_model
+from ..slicing.plan import CutError, inner_cuts
 from ..slicing.slicer import WHOLE_FILE, check_against_whole, remove_stale_stages, slice_plan, store_whole_model
-from .convert import convert_stage, signature_keys, stage_model
-from .graph import PartitionError, UnitGraph
+from .convert import convert_stage, stage_model
+from .graph import UnitGraph
 
 Progress = Callable[[str], None]
 SLICING_MODES = ("auto", "require", "never")  # slice, else convert per stage / slice or fail / per stage only
 # Largest difference (relative to max(1, |value|)) at which a TFLite tensor is taken to be a Keras tensor.
 MATCH_TOLERANCE = {"none": 1e-4, "float16": 1e-2, "int8": 0.1}
-
-
-def check_stages(graph: UnitGraph, stages: Sequence[Sequence[int]], source: str) -> None:
-    """The plan's stages must cover units 1..U in order, each on its own device."""
-    slicing_plan.check_stages(graph.U, stages, source)
 
 
 def split_model(graph: UnitGraph, keras_tensors: dict[str, Any], stages: Sequence[Sequence[int]], folder: Path,
@@ -51,7 +46,7 @@ def split_model(graph: UnitGraph, keras_tensors: dict[str, Any], stages: Sequenc
         try:
             return slice_from_whole(graph, keras_tensors, stages, folder, model_name, quantize, calibration, keys,
                                     progress)
-        except PartitionError as e:
+        except CutError as e:
             if slicing == "require":
                 raise
             (folder / WHOLE_FILE).unlink(missing_ok=True)
@@ -66,7 +61,7 @@ def whole_model_flatbuffer(graph: UnitGraph, keras_tensors: dict[str, Any], keys
     representative = None
     if quantize == "int8":
         if calibration is None:
-            raise PartitionError("--quantize int8 needs --calibration-data")
+            raise CutError("--quantize int8 needs --calibration-data")
         representative = lambda: ({keys[t.name]: calibration[t.name][i:i + 1] for t in inputs}  # noqa: E731
                                   for i in range(len(calibration[inputs[0].name])))
     return convert_stage(stage_model(keras_tensors, inputs, outputs), inputs, outputs, keys, quantize,
@@ -107,7 +102,7 @@ def legal_cuts(graph: UnitGraph, keras_tensors: dict[str, Any], quantize: str = 
     """model_config.cuts for a Keras model: the k in 1..U-1 after which a sliced stage may end."""
     keys = signature_keys(t.name for t in graph.tensors)
     flatbuffer = whole_model_flatbuffer(graph, keras_tensors, keys, quantize, calibration)
-    return slicing_plan.inner_cuts(keras_cut_table(graph, keras_tensors, keys, flatbuffer, quantize), graph.U)
+    return inner_cuts(keras_cut_table(graph, keras_tensors, keys, flatbuffer, quantize), graph.U)
 
 
 def slice_from_whole(graph: UnitGraph, keras_tensors: dict[str, Any], stages: Sequence[Sequence[int]], folder: Path,
@@ -134,7 +129,7 @@ def slice_converted(graph: UnitGraph, keras_tensors: dict[str, Any], flatbuffer:
     check = check_against_whole(manifest, folder)
     progress(check.describe().replace("verify", "chain vs whole model.tflite:", 1))
     if not check.ok:
-        raise PartitionError(f"the sliced chain differs from the whole model ({check.describe()})")
+        raise CutError(f"the sliced chain differs from the whole model ({check.describe()})")
     return manifest
 
 
@@ -174,7 +169,7 @@ def convert_stages(graph: UnitGraph, keras_tensors: dict[str, Any], stages: Sequ
 def wire_spec(tensor, keys: dict[str, str]) -> TensorSpec:
     """How a graph tensor travels: its name, signature key, batch-1 shape and dtype."""
     if any(d is None for d in tensor.shape[1:]):
-        raise PartitionError(f"tensor {tensor.name!r} has an unknown dimension: {tensor.shape}")
+        raise CutError(f"tensor {tensor.name!r} has an unknown dimension: {tensor.shape}")
     return TensorSpec(tensor.name, keys[tensor.name], (1, *(int(d) for d in tensor.shape[1:])),
                       np.dtype(tensor.dtype).name)
 

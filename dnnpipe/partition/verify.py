@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from ..manifest import Manifest
 from ..runtime.dataio import to_real
 from ..slicing.chain import Verification, differences, random_inputs, run_chain
-
-__all__ = ["TOLERANCE", "Verification", "random_inputs", "run_chain", "verify"]
 
 # Largest accepted difference, relative to max(1, largest reference magnitude) of each output.
 TOLERANCE = {"none": 1e-4, "float16": 2e-2, "int8": 0.25}

@@ -10,9 +10,9 @@ from ..console import positive_float, positive_int
 from ..jsonio import write_json
 from ..layout import config_paths
 from ..partition.load import find_any_model, load_keras_model
-from ..slicing.tflite_model import profile_tflite, tflite_config
-from .costs import describe
+from .costs import config_from, describe
 from .profiler import device_config, keras_config, profile_keras_model, progress_line
+from .tflite import profile_tflite
 
 
 def add_profile_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -42,7 +42,7 @@ def profile_command(args: argparse.Namespace) -> int:
     model_file = find_any_model(args.model_path, args.model_name)
     if model_file.suffix == ".tflite":  # its operators are the units; every cut exists
         profile = profile_tflite(model_file, args.repeats, args.warmup, args.num_threads, progress_line)
-        config = tflite_config(profile, devices(args, profile.whole_ms))
+        config = config_from(profile, devices(args, profile.whole_ms))  # every cut exists: no cuts
     else:
         model = load_keras_model(model_file, args.custom_objects)
         profile = profile_keras_model(model, args.repeats, args.warmup, args.num_threads, progress_line)

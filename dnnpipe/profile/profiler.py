@@ -21,9 +21,11 @@ import numpy as np
 from ..errors import DnnpipeError
 from ..interpreter import load_interpreter
 from ..manifest import TensorSpec
-from ..partition.convert import endpoint, signature_keys
+from ..partition.convert import endpoint
 from ..partition.split import wire_spec
 from ..partition.graph import analyse
+from ..slicing.chain import random_inputs
+from ..slicing.cuts import signature_keys
 from ..native import native_stderr_captured
 from ..tfenv import import_tensorflow
 from .costs import MIB, ModelProfile, UnitCost, config_from, time_invoke
@@ -53,8 +55,6 @@ def _convert_all(model, graph, keras_tensors, keys) -> bytes:
 
 def profile_keras_model(model, repeats: int = 30, warmup: int = 5, num_threads: Optional[int] = None,
                         progress: Optional[Callable[[str], None]] = None) -> ModelProfile:
-    from ..partition.verify import random_inputs
-
     graph, keras_tensors = analyse(model)
     keys = signature_keys(t.name for t in graph.tensors)
     say = progress or (lambda _: None)

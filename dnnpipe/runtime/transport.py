@@ -18,7 +18,8 @@ import numpy as np
 
 from ..errors import DnnpipeError
 from ..manifest import TensorSpec
-from ..protocol import Frame, FrameReader, FrameWriter, ProtocolError
+from ..frameio import FrameReader, FrameWriter
+from ..protocol import Frame, ProtocolError
 from .handshake import HANDSHAKE_SECONDS, HandshakeError, LinkAuth, ProbeClosed, connect_side, listen_side, tls_wrap
 
 PROBE_SECONDS = 0.3  # how long a fresh connection may stay silent before it counts as a real upstream

@@ -17,7 +17,8 @@ import numpy as np
 from ..deploy.registry import Device
 from ..errors import DnnpipeError
 from ..manifest import MANIFEST_FILE, Manifest, TensorSpec
-from ..protocol import FrameReader, Kind, send_frame
+from ..frameio import FrameReader, FrameWriter
+from ..protocol import Kind, ProtocolError
 from ..runtime.control import CONTROLLER, LineReader
 from ..runtime.transport import dial
 from ..runtime.handshake import HandshakeError, LinkAuth, ProbeClosed, connect_side, listen_side, manifest_identity
@@ -224,20 +225,21 @@ class Epoch:
                 self._failed(f"stage 1 at {address[0]}:{address[1]} refused the link: {e}")
                 return
         specs = self.manifest.inputs
+        writer = FrameWriter(sock, specs, f"stage 1 at {address[0]}:{address[1]}", sock.gettimeout())
         try:
             while not self.stop.is_set():
                 with c.credit:
                     wire, index = c.ledger.wire_sequence, c.ledger.next_input()
                     if index is None:
                         if c.ledger.done:
-                            send_frame(sock, Kind.END, wire, 0)
+                            writer.end(wire)
                             return
                         c.credit.wait(POLL_SECONDS)
                         continue
                 c.pace()
-                send_frame(sock, Kind.DATA, wire, time.time_ns(), specs, c.inputs(index, specs))
-        except OSError as e:
-            self._failed(f"sending to stage 1 at {address[0]}:{address[1]}: {e.strerror or e}")
+                writer.send(wire, time.time_ns(), c.inputs(index, specs))
+        except ProtocolError as e:  # names stage 1 and what failed
+            self._failed(str(e))
 
     def _receive(self) -> None:
         c, o = self.c, self.c.options
