@@ -67,6 +67,34 @@ def two_in_two_out():
     return keras.Model([a, b], [main, aux], name="two_in_two_out")
 
 
+def shared_batchnorm_two_in_two_out():
+    """Issue 24: a BatchNorm output feeding the next layer and a later Add, with two inputs and two outputs
+    (the converter fuses the BatchNorm with the convolution before it)."""
+    keras = _keras()
+    L = keras.layers
+    img = keras.Input((8, 8, 3), name="img")
+    meta = keras.Input((4,), name="meta")
+    x = L.Conv2D(8, 3, padding="same", name="conv1")(img)
+    bn = L.BatchNormalization(name="bn1")(x)
+    y = L.Conv2D(8, 3, padding="same", activation="relu", name="conv2")(bn)
+    y = L.Conv2D(8, 3, padding="same", name="conv3")(y)
+    x = L.GlobalAveragePooling2D(name="pool")(L.Add(name="add")([bn, y]))
+    joined = L.Concatenate(name="join")([x, L.Dense(8, activation="relu", name="meta_dense")(meta)])
+    return keras.Model([img, meta], [L.Dense(3, name="main_out")(joined), L.Dense(2, name="aux_out")(x)],
+                       name="shared_bn")
+
+
+def outputs_of_equal_values():
+    """Two outputs with the same values (one a linear activation of the other): the converted whole model
+    cannot tell them apart, so its units cannot be mapped and every stage is converted on its own."""
+    keras = _keras()
+    L = keras.layers
+    x = keras.Input((6,), name="x")
+    a = L.Dense(4, name="dense")(x)
+    b = L.Activation("linear", name="copy")(a)
+    return keras.Model(x, [L.Dense(3, name="head")(b), a, b], name="equal_outputs")
+
+
 def transformer_block():
     keras = _keras()
     L = keras.layers

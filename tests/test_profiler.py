@@ -5,10 +5,12 @@ import json
 import numpy as np
 import pytest
 
+import models
 from dnnpipe import load_config
 from dnnpipe.examples import tiny_cnn
+from dnnpipe.partition.partitioner import partition_keras_model
 from dnnpipe.profile.costs import MIB, SUM_TOLERANCE
-from dnnpipe.profile.profiler import device_config, profile_keras_model
+from dnnpipe.profile.profiler import device_config, keras_config, profile_keras_model
 from helpers import assert_clean_error, run_script
 
 
@@ -80,3 +82,21 @@ def test_cut_bytes_follow_the_graph(tiny_profile):
     assert profile.cut_bytes[0] == np.prod(model.inputs[0].shape[1:]) * 4
     assert profile.cut_bytes[-1] == 10 * 4
     assert device_config(None, [1, 1], [5, 5], None, 1.0, [100, 10])["B"] == [100.0, 10.0]
+
+
+@pytest.mark.parametrize("build", [models.shared_batchnorm_two_in_two_out, models.outputs_of_equal_values])
+def test_profile_works_for_every_model_the_partitioner_partitions(build, tmp_path):
+    """Issue 24: profile stopped where the partitioner went on. Its config's cuts are where the partitioner cuts:
+    the sliced whole model's legal cuts, or every cut when it converts each stage on its own."""
+    model = build()
+    profile = profile_keras_model(model, repeats=2, warmup=1)
+    said: list[str] = []
+    config = keras_config(model, profile, {"N": 2, "C": [1.0, 1.0], "M": [100.0, 100.0]}, said.append)
+    U = config["model_config"]["U"]
+    cuts = config["model_config"].get("cuts", list(range(1, U)))
+    assert cuts and ("cuts" in config["model_config"]) != bool(said)
+    middle = cuts[len(cuts) // 2]
+    manifest, check = partition_keras_model(model, [[1, middle, 1], [middle + 1, U, 2]], tmp_path, "m", "test",
+                                            echo=said.append)
+    assert check is not None and check.ok and len(manifest.stages) == 2
+    assert (manifest.whole_model is None) == ("cuts" not in config["model_config"])  # sliced where cuts were found

@@ -14,11 +14,11 @@ from dnnpipe.partition.convert import convert_stage
 from dnnpipe.partition.graph import analyse, as_functional
 from dnnpipe.partition.split import keras_cut_table, split_model, whole_model_flatbuffer
 from dnnpipe.partition.verify import verify
-from dnnpipe.manifest import WholeModel
+from dnnpipe.manifest import TensorSpec, WholeModel
 from dnnpipe.profile.costs import config_from
 from dnnpipe.profile.tflite import profile_tflite
 from dnnpipe.slicing.chain import random_inputs, run_chain, run_whole
-from dnnpipe.slicing.cuts import operator_cut_table
+from dnnpipe.slicing.cuts import mapped_cut_table, operator_cut_table
 from dnnpipe.slicing.flatbuffer import op_graph, read_model
 from dnnpipe.slicing.plan import CutError
 from dnnpipe.slicing.slicer import slice_plan
@@ -263,6 +263,25 @@ def test_operator_crossings_and_cut_checks_on_plain_data():
     assert [t.name for t in table[2]] == ["t1", "t2"] and table[0][0].name == "x"
     with pytest.raises(CutError, match="stage 2 ends after unit 5, .* nearest legal cuts: 4, 7"):
         check_cuts([[1, 2, 1], [3, 5, 2], [6, 9, 3]], {0, 2, 4, 7, 9}, "p.json")
+
+
+def test_a_cut_the_rest_of_the_model_cannot_run_from_is_not_legal():
+    """Issue 24: a BatchNormalization folded into the convolution after it while its output also feeds a later
+    Add. The cut after the BatchNormalization has a tensor, but the convolution reads the model input, so no
+    later cut (nor the outputs) can be computed from it; it used to be taken as legal and mapping then failed
+    with "tensor 'serving_default_img:0' is needed but neither computed in the stage nor among its inputs"."""
+    def tensor(i, name):
+        return FlatTensor(i, name, (1, 2), "float32", False)
+
+    # img(0) -> MUL -> bn(1); img -> CONV (BatchNormalization folded in) -> conv(2); (bn, conv) -> ADD -> add(3)
+    graph = OpGraph((((0,), (1,)), ((0,), (2,)), ((1, 2), (3,))), ("MUL", "CONV_2D", "ADD"),
+                    (tensor(0, "serving_default_img:0"), tensor(1, "bn"), tensor(2, "conv"), tensor(3, "add")),
+                    (0,), (3,), ("img",), ("add",))
+    spec = {name: TensorSpec(name, name, (1, 2), "float32") for name in ("img", "bn", "conv", "add")}
+    crossings = {0: (spec["img"],), 1: (spec["bn"],), 2: (spec["bn"], spec["conv"]), 3: (spec["add"],)}
+    table = mapped_cut_table(crossings, {"img": 0, "bn": 1, "conv": 2, "add": 3}, graph)
+    assert sorted(table) == [0, 2, 3]
+    assert [t.tensor for t in table[2]] == [1, 2]
 
 
 def test_config_cuts_written_only_when_some_cut_is_missing(tmp_path):

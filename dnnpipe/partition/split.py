@@ -80,12 +80,16 @@ def keras_cut_table(graph: UnitGraph, keras_tensors: dict[str, Any], keys: dict[
     inputs = random_inputs(specs, samples)
     computed = [t.name for t in graph.tensors if t.producer > 0]
     reference = {**inputs, **tensor_values(keras_tensors, [t.name for t in graph.crossing(0)], computed, inputs)}
+    by_key = dict(zip(flat.signature_inputs, flat.inputs))  # the whole model's own inputs, by signature key
+    if set(by_key) != {spec.key for spec in specs}:
+        raise CutError(f"the converted model's inputs {sorted(by_key)} are not the model's "
+                       f"{sorted(spec.key for spec in specs)}")
     feeds = []
     for i in range(samples):
         feed = {}
-        for spec, tensor in zip(specs, flat.inputs):
+        for spec in specs:
             value = inputs[spec.name][i:i + 1]
-            quantized = flat.tensors[tensor]
+            quantized = flat.tensors[by_key[spec.key]]
             if quantized.scale and quantized.dtype in ("int8", "uint8"):
                 info = np.iinfo(quantized.dtype)
                 value = np.clip(np.round(value / quantized.scale + quantized.zero_point), info.min, info.max)
@@ -93,6 +97,7 @@ def keras_cut_table(graph: UnitGraph, keras_tensors: dict[str, Any], keys: dict[
         feeds.append(feed)
     values = all_tensor_values(flatbuffer, [t.index for t in flat.tensors if not t.constant], feeds)
     matches = match_tensors(reference, values, flat, MATCH_TOLERANCE[quantize])
+    matches.update({spec.name: by_key[spec.key] for spec in specs})  # inputs are known, not matched by value
     crossings = {j: tuple(wire_spec(t, keys) for t in graph.crossing(j)) for j in range(graph.U + 1)}
     return mapped_cut_table(crossings, matches, flat)
 

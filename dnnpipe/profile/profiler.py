@@ -135,10 +135,17 @@ def device_config(devices: Optional[Path], speeds: Optional[Sequence[float]], me
     return result
 
 
-def keras_config(model, profile: ModelProfile, devices: dict) -> dict:
+def keras_config(model, profile: ModelProfile, devices: dict, echo: Callable[[str], None] = print) -> dict:
     """The config of a profiled Keras model, with the cuts slicing can make (model_config.cuts): the converter
-    fuses layers, so a plan must not end inside a fused group."""
+    fuses layers, so a plan must not end inside a fused group. When the converted whole model cannot be mapped
+    onto the units at all, the partitioner converts each stage on its own, where every cut exists: so does the
+    config then, and it says why."""
     from ..partition.split import legal_cuts
-    from ..slicing.plan import with_cuts
+    from ..slicing.plan import CutError, with_cuts
 
-    return with_cuts(config_from(profile, devices), legal_cuts(*analyse(model)))
+    config = config_from(profile, devices)
+    try:
+        return with_cuts(config, legal_cuts(*analyse(model)))
+    except CutError as e:
+        echo(f"cannot slice the whole model ({e}); every cut kept: the partitioner will convert each stage")
+        return config

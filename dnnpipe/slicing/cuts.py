@@ -114,8 +114,11 @@ def mapped_cut_table(crossings: Mapping[int, Sequence[TensorSpec]], matches: Map
                      graph: OpGraph) -> dict[int, tuple[TensorSpec, ...]]:
     """The legal cuts of units mapped to a TFLite graph, each with its tensors (names and keys kept).
 
-    A cut is legal when every tensor crossing it has a distinct TFLite tensor and the operators from the
-    previous legal cut compute them from that cut's tensors alone; cut 0 and cut U must be legal.
+    A cut is legal when every tensor crossing it has a distinct TFLite tensor, the operators from the
+    previous legal cut compute them from that cut's tensors alone, and the rest of the model runs from them
+    alone; cut 0 and cut U must be legal. (The converter may compute a tensor twice: a BatchNormalization
+    folded into the convolution after it, its output still computed for a later Add. The cut after the
+    BatchNormalization then has a tensor, but the convolution reads what comes before it.)
     """
     candidates = {}
     for j, specs in crossings.items():
@@ -127,14 +130,22 @@ def mapped_cut_table(crossings: Mapping[int, Sequence[TensorSpec]], matches: Map
             missing = [s.name for s in crossings[end] if s.name not in matches]
             raise CutError(f"the TFLite model has no tensor matching {missing or [s.name for s in crossings[end]]} "
                            f"(the model's {'inputs' if end == 0 else 'outputs'})")
+    outputs = _indices(candidates[U])
     table = {0: candidates[0]}
     previous = 0
     for j in sorted(candidates)[1:]:
+        tensors = _indices(candidates[j])
         try:
-            graph.closure([t.tensor for t in candidates[j]], [t.tensor for t in table[previous]])  # type: ignore
+            graph.closure(tensors, _indices(table[previous]))
+            graph.closure(outputs, tensors)
         except CutError:
             if j == U:
                 raise
             continue
         table[j], previous = candidates[j], j
     return table
+
+
+def _indices(specs: Sequence[TensorSpec]) -> list[int]:
+    """The TFLite tensors of mapped specs (tensor_spec always sets them)."""
+    return [t.tensor for t in specs if t.tensor is not None]
