@@ -22,10 +22,11 @@ from ..errors import DnnpipeError
 from ..interpreter import load_interpreter
 from ..manifest import TensorSpec
 from ..partition.convert import endpoint
-from ..partition.split import wire_spec
 from ..partition.graph import analyse
+from ..partition.split import legal_cuts, wire_spec
 from ..slicing.chain import random_inputs
 from ..slicing.cuts import signature_keys
+from ..slicing.plan import CutError, with_cuts
 from ..native import native_stderr_captured
 from ..tfenv import import_tensorflow
 from .costs import MIB, ModelProfile, UnitCost, config_from, time_invoke
@@ -140,9 +141,6 @@ def keras_config(model, profile: ModelProfile, devices: dict, echo: Callable[[st
     fuses layers, so a plan must not end inside a fused group. When the converted whole model cannot be mapped
     onto the units at all, the partitioner converts each stage on its own, where every cut exists: so does the
     config then, and it says why."""
-    from ..partition.split import legal_cuts
-    from ..slicing.plan import CutError, with_cuts
-
     config = config_from(profile, devices)
     try:
         return with_cuts(config, legal_cuts(*analyse(model)))
