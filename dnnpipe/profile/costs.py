@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -31,6 +32,7 @@ class ModelProfile:
     whole_ms: float  # the whole model in one invoke
     probe_ms: float  # an empty signature's invoke: the fixed cost removed from each unit
     cut_bytes: tuple[int, ...] = ()  # A: bytes crossing the cut after unit j, j = 0..U
+    cuts: Optional[tuple[int, ...]] = None  # inner cuts a plan may end at (Keras: legal cuts); None: not known
 
     @property
     def E(self) -> list[float]:

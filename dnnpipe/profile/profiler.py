@@ -6,6 +6,13 @@ become signatures of ONE TFLite model (one conversion), and only the interpreter
 signature is timed, with inputs already in place. E[u] is the median over repeats after warm-up,
 minus the probe's invoke time; the sum of E is then checked against the whole model's time.
 
+The converter fuses layers (Conv2D + BatchNormalization + ReLU become one operator), so a plan can only
+cut where the converted whole model has tensors (the legal cuts), and a fused group never runs as its
+separate layers. So the units between two legal cuts are also timed together, as one signature, and that
+time is shared among them in proportion to their own times: a stage's E is then what its sliced sub-model
+runs. When the converted whole model cannot be mapped onto the units, the partitioner converts each stage
+on its own, every cut exists, and each unit's own time stands.
+
 R[u] counts the unit's weights plus the activations it produces for one inference (batch 1), in MiB.
 """
 
@@ -21,7 +28,7 @@ import numpy as np
 from ..errors import DnnpipeError
 from ..interpreter import load_interpreter
 from ..manifest import TensorSpec
-from ..partition.convert import endpoint
+from ..partition.convert import endpoint, stage_model
 from ..partition.graph import analyse
 from ..partition.split import legal_cuts, wire_spec
 from ..slicing.chain import random_inputs
@@ -31,8 +38,9 @@ from ..native import native_stderr_captured
 from ..tfenv import import_tensorflow
 from .costs import MIB, ModelProfile, UnitCost, config_from, time_invoke
 
-def _convert_all(model, graph, keras_tensors, keys) -> bytes:
-    """One TFLite flatbuffer with a signature per unit, one for the whole model and an empty probe."""
+def _convert_all(model, graph, keras_tensors, keys, groups: Sequence[tuple[int, int]]) -> bytes:
+    """One TFLite flatbuffer with a signature per unit, one per group of units between legal cuts (i..k], one
+    for the whole model and an empty probe."""
     tf, keras = import_tensorflow()
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -44,6 +52,11 @@ def _convert_all(model, graph, keras_tensors, keys) -> bytes:
         sub = keras.Model([keras_tensors[t.name] for t in inputs], [keras_tensors[t.name] for t in outputs])
         archive.add_endpoint(f"unit_{u}", *endpoint(sub, inputs, outputs, keys))
         names.append(f"unit_{u}")
+    for i, k in groups:
+        inputs, outputs = graph.crossing(i), graph.crossing(k)
+        archive.add_endpoint(f"units_{i + 1}_{k}", *endpoint(stage_model(keras_tensors, inputs, outputs), inputs,
+                                                               outputs, keys))
+        names.append(f"units_{i + 1}_{k}")
     with tempfile.TemporaryDirectory(prefix="dnnpipe-profile-") as folder, native_stderr_captured() as log:
         try:
             archive.write_out(folder, verbose=False)
@@ -59,8 +72,12 @@ def profile_keras_model(model, repeats: int = 30, warmup: int = 5, num_threads: 
     graph, keras_tensors = analyse(model)
     keys = signature_keys(t.name for t in graph.tensors)
     say = progress or (lambda _: None)
-    say(f"converting {graph.U} units in one model ...")
-    flatbuffer = _convert_all(model, graph, keras_tensors, keys)
+    say("finding the legal cuts (converting the whole model) ...")
+    cuts = sliceable_cuts(graph, keras_tensors, say)
+    bounds = [0, *cuts, graph.U]
+    groups = [(i, k) for i, k in zip(bounds, bounds[1:]) if k - i > 1]
+    say(f"converting {graph.U} units and {len(groups)} fused groups in one model ...")
+    flatbuffer = _convert_all(model, graph, keras_tensors, keys, groups)
     interpreter = load_interpreter(flatbuffer, num_threads, every_signature_delegated=True)
 
     def timed(signature: str, specs: list[TensorSpec]) -> float:
@@ -70,16 +87,38 @@ def profile_keras_model(model, repeats: int = 30, warmup: int = 5, num_threads: 
 
     probe = time_invoke(interpreter.get_signature_runner("probe"), {"x": np.zeros(1, "float32")}, repeats, warmup)
     whole = timed("whole", [wire_spec(t, keys) for t in graph.crossing(0)])
+    times = [max(0.0, timed(f"unit_{u}", [wire_spec(t, keys) for t in graph.unit_inputs(u)]) - probe)
+             for u in range(1, graph.U + 1)]
+    say(f"timed {graph.U} units")
+    for i, k in groups:
+        together = max(0.0, timed(f"units_{i + 1}_{k}", [wire_spec(t, keys) for t in graph.crossing(i)]) - probe)
+        times[i:k] = shared(together, times[i:k])
     layers = {layer.name: layer for layer in model.layers}
     units = []
-    for u, name in enumerate(graph.units, 1):
-        ms = max(0.0, timed(f"unit_{u}", [wire_spec(t, keys) for t in graph.unit_inputs(u)]) - probe)
+    for u, (name, ms) in enumerate(zip(graph.units, times), 1):
         weights = sum(int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize for w in layers[name].weights)
         produced = sum(t.nbytes for t in graph.tensors if t.producer == u)
         units.append(UnitCost(name, ms, weights / MIB, produced / MIB))
-        if u % 10 == 0 or u == graph.U:
-            say(f"timed {u}/{graph.U} units")
-    return ModelProfile(tuple(units), whole, probe, tuple(graph.cut_bytes(j) for j in range(graph.U + 1)))
+    return ModelProfile(tuple(units), whole, probe, tuple(graph.cut_bytes(j) for j in range(graph.U + 1)),
+                        tuple(cuts))
+
+
+def sliceable_cuts(graph, keras_tensors, say: Callable[[str], None]) -> list[int]:
+    """The inner cuts the partitioner can make: the converted whole model's legal cuts, or every cut when the
+    whole model cannot be mapped (the partitioner then converts each stage on its own)."""
+    try:
+        return legal_cuts(graph, keras_tensors)
+    except CutError as e:
+        say(f"cannot slice the whole model ({e}); every cut kept: the partitioner will convert each stage")
+        return list(range(1, graph.U))
+
+
+def shared(together: float, alone: Sequence[float]) -> list[float]:
+    """A fused group's time shared among its units in proportion to their own times (evenly if all are 0)."""
+    total = sum(alone)
+    if total <= 0:
+        return [together / len(alone)] * len(alone)
+    return [together * ms / total for ms in alone]
 
 
 def progress_line(message: str) -> None:
@@ -137,13 +176,8 @@ def device_config(devices: Optional[Path], speeds: Optional[Sequence[float]], me
 
 
 def keras_config(model, profile: ModelProfile, devices: dict, echo: Callable[[str], None] = print) -> dict:
-    """The config of a profiled Keras model, with the cuts slicing can make (model_config.cuts): the converter
-    fuses layers, so a plan must not end inside a fused group. When the converted whole model cannot be mapped
-    onto the units at all, the partitioner converts each stage on its own, where every cut exists: so does the
-    config then, and it says why."""
-    config = config_from(profile, devices)
-    try:
-        return with_cuts(config, legal_cuts(*analyse(model)))
-    except CutError as e:
-        echo(f"cannot slice the whole model ({e}); every cut kept: the partitioner will convert each stage")
-        return config
+    """The config of a profiled Keras model, with the cuts the partitioner can make (model_config.cuts, left out
+    when every cut exists): the converter fuses layers, so a plan must not end inside a fused group. The cuts
+    are the profile's (profile_keras_model finds them), else found here."""
+    cuts = profile.cuts if profile.cuts is not None else sliceable_cuts(*analyse(model), echo)
+    return with_cuts(config_from(profile, devices), cuts)
