@@ -54,7 +54,7 @@ class Recutter:
 def _slicer() -> Optional[Callable[..., Manifest]]:
     """dnnpipe.slicing's re-slice and write, when that package is installed (it is being merged)."""
     try:
-        slicing = importlib.import_module("dnnpipe.slicing")
+        slicing = importlib.import_module("dnnpipe.slicing.slicer")
     except ImportError:
         return None
     from ..manifest import write_manifest
