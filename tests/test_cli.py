@@ -10,7 +10,7 @@ from dnnpipe.cli import SUBCOMMANDS
 from helpers import ROOT
 from test_closure import NOT_ON_A_BOARD
 
-DEVICE_MODULES = 25  # runtime_engine.py loads 18
+DEVICE_MODULES = 25  # runtime_engine.py loads 19
 
 
 def loaded_by(*argv: str) -> list[str]:
