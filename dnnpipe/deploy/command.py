@@ -36,9 +36,12 @@ def add_deployer_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--dataset", type=Path,
                         help="an HDF5 input file to ship to the first stage's device (default: none)")
     parser.add_argument("--data-path",
-                        help="input path on the first device, relative to its remote_dir (default: dataset.h5)")
-    parser.add_argument("--output-path", default="results.h5",
-                        help="results path on the last device (default: %(default)s)")
+                        help="input path on the first device, relative to its remote_dir (default: MODELS/NAME/"
+                             "dataset.h5, in the model's own folder there: MODELS is --model-path's last part)")
+    parser.add_argument("--output-path",
+                        help="results path on the last device, relative to its remote_dir (default: "
+                             "MODELS/NAME/results.h5; logs go to MODELS/NAME/logs, so models deployed to one device "
+                             "stay apart)")
     parser.add_argument("--launch", action="store_true",
                         help="after shipping, start every stage, last stage first (default: off)")
     parser.add_argument("--wait", type=positive_float, default=60.0,
