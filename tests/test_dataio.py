@@ -113,3 +113,20 @@ def test_uint8_data_for_an_int8_pipeline_is_one_line_naming_the_dataset(int8_pip
         f["images"] = np.zeros((2, 12, 12, 3), dtype="uint8")
     ran = run_local(int8_pipeline, tmp_path / "data.h5", tmp_path / "out.h5")
     assert_clean_error(ran, "data.h5: dataset 'images' holds uint8 data; input 'image' takes int8")
+
+
+def test_the_help_texts_say_how_several_inputs_are_laid_out():
+    """Where users look (--help of the runtime, run-local and serve; the README's Running section)."""
+    import argparse
+    import re
+
+    from dnnpipe.runtime.command import add_stage_arguments
+    from dnnpipe.serve.command import add_serve_arguments
+    from dnnpipe.testbed.command import add_run_local_arguments
+    from helpers import ROOT
+
+    for add in (add_stage_arguments, add_serve_arguments, add_run_local_arguments):
+        text = " ".join(add(argparse.ArgumentParser()).format_help().split())
+        assert "dataset 'images' for a one-input model, else one dataset per model input named as the input" in text
+    running = re.search(r"### Running the pipeline\n(.*?)\n### ", (ROOT / "README.md").read_text(), re.S)
+    assert running and "one dataset per input, each named as the input" in " ".join(running.group(1).split())

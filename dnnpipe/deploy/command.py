@@ -34,7 +34,8 @@ def add_deployer_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--no-runtime-code", action="store_true",
                         help="do not ship runtime_engine.py and the dnnpipe runtime (default: ship them)")
     parser.add_argument("--dataset", type=Path,
-                        help="an HDF5 input file to ship to the first stage's device (default: none)")
+                        help="an HDF5 input file to ship to the first stage's device: dataset 'images' for a "
+                             "one-input model, else one dataset per input name (default: none)")
     parser.add_argument("--data-path",
                         help="input path on the first device, relative to its remote_dir (default: MODELS/NAME/"
                              "dataset.h5, in the model's own folder there: MODELS is --model-path's last part)")

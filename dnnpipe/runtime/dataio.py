@@ -10,6 +10,12 @@ import numpy as np
 from ..errors import DnnpipeError
 from ..manifest import TensorSpec
 
+# What every --data-path takes (the help texts say it with these words).
+INPUTS_HELP = ("HDF5 inputs, one inference per row: dataset 'images' for a one-input model, else one dataset per "
+               "model input named as the input (manifest.json's inputs[].name); int8 data as it is for an int8 model, "
+               "real numbers are quantized")
+RESULTS_HELP = "HDF5 results: one dataset per model output (named as in manifest.json's outputs), one row per input"
+
 
 def input_datasets(path: Path, specs: Sequence[TensorSpec]):
     """Open the HDF5 file; 'images' feeds a one-input model, otherwise one dataset per input name."""
