@@ -46,8 +46,8 @@ def add_deployer_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--launch", action="store_true",
                         help="after shipping, start every stage, last stage first (default: off)")
     parser.add_argument("--wait", type=positive_float, default=60.0,
-                        help="how long --launch waits for each stage's port, s; a stage that exits fails at once "
-                             "(default: %(default)g)")
+                        help="how long --launch waits for each stage to answer on its port as that stage (a "
+                             "probe with the pipeline key), s; a stage that exits fails at once (default: %(default)g)")
     parser.add_argument("--stop", action="store_true", help="stop the stages started by --launch (default: off)")
     parser.add_argument("--tls", action="store_true",
                         help="run every stage with --tls (mutual TLS between stages); ships pipeline.crt and its key, "
