@@ -20,6 +20,7 @@ from .transport import Transport
 
 LOGS = "logs"  # below the model's folder on the device
 TAIL_LINES = 10
+NOTHING = "nothing accepts connections there"
 PROBE_SECONDS = 3.0  # one probe's wait for the answer: a stage answers once it takes its upstream
 
 
@@ -120,7 +121,7 @@ class StageProbe:
         try:
             sock = socket.create_connection((host, port), timeout=min(1.0, seconds))
         except OSError as e:
-            return f"nothing accepts connections there ({e.strerror or e})"
+            return f"{NOTHING} ({e.strerror or e})"
         ends = time.monotonic() + seconds
         try:
             if self.tls is not None:
@@ -150,9 +151,9 @@ def wait_for_stage(item: StageLaunch, transport: Transport, seconds: float, prob
             lines = [line for line in transport.tail(item.log_file, TAIL_LINES).splitlines() if line.strip()]
             if lines:
                 echo(f"stage {item.stage}: the end of {log}:\n" + "\n".join(f"    {line}" for line in lines))
+            foreign = "" if answer.startswith(NOTHING) else f"; on {host}:{port}, {answer}"
             raise DnnpipeError(f"stage {item.stage} on device {item.device.device_id} exited at start: "
-                               f"{lines[-1].strip() if lines else 'its log is empty'} (log: {log}; on "
-                               f"{host}:{port}, {answer})")
+                               f"{lines[-1].strip() if lines else 'its log is empty'} (log: {log}{foreign})")
         time.sleep(0.3)
     raise DnnpipeError(f"stage {item.stage} on device {item.device.device_id} did not answer as stage {item.stage} "
                        f"on {host}:{port} within {seconds:g} s ({answer}; see {item.device.remote_dir}/"
