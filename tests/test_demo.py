@@ -44,6 +44,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert devices == sorted(f"device_{d}" for _, _, d in plan["pipeline_plan"])  # every stage deployed
     for _, _, d in plan["pipeline_plan"]:
         assert (work / "devices" / f"device_{d}" / "partitioned_submodels" / "tiny" / "manifest.json").exists()
+    first = work / "devices" / f"device_{plan['pipeline_plan'][0][2]}"  # the inputs in the model's own folder
+    assert (first / "partitioned_submodels" / "tiny" / "dataset.h5").exists() and not (first / "dataset.h5").exists()
 
     again = run_script("dnnpipe", "demo", "--model", "tiny", "--work-dir", str(work), "--steps", "report")
     assert again.returncode == 0 and "== profile ==" not in again.stdout
