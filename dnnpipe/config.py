@@ -95,14 +95,8 @@ def parse_config(data: Any, source: str) -> Config:
     _known_keys(data, "", source)
     devices = _section(data, "device_config", source)
     model = _section(data, "model_config", source)
-    n = _count(devices, "device_config.N", "N", source)
-    c = _numbers(devices, "device_config.C", "C", n, "N", source, positive=True)
-    m = _numbers(devices, "device_config.M", "M", n, "N", source)
-    b = _numbers(devices, "device_config.B", "B", n, "N", source, positive=True) if "B" in devices else None
-    b_link = _link_matrix(devices, n, source) if "B_link" in devices else None
-    if b_link is not None and b is None:
-        raise ConfigError(f"{source}: 'device_config.B_link' needs 'device_config.B' (each device's link for the "
-                          f"model's input and result)")
+    cluster = parse_cluster(devices, source)
+    n = cluster.N
     u = _count(model, "model_config.U", "U", source)
     e_device = None
     if "E_device" in model:
@@ -112,7 +106,42 @@ def parse_config(data: Any, source: str) -> Config:
     r = _numbers(model, "model_config.R", "R", u, "U", source)
     a = _numbers(model, "model_config.A", "A", u + 1, "U + 1", source) if "A" in model else None
     cuts = _cuts(model["cuts"], u, source) if "cuts" in model else None
-    return Config(Cluster(c, m, b, b_link), Profile(e, r, e_device, a, cuts), source)
+    return Config(cluster, Profile(e, r, e_device, a, cuts), source)
+
+
+def parse_cluster(devices: Mapping[str, Any], source: str, prefix: str = "device_config.") -> Cluster:
+    """The device_config part alone (N, C, M, optional B and B_link), checked as in a whole config."""
+    n = _count(devices, f"{prefix}N", "N", source)
+    c = _numbers(devices, f"{prefix}C", "C", n, "N", source, positive=True)
+    m = _numbers(devices, f"{prefix}M", "M", n, "N", source)
+    b = _numbers(devices, f"{prefix}B", "B", n, "N", source, positive=True) if "B" in devices else None
+    b_link = _link_matrix(devices, n, source, prefix) if "B_link" in devices else None
+    if b_link is not None and b is None:
+        raise ConfigError(f"{source}: '{prefix}B_link' needs '{prefix}B' (each device's link for the "
+                          f"model's input and result)")
+    return Cluster(c, m, b, b_link)
+
+
+def load_devices(path: Path) -> Cluster:
+    """A cluster file, {"C": [...], "M": [...]} (N, B and B_link optional) or {"device_config": {...}}, checked
+    before anything is measured or planned with it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: devices file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read devices file ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    prefix = ""
+    if isinstance(data, Mapping) and "device_config" in data:
+        data, prefix = data["device_config"], "device_config."
+    if not isinstance(data, Mapping):
+        raise ConfigError(f'{path}: expected a JSON object {{"C": [...], "M": [...]}} (or a device_config)')
+    _known_keys(data, "device_config", str(path))
+    if "N" not in data and isinstance(data.get("C"), Sequence) and not isinstance(data.get("C"), (str, bytes)):
+        data = {**data, "N": len(data["C"])}
+    return parse_cluster(data, str(path), prefix)
 
 
 def _known_keys(section: Mapping[str, Any], name: str, source: str) -> None:
@@ -134,13 +163,14 @@ def _rows(section: Mapping[str, Any], field: str, key: str, n: int, length: int,
                  for d, row in enumerate(rows))
 
 
-def _link_matrix(devices: Mapping[str, Any], n: int, source: str) -> tuple[tuple[float, ...], ...]:
+def _link_matrix(devices: Mapping[str, Any], n: int, source: str,
+                 prefix: str = "device_config.") -> tuple[tuple[float, ...], ...]:
     """N x N Mbit/s, finite; > 0 between two devices, the diagonal (a device to itself) is never used."""
-    rows = _rows(devices, "device_config.B_link", "B_link", n, n, "N", source)
+    rows = _rows(devices, f"{prefix}B_link", "B_link", n, n, "N", source)
     for d, row in enumerate(rows):
         for e, value in enumerate(row):
             if d != e and value <= 0:
-                raise ConfigError(f"{source}: 'device_config.B_link[{d}][{e}]' must be > 0 (a link between two "
+                raise ConfigError(f"{source}: '{prefix}B_link[{d}][{e}]' must be > 0 (a link between two "
                                   f"devices), got {value!r}")
     return rows
 

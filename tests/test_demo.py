@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from helpers import run_script
+from helpers import assert_clean_error, run_script
 
 
 def test_demo_runs_end_to_end(tmp_path):
@@ -38,6 +38,28 @@ def test_demo_runs_end_to_end(tmp_path):
     assert devices == sorted(f"device_{d}" for _, _, d in plan["pipeline_plan"])  # every stage deployed
     for _, _, d in plan["pipeline_plan"]:
         assert (work / "devices" / f"device_{d}" / "partitioned_submodels" / "tiny" / "manifest.json").exists()
+    first = work / "devices" / f"device_{plan['pipeline_plan'][0][2]}"  # the inputs in the model's own folder
+    assert (first / "partitioned_submodels" / "tiny" / "dataset.h5").exists() and not (first / "dataset.h5").exists()
 
     again = run_script("dnnpipe", "demo", "--model", "tiny", "--work-dir", str(work), "--steps", "report")
     assert again.returncode == 0 and "== profile ==" not in again.stdout
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ('{"C": [1, "x"], "M": [100, 100]}', "cluster.json: 'C[1]' must be a finite number, got 'x'"),
+    ('{"C": [1, 0.5], "M": [100]}', "cluster.json: 'M' has 1 values but N = 2"),
+    ('{"C": [1], "M": [1], "B_lnk": [[1]]}', "cluster.json: unknown key 'device_config.B_lnk'"),
+])
+def test_a_bad_cluster_file_fails_before_anything_is_built(tmp_path, text, fragment):
+    (tmp_path / "cluster.json").write_text(text)
+    result = run_script("dnnpipe", "demo", "--model", "tiny", "--work-dir", str(tmp_path / "work"), "--cluster",
+                        str(tmp_path / "cluster.json"))
+    assert_clean_error(result, fragment)
+    assert "== model ==" not in result.stdout and not (tmp_path / "work").exists()
+
+
+def test_a_step_without_what_it_needs_fails_before_the_first_step(tmp_path):
+    result = run_script("dnnpipe", "demo", "--model", "tiny", "--work-dir", str(tmp_path / "work"), "--steps",
+                        "model", "run")
+    assert_clean_error(result, "the run step needs", "config.json, which the profile step makes")
+    assert "== model ==" not in result.stdout and not (tmp_path / "work").exists()

@@ -4,8 +4,10 @@ import json
 import os
 import pwd
 import shutil
+import socket
 import stat
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -204,13 +206,13 @@ def test_launch_and_stop_over_ssh_in_hostile_but_legal_folders(server, partition
         assert result.stdout.index("stage 3 listening") < result.stdout.index("stage 2 listening")
         device2 = tmp_path / HOSTILE.format(m=marker) / "dev2"  # stage 3 runs on device 2
         deadline = time.monotonic() + 60
-        log = device2 / "logs" / "stage_3.out"
+        log = device2 / "partitioned_submodels" / "res" / "logs" / "stage_3.out"  # each model's files apart
         while not (log.exists() and "pipeline:" in log.read_text()) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert "pipeline: 5 results" in log.read_text(), log.read_text()
-        with h5py.File(device2 / "results.h5") as f:
+        with h5py.File(device2 / "partitioned_submodels" / "res" / "results.h5") as f:
             assert f["logits"].shape == (5, 5)
-        assert (remote_home / home[2:] / "logs" / "stage_2.out").is_file()  # stage 2 runs on device 1, below ~
+        assert (remote_home / home[2:] / "partitioned_submodels" / "res" / "logs" / "stage_2.out").is_file()  # below ~
         stopped = deployer(partitioned, registry, "--ssh-config", str(server.ssh_config), "--stop")
         assert stopped.returncode == 0 and stopped.stdout.count("stage ") == 3, stopped.stdout
         again = deployer(partitioned, registry, "--ssh-config", str(server.ssh_config), "--stop")
@@ -391,3 +393,138 @@ def test_host_key_errors_say_what_to_do():
     changed = "@@@@@@@@\n@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @\n@@@@@@@@\n" + unknown
     assert "pass --accept-new-host-keys to trust it on first contact" in _reason(unknown)
     assert "ssh-keygen -R" in _reason(changed) and "--accept-new-host-keys" not in _reason(changed)
+
+
+def local_registry(tmp_path, ids=(1, 2, 3)):
+    devices = [{"device_id": i, "host": "local", "remote_dir": str(tmp_path / f"dev{i}"), "runtime_port": free_port()}
+               for i in ids]
+    return write_registry(tmp_path / "reg.json", devices), devices
+
+
+def assert_nothing_running(root):
+    """Every process a launch started under `root` has ended (its pid file says which)."""
+    for pid_file in root.rglob("*.pid"):
+        pid = int(pid_file.read_text())
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            os.kill(pid, 9)
+            raise AssertionError(f"{pid_file}: process {pid} still running")
+
+
+def test_a_foreign_listener_on_the_last_stages_port_fails_the_launch(partitioned, tmp_path):
+    """Another process listens where stage 3 should: the launch says stage 3 never came up (its own error),
+    starts nothing before it and leaves nothing running."""
+    models = copy_models(partitioned, tmp_path)
+    registry, devices = local_registry(tmp_path)
+    with socket.socket() as foreign:
+        foreign.bind(("127.0.0.1", devices[1]["runtime_port"]))  # stage 3 runs on device 2
+        foreign.listen()
+        result = deployer(models, registry, "--dataset", str(partitioned / "dataset.h5"), "--launch", "--wait", "30")
+    assert_clean_error(result, "stage 3 on device 2 exited at start", "Address already in use",
+                       "did not prove it is stage 3 of this pipeline")
+    assert "listening" not in result.stdout and "started" not in result.stdout, result.stdout
+    assert not list((tmp_path / "dev1").rglob("stage_2.out")) and not list((tmp_path / "dev3").rglob("stage_1.out"))
+    assert_nothing_running(tmp_path)
+
+
+def test_a_foreign_listener_on_a_middle_stages_port_stops_the_stage_already_started(partitioned, tmp_path):
+    """It even answers (not the pipeline's handshake): stage 2 fails, and stage 3, proven up, is stopped again."""
+    registry, devices = local_registry(tmp_path)
+    options = DeployOptions(registry=registry, model_name="res", model_path=partitioned / "partitioned_submodels",
+                            config=tmp_path / "none", dataset=partitioned / "dataset.h5")
+    deployment = deploy(options)
+    assert not deployment.failed
+    with socket.socket() as foreign:
+        foreign.bind(("127.0.0.1", devices[0]["runtime_port"]))  # stage 2 runs on device 1
+        foreign.listen()
+        stop = threading.Event()
+
+        def answer() -> None:
+            foreign.settimeout(0.2)
+            while not stop.is_set():
+                try:
+                    sock, _ = foreign.accept()
+                except socket.timeout:
+                    continue
+                with sock:
+                    sock.sendall(b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 64)
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        lines: list[str] = []
+        try:
+            with pytest.raises(DnnpipeError, match="stage 2 on device 1 exited at start: .*Address already in use"):
+                start_stages(deployment, 30, lines.append)
+        finally:
+            stop.set()
+            thread.join(5)
+    assert lines[0] == "stage 3 listening on 127.0.0.1:%d" % devices[1]["runtime_port"], lines
+    assert not any("stage 2 listening" in line or "stage 1" in line for line in lines), lines
+    assert_nothing_running(tmp_path)
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_the_probe_proves_the_stage_and_takes_no_link(partitioned, tmp_path, tls):
+    """A stage listening for its upstream answers the probe for its own number only, with its own key; the
+    probe is not taken as the upstream, which still connects afterwards. With --tls, inside TLS."""
+    from dnnpipe.deploy.launch import StageProbe
+    from dnnpipe.pipeline_key import tls_context
+    from dnnpipe.runtime.handshake import LinkAuth
+    from dnnpipe.runtime.transport import accept_upstream, connect_downstream, listen
+
+    folder = partitioned / "partitioned_submodels" / "res"
+    probe = StageProbe.of(folder, tls=tls)
+    server, client = (tls_context(folder, True), tls_context(folder, False)) if tls else (None, None)
+    manifest = read_manifest(folder)
+    listener = listen("[stage 2]", "127.0.0.1", 0)
+    port = listener.getsockname()[1]
+    taken: list = []
+    thread = threading.Thread(target=lambda: taken.append(accept_upstream(
+        "[stage 2]", listener, manifest.stage(2).inputs, 30, 5, auth=LinkAuth(probe.key, probe.identity, 1, 2),
+        tls=server)))
+    thread.start()
+    try:
+        assert probe("127.0.0.1", port, 2, 5) is None
+        assert "did not prove it is stage 3 of this pipeline" in probe("127.0.0.1", port, 3, 5)
+        other = StageProbe(os.urandom(32), probe.identity, probe.tls)
+        assert "did not prove it is stage 2 of this pipeline" in other("127.0.0.1", port, 2, 5)
+        assert "nothing accepts connections" in probe("127.0.0.1", free_port(), 2, 1)
+        assert not taken  # still waiting for its upstream
+        downstream = connect_downstream("[stage 1]", "127.0.0.1", port, manifest.stage(1).outputs, 10, 5,
+                                        auth=LinkAuth(probe.key, probe.identity, 1, 2), tls=client)
+        thread.join(10)
+        assert taken
+        downstream.close()
+        taken[0].close()
+    finally:
+        thread.join(10)
+        listener.close()
+
+
+def test_a_second_model_on_the_same_devices_keeps_its_own_files(partitioned, tmp_path):
+    """Each model's dataset, results and logs live in its own folder on the device; the first model's stay."""
+    second = tmp_path / "second" / "partitioned_submodels" / "res2"
+    model = models.residual_cnn()
+    partition_keras_model(model, [[1, 4, 3], [5, 9, 1], [10, analyse(model)[0].U, 2]], second, "res2", "test",
+                          verify_chain=False)
+    with h5py.File(tmp_path / "second.h5", "w") as f:
+        f["images"] = np.zeros((2, 12, 12, 3), dtype="float32")
+    registry, _ = local_registry(tmp_path)
+    for path, name, data in ((partitioned / "partitioned_submodels", "res", partitioned / "dataset.h5"),
+                             (second.parent, "res2", tmp_path / "second.h5")):
+        deployment = deploy(DeployOptions(registry=registry, model_name=name, model_path=path,
+                                          config=tmp_path / "none", dataset=data))
+        assert not deployment.failed
+    first_device = tmp_path / "dev3"  # stage 1 of both models
+    for name, data in (("res", partitioned / "dataset.h5"), ("res2", tmp_path / "second.h5")):
+        shipped = first_device / "partitioned_submodels" / name / "dataset.h5"
+        assert sha256_file(shipped) == sha256_file(data), name
+    assert not (first_device / "dataset.h5").exists()
+    plan = json.loads((second / "launch_plan.json").read_text())
+    assert all(s["log"].startswith("partitioned_submodels/res2/logs/") for s in plan["stages"])
+    assert "partitioned_submodels/res2/results.h5" in plan["stages"][-1]["argv"]

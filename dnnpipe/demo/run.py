@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..config import load_devices
 from ..errors import DnnpipeError
 from ..jsonio import write_json
 from .work import Work
@@ -41,12 +42,27 @@ def say(text: str) -> None:
 
 
 def run_demo(work: Work, options: Options) -> None:
+    check_inputs(work, options)
     for step in options.steps:
         began = time.perf_counter()
         say(f"\n== {step} ==")
         STEP_FUNCTIONS[step](work, options)
         say(f"({step}: {time.perf_counter() - began:.1f} s)")
     say(f"\nwork directory: {work.root}")
+
+
+def check_inputs(work: Work, options: Options) -> None:
+    """Every input and every artefact a step needs, before the first step builds or measures anything."""
+    if options.cluster is not None:
+        load_devices(options.cluster)
+    if work.root.exists() and not work.root.is_dir():
+        raise DnnpipeError(f"{work.root}: --work-dir is a file, not a folder")
+    for k, step in enumerate(options.steps):
+        for needed, maker in NEEDS[step]:
+            path = getattr(work, needed)
+            if maker not in options.steps[:k] and not path.exists():
+                raise DnnpipeError(f"the {step} step needs {path}, which the {maker} step makes: add {maker} to "
+                                   f"--steps (or run without --steps)")
 
 
 def step_model(work: Work, options: Options) -> None:
@@ -68,9 +84,10 @@ def cluster(options: Options, model_mb: float) -> dict:
     """The paper's testbed speeds, memories scaled to this model as they were to EfficientNetV2B0, and
     gigabit links (the testbed shapes each device's link to its B; the plan avoids cuts too big to ship)."""
     if options.cluster is not None:
-        data = json.loads(options.cluster.read_text())
-        data = data.get("device_config", data)
-        return {"N": len(data["C"]), **{k: data[k] for k in ("C", "M", "B") if k in data}}
+        given = load_devices(options.cluster)
+        return {"N": given.N, "C": list(given.C), "M": list(given.M),
+                **({} if given.B is None else {"B": list(given.B)}),
+                **({} if given.B_link is None else {"B_link": [list(row) for row in given.B_link]})}
     scale = model_mb / PAPER_MODEL_MB
     return {"N": 4, "C": PAPER_C, "M": [round(m * scale, 3) for m in PAPER_M], "B": [LAN_MBPS] * 4}
 
@@ -188,10 +205,17 @@ def step_run(work: Work, options: Options) -> None:
 def step_report(work: Work, options: Options) -> None:
     from .report import write_report
 
-    if not work.measured.exists():
-        raise DnnpipeError(f"{work.measured} not found: run the 'run' step first")
     say(write_report(work))
 
+
+# What each step reads (a Work attribute) and the step that makes it.
+NEEDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "model": (), "profile": (("model", "model"),), "plan": (("config", "profile"),),
+    "partition": (("model", "model"), ("plan", "plan")),
+    "deploy": (("config", "profile"), ("dataset", "model"), ("parts", "partition")),
+    "run": (("config", "profile"), ("plan", "plan"), ("dataset", "model"), ("parts", "partition"),
+            ("single", "partition")),
+    "report": (("config", "profile"), ("plan", "plan"), ("measured", "run"))}
 
 STEP_FUNCTIONS = {"model": step_model, "profile": step_profile, "plan": step_plan, "partition": step_partition,
                   "deploy": step_deploy, "run": step_run, "report": step_report}

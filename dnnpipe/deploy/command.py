@@ -34,16 +34,20 @@ def add_deployer_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--no-runtime-code", action="store_true",
                         help="do not ship runtime_engine.py and the dnnpipe runtime (default: ship them)")
     parser.add_argument("--dataset", type=Path,
-                        help="an HDF5 input file to ship to the first stage's device (default: none)")
+                        help="an HDF5 input file to ship to the first stage's device: dataset 'images' for a "
+                             "one-input model, else one dataset per input name (default: none)")
     parser.add_argument("--data-path",
-                        help="input path on the first device, relative to its remote_dir (default: dataset.h5)")
-    parser.add_argument("--output-path", default="results.h5",
-                        help="results path on the last device (default: %(default)s)")
+                        help="input path on the first device, relative to its remote_dir (default: MODELS/NAME/"
+                             "dataset.h5, in the model's own folder there: MODELS is --model-path's last part)")
+    parser.add_argument("--output-path",
+                        help="results path on the last device, relative to its remote_dir (default: "
+                             "MODELS/NAME/results.h5; logs go to MODELS/NAME/logs, so models deployed to one device "
+                             "stay apart)")
     parser.add_argument("--launch", action="store_true",
                         help="after shipping, start every stage, last stage first (default: off)")
     parser.add_argument("--wait", type=positive_float, default=60.0,
-                        help="how long --launch waits for each stage's port, s; a stage that exits fails at once "
-                             "(default: %(default)g)")
+                        help="how long --launch waits for each stage to answer on its port as that stage (a "
+                             "probe with the pipeline key), s; a stage that exits fails at once (default: %(default)g)")
     parser.add_argument("--stop", action="store_true", help="stop the stages started by --launch (default: off)")
     parser.add_argument("--tls", action="store_true",
                         help="run every stage with --tls (mutual TLS between stages); ships pipeline.crt and its key, "

@@ -10,13 +10,14 @@ from ..errors import DnnpipeError
 from ..layout import config_paths
 from ..manifest import Manifest, read_manifest
 from ..pipeline_key import create_certificate
-from .launch import StageLaunch, launch, launch_plan, stop, write_launch_plan
+from .launch import StageLaunch, StageProbe, launch, launch_plan, model_folder, stop, write_launch_plan
 from .registry import devices_for, load_registry
 from .ship import DeviceReport, runtime_code, ship_all, uploads_for
 from .transport import SshOptions, Transport, transport_for
 
 LAUNCH_PLAN = "launch_plan.json"
-DATASET = "dataset.h5"
+DATASET = "dataset.h5"  # in the model's folder on the device (launch.model_folder), as are the results
+RESULTS = "results.h5"
 Echo = Callable[[str], None]
 
 
@@ -30,8 +31,8 @@ class DeployOptions:
     ssh: SshOptions = field(default_factory=SshOptions)
     runtime_code: bool = True
     dataset: Optional[Path] = None  # shipped to the first stage's device
-    data_path: Optional[str] = None  # the input path there (default dataset.h5)
-    output_path: str = "results.h5"
+    data_path: Optional[str] = None  # the input path there (default: dataset.h5 in the model's folder)
+    output_path: Optional[str] = None  # the results path on the last device (default: results.h5 there too)
     tls: bool = False  # every stage runs with --tls; the certificate is made here if the partitioner did not
 
     @property
@@ -43,6 +44,14 @@ class DeployOptions:
         """The models folder's name on every device (the runtime's --model-path there)."""
         return self.model_path.resolve().name
 
+    @property
+    def device_data_path(self) -> str:
+        return self.data_path or f"{model_folder(self.models_dir, self.model_name)}/{DATASET}"
+
+    @property
+    def device_output_path(self) -> str:
+        return self.output_path or f"{model_folder(self.models_dir, self.model_name)}/{RESULTS}"
+
 
 @dataclass
 class Deployment:
@@ -51,6 +60,8 @@ class Deployment:
     reports: list[DeviceReport]
     launches: list[StageLaunch]
     transports: dict[int, Transport]
+    folder: Path  # the partition: its key and manifest prove a launched stage is this pipeline's
+    tls: bool = False
     launch_plan_file: Optional[Path] = None
 
     @property
@@ -63,8 +74,8 @@ def _setup(options: DeployOptions) -> tuple[Manifest, list[StageLaunch], dict[in
     manifest = read_manifest(options.folder)
     devices = devices_for(registry, [s.device for s in manifest.stages], str(options.registry))
     transports = {d.device_id: transport_for(d, options.ssh) for d in devices}
-    launches = launch_plan(manifest, devices, options.models_dir, options.data_path or DATASET,
-                           options.output_path, ["--tls"] if options.tls else [])
+    launches = launch_plan(manifest, devices, options.models_dir, options.device_data_path,
+                           options.device_output_path, ["--tls"] if options.tls else [])
     return manifest, launches, transports
 
 
@@ -86,10 +97,11 @@ def deploy(options: DeployOptions) -> Deployment:
     for item in launches:
         files = list(extra)
         if item.stage == 1 and options.dataset is not None:
-            files.append((options.dataset, options.data_path or DATASET))
+            files.append((options.dataset, options.device_data_path))
         jobs.append((transports[item.device.device_id], DeviceReport(item.device, [item.stage]),
                      uploads_for(manifest, options.folder, models_dir, [item.stage], files)))
-    deployment = Deployment(ship_all(jobs, dry_run=options.dry_run), launches, transports)
+    deployment = Deployment(ship_all(jobs, dry_run=options.dry_run), launches, transports, options.folder,
+                            options.tls)
     if not options.dry_run and not deployment.failed:
         deployment.launch_plan_file = options.folder / LAUNCH_PLAN
         write_launch_plan(deployment.launch_plan_file, launches)
@@ -106,7 +118,10 @@ def check_device_path(path: str, what: str) -> None:
 
 
 def start_stages(deployment: Deployment, wait: float, echo: Echo = print) -> None:
-    launch(deployment.launches, deployment.transports, wait, echo)
+    """Start every stage, last first; each must answer the pipeline-key probe as its own stage before the one
+    before it starts, and a failure stops what was started."""
+    probe = StageProbe.of(deployment.folder, deployment.tls)
+    launch(deployment.launches, deployment.transports, wait, probe, echo)
 
 
 def stop_stages(options: DeployOptions, echo: Echo = print) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Optional
 
+from ..config import load_devices, parse_cluster
 from ..console import positive_float, positive_int
 from ..jsonio import write_json
 from ..layout import config_paths
@@ -38,7 +40,7 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 
 def profile_command(args: argparse.Namespace) -> int:
-    device_config(args.devices, args.speeds, args.memory, args.speed_factor_of, None, args.bandwidth)  # fail early
+    devices(args, None)  # every input checked before anything is measured or written
     model_file = find_any_model(args.model_path, args.model_name)
     if model_file.suffix == ".tflite":  # its operators are the units; every cut exists
         profile = profile_tflite(model_file, args.repeats, args.warmup, args.num_threads, progress_line)
@@ -55,5 +57,10 @@ def profile_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def devices(args: argparse.Namespace, whole_ms: float) -> dict:
-    return device_config(args.devices, args.speeds, args.memory, args.speed_factor_of, whole_ms, args.bandwidth)
+def devices(args: argparse.Namespace, whole_ms: Optional[float]) -> dict:
+    """The cluster part of the config, checked as the config loader checks it (the file first, by its name)."""
+    if args.devices is not None:
+        load_devices(args.devices)
+    cluster = device_config(args.devices, args.speeds, args.memory, args.speed_factor_of, whole_ms, args.bandwidth)
+    parse_cluster(cluster, "--speeds/--memory", prefix="")
+    return cluster

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..console import positive_float, positive_int, script_main
+from .dataio import INPUTS_HELP, RESULTS_HELP
 from .local import RunOptions
 from .stage import Stage, StageOptions
 
@@ -24,8 +25,8 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--bind-port", type=port, help="port to receive on (every stage but the first)")
     parser.add_argument("--next-host", help="the next stage's host (every stage but the last)")
     parser.add_argument("--next-port", type=port, help="the next stage's port (every stage but the last)")
-    parser.add_argument("--data-path", type=Path, help="first stage: HDF5 inputs, dataset 'images'")
-    parser.add_argument("--output-path", type=Path, help="last stage: HDF5 results, one dataset per output")
+    parser.add_argument("--data-path", type=Path, help=f"first stage: {INPUTS_HELP}")
+    parser.add_argument("--output-path", type=Path, help=f"last stage: {RESULTS_HELP}")
     add_run_arguments(parser)
     parser.add_argument("--pace-ms", type=positive_float, metavar="MS",
                         help="emulate a device whose stage takes MS: each frame's stage time is max(host, MS)")

@@ -10,6 +10,12 @@ import numpy as np
 from ..errors import DnnpipeError
 from ..manifest import TensorSpec
 
+# What every --data-path takes (the help texts say it with these words).
+INPUTS_HELP = ("HDF5 inputs, one inference per row: dataset 'images' for a one-input model, else one dataset per "
+               "model input named as the input (manifest.json's inputs[].name); int8 data as it is for an int8 model, "
+               "real numbers are quantized")
+RESULTS_HELP = "HDF5 results: one dataset per model output (named as in manifest.json's outputs), one row per input"
+
 
 def input_datasets(path: Path, specs: Sequence[TensorSpec]):
     """Open the HDF5 file; 'images' feeds a one-input model, otherwise one dataset per input name."""
@@ -31,18 +37,47 @@ def input_datasets(path: Path, specs: Sequence[TensorSpec]):
             f.close()
             raise DnnpipeError(f"{path}: dataset {name!r} holds rows of shape {tuple(data.shape[1:])} x "
                                f"{data.shape[0]}, input {spec.name!r} needs rows of shape {spec.shape[1:]}")
+        try:
+            check_wire_type(spec, data.dtype, f"{path}: dataset {name!r}")
+        except DnnpipeError:
+            f.close()
+            raise
         datasets.append(data)
     return f, datasets
 
 
-def to_wire(spec: TensorSpec, real: np.ndarray) -> np.ndarray:
-    """A model input as the first stage takes it: quantized when the pipeline's ends are int8."""
-    if spec.quantization is None:
-        return np.asarray(real, dtype=spec.dtype).reshape(spec.shape)
+def check_wire_type(spec: TensorSpec, dtype: np.dtype, where: str) -> None:
+    """Data the first stage can take for this input: an int8 input takes int8 data as it is (already quantized)
+    or real numbers (quantized with the input's scale); any other integer type would be quantized twice or
+    reinterpreted, so it is refused. A float input takes any real or integer numbers."""
+    kind = np.dtype(dtype).kind
+    if spec.quantization is not None:
+        fits = np.dtype(dtype) == np.dtype(spec.dtype) or kind == "f"
+        wanted = f"{spec.dtype} (already quantized) or real numbers (float)"
+    else:
+        fits = kind in "fiub"
+        wanted = "numbers"
+    if not fits:
+        raise DnnpipeError(f"{where} holds {np.dtype(dtype)} data; input {spec.name!r} takes {wanted}")
+
+
+def to_wire(spec: TensorSpec, data: np.ndarray, where: Optional[str] = None) -> np.ndarray:
+    """A model input as the first stage takes it: data of the input's own integer type as it is, real numbers
+    quantized when the pipeline's ends are int8 (values the int8 type cannot hold are refused, never clipped)."""
+    where = where or f"the data for input {spec.name!r}"
+    data = np.asarray(data)
+    check_wire_type(spec, data.dtype, where)
+    if spec.quantization is None or data.dtype == np.dtype(spec.dtype):
+        return np.asarray(data, dtype=spec.dtype).reshape(spec.shape)
     scale, zero_point = spec.quantization
     info = np.iinfo(spec.dtype)
-    quantized = np.round(np.asarray(real, dtype=np.float64) / scale + zero_point)
-    return np.clip(quantized, info.min, info.max).astype(spec.dtype).reshape(spec.shape)
+    quantized = np.round(data.astype(np.float64) / scale + zero_point)
+    if not np.all((quantized >= info.min) & (quantized <= info.max)):  # NaN fails too
+        bad = data[~((quantized >= info.min) & (quantized <= info.max))].flat[0]
+        low, high = (info.min - zero_point) * scale, (info.max - zero_point) * scale
+        raise DnnpipeError(f"{where} holds the value {bad:g}, outside what input {spec.name!r} ({spec.dtype}, "
+                           f"scale {scale:g}, zero point {zero_point}) can hold: {low:g} to {high:g}")
+    return quantized.astype(spec.dtype).reshape(spec.shape)
 
 
 def to_real(spec: TensorSpec, wire: np.ndarray) -> np.ndarray:
@@ -59,7 +94,8 @@ def read_inputs(path: Path, specs: Sequence[TensorSpec], count: Optional[int]) -
     with f:
         rows = datasets[0].shape[0]
         for i in range(rows if count is None else count):
-            yield [to_wire(spec, data[i % rows]) for data, spec in zip(datasets, specs)]
+            yield [to_wire(spec, data[i % rows], f"{path}: dataset {data.name.lstrip('/')!r} row {i % rows}")
+                   for data, spec in zip(datasets, specs)]
 
 
 class ResultWriter:

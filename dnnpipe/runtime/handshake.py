@@ -8,7 +8,10 @@ very manifest, on this connection (a recorded handshake cannot be replayed: the 
     listener  -> connector  REPLY   nonce_l (32) | HMAC(key, "listener"  | identity | from | to | nonce_c | nonce_l)
     connector -> listener   FINISH  HMAC(key, "connector" | identity | from | to | nonce_c | nonce_l)
 
-The whole exchange has one deadline; any failure closes the link. With --tls, `tls_wrap` first runs a
+The whole exchange has one deadline; any failure closes the link. A readiness probe (the deployer's --launch)
+sends a HELLO from stage PROBE to the stage it expects: the listener answers with its REPLY, proving it holds the
+key and is that stage of this manifest, and drops the connection (no FINISH, no link; the MAC names PROBE as the
+sender, so it proves nothing on any real link). With --tls, `tls_wrap` first runs a
 mutual TLS handshake (both ends pin the pipeline certificate) and this exchange runs inside it, unchanged.
 """
 
@@ -32,6 +35,7 @@ HELLO = struct.Struct("!4sBHH32s")
 NONCE = 32
 MAC = 32
 HANDSHAKE_SECONDS = 5.0  # the whole exchange; a peer that trickles bytes is dropped at this deadline
+PROBE = 0xFFFF  # the sender a readiness probe names: no stage has this number
 
 
 class HandshakeError(DnnpipeError):
@@ -102,6 +106,20 @@ def connect_side(sock: socket.socket, auth: LinkAuth, seconds: float = HANDSHAKE
     _send(sock, auth.mac(b"connector", nonce_c, nonce_l), deadline)
 
 
+def probe_side(sock: socket.socket, key: bytes, identity: bytes, stage: int,
+               seconds: float = HANDSHAKE_SECONDS) -> None:
+    """A readiness probe, right after connect(): returns once the listener proved it is `stage` of this
+    manifest holding this key; raises HandshakeError for anything else."""
+    deadline = time.monotonic() + seconds
+    auth = LinkAuth(key, identity, PROBE, stage)
+    nonce_c = secrets.token_bytes(NONCE)
+    _send(sock, HELLO.pack(MAGIC, VERSION, PROBE, stage, nonce_c), deadline)
+    reply = _receive(sock, NONCE + MAC, deadline)
+    if not hmac.compare_digest(reply[NONCE:], auth.mac(b"listener", nonce_c, reply[:NONCE])):
+        raise HandshakeError(f"the listener did not prove it is stage {stage} of this pipeline (another pipeline "
+                             f"key, manifest or stage)")
+
+
 def listen_side(sock: socket.socket, auth: LinkAuth, seconds: float = HANDSHAKE_SECONDS) -> None:
     """The receiving end of a link, right after accept(); raises ProbeClosed for a silent close."""
     deadline = time.monotonic() + seconds
@@ -112,6 +130,11 @@ def listen_side(sock: socket.socket, auth: LinkAuth, seconds: float = HANDSHAKE_
         raise HandshakeError(f"not a DNNPipe handshake (starts with {magic!r}; an unauthenticated peer?)")
     if version != VERSION:
         raise HandshakeError(f"handshake version {version}, expected {VERSION}")
+    if (sender, receiver) == (PROBE, auth.receiver):
+        nonce_l = secrets.token_bytes(NONCE)
+        probe = LinkAuth(auth.key, auth.identity, PROBE, auth.receiver)
+        _send(sock, nonce_l + probe.mac(b"listener", nonce_c, nonce_l), deadline)
+        raise ProbeClosed("an authenticated readiness probe, answered")
     if (sender, receiver) != (auth.sender, auth.receiver):
         raise HandshakeError(f"the peer says it is stage {sender} sending to stage {receiver}; this link is "
                              f"stage {auth.sender} to stage {auth.receiver}")

@@ -99,7 +99,8 @@ class Stage:
         if self.first and o.data_path is not None:
             input_datasets(o.data_path, self.spec.inputs)[0].close()  # fail now on a bad file, not mid-run
         elif self.first and o.bind_port is None:
-            raise DnnpipeError(f"{self.name} the first stage needs --data-path (HDF5 with dataset 'images') or "
+            raise DnnpipeError(f"{self.name} the first stage needs --data-path (HDF5: dataset 'images', or one per "
+                               f"input name) or "
                                f"--bind-port to receive its inputs on")
         if not self.first and o.bind_port is None:
             raise DnnpipeError(f"{self.name} a stage after the first needs --bind-port to receive on")

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from ..console import positive_float, positive_int
+from ..runtime.dataio import INPUTS_HELP, RESULTS_HELP
 from .controller import serve
 from .options import ServeOptions
 
@@ -31,9 +32,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--model-path", type=Path, required=True, help="folder holding NAME/manifest.json")
     parser.add_argument("--model-name", required=True, help="model name (sub-folder of --model-path)")
     parser.add_argument("--config", type=Path, required=True, help="folder with NAME/config.json, or the file")
-    parser.add_argument("--data-path", type=Path, required=True, help="HDF5 inputs, dataset 'images'")
-    parser.add_argument("--output-path", type=Path, required=True,
-                        help="HDF5 results: one dataset per model output, one row per input")
+    parser.add_argument("--data-path", type=Path, required=True, help=INPUTS_HELP)
+    parser.add_argument("--output-path", type=Path, required=True, help=RESULTS_HELP)
     parser.add_argument("--num-inputs", type=positive_int, help="inputs to serve (cycles DATA; default: its rows)")
     parser.add_argument("--fps", type=positive_float, help="pace inputs at this rate (default: as fast as taken)")
     parser.add_argument("--resume", action="store_true", help="continue from the results already in OUT")

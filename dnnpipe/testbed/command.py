@@ -12,6 +12,7 @@ from ..console import positive_float
 from ..layout import config_paths
 from ..manifest import read_manifest
 from ..runtime.command import add_run_arguments, run_options
+from ..runtime.dataio import INPUTS_HELP, RESULTS_HELP
 from ..runtime.local import run_local
 from .cores import usable_cores
 from .netns import MODES, open_testbed
@@ -22,8 +23,8 @@ def add_run_local_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     parser.add_argument("--model-path", type=Path, default=Path("partitioned_submodels"),
                         help="folder holding NAME/manifest.json (default partitioned_submodels)")
     parser.add_argument("--model-name", required=True, help="model name (sub-folder of --model-path)")
-    parser.add_argument("--data-path", type=Path, required=True, help="HDF5 inputs, dataset 'images'")
-    parser.add_argument("--output-path", type=Path, help="HDF5 results written by the last stage")
+    parser.add_argument("--data-path", type=Path, required=True, help=INPUTS_HELP)
+    parser.add_argument("--output-path", type=Path, help=f"written by the last stage: {RESULTS_HELP}")
     parser.add_argument("--emulate-speed", action="store_true",
                         help="pace each stage to its device's planned time from the config, and shape links to B")
     parser.add_argument("--config", type=Path, default=Path("configurations"),

@@ -1,0 +1,132 @@
+"""The pipeline's ends: what the first stage makes of the user's data, for float and full-int8 models."""
+
+import h5py
+import numpy as np
+import pytest
+
+import models
+from dnnpipe.errors import DnnpipeError
+from dnnpipe.manifest import TensorSpec, read_manifest
+from dnnpipe.runtime.dataio import input_datasets, to_real, to_wire
+from helpers import assert_clean_error, run_script
+
+INT8 = TensorSpec("image", "image", (1, 2, 2, 1), "int8", quantization=(0.5, -3))
+FLOAT = TensorSpec("image", "image", (1, 2, 2, 1), "float32")
+
+
+def test_int8_data_passes_as_it_is():
+    data = np.array([[[-128], [0]], [[5], [127]]], dtype="int8")
+    np.testing.assert_array_equal(to_wire(INT8, data), data.reshape(INT8.shape))
+
+
+def test_real_data_is_quantized_with_the_inputs_scale():
+    real = np.array([[[0.0], [1.0]], [[-1.0], [2.25]]], dtype="float32")
+    wire = to_wire(INT8, real)
+    assert wire.dtype == np.int8 and wire.ravel().tolist() == [-3, -1, -5, 2]  # real / 0.5 - 3, rounded
+    np.testing.assert_allclose(to_real(INT8, wire), np.array([0.0, 1.0, -1.0, 2.5]).reshape(INT8.shape))
+
+
+@pytest.mark.parametrize("value", [100.0, -70.0, np.nan])
+def test_real_values_the_int8_input_cannot_hold_are_refused_not_clipped(value):
+    real = np.array([[[0.0], [value]], [[0.0], [0.0]]], dtype="float32")
+    with pytest.raises(DnnpipeError, match=r"data.h5: dataset 'images' row 3 holds the value .*outside what input "
+                                           r"'image' \(int8, scale 0.5, zero point -3\) can hold: -62.5 to 65"):
+        to_wire(INT8, real, "data.h5: dataset 'images' row 3")
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int16", "int32", "bool"])
+def test_other_integer_types_for_an_int8_input_are_refused(dtype):
+    with pytest.raises(DnnpipeError, match=f"holds {dtype} data; input 'image' takes int8 \\(already quantized\\) "
+                                           f"or real numbers"):
+        to_wire(INT8, np.zeros((2, 2, 1), dtype=dtype))
+
+
+def test_a_float_input_takes_integers_as_numbers():
+    assert to_wire(FLOAT, np.full((2, 2, 1), 200, dtype="uint8")).tolist() == [[[[200.0], [200.0]],
+                                                                                 [[200.0], [200.0]]]]
+
+
+def test_the_data_file_is_checked_when_opened(tmp_path):
+    with h5py.File(tmp_path / "data.h5", "w") as f:
+        f["images"] = np.zeros((3, 2, 2, 1), dtype="uint8")
+    with pytest.raises(DnnpipeError, match=r"data.h5: dataset 'images' holds uint8 data; input 'image' takes int8"):
+        input_datasets(tmp_path / "data.h5", [INT8])
+    with h5py.File(tmp_path / "strings.h5", "w") as f:
+        f["images"] = np.array([["a", "b"]] * 3, dtype="S1").reshape(3, 2, 1, 1).repeat(2, axis=2)
+    with pytest.raises(DnnpipeError, match=r"strings.h5: dataset 'images' holds \|S1 data; input 'image' takes "
+                                           r"numbers"):
+        input_datasets(tmp_path / "strings.h5", [FLOAT])
+
+
+@pytest.fixture(scope="module")
+def int8_pipeline(tmp_path_factory):
+    """A full-int8 .tflite file (int8 inputs and outputs, what a Coral user has) through profile and partition."""
+    from dnnpipe.partition.convert import convert_stage, signature_keys
+    from dnnpipe.partition.graph import analyse, as_functional
+    from dnnpipe.partition.split import wire_spec
+
+    root = tmp_path_factory.mktemp("int8")
+    model = as_functional(models.residual_cnn())
+    graph, _ = analyse(model)
+    keys = signature_keys(t.name for t in graph.tensors)
+    calibration = np.random.default_rng(0).random((16, 12, 12, 3)).astype("float32")
+    flatbuffer = convert_stage(model, graph.crossing(0), graph.crossing(graph.U),
+                               {t.name: wire_spec(t, keys).key for t in graph.tensors}, "int8",
+                               lambda: ({"image": calibration[i:i + 1]} for i in range(16)), integer_io=True)
+    (root / "models").mkdir()
+    (root / "models" / "net.tflite").write_bytes(flatbuffer)
+    profiled = run_script("dnnpipe", "profile", "--model-path", str(root / "models"), "--model-name", "net",
+                          "--config", str(root / "configurations"), "--speeds", "1", "0.5", "0.5", "--memory", "100",
+                          "100", "100", "--repeats", "2", "--warmup", "1")
+    assert profiled.returncode == 0, profiled.stderr
+    parted = run_script("model_partitioner.py", "--model-path", str(root / "models"), "--config",
+                        str(root / "configurations"), "--output-dir", str(root / "parts"), "--model-name", "net")
+    assert parted.returncode == 0, parted.stderr
+    return root
+
+
+def run_local(root, data, output):
+    return run_script("dnnpipe", "run-local", "--model-path", str(root / "parts"), "--model-name", "net",
+                      "--data-path", str(data), "--output-path", str(output), "--testbed", "loopback")
+
+
+def test_int8_data_through_an_int8_pipeline_gives_the_whole_models_outputs(int8_pipeline, tmp_path):
+    """Data already in the model's int8 input type reaches the first stage as it is (it was quantized again)."""
+    from dnnpipe.slicing.chain import run_whole
+
+    manifest = read_manifest(int8_pipeline / "parts" / "net")
+    spec_in, spec_out = manifest.inputs[0], manifest.outputs[0]
+    assert len(manifest.stages) > 1 and spec_in.dtype == "int8" and spec_in.quantization is not None
+    images = np.random.default_rng(1).integers(-128, 128, (4, 12, 12, 3)).astype("int8")
+    with h5py.File(tmp_path / "data.h5", "w") as f:
+        f["images"] = images
+    ran = run_local(int8_pipeline, tmp_path / "data.h5", tmp_path / "out.h5")
+    assert ran.returncode == 0, ran.stderr
+    expected = [to_real(spec_out, run_whole(manifest.whole_model, int8_pipeline / "parts" / "net", manifest.units,
+                                            {spec_in.name: image[None]})[spec_out.name]) for image in images]
+    with h5py.File(tmp_path / "out.h5") as f:
+        np.testing.assert_array_equal(f[spec_out.name][:], np.concatenate(expected))
+
+
+def test_uint8_data_for_an_int8_pipeline_is_one_line_naming_the_dataset(int8_pipeline, tmp_path):
+    with h5py.File(tmp_path / "data.h5", "w") as f:
+        f["images"] = np.zeros((2, 12, 12, 3), dtype="uint8")
+    ran = run_local(int8_pipeline, tmp_path / "data.h5", tmp_path / "out.h5")
+    assert_clean_error(ran, "data.h5: dataset 'images' holds uint8 data; input 'image' takes int8")
+
+
+def test_the_help_texts_say_how_several_inputs_are_laid_out():
+    """Where users look (--help of the runtime, run-local and serve; the README's Running section)."""
+    import argparse
+    import re
+
+    from dnnpipe.runtime.command import add_stage_arguments
+    from dnnpipe.serve.command import add_serve_arguments
+    from dnnpipe.testbed.command import add_run_local_arguments
+    from helpers import ROOT
+
+    for add in (add_stage_arguments, add_serve_arguments, add_run_local_arguments):
+        text = " ".join(add(argparse.ArgumentParser()).format_help().split())
+        assert "dataset 'images' for a one-input model, else one dataset per model input named as the input" in text
+    running = re.search(r"### Running the pipeline\n(.*?)\n### ", (ROOT / "README.md").read_text(), re.S)
+    assert running and "one dataset per input, each named as the input" in " ".join(running.group(1).split())
