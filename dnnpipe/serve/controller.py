@@ -115,7 +115,7 @@ class Controller:
         self.cached = [d[:] for d in self.datasets] if size <= CACHE_BYTES else None
         self.total = o.num_inputs or self.rows
         try:
-            self.store = ResultStore(o.output_path, manifest.outputs, self.total, o.resume)
+            self.store = ResultStore(o.output_path, manifest.outputs, self.total, o.resume, echo)
         except DnnpipeError:
             f.close()
             raise
@@ -203,6 +203,7 @@ class Controller:
                     epoch.finish()
                     failures = 0
                 except EpochFailed as e:
+                    self.store.check()  # a storage fault ends serve: it is not the pipeline's to retry
                     detected = time.monotonic()
                     who = f"device {e.device} lost" if e.device is not None else "pipeline failed"
                     self.echo(f"serve: {who}: {e.reason} (stored {self.ledger.first_unstored} of {self.total})")
@@ -332,6 +333,7 @@ class Controller:
 
     def check_adaptation(self, epoch: Epoch) -> None:
         """Between polls: note a switch's first result; re-read the registry; re-plan for measured speeds."""
+        self.store.check()  # a failed write ends serve at once, with its one line
         self.announce(epoch)
         self._emulate_changes(epoch)
         mtime = _mtime(self.options.registry)
