@@ -40,6 +40,7 @@ FLUSH_SECONDS = 0.2  # how long a result may wait in memory before it is written
 FLUSH_ROWS = 64  # results written to the file in one go (one write per output, one fsync)
 CHECKSUMS = "dnnpipe_row_crc32"  # the dataset of per-row checksums
 VERIFY_BYTES = 16 << 20  # rows read at a time when a resume verifies OUT
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 LIBVER = ("v108", "v108")  # checksummed metadata, and no open-for-write flag that a crash would leave set
 _T = TypeVar("_T")
 
@@ -193,12 +194,12 @@ class ResultStore:
             f = self._file
             held = int(f.attrs.get("num_inputs", -1))
             if held != self.total or "stored" not in f.attrs:
-                raise DnnpipeError(f"{path}: cannot resume: it was made for {held} inputs, this run has "
+                raise StorageError(f"{path}: cannot resume: it was made for {held} inputs, this run has "
                                    f"{self.total} (resume with the same --num-inputs and model)")
             for name, dtype, row_shape in self._wanted():
                 d = f.get(name)
                 if not isinstance(d, h5py.Dataset) or d.shape != (self.total, *row_shape) or d.dtype != dtype:
-                    raise DnnpipeError(f"{path}: cannot resume: no dataset {name!r} of {self.total} x "
+                    raise StorageError(f"{path}: cannot resume: no dataset {name!r} of {self.total} x "
                                        f"{row_shape} {dtype}" + (" (a file of an older serve: it has no "
                                                                  "row checksums)" if name == CHECKSUMS else ""))
                 if d.chunks is not None or (d.id.get_offset() is None and d.size):
@@ -318,6 +319,9 @@ def _open_padded(path: Path) -> tuple[Any, Optional[int]]:
     size and the open's error raised."""
     import h5py
 
+    with open(path, "rb") as head:
+        if head.read(len(HDF5_SIGNATURE)) != HDF5_SIGNATURE:  # HDF5 would make an empty file a new one
+            raise OSError(0, "no HDF5 signature at its start")
     try:
         return h5py.File(path, "r+"), None
     except OSError as e:
@@ -335,11 +339,15 @@ def _open_padded(path: Path) -> tuple[Any, Optional[int]]:
 
 
 def _cause(e: BaseException) -> str:
-    """An exception as a short clause: the OS's words when there are some, one line always."""
+    """An exception as a short clause on one line: the OS's words when there are some."""
+    text = " ".join(str(e).split())
+    words = re.search(r"error message = '([^']*)'", text)
+    if words:  # h5py's: the HDF5 call that failed, then the OS's words
+        call = re.sub(r"^\[Errno \d+\] ", "", text).split(" (")[0]
+        return f"{call}: {words.group(1)}"
     if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+        return " ".join(e.strerror.split())
+    return text or type(e).__name__
 
 
 def _remove(path: Path) -> None:
