@@ -393,6 +393,7 @@ def test_serve_on_a_full_disk_stops_with_one_line_and_resumes_exactly(tmp_path):
     from helpers import assert_clean_error, run_script
     from serve_setup import make_served
 
+    (tmp_path / "served").mkdir()
     served = make_served(tmp_path / "served", [1.0, 1.0])
     registry = served.registry([1, 2], tmp_path / "registry.json")
     total = 3000

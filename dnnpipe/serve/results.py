@@ -25,7 +25,7 @@ import re
 import threading
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TypeVar
@@ -37,7 +37,8 @@ from ..manifest import TensorSpec
 from ..runtime.dataio import to_real
 
 FLUSH_SECONDS = 0.2  # how long a result may wait in memory before it is written
-FLUSH_ROWS = 64  # results written to the file in one go (one write per output, one fsync)
+FLUSH_ROWS = 64  # results written to the file in one go (one write per output, one fsync), at least
+BACKLOG_ROWS = 16 * FLUSH_ROWS  # results waiting while a batch is written before the caller waits for the disk
 CHECKSUMS = "dnnpipe_row_crc32"  # the dataset of per-row checksums
 VERIFY_BYTES = 16 << 20  # rows read at a time when a resume verifies OUT
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -91,6 +92,8 @@ class ResultStore:
         self._pending: list[tuple[int, list[np.ndarray]]] = []
         self._durable_above: set[int] = set()  # durable rows above `stored` (none while rows come in order)
         self._lock = threading.Lock()  # guards _pending
+        self._submitting = threading.RLock()  # one batch handed over at a time
+        self._inflight: Optional[Future[int]] = None  # the batch being written
         self._flushed = time.monotonic()
         self._closed = False
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="results")
@@ -111,18 +114,35 @@ class ResultStore:
         row = [np.array(to_real(s, t)[0], dtype=c.dtype) for s, t, c in zip(self.specs, tensors, self._columns[1:])]
         with self._lock:
             self._pending.append((index, row))
-            due = len(self._pending) >= FLUSH_ROWS or time.monotonic() - self._flushed > FLUSH_SECONDS
-        if due:
-            self.flush()
+            waiting = len(self._pending)
+        if waiting >= FLUSH_ROWS or time.monotonic() - self._flushed > FLUSH_SECONDS:
+            self._submit(wait=waiting >= BACKLOG_ROWS)
 
     def flush(self) -> None:
         """Make every row written so far durable, then count it."""
         self.check()
-        with self._lock:
-            pending, self._pending = self._pending, []
-        self._flushed = time.monotonic()
-        if pending:
-            self._run(self._store, pending)
+        with self._submitting:
+            self._submit()
+            inflight, self._inflight = self._inflight, None
+            if inflight is not None:
+                inflight.result()
+
+    def _submit(self, wait: bool = True) -> None:
+        """Hand the waiting rows to the store's thread once the batch before them is written (one batch in
+        flight: while it is written the next one gathers, as large as the disk's pace asks). The caller waits
+        for the disk only with `wait`: a flush, or a backlog."""
+        with self._submitting:
+            inflight = self._inflight
+            if inflight is not None and not inflight.done() and not wait:
+                return
+            self._inflight = None
+            if inflight is not None:
+                inflight.result()  # raises that batch's StorageError
+            with self._lock:
+                pending, self._pending = self._pending, []
+            self._flushed = time.monotonic()
+            if pending:
+                self._inflight = self._thread.submit(self._store, pending)
 
     def check(self) -> None:
         """Raise the failure that ended the store, if one did (a storage fault is never retried)."""
