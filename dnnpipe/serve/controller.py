@@ -226,10 +226,12 @@ class Controller:
                         epoch.close()
             return self._summary(started, resumed_from)
         finally:
-            self.store.close()
-            self._data_file.close()
-            if previous is not None:
-                signal.signal(signal.SIGHUP, previous)
+            try:
+                self.store.close()  # raises the storage fault that ended the run, if one did
+            finally:
+                self._data_file.close()
+                if previous is not None:
+                    signal.signal(signal.SIGHUP, previous)
 
     def _summary(self, started: float, resumed_from: int) -> ServeSummary:
         return ServeSummary(self.total, self.ledger.first_unstored, resumed_from, time.monotonic() - started,

@@ -112,6 +112,9 @@ class ResultStore:
         if not 0 <= index < self.total:
             raise ValueError(f"row {index} outside OUT's {self.total} rows")
         row = [np.array(to_real(s, t)[0], dtype=c.dtype) for s, t, c in zip(self.specs, tensors, self._columns[1:])]
+        if [r.shape for r in row] != [c.row_shape for c in self._columns[1:]]:
+            raise ValueError(f"row {index}: shapes {[r.shape for r in row]}, OUT holds "
+                             f"{[c.row_shape for c in self._columns[1:]]}")
         with self._lock:
             self._pending.append((index, row))
             waiting = len(self._pending)
