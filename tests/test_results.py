@@ -154,6 +154,15 @@ def test_resume_refuses_what_it_cannot_verify_in_one_line(tmp_path):
     assert_one_line(e.value, out, f"it was made for {TOTAL} inputs, this run has {TOTAL + 1}")
 
 
+def test_a_file_that_cannot_be_opened_for_writing_is_one_line_and_left_alone(tmp_path):
+    out = tmp_path / "out.h5"
+    out.mkdir()  # a folder where OUT should be
+    with pytest.raises(StorageError) as e:
+        ResultStore(out, SPECS, TOTAL, resume=False)
+    assert_one_line(e.value, out, "cannot make the results file")
+    assert out.is_dir()
+
+
 def test_an_output_named_like_the_checksums_is_refused(tmp_path):
     with pytest.raises(DnnpipeError, match="cannot be stored as one dataset each"):
         ResultStore(tmp_path / "out.h5", [TensorSpec(CHECKSUMS, "x", (1, 2), "float32")], 3, resume=False)
@@ -387,15 +396,20 @@ def test_a_disk_too_small_to_make_the_file_is_one_line_and_nothing_is_left(tmp_p
         assert sorted(disk.iterdir()) == [filler]
 
 
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from serve_setup import make_served
+
+    return make_served(tmp_path_factory.mktemp("served"), [1.0, 1.0])
+
+
 @pytest.mark.slow
-def test_serve_on_a_full_disk_stops_with_one_line_and_resumes_exactly(tmp_path):
+def test_serve_on_a_full_disk_stops_with_one_line_and_resumes_exactly(served, tmp_path):
     """A real serve run over real stage processes: the first failed write ends it at once (no retry as a
     pipeline fault, no traceback, no stage left), and `--resume` from a copy on a roomy disk finishes it."""
     from helpers import assert_clean_error, run_script
-    from serve_setup import make_served
+    from test_serve import assert_no_orphans
 
-    (tmp_path / "served").mkdir()
-    served = make_served(tmp_path / "served", [1.0, 1.0])
     registry = served.registry([1, 2], tmp_path / "registry.json")
     total = 3000
     with Tmpfs(tmp_path / "disk", 64 << 10) as disk:
@@ -403,6 +417,7 @@ def test_serve_on_a_full_disk_stops_with_one_line_and_resumes_exactly(tmp_path):
         failed = run_script("dnnpipe", *served.args(registry, out, "--num-inputs", str(total)), timeout=300)
         assert_clean_error(failed, f"{out}: cannot store results: No space left on device")
         assert "pipeline failed" not in failed.stdout, failed.stdout
+        assert_no_orphans(served.root)
         stored, complete = counted(out)
         assert 0 < stored < total and not complete
         roomy = tmp_path / "out.h5"
@@ -412,6 +427,44 @@ def test_serve_on_a_full_disk_stops_with_one_line_and_resumes_exactly(tmp_path):
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resumed: {stored} of {total} results already in" in resumed.stdout
     served.check(roomy, total)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.0, 0.7, 1.9])
+def test_serve_killed_with_sigkill_never_overstates_and_resumes_exactly(served, tmp_path, delay):
+    """SIGKILL of serve at some moment after its first result: `stored` rows all equal the model's outputs,
+    `complete` is False, and `--resume` stores the rest, every row once."""
+    import time
+
+    from helpers import ROOT, run_script
+
+    total = 1500
+    out = tmp_path / "out.h5"
+    args = served.args(served.registry([1, 2], tmp_path / "registry.json"), out, "--num-inputs", str(total),
+                       "--fps", "400")
+    serve = subprocess.Popen([sys.executable, "-m", "dnnpipe", *args], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                             env={**WRITER_ENV, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert serve.stdout is not None
+    for line in serve.stdout:
+        if "first result" in line:
+            break
+    time.sleep(delay)
+    serve.kill()
+    serve.wait(30)
+    serve.stdout.close()
+    stored, complete = counted(out)
+    assert stored < total and not complete
+    name, expected = next(iter(served.expected.items()))
+    with h5py.File(out) as f:
+        rows = len(expected)
+        np.testing.assert_allclose(f[name][:stored], expected[np.arange(stored) % rows], rtol=1e-4, atol=1e-4)
+    # new ports: whether the killed run's stages are gone yet is another matter (they stop on their own)
+    registry = served.registry([1, 2], tmp_path / "registry2.json")
+    resumed = run_script("dnnpipe", *served.args(registry, out, "--num-inputs", str(total), "--resume"),
+                         timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"{total} of {total} results stored" in resumed.stdout
+    served.check(out, total)
 
 
 if __name__ == "__main__":

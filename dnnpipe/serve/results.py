@@ -179,14 +179,17 @@ class ResultStore:
         return self._reopen() if resume else self._create()
 
     def _create(self) -> int:
+        """OUT made under a temporary name and renamed into place once whole: a crash while it is made leaves
+        no OUT (a resume then starts anew), never a half-made one."""
         import h5py
 
         path = self.path
+        making = path.with_name(f".{path.name}.making")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             # all metadata in one block ahead of the data, so the data region is one run of rows per dataset
             meta = -(-(2048 + 1024 * (len(self.specs) + 1)) // 4096) * 4096
-            self._file = f = h5py.File(path, "w", libver=LIBVER, meta_block_size=meta)
+            self._file = f = h5py.File(making, "w", libver=LIBVER, meta_block_size=meta)
             f.attrs.update({"num_inputs": np.int64(self.total), "stored": np.int64(0), "complete": False})
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
             dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # its place is fixed now: rows go straight there
@@ -195,11 +198,13 @@ class ResultStore:
                 f.create_dataset(name, shape=(self.total, *row_shape), dtype=dtype, dcpl=dcpl)
             f.flush()
             self._columns = self._layout()
-            self._fd = os.open(path, os.O_RDWR)
+            self._fd = os.open(making, os.O_RDWR)
             os.fsync(self._fd)
+            os.replace(making, path)
+            _sync_folder(path.parent)
         except Exception as e:  # noqa: BLE001 - h5py raises OSError, RuntimeError, ValueError: all are storage faults
             self._release()
-            _remove(path)
+            _remove(making)
             raise StorageError(f"{path}: cannot make the results file: {_cause(e)}") from None
         return 0
 
@@ -371,6 +376,20 @@ def _cause(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return " ".join(e.strerror.split())
     return text or type(e).__name__
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (where the file system allows it: the rename happened either way)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _remove(path: Path) -> None:
