@@ -3,8 +3,9 @@
 A row is counted only when it is durable and checkable, so `stored` and `complete` never overstate, whatever
 stops serve (a full disk, an I/O error, Ctrl-C, SIGKILL, a power cut):
 
-1. every dataset is contiguous and allocated when OUT is made, and a dataset `dnnpipe_row_crc32` holds a
-   CRC-32 of each row (its index, then its bytes in every output, in the order of the model's outputs);
+1. every dataset is contiguous and allocated when OUT is made (under a temporary name, renamed in once whole),
+   and a dataset `dnnpipe_row_crc32` holds a CRC-32 of each row (its index, then its bytes in every output,
+   in the order of the model's outputs);
 2. rows are written in batches straight to their place in the file (`os.pwrite` at the dataset's offset,
    after `posix_fallocate` reserved the bytes, so a full disk fails before a byte is written), with their
    checksums, then fsync'd;
@@ -12,10 +13,11 @@ stops serve (a full disk, an I/O error, Ctrl-C, SIGKILL, a power cut):
    and another fsync; `complete` turns True only when every row is stored.
 
 HDF5 itself never writes data and never grows the file after it is made, so a failed write cannot leave it
-half-updated, and every h5py call runs on the store's own thread. The first failure ends the store with one
-line (StorageError): no retry, nothing counted that is not on disk. `--resume` opens OUT and counts the longest
-prefix of rows whose checksums verify (they may reach past `stored`: a crash between steps 2 and 3), or
-refuses with one line when OUT is not a results file of this run.
+half-updated, and every h5py call runs on the store's own thread (one batch is written there while the next
+gathers, so the caller waits for the disk only when the disk is slower than the results). The first failure
+ends the store with one line (StorageError): no retry, nothing counted that is not on disk. `--resume` opens
+OUT and counts the longest prefix of rows whose checksums verify (they may reach past `stored`: a crash between
+steps 2 and 3), or refuses with one line when OUT is not a results file of this run.
 """
 
 from __future__ import annotations
