@@ -11,3 +11,8 @@ class ConfigError(DnnpipeError, ValueError):
 
 class NoPlanError(DnnpipeError):
     """No pipeline plan satisfies the memory constraints: the message says why."""
+
+
+class StorageError(DnnpipeError):
+    """A result file cannot be written or resumed from (a full disk, an I/O error, a damaged file): the message
+    names the path and the cause. Never the pipeline's fault, so never retried as one."""

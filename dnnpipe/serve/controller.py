@@ -115,7 +115,7 @@ class Controller:
         self.cached = [d[:] for d in self.datasets] if size <= CACHE_BYTES else None
         self.total = o.num_inputs or self.rows
         try:
-            self.store = ResultStore(o.output_path, manifest.outputs, self.total, o.resume)
+            self.store = ResultStore(o.output_path, manifest.outputs, self.total, o.resume, echo)
         except DnnpipeError:
             f.close()
             raise
@@ -203,6 +203,7 @@ class Controller:
                     epoch.finish()
                     failures = 0
                 except EpochFailed as e:
+                    self.store.check()  # a storage fault ends serve: it is not the pipeline's to retry
                     detected = time.monotonic()
                     who = f"device {e.device} lost" if e.device is not None else "pipeline failed"
                     self.echo(f"serve: {who}: {e.reason} (stored {self.ledger.first_unstored} of {self.total})")
@@ -225,10 +226,12 @@ class Controller:
                         epoch.close()
             return self._summary(started, resumed_from)
         finally:
-            self.store.close()
-            self._data_file.close()
-            if previous is not None:
-                signal.signal(signal.SIGHUP, previous)
+            try:
+                self.store.close()  # raises the storage fault that ended the run, if one did
+            finally:
+                self._data_file.close()
+                if previous is not None:
+                    signal.signal(signal.SIGHUP, previous)
 
     def _summary(self, started: float, resumed_from: int) -> ServeSummary:
         return ServeSummary(self.total, self.ledger.first_unstored, resumed_from, time.monotonic() - started,
@@ -332,6 +335,7 @@ class Controller:
 
     def check_adaptation(self, epoch: Epoch) -> None:
         """Between polls: note a switch's first result; re-read the registry; re-plan for measured speeds."""
+        self.store.check()  # a failed write ends serve at once, with its one line
         self.announce(epoch)
         self._emulate_changes(epoch)
         mtime = _mtime(self.options.registry)
