@@ -11,3 +11,11 @@ class ConfigError(DnnpipeError, ValueError):
 
 class NoPlanError(DnnpipeError):
     """No pipeline plan satisfies the memory constraints: the message says why."""
+
+
+def printable(text: str) -> str:
+    """A peer's or a file's text made safe to print on one line: control and format characters (terminal escapes,
+    newlines, bidi overrides) shown escaped, as Python writes them (\\x1b, \\n, \\u202e); everything else as is."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

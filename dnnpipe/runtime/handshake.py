@@ -22,7 +22,7 @@ import socket
 import ssl
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import DnnpipeError
 
@@ -46,7 +46,7 @@ class ProbeClosed(HandshakeError):
 class LinkAuth:
     """What both ends of one link must agree on: the key, the manifest, and who sends to whom."""
 
-    key: bytes
+    key: bytes = field(repr=False)  # never in a repr, a log or a traceback's locals summary
     identity: bytes  # sha256 of manifest.json
     sender: int  # the stage that sends frames on this link (0: the controller's source)
     receiver: int  # the stage that receives them

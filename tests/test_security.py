@@ -1,0 +1,106 @@
+"""Probes of the trust boundaries (issue 29) on loopback, against real stage processes run by the paper's commands."""
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+import models
+from dnnpipe.partition.graph import analyse
+from dnnpipe.partition.partitioner import partition_keras_model
+from dnnpipe.runtime.local import free_ports
+from helpers import ROOT
+
+ROWS = 6
+FLOOD = 24
+
+
+@pytest.fixture(scope="module")
+def three_stages(tmp_path_factory):
+    """The residual CNN cut into 3 stages (with the key and certificate the partitioner makes), a dataset and
+    the Keras model's own answers."""
+    root = tmp_path_factory.mktemp("security")
+    model = models.residual_cnn()
+    U = analyse(model)[0].U
+    partition_keras_model(model, [[1, 4, 3], [5, 9, 2], [10, U, 1]], root / "res", "res", "test", verify_chain=False)
+    images = np.random.default_rng(1).random((ROWS, 12, 12, 3)).astype("float32")
+    with h5py.File(root / "data.h5", "w") as f:
+        f["images"] = images
+    return root / "res", root / "data.h5", np.asarray(model(images, training=False))
+
+
+def runtime_engine(folder, stage, *args):
+    return subprocess.Popen([sys.executable, str(ROOT / "runtime_engine.py"), "--stage", str(stage), "--model-path",
+                             str(folder.parent), "--model-name", folder.name, "--bind-addr", "127.0.0.1", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+class SilentFlood:
+    """Clients that connect, say nothing, and reconnect as soon as they are dropped."""
+
+    def __init__(self, port: int, clients: int):
+        self.port, self.stop, self.connections = port, threading.Event(), 0
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+        for thread in self.threads:
+            thread.start()
+
+    def _client(self) -> None:
+        while not self.stop.is_set():
+            try:
+                sock = socket.create_connection(("127.0.0.1", self.port), timeout=1)
+            except OSError:
+                time.sleep(0.02)
+                continue
+            self.connections += 1
+            sock.settimeout(0.1)
+            with sock:
+                while not self.stop.is_set():
+                    try:
+                        if not sock.recv(1):
+                            break  # dropped: come back at once
+                    except socket.timeout:
+                        continue
+                    except OSError:
+                        break
+
+    def close(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(5)
+
+
+def test_silent_reconnecting_clients_cannot_keep_the_upstream_out(three_stages, tmp_path):
+    folder, data, expected = three_stages
+    port2, port3 = free_ports(2)
+    third = runtime_engine(folder, 3, "--bind-port", str(port3), "--output-path", str(tmp_path / "out.h5"))
+    second = runtime_engine(folder, 2, "--bind-port", str(port2), "--next-host", "127.0.0.1", "--next-port",
+                            str(port3))
+    flood = SilentFlood(port2, FLOOD)
+    try:
+        deadline = time.monotonic() + 30
+        while flood.connections < 2 * FLOOD:  # every client is in and some were dropped already
+            assert time.monotonic() < deadline and second.poll() is None, "the flood never reached stage 2"
+            time.sleep(0.05)
+        first = runtime_engine(folder, 1, "--data-path", str(data), "--next-host", "127.0.0.1", "--next-port",
+                               str(port2))
+        outputs = [first.communicate(timeout=120), second.communicate(timeout=120), third.communicate(timeout=120)]
+    finally:
+        flood.close()
+        for process in (third, second):
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    for process, (stdout, stderr) in zip((first, second, third), outputs):
+        assert process.returncode == 0, stdout + stderr
+    with h5py.File(tmp_path / "out.h5") as f:
+        np.testing.assert_allclose(f["logits"][:], expected, rtol=1e-5, atol=1e-5)
+        assert f.attrs["complete"] and len(f["logits"]) == ROWS
+    log = outputs[1][0].splitlines()
+    assert flood.connections > 2 * FLOOD
+    assert len(log) < 40, "\n".join(log[:50])  # drops are counted, not a line each
+    assert any("dropped" in line for line in log), log
