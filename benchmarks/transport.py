@@ -35,7 +35,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dnnpipe.manifest import TensorSpec  # noqa: E402
-from dnnpipe.pipeline_key import create_certificate, tls_context  # noqa: E402
+from dnnpipe.keygen import create_certificate  # noqa: E402
+from dnnpipe.pipeline_key import tls_context  # noqa: E402
 from dnnpipe.protocol import FrameReader, FrameWriter, Kind, send_frame  # noqa: E402
 from dnnpipe.runtime.handshake import tls_wrap  # noqa: E402
 

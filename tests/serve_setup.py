@@ -58,7 +58,7 @@ def make_served(root: Path, speeds: Sequence[float], kind: str = "tiny", input_s
     from dnnpipe.slicing import signature_keys
     from dnnpipe.partition.graph import analyse, as_functional
     from dnnpipe.planfile import write_plan
-    from dnnpipe.pipeline_key import create_key
+    from dnnpipe.keygen import create_key
     from dnnpipe.planner import plan
     from dnnpipe.slicing import partition_tflite, profile_tflite, tflite_config
     from dnnpipe.tfenv import import_tensorflow

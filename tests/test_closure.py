@@ -9,6 +9,7 @@ from helpers import ROOT
 
 NOT_ON_A_BOARD = ("dnnpipe.planner", "dnnpipe.partition", "dnnpipe.deploy", "dnnpipe.cli", "dnnpipe.demo",
                   "dnnpipe.profile", "dnnpipe.planning", "dnnpipe.examples", "dnnpipe.testbed", "dnnpipe.config",
+                  "dnnpipe.keygen",
                   "tensorflow", "keras")
 
 

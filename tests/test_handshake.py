@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from dnnpipe.pipeline_key import create_certificate, tls_context
+from dnnpipe.keygen import create_certificate
+from dnnpipe.pipeline_key import tls_context
 from dnnpipe.runtime.handshake import (HELLO, HandshakeError, LinkAuth, ProbeClosed, connect_side, listen_side,
                                        manifest_identity, tls_wrap)
 

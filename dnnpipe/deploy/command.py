@@ -45,9 +45,11 @@ def add_deployer_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                         help="how long --launch waits for each stage's port, s; a stage that exits fails at once "
                              "(default: %(default)g)")
     parser.add_argument("--stop", action="store_true", help="stop the stages started by --launch (default: off)")
-    parser.add_argument("--tls", action="store_true",
-                        help="run every stage with --tls (mutual TLS between stages); ships pipeline.crt and its key, "
-                             "made here with openssl if missing (default: off)")
+    parser.add_argument("--no-tls", action="store_true",
+                        help="run every stage with --no-tls: links without TLS, so without integrity after the key "
+                             "handshake (default: TLS; ships pipeline.crt and its key, made here with openssl if "
+                             "missing)")
+    parser.add_argument("--tls", action="store_true", help=argparse.SUPPRESS)  # the default now; old scripts
     return parser
 
 
@@ -63,7 +65,7 @@ def deploy_options(args: argparse.Namespace) -> DeployOptions:
                                              accept_new_host_keys=args.accept_new_host_keys,
                                              ssh_config=args.ssh_config),
         runtime_code=not args.no_runtime_code, dataset=args.dataset, data_path=args.data_path,
-        output_path=args.output_path, tls=args.tls)
+        output_path=args.output_path, tls=not args.no_tls)
 
 
 def deploy_command(args: argparse.Namespace) -> int:

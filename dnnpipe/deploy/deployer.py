@@ -9,7 +9,7 @@ from typing import Callable, Optional
 from ..errors import DnnpipeError
 from ..layout import config_paths
 from ..manifest import Manifest, read_manifest
-from ..pipeline_key import create_certificate
+from ..keygen import create_certificate
 from .launch import StageLaunch, launch, launch_plan, stop, write_launch_plan
 from .registry import devices_for, load_registry
 from .ship import DeviceReport, runtime_code, ship_all, uploads_for
@@ -32,7 +32,7 @@ class DeployOptions:
     dataset: Optional[Path] = None  # shipped to the first stage's device
     data_path: Optional[str] = None  # the input path there (default dataset.h5)
     output_path: str = "results.h5"
-    tls: bool = False  # every stage runs with --tls; the certificate is made here if the partitioner did not
+    tls: bool = True  # stage links inside mutual TLS (off: each stage gets --no-tls); a missing certificate is made
 
     @property
     def folder(self) -> Path:
@@ -64,7 +64,7 @@ def _setup(options: DeployOptions) -> tuple[Manifest, list[StageLaunch], dict[in
     devices = devices_for(registry, [s.device for s in manifest.stages], str(options.registry))
     transports = {d.device_id: transport_for(d, options.ssh) for d in devices}
     launches = launch_plan(manifest, devices, options.models_dir, options.data_path or DATASET,
-                           options.output_path, ["--tls"] if options.tls else [])
+                           options.output_path, [] if options.tls else ["--no-tls"])
     return manifest, launches, transports
 
 

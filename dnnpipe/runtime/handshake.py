@@ -8,7 +8,7 @@ very manifest, on this connection (a recorded handshake cannot be replayed: the 
     listener  -> connector  REPLY   nonce_l (32) | HMAC(key, "listener"  | identity | from | to | nonce_c | nonce_l)
     connector -> listener   FINISH  HMAC(key, "connector" | identity | from | to | nonce_c | nonce_l)
 
-The whole exchange has one deadline; any failure closes the link. With --tls, `tls_wrap` first runs a
+The whole exchange has one deadline; any failure closes the link. By default (not --no-tls), `tls_wrap` first runs a
 mutual TLS handshake (both ends pin the pipeline certificate) and this exchange runs inside it, unchanged.
 """
 
@@ -107,7 +107,7 @@ def listen_side(sock: socket.socket, auth: LinkAuth, seconds: float = HANDSHAKE_
     deadline = time.monotonic() + seconds
     magic, version, sender, receiver, nonce_c = HELLO.unpack(_receive(sock, HELLO.size, deadline, first=True))
     if magic.startswith(b"\x16\x03"):
-        raise HandshakeError("the peer speaks TLS: it runs with --tls and this stage does not")
+        raise HandshakeError("the peer speaks TLS: it runs with TLS (the default) and this stage with --no-tls")
     if magic != MAGIC:
         raise HandshakeError(f"not a DNNPipe handshake (starts with {magic!r}; an unauthenticated peer?)")
     if version != VERSION:
@@ -147,11 +147,11 @@ def tls_wrap(sock: socket.socket, context: ssl.SSLContext, server_side: bool,
                 raise HandshakeError("TLS handshake not finished by its deadline (a stalled or trickling peer)")
     except ssl.SSLError as e:
         tls.close()
-        raise HandshakeError(f"failed the TLS handshake ({e.reason or e}; a peer without --tls or with another "
+        raise HandshakeError(f"failed the TLS handshake ({e.reason or e}; a peer with --no-tls or with another "
                              f"pipeline certificate?)") from None
     except OSError as e:
         tls.close()
-        raise HandshakeError(f"connection lost during the TLS handshake ({e.strerror or e}; a peer without --tls?)") \
+        raise HandshakeError(f"connection lost during the TLS handshake ({e.strerror or e}; a peer with --no-tls?)") \
             from None
     except HandshakeError:
         tls.close()

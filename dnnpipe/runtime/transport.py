@@ -415,8 +415,7 @@ def secure_dial(host: str, port: int, connect_timeout: float, auth: Optional[Lin
         if sock is None:
             return None, ((reason if refused else why), refused)
         try:
-            secure(sock, auth, tls, server_side=False)
-            return sock, (reason, refused)
+            return secure(sock, auth, tls, server_side=False), (reason, refused)
         except HandshakeError as e:
             sock.close()
             reason, refused = str(e), True
