@@ -49,7 +49,8 @@ def add_deployer_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                         help="run every stage with --no-tls: links without TLS, so without integrity after the key "
                              "handshake (default: TLS; ships pipeline.crt and its key, made here with openssl if "
                              "missing)")
-    parser.add_argument("--tls", action="store_true", help=argparse.SUPPRESS)  # the default now; old scripts
+    parser.add_argument("--tls", action="store_true",
+                        help="accepted for old scripts: TLS is the default now (default: on; see --no-tls)")
     return parser
 
 
