@@ -104,3 +104,70 @@ def test_silent_reconnecting_clients_cannot_keep_the_upstream_out(three_stages, 
     assert flood.connections > 2 * FLOOD
     assert len(log) < 40, "\n".join(log[:50])  # drops are counted, not a line each
     assert any("dropped" in line for line in log), log
+
+
+class TamperingProxy:
+    """On the path between two stages: passes every byte through but flips one bit at stream offset `at` towards
+    the listener: without TLS that is inside the first frame's tensor (the handshake is 73 bytes, a frame's header
+    and descriptors well under 1 KB, its tensors 9 KiB), so the handshake passes and the data is altered."""
+
+    def __init__(self, target_port: int, at: int = 4096):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port, self.target, self.at, self.flipped = self.listener.getsockname()[1], target_port, at, 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(30)
+        while True:
+            try:
+                near, _ = self.listener.accept()
+                far = socket.create_connection(("127.0.0.1", self.target), timeout=30)
+            except OSError:
+                return
+            threading.Thread(target=self._pump, args=(near, far, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(far, near, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, tamper: bool) -> None:
+        passed = 0
+        try:
+            while chunk := source.recv(65536):
+                if tamper and passed <= self.at < passed + len(chunk):
+                    i = self.at - passed
+                    chunk = chunk[:i] + bytes([chunk[i] ^ 0x01]) + chunk[i + 1:]
+                    self.flipped += 1
+                passed += len(chunk)
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        try:
+            sink.shutdown(socket.SHUT_WR)  # pass the end on, as a TCP proxy does
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_frames_altered_on_the_path_after_a_genuine_handshake_are_never_accepted(three_stages, tmp_path):
+    """Issue 29's proxy rewrote a payload after passing a genuine handshake, and stage 2 took it. With TLS (the
+    default), an altered record breaks the link: the pipeline fails with an error instead of a wrong result."""
+    folder, data, _ = three_stages
+    port2, port3 = free_ports(2)
+    proxy = TamperingProxy(port2)  # on the link from stage 1 (9 KiB a frame) to stage 2
+    out = tmp_path / "out.h5"
+    limits = ("--connect-timeout", "10", "--timeout", "10")
+    third = runtime_engine(folder, 3, "--bind-port", str(port3), "--output-path", str(out), *limits)
+    second = runtime_engine(folder, 2, "--bind-port", str(port2), "--next-host", "127.0.0.1", "--next-port",
+                            str(port3), *limits)
+    first = runtime_engine(folder, 1, "--data-path", str(data), "--next-host", "127.0.0.1", "--next-port",
+                           str(proxy.port), *limits)
+    try:
+        outputs = [p.communicate(timeout=120) for p in (first, second, third)]
+    finally:
+        proxy.close()
+    assert proxy.flipped > 0, outputs
+    assert second.returncode != 0 and third.returncode != 0, outputs
+    assert "Traceback" not in outputs[1][1] and len(outputs[1][1].strip().splitlines()) == 1, outputs[1][1]
+    if out.exists():
+        with h5py.File(out) as f:
+            assert not f.attrs["complete"]

@@ -60,6 +60,8 @@ def deployer_parser() -> argparse.ArgumentParser:
 
 
 def deploy_options(args: argparse.Namespace) -> DeployOptions:
+    if args.tls and args.no_tls:
+        raise DnnpipeError("--tls and --no-tls contradict each other (TLS is the default now: drop --tls)")
     return DeployOptions(
         registry=args.device_registry, model_name=args.model_name, model_path=args.model_path, config=args.config,
         dry_run=args.dry_run, ssh=SshOptions(connect_timeout=args.connect_timeout,
