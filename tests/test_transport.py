@@ -195,6 +195,18 @@ def test_drops_are_counted_not_logged_one_by_one():
     assert "\x1b" not in "".join(said)
 
 
+def test_a_peer_cannot_make_every_drop_a_new_kind():
+    said: list[str] = []
+    drops = DropCounter("[stage 2]", said.append, period=3600)
+    for sender in range(200):
+        drops.add(f"10.0.0.1:{sender}", f"the peer says it is stage {sender} sending to stage 9; this link is stage 1 "
+                                        f"to stage 2")
+    for version in range(200):
+        drops.add("10.0.0.1:1", f"handshake version {version}, expected 1")
+    drops.report(final=True)
+    assert len(said) == 3, said  # one line for each kind, then the counts
+
+
 def test_tls_links_with_the_api_serve_and_agents_use(tmp_path):
     """accept_link and secure_dial with link_tls: the link inside TLS, then the key handshake, frames on it."""
     create_certificate(tmp_path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import queue
+import re
 import select
 import socket
 import ssl
@@ -32,6 +33,7 @@ MAX_PER_SOURCE = 8  # of them from one address, so one host cannot take every sl
 MAX_HELD = 64  # connections taken from the backlog (vetted or waiting for a slot); more wait in the backlog
 BACKLOG = 128  # the kernel's listen queue (capped by net.core.somaxconn)
 TICK_SECONDS = 0.05
+MAX_KINDS = 16  # kinds of drop reported in full, each once; the rest only in the counts
 Say = Callable[[str], None]
 
 
@@ -285,14 +287,17 @@ class DropCounter:
         self.count = 0  # since the last summary
         self.sources: set[str] = set()
         self.reasons: collections.Counter[str] = collections.Counter()
+        self.examples: dict[str, str] = {}  # kind -> the first reason of that kind, as said
         self.total = 0
         self.last = time.monotonic()
 
     def add(self, peer: str, reason: str) -> None:
-        kind = reason.split(" (", 1)[0]
+        said = reason.split(" (", 1)[0]
+        kind = re.sub(r"\d+", "N", said)  # a peer's numbers do not make a new kind
         with self.lock:
+            self.examples.setdefault(kind, said)
             self.total += 1
-            if kind not in self.seen:
+            if kind not in self.seen and len(self.seen) < MAX_KINDS:
                 self.seen.add(kind)
                 self.say(f"{self.name} dropped {printable(peer)}: {printable(reason)}")
                 return
@@ -304,7 +309,7 @@ class DropCounter:
         with self.lock:
             if not self.count or not (final or time.monotonic() - self.last >= self.period):
                 return
-            top = "; ".join(f"{n} {printable(kind)}" for kind, n in self.reasons.most_common(3))
+            top = "; ".join(f"{n} {printable(self.examples[kind])}" for kind, n in self.reasons.most_common(3))
             self.say(f"{self.name} dropped {self.count} more connection{'s' if self.count > 1 else ''} from "
                      f"{len(self.sources)} address{'es' if len(self.sources) > 1 else ''} in the last "
                      f"{time.monotonic() - self.last:.0f} s ({top}; {self.total} in all)")
