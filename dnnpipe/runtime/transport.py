@@ -407,24 +407,31 @@ def secure_dial(host: str, port: int, connect_timeout: float, auth: Optional[Lin
                 stop: Optional[threading.Event] = None) -> tuple[Optional[socket.socket], tuple[str, bool]]:
     """Connect and pass TLS (with `tls`) and the key handshake (with `auth`), retrying both until connect_timeout.
 
-    The link (TCP_NODELAY) or None with (the last reason, whether a peer answered and refused).
+    The link (TCP_NODELAY) or None with (why, whether a peer answered and refused): the first refusal, and the
+    last one when it differs (a wrong key is said first; a listener that gave up says "closed" last).
     Serve's controller and agents dial their links with this too (docs/security.md)."""
     began = time.monotonic()
     deadline, delay = began + connect_timeout, 0.05
-    reason, refused = "no attempt", False
+    refusals: list[str] = []
+
+    def why(otherwise: str) -> tuple[str, bool]:
+        if not refusals:
+            return otherwise, False
+        return (refusals[0] if refusals[-1] == refusals[0] else f"{refusals[0]}; last: {refusals[-1]}"), True
+
     while True:
         left = deadline - time.monotonic()
         if left <= 0 or (stop is not None and stop.is_set()):
-            return None, (reason, refused)
-        sock, why = dial(host, port, left, lambda r, w: waiting(r, time.monotonic() - began), stop)
+            return None, why("no attempt")
+        sock, reason = dial(host, port, left, lambda r, w: waiting(r, time.monotonic() - began), stop)
         if sock is None:
-            return None, ((reason if refused else why), refused)
+            return None, why(reason)
         try:
-            return secure(sock, auth, tls, server_side=False), (reason, refused)
+            return secure(sock, auth, tls, server_side=False), why("")
         except HandshakeError as e:
             sock.close()
-            reason, refused = str(e), True
-            waiting(reason, time.monotonic() - began)
+            refusals.append(str(e))
+            waiting(str(e), time.monotonic() - began)
         time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(delay * 2, 0.5)
 
