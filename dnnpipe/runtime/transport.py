@@ -230,11 +230,8 @@ class _Gate:
             ends = time.monotonic() + HANDSHAKE_SECONDS  # TLS and the key handshake together
             if self.auth is not None or self.tls is not None:
                 _first_byte(sock, min(ends, time.monotonic() + SILENT_SECONDS))
-            if self.tls is not None:
-                sock = tls_wrap(sock, self.tls, True, max(0.01, ends - time.monotonic()))
-            if self.auth is not None:
-                listen_side(sock, self.auth, max(0.01, ends - time.monotonic()))
-            elif self.tls is None and _is_probe(sock):
+                sock = secure(sock, self.auth, self.tls, True, max(0.01, ends - time.monotonic()))
+            elif _is_probe(sock):
                 raise ProbeClosed("readiness probe")
         except ProbeClosed:
             sock.close()
