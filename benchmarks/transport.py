@@ -6,20 +6,27 @@
 Frame table: a sender process streams frames of one float32 tensor over loopback TCP to this process,
 which times every frame after the first; best of --repeats runs, the columns interleaved. "bare" is a
 sendall / recv_into loop of the payload alone; "FrameWriter" sends with descriptors encoded once
-per connection (the one way to send frames); "TLS FrameWriter" is the same inside mutual TLS 1.3 (--tls:
-both ends pin one EC P-256 certificate made for the run). Every protocol column receives with FrameReader,
-which checks every field of every frame; "TLS extra us" is what TLS adds to FrameWriter per frame.
+per connection (the one way to send frames); "HMAC FrameWriter" adds an HMAC-SHA256 per frame (the
+sender sends a 32-byte tag over the payload as a second tensor of each frame, the receiver recomputes and
+compares it: what integrity
+without TLS would cost, emulated here, not a protocol mode); "TLS FrameWriter" is FrameWriter inside
+mutual TLS 1.3 (the stage links' default: both ends pin one EC P-256 certificate made for the run).
+Every protocol column receives with FrameReader, which checks every field of every frame; "TLS extra us"
+and "HMAC extra us" are what each adds to FrameWriter per frame (wall clock), and "CPU ms/MB" what each
+adds in CPU time of both ends per MiB.
 CPU us/frame is sender plus receiver CPU time per frame (best run): other processes sharing the cores
 stretch the wall-clock columns but hardly this one.
 
 Pipeline: a tiny Keras model (a 1x1 convolution that widens the input to a ~100 KB cut, then global
 pooling) converted into 2 stages and run with `python -m dnnpipe run-local`, so transport, not
-inference, dominates; reported against the bare-socket bound for frames of the cut's size.
+inference, dominates; reported against the bare-socket bound for frames of the cut's size, with TLS (the
+default) and with --no-tls.
 """
 
 from __future__ import annotations
 
 import argparse
+import hmac
 import multiprocessing
 import socket
 import sys
@@ -34,11 +41,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dnnpipe.manifest import TensorSpec  # noqa: E402
-from dnnpipe.pipeline_key import create_certificate, tls_context  # noqa: E402
+from dnnpipe.keygen import create_certificate  # noqa: E402
+from dnnpipe.pipeline_key import tls_context  # noqa: E402
 from dnnpipe.frameio import FrameReader, FrameWriter  # noqa: E402
 from dnnpipe.runtime.handshake import tls_wrap  # noqa: E402
 
-METHODS = ("bare", "FrameWriter", "TLS FrameWriter")
+METHODS = ("bare", "FrameWriter", "HMAC FrameWriter", "TLS FrameWriter")
+MAC_KEY = b"k" * 32
+MAC_SPEC = TensorSpec("mac", "mac", (32,), "uint8")  # the HMAC column's tag, a second tensor of each frame
 SIZES = (1 << 20, 100 << 10, 10 << 10, 1 << 10)
 RUN_BYTES = 200 << 20  # bytes per timed run, at least MIN_FRAMES and at most MAX_FRAMES frames
 MIN_FRAMES, MAX_FRAMES = 200, 20000
@@ -61,6 +71,12 @@ def send(port: int, method: str, nbytes: int, frames: int, cpu: Connection, cert
         view = tensor.data.cast("B")
         for _ in range(frames):
             sock.sendall(view)
+    elif method.startswith("HMAC"):
+        writer, payload = FrameWriter(sock, [spec, MAC_SPEC], "the receiver", 60.0), tensor.data.cast("B")
+        tag = np.empty(MAC_SPEC.shape, MAC_SPEC.dtype)
+        for sequence in range(frames):
+            tag[:] = np.frombuffer(hmac.digest(MAC_KEY, payload, "sha256"), np.uint8)
+            writer.send(sequence, 0, [tensor, tag])
     else:
         writer = FrameWriter(sock, [spec], "the receiver", 60.0)
         for sequence in range(frames):
@@ -100,6 +116,14 @@ def seconds_per_frame(method: str, nbytes: int, frames: int, certs: Path) -> tup
     receive: Callable[[], None]
     if method == "bare":
         receive = bare_receiver(sock, spec)
+    elif method.startswith("HMAC"):
+        mac_reader = FrameReader(sock, [spec, MAC_SPEC], "the sender", 60.0)
+        pair = [np.empty(spec.shape, spec.dtype), np.empty(MAC_SPEC.shape, MAC_SPEC.dtype)]
+
+        def receive() -> None:
+            mac_reader.read(pair)
+            if not hmac.compare_digest(pair[1].tobytes(), hmac.digest(MAC_KEY, pair[0].data.cast("B"), "sha256")):
+                raise ConnectionError("HMAC mismatch")
     else:
         reader, buffers = FrameReader(sock, [spec], "the sender", 60.0), [np.empty(spec.shape, spec.dtype)]
 
@@ -121,7 +145,8 @@ def seconds_per_frame(method: str, nbytes: int, frames: int, certs: Path) -> tup
 def frame_table(repeats: int, certs: Path) -> dict[int, float]:
     """Prints the table; returns the bare socket's seconds per frame by size."""
     print(f"{'frame':>8} | " + " | ".join(f"{m:>22}" for m in METHODS) + " | writer/bare | "
-          "writer extra us | TLS extra us | CPU us/frame: " + " / ".join(METHODS))
+          "writer extra us | HMAC extra us | TLS extra us | CPU ms/MB HMAC / TLS | CPU us/frame: "
+          + " / ".join(METHODS))
     bare: dict[int, float] = {}
     for nbytes in SIZES:
         frames = max(MIN_FRAMES, min(MAX_FRAMES, RUN_BYTES // nbytes))
@@ -136,9 +161,17 @@ def frame_table(repeats: int, certs: Path) -> dict[int, float]:
         print(f"{size_name(nbytes):>8} | " + " | ".join(f"{c:>22}" for c in cells)
               + f" | {best['bare'] / best['FrameWriter']:>11.2f} | "
               f"{(best['FrameWriter'] - best['bare']) * 1e6:>15.1f} | "
+              f"{(best['HMAC FrameWriter'] - best['FrameWriter']) * 1e6:>13.1f} | "
               f"{(best['TLS FrameWriter'] - best['FrameWriter']) * 1e6:>12.1f} | "
+              f"{per_mb(cpu['HMAC FrameWriter'] - cpu['FrameWriter'], nbytes):>9.2f} / "
+              f"{per_mb(cpu['TLS FrameWriter'] - cpu['FrameWriter'], nbytes):.2f} | "
               + " / ".join(f"{cpu[m] * 1e6:.1f}" for m in METHODS), flush=True)
     return bare
+
+
+def per_mb(seconds: float, nbytes: int) -> float:
+    """Seconds per frame of nbytes as milliseconds per MiB."""
+    return seconds * 1e3 / (nbytes / (1 << 20))
 
 
 def size_name(nbytes: int) -> str:
@@ -166,18 +199,21 @@ def pipeline(bare: dict[int, float], inputs: int, repeats: int) -> None:
         cut = sum(t.nbytes for t in manifest.stages[0].outputs)  # 40 x 40 x 16 float32: 100 KB
         with h5py.File(Path(root) / "data.h5", "w") as f:
             f["images"] = np.random.default_rng(0).random((64, 40, 40, 3)).astype("float32")
-        runs = []
+        runs: dict[bool, list[tuple[float, float, float]]] = {True: [], False: []}
         for i in range(repeats):
-            run = run_local(folder, Path(root) / "data.h5", None, Path(root) / f"logs{i}",
-                            run=RunOptions(num_inputs=inputs))
-            send = np.median([t.send_ms for t in read_timings(run.log_dir, 1)]) * 1000
-            receive = np.median([t.receive_ms for t in read_timings(run.log_dir, 2)]) * 1000
-            runs.append((run.throughput, send, receive))
-    throughput, send, receive = max(runs)
+            for tls in (True, False):  # interleaved
+                run = run_local(folder, Path(root) / "data.h5", None, Path(root) / f"logs{i}{tls}",
+                                run=RunOptions(num_inputs=inputs, tls=tls))
+                send = np.median([t.send_ms for t in read_timings(run.log_dir, 1)]) * 1000
+                receive = np.median([t.receive_ms for t in read_timings(run.log_dir, 2)]) * 1000
+                runs[tls].append((run.throughput, send, receive))
     bound = 1 / bare[cut]
-    print(f"\n2-stage pipeline (run-local, {inputs} inputs, cut {size_name(cut)}, best of {repeats}): "
-          f"{throughput:,.0f} frames/s; bare-socket bound {bound:,.0f} frames/s ({throughput / bound:.2f} of it); "
-          f"p50 per frame: stage 1 sending {send:.0f} us, stage 2 receiving {receive:.0f} us")
+    for tls in (True, False):
+        throughput, send, receive = max(runs[tls])
+        print(f"\n2-stage pipeline {'(TLS, the default)' if tls else '(--no-tls)'} (run-local, {inputs} inputs, "
+              f"cut {size_name(cut)}, best of {repeats}): {throughput:,.0f} frames/s; bare-socket bound "
+              f"{bound:,.0f} frames/s ({throughput / bound:.2f} of it); p50 per frame: stage 1 sending {send:.0f} us, "
+              f"stage 2 receiving {receive:.0f} us")
 
 
 def main() -> None:

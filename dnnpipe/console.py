@@ -9,7 +9,7 @@ import sys
 import threading
 from typing import Callable, Optional, Sequence
 
-from .errors import DnnpipeError
+from .errors import DnnpipeError, printable
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -29,7 +29,7 @@ def run_command(command: Command, args: argparse.Namespace, prog: str) -> int:
     try:
         return command(args)
     except DnnpipeError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {printable(str(e))}", file=sys.stderr)  # may quote a peer
         return 1
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""

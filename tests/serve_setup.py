@@ -58,7 +58,7 @@ def make_served(root: Path, speeds: Sequence[float], kind: str = "tiny", input_s
     from dnnpipe.slicing.cuts import signature_keys
     from dnnpipe.partition.graph import analyse, as_functional
     from dnnpipe.planfile import write_plan
-    from dnnpipe.pipeline_key import create_key
+    from dnnpipe.keygen import create_key
     from dnnpipe.planner import plan
     from dnnpipe.profile.costs import config_from
     from dnnpipe.profile.tflite import profile_tflite

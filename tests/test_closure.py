@@ -9,7 +9,7 @@ from helpers import ROOT
 
 NOT_ON_A_BOARD = ("dnnpipe.planner", "dnnpipe.partition", "dnnpipe.deploy", "dnnpipe.cli", "dnnpipe.demo",
                   "dnnpipe.profile", "dnnpipe.replan", "dnnpipe.examples", "dnnpipe.tfenv", "dnnpipe.testbed",
-                  "dnnpipe.config", "tensorflow", "keras")
+                  "dnnpipe.config", "dnnpipe.keygen", "tensorflow", "keras")
 
 
 def test_the_closure_holds_the_runtime_and_nothing_of_the_workstation():

@@ -298,7 +298,7 @@ def test_hostile_manifests_are_refused_before_anything_is_read_or_sent(partition
 
 
 def test_pipeline_key_reaches_every_device_private_and_unprinted(server, partitioned, tmp_path):
-    """And with --tls, the certificate (public) and its key (private), and every stage's command says --tls."""
+    """And (TLS being the default) the certificate (public) and its key (private); --no-tls reaches every stage."""
     models = copy_models(partitioned, tmp_path)
     folder = models / "partitioned_submodels" / "res"
     key = folder / KEY_FILE
@@ -322,7 +322,12 @@ def test_pipeline_key_reaches_every_device_private_and_unprinted(server, partiti
     assert KEY_FILE not in result.stdout + result.stderr
     assert (folder / CERT_KEY_FILE).read_text().splitlines()[1] not in result.stdout + result.stderr
     plan = json.loads((folder / "launch_plan.json").read_text())
-    assert all("--tls" in stage["argv"] for stage in plan["stages"])
+    assert not [stage for stage in plan["stages"] if "--no-tls" in stage["argv"] or "--tls" in stage["argv"]]
+    result = deployer(models, write_registry(tmp_path / "reg.json", devices), "--ssh-config",
+                      str(server.ssh_config), "--no-runtime-code", "--no-tls")
+    assert result.returncode == 0, result.stdout + result.stderr
+    plan = json.loads((folder / "launch_plan.json").read_text())
+    assert all("--no-tls" in stage["argv"] for stage in plan["stages"])
 
 
 def test_dry_run_asks_the_device_and_changes_nothing(server, partitioned, tmp_path):

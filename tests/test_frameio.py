@@ -15,7 +15,8 @@ from dnnpipe.manifest import TensorSpec
 from dnnpipe.frameio import FrameReader, FrameWriter, _advance
 from dnnpipe.protocol import (HEADER, MAGIC, MAX_DESCRIPTOR_BYTES, Kind, PeerError, ProtocolError, encode_frame,
                               encode_header)
-from dnnpipe.pipeline_key import create_certificate, tls_context
+from dnnpipe.keygen import create_certificate
+from dnnpipe.pipeline_key import tls_context
 from dnnpipe.runtime.handshake import tls_wrap
 
 SPECS = [TensorSpec("block1", "block1", (1, 4, 4, 2), "float32"), TensorSpec("ids", "ids", (1, 3), "int32")]

@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from dnnpipe.pipeline_key import create_certificate, tls_context
+from dnnpipe.keygen import create_certificate
+from dnnpipe.pipeline_key import tls_context
 from dnnpipe.runtime.handshake import (HELLO, HandshakeError, LinkAuth, ProbeClosed, connect_side, listen_side,
                                        manifest_identity, tls_wrap)
 
@@ -139,7 +140,7 @@ def test_a_plain_peer_fails_the_tls_handshake(certificates):
     connector_error, listener_error = run_ends(lambda s: connect_side(s, LinkAuth(KEY, IDENTITY, 1, 2), 2.0),
                                                tls_end(ours, True))
     assert isinstance(connector_error, HandshakeError), connector_error
-    assert "failed the TLS handshake" in str(listener_error) and "without --tls" in str(listener_error)
+    assert "failed the TLS handshake" in str(listener_error) and "with --no-tls" in str(listener_error)
 
 
 def test_tls_probe_and_trickler(certificates):
@@ -170,3 +171,10 @@ def test_tls_probe_and_trickler(certificates):
     thread.join()
     a.close()
     b.close()
+
+
+def test_the_key_is_in_no_repr_or_str():
+    auth = LinkAuth(KEY, IDENTITY, 1, 2)
+    for text in (repr(auth), str(auth), repr([auth]), f"{auth}", repr({"auth": auth})):
+        assert KEY.hex() not in text and repr(KEY) not in text and "key=" not in text, text
+    assert "sender=1" in repr(auth) and auth == LinkAuth(KEY, IDENTITY, 1, 2)  # still compared by value

@@ -1,49 +1,37 @@
-"""The link secrets beside manifest.json: the --tls certificate pair, made once, private, never half-written."""
+"""The link secrets as a board reads them: the key and the TLS contexts pinning the pipeline certificate."""
 
 import ssl
-import stat
 
 import pytest
 
 from dnnpipe.errors import ConfigError
-from dnnpipe.pipeline_key import (CERT_FILE, CERT_KEY_FILE, KEY_FILE, create_certificate, create_link_secrets,
-                                  tls_context)
-
-
-def test_link_secrets_are_made_once_with_private_modes(tmp_path):
-    create_link_secrets(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CERT_FILE, CERT_KEY_FILE, KEY_FILE]  # no leftovers
-    assert stat.S_IMODE((tmp_path / KEY_FILE).stat().st_mode) == 0o600
-    assert stat.S_IMODE((tmp_path / CERT_KEY_FILE).stat().st_mode) == 0o600
-    assert b"BEGIN CERTIFICATE" in (tmp_path / CERT_FILE).read_bytes()
-    before = [(tmp_path / name).read_bytes() for name in (KEY_FILE, CERT_FILE, CERT_KEY_FILE)]
-    create_link_secrets(tmp_path)  # re-partitioning keeps them
-    assert [(tmp_path / name).read_bytes() for name in (KEY_FILE, CERT_FILE, CERT_KEY_FILE)] == before
-    context = tls_context(tmp_path, server_side=True)
-    assert context.verify_mode == ssl.CERT_REQUIRED and context.minimum_version == ssl.TLSVersion.TLSv1_3
-
-
-def test_a_certificate_without_its_key_is_made_again(tmp_path):
-    create_certificate(tmp_path)
-    old = (tmp_path / CERT_FILE).read_bytes()
-    (tmp_path / CERT_KEY_FILE).unlink()
-    create_certificate(tmp_path)
-    assert (tmp_path / CERT_KEY_FILE).is_file() and (tmp_path / CERT_FILE).read_bytes() != old
-
-
-def test_without_openssl_tls_says_so_and_partitioning_goes_on(tmp_path, monkeypatch):
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    with pytest.raises(ConfigError, match=r"pipeline.crt: cannot make the TLS certificate for --tls: the openssl "
-                                          r"command is not installed"):
-        create_certificate(tmp_path / "out")
-    create_link_secrets(tmp_path / "out")  # the key still; the certificate when --tls asks for it
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [KEY_FILE]
+from dnnpipe.keygen import create_certificate, create_key
+from dnnpipe.pipeline_key import CERT_KEY_FILE, KEY_FILE, link_tls, read_key, stage_key, tls_context
 
 
 def test_missing_or_shared_certificate_key_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match=r"pipeline.crt: TLS certificate not found for --tls"):
+    with pytest.raises(ConfigError, match=r"pipeline.crt: TLS certificate not found .*--no-tls"):
         tls_context(tmp_path, server_side=False)
     create_certificate(tmp_path)
     (tmp_path / CERT_KEY_FILE).chmod(0o644)
     with pytest.raises(ConfigError, match=r"pipeline.crt.key: the TLS key is readable by others \(mode 644\)"):
         tls_context(tmp_path, server_side=False)
+
+
+def test_link_tls_gives_both_ends_or_none(tmp_path):
+    assert link_tls(tmp_path, tls=False) == (None, None)  # --no-tls needs no certificate
+    create_certificate(tmp_path)
+    listening, connecting = link_tls(tmp_path)
+    assert isinstance(listening, ssl.SSLContext) and isinstance(connecting, ssl.SSLContext)
+    assert connecting.verify_mode == ssl.CERT_REQUIRED and not connecting.check_hostname  # pinned, any address
+
+
+def test_the_stage_key_is_read_checked_or_skipped(tmp_path):
+    assert stage_key(tmp_path, None, insecure=True) is None
+    with pytest.raises(ConfigError, match=r"pipeline.key: pipeline key not found"):
+        stage_key(tmp_path, None, insecure=False)
+    create_key(tmp_path)
+    assert stage_key(tmp_path, None, insecure=False) == read_key(tmp_path / KEY_FILE)
+    (tmp_path / KEY_FILE).chmod(0o640)
+    with pytest.raises(ConfigError, match=r"readable by others \(mode 640\); run chmod 600"):
+        read_key(tmp_path / KEY_FILE)

@@ -21,9 +21,11 @@ from dnnpipe.partition.partitioner import partition_keras_model
 from dnnpipe.partition.graph import analyse
 from dnnpipe.protocol import Kind, encode_frame, encode_header
 from dnnpipe.runtime.local import RunOptions, free_ports, run_local
-from dnnpipe.pipeline_key import CERT_FILE, CERT_KEY_FILE, KEY_FILE, create_key, read_key
+from dnnpipe.keygen import create_key
+from dnnpipe.pipeline_key import CERT_FILE, CERT_KEY_FILE, KEY_FILE, read_key, tls_context
 from dnnpipe.runtime.handshake import LinkAuth, connect_side, manifest_identity
 from dnnpipe.runtime.metrics import read_timings
+from dnnpipe.runtime.transport import secure
 from helpers import ROOT, assert_clean_error
 
 ROWS = 6
@@ -132,8 +134,8 @@ def stage2(pipelines):
     folder = root / "p2" / "res"
     (port,) = free_ports(1)
     process = stage_process(folder, 2, "--bind-addr", "127.0.0.1", "--bind-port", str(port), "--timeout", "5")
-    sock = connect(port)
-    connect_side(sock, link_auth(folder, 1, 2))  # frames are read only from an authenticated upstream
+    # frames are read only from an authenticated upstream, inside TLS by default
+    sock = secure(connect(port), link_auth(folder, 1, 2), tls_context(folder, server_side=False), server_side=False)
     yield process, sock, read_manifest(folder).stage(2)
     sock.close()
     if process.poll() is None:
@@ -173,6 +175,15 @@ def test_upstream_error_is_passed_down_and_the_stage_exits_non_zero(stage2):
     process, sock, _ = stage2
     sock.sendall(encode_frame(Kind.ERROR, 0, 0, message="[stage 1] disk on fire"))
     assert_clean_error(finish(process), "runtime_engine.py: error: [stage 1] disk on fire")
+
+
+def test_an_upstream_error_text_reaches_the_terminal_escaped(stage2):
+    """An ERROR frame's text is the peer's: its control characters (terminal escapes, newlines) are shown escaped."""
+    process, sock, _ = stage2
+    sock.sendall(encode_frame(Kind.ERROR, 0, 0, message="[stage 1] \x1b[2J\x1b]0;owned\x07disk\non fire"))
+    result = finish(process)
+    assert_clean_error(result, r"[stage 1] \x1b[2J\x1b]0;owned\x07disk\non fire")
+    assert "\x1b" not in result.stderr + result.stdout and "\x07" not in result.stderr
 
 
 def test_silent_upstream_times_out(stage2):
@@ -257,7 +268,7 @@ def test_intruders_on_a_stage_port_neither_feed_it_nor_stop_it(pipelines, tmp_pa
     folder = root / "p2" / "res"
     (port,) = free_ports(1)
     last = stage_process(folder, 2, "--bind-addr", "127.0.0.1", "--bind-port", str(port),
-                         "--output-path", str(tmp_path / "out.h5"), "--timeout", "30")
+                         "--output-path", str(tmp_path / "out.h5"), "--timeout", "30", "--no-tls")
     injector = connect(port)
     injector.sendall(encode_header(Kind.DATA, 0, 0, read_manifest(folder).stage(2).inputs) + b"\0" * 64)
     trickler = connect(port)
@@ -267,7 +278,7 @@ def test_intruders_on_a_stage_port_neither_feed_it_nor_stop_it(pipelines, tmp_pa
         connect_side(impostor, link_auth(folder, 1, 2, key=b"k" * 32))
     impostor.close()
     first = stage_process(folder, 1, "--data-path", str(root / "data.h5"), "--next-host", "127.0.0.1",
-                          "--next-port", str(port))
+                          "--next-port", str(port), "--no-tls")
     assert finish(first).returncode == 0
     result = finish(last)
     assert result.returncode == 0, result.stderr
@@ -290,9 +301,9 @@ def test_a_stage_with_another_key_is_refused(pipelines, tmp_path):
     (port,) = free_ports(1)
     last = stage_process(folder, 2, "--bind-addr", "127.0.0.1", "--bind-port", str(port), "--connect-timeout", "3")
     first = finish(stage_process(folder, 1, "--data-path", str(root / "data.h5"), "--next-host", "127.0.0.1",
-                                 "--next-port", str(port), "--key-file", str(other)))
+                                 "--next-port", str(port), "--key-file", str(other), "--connect-timeout", "3"))
     assert_clean_error(first, f"[stage 1] the next stage at 127.0.0.1:{port} refused the link",
-                       "another pipeline key or another manifest")
+                       "another pipeline key or another manifest", "retried for 3 s")
     second = finish(last)
     assert_clean_error(second, "[stage 2] no upstream stage connected")
     assert "dropped 127.0.0.1" in second.stdout
@@ -372,8 +383,8 @@ def test_tls_pipeline_results_equal_the_keras_model(pipelines, tmp_path):
 
 
 @pytest.mark.parametrize("sender, receiver, dropped", [
-    ((), ("--tls",), "failed the TLS handshake"),  # a plain peer knocking at a TLS stage
-    (("--tls",), (), "the peer speaks TLS: it runs with --tls and this stage does not"),
+    (("--no-tls",), ("--tls",), "failed the TLS handshake"),  # a plain peer knocking at a TLS stage (old --tls)
+    ((), ("--no-tls",), "the peer speaks TLS: it runs with TLS (the default) and this stage with --no-tls"),
 ])
 def test_both_ends_of_a_link_must_agree_on_tls(pipelines, sender, receiver, dropped):
     root, _ = pipelines
@@ -382,7 +393,7 @@ def test_both_ends_of_a_link_must_agree_on_tls(pipelines, sender, receiver, drop
     last = stage_process(folder, 2, "--bind-addr", "127.0.0.1", "--bind-port", str(port), "--connect-timeout", "3",
                          *receiver)
     first = finish(stage_process(folder, 1, "--data-path", str(root / "data.h5"), "--next-host", "127.0.0.1",
-                                 "--next-port", str(port), *sender))
+                                 "--next-port", str(port), "--connect-timeout", "3", *sender))
     assert_clean_error(first, f"[stage 1] the next stage at 127.0.0.1:{port} refused the link")
     second = finish(last)
     assert_clean_error(second, "[stage 2] no upstream stage connected")
@@ -400,7 +411,7 @@ def test_tls_with_insecure_and_without_openssl_are_clean_errors(pipelines, tmp_p
         (folder / name).unlink()
     result = subprocess.run([sys.executable, "-m", "dnnpipe", "run-local", "--model-path", str(tmp_path),
                              "--model-name", "res", "--data-path", str(root / "data.h5"), "--testbed", "loopback",
-                             "--tls"], capture_output=True, text=True, timeout=60,
+                             ], capture_output=True, text=True, timeout=60,
                             env={**os.environ, "PATH": str(tmp_path / "no-bin")})
-    assert_clean_error(result, "pipeline.crt: cannot make the TLS certificate for --tls: the openssl command is "
-                               "not installed")
+    assert_clean_error(result, "pipeline.crt: cannot make the TLS certificate: the openssl command is not "
+                               "installed", "--no-tls")

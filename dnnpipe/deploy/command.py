@@ -49,9 +49,12 @@ def add_deployer_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                         help="how long --launch waits for each stage to answer on its port as that stage (a "
                              "probe with the pipeline key), s; a stage that exits fails at once (default: %(default)g)")
     parser.add_argument("--stop", action="store_true", help="stop the stages started by --launch (default: off)")
+    parser.add_argument("--no-tls", action="store_true",
+                        help="run every stage with --no-tls: links without TLS, so without integrity after the key "
+                             "handshake (default: TLS; ships pipeline.crt and its key, made here with openssl if "
+                             "missing)")
     parser.add_argument("--tls", action="store_true",
-                        help="run every stage with --tls (mutual TLS between stages); ships pipeline.crt and its key, "
-                             "made here with openssl if missing (default: off)")
+                        help="accepted for old scripts: TLS is the default now (default: on; see --no-tls)")
     return parser
 
 
@@ -61,13 +64,15 @@ def deployer_parser() -> argparse.ArgumentParser:
 
 
 def deploy_options(args: argparse.Namespace) -> DeployOptions:
+    if args.tls and args.no_tls:
+        raise DnnpipeError("--tls and --no-tls contradict each other (TLS is the default now: drop --tls)")
     return DeployOptions(
         registry=args.device_registry, model_name=args.model_name, model_path=args.model_path, config=args.config,
         dry_run=args.dry_run, ssh=SshOptions(connect_timeout=args.connect_timeout,
                                              accept_new_host_keys=args.accept_new_host_keys,
                                              ssh_config=args.ssh_config),
         runtime_code=not args.no_runtime_code, dataset=args.dataset, data_path=args.data_path,
-        output_path=args.output_path, tls=args.tls)
+        output_path=args.output_path, tls=not args.no_tls)
 
 
 def deploy_command(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 from ..errors import DnnpipeError
 from ..layout import config_paths
 from ..manifest import Manifest, read_manifest
-from ..pipeline_key import create_certificate
+from ..keygen import create_certificate
 from .launch import StageLaunch, StageProbe, launch, launch_plan, model_folder, stop, write_launch_plan
 from .registry import devices_for, load_registry
 from .ship import DeviceReport, runtime_code, ship_all, uploads_for
@@ -33,7 +33,7 @@ class DeployOptions:
     dataset: Optional[Path] = None  # shipped to the first stage's device
     data_path: Optional[str] = None  # the input path there (default: dataset.h5 in the model's folder)
     output_path: Optional[str] = None  # the results path on the last device (default: results.h5 there too)
-    tls: bool = False  # every stage runs with --tls; the certificate is made here if the partitioner did not
+    tls: bool = True  # stage links inside mutual TLS (off: each stage gets --no-tls); a missing certificate is made
 
     @property
     def folder(self) -> Path:
@@ -75,7 +75,7 @@ def _setup(options: DeployOptions) -> tuple[Manifest, list[StageLaunch], dict[in
     devices = devices_for(registry, [s.device for s in manifest.stages], str(options.registry))
     transports = {d.device_id: transport_for(d, options.ssh) for d in devices}
     launches = launch_plan(manifest, devices, options.models_dir, options.device_data_path,
-                           options.device_output_path, ["--tls"] if options.tls else [])
+                           options.device_output_path, [] if options.tls else ["--no-tls"])
     return manifest, launches, transports
 
 

@@ -78,6 +78,18 @@ class Transport(Protocol):
     def stop(self, pid_rel: str) -> bool: ...
 
 
+LINK_REFUSED = "a symbolic link on the device where the deployer writes: refused (remove it, then deploy again)"
+
+
+def refuse_links(root: Path, rel: str) -> None:
+    """Nothing is written outside root: each part of rel (a path of ours below root) must not be a symbolic link."""
+    path = root
+    for part in rel.split("/"):
+        path = path / part
+        if path.is_symlink():
+            raise TransportError(f"{path.relative_to(root).as_posix()}: {LINK_REFUSED}")
+
+
 class LocalTransport:
     """A device on this machine: remote_dir is a local folder."""
 
@@ -87,10 +99,14 @@ class LocalTransport:
         self.started: dict[str, subprocess.Popen] = {}
 
     def hashes(self, rels: Sequence[str]) -> dict[str, str]:
-        return {rel: sha256_file(self.root / rel) for rel in rels if (self.root / rel).is_file()}
+        return {rel: sha256_file(self.root / rel) for rel in rels
+                if (self.root / rel).is_file() and not (self.root / rel).is_symlink()}
 
     def send(self, staged: Sequence[tuple[Upload, str]]) -> dict[str, Optional[str]]:
         """Copy to temporary names, check, rename; returns rel -> None (ok) or why it failed."""
+        for upload, temporary in staged:
+            refuse_links(self.root, upload.rel)
+            refuse_links(self.root, temporary)
         results: dict[str, Optional[str]] = {}
         for upload, temporary in staged:
             target, part = self.root / upload.rel, self.root / temporary
@@ -117,6 +133,8 @@ class LocalTransport:
         os.chmod(destination, mode)  # the umask may have narrowed it; the key must be exactly 0600
 
     def start(self, argv: Sequence[str], log_rel: str, pid_rel: str) -> None:
+        refuse_links(self.root, log_rel)
+        refuse_links(self.root, pid_rel)
         (self.root / log_rel).parent.mkdir(parents=True, exist_ok=True)
         command = [os.path.expanduser(argv[0]), *argv[1:]]
         with open(self.root / log_rel, "w") as log:
@@ -144,6 +162,7 @@ class LocalTransport:
             return ""
 
     def stop(self, pid_rel: str) -> bool:
+        refuse_links(self.root, pid_rel)
         try:
             pid = int((self.root / pid_rel).read_text())
             os.killpg(pid, signal.SIGTERM)
@@ -159,19 +178,28 @@ class LocalTransport:
 # makes the working directory; the rest of the arguments are the step's own.
 ENTER = ('enter() { case $1 in "~") d=$HOME;; "~/"*) d=$HOME/${1#"~/"};; *) d=$1;; esac; '
          'if [ "$2" = make ]; then mkdir -p -- "$d" || exit 3; fi; cd -- "$d" 2>/dev/null; }\n')
+# Nothing is written outside remote_dir: a symbolic link planted where one of our files or folders belongs (a
+# path below remote_dir, walked one part at a time) stops the step with one line naming it (LINK_REFUSED).
+NOLINKS = ('nolinks() { rest=$1 p=\nwhile [ -n "$rest" ]; do\n'
+           '  case $rest in */*) head=${rest%%/*} rest=${rest#*/};; *) head=$rest rest=;; esac\n'
+           '  p=${p:+$p/}$head\n'
+           '  if [ -L "$p" ]; then printf "%s: %s\\n" "$p" "$LINK_REFUSED" >&2; exit 5; fi\ndone; }\n'
+           f'LINK_REFUSED="{LINK_REFUSED}"\n')
 HASHES = ENTER + ('enter "$1" || exit 0\nshift\n'
-                  'for f do if [ -f "$f" ]; then sha256sum -- "$f"; fi; done\n')
+                  'for f do if [ -f "$f" ] && [ ! -L "$f" ]; then sha256sum -- "$f"; fi; done\n')
 NEEDS = ('for tool in tar sha256sum; do command -v $tool >/dev/null || '
          '{ echo "$tool is not installed on the device" >&2; exit 4; }; done\n')
 # Unpack the stream under temporary names, then check each one's sha256: rename the good ones into place, delete
 # the rest (also what a broken stream left), so the device never holds a half file under a real name.
-SEND = ENTER + NEEDS + ('enter "$1" make || exit 3\nshift\n'
+SEND = ENTER + NEEDS + NOLINKS + ('enter "$1" make || exit 3\nshift\n'
+                        'i=0; for a do i=$((i + 1)); case $((i % 4)) in 1|2) nolinks "$a";; esac; done\n'
                         'tar -x -o -f - || echo "tar could not unpack everything" >&2\n'
                         'while [ $# -ge 4 ]; do t=$1 r=$2 want=$3 mode=$4; shift 4\n'
                         '  got=$(sha256sum -- "$t" 2>/dev/null | cut -d" " -f1)\n'
                         '  if [ "$got" = "$want" ] && chmod -- "$mode" "$t" && mv -f -- "$t" "$r"; then echo "OK $r"\n'
                         '  else rm -f -- "$t"; echo "BAD $r ${got:-missing}"; fi\ndone\n')
-START = ENTER + ('enter "$1" make || { echo "cannot enter $1" >&2; exit 3; }\nlog=$2 pid=$3; shift 3\n'
+START = ENTER + NOLINKS + ('enter "$1" make || { echo "cannot enter $1" >&2; exit 3; }\nlog=$2 pid=$3; shift 3\n'
+                 'nolinks "$log"; nolinks "$pid"\n'
                  'case $1 in "~/"*) p=$HOME/${1#"~/"}; shift; set -- "$p" "$@";; esac\n'
                  'mkdir -p -- "$(dirname -- "$log")" || exit 3\n'
                  'nohup "$@" > "$log" 2>&1 < /dev/null &\necho $! > "$pid"\n')
@@ -181,8 +209,8 @@ ALIVE = ENTER + ('enter "$1" || exit 1\npid=$(cat -- "$2" 2>/dev/null) || exit 1
                  'if [ -r "/proc/$pid/stat" ]; then case $(sed -n "s/.*) //p" "/proc/$pid/stat") in Z*) exit 1;; '
                  'esac; fi\necho alive\n')
 TAIL = ENTER + 'enter "$1" || exit 0\ntail -n "$3" -- "$2" 2>/dev/null || true\n'
-STOP = ENTER + ('enter "$1" || exit 0\nif [ -f "$2" ]; then kill "$(cat -- "$2")" 2>/dev/null && echo stopped; '
-                'rm -f -- "$2"; fi\n')
+STOP = ENTER + NOLINKS + ('enter "$1" || exit 0\nnolinks "$2"\n'
+                          'if [ -f "$2" ]; then kill "$(cat -- "$2")" 2>/dev/null && echo stopped; rm -f -- "$2"; fi\n')
 
 
 class SshTransport:

@@ -13,7 +13,7 @@ from ..errors import DnnpipeError
 from ..jsonio import write_json
 from ..layout import config_paths
 from ..manifest import QUANTIZE, Manifest, write_manifest
-from ..pipeline_key import create_link_secrets
+from ..keygen import create_link_secrets
 from ..planfile import format_plan, read_stages, write_plan
 from ..planner import Plan, plan
 from ..slicing.chain import Verification
@@ -106,7 +106,7 @@ def partition_keras_model(model, stages, folder: Path, model_name: str, source: 
                            slicing=slicing)
     manifest = replace(manifest, extra={"conversion_seconds": round(time.perf_counter() - started, 3)})
     write_manifest(manifest, folder)  # written before verifying, so a failed chain can be inspected
-    create_link_secrets(folder)  # stages authenticate (and with --tls encrypt) their links with them
+    create_link_secrets(folder)  # stages authenticate (and, by default, encrypt) their links with them
     if not verify_chain:
         return manifest, None
     tolerance = tolerance if tolerance is not None else TOLERANCE[quantize]

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 from ..console import positive_float, positive_int, script_main
 from .dataio import INPUTS_HELP, RESULTS_HELP
+from ..errors import DnnpipeError, printable
 from .local import RunOptions
 from .stage import Stage, StageOptions
 
@@ -59,18 +60,32 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="frames buffered between threads (default 4)")
     parser.add_argument("--key-file", type=Path,
                         help="the pipeline key (default: pipeline.key beside manifest.json)")
+    parser.add_argument("--no-tls", action="store_true",
+                        help="links between stages without TLS: the key handshake still proves each peer, but "
+                             "nothing protects the frames after it (every stage must agree; default: mutual TLS "
+                             "pinning pipeline.crt beside manifest.json)")
     parser.add_argument("--insecure", action="store_true",
-                        help="run without authenticating the links between stages (every stage must agree)")
+                        help="links between stages with neither the key handshake nor TLS (every stage must agree)")
     parser.add_argument("--tls", action="store_true",
-                        help="encrypt the links between stages with mutual TLS, pinning pipeline.crt beside "
-                             "manifest.json (every stage must agree; default: off)")
+                        help="accepted for old scripts: TLS is the default now (see --no-tls)")
 
 
 def run_options(args: argparse.Namespace) -> RunOptions:
     return RunOptions(num_inputs=args.num_inputs, fps=args.fps, num_threads=args.num_threads,
                       delegate=args.delegate, timeout=args.timeout, connect_timeout=args.connect_timeout,
                       queue_size=args.queue_size, key_file=args.key_file, insecure=args.insecure,
-                      tls=args.tls)
+                      tls=use_tls(args))
+
+
+def use_tls(args: argparse.Namespace, name: str = "") -> bool:
+    """TLS unless --no-tls or --insecure; an old script's --tls beside either is a contradiction."""
+    prefix = f"{name} " if name else ""
+    if args.tls and args.no_tls:
+        raise DnnpipeError(f"{prefix}--tls and --no-tls contradict each other (TLS is the default now: drop --tls)")
+    if args.tls and args.insecure:
+        raise DnnpipeError(f"{prefix}--tls and --insecure do not go together (inside TLS, the pipeline key still binds "
+                           "each link to this manifest and these stages)")
+    return not (args.no_tls or args.insecure)
 
 
 def stage_parser() -> argparse.ArgumentParser:
@@ -86,8 +101,8 @@ def stage_command(args: argparse.Namespace) -> int:
         num_threads=args.num_threads, delegate=args.delegate, timeout=args.timeout,
         connect_timeout=args.connect_timeout, queue_size=args.queue_size, pace_ms=args.pace_ms,
         control_host=args.control_host, control_port=args.control_port,
-        key_file=args.key_file, insecure=args.insecure, tls=args.tls)
-    print(Stage(options, say=lambda text: print(text, flush=True)).run().describe(), flush=True)
+        key_file=args.key_file, insecure=args.insecure, tls=use_tls(args, f"[stage {args.stage}]"))
+    print(Stage(options, say=lambda text: print(printable(text), flush=True)).run().describe(), flush=True)
     return 0
 
 

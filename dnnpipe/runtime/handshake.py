@@ -11,7 +11,8 @@ very manifest, on this connection (a recorded handshake cannot be replayed: the 
 The whole exchange has one deadline; any failure closes the link. A readiness probe (the deployer's --launch)
 sends a HELLO from stage PROBE to the stage it expects: the listener answers with its REPLY, proving it holds the
 key and is that stage of this manifest, and drops the connection (no FINISH, no link; the MAC names PROBE as the
-sender, so it proves nothing on any real link). With --tls, `tls_wrap` first runs a
+sender, so it proves nothing on any real link). By default (not --no-tls), `tls_wrap`
+first runs a
 mutual TLS handshake (both ends pin the pipeline certificate) and this exchange runs inside it, unchanged.
 """
 
@@ -25,7 +26,7 @@ import socket
 import ssl
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import DnnpipeError
 
@@ -50,7 +51,7 @@ class ProbeClosed(HandshakeError):
 class LinkAuth:
     """What both ends of one link must agree on: the key, the manifest, and who sends to whom."""
 
-    key: bytes
+    key: bytes = field(repr=False)  # never in a repr, a log or a traceback's locals summary
     identity: bytes  # sha256 of manifest.json
     sender: int  # the stage that sends frames on this link (0: the controller's source)
     receiver: int  # the stage that receives them
@@ -125,7 +126,7 @@ def listen_side(sock: socket.socket, auth: LinkAuth, seconds: float = HANDSHAKE_
     deadline = time.monotonic() + seconds
     magic, version, sender, receiver, nonce_c = HELLO.unpack(_receive(sock, HELLO.size, deadline, first=True))
     if magic.startswith(b"\x16\x03"):
-        raise HandshakeError("the peer speaks TLS: it runs with --tls and this stage does not")
+        raise HandshakeError("the peer speaks TLS: it runs with TLS (the default) and this stage with --no-tls")
     if magic != MAGIC:
         raise HandshakeError(f"not a DNNPipe handshake (starts with {magic!r}; an unauthenticated peer?)")
     if version != VERSION:
@@ -170,11 +171,11 @@ def tls_wrap(sock: socket.socket, context: ssl.SSLContext, server_side: bool,
                 raise HandshakeError("TLS handshake not finished by its deadline (a stalled or trickling peer)")
     except ssl.SSLError as e:
         tls.close()
-        raise HandshakeError(f"failed the TLS handshake ({e.reason or e}; a peer without --tls or with another "
+        raise HandshakeError(f"failed the TLS handshake ({e.reason or e}; a peer with --no-tls or with another "
                              f"pipeline certificate?)") from None
     except OSError as e:
         tls.close()
-        raise HandshakeError(f"connection lost during the TLS handshake ({e.strerror or e}; a peer without --tls?)") \
+        raise HandshakeError(f"connection lost during the TLS handshake ({e.strerror or e}; a peer with --no-tls?)") \
             from None
     except HandshakeError:
         tls.close()

@@ -16,7 +16,7 @@ from typing import Optional, Protocol, Sequence
 
 from ..errors import DnnpipeError
 from ..manifest import read_manifest
-from ..pipeline_key import create_certificate
+from ..pipeline_key import tls_context
 from .metrics import StageSummary, read_summary
 
 GRACE_SECONDS = 2.0  # after a stage failed, how long the others get to stop on their own
@@ -36,13 +36,15 @@ class RunOptions:
     queue_size: int = 4
     key_file: Optional[Path] = None
     insecure: bool = False
-    tls: bool = False  # the certificate is made here when the partitioner could not (no openssl then)
+    tls: bool = True  # links inside mutual TLS (off: --no-tls); run-local makes a missing certificate first
 
     def argv(self) -> list[str]:
         flags = []
         for f in fields(self):
             value, flag = getattr(self, f.name), f"--{f.name.replace('_', '-')}"
-            if isinstance(value, bool):
+            if f.name == "tls":
+                flags += [] if value or self.insecure else ["--no-tls"]  # on by default in every stage
+            elif isinstance(value, bool):
                 flags += [flag] if value else []
             elif value is not None:
                 flags.append(f"{flag}={value}")
@@ -157,8 +159,8 @@ def run_local(folder: Path, data_path: Path, output_path: Optional[Path], log_di
                            f"times (re-partition after re-planning)")
     if not data_path.is_file():
         raise DnnpipeError(f"{data_path}: input data file not found")
-    if run.tls:
-        create_certificate(folder)
+    if run.tls and not run.insecure:
+        tls_context(folder, server_side=True)  # a missing certificate is one line here, not one per stage
     log_dir.mkdir(parents=True, exist_ok=True)
     network = network or Loopback(len(devices))
     commands = stage_commands(folder, devices, data_path, output_path, log_dir, paces, run, network)

@@ -62,7 +62,7 @@ class StageOptions:
     control_port: Optional[int] = None
     key_file: Optional[Path] = None  # default: pipeline.key beside the manifest
     insecure: bool = False  # no link authentication (both neighbours must agree)
-    tls: bool = False  # links inside mutual TLS with pipeline.crt (both neighbours must agree)
+    tls: bool = True  # links inside mutual TLS with pipeline.crt (off: --no-tls; both neighbours must agree)
 
 
 class Stage:

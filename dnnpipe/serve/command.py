@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..console import positive_float, positive_int
 from ..runtime.dataio import INPUTS_HELP, RESULTS_HELP
+from ..errors import printable
 from .controller import serve
 from .options import ServeOptions
 
@@ -69,6 +70,6 @@ def serve_command(args: argparse.Namespace) -> int:
         connect_timeout=args.connect_timeout, threshold=args.threshold, emulate_speed=args.emulate_speed,
         emulation_scale=args.emulation_scale, keras_model=args.keras_model, controller_host=args.controller_host,
         emulate_changes=tuple(args.emulate_change), insecure=args.insecure)
-    summary = serve(options, echo=lambda text: print(text, flush=True))
+    summary = serve(options, echo=lambda text: print(printable(text), flush=True))  # may quote a stage
     print(summary.describe(), flush=True)
     return 0

@@ -118,6 +118,8 @@ class Epoch:
                 str(self.control_listeners[k].getsockname()[1]), "--connect-timeout", f"{o.connect_timeout:g}"]
         if o.insecure:
             argv.append("--insecure")
+        else:  # until serve's own links use TLS (runtime.transport.secure / accept_link / secure_dial)
+            argv.append("--no-tls")
         if k < len(order):
             following = devices[order[k]]
             argv += ["--next-host", _reach(following), "--next-port", str(following.runtime_port)]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import load_config
+from ..keygen import create_certificate
 from ..console import positive_float
 from ..layout import config_paths
 from ..manifest import read_manifest
@@ -52,8 +53,11 @@ def run_local_command(args: argparse.Namespace) -> int:
             links = {d: emulated.link_mbps[d - 1] for d in devices}
         print(f"emulated cluster: every speed and bandwidth x {emulated.scale:.3g}; predicted "
               f"{emulated.throughput:.1f} inferences/s")
+    options = run_options(args)
+    if options.tls and not options.insecure:
+        create_certificate(folder)  # when the partitioner could not (no openssl there)
     with open_testbed(devices, links, args.testbed) as bed:
         run = run_local(folder, args.data_path, args.output_path, args.log_dir or folder / "logs", pace,
-                        run_options(args), bed)
+                        options, bed)
     print(run.describe())
     return 0
