@@ -16,6 +16,7 @@ from .runtime.command import add_stage_arguments, stage_command
 from .slicing.command import add_slice_arguments, slice_command
 from .testbed.command import add_run_local_arguments, run_local_command
 from .serve.command import add_serve_arguments, serve_command
+from .service.command import add_service_arguments, service_command
 
 AddArguments = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
@@ -30,6 +31,8 @@ SUBCOMMANDS: dict[str, tuple[AddArguments, Command, str]] = {
                   "run every stage of a partitioned model as its own process on loopback ports"),
     "serve": (add_serve_arguments, serve_command,
               "run a pipeline that re-plans while running: devices may leave, freeze, slow down or join"),
+    "service": (add_service_arguments, service_command,
+                "serve a partitioned model on this machine over the Open Inference Protocol (HTTP, the baseline)"),
     "profile": (add_profile_arguments, profile_command,
                 "measure each unit's time and memory on this machine and write the config"),
     "demo": (add_demo_arguments, demo_command,
