@@ -115,6 +115,10 @@ class Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return
         self.arrived = time.monotonic()
+        with self.server.service.request():
+            self.handle_arrived()
+
+    def handle_arrived(self) -> None:
         self.server.deadlines.watch(self, self.server.service.options.read_timeout)
         try:
             self.raw_requestline = self.rfile.readline(65537)
@@ -127,6 +131,8 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = False
             if not self.parse_request():
                 return
+            if self.server.service.draining:  # answered, then closed: nothing new on this connection
+                self.close_connection = True
             if self.expired:
                 return self.too_slow()
             method = getattr(self, f"do_{self.command}", None)

@@ -3,9 +3,10 @@ own thread. `run_service` is the one entry a command calls; `Service` is the sam
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from ..errors import DnnpipeError
 from ..manifest import TensorSpec
@@ -33,7 +34,7 @@ class Service:
         self.draining = False
         self.pipeline_error: Optional[str] = None
         self.pipeline_done = threading.Event()
-        self._active = 0  # infer requests between arrival and answer
+        self._active = 0  # requests between their first byte and their answer
         self._idle = threading.Condition()
         try:
             self.server = Server(options.host, options.port, self, tls)
@@ -74,6 +75,8 @@ class Service:
         True when everything accepted was answered by the pipeline."""
         self.draining = True
         self.feed.drain()
+        self.server.shutdown()  # no new connections: they are refused, not left in the backlog
+        self.server.socket.close()
         deadline = time.monotonic() + self.options.drain_timeout
         with self._idle:
             clean = self._idle.wait_for(lambda: self._active == 0, self.options.drain_timeout)
@@ -88,17 +91,24 @@ class Service:
         self.server.shutdown()
         self.server.server_close()
 
-    def infer(self, handler: Handler) -> None:
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """A request between its first byte and its answer: draining waits for it."""
         with self._idle:
             self._active += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+
+    def infer(self, handler: Handler) -> None:
         code = 500
         try:
             code = self._infer(handler)
         finally:
             self.metrics.answered(self.options.model_name, code, time.monotonic() - handler.arrived)
-            with self._idle:
-                self._active -= 1
-                self._idle.notify_all()
 
     def _infer(self, handler: Handler) -> int:
         """Read, check, queue, wait, answer: returns the status sent."""
