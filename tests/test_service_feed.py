@@ -63,3 +63,12 @@ def test_expired_and_failed_requests_answer_once():
     feed.fail_all(503, "the pipeline stopped")
     assert stuck.wait(0) and stuck.status == 503
     assert feed.submit(rows(4))  # failed requests no longer hold the queue
+
+
+def test_after_shutting_down_every_input_not_held_is_exhausted():
+    feed = LiveFeed(capacity=4)
+    feed.submit(rows(2))
+    feed.drain()
+    assert not feed.exhausted(0) and not feed.exhausted(1) and feed.exhausted(2)
+    feed.fail_all(503, "the service is shutting down")  # the pipeline still running must stop, not spin
+    assert feed.exhausted(0) and feed.wait_input(0, 0) is None

@@ -117,8 +117,9 @@ class LiveFeed:
             return row
 
     def exhausted(self, index: int) -> bool:
+        """Draining, nothing new comes: an input not held now (never accepted, or failed) never will be."""
         with self._cond:
-            return self._draining and index >= self._next
+            return self._draining and index not in self._inputs
 
     def deliver(self, index: int, outputs: list[np.ndarray]) -> None:
         with self._cond:
