@@ -117,16 +117,16 @@ def parse_infer(body: bytes, header_length: Optional[str], inputs: Sequence[Tens
                         _requested(request.get("outputs"), outputs, bool(parameters.get("binary_data_output"))))
 
 
-def _split(body: bytes, header_length: Optional[str]) -> tuple[bytes, bytes]:
+def _split(body: bytes, header_length: Optional[str]) -> tuple[bytes, memoryview]:
     if header_length is None:
-        return body, b""
+        return body, memoryview(b"")
     try:
         length = int(header_length)
     except ValueError:
         raise RequestError(f"{HEADER_LENGTH} must be a whole number, got {header_length!r}") from None
     if not 0 < length <= len(body):
         raise RequestError(f"{HEADER_LENGTH} {length} is outside the body's {len(body)} bytes")
-    return body[:length], body[length:]
+    return body[:length], memoryview(body)[length:]  # tensors are read from the body in place
 
 
 def _parameters(item: dict[str, Any], where: str) -> dict[str, Any]:
@@ -136,7 +136,7 @@ def _parameters(item: dict[str, Any], where: str) -> dict[str, Any]:
     return parameters
 
 
-def _tensor(item: dict[str, Any], spec: TensorSpec, binary: bytes, offset: int) -> tuple[np.ndarray, int]:
+def _tensor(item: dict[str, Any], spec: TensorSpec, binary: memoryview, offset: int) -> tuple[np.ndarray, int]:
     name = spec.name
     expected = datatype(spec)
     if item.get("datatype") != expected:
@@ -156,7 +156,7 @@ def _tensor(item: dict[str, Any], spec: TensorSpec, binary: bytes, offset: int) 
         if offset + size > len(binary):
             raise RequestError(f"input {name!r}: binary data ends after {len(binary) - offset} of {size} bytes")
         array = np.frombuffer(binary, dtype=dtype.newbyteorder("<"), count=count, offset=offset)
-        return array.astype(dtype).reshape(shape), offset + size
+        return array.astype(dtype, copy=False).reshape(shape), offset + size
     if "data" not in item:
         raise RequestError(f"input {name!r} has neither data nor parameters.binary_data_size")
     try:
