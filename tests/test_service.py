@@ -316,3 +316,32 @@ def test_overload_gets_503_and_a_late_answer_504(tiny):
         assert status == 200
         np.testing.assert_allclose(json.loads(answer)["outputs"][0]["data"], expected[2].ravel(), rtol=1e-4,
                                    atol=1e-4)
+
+
+def test_a_drain_that_cannot_finish_answers_503_in_time(tiny):
+    folder, images, _, _ = tiny
+    backend = SingleDevice(folder)
+    gate = threading.Event()
+
+    def stuck(feed, events):  # a pipeline that never takes an input until released
+        gate.wait(30)
+        backend(feed, events)
+
+    service = Service(ServiceOptions(model_name="tiny", port=0, drain_timeout=1.0), backend.manifest.inputs,
+                      backend.manifest.outputs)
+    service.start(stuck)
+    body = json.dumps({"inputs": [{"name": input_name(folder), "datatype": "FP32", "shape": [1, *images.shape[1:]],
+                                   "data": images[0].ravel().tolist()}]}).encode()
+    answers: list = []
+    waiting = threading.Thread(target=lambda: answers.append(raw(service, "POST", "/v2/models/tiny/infer", body)))
+    waiting.start()
+    deadline = time.monotonic() + 10
+    while service.feed.depth < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert service.drain() is False
+    waiting.join(30)
+    gate.set()
+    assert answers[0][0] == 503 and b"shutting down" in answers[0][2]
+    with pytest.raises(OSError):  # no longer listening
+        socket.create_connection(("127.0.0.1", service.port), timeout=5)

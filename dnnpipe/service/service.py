@@ -82,6 +82,8 @@ class Service:
             clean = self._idle.wait_for(lambda: self._active == 0, self.options.drain_timeout)
         clean = self.pipeline_done.wait(max(0.0, deadline - time.monotonic())) and clean
         self.close()
+        with self._idle:  # requests failed by close() write their 503 before the process may exit
+            self._idle.wait_for(lambda: self._active == 0, 1.0)
         return clean
 
     def close(self) -> None:
