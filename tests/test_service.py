@@ -211,6 +211,16 @@ def test_malformed_requests_get_a_4xx_with_one_line(tiny):
             assert fragment in message and "\n" not in message
         got, _, answer = raw(service, "POST", "/v2/models/tiny/infer", json.dumps(good).encode())
         assert got == 200 and json.loads(answer)["outputs"][0]["shape"][0] == 1
+        # refused before its body was read: the connection closes, so the body is never taken for a request
+        got, headers, _ = raw(service, "POST", "/v2/models/nope/infer", json.dumps(good).encode())
+        assert got == 404 and headers.get("Connection") == "close"
+        connection = http.client.HTTPConnection("127.0.0.1", service.port, timeout=30)
+        for _ in range(2):  # a good request leaves the connection open for the next
+            connection.request("POST", "/v2/models/tiny/infer", body=json.dumps(good).encode())
+            response = connection.getresponse()
+            assert response.status == 200 and response.getheader("Connection") is None
+            response.read()
+        connection.close()
 
 
 def test_a_trickling_client_gets_408_and_slows_no_one(tiny):

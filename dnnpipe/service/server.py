@@ -85,7 +85,9 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "dnnpipe"
     server: Server
-    expired = False
+    expired = False  # the request did not arrive within the read timeout
+    handshake_failed = False
+    body_read = False
 
     def setup(self) -> None:
         super().setup()
@@ -102,7 +104,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.server.deadlines.unwatch(self)
 
     def handle(self) -> None:
-        if not getattr(self, "handshake_failed", False):
+        if not self.handshake_failed:
             super().handle()
 
     def handle_one_request(self) -> None:
@@ -115,6 +117,7 @@ class Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return
         self.arrived = time.monotonic()
+        self.body_read = False
         with self.server.service.request():
             self.handle_arrived()
 
@@ -156,7 +159,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def reply(self, code: int, body: bytes, content_type: str = "application/json",
               headers: Optional[dict[str, str]] = None) -> None:
-        if code >= 400 and code not in (404, 503, 504) or self.expired:
+        if self.expired or code in (400, 408, 411, 413, 414, 431) or \
+                (code >= 400 and self.command != "GET" and not self.body_read):
             self.close_connection = True  # the rest of the request may still be on the wire
         self.send_response(code)
         self.send_header("Content-Type", content_type)
@@ -265,6 +269,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return None
         self.server.deadlines.unwatch(self)
+        self.body_read = True
         return body
 
     def refuse(self, error: Refused) -> None:
