@@ -7,8 +7,9 @@ Each model is built (dnnpipe.examples, fixed seed), profiled, planned and partit
 then served by a real `python -m dnnpipe` process on a loopback port. The load is open-loop: request i is sent
 at t0 + i / rate by whichever of the 16 client threads is free (binary tensors, batch 1). The table gives the
 offered and achieved requests/s, the achieved rate against the prediction, the client's p50/p99 latency, and
-the errors (any non-200). `direct p50` is the backend's own time for one input called in-process: the p50 at
-50% load minus it is what the front door and the queue add.
+the errors (any non-200). `direct p50` is the backend's own time for one input called in-process before the load
+(what the prediction is made of); `compute ms` is the median of the service's dnnpipe_stage_seconds sampled
+during the row: the p50 minus it is what the front door, the client and the queue add under that load.
 
 A backend is the command that serves a partitioned model over --http, and its predicted throughput:
 single-device runs the whole model in one interpreter (the fastest device alone; predicted = 1 / its measured
@@ -89,8 +90,8 @@ def start_server(arguments: list[str]) -> tuple[subprocess.Popen, int]:
     return process, int(match[1])
 
 
-def offer(port: int, served: Served, rate: float, seconds: float) -> tuple[float, list[float], int]:
-    """Open-loop load at `rate` for `seconds`: (achieved requests/s, latencies in s, errors)."""
+def offer(port: int, served: Served, rate: float, seconds: float) -> tuple[float, list[float], int, float]:
+    """Open-loop load at `rate` for `seconds`: (achieved requests/s, latencies in s, errors, median compute s)."""
     import tritonclient.http as triton
 
     from dnnpipe.manifest import read_manifest
@@ -127,12 +128,29 @@ def offer(port: int, served: Served, rate: float, seconds: float) -> tuple[float
         c.close()
 
     threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
+    done = threading.Event()
+    samples: list[float] = []
+    sampler = threading.Thread(target=sample_stage_time, args=(port, done, samples))
+    sampler.start()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    done.set()
+    sampler.join()
     achieved = len(ends) / (max(ends) - start) if ends else 0.0
-    return achieved, latencies, errors[0]
+    return achieved, latencies, errors[0], float(np.median(samples)) if samples else float("nan")
+
+
+def sample_stage_time(port: int, done: threading.Event, samples: list[float]) -> None:
+    """The backend's compute time per input as it runs under this load: dnnpipe_stage_seconds, every 0.2 s."""
+    import urllib.request
+
+    while not done.wait(0.2):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        samples += [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                    if line.startswith("dnnpipe_stage_seconds{")][:1]
 
 
 def main() -> int:
@@ -142,7 +160,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="of load per row (default 8)")
     args = parser.parse_args()
     print(f"{'model':<17} {'backend':<14} {'load':>5} {'direct p50':>10} {'offered/s':>9} {'achieved/s':>10} "
-          f"{'of pred.':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6}")
+          f"{'of pred.':>8} {'p50 ms':>7} {'p99 ms':>7} {'compute ms':>10} {'errors':>6}")
     with tempfile.TemporaryDirectory() as folder:
         for kind in args.models:
             (Path(folder) / kind).mkdir()
@@ -154,11 +172,11 @@ def main() -> int:
                 try:
                     offer(port, served, predicted * 0.5, 1.0)  # warm-up: connections, interpreter
                     for load in LOADS:
-                        achieved, latencies, errors = offer(port, served, predicted * load, args.seconds)
+                        achieved, latencies, errors, compute = offer(port, served, predicted * load, args.seconds)
                         p50, p99 = (np.percentile(latencies, [50, 99]) * 1e3) if latencies else (0.0, 0.0)
                         print(f"{kind:<17} {name:<14} {load:>5.0%} {direct * 1e3:>8.2f}ms {predicted * load:>9.1f} "
-                              f"{achieved:>10.1f} {achieved / predicted:>8.0%} {p50:>7.2f} {p99:>7.2f} {errors:>6}",
-                              flush=True)
+                              f"{achieved:>10.1f} {achieved / predicted:>8.0%} {p50:>7.2f} {p99:>7.2f} "
+                              f"{compute * 1e3:>10.2f} {errors:>6}", flush=True)
                 finally:
                     process.send_signal(signal.SIGTERM)
                     process.wait(30)
