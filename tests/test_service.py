@@ -26,14 +26,20 @@ from dnnpipe.service.options import read_token
 from serve_setup import make_served
 
 
-@pytest.fixture(scope="module")
+_built: dict = {}
+
+
+@pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    """A partitioned example model with its whole model.tflite, its data rows and the Keras model's outputs."""
-    served = make_served(tmp_path_factory.mktemp("tiny"), [1.0, 1.0], input_size=16, rows=6, repeats=2)
-    with h5py.File(served.data) as f:
-        images = f["images"][:]
-    (name, expected), = served.expected.items()
-    return served.parts / served.name, images, name, expected
+    """A partitioned example model with its whole model.tflite, its data rows and the Keras model's outputs
+    (built once per session, also for test_service_cli)."""
+    if "tiny" not in _built:
+        served = make_served(tmp_path_factory.mktemp("tiny"), [1.0, 1.0], input_size=16, rows=6, repeats=2)
+        with h5py.File(served.data) as f:
+            images = f["images"][:]
+        (name, expected), = served.expected.items()
+        _built["tiny"] = served.parts / served.name, images, name, expected
+    return _built["tiny"]
 
 
 @pytest.fixture(scope="module")
