@@ -361,3 +361,21 @@ def test_a_drain_that_cannot_finish_answers_503_in_time(tiny):
     assert answers[0][0] == 503 and b"shutting down" in answers[0][2]
     with pytest.raises(OSError):  # no longer listening
         socket.create_connection(("127.0.0.1", service.port), timeout=5)
+
+
+def test_idle_connections_cannot_take_every_thread(tiny):
+    folder = tiny[0]
+    with serving(folder, model_name="tiny", max_connections=2) as service:
+        idle = [socket.create_connection(("127.0.0.1", service.port), timeout=30) for _ in range(2)]
+        deadline = time.monotonic() + 10
+        while service.server.connections < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        status, headers, body = raw(service, "GET", "/v2/health/live")
+        assert status == 503 and headers["Retry-After"] == "1" and b"too many open connections" in body
+        idle[0].close()
+        while service.server.connections > 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert raw(service, "GET", "/v2/health/live")[0] == 200
+        idle[1].close()

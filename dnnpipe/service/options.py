@@ -26,6 +26,7 @@ class ServiceOptions:
     max_body_bytes: int = 64 << 20
     read_timeout: float = 10.0  # s a request may take to arrive once its first byte came, else 408
     idle_timeout: float = 60.0  # s a kept-alive connection may stay silent
+    max_connections: int = 256  # open at once, each with its thread; beyond: 503 and close
     drain_timeout: float = 12.0  # s for in-flight requests on shutdown (exit within 15 s)
 
 

@@ -68,7 +68,34 @@ class Server(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.service, self.tls = service, tls
         self.deadlines = Deadlines()
+        self.connections, self._count_lock = 0, threading.Lock()
         super().__init__((host, port), Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A thread for the connection, or at once a 503 and close when max_connections are open (idle
+        connections cannot exhaust the threads)."""
+        with self._count_lock:
+            full = self.connections >= self.service.options.max_connections
+            if not full:
+                self.connections += 1
+        if not full:
+            return super().process_request(request, client_address)
+        if not isinstance(request, ssl.SSLSocket):  # no handshake done: a TLS client just sees the close
+            try:
+                request.setblocking(False)
+                request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                             b"Retry-After: 1\r\nConnection: close\r\nContent-Length: 39\r\n\r\n"
+                             b'{"error": "too many open connections"}\n')
+            except OSError:
+                pass
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._count_lock:
+                self.connections -= 1
 
     def get_request(self) -> tuple[Any, Any]:
         sock, address = self.socket.accept()
