@@ -322,12 +322,15 @@ def test_overload_gets_503_and_a_late_answer_504(tiny):
         status, headers, answer = raw(service, "POST", "/v2/models/tiny/infer", body)
         assert status == 503 and headers["Retry-After"] == "1" and b"queue is full" in answer
         assert not service.ready  # the held pipeline never said it was up
+        assert raw(service, "GET", "/v2/health/ready")[:3:2] == (400, b"")
+        assert raw(service, "GET", "/v2/models/tiny/ready")[0] == 400
         for t in waiting:
             t.join(30)
         assert [a[0] for a in answers] == [504, 504]
         assert b"request timeout of 1.5 s" in answers[0][2]
         gate.set()  # the pipeline starts; the expired inputs are computed and dropped, new ones served
         wait_ready(service)
+        assert raw(service, "GET", "/v2/health/ready")[0] == 200
         status, _, answer = raw(service, "POST", "/v2/models/tiny/infer", body)
         assert status == 200
         np.testing.assert_allclose(json.loads(answer)["outputs"][0]["data"], expected[2].ravel(), rtol=1e-4,

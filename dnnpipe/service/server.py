@@ -186,7 +186,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def reply(self, code: int, body: bytes, content_type: str = "application/json",
               headers: Optional[dict[str, str]] = None) -> None:
-        if self.expired or code in (400, 408, 411, 413, 414, 431) or \
+        if self.expired or code in (408, 411, 413, 414, 431) or (code == 400 and self.command != "GET") or \
                 (code >= 400 and self.command != "GET" and not self.body_read):
             self.close_connection = True  # the rest of the request may still be on the wire
         self.send_response(code)
@@ -243,9 +243,8 @@ class Handler(BaseHTTPRequestHandler):
         self.server.service.infer(self)
 
     def readiness(self) -> None:
-        if self.server.service.ready:
-            return self.reply(200, b"")
-        self.reply(503, codec.error_body("not ready: the pipeline is not up (starting, re-planning or draining)"))
+        """The OIP's health answer: the status is the answer (200 true, 4xx false), the body empty."""
+        self.reply(200 if self.server.service.ready else 400, b"")
 
     def authorized(self) -> bool:
         token = self.server.service.token
