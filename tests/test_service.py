@@ -382,3 +382,12 @@ def test_idle_connections_cannot_take_every_thread(tiny):
             time.sleep(0.01)
         assert raw(service, "GET", "/v2/health/live")[0] == 200
         idle[1].close()
+
+
+def test_a_service_never_started_closes_at_once(tiny):
+    backend = SingleDevice(tiny[0])
+    service = Service(ServiceOptions(model_name="tiny", port=0), backend.manifest.inputs, backend.manifest.outputs)
+    done = threading.Thread(target=service.drain)
+    done.start()
+    done.join(15)
+    assert not done.is_alive()

@@ -36,6 +36,7 @@ class Service:
         self.pipeline_done = threading.Event()
         self._active = 0  # requests between their first byte and their answer
         self._idle = threading.Condition()
+        self._serving = False  # serve_forever started: shutdown() waits for it, so only then
         try:
             self.server = Server(options.host, options.port, self, tls)
         except OSError as e:
@@ -56,6 +57,7 @@ class Service:
         return self.metrics.up and not self.draining and not self.pipeline_done.is_set()
 
     def start(self, run_pipeline: RunPipeline) -> None:
+        self._serving = True
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, name="http",
                          daemon=True).start()
         threading.Thread(target=self._pipeline, args=(run_pipeline,), name="pipeline", daemon=True).start()
@@ -75,7 +77,7 @@ class Service:
         True when everything accepted was answered by the pipeline."""
         self.draining = True
         self.feed.drain()
-        self.server.shutdown()  # no new connections: they are refused, not left in the backlog
+        self._stop_accepting()  # new connections are refused, not left in the backlog
         self.server.socket.close()
         deadline = time.monotonic() + self.options.drain_timeout
         with self._idle:
@@ -90,8 +92,13 @@ class Service:
         self.draining = True
         self.feed.drain()
         self.feed.fail_all(503, "the service is shutting down")
-        self.server.shutdown()
+        self._stop_accepting()
         self.server.server_close()
+
+    def _stop_accepting(self) -> None:
+        if self._serving:
+            self.server.shutdown()
+            self._serving = False
 
     @contextlib.contextmanager
     def request(self) -> Iterator[None]:
