@@ -145,6 +145,16 @@ def test_infer_a_batch_matches_the_model(tiny, binary):
         c.close()
 
 
+@pytest.mark.parametrize("compression", ["gzip", "deflate"])
+def test_compressed_requests(tiny, compression):
+    folder, images, output, expected = tiny
+    with serving(folder, model_name="tiny") as service:
+        c = client(service)
+        result = c.infer("tiny", [image_input_named(folder, images[:2])], request_compression_algorithm=compression)
+        np.testing.assert_allclose(result.as_numpy(output), expected[:2], rtol=1e-4, atol=1e-4)
+        c.close()
+
+
 def test_two_inputs_two_outputs_by_name_and_in_any_order(two_in_two_out):
     folder, features, patch, main, aux = two_in_two_out
     with serving(folder, model_name="multi") as service:

@@ -103,3 +103,25 @@ def test_metadata_has_a_batch_dimension_and_real_valued_quantized_tensors():
     meta = model_metadata("m", INPUTS, OUTPUTS)
     assert meta["inputs"][0] == {"name": "image", "datatype": "FP32", "shape": [-1, 2, 3]}
     assert meta["outputs"][1] == {"name": "codes", "datatype": "FP32", "shape": [-1, 3]}
+
+
+def test_compressed_bodies_inflate_within_the_limit():
+    import gzip
+    import zlib
+
+    from dnnpipe.service.codec import decode_body
+
+    data = b'{"inputs": []}' * 10
+    assert decode_body(gzip.compress(data), "gzip", 1000) == data
+    assert decode_body(zlib.compress(data), "Deflate", 1000) == data
+    assert decode_body(data, "", 10) == data  # not encoded: the size was checked by Content-Length
+    with pytest.raises(RequestError, match="inflates to over the limit of 100 bytes") as caught:
+        decode_body(gzip.compress(b"0" * 10**6), "gzip", 100)
+    assert caught.value.status == 413
+    with pytest.raises(RequestError, match="not supported") as caught:
+        decode_body(data, "br", 1000)
+    assert caught.value.status == 415
+    with pytest.raises(RequestError, match="not valid gzip data"):
+        decode_body(data, "gzip", 1000)
+    with pytest.raises(RequestError, match="truncated gzip data"):
+        decode_body(gzip.compress(data)[:-12], "gzip", 1000)

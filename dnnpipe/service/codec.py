@@ -8,6 +8,7 @@ are quantized on the wire but the user sees real numbers, so such a tensor is FP
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -70,6 +71,26 @@ class InferRequest:
     def rows(self) -> list[list[np.ndarray]]:
         """The pipeline's b inputs: row i of every tensor, without the batch dimension."""
         return [[tensor[i] for tensor in self.inputs] for i in range(self.batch)]
+
+
+def decode_body(body: bytes, encoding: str, limit: int) -> bytes:
+    """A body as sent with `Content-Encoding` (gzip, deflate: tritonclient's request compression), inflated to
+    at most `limit` bytes (a small body must not expand without bound)."""
+    kind = encoding.strip().lower()
+    if kind in ("", "identity"):
+        return body
+    if kind not in ("gzip", "deflate"):
+        raise RequestError(f"Content-Encoding {encoding[:40]!r} is not supported (gzip, deflate)", 415)
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if kind == "gzip" else zlib.MAX_WBITS)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise RequestError(f"body is not valid {kind} data ({e})") from None
+    if len(data) > limit or inflater.unconsumed_tail:
+        raise RequestError(f"body inflates to over the limit of {limit} bytes", 413)
+    if not inflater.eof:
+        raise RequestError(f"body is truncated {kind} data")
+    return data
 
 
 def parse_infer(body: bytes, header_length: Optional[str], inputs: Sequence[TensorSpec],

@@ -115,6 +115,7 @@ class Handler(BaseHTTPRequestHandler):
     expired = False  # the request did not arrive within the read timeout
     handshake_failed = False
     body_read = False
+    sent = 0  # the status of the answer to the request being handled, 0 before (or without) one
 
     def setup(self) -> None:
         super().setup()
@@ -144,7 +145,7 @@ class Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return
         self.arrived = time.monotonic()
-        self.body_read = False
+        self.body_read, self.sent = False, 0
         with self.server.service.request():
             self.handle_arrived()
 
@@ -189,6 +190,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.expired or code in (408, 411, 413, 414, 431) or (code == 400 and self.command != "GET") or \
                 (code >= 400 and self.command != "GET" and not self.body_read):
             self.close_connection = True  # the rest of the request may still be on the wire
+        self.sent = code
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -296,7 +298,11 @@ class Handler(BaseHTTPRequestHandler):
             return None
         self.server.deadlines.unwatch(self)
         self.body_read = True
-        return body
+        try:
+            return codec.decode_body(body, self.headers.get("Content-Encoding", ""), limit)
+        except codec.RequestError as e:
+            self.send_error(e.status, str(e))
+            return None
 
     def refuse(self, error: Refused) -> None:
         self.reply(503, codec.error_body(str(error)), headers={"Retry-After": "1"})

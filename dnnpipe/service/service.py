@@ -113,47 +113,46 @@ class Service:
                 self._idle.notify_all()
 
     def infer(self, handler: Handler) -> None:
-        code = 500
         try:
-            code = self._infer(handler)
+            self._infer(handler)
         finally:
-            self.metrics.answered(self.options.model_name, code, time.monotonic() - handler.arrived)
+            if handler.sent:  # not when the client went away before its body arrived
+                self.metrics.answered(self.options.model_name, handler.sent, time.monotonic() - handler.arrived)
 
-    def _infer(self, handler: Handler) -> int:
-        """Read, check, queue, wait, answer: returns the status sent."""
+    def _infer(self, handler: Handler) -> None:
+        """Read, check, queue, wait, answer (the status sent is handler.sent)."""
         body = handler.read_body()
         if body is None:
-            return 408 if handler.expired else 400
+            return
         if self.draining:
             handler.refuse(Refused("the service is shutting down"))
-            return 503
+            return
         try:
             request = codec.parse_infer(body, handler.headers.get(codec.HEADER_LENGTH), self.inputs, self.outputs,
                                         self.options.max_batch)
             ticket = self.feed.submit(request.rows())
         except codec.RequestError as e:
             handler.send_error(e.status, str(e))
-            return e.status
+            return
         except Refused as e:
             handler.refuse(e)
-            return 503
+            return
         deadline = handler.arrived + self.options.request_timeout
         if not ticket.wait(deadline - time.monotonic()):
             ticket.expire(504, f"no result within the request timeout of {self.options.request_timeout:g} s")
         if ticket.error is not None:
             handler.send_error(ticket.status, ticket.error)
-            return ticket.status
+            return
         try:
             body, header_length = codec.build_infer_response(self.options.model_name, self.outputs, request,
                                                              [r for r in ticket.results if r is not None])
         except (ValueError, TypeError) as e:
             handler.send_error(500, f"the pipeline's result does not fit the model's outputs ({e})")
-            return 500
+            return
         if header_length is None:
             handler.reply(200, body)
         else:
             handler.reply(200, body, "application/octet-stream", {codec.HEADER_LENGTH: str(header_length)})
-        return 200
 
 
 def run_service(options: ServiceOptions, run_pipeline: RunPipeline, inputs: Sequence[TensorSpec],
