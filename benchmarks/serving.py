@@ -9,7 +9,9 @@ at t0 + i / rate by whichever of the 16 client threads is free (binary tensors, 
 offered and achieved requests/s, the achieved rate against the prediction, the client's p50/p99 latency, and
 the errors (any non-200). `direct p50` is the backend's own time for one input called in-process before the load
 (what the prediction is made of); `compute ms` is the median of the service's dnnpipe_stage_seconds sampled
-during the row: the p50 minus it is what the front door, the client and the queue add under that load.
+during the row: the p50 minus it is what the front door, the client and the queue add under that load. Below
+the table, the front door's own cost: one client, one request at a time, each request's latency minus the
+backend's compute time for that same request.
 
 A backend is the command that serves a partitioned model over --http, and its predicted throughput:
 single-device runs the whole model in one interpreter (the fastest device alone; predicted = 1 / its measured
@@ -142,6 +144,34 @@ def offer(port: int, served: Served, rate: float, seconds: float) -> tuple[float
     return achieved, latencies, errors[0], float(np.median(samples)) if samples else float("nan")
 
 
+def front_door_cost(port: int, served: Served, count: int = 100) -> np.ndarray:
+    """One client, one request at a time: each request's latency minus the backend's compute time for that very
+    request (dnnpipe_stage_seconds right after it): what HTTP, the codec, the feed and the client add, in s."""
+    import urllib.request
+
+    import tritonclient.http as triton
+
+    from dnnpipe.manifest import read_manifest
+
+    spec = read_manifest(served.parts / served.name).inputs[0]
+    image = np.random.default_rng(2).random((1, *spec.shape[1:])).astype("float32")
+    c = triton.InferenceServerClient(f"127.0.0.1:{port}", network_timeout=60)
+    tensor = triton.InferInput(spec.name, list(image.shape), "FP32")
+    tensor.set_data_from_numpy(image, binary_data=True)
+    added = []
+    for _ in range(count):
+        sent = time.perf_counter()
+        c.infer(served.name, [tensor])
+        latency = time.perf_counter() - sent
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        compute = next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("dnnpipe_stage_seconds{"))
+        added.append(latency - compute)
+    c.close()
+    return np.array(added)
+
+
 def sample_stage_time(port: int, done: threading.Event, samples: list[float]) -> None:
     """The backend's compute time per input as it runs under this load: dnnpipe_stage_seconds, every 0.2 s."""
     import urllib.request
@@ -161,6 +191,7 @@ def main() -> int:
     args = parser.parse_args()
     print(f"{'model':<17} {'backend':<14} {'load':>5} {'direct p50':>10} {'offered/s':>9} {'achieved/s':>10} "
           f"{'of pred.':>8} {'p50 ms':>7} {'p99 ms':>7} {'compute ms':>10} {'errors':>6}")
+    costs: list[str] = []
     with tempfile.TemporaryDirectory() as folder:
         for kind in args.models:
             (Path(folder) / kind).mkdir()
@@ -171,6 +202,10 @@ def main() -> int:
                 process, port = start_server(backend.command(served))
                 try:
                     offer(port, served, predicted * 0.5, 1.0)  # warm-up: connections, interpreter
+                    added = front_door_cost(port, served)
+                    costs.append(f"{kind} {name}: the front door adds p50 {np.median(added) * 1e3:.2f} ms, p99 "
+                                 f"{np.percentile(added, 99) * 1e3:.2f} ms ({len(added)} sequential requests, "
+                                 f"latency minus the backend's compute for the same request)")
                     for load in LOADS:
                         achieved, latencies, errors, compute = offer(port, served, predicted * load, args.seconds)
                         p50, p99 = (np.percentile(latencies, [50, 99]) * 1e3) if latencies else (0.0, 0.0)
@@ -180,6 +215,7 @@ def main() -> int:
                 finally:
                     process.send_signal(signal.SIGTERM)
                     process.wait(30)
+    print("\n".join(costs))
     return 0
 
 

@@ -111,6 +111,7 @@ class Server(ThreadingHTTPServer):
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "dnnpipe"
+    disable_nagle_algorithm = True  # headers and body are two writes: Nagle + delayed ACK would add 40 ms
     server: Server
     expired = False  # the request did not arrive within the read timeout
     handshake_failed = False
