@@ -401,3 +401,21 @@ def test_a_service_never_started_closes_at_once(tiny):
     done.start()
     done.join(15)
     assert not done.is_alive()
+
+
+def test_connections_send_without_nagle_delay(tiny):
+    """A response is two writes (headers, body): with Nagle's algorithm a lone request waited for the client's
+    delayed ACK (40 ms)."""
+    from dnnpipe.service.server import Handler
+
+    seen = []
+
+    class Watched(Handler):
+        def setup(self):
+            super().setup()
+            seen.append(self.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    with serving(tiny[0], model_name="tiny") as service:
+        service.server.RequestHandlerClass = Watched
+        assert raw(service, "GET", "/v2/health/live")[0] == 200
+    assert seen and seen[0] != 0
