@@ -48,6 +48,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
                        "the whole job on this machine: model, profile, plan, partition, deploy, run, report"),
     "slice": Subcommand("slicing.command", "add_slice_arguments", "slice_command",
                         "cut the sub-models of a new plan from the stored whole model.tflite, without TensorFlow"),
+    "service": Subcommand("service.command", "add_service_arguments", "service_command",
+                          "serve a partitioned model on this machine over the Open Inference Protocol (HTTP, the "
+                          "baseline)"),
     "make-model": Subcommand("partition.command", "add_make_model_arguments", "make_model_command",
                              "write an example Keras model (weights=None, fixed seed) and optionally a synthetic "
                              "dataset"),

@@ -1,0 +1,312 @@
+"""The HTTP front door: OIP v2 routes on a thread per connection (stdlib ThreadingHTTPServer), each connection
+with read deadlines so a client that trickles bytes gets a 408 and slows no one else."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import socket
+import ssl
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any, Optional
+
+from . import codec
+from .feed import Refused
+from .metrics import CONTENT_TYPE
+
+if TYPE_CHECKING:
+    from .service import Service
+
+MODEL_ROUTE = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?")
+
+
+class Deadlines:
+    """One thread that cuts the read side of connections whose request did not arrive in time: their next
+    read ends, the handler answers 408 and closes (the write side stays open for it)."""
+
+    def __init__(self) -> None:
+        self._watched: dict[Handler, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name="read-deadlines", daemon=True).start()
+
+    def watch(self, handler: "Handler", seconds: float) -> None:
+        with self._lock:
+            self._watched[handler] = time.monotonic() + seconds
+
+    def unwatch(self, handler: "Handler") -> None:
+        with self._lock:
+            self._watched.pop(handler, None)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            now = time.monotonic()
+            with self._lock:
+                late = [h for h, deadline in self._watched.items() if deadline <= now]
+                for handler in late:
+                    del self._watched[handler]
+            for handler in late:
+                handler.expired = True
+                try:  # the plain socket's shutdown: SSLSocket.shutdown would drop the TLS state we write with
+                    socket.socket.shutdown(handler.connection, socket.SHUT_RD)
+                except OSError:
+                    pass
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True  # a stuck client never blocks exit; the service waits for in-flight requests itself
+    request_queue_size = 128
+
+    def __init__(self, host: str, port: int, service: "Service", tls: Optional[ssl.SSLContext]):
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.service, self.tls = service, tls
+        self.deadlines = Deadlines()
+        self.connections, self._count_lock = 0, threading.Lock()
+        super().__init__((host, port), Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A thread for the connection, or at once a 503 and close when max_connections are open (idle
+        connections cannot exhaust the threads)."""
+        with self._count_lock:
+            full = self.connections >= self.service.options.max_connections
+            if not full:
+                self.connections += 1
+        if not full:
+            return super().process_request(request, client_address)
+        if not isinstance(request, ssl.SSLSocket):  # no handshake done: a TLS client just sees the close
+            try:
+                request.setblocking(False)
+                request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                             b"Retry-After: 1\r\nConnection: close\r\nContent-Length: 39\r\n\r\n"
+                             b'{"error": "too many open connections"}\n')
+            except OSError:
+                pass
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._count_lock:
+                self.connections -= 1
+
+    def get_request(self) -> tuple[Any, Any]:
+        sock, address = self.socket.accept()
+        if self.tls is not None:  # the handshake runs on the connection's own thread, under its deadline
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.deadlines.stop()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "dnnpipe"
+    disable_nagle_algorithm = True  # headers and body are two writes: Nagle + delayed ACK would add 40 ms
+    server: Server
+    expired = False  # the request did not arrive within the read timeout
+    handshake_failed = False
+    body_read = False
+    sent = 0  # the status of the answer to the request being handled, 0 before (or without) one
+
+    def setup(self) -> None:
+        super().setup()
+        options = self.server.service.options
+        self.connection.settimeout(options.idle_timeout)
+        if isinstance(self.connection, ssl.SSLSocket):
+            self.server.deadlines.watch(self, options.read_timeout)
+            try:
+                self.connection.do_handshake()
+            except (OSError, ssl.SSLError):
+                self.close_connection = True
+                self.handshake_failed = True
+            finally:
+                self.server.deadlines.unwatch(self)
+
+    def handle(self) -> None:
+        if not self.handshake_failed:
+            super().handle()
+
+    def handle_one_request(self) -> None:
+        """The stdlib's, with a deadline on the whole request once its first byte arrived."""
+        self.close_connection = True
+        try:
+            # an idle kept-alive connection may wait idle_timeout for its next request's first byte
+            if not self.rfile.peek(1):  # type: ignore[attr-defined]
+                return
+        except (OSError, ValueError):
+            return
+        self.arrived = time.monotonic()
+        self.body_read, self.sent = False, 0
+        with self.server.service.request():
+            self.handle_arrived()
+
+    def handle_arrived(self) -> None:
+        self.server.deadlines.watch(self, self.server.service.options.read_timeout)
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if self.expired:
+                return self.too_slow()
+            if len(self.raw_requestline) > 65536:
+                return self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG, "request line longer than 64 KiB")
+            if not self.raw_requestline:
+                return
+            self.close_connection = False
+            if not self.parse_request():
+                return
+            if self.server.service.draining:  # answered, then closed: nothing new on this connection
+                self.close_connection = True
+            if self.expired:
+                return self.too_slow()
+            method = getattr(self, f"do_{self.command}", None)
+            if method is None:
+                return self.send_error(HTTPStatus.METHOD_NOT_ALLOWED, f"method {self.command} not allowed")
+            method()
+            self.wfile.flush()
+        except (TimeoutError, ConnectionError, ssl.SSLError):
+            self.close_connection = True
+        finally:
+            self.server.deadlines.unwatch(self)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the stdlib's name)
+        pass  # the metrics count requests; a line per request would flood a served pipeline's log
+
+    # Answers
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """Every error as JSON {"error": one line} (the OIP's form), also the stdlib's own."""
+        self.reply(int(code), codec.error_body(message or HTTPStatus(code).phrase))
+
+    def reply(self, code: int, body: bytes, content_type: str = "application/json",
+              headers: Optional[dict[str, str]] = None) -> None:
+        if self.expired or code in (408, 411, 413, 414, 431) or (code == 400 and self.command != "GET") or \
+                (code >= 400 and self.command != "GET" and not self.body_read):
+            self.close_connection = True  # the rest of the request may still be on the wire
+        self.sent = code
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def reply_json(self, value: Any) -> None:
+        self.reply(200, json.dumps(value).encode())
+
+    def too_slow(self) -> None:
+        self.close_connection = True
+        seconds = self.server.service.options.read_timeout
+        self.reply(408, codec.error_body(f"the request did not arrive within {seconds:g} s"))
+
+    # Routes
+
+    def do_GET(self) -> None:
+        service, path = self.server.service, self.path.split("?", 1)[0]
+        if path == "/v2/health/live":
+            return self.reply(200, b"")
+        if path == "/v2/health/ready":
+            return self.readiness()
+        if not self.authorized():
+            return
+        if path == "/metrics":
+            return self.reply(200, service.metrics.exposition(), CONTENT_TYPE)
+        if path == "/v2":
+            return self.reply_json(codec.server_metadata(service.version))
+        route = self.model_route(path)
+        if route == "":
+            return self.reply_json(codec.model_metadata(service.options.model_name, service.inputs,
+                                                        service.outputs))
+        if route == "/ready":
+            return self.readiness()
+        if route is not None:
+            self.send_error(405, f"{path} takes POST")
+
+    def do_POST(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if not self.authorized():
+            return
+        route = self.model_route(path)
+        if route is None:
+            return
+        if route != "/infer":
+            return self.send_error(405, f"{path} takes GET")
+        self.server.service.infer(self)
+
+    def readiness(self) -> None:
+        """The OIP's health answer: the status is the answer (200 true, 4xx false), the body empty."""
+        self.reply(200 if self.server.service.ready else 400, b"")
+
+    def authorized(self) -> bool:
+        token = self.server.service.token
+        if token is None:
+            return True
+        given = self.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode()):
+            return True
+        self.close_connection = True
+        self.reply(401, codec.error_body("missing or wrong bearer token (Authorization: Bearer <token>)"),
+                   headers={"WWW-Authenticate": "Bearer"})
+        return False
+
+    def model_route(self, path: str) -> Optional[str]:
+        """The part after /v2/models/NAME[/versions/1] ('' for metadata), or None after a 404 was sent."""
+        match = MODEL_ROUTE.fullmatch(path)
+        if match is None:
+            self.send_error(404, f"no such endpoint {path[:200]!r}")
+            return None
+        name, version = match[1], match[2]
+        if name != self.server.service.options.model_name or version not in (None, "1"):
+            self.send_error(404, f"unknown model {name!r}" + (f" version {version!r}" if version else ""))
+            return None
+        return match[3] or ""
+
+    def read_body(self) -> Optional[bytes]:
+        """The request body by Content-Length, or None after a 4xx was sent."""
+        if self.headers.get("Transfer-Encoding"):
+            self.send_error(411, "chunked bodies are not accepted: send Content-Length")
+            return None
+        length = self.headers.get("Content-Length")
+        if length is None:
+            self.send_error(411, "Content-Length is required")
+            return None
+        if not length.isdigit():
+            self.send_error(400, f"Content-Length must be a whole number, got {length[:40]!r}")
+            return None
+        limit = self.server.service.options.max_body_bytes
+        if int(length) > limit:
+            self.send_error(413, f"body of {length} bytes is over the limit of {limit} bytes")
+            return None
+        body = self.rfile.read(int(length))
+        if self.expired:
+            self.too_slow()
+            return None
+        if len(body) < int(length):
+            self.close_connection = True
+            return None
+        self.server.deadlines.unwatch(self)
+        self.body_read = True
+        try:
+            return codec.decode_body(body, self.headers.get("Content-Encoding", ""), limit)
+        except codec.RequestError as e:
+            self.send_error(e.status, str(e))
+            return None
+
+    def refuse(self, error: Refused) -> None:
+        self.reply(503, codec.error_body(str(error)), headers={"Retry-After": "1"})
+
+
+__all__ = ["Handler", "Server", "Refused"]

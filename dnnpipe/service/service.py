@@ -1,0 +1,180 @@
+"""The inference service: the HTTP front door, the live Feed and the metrics around a pipeline that runs on its
+own thread. `run_service` is the one entry a command calls; `Service` is the same, steered by tests."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import Callable, Iterator, Optional, Sequence
+
+from ..errors import DnnpipeError
+from ..manifest import TensorSpec
+from ..serve.feed import Feed, ServeEvents
+from . import codec
+from .feed import LiveFeed, Refused
+from .metrics import ServiceMetrics
+from .options import ServiceOptions, read_token, tls_context
+from .server import Handler, Server
+
+RunPipeline = Callable[[Feed, ServeEvents], object]
+VERSION = "0.1.0"
+
+
+class Service:
+    """Listening from construction (so the port is known); `start` runs the pipeline, `drain` ends it all."""
+
+    def __init__(self, options: ServiceOptions, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]):
+        self.options, self.inputs, self.outputs = options, tuple(inputs), tuple(outputs)
+        self.version = VERSION
+        self.token = read_token(options)
+        tls = tls_context(options)
+        self.feed = LiveFeed(options.queue_size)
+        self.metrics = ServiceMetrics(lambda: self.feed.depth, lambda: self.feed.inflight)
+        self.draining = False
+        self.pipeline_error: Optional[str] = None
+        self.pipeline_done = threading.Event()
+        self._active = 0  # requests between their first byte and their answer
+        self._idle = threading.Condition()
+        self._serving = False  # serve_forever started: shutdown() waits for it, so only then
+        try:
+            self.server = Server(options.host, options.port, self, tls)
+        except OSError as e:
+            raise DnnpipeError(f"--http {options.host}:{options.port}: cannot listen ({e.strerror or e})") from None
+        self.scheme = "https" if tls else "http"
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.options.host}]" if ":" in self.options.host else self.options.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+    @property
+    def ready(self) -> bool:
+        return self.metrics.up and not self.draining and not self.pipeline_done.is_set()
+
+    def start(self, run_pipeline: RunPipeline) -> None:
+        self._serving = True
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, name="http",
+                         daemon=True).start()
+        threading.Thread(target=self._pipeline, args=(run_pipeline,), name="pipeline", daemon=True).start()
+
+    def _pipeline(self, run_pipeline: RunPipeline) -> None:
+        try:
+            run_pipeline(self.feed, self.metrics)
+        except Exception as e:  # any failure ends the service with one line; requests get a 503, not a hang
+            self.pipeline_error = f"{type(e).__name__}: {e}" if not isinstance(e, DnnpipeError) else str(e)
+        finally:
+            self.metrics.ready(False)
+            self.feed.fail_all(503, f"the pipeline stopped{': ' + self.pipeline_error if self.pipeline_error else ''}")
+            self.pipeline_done.set()
+
+    def drain(self) -> bool:
+        """Not ready at once, no new requests, in-flight ones answered (within drain_timeout), then closed.
+        True when everything accepted was answered by the pipeline."""
+        self.draining = True
+        self.feed.drain()
+        self._stop_accepting()  # new connections are refused, not left in the backlog
+        self.server.socket.close()
+        deadline = time.monotonic() + self.options.drain_timeout
+        with self._idle:
+            clean = self._idle.wait_for(lambda: self._active == 0, self.options.drain_timeout)
+        clean = self.pipeline_done.wait(max(0.0, deadline - time.monotonic())) and clean
+        self.close()
+        with self._idle:  # requests failed by close() write their 503 before the process may exit
+            self._idle.wait_for(lambda: self._active == 0, 1.0)
+        return clean
+
+    def close(self) -> None:
+        self.draining = True
+        self.feed.drain()
+        self.feed.fail_all(503, "the service is shutting down")
+        self._stop_accepting()
+        self.server.server_close()
+
+    def _stop_accepting(self) -> None:
+        if self._serving:
+            self.server.shutdown()
+            self._serving = False
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """A request between its first byte and its answer: draining waits for it."""
+        with self._idle:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+
+    def infer(self, handler: Handler) -> None:
+        try:
+            self._infer(handler)
+        finally:
+            if handler.sent:  # not when the client went away before its body arrived
+                self.metrics.answered(self.options.model_name, handler.sent, time.monotonic() - handler.arrived)
+
+    def _infer(self, handler: Handler) -> None:
+        """Read, check, queue, wait, answer (the status sent is handler.sent)."""
+        body = handler.read_body()
+        if body is None:
+            return
+        if self.draining:
+            handler.refuse(Refused("the service is shutting down"))
+            return
+        try:
+            request = codec.parse_infer(body, handler.headers.get(codec.HEADER_LENGTH), self.inputs, self.outputs,
+                                        self.options.max_batch)
+            ticket = self.feed.submit(request.rows())
+        except codec.RequestError as e:
+            handler.send_error(e.status, str(e))
+            return
+        except Refused as e:
+            handler.refuse(e)
+            return
+        deadline = handler.arrived + self.options.request_timeout
+        if not ticket.wait(deadline - time.monotonic()):
+            ticket.expire(504, f"no result within the request timeout of {self.options.request_timeout:g} s")
+        if ticket.error is not None:
+            handler.send_error(ticket.status, ticket.error)
+            return
+        try:
+            body, header_length = codec.build_infer_response(self.options.model_name, self.outputs, request,
+                                                             [r for r in ticket.results if r is not None])
+        except (ValueError, TypeError) as e:
+            handler.send_error(500, f"the pipeline's result does not fit the model's outputs ({e})")
+            return
+        if header_length is None:
+            handler.reply(200, body)
+        else:
+            handler.reply(200, body, "application/octet-stream", {codec.HEADER_LENGTH: str(header_length)})
+
+
+def run_service(options: ServiceOptions, run_pipeline: RunPipeline, inputs: Sequence[TensorSpec],
+                outputs: Sequence[TensorSpec], echo: Callable[[str], None] = print) -> int:
+    """Serve `run_pipeline` over HTTP until SIGTERM/Ctrl-C (drained: exit 0) or the pipeline stops (an error).
+
+    The caller turns SIGTERM into KeyboardInterrupt (console.run_command does).
+    """
+    service = Service(options, inputs, outputs)
+    try:
+        service.start(run_pipeline)
+        echo(f"serving model {options.model_name!r} on {service.url} (OIP v2; metrics at {service.url}/metrics)")
+        while not service.pipeline_done.wait(0.2):
+            pass
+    except KeyboardInterrupt:
+        echo("draining: not ready, no new requests, answering those in flight")
+        try:
+            clean = service.drain()
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now, every waiting request gets a 503
+            service.close()
+            clean = False
+        echo("drained: every request answered" if clean else "stopped: requests still waiting got a 503")
+        return 0
+    service.close()
+    raise DnnpipeError(f"the pipeline stopped: {service.pipeline_error or 'it returned while serving'}")

@@ -1,0 +1,421 @@
+"""The inference service end to end: real TFLite models, real sockets, tritonclient (a client nobody here wrote)
+and raw HTTP for what no polite client sends; every result checked against the Keras model."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import select
+import socket
+import ssl
+import subprocess
+import threading
+import time
+
+import h5py
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+import models
+from dnnpipe.errors import ConfigError
+from dnnpipe.service import Service, ServiceOptions, SingleDevice
+from dnnpipe.service.options import read_token
+from serve_setup import make_served
+
+
+_built: dict = {}
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A partitioned example model with its whole model.tflite, its data rows and the Keras model's outputs
+    (built once per session, also for test_service_cli)."""
+    if "tiny" not in _built:
+        served = make_served(tmp_path_factory.mktemp("tiny"), [1.0, 1.0], input_size=16, rows=6, repeats=2)
+        with h5py.File(served.data) as f:
+            images = f["images"][:]
+        (name, expected), = served.expected.items()
+        _built["tiny"] = served.parts / served.name, images, name, expected
+    return _built["tiny"]
+
+
+@pytest.fixture(scope="module")
+def two_in_two_out(tmp_path_factory):
+    """A two-input, two-output model cut into two stages (no whole model.tflite: the backend chains them)."""
+    from dnnpipe.partition.graph import analyse, as_functional
+    from dnnpipe.partition.partitioner import partition_keras_model
+
+    model = as_functional(models.two_in_two_out())
+    units = analyse(model)[0].U
+    folder = tmp_path_factory.mktemp("multi")
+    partition_keras_model(model, [[1, 3, 1], [4, units, 2]], folder, "multi", "test plan")
+    rng = np.random.default_rng(3)
+    features, patch = rng.random((3, 6), np.float32), rng.random((3, 4, 4, 1), np.float32)
+    main, aux = (np.asarray(t) for t in model([features, patch], training=False))
+    return folder, features, patch, main, aux
+
+
+@contextlib.contextmanager
+def serving(folder, gate: threading.Event | None = None, **options):
+    """A running service on a free loopback port; `gate` holds the pipeline back until it is set."""
+    backend = SingleDevice(folder)
+    manifest = backend.manifest
+
+    def run(feed, events):
+        if gate is not None:
+            gate.wait(30)
+        backend(feed, events)
+
+    service = Service(ServiceOptions(model_name=options.pop("model_name", "m"), port=0, **options),
+                      manifest.inputs, manifest.outputs)
+    service.start(run)
+    try:
+        yield service
+    finally:
+        if gate is not None:
+            gate.set()
+        assert service.drain()
+
+
+def client(service, **kwargs):
+    return triton.InferenceServerClient(f"127.0.0.1:{service.port}", network_timeout=30, **kwargs)
+
+
+def wait_ready(service):
+    deadline = time.monotonic() + 20
+    while not service.ready:
+        assert time.monotonic() < deadline, "the service never became ready"
+        time.sleep(0.02)
+
+
+def raw(service, method, path, body=b"", headers=None, context=None):
+    """One request over a fresh connection: (status, headers, body)."""
+    if context is None:
+        connection = http.client.HTTPConnection("127.0.0.1", service.port, timeout=30)
+    else:
+        connection = http.client.HTTPSConnection("127.0.0.1", service.port, timeout=30, context=context)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+def image_input(images, binary):
+    tensor = triton.InferInput("input", list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images, binary_data=binary)
+    return tensor
+
+
+def input_name(folder):
+    return SingleDevice(folder).manifest.inputs[0].name
+
+
+def test_metadata_and_health_with_tritonclient(tiny):
+    folder, images, output, _ = tiny
+    with serving(folder, model_name="tiny") as service:
+        c = client(service)
+        wait_ready(service)
+        assert c.is_server_live() and c.is_server_ready() and c.is_model_ready("tiny")
+        assert not c.is_model_ready("other")
+        assert "binary_tensor_data" in c.get_server_metadata()["extensions"]
+        meta = c.get_model_metadata("tiny")
+        assert meta["inputs"] == [{"name": input_name(folder), "datatype": "FP32", "shape": [-1, *images.shape[1:]]}]
+        assert [t["name"] for t in meta["outputs"]] == [output]
+        with pytest.raises(InferenceServerException, match="unknown model 'other'"):
+            c.get_model_metadata("other")
+        c.close()
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_infer_a_batch_matches_the_model(tiny, binary):
+    folder, images, output, expected = tiny
+    with serving(folder, model_name="tiny") as service:
+        c = client(service)
+        tensor = triton.InferInput(input_name(folder), list(images[:4].shape), "FP32")
+        tensor.set_data_from_numpy(images[:4], binary_data=binary)
+        result = c.infer("tiny", [tensor], outputs=[triton.InferRequestedOutput(output, binary_data=binary)],
+                         request_id="batch-4")
+        assert result.get_response()["id"] == "batch-4"
+        np.testing.assert_allclose(result.as_numpy(output), expected[:4], rtol=1e-4, atol=1e-4)
+        c.close()
+
+
+@pytest.mark.parametrize("compression", ["gzip", "deflate"])
+def test_compressed_requests(tiny, compression):
+    folder, images, output, expected = tiny
+    with serving(folder, model_name="tiny") as service:
+        c = client(service)
+        result = c.infer("tiny", [image_input_named(folder, images[:2])], request_compression_algorithm=compression)
+        np.testing.assert_allclose(result.as_numpy(output), expected[:2], rtol=1e-4, atol=1e-4)
+        c.close()
+
+
+def test_two_inputs_two_outputs_by_name_and_in_any_order(two_in_two_out):
+    folder, features, patch, main, aux = two_in_two_out
+    with serving(folder, model_name="multi") as service:
+        c = client(service)
+        a = triton.InferInput("patch", list(patch.shape), "FP32")
+        a.set_data_from_numpy(patch, binary_data=True)
+        b = triton.InferInput("features", list(features.shape), "FP32")
+        b.set_data_from_numpy(features, binary_data=False)
+        outputs = [triton.InferRequestedOutput("aux_out", binary_data=False),
+                   triton.InferRequestedOutput("main_out", binary_data=True)]
+        result = c.infer("multi", [a, b], outputs=outputs)
+        np.testing.assert_allclose(result.as_numpy("main_out"), main, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(result.as_numpy("aux_out"), aux, rtol=1e-4, atol=1e-5)
+        c.close()
+
+
+def test_16_clients_each_answered_once_and_right(tiny):
+    folder, images, output, expected = tiny
+    errors: list = []
+    with serving(folder, model_name="tiny") as service:
+        def work(worker):
+            c = client(service)
+            for i in range(6):
+                row = (worker + i) % len(images)
+                try:
+                    result = c.infer("tiny", [image_input_named(folder, images[row:row + 1])])
+                    np.testing.assert_allclose(result.as_numpy(output)[0], expected[row], rtol=1e-4, atol=1e-4)
+                except Exception as e:  # collected: an assertion in a thread would be lost
+                    errors.append(e)
+            c.close()
+
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        metrics = raw(service, "GET", "/metrics")[2].decode()
+    assert not errors, errors[:3]
+    assert 'dnnpipe_requests_total{code="200",model="tiny"} 96.0' in metrics
+    for name in ("dnnpipe_request_duration_seconds_bucket", "dnnpipe_queue_depth", "dnnpipe_inflight",
+                 "dnnpipe_replans_total", "dnnpipe_recovery_seconds", 'dnnpipe_stage_seconds{device="1",stage="1"}',
+                 "dnnpipe_devices_up 1.0"):
+        assert name in metrics, name
+
+
+def image_input_named(folder, images):
+    tensor = triton.InferInput(input_name(folder), list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images, binary_data=True)
+    return tensor
+
+
+def test_malformed_requests_get_a_4xx_with_one_line(tiny):
+    folder, images, _, _ = tiny
+    name = input_name(folder)
+    good = {"inputs": [{"name": name, "datatype": "FP32", "shape": [1, *images.shape[1:]],
+                        "data": images[0].ravel().tolist()}]}
+    wrong_shape = {"inputs": [{**good["inputs"][0], "shape": [1, 3]}]}
+    wrong_type = {"inputs": [{**good["inputs"][0], "datatype": "INT8"}]}
+    with serving(folder, model_name="tiny", max_body_bytes=1 << 16) as service:
+        for path, body, status, fragment in [
+                ("/v2/models/tiny/infer", b"{", 400, "not valid JSON"),
+                ("/v2/models/tiny/infer", json.dumps(wrong_shape).encode(), 400, "must have shape"),
+                ("/v2/models/tiny/infer", json.dumps(wrong_type).encode(), 400, "must be datatype FP32"),
+                ("/v2/models/nope/infer", json.dumps(good).encode(), 404, "unknown model 'nope'"),
+                ("/v2/models/tiny/infer", b"x" * (1 << 17), 413, "over the limit"),
+                ("/v2/nothing", b"", 404, "no such endpoint")]:
+            got, _, answer = raw(service, "POST", path, body, {"Content-Type": "application/json"})
+            assert got == status, (path, answer)
+            message = json.loads(answer)["error"]
+            assert fragment in message and "\n" not in message
+        got, _, answer = raw(service, "POST", "/v2/models/tiny/infer", json.dumps(good).encode())
+        assert got == 200 and json.loads(answer)["outputs"][0]["shape"][0] == 1
+        # refused before its body was read: the connection closes, so the body is never taken for a request
+        got, headers, _ = raw(service, "POST", "/v2/models/nope/infer", json.dumps(good).encode())
+        assert got == 404 and headers.get("Connection") == "close"
+        connection = http.client.HTTPConnection("127.0.0.1", service.port, timeout=30)
+        for _ in range(2):  # a good request leaves the connection open for the next
+            connection.request("POST", "/v2/models/tiny/infer", body=json.dumps(good).encode())
+            response = connection.getresponse()
+            assert response.status == 200 and response.getheader("Connection") is None
+            response.read()
+        connection.close()
+
+
+def test_a_trickling_client_gets_408_and_slows_no_one(tiny):
+    folder, images, output, expected = tiny
+    with serving(folder, model_name="tiny", read_timeout=1.0) as service:
+        slow = socket.create_connection(("127.0.0.1", service.port), timeout=30)
+        slow.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        c = client(service)
+        for row in range(3):  # served while the trickler holds its connection
+            result = c.infer("tiny", [image_input_named(folder, images[row:row + 1])])
+            np.testing.assert_allclose(result.as_numpy(output)[0], expected[row], rtol=1e-4, atol=1e-4)
+        c.close()
+        answer = b""
+        try:
+            for _ in range(100):  # a byte every 0.1 s until the service answers
+                if select.select([slow], [], [], 0.1)[0]:
+                    break
+                slow.sendall(b" ")
+        except OSError:
+            pass
+        while chunk := slow.recv(4096):
+            answer += chunk
+        slow.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"did not arrive within 1 s" in answer
+
+
+def test_token_required_except_for_health(tiny, tmp_path):
+    folder, images, output, expected = tiny
+    (tmp_path / "token").write_text("s3cret-token\n")
+    with serving(folder, model_name="tiny", token_file=tmp_path / "token") as service:
+        assert raw(service, "GET", "/v2/health/live")[0] == 200
+        assert raw(service, "GET", "/v2/models/tiny")[0] == 401
+        status, headers, body = raw(service, "GET", "/v2/models/tiny", headers={"Authorization": "Bearer wrong"})
+        assert status == 401 and headers["WWW-Authenticate"] == "Bearer" and b"bearer token" in body
+        c = client(service)
+        with pytest.raises(InferenceServerException, match="bearer token"):
+            c.infer("tiny", [image_input_named(folder, images[:1])])
+        c.close()
+        c = client(service)
+        result = c.infer("tiny", [image_input_named(folder, images[:1])],
+                         headers={"Authorization": "Bearer s3cret-token"})
+        np.testing.assert_allclose(result.as_numpy(output)[0], expected[0], rtol=1e-4, atol=1e-4)
+        c.close()
+
+
+def test_a_public_address_needs_a_token_or_insecure(tmp_path):
+    with pytest.raises(ConfigError, match="not a loopback address"):
+        read_token(ServiceOptions(model_name="m", host="0.0.0.0"))
+    assert read_token(ServiceOptions(model_name="m", host="0.0.0.0", insecure=True)) is None
+    assert read_token(ServiceOptions(model_name="m", host="::1")) is None
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="empty: the token must be one word"):
+        read_token(ServiceOptions(model_name="m", token_file=tmp_path / "empty"))
+
+
+def test_https_with_a_self_signed_certificate(tiny, tmp_path):
+    folder, images, _, expected = tiny
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out",
+                    str(cert)], check=True, capture_output=True, timeout=60)
+    with serving(folder, model_name="tiny", tls_cert=cert, tls_key=key) as service:
+        assert service.url.startswith("https://")
+        context = ssl.create_default_context(cafile=str(cert))
+        body = json.dumps({"inputs": [{"name": input_name(folder), "datatype": "FP32",
+                                       "shape": [1, *images.shape[1:]], "data": images[1].ravel().tolist()}]})
+        status, _, answer = raw(service, "POST", "/v2/models/tiny/infer", body.encode(), context=context)
+        assert status == 200
+        got = np.array(json.loads(answer)["outputs"][0]["data"], np.float32)
+        np.testing.assert_allclose(got, expected[1].ravel(), rtol=1e-4, atol=1e-4)
+        with pytest.raises(ssl.SSLError):  # a client that does not trust the certificate
+            raw(service, "GET", "/v2/health/live", context=ssl.create_default_context())
+        with pytest.raises((ConnectionError, http.client.BadStatusLine)):  # plain HTTP to an HTTPS port
+            raw(service, "GET", "/v2/health/live")
+
+
+def test_overload_gets_503_and_a_late_answer_504(tiny):
+    folder, images, output, expected = tiny
+    gate = threading.Event()
+    body = json.dumps({"inputs": [{"name": input_name(folder), "datatype": "FP32", "shape": [1, *images.shape[1:]],
+                                   "data": images[2].ravel().tolist()}]}).encode()
+    with serving(folder, gate, model_name="tiny", queue_size=2, request_timeout=1.5) as service:
+        answers: list = []
+        waiting = [threading.Thread(target=lambda: answers.append(raw(service, "POST", "/v2/models/tiny/infer",
+                                                                      body))) for _ in range(2)]
+        for t in waiting:
+            t.start()
+        deadline = time.monotonic() + 10
+        while service.feed.depth < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        status, headers, answer = raw(service, "POST", "/v2/models/tiny/infer", body)
+        assert status == 503 and headers["Retry-After"] == "1" and b"queue is full" in answer
+        assert not service.ready  # the held pipeline never said it was up
+        assert raw(service, "GET", "/v2/health/ready")[:3:2] == (400, b"")
+        assert raw(service, "GET", "/v2/models/tiny/ready")[0] == 400
+        for t in waiting:
+            t.join(30)
+        assert [a[0] for a in answers] == [504, 504]
+        assert b"request timeout of 1.5 s" in answers[0][2]
+        gate.set()  # the pipeline starts; the expired inputs are computed and dropped, new ones served
+        wait_ready(service)
+        assert raw(service, "GET", "/v2/health/ready")[0] == 200
+        status, _, answer = raw(service, "POST", "/v2/models/tiny/infer", body)
+        assert status == 200
+        np.testing.assert_allclose(json.loads(answer)["outputs"][0]["data"], expected[2].ravel(), rtol=1e-4,
+                                   atol=1e-4)
+
+
+def test_a_drain_that_cannot_finish_answers_503_in_time(tiny):
+    folder, images, _, _ = tiny
+    backend = SingleDevice(folder)
+    gate = threading.Event()
+
+    def stuck(feed, events):  # a pipeline that never takes an input until released
+        gate.wait(30)
+        backend(feed, events)
+
+    service = Service(ServiceOptions(model_name="tiny", port=0, drain_timeout=1.0), backend.manifest.inputs,
+                      backend.manifest.outputs)
+    service.start(stuck)
+    body = json.dumps({"inputs": [{"name": input_name(folder), "datatype": "FP32", "shape": [1, *images.shape[1:]],
+                                   "data": images[0].ravel().tolist()}]}).encode()
+    answers: list = []
+    waiting = threading.Thread(target=lambda: answers.append(raw(service, "POST", "/v2/models/tiny/infer", body)))
+    waiting.start()
+    deadline = time.monotonic() + 10
+    while service.feed.depth < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert service.drain() is False
+    waiting.join(30)
+    gate.set()
+    assert answers[0][0] == 503 and b"shutting down" in answers[0][2]
+    with pytest.raises(OSError):  # no longer listening
+        socket.create_connection(("127.0.0.1", service.port), timeout=5)
+
+
+def test_idle_connections_cannot_take_every_thread(tiny):
+    folder = tiny[0]
+    with serving(folder, model_name="tiny", max_connections=2) as service:
+        idle = [socket.create_connection(("127.0.0.1", service.port), timeout=30) for _ in range(2)]
+        deadline = time.monotonic() + 10
+        while service.server.connections < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        status, headers, body = raw(service, "GET", "/v2/health/live")
+        assert status == 503 and headers["Retry-After"] == "1" and b"too many open connections" in body
+        idle[0].close()
+        while service.server.connections > 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert raw(service, "GET", "/v2/health/live")[0] == 200
+        idle[1].close()
+
+
+def test_a_service_never_started_closes_at_once(tiny):
+    backend = SingleDevice(tiny[0])
+    service = Service(ServiceOptions(model_name="tiny", port=0), backend.manifest.inputs, backend.manifest.outputs)
+    done = threading.Thread(target=service.drain)
+    done.start()
+    done.join(15)
+    assert not done.is_alive()
+
+
+def test_connections_send_without_nagle_delay(tiny):
+    """A response is two writes (headers, body): with Nagle's algorithm a lone request waited for the client's
+    delayed ACK (40 ms)."""
+    from dnnpipe.service.server import Handler
+
+    seen = []
+
+    class Watched(Handler):
+        def setup(self):
+            super().setup()
+            seen.append(self.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    with serving(tiny[0], model_name="tiny") as service:
+        service.server.RequestHandlerClass = Watched
+        assert raw(service, "GET", "/v2/health/live")[0] == 200
+    assert seen and seen[0] != 0
