@@ -13,7 +13,8 @@ from dnnpipe.errors import DnnpipeError
 from dnnpipe.manifest import TensorSpec
 from dnnpipe.keygen import create_certificate
 from dnnpipe.pipeline_key import link_tls
-from dnnpipe.protocol import FrameReader, Kind
+from dnnpipe.frameio import FrameReader
+from dnnpipe.protocol import Kind
 from dnnpipe.runtime.handshake import LinkAuth, manifest_identity
 from dnnpipe.runtime.local import free_ports
 from dnnpipe.runtime.transport import (MAX_PENDING, MAX_PER_SOURCE, DropCounter, _Gate, _Held, accept_link,
