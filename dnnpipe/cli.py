@@ -14,7 +14,7 @@ from .planning.command import add_replan_arguments, replan_command
 from .profile.command import add_profile_arguments, profile_command
 from .runtime.command import add_stage_arguments, stage_command
 from .slicing.command import add_slice_arguments, slice_command
-from .testbed.command import add_run_local_arguments, run_local_command
+from .testbed.command import add_run_local_arguments, add_testbed_arguments, run_local_command, testbed_command
 from .serve.command import add_serve_arguments, serve_command
 
 AddArguments = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
@@ -28,6 +28,8 @@ SUBCOMMANDS: dict[str, tuple[AddArguments, Command, str]] = {
     "stage": (add_stage_arguments, stage_command, "run one pipeline stage (runtime_engine.py)"),
     "run-local": (add_run_local_arguments, run_local_command,
                   "run every stage of a partitioned model as its own process on loopback ports"),
+    "testbed": (add_testbed_arguments, testbed_command,
+                "a virtual fleet on this host: emulated boards (CPU quota, memory limit, shaped link) over ssh"),
     "serve": (add_serve_arguments, serve_command,
               "run a pipeline that re-plans while running: devices may leave, freeze, slow down or join"),
     "profile": (add_profile_arguments, profile_command,

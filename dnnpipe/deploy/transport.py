@@ -201,6 +201,9 @@ class SshTransport:
             args += ["-l", d.user]
         if d.identity_file:
             args += ["-i", os.path.expanduser(d.identity_file), "-o", "IdentitiesOnly=yes"]
+        if d.known_hosts:  # quoted (the value is a list of files), '%' as itself (ssh expands %-tokens there)
+            known = os.path.expanduser(d.known_hosts).replace("%", "%%")
+            args += ["-o", f'UserKnownHostsFile="{known}"', "-o", "GlobalKnownHostsFile=/dev/null"]
         return args
 
     def run(self, script: str, *args: str, stdin: Optional[bytes] = None, check: bool = True) -> str:
