@@ -111,9 +111,9 @@ def ssh(registry: Path, device: int, *command: str, timeout: float = 60) -> subp
 
 @pytest.fixture(scope="module")
 def fleet3(tmp_path_factory):
-    """Three emulated boards: device 1 at C 1, devices 2 and 3 at C 0.5, 100 MiB of M each."""
+    """Three emulated boards: device 1 at C 1, devices 2 and 3 at C 0.25, 100 MiB of M each (x 0.4)."""
     root = tmp_path_factory.mktemp("fleet")
-    (root / "cluster.json").write_text(json.dumps({"C": [1.0, 0.5, 0.5], "M": [100, 100, 100],
+    (root / "cluster.json").write_text(json.dumps({"C": [1.0, 0.25, 0.25], "M": [100, 100, 100],
                                                    "B": [1000, 1000, 1000]}))
     up = run_testbed(root / "state", "up", "--cluster", str(root / "cluster.json"), "--registry",
                  str(root / "reg.json"), "--scale", "0.4")
@@ -148,7 +148,7 @@ def test_up_status_down_leave_nothing_even_after_a_killed_run(tmp_path):
 def test_status_shows_the_limits_and_faults_change_one_device(fleet3):
     state, registry = fleet3 / "state", fleet3 / "reg.json"
     rows = {r["device_id"]: r for r in json.loads(run_testbed(state, "status", "--json").stdout)["devices"]}
-    assert rows[1]["cpu_cores"] == pytest.approx(0.4) and rows[2]["cpu_cores"] == pytest.approx(0.2)
+    assert rows[1]["cpu_cores"] == pytest.approx(0.4) and rows[2]["cpu_cores"] == pytest.approx(0.1)
     assert rows[1]["memory_mb"] == pytest.approx(100 + fleet.RUNTIME_MB)
     assert rows[1]["link_mbps"] == pytest.approx(400)
     assert run_testbed(state, "fault", "2", "cut").returncode == 0
@@ -160,9 +160,9 @@ def test_status_shows_the_limits_and_faults_change_one_device(fleet3):
     assert json.loads(run_testbed(state, "status", "--json").stdout)["devices"][2]["state"] == "off"
     assert run_testbed(state, "fault", "3", "heal").returncode == 0
     assert ssh(registry, 3, "true").returncode == 0
-    assert run_testbed(state, "fault", "3", "slow", "0.25").returncode == 0
-    assert json.loads(run_testbed(state, "status", "--json").stdout)["devices"][2]["cpu_cores"] == pytest.approx(0.1)
-    run_testbed(state, "fault", "3", "slow", "0.5")
+    assert run_testbed(state, "fault", "3", "slow", "0.5").returncode == 0
+    assert json.loads(run_testbed(state, "status", "--json").stdout)["devices"][2]["cpu_cores"] == pytest.approx(0.2)
+    run_testbed(state, "fault", "3", "slow", "0.25")
     assert_clean_error(run_testbed(state, "fault", "9", "cut"), "no device 9")
 
 
@@ -179,6 +179,7 @@ def test_what_exceeds_a_device_memory_is_killed_by_the_kernel(fleet3):
         .strip() == "fits"
 
 
+@pytest.mark.slow
 @needs_fleet
 def test_the_deployer_ships_launches_and_stops_over_ssh_on_the_fleet(fleet3, tmp_path):
     model = models.residual_cnn()
@@ -207,3 +208,26 @@ def test_the_deployer_ships_launches_and_stops_over_ssh_on_the_fleet(fleet3, tmp
         assert f["logits"].shape == (5, 5)
     stopped = run_script("deployer.py", *args, "--stop")
     assert stopped.returncode == 0 and stopped.stdout.count("stage ") == 3, stopped.stdout
+
+
+@pytest.mark.slow
+@needs_fleet
+def test_per_device_profile_over_ssh_shows_the_cpu_limits(fleet3, tmp_path):
+    """The profile command times every unit on every board of the fleet; the slow boards' quotas (0.1 core) held
+    them back (the cgroups' throttling counters), and the config has a row per device."""
+    fid = fleet.fleet_id(fleet3 / "state")
+    before = {d: cgroups.stats(fid, d)["nr_throttled"] for d in (1, 2, 3)}
+    models.residual_cnn().save(tmp_path / "res.h5")
+    (tmp_path / "cluster.json").write_text(json.dumps({"C": [1, 1, 1], "M": [100, 100, 100]}))
+    done = run_script("dnnpipe", "profile", "--model-path", str(tmp_path), "--model-name", "res", "--config",
+                      str(tmp_path / "cfg"), "--devices", str(tmp_path / "cluster.json"), "--device-registry",
+                      str(fleet3 / "reg.json"), "--repeats", "5", timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for d in (1, 2, 3):
+        assert f"device {d}: whole model" in done.stderr
+    for d in (2, 3):
+        assert cgroups.stats(fid, d)["nr_throttled"] > before[d]
+    config = json.loads((tmp_path / "cfg" / "res" / "config.json").read_text())
+    rows = config["model_config"]["E_device"]
+    assert len(rows) == 3 and all(len(row) == config["model_config"]["U"] for row in rows)
+    assert config["device_config"]["C"][0] == 1.0 and config["device_config"]["N"] == 3

@@ -50,15 +50,22 @@ def _convert_all(model, graph, keras_tensors, keys) -> bytes:
                        f"{' '.join(log[0].split())[-300:]}")
 
 
-def profile_keras_model(model, repeats: int = 30, warmup: int = 5, num_threads: Optional[int] = None,
-                        progress: Optional[Callable[[str], None]] = None) -> ModelProfile:
-    from ..partition.verify import random_inputs
-
+def profiling_model(model, progress: Optional[Callable[[str], None]] = None) -> tuple:
+    """(graph, keras tensors, signature keys, the profiling flatbuffer): what the host times, and what
+    per-device profiling ships to each device."""
     graph, keras_tensors = analyse(model)
     keys = signature_keys(t.name for t in graph.tensors)
+    (progress or (lambda _: None))(f"converting {graph.U} units in one model ...")
+    return graph, keras_tensors, keys, _convert_all(model, graph, keras_tensors, keys)
+
+
+def profile_keras_model(model, repeats: int = 30, warmup: int = 5, num_threads: Optional[int] = None,
+                        progress: Optional[Callable[[str], None]] = None, converted: Optional[tuple] = None
+                        ) -> ModelProfile:
+    from ..partition.verify import random_inputs
+
+    graph, keras_tensors, keys, flatbuffer = converted or profiling_model(model, progress)
     say = progress or (lambda _: None)
-    say(f"converting {graph.U} units in one model ...")
-    flatbuffer = _convert_all(model, graph, keras_tensors, keys)
     interpreter = load_interpreter(flatbuffer, num_threads, every_signature_delegated=True)
 
     def timed(signature: str, specs: list[TensorSpec]) -> float:

@@ -20,7 +20,7 @@ from ..errors import DnnpipeError
 
 ROOT = Path("/sys/fs/cgroup")
 GROUP = "dnnpipe-fleet"
-PERIOD_US = 100_000
+PERIOD_US = 20_000  # short periods: a limited device is held back in small steps, as a slower CPU would be
 V1_CONTROLLERS = ("cpu", "cpuset", "memory")
 
 
