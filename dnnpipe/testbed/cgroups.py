@@ -20,7 +20,10 @@ from ..errors import DnnpipeError
 
 ROOT = Path("/sys/fs/cgroup")
 GROUP = "dnnpipe-fleet"
-PERIOD_US = 20_000  # short periods: a limited device is held back in small steps, as a slower CPU would be
+# Short quota periods: a device is held back in small steps, so even one frame takes about CPU time / quota, as
+# on a slower CPU (with 100 ms periods a lightly loaded device would run each frame at the host's full speed).
+# The kernel's smallest quota is 1 ms, so a device of c cores needs a period of at least 1 ms / c.
+MIN_PERIOD_US, MAX_PERIOD_US, MIN_QUOTA_US = 2_000, 100_000, 1_000
 V1_CONTROLLERS = ("cpu", "cpuset", "memory")
 
 
@@ -87,13 +90,20 @@ def _leaf(fleet: str, device: int, controller: str, root: Path) -> Path:
     return folders(fleet, device, root)[0]
 
 
+def quota_period(cores: float) -> tuple[int, int]:
+    """(quota, period) in us for a limit of `cores`: the shortest period the kernel's smallest quota allows."""
+    period = min(MAX_PERIOD_US, max(MIN_PERIOD_US, int(-(-MIN_QUOTA_US // cores))))
+    return max(MIN_QUOTA_US, int(round(cores * period))), period
+
+
 def set_cpu(fleet: str, device: int, cores: float, root: Path = ROOT) -> None:
-    folder, quota = _leaf(fleet, device, "cpu", root), max(1000, int(round(cores * PERIOD_US)))
+    folder, (quota, period) = _leaf(fleet, device, "cpu", root), quota_period(cores)
     if hierarchy(root) == "v1":
-        _write(folder / "cpu.cfs_period_us", str(PERIOD_US))
+        _write(folder / "cpu.cfs_quota_us", "-1")  # the period may shrink below the old quota
+        _write(folder / "cpu.cfs_period_us", str(period))
         _write(folder / "cpu.cfs_quota_us", str(quota))
     else:
-        _write(folder / "cpu.max", f"{quota} {PERIOD_US}")
+        _write(folder / "cpu.max", f"{quota} {period}")
 
 
 def set_memory(fleet: str, device: int, limit: int, root: Path = ROOT) -> None:

@@ -378,3 +378,18 @@ def format_status(fleet: Fleet, rows: Sequence[dict[str, Any]]) -> str:
                      f"{r['C']:>5.3g} {r['cpu_cores']:>6.3g} {r['cpus'] or 'any':>4} {r['memory_mb']:>10.1f} "
                      f"{link:>11} {r.get('nr_throttled', 0):>9.0f}  {r['state']}")
     return "\n".join(lines)
+
+
+def stop_programs(fleet: Fleet) -> int:
+    """Kill what runs on the devices except their sshd (a stage whose ssh client went away lingers otherwise);
+    how many processes."""
+    killed = 0
+    for d in fleet.devices:
+        keep = sshd.running_pid(Path(fleet.state) / f"d{d.device_id}" / "sshd.pid")
+        for pid in cgroups.pids(fleet.fleet_id, d.device_id) - {keep}:
+            try:
+                os.kill(pid, 9)
+                killed += 1
+            except ProcessLookupError:
+                pass
+    return killed
