@@ -5,6 +5,7 @@ with the reason. The pure description is tested everywhere.
 """
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import pytest
 import models
 from dnnpipe.deploy.registry import load_registry
 from dnnpipe.deploy.transport import SshOptions, SshTransport
-from dnnpipe.errors import ConfigError
+from dnnpipe.errors import ConfigError, DnnpipeError
 from dnnpipe.partition.graph import analyse
 from dnnpipe.partition.partitioner import partition_keras_model
 from dnnpipe.testbed import cgroups, fleet
@@ -231,3 +232,52 @@ def test_per_device_profile_over_ssh_shows_the_cpu_limits(fleet3, tmp_path):
     rows = config["model_config"]["E_device"]
     assert len(rows) == 3 and all(len(row) == config["model_config"]["U"] for row in rows)
     assert config["device_config"]["C"][0] == 1.0 and config["device_config"]["N"] == 3
+
+
+def test_quota_periods_are_short_but_the_quota_never_below_the_kernel_minimum():
+    for cores in (0.01, 0.05, 0.12, 0.57, 1.0, 3.0):
+        quota, period = cgroups.quota_period(cores)
+        assert quota >= cgroups.MIN_QUOTA_US and cgroups.MIN_PERIOD_US <= period <= cgroups.MAX_PERIOD_US
+        assert quota / period == pytest.approx(max(cores, cgroups.MIN_QUOTA_US / cgroups.MAX_PERIOD_US), rel=0.01)
+
+
+def test_without_root_the_fleet_says_so_in_one_line(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert fleet.why_not_available().startswith("not root")
+    with pytest.raises(DnnpipeError, match="^testbed: cannot emulate a fleet here: not root"):
+        fleet.down(Path("unused"))
+
+
+@pytest.mark.slow
+@needs_fleet
+def test_a_stage_over_its_board_memory_is_killed(tmp_path):
+    """A board of 16 MiB in all holds ssh logins, tar and sha256sum but not a stage (Python, NumPy and the
+    interpreter alone take more): the kernel kills the stage at start."""
+    (tmp_path / "cluster.json").write_text('{"C": [0.5], "M": [1]}')
+    state = tmp_path / "state"
+    up = run_testbed(state, "up", "--cluster", str(tmp_path / "cluster.json"), "--registry",
+                     str(tmp_path / "reg.json"), "--runtime-mb", "15")
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        model = models.residual_cnn()
+        parts = tmp_path / "partitioned_submodels"
+        partition_keras_model(model, [[1, analyse(model)[0].U, 1]], parts / "res", "res", "test",
+                              verify_chain=False)
+        with h5py.File(tmp_path / "dataset.h5", "w") as f:
+            f["images"] = np.random.default_rng(0).random((5, 12, 12, 3)).astype("float32")
+        args = ("--device-registry", str(tmp_path / "reg.json"), "--model-path", str(parts), "--model-name", "res",
+                "--config", str(tmp_path / "configurations"), "--dataset", str(tmp_path / "dataset.h5"))
+        shipped = run_script("deployer.py", *args)
+        assert shipped.returncode == 0, shipped.stdout + shipped.stderr
+        before = cgroups.stats(fleet.fleet_id(state), 1)["oom_kills"]
+        launched = run_script("deployer.py", *args, "--launch", "--wait", "30")
+        log = Path(load_registry(tmp_path / "reg.json")[1].remote_dir) / "logs" / "stage_1.out"
+        deadline = time.monotonic() + 60
+        while cgroups.stats(fleet.fleet_id(state), 1)["oom_kills"] == before and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert cgroups.stats(fleet.fleet_id(state), 1)["oom_kills"] > before, launched.stdout + log.read_text()
+        assert "stage 1 started on device 1" in launched.stdout, launched.stdout + launched.stderr
+        assert "pipeline:" not in log.read_text()  # it never ran to the end
+    finally:
+        assert run_testbed(state, "down").returncode == 0
+    assert leftovers(fleet.fleet_id(state)) == []
