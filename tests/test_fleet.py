@@ -281,3 +281,21 @@ def test_a_stage_over_its_board_memory_is_killed(tmp_path):
     finally:
         assert run_testbed(state, "down").returncode == 0
     assert leftovers(fleet.fleet_id(state)) == []
+
+
+def test_a_stage_on_a_board_is_started_over_ssh_from_the_board_own_copy(tmp_path):
+    """run_local's stage command becomes ssh to the board running runtime_engine.py in its folder, the models
+    from the deployed copy; every value an argument of a fixed script, never shell text."""
+    from dnnpipe.deploy.registry import Device
+    from dnnpipe.demo.fleet import FleetNetwork
+
+    board = Device(2, "198.19.7.12", user="root", port=22, identity_file="/k/id", remote_dir="/s/d2 $(x)",
+                   python="/v/bin/python", known_hosts="/k/known_hosts")
+    argv = ["python", "-m", "dnnpipe", "stage", "--stage", "2", "--model-path", str(tmp_path / "partitioned_submodels"),
+            "--model-name", "m", "--bind-addr", "198.19.7.12"]
+    command = FleetNetwork({2: board}).command(2, argv)
+    assert command[:2] == ["ssh", "-n"] and "198.19.7.12" in command
+    assert 'UserKnownHostsFile="/k/known_hosts"' in command
+    remote = command[-1]
+    assert "'/s/d2 $(x)'" in remote and "/v/bin/python runtime_engine.py --stage 2 --model-path partitioned_submodels" \
+        in remote
