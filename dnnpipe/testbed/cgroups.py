@@ -24,6 +24,7 @@ GROUP = "dnnpipe-fleet"
 # on a slower CPU (with 100 ms periods a lightly loaded device would run each frame at the host's full speed).
 # The kernel's smallest quota is 1 ms, so a device of c cores needs a period of at least 1 ms / c.
 MIN_PERIOD_US, MAX_PERIOD_US, MIN_QUOTA_US = 2_000, 100_000, 1_000
+WEIGHT = 1000  # cgroup v2 cpu.weight (default 100), v1 cpu.shares x 10.24 (default 1024)
 V1_CONTROLLERS = ("cpu", "cpuset", "memory")
 
 
@@ -97,6 +98,8 @@ def quota_period(cores: float) -> tuple[int, int]:
 
 
 def set_cpu(fleet: str, device: int, cores: float, root: Path = ROOT) -> None:
+    """The quota caps the board; a high weight lets it have its quota when the host is busy with other work
+    (as a board's CPU is its own), and the quotas together stay well under the host's cores."""
     folder, (quota, period) = _leaf(fleet, device, "cpu", root), quota_period(cores)
     if hierarchy(root) == "v1":
         _write(folder / "cpu.cfs_quota_us", "-1")  # the period may shrink below the old quota
@@ -104,6 +107,11 @@ def set_cpu(fleet: str, device: int, cores: float, root: Path = ROOT) -> None:
         _write(folder / "cpu.cfs_quota_us", str(quota))
     else:
         _write(folder / "cpu.max", f"{quota} {period}")
+    for group in (folder.parent.parent, folder.parent, folder):  # weights count among siblings, at every level
+        if hierarchy(root) == "v1":
+            _write(group / "cpu.shares", str(WEIGHT * 1024 // 100))
+        else:
+            _write(group / "cpu.weight", str(WEIGHT))
 
 
 def set_memory(fleet: str, device: int, limit: int, root: Path = ROOT) -> None:
