@@ -151,9 +151,12 @@ def write_report(work: Work) -> str:
     summary = [
         compute,
         f"- testbed: {testbed}; {measured['usable_cores']:g} usable cores, every speed and bandwidth x {scale:.3g}",
-        f"- plan: bottleneck {plan['bottleneck_ms']:.2f} ms on the real cluster (ideal sum(E)/sum(C) "
-        f"{plan['ideal_ms']:.2f} ms); emulated period (stage compute and the hops between stages, / scale) "
-        f"{1000 / predicted:.2f} ms",
+        (f"- plan: bottleneck {plan['bottleneck_ms']:.2f} ms on the fleet, from each board's own unit times "
+         f"(ideal {plan['ideal_ms']:.2f} ms); period between stages (compute and the hops) {1000 / predicted:.2f} ms"
+         if quota else
+         f"- plan: bottleneck {plan['bottleneck_ms']:.2f} ms on the real cluster (ideal sum(E)/sum(C) "
+         f"{plan['ideal_ms']:.2f} ms); emulated period (stage compute and the hops between stages, / scale) "
+         f"{1000 / predicted:.2f} ms"),
         f"- pipeline: {measured['pipeline_throughput']:.1f} inferences/s measured, {predicted:.1f} predicted "
         f"({measured['pipeline_throughput'] / predicted:.0%}); end-to-end latency p50 "
         f"{measured['latency_p50_ms']:.1f} ms, p95 {measured['latency_p95_ms']:.1f} ms (source paced at the "
