@@ -6,6 +6,7 @@ with the reason. The pure description is tested everywhere.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -299,3 +300,18 @@ def test_a_stage_on_a_board_is_started_over_ssh_from_the_board_own_copy(tmp_path
     remote = command[-1]
     assert "'/s/d2 $(x)'" in remote and "/v/bin/python runtime_engine.py --stage 2 --model-path partitioned_submodels" \
         in remote
+
+
+@needs_fleet
+def test_down_finds_a_fleet_whose_state_folder_is_gone(tmp_path):
+    """Everything is named after the state folder's path: its keys and records gone, down still finds the
+    namespaces, the veth, sshd and the cgroups (and `down --all` would list it among the fleets here)."""
+    (tmp_path / "cluster.json").write_text('{"C": [0.5], "M": [50]}')
+    state, fid = tmp_path / "gone", fleet.fleet_id(tmp_path / "gone")
+    up = run_testbed(state, "up", "--cluster", str(tmp_path / "cluster.json"), "--registry", str(tmp_path / "r.json"))
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert fid in cgroups.fleets()
+    shutil.rmtree(state)
+    down = run_testbed(state, "down")
+    assert down.returncode == 0 and fid in down.stdout, down.stdout + down.stderr
+    assert leftovers(fid) == []

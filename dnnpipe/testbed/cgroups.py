@@ -189,7 +189,7 @@ def _rmdir(folder: Path) -> None:
 def fleets(root: Path = ROOT) -> list[str]:
     """The fleets that have groups here (also those whose state folder is gone)."""
     names: set[str] = set()
-    for top in {f.parent.parent for f in folders("x", None, root)}:
+    for top in {f.parent for f in folders("x", None, root)}:
         if top.is_dir():
             names |= {p.name for p in top.iterdir() if p.is_dir()}
     return sorted(names)
