@@ -1,12 +1,14 @@
 """The demo on the virtual testbed: predicted against measured, for the README's demo table.
 
-    .venv/bin/python benchmarks/testbed.py [--models tiny efficientnetv2b0] [--work-dir DIR]
+    .venv/bin/python benchmarks/testbed.py [--models tiny efficientnetv2b0] [--compute pace cpu-quota] [--work-dir DIR]
 
 Per model: the demo's paper-like cluster on gigabit links, then (tiny only) a link-bound cluster (`--cluster`
 with 40 Mbit/s links and slow devices, so the plan's bottleneck is a hop between two stages) re-planned on
 the same profile. Each row: pipeline and fastest-device throughput, predicted / measured, the speed-up
 both ways, the capacity with an unpaced source, latency, and how many stage-frames the host could not pace.
 Run as root for network namespaces and tbf-shaped links; otherwise the demo says it fell back to loopback.
+Each compute mode side by side: `pace` (stages paced to the plan on the host) and `cpu-quota` (the virtual
+fleet: boards with CPU quotas and memory limits over ssh, profiled per device, no pacing; root only).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def row(name: str, work: Path, seconds: float) -> str:
     pipe_p, single_p = m["predicted_pipeline_throughput"], m["predicted_single_throughput"]
     over = sum(s["overruns"] for s in m["stages"] + m["single_stages"])
     frames = sum(s["frames"] for s in m["stages"] + m["single_stages"])
-    return (f"| {name} | {m['testbed']} | {m['emulation_scale']:.3g} | {len(plan['pipeline_plan'])} | "
+    return (f"| {name} | {m.get('compute', 'pace')} | {m['testbed']} | {m['emulation_scale']:.3g} | "
+            f"{len(plan['pipeline_plan'])} | "
             f"{pipe_p:.1f} / {pipe:.1f} ({pipe / pipe_p:.0%}) | "
             f"{single_p:.1f} / {single:.1f} ({single / single_p:.0%}) | "
             f"{pipe_p / single_p:.2f}x / {pipe / single:.2f}x | {m['pipeline_capacity'] / pipe_p:.0%} | "
@@ -51,6 +54,8 @@ def row(name: str, work: Path, seconds: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tiny"], choices=["tiny", "mobilenetv2", "efficientnetv2b0"])
+    parser.add_argument("--compute", nargs="+", default=["pace", "cpu-quota"], choices=["pace", "cpu-quota"],
+                        help="compute modes to run side by side (default both)")
     parser.add_argument("--work-dir", type=Path, help="keep the work directories here (default: a temporary one)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as temporary:
@@ -58,6 +63,12 @@ def main() -> None:
         rows = []
         for model in args.models:
             work = base / model
+            if "cpu-quota" in args.compute:
+                fleet_work = base / "cpu-quota" / model
+                seconds = demo(fleet_work, model, "--compute", "cpu-quota")
+                rows.append(row(f"{model}, paper-like cluster, 1000 Mbit/s", fleet_work, seconds))
+            if "pace" not in args.compute:
+                continue
             rows.append(row(f"{model}, paper-like cluster, 1000 Mbit/s", work, demo(work, model)))
             if model == "tiny":
                 cluster = base / "link-bound.json"
@@ -71,10 +82,10 @@ def main() -> None:
     load = os.getloadavg()
     print(f"{os.cpu_count()} CPUs here, usable {len(os.sched_getaffinity(0))}; load average "
           f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min)")
-    print("| run | testbed | scale | stages | pipeline inf/s predicted / measured | fastest device predicted / "
-          "measured | speed-up predicted / measured | capacity / predicted | latency p50 / p95 ms | "
+    print("| run | compute | testbed | scale | stages | pipeline inf/s predicted / measured | fastest device "
+          "predicted / measured | speed-up predicted / measured | capacity / predicted | latency p50 / p95 ms | "
           "frames over plan | time |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
 
 

@@ -40,6 +40,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
                         "run one pipeline stage (runtime_engine.py)"),
     "run-local": Subcommand("testbed.command", "add_run_local_arguments", "run_local_command",
                             "run every stage of a partitioned model as its own process on loopback ports"),
+    "testbed": Subcommand("testbed.command", "add_testbed_arguments", "testbed_command",
+                          "a virtual fleet on this host: emulated boards (CPU quota, memory limit, shaped link) over "
+                          "ssh"),
     "serve": Subcommand("serve.command", "add_serve_arguments", "serve_command",
                         "run a pipeline that re-plans while running: devices may leave, freeze, slow down or join"),
     "profile": Subcommand("profile.command", "add_profile_arguments", "profile_command",

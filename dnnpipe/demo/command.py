@@ -8,7 +8,7 @@ from pathlib import Path
 from ..console import positive_float, positive_int
 from ..examples import EXAMPLES
 from ..testbed.netns import MODES
-from .run import STEPS, Options, Work, run_demo
+from .run import COMPUTE, STEPS, Options, Work, run_demo
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -28,12 +28,18 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--testbed", choices=MODES, default="auto",
                         help="each device in its own network namespace with a shaped link (netns; needs root and "
                              "iproute2), loopback, or netns when possible (auto, the default)")
+    parser.add_argument("--compute", choices=COMPUTE, default="pace",
+                        help="pace: each stage computes on this host, then waits out its device's planned time; "
+                             "cpu-quota: the virtual fleet (root): each device a board with a CPU quota, a memory "
+                             "limit and its own sshd, profiled on itself, stages started over ssh, no pacing "
+                             "(default pace)")
     return parser
 
 
 def demo_command(args: argparse.Namespace) -> int:
     options = Options(model=args.model, input_size=args.input_size, cluster=args.cluster,
                       num_inputs=args.num_inputs, repeats=args.repeats,
-                      steps=tuple(s for s in STEPS if s in args.steps), testbed=args.testbed, scale=args.scale)
+                      steps=tuple(s for s in STEPS if s in args.steps), testbed=args.testbed, scale=args.scale,
+                      compute=args.compute)
     run_demo(Work(args.work_dir, args.model), options)
     return 0

@@ -93,6 +93,25 @@ def _ms(value: Optional[float]) -> str:
     return "" if value is None else f"{value:.2f}"
 
 
+def fleet_section(measured: dict[str, Any]) -> list[str]:
+    """Each board's limits and how often its quota held it back in each run, and what the host cannot emulate."""
+    rows = ["| device | C | CPU quota (cores) | core set | memory limit MiB | run | quota periods | throttled | "
+            "throttled s | killed for memory |", "|---:|---:|---:|---|---:|---|---:|---:|---:|---:|"]
+    boards = {b["device"]: b for b in measured["fleet"]}
+    for run, per_device in measured["throttling"].items():
+        for t in per_device:
+            b = boards[t["device"]]
+            rows.append(f"| {b['device']} | {b['C']:g} | {b['cpu_cores']:.3g} | {b['cpus'] or 'any'} | "
+                        f"{b['memory_mb']:.0f} | {run} | {t['nr_periods']:.0f} | {t['nr_throttled']:.0f} | "
+                        f"{t['throttled_s']:.2f} | {t['oom_kills']:.0f} |")
+    return ["## The boards and their throttling (cgroup cpu.stat)", "", *rows, "",
+            "What this host could not emulate: the boards share its cores, caches and memory bandwidth (a quota "
+            "caps CPU time, it does not give a board a slower core: a quota period lets a board run at the "
+            "host's speed until its share is used up), other work on the host takes from every board at once, "
+            "and accelerators (a Jetson's GPU, a Coral's TPU) have no counterpart; links are tbf-shaped veths, "
+            "without a radio's loss or jitter (netem is absent here).", ""]
+
+
 def write_report(work: Work) -> str:
     config = load_config(work.config)
     plan = json.loads(work.plan.read_text())
@@ -117,15 +136,27 @@ def write_report(work: Work) -> str:
                     f"{mem:.1f} / {config.cluster.M[d - 1]:.1f} |")
     overruns = sum(b["overruns"] for b in measured["stages"] + measured["single_stages"])
     frames = sum(b["frames"] for b in measured["stages"] + measured["single_stages"])
-    testbed = ("netns: each device's stage ran in its own network namespace, its link to a bridge shaped with "
-               "tbf to the device's B x scale" if measured["testbed"] == "netns" else
-               "loopback: the stages talked over loopback (the run says why: namespaces need root and iproute2); "
-               "compute is paced the same, links are not emulated")
+    quota = measured.get("compute", "pace") == "cpu-quota"
+    testbed = {"netns": "netns: each device's stage ran in its own network namespace, its link to a bridge shaped "
+                        "with tbf to the device's B x scale",
+               "fleet": "fleet: each device an emulated board (its own namespace, tbf link, cgroup CPU quota of C x "
+                        "scale cores, memory limit, sshd); every stage started over ssh",
+               }.get(measured["testbed"], "loopback: the stages talked over loopback (the run says why: namespaces "
+                                          "need root and iproute2); compute is paced the same, links are not "
+                                          "emulated")
+    compute = ("- compute: cpu-quota (this run): no stage was paced; each board is slower by its CPU quota and "
+               "the plan uses unit times measured on each board (profile: per-device)" if quota else
+               "- compute: pace (this run): each stage computed at the host's speed, then waited out its device's "
+               "planned time (profile: this host's, scaled by C)")
     summary = [
+        compute,
         f"- testbed: {testbed}; {measured['usable_cores']:g} usable cores, every speed and bandwidth x {scale:.3g}",
-        f"- plan: bottleneck {plan['bottleneck_ms']:.2f} ms on the real cluster (ideal sum(E)/sum(C) "
-        f"{plan['ideal_ms']:.2f} ms); emulated period (stage compute and the hops between stages, / scale) "
-        f"{1000 / predicted:.2f} ms",
+        (f"- plan: bottleneck {plan['bottleneck_ms']:.2f} ms on the fleet, from each board's own unit times "
+         f"(ideal {plan['ideal_ms']:.2f} ms); period between stages (compute and the hops) {1000 / predicted:.2f} ms"
+         if quota else
+         f"- plan: bottleneck {plan['bottleneck_ms']:.2f} ms on the real cluster (ideal sum(E)/sum(C) "
+         f"{plan['ideal_ms']:.2f} ms); emulated period (stage compute and the hops between stages, / scale) "
+         f"{1000 / predicted:.2f} ms"),
         f"- pipeline: {measured['pipeline_throughput']:.1f} inferences/s measured, {predicted:.1f} predicted "
         f"({measured['pipeline_throughput'] / predicted:.0%}); end-to-end latency p50 "
         f"{measured['latency_p50_ms']:.1f} ms, p95 {measured['latency_p95_ms']:.1f} ms (source paced at the "
@@ -138,27 +169,41 @@ def write_report(work: Work) -> str:
         f"- speed-up of the pipeline over the fastest single device: {speedup:.2f}x measured, "
         f"{predicted / single_predicted:.2f}x predicted",
         (f"- faithful: the host computed every stage within its device's planned time ({frames} stage-frames)"
-         if overruns == 0 else
+         if overruns == 0 or quota else
          f"- NOT faithful in {overruns} of {frames} stage-frames: there the host computed slower than the emulated "
          f"device (column 'frames over plan'; their numbers are in measured.json), so those frames took longer "
          f"than the device would have"),
     ]
+    if quota:
+        summary = summary[:-1]  # nothing is paced, so nothing can overrun a pace
+        intro = (f"Work directory: `{work.root}`. Each device is an emulated board on this host (`python -m dnnpipe "
+                 f"testbed up`): a CPU quota of C x {scale:.3g} cores makes it really slower, a memory limit really "
+                 f"smaller, and it is reached over ssh like a board. Every unit was timed on every board, so the "
+                 f"plan and its prediction are the boards' own; no stage waits for a planned time.")
+    else:
+        intro = (f"Work directory: `{work.root}`. Each device is emulated on this host: its stage computes, then "
+                 f"waits until the device's planned time for the stage (profile / (C x {scale:.3g})) has passed "
+                 f"since the frame started, so a stage takes max(host compute, planned). The common factor makes "
+                 f"the emulated cluster fit this host's usable cores; it leaves the plan and the speed-up as they "
+                 f"are.")
     text = "\n".join([
         f"# DNNPipe demo: {work.name}", "",
-        f"Work directory: `{work.root}`. Each device is emulated on this host: its stage computes, then waits "
-        f"until the device's planned time for the stage (profile / (C x {scale:.3g})) has passed since the "
-        f"frame started, so a stage takes max(host compute, planned). The common factor makes the emulated "
-        f"cluster fit this host's usable cores; it leaves the plan and the speed-up as they are. The first "
-        f"device reads its inputs locally and the last writes results locally, as deployed, so the plan's input "
-        f"and output hops are not part of the emulated period.", "",
+        intro + " The first device reads its inputs locally and the last writes results locally, as deployed, so "
+        "the plan's input and output hops are not part of the emulated period.", "",
         "## Plan and where the time went", "", *rows, "", "## Throughput and latency", "", *summary, "",
+        *(fleet_section(measured) if quota else []),
         "![stage times](stage_times.png)", "", "![timeline](timeline.png)", "",
         "## Artefacts", "",
         f"- model `{work.model}`, inputs `{work.dataset}`, config `{work.config}`, plan `{work.plan}`",
         f"- sub-models and manifest `{work.parts / work.name}`, deployed copies `{work.devices}`",
         f"- per-frame logs `{work.logs}`, results `{work.results}`", "",
         "## The same steps by hand", "", "```",
-        f"python -m dnnpipe profile --model-path {work.models} --model-name {work.name} --config {work.configs}",
+        *([f"python -m dnnpipe testbed up --cluster {work.root / 'fleet_cluster.json'} --registry {work.registry} "
+           f"--state {work.root / 'fleet'}",
+           f"python -m dnnpipe profile --model-path {work.models} --model-name {work.name} --config {work.configs} "
+           f"--devices {work.root / 'fleet_cluster.json'} --device-registry {work.registry}"] if quota else
+          [f"python -m dnnpipe profile --model-path {work.models} --model-name {work.name} --config "
+           f"{work.configs}"]),
         f"python model_partitioner.py --model-path {work.models} --config {work.configs} "
         f"--output-dir {work.parts} --model-name {work.name}",
         f"python deployer.py --device-registry {work.registry} --model-path {work.parts} --model-name {work.name} "

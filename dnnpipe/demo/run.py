@@ -22,6 +22,7 @@ PAPER_M = [8998.0, 1452.0, 562.0, 582.0]
 PAPER_MODEL_MB = 88.57  # EfficientNetV2B0's total R in the paper's profile: the memories are for that size
 LAN_MBPS = 1000.0  # each board on gigabit Ethernet: plans count the time to ship every cut
 STEPS = ("model", "profile", "plan", "partition", "deploy", "run", "report")
+COMPUTE = ("pace", "cpu-quota")  # each stage paced to its planned time on the host, or the virtual fleet
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Options:
     steps: tuple[str, ...] = STEPS
     testbed: str = "auto"  # dnnpipe.testbed.netns.MODES
     scale: Optional[float] = None  # every emulated speed and bandwidth x this (default: fit the usable cores)
+    compute: str = "pace"  # COMPUTE
 
 
 def say(text: str) -> None:
@@ -98,6 +100,11 @@ def step_profile(work: Work, options: Options) -> None:
     from ..profile.profiler import keras_config, profile_keras_model, progress_line
 
     model = load_keras_model(work.model)
+    if options.compute == "cpu-quota":
+        from .fleet import profile_on_fleet
+
+        profile_on_fleet(work, options, model, say)
+        return
     profile = profile_keras_model(model, options.repeats, num_threads=1, progress=progress_line)
     write_json(work.config, keras_config(model, profile, cluster(options, sum(profile.R))))
     say(describe(profile))
@@ -108,7 +115,7 @@ def step_plan(work: Work, options: Options) -> None:
     from ..planfile import format_plan, write_plan
     from ..planner import plan
 
-    if options.cluster is not None:  # a new cluster for the same profile: re-plan without re-profiling
+    if options.cluster is not None and options.compute == "pace":  # a new cluster, the same profile: re-plan
         config = json.loads(work.config.read_text())
         config["device_config"] = cluster(options, sum(config["model_config"]["R"]))
         write_json(work.config, config)
@@ -137,6 +144,11 @@ def step_deploy(work: Work, options: Options) -> None:
     from ..deploy.ship import format_reports
     from ..runtime.local import free_ports
 
+    if options.compute == "cpu-quota":
+        from .fleet import deploy_to_fleet
+
+        deploy_to_fleet(work, options, say)
+        return
     speeds = json.loads(work.config.read_text())["device_config"]["C"]
     ports = free_ports(len(speeds))
     devices = [{"device_id": d + 1, "host": "local", "remote_dir": str(work.devices / f"device_{d + 1}"),
@@ -164,6 +176,11 @@ def step_run(work: Work, options: Options) -> None:
     from ..testbed.pacing import emulation, emulation_scale, fastest_device
     from .report import breakdown
 
+    if options.compute == "cpu-quota":
+        from .fleet import run_on_fleet
+
+        run_on_fleet(work, options, say)
+        return
     config = load_config(work.config)
     cores = usable_cores()
     scale = options.scale or emulation_scale(config, cores)
@@ -189,7 +206,8 @@ def step_run(work: Work, options: Options) -> None:
             say(runs[name].describe())
     pipeline, single = runs["pipeline"], runs["single"]
     write_json(work.measured, {
-        "testbed": pipeline.network, "usable_cores": cores, "emulation_scale": scale,
+        "compute": "pace", "profile": "host", "testbed": pipeline.network, "usable_cores": cores,
+        "emulation_scale": scale,
         "pipeline_throughput": pipeline.throughput, "predicted_pipeline_throughput": pipeline_plan.throughput,
         "single_throughput": single.throughput, "predicted_single_throughput": single_plan.throughput,
         "pipeline_capacity": runs["capacity"].throughput,

@@ -34,6 +34,7 @@ class Device:
     remote_dir: str = "~/DNNPipe"
     runtime_port: int = 50000
     python: Optional[str] = None  # the interpreter that runs runtime_engine.py on the device
+    known_hosts: Optional[str] = None  # this device's host keys, instead of ssh's own known_hosts files
 
     @property
     def is_local(self) -> bool:
@@ -81,7 +82,7 @@ def parse_registry(data: Any, source: str) -> dict[int, Device]:
 
 def _device(entry: dict[str, Any], where: str) -> Device:
     known = {"device_id", "host", "user", "username", "port", "identity_file", "remote_dir", "runtime_port",
-             "python", "name", "comment"}
+             "python", "known_hosts", "name", "comment"}
     unknown = sorted(set(entry) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
@@ -98,22 +99,24 @@ def _device(entry: dict[str, Any], where: str) -> Device:
         value = entry.get(key, 22 if key == "port" else 50000)
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
             raise ConfigError(f"{where}: '{key}' must be a port number 1-65535, got {value!r}")
-    for key in ("user", "username", "identity_file", "remote_dir", "python"):
+    for key in ("user", "username", "identity_file", "remote_dir", "python", "known_hosts"):
         if key in entry and (not isinstance(entry[key], str) or not entry[key]):
             raise ConfigError(f"{where}: '{key}' must be a non-empty string, got {entry[key]!r}")
     user = entry.get("user", entry.get("username"))
     if user is not None and not USER.fullmatch(user):
         raise ConfigError(f"{where}: 'user' must be a user name (letters, digits, '.', '-', '_', not starting with "
                           f"'-'), got {user!r}")
-    for key in ("identity_file", "remote_dir"):
+    for key in ("identity_file", "remote_dir", "known_hosts"):
         _check_path(entry.get(key), f"{where}: '{key}'")
+    if '"' in entry.get("known_hosts", ""):  # ssh reads the option's value as a quoted list of files
+        raise ConfigError(f"{where}: 'known_hosts' must not hold a '\"': {entry['known_hosts']!r}")
     python = entry.get("python")
     if python is not None and not PYTHON.fullmatch(python):
         raise ConfigError(f"{where}: 'python' must be an interpreter path or name without spaces or shell "
                           f"characters (letters, digits, '.', '_', '+', '-', '/', '~'), got {python!r}")
     return Device(device_id=device_id, host=host, user=user, port=entry.get("port", 22),
                   identity_file=entry.get("identity_file"), remote_dir=entry.get("remote_dir", "~/DNNPipe"),
-                  runtime_port=entry.get("runtime_port", 50000), python=python)
+                  runtime_port=entry.get("runtime_port", 50000), python=python, known_hosts=entry.get("known_hosts"))
 
 
 def _check_path(path: Optional[str], what: str) -> None:

@@ -208,6 +208,8 @@ ALIVE = ENTER + ('enter "$1" || exit 1\npid=$(cat -- "$2" 2>/dev/null) || exit 1
                  'kill -0 "$pid" 2>/dev/null || exit 1\n'
                  'if [ -r "/proc/$pid/stat" ]; then case $(sed -n "s/.*) //p" "/proc/$pid/stat") in Z*) exit 1;; '
                  'esac; fi\necho alive\n')
+RUN = ENTER + ('enter "$1" || { echo "cannot enter $1" >&2; exit 3; }\nshift\n'
+               'case $1 in "~/"*) p=$HOME/${1#"~/"}; shift; set -- "$p" "$@";; esac\nexec "$@"\n')
 TAIL = ENTER + 'enter "$1" || exit 0\ntail -n "$3" -- "$2" 2>/dev/null || true\n'
 STOP = ENTER + NOLINKS + ('enter "$1" || exit 0\nnolinks "$2"\n'
                           'if [ -f "$2" ]; then kill "$(cat -- "$2")" 2>/dev/null && echo stopped; rm -f -- "$2"; fi\n')
@@ -229,15 +231,22 @@ class SshTransport:
             args += ["-l", d.user]
         if d.identity_file:
             args += ["-i", os.path.expanduser(d.identity_file), "-o", "IdentitiesOnly=yes"]
+        if d.known_hosts:  # quoted (the value is a list of files), '%' as itself (ssh expands %-tokens there)
+            known = os.path.expanduser(d.known_hosts).replace("%", "%%")
+            args += ["-o", f'UserKnownHostsFile="{known}"', "-o", "GlobalKnownHostsFile=/dev/null"]
         return args
+
+    def argv(self, script: str, *args: str) -> list[str]:
+        """The ssh command running a fixed script on the device with remote_dir and `args` as its arguments."""
+        remote = shlex.join(["sh", "-c", script, "sh", self.device.remote_dir, *args])
+        return ["ssh", *self._options(), "--", self.device.host, remote]
 
     def run(self, script: str, *args: str, stdin: Optional[bytes] = None, check: bool = True) -> str:
         """Run one of the fixed scripts on the device with remote_dir and `args` as its arguments.
 
         ssh hands the remote login shell one string, so the vector is quoted for it as a whole; the
         script itself sees every value as a plain argument."""
-        remote = shlex.join(["sh", "-c", script, "sh", self.device.remote_dir, *args])
-        command = ["ssh", *self._options(), "--", self.device.host, remote]
+        command = self.argv(script, *args)
         try:
             result = subprocess.run(command, input=stdin, capture_output=True, timeout=self.options.command_timeout)
         except subprocess.TimeoutExpired:

@@ -12,8 +12,10 @@ from ..console import positive_float, positive_int
 from ..jsonio import write_json
 from ..layout import config_paths
 from ..partition.load import find_any_model, load_keras_model
+from ..errors import DnnpipeError
 from .costs import config_from, describe
-from .profiler import device_config, keras_config, profile_keras_model, progress_line
+from .devices import DeviceProfileOptions, format_outcomes, on_devices
+from .profiler import device_config, keras_config, profile_keras_model, profiling_model, progress_line
 from .tflite import profile_tflite
 
 
@@ -34,6 +36,9 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                         help="timed runs per unit; E is their median (default 30)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs per unit before timing (default 5)")
     parser.add_argument("--num-threads", type=positive_int, default=1, help="interpreter threads (default 1)")
+    parser.add_argument("--device-registry", type=Path,
+                        help="also time every unit on every device of this registry (boards over ssh, the virtual "
+                             "fleet, local folders) and write their rows as E_device and C (default: this machine)")
     parser.add_argument("--custom-objects", type=Path, metavar="FILE",
                         help="Python file defining the model's custom layers (registered before loading)")
     return parser
@@ -42,13 +47,20 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 def profile_command(args: argparse.Namespace) -> int:
     devices(args, None)  # every input checked before anything is measured or written
     model_file = find_any_model(args.model_path, args.model_name)
+    if model_file.suffix == ".tflite" and args.device_registry is not None:
+        raise DnnpipeError(f"{model_file}: per-device profiling (--device-registry) needs the Keras model")
     if model_file.suffix == ".tflite":  # its operators are the units; every cut exists
         profile = profile_tflite(model_file, args.repeats, args.warmup, args.num_threads, progress_line)
         config = config_from(profile, devices(args, profile.whole_ms))  # every cut exists: no cuts
     else:
         model = load_keras_model(model_file, args.custom_objects)
-        profile = profile_keras_model(model, args.repeats, args.warmup, args.num_threads, progress_line)
+        converted = profiling_model(model, progress_line)
+        profile = profile_keras_model(model, args.repeats, args.warmup, args.num_threads, progress_line, converted)
         config = keras_config(model, profile, devices(args, profile.whole_ms))
+        if args.device_registry is not None:
+            config, outcomes = on_devices(config, converted[3], args.device_registry, DeviceProfileOptions(
+                args.repeats, args.warmup, args.num_threads), progress_line)
+            print(format_outcomes(outcomes))
     config_file = write_json(config_paths(args.config, args.model_name)[0], config)
     print(describe(profile))
     cluster = config["device_config"]

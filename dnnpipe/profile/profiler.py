@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -67,8 +67,19 @@ def _convert_all(model, graph, keras_tensors, keys, groups: Sequence[tuple[int, 
                        f"{' '.join(log[0].split())[-300:]}")
 
 
-def profile_keras_model(model, repeats: int = 30, warmup: int = 5, num_threads: Optional[int] = None,
-                        progress: Optional[Callable[[str], None]] = None) -> ModelProfile:
+class Profiling(NamedTuple):
+    """What the host times, and what per-device profiling ships to each device (`flatbuffer`)."""
+
+    graph: Any
+    keras_tensors: Any
+    keys: Any
+    flatbuffer: bytes
+    cuts: list[int]  # the legal inner cuts
+    groups: list[tuple[int, int]]  # the units between two legal cuts, fused by the converter: timed together
+
+
+def profiling_model(model, progress: Optional[Callable[[str], None]] = None) -> Profiling:
+    """One conversion with a signature per unit and per fused group (see Profiling)."""
     graph, keras_tensors = analyse(model)
     keys = signature_keys(t.name for t in graph.tensors)
     say = progress or (lambda _: None)
@@ -77,7 +88,14 @@ def profile_keras_model(model, repeats: int = 30, warmup: int = 5, num_threads: 
     bounds = [0, *cuts, graph.U]
     groups = [(i, k) for i, k in zip(bounds, bounds[1:]) if k - i > 1]
     say(f"converting {graph.U} units and {len(groups)} fused groups in one model ...")
-    flatbuffer = _convert_all(model, graph, keras_tensors, keys, groups)
+    return Profiling(graph, keras_tensors, keys, _convert_all(model, graph, keras_tensors, keys, groups), cuts, groups)
+
+
+def profile_keras_model(model, repeats: int = 30, warmup: int = 5, num_threads: Optional[int] = None,
+                        progress: Optional[Callable[[str], None]] = None, converted: Optional[Profiling] = None
+                        ) -> ModelProfile:
+    graph, keras_tensors, keys, flatbuffer, cuts, groups = converted or profiling_model(model, progress)
+    say = progress or (lambda _: None)
     interpreter = load_interpreter(flatbuffer, num_threads, every_signature_delegated=True)
 
     def timed(signature: str, specs: list[TensorSpec]) -> float:

@@ -1,0 +1,199 @@
+"""Per-device profiling: every unit timed on every device of a registry (boards, the virtual fleet, local folders).
+
+One speed factor C per device cannot say that a GPU speeds convolutions more than the input pipeline; a row of
+unit times per device can (E_device, docs/config.md). The host converts the profiling model once (a signature
+per unit, as the host's profiler times it), each device gets it and the timer (dnnpipe.profile.timer, NumPy and a
+lite interpreter only) through the deployer's transports, all devices at once, and each device's row comes back
+as the timer's last line. A device that fails is named; the others are still measured.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from ..deploy.closure import device_files
+from ..deploy.registry import Device
+from ..deploy.ship import RUNTIME_ROOT, DeviceReport, ship
+from ..deploy.transport import SshOptions, Transport, TransportError, Upload, transport_for
+from ..errors import DnnpipeError
+from ..manifest import sha256_file
+from .timer import RESULT
+
+FOLDER = "profile"  # below each device's remote_dir
+MODEL = f"{FOLDER}/model.tflite"
+LOG = f"{FOLDER}/timer.out"
+PID = f"{FOLDER}/timer.pid"
+TIMER = "dnnpipe.profile.timer"
+POLL_SECONDS = 1.0
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DeviceTimes:
+    device_id: int
+    probe_ms: float
+    whole_ms: float
+    units_ms: tuple[float, ...]
+
+    @property
+    def E(self) -> list[float]:
+        """Each unit's share of the whole model's time on this device: the units' times without the fixed cost
+        of an invoke, scaled to add up to the whole model's. A stage is one invoke over its units, so the
+        whole model (one invoke) is the truer total; timed one by one, U invokes' overheads would count U times
+        (and under a CPU quota that overhead is throttled too)."""
+        units = [max(0.0, ms - self.probe_ms) for ms in self.units_ms]
+        total = sum(units)
+        if total <= 0:
+            return [round(self.whole_ms / len(units), 6)] * len(units)
+        return [round(ms * self.whole_ms / total, 6) for ms in units]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    device: Device
+    times: Optional[DeviceTimes] = None
+    error: Optional[str] = None
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class DeviceProfileOptions:
+    repeats: int = 30
+    warmup: int = 5
+    num_threads: int = 1
+    ssh: SshOptions = SshOptions()
+    seconds: float = 900.0  # per device, shipping included
+    sustain: float = 0.25  # each signature runs back to back at least this long on the device (timer.py)
+
+
+def uploads(model_file: Path) -> list[Upload]:
+    """The profiling model and the timer's import closure."""
+    code = [(RUNTIME_ROOT / rel, rel.as_posix()) for rel in device_files(RUNTIME_ROOT, TIMER)]
+    return [Upload(model_file, MODEL, sha256_file(model_file))] + [Upload(local, rel, sha256_file(local))
+                                                                 for local, rel in code]
+
+
+def timer_argv(device: Device, options: DeviceProfileOptions) -> list[str]:
+    return [device.interpreter, "-m", TIMER, MODEL, "--repeats", str(options.repeats), "--warmup",
+            str(options.warmup), "--num-threads", str(options.num_threads), "--seconds", str(options.sustain)]
+
+
+def parse_result(device_id: int, log: str, units: int) -> DeviceTimes:
+    """The timer's RESULT line, checked: one time per unit, all finite and >= 0."""
+    lines = [line for line in log.splitlines() if line.startswith(RESULT)]
+    if not lines:
+        last = [line for line in log.splitlines() if line.strip()]
+        raise DnnpipeError(f"the timer ended without a result: {last[-1] if last else 'its log is empty'}")
+    try:
+        data = json.loads(lines[-1][len(RESULT):])
+        times = DeviceTimes(device_id, float(data["probe_ms"]), float(data["whole_ms"]),
+                            tuple(float(x) for x in data["units_ms"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise DnnpipeError(f"the timer's result is malformed ({e})") from None
+    values = [times.probe_ms, times.whole_ms, *times.units_ms]
+    if len(times.units_ms) != units or not all(0 <= v < float("inf") for v in values):
+        raise DnnpipeError(f"the timer returned {len(times.units_ms)} unit times (expected {units}), or one "
+                           f"that is negative or not finite")
+    return times
+
+
+def profile_device(device: Device, files: Sequence[Upload], units: int, options: DeviceProfileOptions,
+                   progress: Progress) -> Outcome:
+    """Ship, start the timer, follow its progress, read its result; every step bounded by options.seconds."""
+    began = time.monotonic()
+    deadline = began + options.seconds
+    transport: Transport = transport_for(device, options.ssh)
+    try:
+        report = ship(transport, DeviceReport(device, []), files)
+        if not report.ok:
+            raise DnnpipeError(report.error or "; ".join(f"{rel}: {why}" for rel, why in report.failed.items()))
+        progress(f"device {device.device_id}: shipped {len(report.sent)} files ({len(report.skipped)} already "
+                 f"there), timing {units} units")
+        transport.start(timer_argv(device, options), LOG, PID)
+        seen = ""
+        while transport.alive(PID):
+            if time.monotonic() > deadline:
+                transport.stop(PID)
+                raise DnnpipeError(f"did not finish within {options.seconds:g} s")
+            line = transport.tail(LOG, 1).strip()
+            if line and line != seen and not line.startswith(RESULT):
+                progress(f"device {device.device_id}: {line}")
+                seen = line
+            time.sleep(POLL_SECONDS)
+        times = parse_result(device.device_id, transport.tail(LOG, 5), units)
+    except (DnnpipeError, TransportError, OSError) as e:
+        progress(f"device {device.device_id}: FAILED: {e}")
+        return Outcome(device, error=str(e), seconds=time.monotonic() - began)
+    progress(f"device {device.device_id}: whole model {times.whole_ms:.3f} ms")
+    return Outcome(device, times, seconds=time.monotonic() - began)
+
+
+def profile_devices(flatbuffer: bytes, devices: Sequence[Device], units: int,
+                    options: DeviceProfileOptions = DeviceProfileOptions(),
+                    progress: Progress = print) -> list[Outcome]:
+    """Every device at once; the outcomes in the order of `devices`."""
+    with tempfile.TemporaryDirectory(prefix="dnnpipe-devprofile-") as folder:
+        model_file = Path(folder) / "model.tflite"
+        model_file.write_bytes(flatbuffer)
+        files = uploads(model_file)
+        with ThreadPoolExecutor(max_workers=max(1, len(devices))) as pool:
+            return list(pool.map(lambda d: profile_device(d, files, units, options, progress), devices))
+
+
+def with_device_rows(config: dict, outcomes: Sequence[Outcome]) -> dict:
+    """The config with E_device (row d: device d's unit times), E its first row and C each device's speed
+    relative to device 1 (sum of row 1 over sum of row d), so the paper's format still reads right (pure)."""
+    rows = [list(o.times.E) for o in sorted(outcomes, key=lambda o: o.device.device_id) if o.times is not None]
+    if len(rows) != len(outcomes):
+        raise DnnpipeError("every device needs its row")
+    totals = [max(sum(row), 1e-9) for row in rows]
+    model = {**config["model_config"], "E": rows[0], "E_device": rows}
+    cluster = {**config["device_config"], "N": len(rows), "C": [round(totals[0] / t, 6) for t in totals]}
+    return {**config, "device_config": cluster, "model_config": model}
+
+
+def check_registry(registry: dict[int, Device], source: str) -> list[Device]:
+    """Devices 1..N, as the config numbers them."""
+    ids = sorted(registry)
+    if ids != list(range(1, len(ids) + 1)):
+        raise DnnpipeError(f"{source}: per-device profiling needs devices numbered 1..N as in the config, got "
+                           f"{', '.join(map(str, ids))}")
+    return [registry[d] for d in ids]
+
+
+def format_outcomes(outcomes: Sequence[Outcome]) -> str:
+    rows = [f"{'device':>6}  {'whole ms':>9} {'sum(E) ms':>9} {'seconds':>7}  result"]
+    for o in outcomes:
+        t = o.times
+        result = "ok" if t else f"FAILED: {o.error}"
+        rows.append(f"{o.device.device_id:>6}  {t.whole_ms if t else float('nan'):>9.3f} "
+                    f"{sum(t.E) if t else float('nan'):>9.3f} {o.seconds:>7.1f}  {result}")
+    return "\n".join(rows)
+
+
+def on_devices(config: dict, flatbuffer: bytes, registry_file: Path, options: DeviceProfileOptions,
+               progress: Progress = print) -> tuple[dict, list[Outcome]]:
+    """The host's config with every registry device's measured row; an error naming the devices that failed
+    (after all were tried)."""
+    from ..deploy.registry import load_registry
+
+    devices = check_registry(load_registry(registry_file), str(registry_file))
+    cluster = dict(config["device_config"])
+    for key in ("M", "B"):
+        if key in cluster and len(cluster[key]) != len(devices):
+            if len(cluster[key]) != 1:
+                raise DnnpipeError(f"{registry_file}: {len(devices)} devices, but the cluster gives "
+                                   f"{len(cluster[key])} values of {key}")
+            cluster[key] = cluster[key] * len(devices)
+    outcomes = profile_devices(flatbuffer, devices, config["model_config"]["U"], options, progress)
+    failed = [o for o in outcomes if o.times is None]
+    if failed:
+        raise DnnpipeError(f"{len(failed)} of {len(outcomes)} devices could not be profiled: "
+                           + "; ".join(f"device {o.device.device_id}: {o.error}" for o in failed))
+    return with_device_rows({**config, "device_config": cluster}, outcomes), outcomes

@@ -1,0 +1,33 @@
+"""`demo --compute cpu-quota`: the whole job on the virtual fleet, measured against its per-device prediction."""
+
+import json
+
+import pytest
+
+from dnnpipe.testbed import fleet
+from helpers import run_script
+from test_fleet import leftovers, needs_fleet
+
+
+@pytest.mark.slow
+@needs_fleet
+def test_demo_on_the_fleet_profiles_per_device_runs_unpaced_and_reports_throttling(tmp_path):
+    work = tmp_path / "work"
+    done = run_script("dnnpipe", "demo", "--model", "tiny", "--work-dir", str(work), "--compute", "cpu-quota",
+                      "--num-inputs", "60", "--repeats", "5", timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    measured = json.loads((work / "measured.json").read_text())
+    assert (measured["compute"], measured["profile"], measured["testbed"]) == ("cpu-quota", "per-device", "fleet")
+    for key in ("pipeline_throughput", "predicted_pipeline_throughput", "single_throughput",
+                "predicted_single_throughput"):
+        assert measured[key] > 0
+    config = json.loads((work / "configurations" / "tiny" / "config.json").read_text())
+    assert len(config["model_config"]["E_device"]) == 4  # the paper-like cluster, each board profiled
+    devices = {t["device"] for t in measured["throttling"]["pipeline"]}
+    assert devices == {s[2] for s in json.loads((work / "configurations" / "tiny" / "pipeline_plan.json")
+                                                .read_text())["pipeline_plan"]}
+    assert all(s["pacing_p50_ms"] is None or s["pacing_p50_ms"] < 1 for s in measured["stages"])  # not paced
+    report = (work / "report.md").read_text()
+    assert "compute: cpu-quota (this run)" in report and "throttled" in report
+    assert "What this host could not emulate" in report
+    assert leftovers(fleet.fleet_id(work / "fleet")) == []  # the run step took the fleet down

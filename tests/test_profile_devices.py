@@ -1,0 +1,75 @@
+"""Per-device profiling: the profiling model and the timer shipped to each device, every unit timed there."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import models
+from dnnpipe.config import parse_config
+from dnnpipe.deploy.registry import Device
+from dnnpipe.deploy.closure import closure
+from dnnpipe.errors import DnnpipeError
+from dnnpipe.profile.devices import DeviceProfileOptions, DeviceTimes, Outcome, parse_result, profile_devices, \
+    with_device_rows
+from dnnpipe.profile.profiler import profiling_model
+from helpers import ROOT
+
+FAST = DeviceProfileOptions(repeats=3, warmup=1, sustain=0.01, seconds=120)
+
+
+@pytest.fixture(scope="module")
+def converted():
+    return profiling_model(models.residual_cnn())
+
+
+def test_the_timer_needs_no_tensorflow():
+    modules = closure(ROOT, "dnnpipe.profile.timer")
+    assert "dnnpipe.interpreter" in modules
+    assert not any(m.startswith(("dnnpipe.partition", "dnnpipe.planner", "dnnpipe.deploy", "dnnpipe.serve"))
+                   for m in modules)
+    code = "import sys, dnnpipe.profile.timer; print(any(m.startswith('tensorflow') for m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.stdout.strip() == "False", done.stderr
+
+
+def test_rows_add_up_to_each_device_whole_model_and_C_is_relative_to_device_1():
+    one = DeviceTimes(1, 0.1, 10.0, (2.1, 4.1, 6.1))  # units 2, 4, 6 ms after the probe: scaled to 10 ms
+    two = DeviceTimes(2, 0.1, 40.0, (1.1, 1.1, 2.1))
+    assert one.E == pytest.approx([10 / 6, 20 / 6, 30 / 6])
+    devices = [Device(1, "local"), Device(2, "local")]
+    config = {"device_config": {"N": 1, "C": [1.0], "M": [50.0, 60.0]},
+              "model_config": {"U": 3, "E": [1.0, 1.0, 1.0], "R": [1.0, 1.0, 1.0]}}
+    rows = with_device_rows(config, [Outcome(devices[1], two), Outcome(devices[0], one)])
+    assert rows["device_config"]["C"] == [1.0, 0.25] and rows["device_config"]["N"] == 2
+    assert rows["model_config"]["E_device"][1] == pytest.approx([10.0, 10.0, 20.0])
+    assert parse_config(rows, "test").profile.E_device is not None  # the planners read it
+
+
+@pytest.mark.parametrize("log, message", [
+    ("timed 10/41 units\n", "without a result: timed 10/41"),
+    ("", "its log is empty"),
+    ('RESULT {"probe_ms": 0.1, "whole_ms": 1, "units_ms": [1]}', r"1 unit times \(expected 3\)"),
+    ('RESULT {"probe_ms": 0.1, "whole_ms": 1, "units_ms": [1, -1, 2]}', "negative"),
+    ('RESULT {"probe_ms": 0.1}', "malformed"),
+])
+def test_a_bad_timer_result_is_refused(log, message):
+    with pytest.raises(DnnpipeError, match=message):
+        parse_result(1, log, 3)
+
+
+def test_local_devices_are_profiled_and_a_failing_one_is_named(converted, tmp_path):
+    graph, _, _, flatbuffer = converted
+    devices = [Device(1, "local", remote_dir=str(tmp_path / "d1"), python=sys.executable),
+               Device(2, "local", remote_dir=str(tmp_path / "d2"), python=str(tmp_path / "no-python"))]
+    said = []
+    outcomes = profile_devices(flatbuffer, devices, graph.U, FAST, said.append)
+    assert outcomes[0].times is not None and len(outcomes[0].times.E) == graph.U, said
+    times = outcomes[0].times
+    assert times.whole_ms > 0 and sum(times.E) == pytest.approx(times.whole_ms, abs=1e-4)
+    assert outcomes[1].times is None and "no-python" in outcomes[1].error
+    assert any(line.startswith("device 2: FAILED") for line in said)
+    assert any(line.startswith("device 1: whole model") for line in said)
+    assert (tmp_path / "d1" / "dnnpipe" / "profile" / "timer.py").is_file()
+    assert json.loads(json.dumps([o.error for o in outcomes]))  # plain data
