@@ -76,9 +76,12 @@ def test_a_planted_symlink_for_the_launch_log_is_refused(partitioned, tmp_path, 
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     outside = tmp_path / "outside"
     outside.mkdir()
-    os.symlink(outside, tmp_path / "device" / "logs")
+    logs = next((tmp_path / "device").glob("*/res")) / "logs"  # MODELS/NAME/logs: each model's own
+    if logs.is_dir():
+        shutil.rmtree(logs)
+    os.symlink(outside, logs)
     launched = deploy(partitioned, tmp_path, device, "--dataset", str(partitioned / "dataset.h5"), "--launch",
                       "--wait", "20")
     assert launched.returncode != 0
-    assert "logs: a symbolic link on the device" in launched.stdout + launched.stderr, launched.stdout
+    assert "res/logs: a symbolic link on the device" in launched.stdout + launched.stderr, launched.stdout
     assert list(outside.iterdir()) == []

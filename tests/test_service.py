@@ -341,6 +341,10 @@ def test_overload_gets_503_and_a_late_answer_504(tiny):
         gate.set()  # the pipeline starts; the expired inputs are computed and dropped, new ones served
         wait_ready(service)
         assert raw(service, "GET", "/v2/health/ready")[0] == 200
+        deadline = time.monotonic() + 30
+        while service.feed.depth + service.feed.inflight > 0:  # the expired inputs still hold the queue
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         status, _, answer = raw(service, "POST", "/v2/models/tiny/infer", body)
         assert status == 200
         np.testing.assert_allclose(json.loads(answer)["outputs"][0]["data"], expected[2].ravel(), rtol=1e-4,
