@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from bruteforce import brute_force_bottleneck
 from dnnpipe import NoPlanError
 from dnnpipe.planner import Problem, solve_problem
-from dnnpipe.planner import bisect as fast
+from dnnpipe.planner import bisection as fast
 from dnnpipe.planner.plan import check_cuts
 from strategies import SPEEDS, cut_sets, instances
 
