@@ -68,7 +68,7 @@ def solve_problem(problem: Problem, algorithm: Optional[str] = None) -> Plan:
 
 
 TABLE_BYTES = 1 << 30  # the largest DP table the exponential algorithms may allocate (1 GiB)
-# Bytes per (unit prefix, device set) entry of each exponential algorithm's tables, times N where it keeps a last device.
+# Bytes per (unit prefix, device set) entry of each exponential algorithm's tables; x N where it keeps a last device.
 ENTRY_BYTES = {"dnnpipe": (13, False), "exhaustive": (13, False), "pipeedge": (21, True), "links": (14, True)}
 
 

@@ -43,6 +43,8 @@ from .problem import Problem
 
 MAX_CANDIDATES = 1 << 12
 MAX_INDEX = 1 << 62  # count vectors are numbered in mixed radix in int64
+CHECK_EVERY = 4  # the dense probe drops states that cannot finish every this many layers
+DENSE_STATES = 1 << 20  # up to this many count vectors the vector probe runs over all of them, gathers only
 MAX_FRONTIER = 1 << 23  # states kept in one layer (a few hundred MB of temporaries)
 
 
@@ -112,15 +114,16 @@ class DeviceTypes:
 class StateSpace:
     """Count vectors c (0 <= c[t] <= caps[t]) numbered in mixed radix."""
 
-    def __init__(self, caps: Sequence[int]):
+    def __init__(self, caps: Sequence[int], factor: int = 1):
+        """`factor`: a bound on what the caller multiplies state ids by (packed sort keys), kept below 2^62."""
         self.caps = np.asarray(caps, dtype=np.int64)
         radices = self.caps + 1
         size = 1
         for radix in radices.tolist():
             size *= radix
-        if size >= MAX_INDEX:
-            raise ConfigError(f"the planner handles clusters whose device types give prod(count + 1) < 2^62 "
-                              f"count vectors; this one has {len(radices)} types of "
+        if size * factor >= MAX_INDEX:
+            raise ConfigError(f"the planner handles clusters whose device types give prod(count + 1) x (U + 1) x "
+                              f"types < 2^62 (count vectors numbered in 64 bits); this one has {len(radices)} types of "
                               f"{'/'.join(str(int(c)) for c in self.caps)} usable devices")
         self.radices = radices
         self.strides = np.concatenate(([1], np.cumprod(radices[:-1]))).astype(np.int64)
@@ -128,6 +131,21 @@ class StateSpace:
 
     def digits(self, states: np.ndarray) -> np.ndarray:
         return (states[:, None] // self.strides[None, :]) % self.radices[None, :]
+
+    def tables(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Every state but 0 by how many devices it uses: tables[l - 1] = (the states using l devices,
+        [state, type] -> the state with one device of that type fewer, or `size` if it has none,
+        [state, type] -> the devices of that type it leaves spare)."""
+        states = np.arange(self.size, dtype=np.int64)
+        digits = self.digits(states)
+        used = digits.sum(axis=1)
+        ordered = np.sort(used * self.size + states) % self.size  # by layer, then by id
+        tables = []
+        for layer in np.split(ordered, np.cumsum(np.bincount(used))[:-1])[1:]:
+            before = layer[:, None] - self.strides[None, :]
+            tables.append((layer, np.where(digits[layer] > 0, before, self.size).astype(np.int32),
+                           (self.caps[None, :] - digits[layer]).astype(np.int16)))
+        return tables
 
     def layers(self) -> list[list[tuple[int, list[int], list[int]]]]:
         """Every state grouped by how many devices it uses: layers[l - 1] = [(type, states using l devices
@@ -153,6 +171,7 @@ class Layer:
     states: np.ndarray
     reach: np.ndarray
     choice: np.ndarray
+    digits: np.ndarray  # the count vector of each state
 
 
 def stages_to_finish(ends: np.ndarray) -> np.ndarray:
@@ -181,9 +200,10 @@ def greedy_count(ends: np.ndarray) -> float:
 class Probe:
     """Is a bottleneck T feasible, and with which plan?
 
-    Two executions of the same DP: over large state spaces a sparse frontier per layer in NumPy; over
-    small ones (the paper's 4 devices: 16 states) NumPy's call overhead would dominate, so the dense DP
-    runs on Python lists with the bisect module, which computes the same IEEE doubles.
+    Three executions of the same DP. Over small state spaces (the paper's 4 devices: 16 states) NumPy's
+    call overhead would dominate, so it runs on Python lists with the bisect module, which computes the
+    same IEEE doubles. Up to DENSE_STATES count vectors it runs over all of them, one gather per layer
+    from tables built once. Beyond, over a sparse frontier of the states that can still matter.
     """
 
     SCALAR_STATES = 64
@@ -199,8 +219,9 @@ class Probe:
         unit_ms = np.diff(problem.time_prefix[self.first], axis=1) / problem.speed[self.first][:, None]
         self.best_prefix = np.concatenate(([0.0], np.cumsum(unit_ms.min(axis=0))))
         self.room = np.maximum.accumulate((RP[self.memory_ends] - RP[None, :])[:, ::-1], axis=1)[:, ::-1]
-        self.space = StateSpace(self._caps(lower_bound(problem)))
+        self.space = StateSpace(self._caps(lower_bound(problem)), (problem.U + 1) * len(self.first))
         self.scalar = self.space.size <= self.SCALAR_STATES
+        self.tables = self.space.tables() if not self.scalar and self.space.size <= DENSE_STATES else None
         if self.scalar:
             self.prefix_lists = [problem.time_prefix[d].tolist() for d in self.first]
             self.speed_list = [float(problem.speed[d]) for d in self.first]
@@ -231,6 +252,8 @@ class Probe:
         if self.scalar:
             return self._scalar(limit)
         ends = np.minimum(self.time_ends, self.memory_ends)
+        if self.tables is not None:
+            return self._dense(ends, self.tables)
         layers = self._deepening(limit, ends)
         if layers[-1].reach.size == 0 or layers[-1].reach.max() < problem.U:
             # States cut off by the stage count depend on ends from starts no kept state reached.
@@ -241,6 +264,78 @@ class Probe:
         done = np.flatnonzero(last.reach == problem.U)
         state = int(last.states[done[self.types.lowest_ids(self.space.digits(last.states[done]))]])
         return self._walk_back(state, layers)
+
+    def _dense(self, ends: np.ndarray, tables: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+               ) -> Optional[tuple[float, list[Cut]]]:
+        """The DP over every count vector, layer by layer, one gather per layer; stops at the first layer
+        that covers the model (the fewest devices). The type each state added last is found on the way
+        back, not stored."""
+        space, U = self.space, self.problem.U
+        # Row t ends with -1 at index U + 1, the reach of the placeholder state `size`: never the best.
+        ends = np.concatenate((ends, np.full((len(ends), 1), -1)), axis=1).astype(np.int32)
+        flat = ends.ravel()
+        reach = np.full(space.size + 1, -1, dtype=np.int32)
+        reach[0], reach[space.size] = 0, U + 1
+        rows = (np.arange(len(ends), dtype=np.int32) * (U + 2))[None, :]
+        hopeless = self._hopeless(ends[:, :-1])
+        self.cut_by_count = False
+        for layer, (states, before, spare) in enumerate(tables):
+            reached = flat[reach[before] + rows].max(axis=1)
+            self.transitions += before.size
+            done = states[reached == U]
+            if done.size:
+                reach[states] = reached
+                state = int(done[self.types.lowest_ids(space.digits(done))])
+                return self._walk(state, reach, self._choices(state, reach, ends))
+            if layer % CHECK_EVERY == CHECK_EVERY - 1:  # states that can never finish: -1 (reach nothing)
+                alive = reached >= 0
+                dead = alive & hopeless(reached, spare)
+                self.cut_by_count = True
+                reached[dead] = -1
+                if not (alive & ~dead).any():
+                    reach[states] = reached
+                    break
+            reach[states] = reached
+        starts = np.arange(U + 1) if self.cut_by_count else reach[:-1]
+        self.infeasible_below = self._next_event(np.unique(starts[starts >= 0]))
+        return None
+
+    def _hopeless(self, ends: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        """A test for states (reach, spare devices per type) that cannot finish at this limit: the spare
+        devices lack the memory (room) or the time (work, in units' times on their fastest type) for
+        the units left. Valid for any limit; the work test depends on it."""
+        U, RP, best = self.problem.U, self.problem.memory_prefix, self.best_prefix
+        work = np.maximum.accumulate((best[ends] - best[None, :])[:, ::-1], axis=1)[:, ::-1]
+
+        def test(reach: np.ndarray, spare: np.ndarray) -> np.ndarray:
+            at = np.maximum(reach, 0)
+            short_of_memory = RP[U] - RP[at] > (spare * self.room[:, at].T).sum(axis=1) * (1 + 1e-9) + 1e-9
+            return short_of_memory | (best[U] - best[at] > (spare * work[:, at].T).sum(axis=1) * (1 + 1e-9) + 1e-12)
+
+        return test
+
+    def _choices(self, state: int, reach: np.ndarray, ends: np.ndarray) -> dict[int, int]:
+        """Along the way back from a state: the first type whose stage from the state before reaches it."""
+        strides, choice = self.space.strides, {}
+        while state != 0:
+            digits = self.space.digits(np.array([state]))[0]
+            t = next(t for t in range(len(strides))
+                     if digits[t] > 0 and ends[t][reach[state - strides[t]]] == reach[state])
+            choice[state] = t
+            state -= int(strides[t])
+        return choice
+
+    def _walk(self, state: int, reach: Sequence[int] | np.ndarray, choice: Sequence[int] | dict[int, int]
+              ) -> tuple[float, list[Cut]]:
+        """Back from a state that covers the model, through the type each state added last."""
+        stages = []
+        while state != 0:
+            t = int(choice[state])
+            before = state - int(self.space.strides[t])
+            if reach[state] > reach[before]:
+                stages.append((int(reach[before]), int(reach[state]), t))
+            state = before
+        return self._assign(stages[::-1])
 
     def _deepening(self, limit: float, ends: np.ndarray) -> list[Layer]:
         """The frontier with at most `most` devices, `most` raised until it covers the model or is the caps' total.
@@ -256,7 +351,8 @@ class Probe:
         self.cut_by_count = False
         if floor > total:
             self.cut_by_count = True
-            return [Layer(*(np.zeros(0, dtype=np.int64),) * 3)]
+            none = np.zeros(0, dtype=np.int64)
+            return [Layer(none, none, none, np.zeros((0, len(self.first)), dtype=np.int64))]
         slack = 0
         while True:
             most = min(int(floor) + slack, total)
@@ -270,51 +366,54 @@ class Probe:
 
     def _frontier(self, ends: np.ndarray, to_finish: np.ndarray, most: int) -> list[Layer]:
         """Layers of kept states up to the first that covers the model (or none is left)."""
-        space, U = self.space, self.problem.U
-        RP = self.problem.memory_prefix
-        k = len(space.caps)
+        space, U, k = self.space, self.problem.U, len(self.space.caps)
+        RP, best = self.problem.memory_prefix, self.best_prefix
         # The same for time: best[u] is unit u's time on its fastest type, so a stage of type t from r on
         # holds at most work[t, r] of it, and the remaining devices must hold what is left (depends on T).
-        work = np.maximum.accumulate((self.best_prefix[ends] - self.best_prefix[None, :])[:, ::-1], axis=1)[:, ::-1]
-        layers = [Layer(np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64), np.full(1, -1, dtype=np.int64))]
+        work = np.maximum.accumulate((best[ends] - best[None, :])[:, ::-1], axis=1)[:, ::-1]
+        types = np.broadcast_to(np.arange(k), (1, k))
+        zero = np.zeros(1, dtype=np.int64)
+        layers = [Layer(zero, zero, zero - 1, np.zeros((1, k), dtype=np.int64))]
         while True:
             current = layers[-1]
-            digits = space.digits(current.states)
-            parts = [(current.states[digits[:, t] < space.caps[t]] + space.strides[t],
-                      ends[t][current.reach[digits[:, t] < space.caps[t]]],
-                      current.reach[digits[:, t] < space.caps[t]], t) for t in range(k)]
-            states = np.concatenate([p[0] for p in parts])
-            if states.size == 0:
-                return layers + [Layer(states, states, states)]
-            reach = np.concatenate([p[1] for p in parts])
-            before = np.concatenate([p[2] for p in parts])
-            types = np.concatenate([np.full(len(p[0]), p[3]) for p in parts])
-            self.transitions += int(states.size)
-            order = np.lexsort((types, -reach, states))  # per state: the highest reach, then the first type
-            states, reach, before, types = states[order], reach[order], before[order], types[order]
-            starts = np.flatnonzero(np.concatenate(([True], states[1:] != states[:-1])))
-            best = np.repeat(reach[starts], np.diff(np.append(starts, len(states))))
-            dominated = np.logical_or.reduceat(before == best, starts)
-            states, reach, types = states[starts], reach[starts], types[starts]
+            grows = current.digits < space.caps[None, :]
+            if not grows.any():
+                return layers + [Layer(zero[:0], zero[:0], zero[:0], current.digits[:0])]
+            # Every successor (state + one device of type t) with its reach; sorted by state, highest reach
+            # first, then the lowest type: one sort of packed keys.
+            after = (current.states[:, None] + space.strides[None, :])[grows]
+            reach = ends[types, current.reach[:, None]][grows]
+            keys = np.sort((after * (U + 1) + (U - reach)) * k + np.broadcast_to(types, grows.shape)[grows])
+            self.transitions += int(keys.size)
+            after = keys // ((U + 1) * k)
+            first = np.concatenate(([True], after[1:] != after[:-1]))
+            states, keys = after[first], keys[first]
+            reach, choice = U - (keys // k) % (U + 1), keys % k
             if (reach == U).any():
-                keep = reach == U
-                return layers + [Layer(states[keep], reach[keep], types[keep])]
-            spare = space.caps[None, :] - space.digits(states)
-            left = (spare * self.room[:, reach].T).sum(axis=1)
+                done = reach == U
+                return layers + [Layer(states[done], reach[done], choice[done], space.digits(states[done]))]
+            digits = space.digits(states)
+            spare = space.caps[None, :] - digits
+            keep = ~self._dominated(states, reach, digits, current)
             need = RP[U] - RP[reach]
-            keep = ~dominated & (need <= left * (1 + 1e-9) + 1e-9)
+            keep &= need <= (spare * self.room[:, reach].T).sum(axis=1) * (1 + 1e-9) + 1e-9
             hopeless = len(layers) + to_finish[reach] > most
-            best = self.best_prefix
             hopeless |= best[U] - best[reach] > (spare * work[:, reach].T).sum(axis=1) * (1 + 1e-9) + 1e-12
             self.cut_by_count |= bool((keep & hopeless).any())
             keep &= ~hopeless
             if int(keep.sum()) > MAX_FRONTIER:
                 raise ConfigError(f"planning this cluster needs more than {MAX_FRONTIER} count vectors of its "
-                                  f"{k} device types in one layer (the planner's limit); group the devices "
-                                  f"into fewer types")
-            layers.append(Layer(states[keep], reach[keep], types[keep]))
+                                  f"{k} device types in one layer (the planner's limit); group the devices into "
+                                  f"fewer types")
+            layers.append(Layer(states[keep], reach[keep], choice[keep], digits[keep]))
             if not keep.any():
                 return layers
+
+    def _dominated(self, states: np.ndarray, reach: np.ndarray, digits: np.ndarray, previous: Layer) -> np.ndarray:
+        """States whose reach a kept state with one device fewer already has."""
+        before = states[:, None] - self.space.strides[None, :]
+        at = np.minimum(np.searchsorted(previous.states, before), len(previous.states) - 1)
+        return ((digits > 0) & (previous.states[at] == before) & (previous.reach[at] == reach[:, None])).any(axis=1)
 
     def _walk_back(self, state: int, layers: list[Layer]) -> tuple[float, list[Cut]]:
         stages = []
@@ -377,15 +476,7 @@ class Probe:
         digits = space.digits(done)
         used = digits.sum(axis=1)
         fewest = used == used.min()
-        state = int(done[fewest][self.types.lowest_ids(digits[fewest])])
-        stages = []
-        while state != 0:
-            t = choice[state]
-            before = state - int(space.strides[t])
-            if reach[state] > reach[before]:
-                stages.append((reach[before], reach[state], t))
-            state = before
-        return self._assign(stages[::-1])
+        return self._walk(int(done[fewest][self.types.lowest_ids(digits[fewest])]), reach, choice)
 
 
 def lower_bound(problem: Problem) -> float:
