@@ -44,7 +44,7 @@ from .problem import Problem
 MAX_CANDIDATES = 1 << 12
 MAX_INDEX = 1 << 62  # count vectors are numbered in mixed radix in int64
 CHECK_EVERY = 4  # the dense probe drops states that cannot finish every this many layers
-DENSE_STATES = 1 << 20  # up to this many count vectors the vector probe runs over all of them, gathers only
+DENSE_BYTES = 1 << 28  # up to tables this large (8 + 6 x types bytes a count vector) the probe runs over all of them
 MAX_FRONTIER = 1 << 23  # states kept in one layer (a few hundred MB of temporaries)
 
 
@@ -202,7 +202,7 @@ class Probe:
 
     Three executions of the same DP. Over small state spaces (the paper's 4 devices: 16 states) NumPy's
     call overhead would dominate, so it runs on Python lists with the bisect module, which computes the
-    same IEEE doubles. Up to DENSE_STATES count vectors it runs over all of them, one gather per layer
+    same IEEE doubles. Up to DENSE_BYTES of tables it runs over all of them, one gather per layer
     from tables built once. Beyond, over a sparse frontier of the states that can still matter.
     """
 
@@ -221,7 +221,8 @@ class Probe:
         self.room = np.maximum.accumulate((RP[self.memory_ends] - RP[None, :])[:, ::-1], axis=1)[:, ::-1]
         self.space = StateSpace(self._caps(lower_bound(problem)), (problem.U + 1) * len(self.first))
         self.scalar = self.space.size <= self.SCALAR_STATES
-        self.tables = self.space.tables() if not self.scalar and self.space.size <= DENSE_STATES else None
+        dense = self.space.size * (8 + 6 * len(self.first)) <= DENSE_BYTES
+        self.tables = self.space.tables() if not self.scalar and dense else None
         if self.scalar:
             self.prefix_lists = [problem.time_prefix[d].tolist() for d in self.first]
             self.speed_list = [float(problem.speed[d]) for d in self.first]
