@@ -134,16 +134,16 @@ class StateSpace:
 
     def tables(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Every state but 0 by how many devices it uses: tables[l - 1] = (the states using l devices,
-        [state, type] -> the state with one device of that type fewer, or `size` if it has none,
-        [state, type] -> the devices of that type it leaves spare)."""
+        [type, state] -> the state with one device of that type fewer, or `size` if it has none (a row
+        per type: contiguous gathers), [state, type] -> the devices of that type it leaves spare)."""
         states = np.arange(self.size, dtype=np.int64)
         digits = self.digits(states)
         used = digits.sum(axis=1)
         ordered = np.sort(used * self.size + states) % self.size  # by layer, then by id
         tables = []
         for layer in np.split(ordered, np.cumsum(np.bincount(used))[:-1])[1:]:
-            before = layer[:, None] - self.strides[None, :]
-            tables.append((layer, np.where(digits[layer] > 0, before, self.size).astype(np.int32),
+            before = np.where(digits[layer] > 0, layer[:, None] - self.strides[None, :], self.size)
+            tables.append((layer, np.ascontiguousarray(before.T.astype(np.int32)),
                            (self.caps[None, :] - digits[layer]).astype(np.int16)))
         return tables
 
@@ -273,15 +273,16 @@ class Probe:
         back, not stored."""
         space, U = self.space, self.problem.U
         # Row t ends with -1 at index U + 1, the reach of the placeholder state `size`: never the best.
-        ends = np.concatenate((ends, np.full((len(ends), 1), -1)), axis=1).astype(np.int32)
-        flat = ends.ravel()
-        reach = np.full(space.size + 1, -1, dtype=np.int32)
+        small = np.int16 if U + 2 < np.iinfo(np.int16).max else np.int32
+        ends = np.concatenate((ends, np.full((len(ends), 1), -1)), axis=1).astype(small)
+        reach = np.full(space.size + 1, -1, dtype=small)
         reach[0], reach[space.size] = 0, U + 1
-        rows = (np.arange(len(ends), dtype=np.int32) * (U + 2))[None, :]
         hopeless = self._hopeless(ends[:, :-1])
         self.cut_by_count = False
         for layer, (states, before, spare) in enumerate(tables):
-            reached = flat[reach[before] + rows].max(axis=1)
+            reached = ends[0][reach[before[0]]]
+            for t in range(1, len(before)):
+                np.maximum(reached, ends[t][reach[before[t]]], out=reached)
             self.transitions += before.size
             done = states[reached == U]
             if done.size:
@@ -297,7 +298,7 @@ class Probe:
                     reach[states] = reached
                     break
             reach[states] = reached
-        starts = np.arange(U + 1) if self.cut_by_count else reach[:-1]
+        starts: np.ndarray = np.arange(U + 1) if self.cut_by_count else reach[:-1].astype(np.int64)
         self.infeasible_below = self._next_event(np.unique(starts[starts >= 0]))
         return None
 
