@@ -75,8 +75,8 @@ def work_estimate(problem: Problem, algorithm: str) -> float:
 
 
 def measure(problem: Problem, algorithm: str, repeats: int):
-    """Median CPU ms and median wall ms over repeats, and the plan."""
-    cpu, wall, result = [], [], None
+    """Median CPU ms and median wall ms over repeats after one warm-up call, and the plan."""
+    cpu, wall, result = [], [], solve_problem(problem, algorithm)
     for _ in range(repeats):
         started, started_cpu = time.perf_counter(), time.process_time()
         result = solve_problem(problem, algorithm)

@@ -292,7 +292,7 @@ class Probe:
             if layer % CHECK_EVERY == CHECK_EVERY - 1:  # states that can never finish: -1 (reach nothing)
                 alive = reached >= 0
                 dead = alive & hopeless(reached, spare)
-                self.cut_by_count = True
+                self.cut_by_count |= bool(dead.any())  # the work test depends on the limit: no reach-based jump
                 reached[dead] = -1
                 if not (alive & ~dead).any():
                     reach[states] = reached
