@@ -44,6 +44,7 @@ from .problem import Problem
 MAX_CANDIDATES = 1 << 12
 MAX_INDEX = 1 << 62  # count vectors are numbered in mixed radix in int64
 CHECK_EVERY = 4  # the dense probe drops states that cannot finish every this many layers
+CHECKED_STATES = 1 << 12  # ... over more count vectors than this (below, the checks cost more than they save)
 DENSE_BYTES = 1 << 28  # up to tables this large (8 + 6 x types bytes a count vector) the probe runs over all of them
 MAX_FRONTIER = 1 << 23  # states kept in one layer (a few hundred MB of temporaries)
 
@@ -249,9 +250,9 @@ class Probe:
         self.probes += 1
         self.infeasible_below = limit
         problem = self.problem
-        self.time_ends = np.stack([max_ends(problem.time_prefix[d], problem.speed[d], limit) for d in self.first])
         if self.scalar:
             return self._scalar(limit)
+        self.time_ends = np.stack([max_ends(problem.time_prefix[d], problem.speed[d], limit) for d in self.first])
         ends = np.minimum(self.time_ends, self.memory_ends)
         if self.tables is not None:
             return self._dense(ends, self.tables)
@@ -277,19 +278,23 @@ class Probe:
         ends = np.concatenate((ends, np.full((len(ends), 1), -1)), axis=1).astype(small)
         reach = np.full(space.size + 1, -1, dtype=small)
         reach[0], reach[space.size] = 0, U + 1
-        hopeless = self._hopeless(ends[:, :-1])
+        hopeless = self._hopeless(ends[:, :-1]) if space.size > CHECKED_STATES else None
+        flat, rows = ends.ravel(), (np.arange(len(ends)) * (U + 2))[:, None]
         self.cut_by_count = False
         for layer, (states, before, spare) in enumerate(tables):
-            reached = ends[0][reach[before[0]]]
-            for t in range(1, len(before)):
-                np.maximum(reached, ends[t][reach[before[t]]], out=reached)
+            if len(states) < 1024:  # one gather for all types (fewer calls); large layers: contiguous rows
+                reached = flat[reach[before] + rows].max(axis=0)
+            else:
+                reached = ends[0][reach[before[0]]]
+                for t in range(1, len(before)):
+                    np.maximum(reached, ends[t][reach[before[t]]], out=reached)
             self.transitions += before.size
             done = states[reached == U]
             if done.size:
                 reach[states] = reached
                 state = int(done[self.types.lowest_ids(space.digits(done))])
                 return self._walk(state, reach, self._choices(state, reach, ends))
-            if layer % CHECK_EVERY == CHECK_EVERY - 1:  # states that can never finish: -1 (reach nothing)
+            if hopeless is not None and layer % CHECK_EVERY == CHECK_EVERY - 1:  # those that cannot finish: -1
                 alive = reached >= 0
                 dead = alive & hopeless(reached, spare)
                 self.cut_by_count |= bool(dead.any())  # the work test depends on the limit: no reach-based jump
