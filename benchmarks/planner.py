@@ -2,11 +2,14 @@
 
     taskset -c 0 .venv/bin/python benchmarks/planner.py            # full table (a few minutes)
     taskset -c 0 .venv/bin/python benchmarks/planner.py --quick    # small sizes only
+    taskset -c 0 .venv/bin/python benchmarks/planner.py --fleets-only --algorithms bisect   # fleets of 16-1000
 
 Prints, per instance and algorithm, the median planning time over repeats (CPU time of this
 process, so that other work on a shared machine does not inflate it; wall time beside it), the DP transitions
 evaluated and the bottleneck; every algorithm on one instance must report the same bottleneck.
-Algorithms whose estimated work exceeds --budget are skipped (shown as "skip").
+Algorithms whose estimated work exceeds --budget are skipped (shown as "skip"). The fleet rows (`fleet`: N devices
+of 2-6 kinds, with and without binding memory; the paper testbed's four kinds x16) follow today's rows; there only
+`bisect` runs (the DPs over 2^N device sets are skipped or refused).
 """
 
 from __future__ import annotations
