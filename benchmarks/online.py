@@ -50,30 +50,33 @@ def as_config(problem) -> dict:
             "model_config": {"U": problem.U, "E": E, "R": R}}
 
 
-def linked(N: int, U: int, matrix: bool, binding: bool = False) -> Problem:
+def linked(N: int, U: int, matrix: bool, binding: bool = False, kinds: int = 0) -> Problem:
+    """A synthetic cluster with links; with `kinds`, planner.py's fleet of that many kinds, B shared by a kind."""
     rng = np.random.default_rng(N * 1000 + U)
-    problem = synthetic(N, U, binding=binding)
-    B = rng.choice([100.0, 300.0, 1000.0], N)
+    problem = fleet(N, U, kinds, binding=binding) if kinds else synthetic(N, U, binding=binding)
+    B = rng.choice([100.0, 300.0, 1000.0], kinds)[np.arange(N) % kinds] if kinds else rng.choice([100.0, 300.0,
+                                                                                                  1000.0], N)
     return replace(problem, link_mbps=B, cut_bytes=rng.lognormal(11, 1.0, U + 1),
                    link_matrix=rng.choice([100.0, 300.0, 1000.0], (N, N)) if matrix else None)
 
 
 def link_table(sizes, repeats: int) -> None:
-    print(f"{'link model':<34} {'algorithm':<13} {'median ms':>10} {'wall ms':>9} {'transitions':>12} "
+    print(f"{'link model':<44} {'algorithm':<13} {'median ms':>10} {'wall ms':>9} {'transitions':>12} "
           f"{'bottleneck ms':>14} {'no-link ms':>11}")
-    for N, U, matrix, binding in sizes:
-        problem = linked(N, U, matrix, binding)
-        name = f"N={N} U={U} {'matrix' if matrix else 'per device'}{' binding' if binding else ''}"
+    for N, U, matrix, binding, *kinds in sizes:
+        problem = linked(N, U, matrix, binding, *kinds)
+        name = (f"N={N} U={U} {'matrix' if matrix else 'per device'}{' binding' if binding else ''}"
+                f"{f' fleet of {kinds[0]} kinds' if kinds else ''}")
         plain = solve_problem(replace(problem, link_mbps=None, cut_bytes=None, link_matrix=None)).bottleneck
         plans = set()
         for algorithm in ("bisect-links", "links"):
             if algorithm == "links" and N > LINKS_DP_LIMIT:
-                print(f"{name:<34} {algorithm:<13} {'skip':>10}")
+                print(f"{name:<44} {algorithm:<13} {'skip':>10}")
                 continue
             ms, wall, result = median_ms(lambda problem=problem, algorithm=algorithm: solve_problem(problem, algorithm),
                                          repeats)
             plans.add((result.bottleneck, str(result.stages)))
-            print(f"{name:<34} {algorithm:<13} {ms:>10.1f} {wall:>9.1f} {result.transitions:>12,} "
+            print(f"{name:<44} {algorithm:<13} {ms:>10.1f} {wall:>9.1f} {result.transitions:>12,} "
                   f"{result.bottleneck:>14.6f} {plain:>11.6f}", flush=True)
         if len(plans) > 1:
             raise SystemExit(f"{name}: the algorithms disagree: {sorted(plans)}")
@@ -103,11 +106,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if args.quick:
-        sizes = [(4, 100, False, False), (6, 273, True, False)]
+        sizes: list[tuple] = [(4, 100, False, False), (6, 273, True, False)]
     else:
         sizes = [(4, 100, False, False), (4, 273, False, False), (6, 273, False, False), (8, 100, False, False),
                  (4, 273, True, False), (6, 273, True, False), (8, 273, True, False), (8, 273, True, True),
-                 (10, 273, True, False), (12, 273, True, False), (12, 273, True, True)]
+                 (10, 273, True, False), (12, 273, True, False), (12, 273, True, True), (16, 1000, False, False, 4),
+                 (64, 273, False, True, 4)]
     link_table(sizes, args.repeats)
     print()
     replan_table([(4, 273), (64, 273, 4)] if args.quick else [(4, 273), (10, 1000), (16, 1000), (64, 273, 4),
