@@ -10,7 +10,8 @@ Identical devices (same times, speed and memory) are one type with a count, as i
 runs over count vectors (how many devices of each type are used), so a fleet of 1,000 boards of 3
 kinds costs count vectors of 3 numbers, never sets of 1,000 bits. It runs layer by layer over the
 number of devices used and stops at the first layer that covers the model: that is the fewest
-devices. Within a layer only states that can still matter are kept (a sparse frontier):
+devices. States that cannot matter are dropped (all of them in the sparse frontier used for the
+largest spaces; the last two in the dense probe, which marks them as reaching nothing):
 - a state whose reach equals that of a state with one device fewer (its predecessor) is dominated:
   anything it leads to, the predecessor reaches with one device fewer;
 - a state whose remaining devices lack the memory for the remaining units can never finish (each
