@@ -141,3 +141,11 @@ def test_exponential_algorithms_refuse_what_does_not_fit():
                                               r".* N=64, U=10, over its limit of 1024 MiB \(at most N=\d+ here\)"):
             solve_problem(problem, algorithm)
     assert solve_problem(problem, "bisect").bottleneck == 1.0
+
+
+def test_too_many_kinds_are_refused_in_one_line():
+    # 40 devices that all differ: no grouping helps, and the count vectors of a layer would need GBs.
+    C = [1.0 + d / 64 for d in range(40)]
+    problem = Problem.from_lists(C, [30.0] * 40, [float(u % 7 + 1) for u in range(200)], [0.1] * 200)
+    with pytest.raises(ConfigError, match=r"limit of 16777216 numbers: its 40 devices form 40 types"):
+        solve_problem(problem, "bisect")

@@ -47,7 +47,7 @@ MAX_INDEX = 1 << 62  # count vectors are numbered in mixed radix in int64
 CHECK_EVERY = 4  # the dense probe drops states that cannot finish every this many layers
 CHECKED_STATES = 1 << 12  # ... over more count vectors than this (below, the checks cost more than they save)
 DENSE_BYTES = 1 << 28  # up to tables this large (8 + 6 x types bytes a count vector) the probe runs over all of them
-MAX_FRONTIER = 1 << 23  # states kept in one layer (a few hundred MB of temporaries)
+MAX_FRONTIER = 1 << 24  # states x types^2 in one layer (a count vector per (state, type) pair): beyond, GBs and minutes
 
 
 def max_ends(prefix: np.ndarray, scale: float, limit: float) -> np.ndarray:
@@ -384,6 +384,11 @@ class Probe:
         layers = [Layer(zero, zero, zero - 1, np.zeros((1, k), dtype=np.int64))]
         while True:
             current = layers[-1]
+            if current.states.size * k * k > MAX_FRONTIER:
+                raise ConfigError(f"planning this cluster would keep {current.states.size * k} count vectors of {k} "
+                                  f"numbers in one layer, over the planner's limit of {MAX_FRONTIER} numbers: its "
+                                  f"{self.problem.N} devices form {k} types (identical speed, memory and unit "
+                                  f"times); group them into fewer")
             grows = current.digits < space.caps[None, :]
             if not grows.any():
                 return layers + [Layer(zero[:0], zero[:0], zero[:0], current.digits[:0])]
@@ -409,10 +414,6 @@ class Probe:
             hopeless |= best[U] - best[reach] > (spare * work[:, reach].T).sum(axis=1) * (1 + 1e-9) + 1e-12
             self.cut_by_count |= bool((keep & hopeless).any())
             keep &= ~hopeless
-            if int(keep.sum()) > MAX_FRONTIER:
-                raise ConfigError(f"planning this cluster needs more than {MAX_FRONTIER} count vectors of its "
-                                  f"{k} device types in one layer (the planner's limit); group the devices into "
-                                  f"fewer types")
             layers.append(Layer(states[keep], reach[keep], choice[keep], digits[keep]))
             if not keep.any():
                 return layers
