@@ -48,3 +48,17 @@ def as_config(C, M, E, R, B=None, A=None, B_link=None, cuts=None) -> dict:
         if value is not None:
             config[section][key] = list(value)
     return config
+
+
+@st.composite
+def fleets(draw, max_types: int = 4, max_devices: int = 40, max_units: int = 16):
+    """Many devices of a few kinds, the kinds' ids interleaved at random, memory often binding: (C, M, E, R).
+    Integer unit times and sizes keep every sum exact (see tests/typecount.py)."""
+    U = draw(st.integers(1, max_units))
+    E = draw(st.lists(st.integers(0, 20).map(float), min_size=U, max_size=U))
+    R = draw(st.lists(st.integers(0, 10).map(float), min_size=U, max_size=U))
+    kinds = draw(st.lists(st.tuples(SPEEDS, st.integers(0, max(1, int(sum(R)) // 2)).map(float)),
+                          min_size=1, max_size=max_types))
+    N = draw(st.integers(1, max_devices))
+    of = draw(st.lists(st.integers(0, len(kinds) - 1), min_size=N, max_size=N))
+    return [kinds[k][0] for k in of], [kinds[k][1] for k in of], E, R

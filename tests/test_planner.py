@@ -137,7 +137,7 @@ def test_plan_accepts_path_dict_and_json_roundtrip(tmp_path):
     assert plan(path).stages == plan(config).stages
     data = plan(config).to_json()
     assert list(data)[:4] == ["pipeline_plan", "bottleneck_ms", "algorithm", "planning_time_ms"]
-    json.dumps(data)
+    assert json.loads(json.dumps(data)) == data  # plain JSON types only: no NumPy scalars or arrays slip through
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,7 @@
 """The communication model: links per device or per pair, bytes per cut, exact against brute force."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -9,7 +11,7 @@ from bruteforce import tie_break
 from dnnpipe import ConfigError, NoPlanError, load_config, plan
 from dnnpipe.planner import LINK_AWARE, Problem, linkbisect, solve_problem
 from dnnpipe.planner.plan import check_cuts
-from strategies import as_config, cut_sets, linked_instances
+from strategies import MBPS, as_config, cut_sets, fleets, linked_instances
 
 LINKED = sorted(LINK_AWARE)
 
@@ -114,3 +116,58 @@ def test_bigger_linked_clusters_match_the_links_dp(seed, chunk, monkeypatch):
         return
     fast = solve_problem(problem, "bisect-links")
     assert fast.bottleneck == reference.bottleneck and fast.stages == reference.stages
+
+
+@settings(max_examples=40, deadline=None)
+@given(fleets(max_types=3, max_devices=24, max_units=10), st.data())
+def test_link_fleets_without_bytes_plan_as_without_links(instance, data):
+    # Per-device links group into types with the devices; with nothing to send every hop takes 0 ms, so the
+    # link-aware search must find the very plan of the plain one (bottleneck and the rule's devices).
+    C, M, E, R = instance
+    kinds = sorted(set(zip(C, M)))
+    mbps = {kind: data.draw(MBPS) for kind in kinds}
+    B = [mbps[(c, m)] for c, m in zip(C, M)]
+    try:
+        plain = solve_problem(Problem.from_lists(C, M, E, R), "bisect")
+    except NoPlanError:
+        with pytest.raises(NoPlanError):
+            solve_problem(Problem.from_lists(C, M, E, R, B, [0.0] * (len(E) + 1)), "bisect-links")
+        return
+    linked = solve_problem(Problem.from_lists(C, M, E, R, B, [0.0] * (len(E) + 1)), "bisect-links")
+    assert linked.bottleneck == plain.bottleneck
+    assert sorted(d for *_, d in linked.stages) == sorted(d for *_, d in plain.stages)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_grouped_linked_devices_match_the_links_dp(seed):
+    # 7-8 devices of 2-3 kinds (speed, memory and B shared within a kind): the type-count search against the DP
+    # over device sets, the plan itself included.
+    rng = np.random.default_rng(100 + seed)
+    N, U, kinds = int(rng.integers(7, 9)), int(rng.integers(15, 30)), int(rng.integers(2, 4))
+    E, R = rng.lognormal(-3, 1, U), rng.lognormal(-1, 1, U)
+    of = rng.integers(0, kinds, N)
+    C, M = rng.choice([1.0, 0.33, 0.21, 0.5], kinds)[of], (rng.uniform(0.5, 2.0, kinds) * R.sum() / N * 2)[of]
+    B = rng.choice([100.0, 1000.0], kinds)[of]
+    problem = Problem.from_lists(C, M, E, R, B, rng.lognormal(11, 1.0, U + 1))
+    assert len(linkbisect.LinkProbe(problem).types.members) <= kinds
+    try:
+        reference = solve_problem(problem, "links")
+    except NoPlanError:
+        with pytest.raises(NoPlanError):
+            solve_problem(problem, "bisect-links")
+        return
+    fast = solve_problem(problem, "bisect-links")
+    assert fast.bottleneck == reference.bottleneck and fast.stages == reference.stages
+
+
+def test_a_link_matrix_beyond_the_table_limit_is_refused_in_one_line():
+    # With B_link every device is its own type: 2^N x N x (U + 1) bits. 16 devices at U=1000 fit (134 MB), 17 not.
+    U, N = 1000, 17
+    B_link = [[0.0 if d == e else 100.0 for e in range(N)] for d in range(N)]
+    problem = Problem.from_lists([1.0] * N, [10.0] * N, [1.0] * U, [0.01] * U, [100.0] * N, [0.0] * (U + 1), B_link)
+    with pytest.raises(ConfigError, match=r"^bisect-links: with a link matrix \(device_config.B_link\) every device is "
+                                          r"its own type, so its table needs 285 MB at N=17, U=1000 \(limit 268 MB: at "
+                                          r"most N=16 distinct devices at this U\)"):
+        solve_problem(problem)
+    # Without the matrix the 17 identical devices are one type: 18 count vectors.
+    assert solve_problem(replace(problem, link_matrix=None)).bottleneck > 0

@@ -1,5 +1,6 @@
 """Re-planning: the new plan is the optimum of the changed cluster, and the diff is right."""
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -8,6 +9,7 @@ from bruteforce import brute_force_bottleneck
 from dnnpipe import ConfigError, NoPlanError, plan
 from dnnpipe.planner.replan import ClusterChange, replan
 from strategies import as_config, cut_sets, instances, linked_instances
+from typecount import type_count_plan
 
 CONFIG = as_config([1.0, 0.5, 0.5, 0.25], [100, 100, 100, 100], [4.0] * 12, [1.0] * 12)
 
@@ -126,3 +128,26 @@ def test_replan_respects_cuts_and_link_matrix(case):
     legal = set(cuts if cuts is not None else range(1, len(E))) | {len(E)}
     assert all(end in legal for _, end, _ in result.plan.stages)
     assert gone not in [d for *_, d in result.plan.stages]
+
+
+@pytest.mark.parametrize("leaving", ["used", "unused"])
+def test_a_fleet_of_64_loses_one_device(leaving):
+    # 64 devices of 3 kinds (ids interleaved): the new plan is the reduced fleet's optimum with the rule's devices,
+    # ids mapped back past the gap; a device the running plan does not use leaves nothing to move.
+    kinds = [(1.0, 40.0), (0.5, 40.0), (0.25, 20.0)]
+    C, M = [kinds[d % 3][0] for d in range(64)], [kinds[d % 3][1] for d in range(64)]
+    rng = np.random.default_rng(7)
+    E, R = rng.integers(1, 20, 30).astype(float).tolist(), rng.integers(1, 10, 30).astype(float).tolist()
+    config = as_config(C, M, E, R)
+    running = plan(config).stages
+    used = {d for *_, d in running}
+    gone = min(used) if leaving == "used" else min(set(range(1, 65)) - used)
+    result = replan(config, running, ClusterChange(removed=frozenset({gone})))
+    keep = [d for d in range(64) if d != gone - 1]
+    expected = type_count_plan([C[d] for d in keep], [M[d] for d in keep], E, R)
+    assert expected is not None and result.plan.bottleneck == expected[0]
+    assert sorted(d for *_, d in result.plan.stages) == sorted(keep[i] + 1 for i in expected[1])
+    if leaving == "unused":
+        assert result.plan.stages == running and result.units_moved == 0 and result.moved == []
+    else:
+        assert gone not in [d for *_, d in result.plan.stages] and result.units_moved > 0

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..config import ConfigSource, load_config
 from ..errors import ConfigError
-from . import bisect, dp, linkbisect, links, pipeedge
+from . import bisection, dp, linkbisect, links, pipeedge
 from .plan import Cut, Plan, Solution, bottleneck_of, explain_no_plan, make_plan
 from .problem import Problem
 
@@ -21,7 +21,7 @@ ALGORITHMS: dict[str, Solver] = {
     "dnnpipe": lambda problem: dp.solve(problem, prune=True),
     "exhaustive": lambda problem: dp.solve(problem, prune=False),
     "pipeedge": pipeedge.solve,
-    "bisect": bisect.solve,
+    "bisect": bisection.solve,
     "links": links.solve,
     "bisect-links": linkbisect.solve,
 }
@@ -56,6 +56,7 @@ def solve_problem(problem: Problem, algorithm: Optional[str] = None) -> Plan:
         raise ConfigError(f"algorithm {algorithm!r} needs device_config.B and model_config.A")
     started = time.perf_counter()
     blocks = problem.at_cuts()
+    check_table_size(blocks, algorithm)
     solution = ALGORITHMS[algorithm](blocks)
     if solution is None:
         raise explain_no_plan(problem)
@@ -66,6 +67,28 @@ def solve_problem(problem: Problem, algorithm: Optional[str] = None) -> Plan:
     return make_plan(problem, cuts, algorithm, solution.transitions, elapsed_ms)
 
 
+TABLE_BYTES = 1 << 30  # the largest DP table the exponential algorithms may allocate (1 GiB)
+# Bytes per (unit prefix, device set) entry of each exponential algorithm's tables; x N where it keeps a last device.
+ENTRY_BYTES = {"dnnpipe": (13, False), "exhaustive": (13, False), "pipeedge": (21, True), "links": (14, True)}
+
+
+def check_table_size(problem: Problem, algorithm: str) -> None:
+    """The DP algorithms keep tables over all 2^N device sets: refuse, in one line, what would not fit."""
+    if algorithm not in ENTRY_BYTES:
+        return
+    per_entry, per_device = ENTRY_BYTES[algorithm]
+
+    def size(N: int) -> int:
+        return (problem.U + 1) * (1 << N) * per_entry * (N if per_device else 1)
+
+    if size(problem.N) > TABLE_BYTES:
+        largest = max([n for n in range(1, problem.N) if size(n) <= TABLE_BYTES], default=0)
+        need = f"{size(problem.N) / 1e6:.3g} MB" if problem.N < 64 else f"over 2^{problem.N} entries"
+        raise ConfigError(f"algorithm {algorithm!r} keeps tables over all 2^N device sets: {need}"
+                          f" at N={problem.N}, U={problem.U}, over its limit of {TABLE_BYTES >> 20} MiB (at most "
+                          f"N={largest} here); use 'bisect' or 'bisect-links', which group identical devices")
+
+
 def canonical(problem: Problem, cuts: tuple[Cut, ...], algorithm: str) -> list[Cut]:
     """The tie-break rule's plan at the bottleneck of an optimal plan `cuts`.
 
@@ -73,7 +96,7 @@ def canonical(problem: Problem, cuts: tuple[Cut, ...], algorithm: str) -> list[C
     below it checks the algorithm: no plan may be better than the one it returned.
     """
     value = bottleneck_of(problem, cuts)
-    probe = linkbisect.LinkProbe(problem) if problem.has_links else bisect.Probe(problem)
+    probe = linkbisect.LinkProbe(problem) if problem.has_links else bisection.Probe(problem)
     better = probe(float(np.nextafter(value, -np.inf)))
     if better is not None:
         raise RuntimeError(f"algorithm {algorithm!r} returned bottleneck {value!r}, the probe found {better[0]!r}")

@@ -17,6 +17,12 @@ and a gather. Sets are bit masks (uint64 words), so the OR over d of ANDs is N w
 per state, and every step runs for a whole layer of (S, e) pairs at once in NumPy. T is feasible
 iff some K[S, e] holds U and e's result hop fits T.
 
+Devices that share speed, memory, time row and link B are one type with a count (as in `bisection`):
+S is then a count vector and e a type, so a fleet of a few kinds costs prod(count + 1) x types states,
+not 2^N x N. A link matrix B_link gives every device its own row, so there every device is its own
+type; the table K (states x types x (U + 1) bits) is refused above TABLE_BYTES, in one line: at
+U=1000 that is N=16 distinct devices (134 MB), at U=273 N=18.
+
 The search is bisect's: the optimum is a stage time, a hop between two devices, or an input or
 result hop, so bracketing and a binary search over those candidate values end exactly on it.
 The `links` DP is the reference it is tested against.
@@ -28,11 +34,13 @@ from typing import Optional
 
 import numpy as np
 
-from .bisect import Found, lower_bound, lowest_ids_key, max_ends, search, stage_times_between
+from ..errors import ConfigError
+from .bisection import DeviceTypes, Found, StateSpace, lower_bound, max_ends, search, stage_times_between
 from .plan import Cut, Solution, bottleneck_of
 from .problem import Problem
 
 CHUNK = 4096  # (set, device) pairs per vector step, to bound temporary memory at large N
+TABLE_BYTES = 1 << 28  # the largest K table (256 MiB): N=16 distinct devices at U=1000 (134 MB), not 17
 
 
 def pack(bits: np.ndarray, words: int) -> np.ndarray:
@@ -67,51 +75,64 @@ class LinkProbe:
 
     def __init__(self, problem: Problem):
         self.problem = problem
-        N, U = problem.N, problem.U
+        U = problem.U
         self.words = (U + 1 + 63) // 64
-        self.memory_ends = [max_ends(problem.memory_prefix, 1.0, problem.capacity[d]) for d in range(N)]
+        self.types = DeviceTypes.of(problem)
+        counts = self.types.counts
+        k = len(counts)
+        self.space = StateSpace(counts)
+        check_table(problem, self.space.size, k, self.words)
+        first = [m[0] for m in self.types.members]
+        # A second device of the same type, for hops within a type (none: a device never sends to itself).
+        second = [m[1] if len(m) > 1 else -1 for m in self.types.members]
+        self.memory_ends = [max_ends(problem.memory_prefix, 1.0, problem.capacity[d]) for d in first]
+        self.speed_rows = [(problem.time_prefix[d], problem.speed[d]) for d in first]
         A = problem.cut_bytes if problem.has_links and problem.cut_bytes is not None else np.zeros(U + 1)
-        B = problem.link_mbps if problem.has_links and problem.link_mbps is not None else np.full(N, np.inf)
+        B = problem.link_mbps if problem.has_links and problem.link_mbps is not None else np.full(problem.N, np.inf)
+        receivers = np.array([[second[d] if d == e else first[e] for e in range(k)] for d in range(k)])
+        pair = problem.pair_mbps[np.array(first)[:, None], np.maximum(receivers, 0)]
         with np.errstate(divide="ignore", invalid="ignore"):
-            hop = A[None, None, :] * 8e-3 / problem.pair_mbps[:, :, None]  # hop_ms's arithmetic, [d, e, k]
-        hop[np.arange(N), np.arange(N)] = np.inf  # a device never sends to itself
+            hop = A[None, None, :] * 8e-3 / pair[:, :, None]  # hop_ms's arithmetic, [d, e, k]
+        hop[receivers < 0] = np.inf
         self.hop = hop
-        self.input_hop = A[0] * 8e-3 / B
-        self.output_hop = A[U] * 8e-3 / B
-        sets = np.arange(1 << N)
-        self.used = np.array([bin(S).count("1") for S in sets])
-        # blocks[l][e]: every set S with |S| = l + 1 and e not in S; a layer is one vector step.
-        self.blocks = [[sets[(self.used == size) & ((sets >> e & 1) == 0)] for e in range(N)] for size in range(1, N)]
+        self.input_hop = A[0] * 8e-3 / B[first]
+        self.output_hop = A[U] * 8e-3 / B[first]
+        states = np.arange(self.space.size)
+        self.digits = self.space.digits(states)
+        self.used = self.digits.sum(axis=1)
+        caps = self.space.caps
+        # blocks[l][e]: every state S using l + 1 devices with a device of type e to spare; a layer is one step.
+        self.blocks = [[states[(self.used == size) & (self.digits[:, e] < caps[e])] for e in range(k)]
+                       for size in range(1, int(self.used.max()))]
         self.transitions = 0
         self.infeasible_below = -np.inf  # no jumps: hops make the next event costly to find
 
     def ends(self, limit: float) -> np.ndarray:
         """f[e, j]: the last unit of a stage from j on e within the limit and e's memory."""
-        problem = self.problem
-        return np.stack([np.minimum(max_ends(problem.time_prefix[e], problem.speed[e], limit), self.memory_ends[e])
-                         for e in range(problem.N)])
+        return np.stack([np.minimum(max_ends(P, scale, limit), memory)
+                         for (P, scale), memory in zip(self.speed_rows, self.memory_ends)])
 
     def reach(self, limit: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """K as words [set, last device, word], the greedy ends f and the hop masks ok[d, e]."""
-        N, U = self.problem.N, self.problem.U
+        """K as words [state, last type, word], the greedy ends f and the hop masks ok[d, e]."""
+        U, k, strides = self.problem.U, len(self.types.members), self.space.strides
         f = self.ends(limit)
         positions = np.arange(U + 1)
-        first = np.stack([np.searchsorted(f[e], positions, side="left") for e in range(N)])  # g_e(k)
+        first = np.stack([np.searchsorted(f[e], positions, side="left") for e in range(k)])  # g_e(k)
         ok = pack(self.hop <= limit, self.words)  # [d, e, word]
         to = np.ascontiguousarray(ok.transpose(1, 0, 2))  # [e, d, word]
-        K = np.zeros((1 << N, N, self.words), dtype=np.uint64)
-        for e in range(N):
+        K = np.zeros((self.space.size, k, self.words), dtype=np.uint64)
+        for e in range(k):
             if self.input_hop[e] <= limit:
-                K[1 << e, e] = pack((positions > 0) & (positions <= f[e, 0]), self.words)
-        alive = np.zeros(1 << N, dtype=bool)  # sets with some non-empty K[S, .]: the others extend nothing
-        alive[[1 << e for e in range(N) if self.input_hop[e] <= limit and f[e, 0] > 0]] = True
+                K[strides[e], e] = pack((positions > 0) & (positions <= f[e, 0]), self.words)
+        alive = np.zeros(self.space.size, dtype=bool)  # states with some non-empty K[S, .]: the others extend nothing
+        alive[[strides[e] for e in range(k) if self.input_hop[e] <= limit and f[e, 0] > 0]] = True
         for layer in self.blocks:
             parts = [S[alive[S]] for S in layer]
             sizes = [len(part) for part in parts]
             if not any(sizes):
-                break  # no set of this size covers anything: larger ones cannot either
-            if sum(sizes) <= CHUNK:  # small layers in one step (Python overhead), large ones per device
-                steps = [(np.concatenate(parts), np.repeat(np.arange(N), sizes))]
+                break  # no state of this size covers anything: larger ones cannot either
+            if sum(sizes) <= CHUNK:  # small layers in one step (Python overhead), large ones per type
+                steps = [(np.concatenate(parts), np.repeat(np.arange(k), sizes))]
             else:
                 steps = [(part[at:at + CHUNK], np.full(len(part[at:at + CHUNK]), e))
                          for e, part in enumerate(parts) for at in range(0, len(part), CHUNK)]
@@ -128,44 +149,63 @@ class LinkProbe:
         runs = np.concatenate(([0], np.flatnonzero(np.diff(e)) + 1, [len(S)]))
         hops_ok = to[e[0]] if len(runs) == 2 else to[e]
         starts = np.bitwise_or.reduce(K[S] & hops_ok, axis=1)
-        # Units along axis 0, sets along axis 1: the prefix sum then adds whole rows.
+        # Units along axis 0, states along axis 1: the prefix sum then adds whole rows.
         count = np.zeros((U + 2, len(S)), dtype=np.int16 if U < np.iinfo(np.int16).max else np.int32)
         np.cumsum(unpack_columns(starts, U + 1), axis=0, out=count[1:])
         # k is covered iff J holds a start in [g_e(k), k - 1]
         covered = np.zeros((self.words * 64, len(S)), dtype=bool)
         for a, b in zip(runs[:-1], runs[1:]):
             np.greater(count[:U + 1, a:b], count[first[e[a]], a:b], out=covered[:U + 1, a:b])
-        K[S | (1 << e), e] = pack_columns(covered, self.words)
-        alive[(S | (1 << e))[covered.any(axis=0)]] = True
+        after = S + self.space.strides[e]
+        K[after, e] = pack_columns(covered, self.words)
+        alive[after[covered.any(axis=0)]] = True
 
     def __call__(self, limit: float) -> Optional[Found]:
-        N, U = self.problem.N, self.problem.U
+        U = self.problem.U
         K, f, ok = self.reach(limit)
-        final = (K[:, :, U // 64] >> np.uint64(U % 64)) & np.uint64(1)  # [set, e]: holds U
+        final = (K[:, :, U // 64] >> np.uint64(U % 64)) & np.uint64(1)  # [state, e]: holds U
         S, e = np.nonzero((final == 1) & (self.output_hop <= limit)[None, :])
         if S.size == 0:
             return None
-        pick = np.lexsort((e, lowest_ids_key(S, N), self.used[S]))[0]  # fewest devices, lowest ids, lowest last
+        fewest = self.used[S] == self.used[S].min()
+        S, e = S[fewest], e[fewest]  # in order of S, then e: lowest_ids keeps the first of equal rows
+        pick = self.types.lowest_ids(self.digits[S])  # fewest devices, lowest ids, lowest last type
         cuts = self._plan(int(S[pick]), int(e[pick]), K, f, ok)
         return bottleneck_of(self.problem, cuts), cuts
 
     def _starts(self, words: np.ndarray, ends: np.ndarray, k: int) -> np.ndarray:
-        """The starts j in a set whose stage on the next device can end at k."""
+        """The starts j in a state whose stage on the next device can end at k."""
         starts = np.flatnonzero(unpack(words, self.problem.U + 1))
         return starts[(starts < k) & (ends[starts] >= k)]
 
     def _plan(self, S: int, e: int, K: np.ndarray, f: np.ndarray, ok: np.ndarray) -> list[Cut]:
-        """Walk back from (S, e, U): the previous device d (lowest first) and the latest start j that reach k."""
-        U = self.problem.U
-        cuts, k = [], U
-        while S != 1 << e:
-            before = S & ~(1 << e)
-            j, d = next((int(starts[-1]), d) for d in range(self.problem.N) if before >> d & 1
+        """Walk back from (S, e, U): the previous type d (lowest first) and the latest start j that reach k;
+        then each type's stages, in pipeline order, go to its lowest ids."""
+        U, strides = self.problem.U, self.space.strides
+        stages, k = [], U
+        while S != strides[e]:
+            before = S - int(strides[e])
+            held = self.digits[before]
+            j, d = next((int(starts[-1]), d) for d in range(len(held)) if held[d] > 0
                         for starts in [self._starts(K[before, d] & ok[d, e], f[e], k)] if starts.size)
-            cuts.append((j, k, e))
+            stages.append((j, k, e))
             S, e, k = before, d, j
-        cuts.append((0, k, e))
-        return cuts[::-1]
+        stages.append((0, k, e))
+        spare = [iter(m) for m in self.types.members]
+        return [(j, k, next(spare[t])) for j, k, t in stages[::-1]]
+
+
+def check_table(problem: Problem, states: int, types: int, words: int) -> None:
+    """Refuse, in one line, a K table over TABLE_BYTES instead of exhausting memory."""
+    size = states * types * words * 8
+    if size <= TABLE_BYTES:
+        return
+    largest = max(n for n in range(1, 64) if (1 << n) * n * words * 8 <= TABLE_BYTES)
+    kind = ("with a link matrix (device_config.B_link) every device is its own type" if problem.link_matrix is not None
+            else f"its {types} device types")
+    raise ConfigError(f"bisect-links: {kind}, so its table needs {size / 1e6:.0f} MB at N={problem.N}, "
+                      f"U={problem.U} (limit {TABLE_BYTES / 1e6:.0f} MB: at most N={largest} distinct devices at "
+                      f"this U); group the devices into fewer types or drop B_link")
 
 
 def hop_values(probe: LinkProbe) -> np.ndarray:
@@ -181,7 +221,8 @@ def candidates(problem: Problem, probe: LinkProbe, hops: np.ndarray, low: float,
     inside = hops[np.searchsorted(hops, low, side="right"):np.searchsorted(hops, high, side="right")]
     if inside.size > limit:
         return None
-    stages = stage_times_between(problem, range(problem.N), probe.memory_ends, low, high, limit - inside.size)
+    first = [m[0] for m in probe.types.members]
+    stages = stage_times_between(problem, first, probe.memory_ends, low, high, limit - inside.size)
     return None if stages is None else np.unique(np.concatenate((stages, inside)))
 
 
