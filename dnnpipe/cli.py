@@ -12,7 +12,7 @@ from .partition.command import add_make_model_arguments, add_partitioner_argumen
     partition_command
 from .planning.command import add_replan_arguments, replan_command
 from .profile.command import add_profile_arguments, profile_command
-from .runtime.command import add_stage_arguments, stage_command
+from .runtime.command import add_agent_arguments, add_stage_arguments, agent_command, stage_command
 from .slicing.command import add_slice_arguments, slice_command
 from .testbed.command import add_run_local_arguments, run_local_command
 from .serve.command import add_serve_arguments, serve_command
@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[AddArguments, Command, str]] = {
     "replan": (add_replan_arguments, replan_command,
                "re-plan a running pipeline after devices left, slowed down or lost memory"),
     "stage": (add_stage_arguments, stage_command, "run one pipeline stage (runtime_engine.py)"),
+    "agent": (add_agent_arguments, agent_command, "a device agent: runs the stage roles serve gives it"),
     "run-local": (add_run_local_arguments, run_local_command,
                   "run every stage of a partitioned model as its own process on loopback ports"),
     "serve": (add_serve_arguments, serve_command,
