@@ -56,6 +56,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="the Keras model, to convert new stages from when there is no model.tflite to slice")
     parser.add_argument("--controller-host", default="127.0.0.1",
                         help="this machine's address as the devices reach it (default 127.0.0.1)")
+    parser.add_argument("--work-dir", type=Path, default=Path("serve_work"),
+                        help="serve's own files (WORK/NAME/serve_plan.json: the running plan); the partition in "
+                             "--model-path and --config is only read (default: serve_work)")
     parser.add_argument("--insecure", action="store_true",
                         help="no pipeline key handshake on any link (data and control); default: authenticated")
     return parser
@@ -68,7 +71,8 @@ def serve_command(args: argparse.Namespace) -> int:
         resume=args.resume, window=args.window, progress_timeout=args.progress_timeout,
         connect_timeout=args.connect_timeout, threshold=args.threshold, emulate_speed=args.emulate_speed,
         emulation_scale=args.emulation_scale, keras_model=args.keras_model, controller_host=args.controller_host,
-        emulate_changes=tuple(args.emulate_change), insecure=args.insecure)
+        emulate_changes=tuple(args.emulate_change), insecure=args.insecure,
+        work_dir=args.work_dir)
     summary = serve(options, echo=lambda text: print(text, flush=True))
     print(summary.describe(), flush=True)
     return 0
