@@ -147,8 +147,14 @@ class StageLoop:
             self.upstream.shutdown()
 
     def abort(self, message: str) -> None:
-        """Stop now, both links cut (an agent's role replaced after a device loss: nothing more is sent)."""
+        """Stop now, both links cut (an agent's role replaced after a device loss: nothing more is sent); the
+        threads waiting on a queue are woken at once rather than at their next poll."""
         self.fail(message)
+        for box in (self.inbox, self.outbox, self.input_buffers, self.output_buffers):
+            try:
+                box.put_nowait(END)
+            except queue.Full:
+                pass
         if self.downstream is not None:
             try:
                 socket.socket.shutdown(self.downstream.sock, socket.SHUT_RDWR)
@@ -167,9 +173,10 @@ class StageLoop:
     def _get(self, box: queue.Queue) -> Any:
         while not self.stop.is_set():
             try:
-                return box.get(timeout=POLL_SECONDS)
+                item = box.get(timeout=POLL_SECONDS)
             except queue.Empty:
                 continue
+            return None if self.stop.is_set() else item
         return None
 
     def read_inputs(self, data_path: Path, num_inputs: Optional[int]) -> None:

@@ -167,6 +167,7 @@ class Controller:
         self.prepared: dict[int, set[tuple[int, int]]] = {}
         self.pushed: set[tuple[int, tuple[int, int]]] = set()
         self.pushes: queue.Queue[Optional[Prepare]] = queue.Queue()
+        self.deferred: list[Prepare] = []  # contingency sub-models, pushed while the plan runs
         self.outlier_runs: dict[int, int] = {}
         self.measured_at = self.last_switch = time.monotonic()
         self.failures = 0
@@ -230,8 +231,8 @@ class Controller:
         if self.resumed_from:
             self.echo(f"serve: resumed: {self.resumed_from} of {self.ledger.total} results already in {o.output_path}")
         previous = signal.signal(signal.SIGHUP, self._on_hup) if _main_thread() else None
-        self.fleet = Fleet(o.controller_host, self.key, self.model, self.session, o.model_path.resolve().name, o.model_name,
-                           o.connect_timeout, o.ssh, self.echo)
+        self.fleet = Fleet(o.controller_host, self.key, self.model, self.session, o.model_path.resolve().name,
+                           o.model_name, o.connect_timeout, o.ssh, self.echo)
         self.stream = Stream(self.ledger, self.feed, self.manifest.inputs, self.manifest.outputs, self.key,
                              self.model, self.session, o.controller_host, o.connect_timeout, self._pace, self._on_fault)
         pusher = threading.Thread(target=self._push_loop, daemon=True, name="serve push")
@@ -368,7 +369,7 @@ class Controller:
             if isinstance(action, Prepare):
                 if (action.device, action.units) not in self.pushed:
                     self.pushed.add((action.device, action.units))
-                    self.pushes.put(action)
+                    self.deferred.append(action)  # pushed once the new plan's first result is in
             elif isinstance(action, Switch):
                 self._switch(action, detected, replan_s)
 
@@ -479,6 +480,9 @@ class Controller:
         if route is None or route.first_result is None or getattr(route, "announced", False):
             return
         route.announced = True  # type: ignore[attr-defined]
+        for action in self.deferred:
+            self.pushes.put(action)
+        self.deferred = []
         self.failures = 0
         self.serving_since = self.serving_since or route.first_result
         self.events.ready(True)
@@ -550,7 +554,7 @@ class Controller:
         outliers = speed_outliers(predicted, measured, beliefs, profiled, model)
         self.outlier_runs = {d: self.outlier_runs.get(d, 0) + 1 for d in outliers}
         settled = {d: c for d, c in outliers.items() if self.outlier_runs[d] >= model.dwell}
-        if not settled or now - self.last_switch < self.options.cooldown:
+        if not settled or (self.switches and now - self.last_switch < self.options.cooldown):
             return
         self.outlier_runs = {}
         self._times = {}
