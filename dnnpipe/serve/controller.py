@@ -316,6 +316,7 @@ class Controller:
                 lost[device] = (f"device {device} lost: {event[2]}", "lost")
             elif kind == "up" and device in self.probing | (set(self.devices) - self.state.devices):
                 self.probing.discard(device)
+                self._forget(device)  # a new agent holds no sub-model yet
                 joined.add(device)
             elif kind == "prepared":
                 self.prepared.setdefault(device, set()).add(event[2])
@@ -337,6 +338,7 @@ class Controller:
             for device, (why, _) in sorted(lost.items()):
                 self.echo(f"serve: {why} (stored {self.ledger.first_unstored})")
                 self.fleet.lose(device)
+                self._forget(device)
             label = "frozen" if all(lbl == "frozen" for _, lbl in lost.values()) else "lost"
             reason = "; ".join(why for why, _ in lost.values()) if len(lost) > 1 else next(iter(lost.values()))[0]
             self.fault = None
@@ -356,10 +358,18 @@ class Controller:
         self._registry(now)
         self._measure(now)
 
+    def _forget(self, device: int) -> None:
+        self.prepared[device] = set()
+        self.pushed = {p for p in self.pushed if p[0] != device}
+        self.deferred = [p for p in self.deferred if p.device != device]
+
     def _decide(self, event: Any, detected: float) -> None:
         began = time.perf_counter()
         self.state, actions = decide(self.state, event, self.planner)
         replan_s = time.perf_counter() - began
+        if isinstance(event, Joined) and not any(isinstance(a, Switch) for a in actions):
+            self.echo(f"serve: the running plan stays (a plan with device {sorted(event.devices)} is not "
+                      f"{self.options.threshold:.0%} better)")
         self._carry_out(actions, detected, replan_s)
 
     def _carry_out(self, actions: list[Action], detected: float, replan_s: float = 0.0) -> None:
@@ -554,7 +564,7 @@ class Controller:
         outliers = speed_outliers(predicted, measured, beliefs, profiled, model)
         self.outlier_runs = {d: self.outlier_runs.get(d, 0) + 1 for d in outliers}
         settled = {d: c for d, c in outliers.items() if self.outlier_runs[d] >= model.dwell}
-        if not settled or (self.switches and now - self.last_switch < self.options.cooldown):
+        if not settled or now - self.last_switch < (self.options.cooldown if self.switches else 1.0):
             return
         self.outlier_runs = {}
         self._times = {}
