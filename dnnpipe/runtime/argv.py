@@ -21,7 +21,7 @@ def runtime_argv(entry: Sequence[str], flags: Sequence[tuple[str, Value]]) -> li
         if value is True:
             argv.append(flag)
         elif isinstance(value, float):
-            argv += [flag, f"{value:.9g}"]
+            argv += [flag, repr(value)]  # exact: a planned time is passed on as computed
         else:
             argv += [flag, str(value)]
     return argv

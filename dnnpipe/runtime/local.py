@@ -17,6 +17,7 @@ from typing import Optional, Protocol, Sequence
 from ..errors import DnnpipeError
 from ..manifest import read_manifest
 from ..pipeline_key import create_certificate
+from .argv import Value, runtime_argv
 from .metrics import StageSummary, read_summary
 
 GRACE_SECONDS = 2.0  # after a stage failed, how long the others get to stop on their own
@@ -38,15 +39,9 @@ class RunOptions:
     insecure: bool = False
     tls: bool = False  # the certificate is made here when the partitioner could not (no openssl then)
 
-    def argv(self) -> list[str]:
-        flags = []
-        for f in fields(self):
-            value, flag = getattr(self, f.name), f"--{f.name.replace('_', '-')}"
-            if isinstance(value, bool):
-                flags += [flag] if value else []
-            elif value is not None:
-                flags.append(f"{flag}={value}")
-        return flags
+    def flags(self) -> list[tuple[str, Value]]:
+        """Each field as its stage flag (--num-inputs for num_inputs, ...)."""
+        return [(f"--{f.name.replace('_', '-')}", getattr(self, f.name)) for f in fields(self)]
 
 
 class Network(Protocol):
@@ -125,18 +120,15 @@ def stage_commands(folder: Path, devices: Sequence[int], data_path: Path, output
     stages = len(devices)
     commands = []
     for k in range(1, stages + 1):
-        command = [sys.executable, "-m", "dnnpipe", "stage", "--stage", str(k), "--model-path", str(folder.parent),
-                   "--model-name", folder.name, "--log-dir", str(log_dir), *run.argv()]
-        if k > 1:
-            command += ["--bind-addr", network.address(devices[k - 1]), "--bind-port", str(network.port(k))]
-        if k < stages:
-            command += ["--next-host", network.address(devices[k]), "--next-port", str(network.port(k + 1))]
-        if k == 1:
-            command += ["--data-path", str(data_path)]
-        if k == stages and output_path is not None:
-            command += ["--output-path", str(output_path)]
-        if pace_ms[k - 1] is not None:
-            command += ["--pace-ms", repr(pace_ms[k - 1])]
+        command = runtime_argv([sys.executable, "-m", "dnnpipe", "stage"], [
+            ("--stage", k), ("--model-path", folder.parent), ("--model-name", folder.name), ("--log-dir", log_dir),
+            *run.flags(),
+            ("--bind-addr", network.address(devices[k - 1]) if k > 1 else None),
+            ("--bind-port", network.port(k) if k > 1 else None),
+            ("--next-host", network.address(devices[k]) if k < stages else None),
+            ("--next-port", network.port(k + 1) if k < stages else None),
+            ("--data-path", data_path if k == 1 else None),
+            ("--output-path", output_path if k == stages else None), ("--pace-ms", pace_ms[k - 1])])
         commands.append(network.command(devices[k - 1], command))
     return commands
 

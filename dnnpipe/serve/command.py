@@ -38,10 +38,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--fps", type=positive_float, help="pace inputs at this rate (default: as fast as taken)")
     parser.add_argument("--resume", action="store_true", help="continue from the results already in OUT")
     parser.add_argument("--window", type=positive_int, default=8, help="inputs in flight at most (default 8)")
-    parser.add_argument("--progress-timeout", type=positive_float, default=3.0,
-                        help="a stage without a heartbeat this long is frozen, s (default 3)")
+    parser.add_argument("--progress-timeout", type=positive_float, default=0.5,
+                        help="an agent without a heartbeat (sent every 0.1 s) this long is frozen or cut off, s "
+                             "(default 0.5)")
     parser.add_argument("--connect-timeout", type=positive_float, default=30.0,
-                        help="how long a stage may take to come up, s (default 30)")
+                        help="how long an agent may take to come up, and how long results may stop with inputs in "
+                             "flight before the plan is restarted, s (default 30)")
     parser.add_argument("--threshold", type=positive_float, default=0.10,
                         help="re-plan for measured speeds when the new bottleneck is this much better (default 0.10)")
     parser.add_argument("--emulate-speed", action="store_true",

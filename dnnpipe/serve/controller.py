@@ -48,7 +48,6 @@ from .stream import Route, Stream
 Echo = Callable[[str], None]
 POLL_SECONDS = 0.01
 MEASURE_SECONDS = 0.2  # how often measured speeds are evaluated
-MISSED_BEATS = 5  # heartbeats (100 ms each) missed in a row: a frozen or cut-off device
 FAULT_GRACE = 0.3  # a role's error waits this long for the loss that caused it before it counts on its own
 FINISH_SECONDS = 5.0  # after the last result, how long the END frame gets to flow through
 
@@ -291,7 +290,7 @@ class Controller:
         else:
             stages = manifest_stages
             throughput = 1000.0 / max(proposal.running_ms or proposal.bottleneck_ms, 1e-9)
-        self.echo(f"serve: re-plan (start): {[list(s) for s in stages]}, {throughput:.1f} inf/s predicted")
+        self.echo(f"serve: re-plan (start): {[list(s) for s in stages]}, {self.scaled(throughput):.1f} inf/s predicted")
         self._carry_out([Switch(stages, throughput, "start", "start", abort=True)], time.monotonic())
         self.start_predicted = throughput
 
@@ -326,8 +325,7 @@ class Controller:
                 self.echo(f"serve: device {device}: {event[3]}")
             elif kind == "fault" and event[1] == self.generation:
                 self.fault = self.fault or (now, event[2])
-        limit = MISSED_BEATS * 0.1 + 0.05
-        for device, silent in self.fleet.silent(now, limit):
+        for device, silent in self.fleet.silent(now, self.options.progress_timeout):
             if device in self.state.devices and device not in lost:
                 lost[device] = (f"device {device} lost: no heartbeat for {silent:.2f} s (frozen or cut off)", "frozen")
         for device in self.state.devices:
