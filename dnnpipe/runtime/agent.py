@@ -46,6 +46,7 @@ PREPARED_ROLES = 16  # sub-models kept loaded (the running role's, the next plan
 INSECURE_HELLO = struct.Struct("!4sHH")  # without a key: "DNNA" | sender device | generation (no proof)
 MAX_MODEL_BYTES = 1 << 30  # a pushed sub-model
 SESSION_WAIT = 2.0  # a link that arrives before the control link said the session waits this long
+PORT_WAIT = 5.0  # how long a busy runtime_port may take to come free (an old agent on its way out)
 
 
 def link_identity(model: bytes, session: bytes, generation: int, receiver: int) -> bytes:
@@ -188,7 +189,7 @@ class Agent:
     def run(self) -> None:
         """Until the controller says stop or goes away (then every role ends: nothing outlives it)."""
         o = self.options
-        listener = listen(self.name, o.bind_addr, o.bind_port)
+        listener = self._listen()
         sock, reason = dial(o.control_host, o.control_port, o.connect_timeout, stop=self.stop)
         if sock is None:
             listener.close()
@@ -225,6 +226,19 @@ class Agent:
             self._shutdown(listener, sock)
         if why:
             raise DnnpipeError(f"{self.name} {why}; every role stopped")
+
+    def _listen(self) -> socket.socket:
+        """The device's port, waiting a little while it is still held: an agent of a controller that was just
+        killed lets go of it within moments (its control link closed), a foreign program does not."""
+        o = self.options
+        deadline = time.monotonic() + min(o.connect_timeout, PORT_WAIT)
+        while True:
+            try:
+                return listen(self.name, o.bind_addr, o.bind_port)
+            except DnnpipeError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     def _command(self, message: dict[str, Any], peer: str, reader: LineReader) -> bool:
         kind = message["kind"]

@@ -10,38 +10,19 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Protocol, Sequence
 
 from ..errors import DnnpipeError
 from ..manifest import read_manifest
 from ..pipeline_key import create_certificate
-from .argv import Value, runtime_argv
+from .argv import runtime_argv
 from .metrics import StageSummary, read_summary
+from .stage import RunOptions
 
 GRACE_SECONDS = 2.0  # after a stage failed, how long the others get to stop on their own
 POLL_SECONDS = 0.02
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """The options every stage of one run shares; run-local passes them to each stage process."""
-
-    num_inputs: Optional[int] = None
-    fps: Optional[float] = None
-    num_threads: Optional[int] = None
-    delegate: Optional[str] = None
-    timeout: float = 60.0
-    connect_timeout: float = 60.0
-    queue_size: int = 4
-    key_file: Optional[Path] = None
-    insecure: bool = False
-    tls: bool = False  # the certificate is made here when the partitioner could not (no openssl then)
-
-    def flags(self) -> list[tuple[str, Value]]:
-        """Each field as its stage flag (--num-inputs for num_inputs, ...)."""
-        return [(f"--{f.name.replace('_', '-')}", getattr(self, f.name)) for f in fields(self)]
 
 
 class Network(Protocol):

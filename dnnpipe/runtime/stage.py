@@ -14,7 +14,7 @@ import queue
 import socket
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -30,6 +30,7 @@ from .dataio import ResultWriter, input_datasets, read_inputs
 from .metrics import FrameTiming, StageSummary, summarise, write_log
 from .control import CONTROLLER, ControlLink
 from .handshake import LinkAuth, manifest_identity
+from .argv import Value
 from .transport import Downstream, Say, Upstream, accept_upstream, connect_downstream, listen
 
 POLL_SECONDS = 0.1
@@ -58,8 +59,29 @@ class StageFailed(DnnpipeError):
     """The stage stopped on an error; the message starts with the stage that failed first."""
 
 
-@dataclass
-class StageOptions:
+@dataclass(frozen=True)
+class RunOptions:
+    """The options every stage of one run shares (the one source of them: StageOptions extends it); run-local
+    passes them to each stage process."""
+
+    num_inputs: Optional[int] = None
+    fps: Optional[float] = None
+    num_threads: Optional[int] = None
+    delegate: Optional[str] = None
+    timeout: float = 60.0
+    connect_timeout: float = 60.0
+    queue_size: int = 4
+    key_file: Optional[Path] = None
+    insecure: bool = False
+    tls: bool = False  # the certificate is made here when the partitioner could not (no openssl then)
+
+    def flags(self) -> list[tuple[str, Value]]:
+        """Each field as its stage flag (--num-inputs for num_inputs, ...)."""
+        return [(f"--{f.name.replace('_', '-')}", getattr(self, f.name)) for f in fields(RunOptions)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageOptions(RunOptions):
     stage: int
     folder: Path  # model_path / model_name, holding manifest.json
     bind_addr: str = "0.0.0.0"
@@ -68,20 +90,10 @@ class StageOptions:
     next_port: Optional[int] = None
     data_path: Optional[Path] = None
     output_path: Optional[Path] = None
-    num_inputs: Optional[int] = None
-    fps: Optional[float] = None
     log_dir: Optional[Path] = None
-    num_threads: Optional[int] = None
-    delegate: Optional[str] = None
-    timeout: float = 60.0  # longest wait for a frame, or for a send to progress
-    connect_timeout: float = 60.0  # longest wait for the neighbours to come up
-    queue_size: int = 4
     pace_ms: Optional[float] = None  # the emulated device's planned time for this stage: stage time = max(host, this)
     control_host: Optional[str] = None  # a controller (serve) to send heartbeats to and take commands from
     control_port: Optional[int] = None
-    key_file: Optional[Path] = None  # default: pipeline.key beside the manifest
-    insecure: bool = False  # no link authentication (both neighbours must agree)
-    tls: bool = False  # links inside mutual TLS with pipeline.crt (both neighbours must agree)
 
 
 class StageLoop:
