@@ -50,6 +50,7 @@ from dnnpipe.testbed.pacing import emulation_scale  # noqa: E402
 from serve_setup import Served, make_served  # noqa: E402
 
 SPEEDS = [1.0, 0.33, 0.21, 0.21]
+LABELS = {"kill": "lost", "freeze": "frozen", "slowdown": "slower", "join": "joined", "steady": ""}
 BEFORE_SECONDS = 3.0  # of results before the event
 AFTER_SECONDS = 4.0  # of results after it
 
@@ -108,7 +109,8 @@ def run(served: Served, work: Path, scale: float, scenario: str, seconds: Option
     summary = c.run()
     if scenario == "slowdown":
         event_at[0] = (summary.result_times[0] if summary.result_times else 0.0) + BEFORE_SECONDS
-    detected = summary.switches[0].detected_at - event_at[0] if summary.switches and event_at[0] else float("nan")
+    ours = [x for x in summary.switches if x.label == LABELS[scenario]]
+    detected = ours[0].detected_at - event_at[0] if ours and event_at[0] else float("nan")
     lost = 0
     rows = len(next(iter(served.expected.values())))
     with h5py.File(out) as f:
@@ -126,7 +128,7 @@ def row(kind: str, o: Outcome) -> str:
         return (f"| {kind} | {o.scenario} | {rate(times, times[0] + 1, times[-1]):.1f} ({s.start_throughput:.1f}) | "
                 f"no switch | | | | | {max(np.diff(times)) if len(times) > 1 else 0:.3f} | | {o.lost} | "
                 f"{s.duplicates} |")
-    w = s.switches[0]
+    w = next((x for x in s.switches if x.label == LABELS[o.scenario]), s.switches[0])
     first = (w.first_result_s if w.first_result_s is not None else float("nan"))
     window = [t for t in times if t >= o.event_at - 1.0]
     gap = max(np.diff(window)) if len(window) > 1 else float("nan")

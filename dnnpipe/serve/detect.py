@@ -49,7 +49,8 @@ class SpeedModel:
 
     window: int = 32  # per device, the median of its last `window` stage times (smoothing)
     min_frames: int = 16  # frames in the window before it counts
-    band: float = 0.25  # hysteresis: how far beyond the expected bottleneck a stage must be to count as slow
+    band: float = 0.5  # hysteresis: how far beyond the expected bottleneck a stage must be to count as slow (on a
+    # shared 2-core host a stage's compute alone wanders by a third; a 4x slowdown is +300%)
     dwell: int = 5  # consecutive evaluations a device must stay out of the band before its belief changes
 
 
