@@ -21,6 +21,7 @@ import hashlib
 import os
 import queue
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -32,10 +33,10 @@ from typing import Any, Callable, Optional
 from ..errors import DnnpipeError
 from ..interpreter import StageRunner
 from ..manifest import MANIFEST_FILE, StageSpec, WholeModel, read_manifest
-from ..pipeline_key import stage_key
+from ..pipeline_key import stage_key, tls_context
 from .control import CONTROLLER, LineReader, encode, integer, number, MIN_PACE_MS, MAX_PACE_MS
 from .handshake import HANDSHAKE_SECONDS, HandshakeError, LinkAuth, ProbeClosed, connect_side, listen_side_for, \
-    manifest_identity
+    manifest_identity, tls_wrap
 from .stage import StageLoop
 from .transport import Downstream, Say, Upstream, dial, listen
 
@@ -57,12 +58,16 @@ def link_identity(model: bytes, session: bytes, generation: int, receiver: int) 
 
 
 def dial_link(host: str, port: int, sender: int, receiver: int, generation: int, key: Optional[bytes], model: bytes,
-              session: bytes, timeout: float, stop: Optional[threading.Event] = None) -> socket.socket:
-    """A data link of one generation, dialled and proven (sender -> receiver device; 0 is the controller)."""
+              session: bytes, timeout: float, stop: Optional[threading.Event] = None,
+              tls: Optional[ssl.SSLContext] = None) -> socket.socket:
+    """A data link of one generation, dialled and proven (sender -> receiver device; 0 is the controller), inside
+    TLS when `tls` is given (the handshake then runs inside it)."""
     sock, reason = dial(host, port, timeout, stop=stop)
     if sock is None:
         raise DnnpipeError(f"cannot reach {host}:{port} within {timeout:g} s ({reason})")
     try:
+        if tls is not None:
+            sock = tls_wrap(sock, tls, False)
         if key is None:
             sock.sendall(INSECURE_HELLO.pack(b"DNNA", sender, generation))
         else:
@@ -74,9 +79,12 @@ def dial_link(host: str, port: int, sender: int, receiver: int, generation: int,
     return sock
 
 
-def vet_link(sock: socket.socket, receiver: int, key: Optional[bytes], model: bytes,
-             session: Callable[[], bytes]) -> tuple[int, int]:
-    """The far end of dial_link: (sender device, generation) once the peer proved them."""
+def vet_link(sock: socket.socket, receiver: int, key: Optional[bytes], model: bytes, session: Callable[[], bytes],
+             tls: Optional[ssl.SSLContext] = None) -> tuple[socket.socket, int, int]:
+    """The far end of dial_link: the link (inside TLS when `tls` is given), its sender device and generation once
+    the peer proved them."""
+    if tls is not None:
+        sock = tls_wrap(sock, tls, True)
     if key is None:
         sock.settimeout(HANDSHAKE_SECONDS)
         data = b""
@@ -88,13 +96,13 @@ def vet_link(sock: socket.socket, receiver: int, key: Optional[bytes], model: by
         magic, sender, generation = INSECURE_HELLO.unpack(data)
         if magic != b"DNNA":
             raise HandshakeError(f"not an agent link (starts with {magic!r})")
-        return sender, generation
+        return sock, sender, generation
 
     def auth_for(sender: int, generation: int) -> LinkAuth:
         return LinkAuth(key, link_identity(model, session(), generation, receiver), sender, generation)
 
     auth = listen_side_for(sock, auth_for)
-    return auth.sender, auth.receiver
+    return sock, auth.sender, auth.receiver
 
 
 @dataclass(frozen=True)
@@ -154,6 +162,7 @@ class AgentOptions:
     delegate: Optional[str] = None
     key_file: Optional[Path] = None
     insecure: bool = False
+    tls: bool = False  # every link inside mutual TLS with pipeline.crt beside the manifest (serve's default)
 
 
 class Agent:
@@ -168,6 +177,8 @@ class Agent:
         self.units = manifest.units
         self.key = stage_key(options.folder, options.key_file, options.insecure)
         self.model = manifest_identity((options.folder / MANIFEST_FILE).read_bytes())
+        self.tls_listen = tls_context(options.folder, server_side=True) if options.tls else None
+        self.tls_connect = tls_context(options.folder, server_side=False) if options.tls else None
         self.stop = threading.Event()
         self._lock = threading.Lock()
         self._session: Optional[bytes] = None
@@ -196,6 +207,8 @@ class Agent:
             raise DnnpipeError(f"{self.name} cannot reach the controller at {o.control_host}:{o.control_port} "
                                f"within {o.connect_timeout:g} s ({reason})")
         try:
+            if self.tls_connect is not None:
+                sock = tls_wrap(sock, self.tls_connect, False)
             if self.key is not None:
                 connect_side(sock, LinkAuth(self.key, self.model, o.device, CONTROLLER))
         except HandshakeError as e:
@@ -358,7 +371,7 @@ class Agent:
         try:
             session = self._wait_session()
             sock = dial_link(role.host, role.port, o.device, role.downstream, role.generation, self.key, self.model,
-                             session, o.connect_timeout, loop.stop)
+                             session, o.connect_timeout, loop.stop, self.tls_connect)
             loop.downstream = Downstream(sock, f"{role.host}:{role.port}", spec.outputs, o.timeout)
             up = self._take_link(role.generation, role.upstream, loop.stop)
             loop.upstream = Upstream(up, f"{name} upstream device {role.upstream}", spec.inputs, o.timeout)
@@ -460,7 +473,8 @@ class Agent:
 
     def _vet(self, sock: socket.socket, peer: str, slots: threading.BoundedSemaphore) -> None:
         try:
-            sender, generation = vet_link(sock, self.options.device, self.key, self.model, self._wait_session)
+            sock, sender, generation = vet_link(sock, self.options.device, self.key, self.model, self._wait_session,
+                                                self.tls_listen)
         except ProbeClosed:
             sock.close()
             return

@@ -112,6 +112,8 @@ def add_agent_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--delegate", help="delegate library, e.g. libedgetpu.so.1")
     parser.add_argument("--key-file", type=Path, help="the pipeline key (default: pipeline.key beside manifest.json)")
     parser.add_argument("--insecure", action="store_true", help="links without the pipeline key handshake")
+    parser.add_argument("--tls", action="store_true",
+                        help="every link inside mutual TLS, pinning pipeline.crt beside manifest.json")
     return parser
 
 
@@ -120,7 +122,7 @@ def agent_command(args: argparse.Namespace) -> int:
                            control_host=args.control_host, control_port=args.control_port, bind_port=args.bind_port,
                            bind_addr=args.bind_addr, connect_timeout=args.connect_timeout, timeout=args.timeout,
                            queue_size=args.queue_size, num_threads=args.num_threads, delegate=args.delegate,
-                           key_file=args.key_file, insecure=args.insecure)
+                           key_file=args.key_file, insecure=args.insecure, tls=args.tls)
     Agent(options, say=lambda text: print(text, flush=True)).run()
     print(f"[agent {args.device}] stopped by the controller", flush=True)
     return 0

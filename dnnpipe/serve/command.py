@@ -61,6 +61,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--work-dir", type=Path, default=Path("serve_work"),
                         help="serve's own files (WORK/NAME/serve_plan.json: the running plan); the partition in "
                              "--model-path and --config is only read (default: serve_work)")
+    parser.add_argument("--no-tls", action="store_true",
+                        help="plain TCP on serve's and the agents' links (default: mutual TLS with the pipeline "
+                             "certificate, pipeline.crt beside the manifest or made in --work-dir; the pipeline key "
+                             "handshake runs inside it either way)")
     parser.add_argument("--insecure", action="store_true",
                         help="no pipeline key handshake on any link (data and control); default: authenticated")
     return parser
@@ -74,7 +78,7 @@ def serve_command(args: argparse.Namespace) -> int:
         connect_timeout=args.connect_timeout, threshold=args.threshold, emulate_speed=args.emulate_speed,
         emulation_scale=args.emulation_scale, keras_model=args.keras_model, controller_host=args.controller_host,
         emulate_changes=tuple(args.emulate_change), insecure=args.insecure,
-        work_dir=args.work_dir)
+        work_dir=args.work_dir, tls=not args.no_tls)
     summary = serve(options, echo=lambda text: print(text, flush=True))
     print(summary.describe(), flush=True)
     return 0

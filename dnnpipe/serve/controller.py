@@ -28,12 +28,12 @@ from typing import Any, Callable, Mapping, Optional
 from ..config import Config, load_config
 from ..deploy.registry import Device, load_registry
 from ..deploy.ship import DeviceReport, runtime_code, ship_all, uploads_for
-from ..deploy.transport import transport_for
+from ..deploy.transport import Upload, transport_for
 from ..errors import ConfigError, DnnpipeError, NoPlanError
 from ..jsonio import write_json
 from ..layout import config_paths
-from ..manifest import MANIFEST_FILE, read_manifest
-from ..pipeline_key import stage_key
+from ..manifest import MANIFEST_FILE, read_manifest, sha256_file
+from ..pipeline_key import CERT_FILE, CERT_KEY_FILE, create_certificate, stage_key, tls_context
 from ..planner.replan import ClusterChange, replan
 from ..runtime.handshake import manifest_identity
 from .decide import Action, GiveUp, Joined, Lost, Measured, Prepare, Proposal, Stages, State, Switch, Switched, \
@@ -147,6 +147,7 @@ class Controller:
                               f"{self.config.cluster.N})")
         self.cutter = Cutter(o.folder)
         self.work = o.work_dir / o.model_name
+        self.tls_folder = self._certificate() if o.tls else None
         self.file_feed: Optional[FileFeed] = None
         if feed is None:
             self.file_feed = FileFeed(o.data_path, self.manifest.inputs, self.manifest.outputs, o.output_path,
@@ -180,6 +181,16 @@ class Controller:
         self.start_predicted = 0.0
         self.predicted = 0.0
         self.state = State((), frozenset(), frozenset(), {}, {}, o.threshold)
+
+    def _certificate(self) -> Path:
+        """Where the pipeline certificate is: beside the manifest when the partition has one, else made once in
+        serve's own folder (the partition is only read)."""
+        folder = self.options.folder
+        if (folder / CERT_FILE).is_file() and (folder / CERT_KEY_FILE).is_file():
+            return folder
+        own = self.work / "tls"
+        create_certificate(own)
+        return own
 
     # --- plans -------------------------------------------------------------------------------
 
@@ -230,10 +241,13 @@ class Controller:
         if self.resumed_from:
             self.echo(f"serve: resumed: {self.resumed_from} of {self.ledger.total} results already in {o.output_path}")
         previous = signal.signal(signal.SIGHUP, self._on_hup) if _main_thread() else None
+        tls = None if self.tls_folder is None else (tls_context(self.tls_folder, server_side=True),
+                                                    tls_context(self.tls_folder, server_side=False))
         self.fleet = Fleet(o.controller_host, self.key, self.model, self.session, o.model_path.resolve().name,
-                           o.model_name, o.connect_timeout, o.ssh, self.echo)
+                           o.model_name, o.connect_timeout, o.ssh, self.echo, None if tls is None else tls[0])
         self.stream = Stream(self.ledger, self.feed, self.manifest.inputs, self.manifest.outputs, self.key,
-                             self.model, self.session, o.controller_host, o.connect_timeout, self._pace, self._on_fault)
+                             self.model, self.session, o.controller_host, o.connect_timeout, self._pace, self._on_fault,
+                             tls)
         pusher = threading.Thread(target=self._push_loop, daemon=True, name="serve push")
         pusher.start()
         try:
@@ -607,6 +621,10 @@ class Controller:
             return
         extra = runtime_code()
         uploads = uploads_for(self.manifest, o.folder, o.model_path.resolve().name, [], extra)
+        if self.tls_folder is not None and self.tls_folder != o.folder:  # the certificate serve made
+            prefix = f"{o.model_path.resolve().name}/{o.model_name}"
+            uploads += [Upload(self.tls_folder / name, f"{prefix}/{name}", sha256_file(self.tls_folder / name),
+                               private=name == CERT_KEY_FILE) for name in (CERT_FILE, CERT_KEY_FILE)]
         jobs = [(transport_for(d, o.ssh), DeviceReport(d, []), uploads) for d in devices]
         started = time.perf_counter()
         reports = ship_all(jobs)

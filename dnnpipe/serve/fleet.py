@@ -20,6 +20,7 @@ import os
 import queue
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -33,7 +34,7 @@ from ..errors import DnnpipeError
 from ..runtime.agent import check_units
 from ..runtime.argv import agent_argv
 from ..runtime.control import CONTROLLER, LineReader, encode, integer, text, times
-from ..runtime.handshake import HandshakeError, LinkAuth, ProbeClosed, listen_side_for
+from ..runtime.handshake import HandshakeError, LinkAuth, ProbeClosed, listen_side_for, tls_wrap
 
 STOP_SECONDS = 3.0  # how long an agent gets to stop before SIGKILL
 CLEANUP_SECONDS = 10.0  # the background ssh clean-up of an unreachable device gives up after this
@@ -60,7 +61,9 @@ class AgentLink:
 
 class Fleet:
     def __init__(self, host: str, key: Optional[bytes], model: bytes, session: bytes, models_dir: str,
-                 model_name: str, connect_timeout: float, ssh: SshOptions, echo: Echo):
+                 model_name: str, connect_timeout: float, ssh: SshOptions, echo: Echo,
+                 tls: Optional[ssl.SSLContext] = None):
+        self.tls = tls  # the control links inside TLS (the agents get --tls)
         self.session = session  # binds every data link to this run (dnnpipe.runtime.agent.link_identity)
         self.key, self.model, self.models_dir, self.model_name = key, model, models_dir, model_name
         self.connect_timeout, self.ssh, self.echo = connect_timeout, ssh, echo
@@ -81,7 +84,7 @@ class Fleet:
         ssh by the deployer's transport (the same command either way)."""
         argv = agent_argv(device.interpreter, device.device_id, self.models_dir, self.model_name,
                           "127.0.0.1" if device.is_local else "0.0.0.0", device.runtime_port, self.host, self.port,
-                          self.connect_timeout, self.key is None)
+                          self.connect_timeout, self.key is None, self.tls is not None)
         link = AgentLink(device, time.monotonic())
         with self._lock:
             old = self.agents.get(device.device_id)
@@ -125,8 +128,10 @@ class Fleet:
 
     def _link(self, sock: socket.socket, peer: str) -> None:
         """One agent's control link, from the handshake to its end."""
-        reader = LineReader(sock, f"agent control link {peer}")
         try:
+            if self.tls is not None:
+                sock = tls_wrap(sock, self.tls, True)
+            reader = LineReader(sock, f"agent control link {peer}")
             if self.key is not None:
                 device = listen_side_for(sock, self._auth_for).sender
             sock.settimeout(5.0)

@@ -33,6 +33,7 @@ class ServeOptions:
     emulate_changes: tuple[tuple[float, int, float], ...] = ()  # (after s, device, C): a device slows down
     max_restarts: int = 3  # epochs that fail without a device to blame, in a row, before giving up
     insecure: bool = False  # links without the pipeline key handshake (agents get --insecure too)
+    tls: bool = True  # every link of serve and its agents inside mutual TLS (opt out: --no-tls)
     work_dir: Path = Path("serve_work")  # serve's own files (WORK/NAME/serve_plan.json); the partition is only read
 
     @property

@@ -11,6 +11,7 @@ ledger epoch: what was in flight is replayed, and late results of the old route 
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -50,7 +51,9 @@ class Route:
 class Stream:
     def __init__(self, ledger: Ledger, feed: Feed, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
                  key: Optional[bytes], model: bytes, session: bytes, host: str, connect_timeout: float,
-                 pace: Callable[[], None], on_fault: Callable[[Route, str], None]):
+                 pace: Callable[[], None], on_fault: Callable[[Route, str], None],
+                 tls: Optional[tuple[ssl.SSLContext, ssl.SSLContext]] = None):
+        self.tls = tls  # (listening, connecting) contexts: the links inside TLS
         self.ledger, self.feed, self.inputs, self.outputs = ledger, feed, list(inputs), list(outputs)
         self.key, self.model, self.session = key, model, session
         self.connect_timeout, self.pace, self.on_fault = connect_timeout, pace, on_fault
@@ -118,7 +121,7 @@ class Stream:
             return
         device, host, port = route.first
         sock = dial_link(host, port, CONTROLLER, device, route.generation, self.key, self.model, self.session,
-                         self.connect_timeout, route.stop)
+                         self.connect_timeout, route.stop, None if self.tls is None else self.tls[1])
         route.sockets.append(sock)
         writer = FrameWriter(sock, self.inputs, f"the first stage on device {device} at {host}:{port}", 60.0)
         sent = 0
@@ -199,7 +202,8 @@ class Stream:
 
     def _vet(self, sock: socket.socket) -> None:
         try:
-            sender, generation = vet_link(sock, CONTROLLER, self.key, self.model, lambda: self.session)
+            sock, sender, generation = vet_link(sock, CONTROLLER, self.key, self.model, lambda: self.session,
+                                                None if self.tls is None else self.tls[0])
         except (DnnpipeError, OSError, ProbeClosed):
             sock.close()
             return
