@@ -406,3 +406,19 @@ def test_tls_with_insecure_and_without_openssl_are_clean_errors(pipelines, tmp_p
                             env={**os.environ, "PATH": str(tmp_path / "no-bin")})
     assert_clean_error(result, "pipeline.crt: cannot make the TLS certificate for --tls: the openssl command is "
                                "not installed")
+
+
+def test_one_builder_spells_every_runtime_command_line():
+    """runtime/argv.py builds the deployer's, run-local's and serve's agent command lines alike."""
+    from dnnpipe.runtime.argv import agent_argv, runtime_argv
+    from dnnpipe.runtime.stage import StageOptions
+
+    assert runtime_argv(["py", "x.py"], [("--a", None), ("--b", True), ("--c", False), ("--d", 3), ("--e", 0.1),
+                                         ("--f", Path("p q"))]) == ["py", "x.py", "--b", "--d", "3", "--e", "0.1",
+                                                                    "--f", "p q"]
+    assert RunOptions(num_inputs=5, tls=True).flags()[:2] == [("--num-inputs", 5), ("--fps", None)]
+    assert ("--tls", True) in RunOptions(tls=True).flags()
+    stage = StageOptions(stage=2, folder=Path("m"), timeout=5.0)  # one source: a stage's options extend RunOptions
+    assert isinstance(stage, RunOptions) and stage.flags() == RunOptions(timeout=5.0).flags()
+    argv = agent_argv("python3", 3, "models", "m", "0.0.0.0", 50003, "10.0.0.1", 4000, 30.0, False, True)
+    assert argv[:3] == ["python3", "-m", "dnnpipe.runtime.agent"] and argv[-1] == "--tls" and "--insecure" not in argv

@@ -253,3 +253,75 @@ def test_bad_inputs_are_one_line_errors(served, tmp_path):
     args[args.index("--model-path") + 1] = str(tmp_path / "nonexistent")
     assert_clean_error(run_script("dnnpipe", *args, timeout=60), f"{tmp_path / 'nonexistent' / served.name}: model "
                                                                  f"folder not found")
+
+
+class LiveFeed:
+    """A Feed whose inputs arrive over time and whose end is known only when it comes (the inference service's
+    kind), optionally failing to take a result (a full disk)."""
+
+    def __init__(self, rows, total: int, fail_at: Optional[int] = None):
+        self.rows, self.total, self.fail_at = rows, total, fail_at
+        self.started = time.monotonic()
+        self.delivered: dict[int, object] = {}
+        self.abandoned: dict[int, str] = {}
+
+    def wait_input(self, index: int, timeout: float):
+        due = self.started + index / 200  # 200 inputs a second arrive
+        if index >= self.total:
+            return None
+        if time.monotonic() < due:
+            time.sleep(min(timeout, due - time.monotonic()))
+            return None
+        return [self.rows[index % len(self.rows)]]
+
+    def exhausted(self, index: int) -> bool:
+        return index >= self.total
+
+    def deliver(self, index: int, outputs: list) -> None:
+        if index == self.fail_at:
+            from dnnpipe.errors import DnnpipeError
+            raise DnnpipeError(f"out.h5: cannot write row {index} (No space left on device)")
+        assert index not in self.delivered
+        self.delivered[index] = outputs[0][0].copy()
+
+    def abandon(self, index: int, reason: str) -> None:
+        self.abandoned[index] = reason
+
+
+def live_options(served: Served, tmp_path: Path):
+    from dnnpipe.serve.options import ServeOptions
+
+    registry = served.registry([1, 2, 3], tmp_path / "registry.json")
+    return ServeOptions(registry=registry, model_path=served.parts, model_name=served.name, config=served.config,
+                        data_path=served.data, output_path=tmp_path / "unused.h5", threshold=100.0,
+                        work_dir=tmp_path / "serve_work")
+
+
+def test_a_live_feed_is_served_to_its_end_without_a_total_up_front(served, tmp_path):
+    import numpy as np
+
+    from dnnpipe.serve.controller import serve
+
+    with h5py.File(served.data) as f:
+        rows = f["images"][:]
+    feed = LiveFeed(rows, 150)
+    summary = serve(live_options(served, tmp_path), echo=lambda line: None, feed=feed)
+    assert summary.stored == 150 and sorted(feed.delivered) == list(range(150)) and not feed.abandoned
+    expected = next(iter(served.expected.values()))
+    for index, got in feed.delivered.items():
+        np.testing.assert_allclose(got, expected[index % len(rows)], rtol=1e-4, atol=1e-4)
+    assert not (tmp_path / "unused.h5").exists()
+    assert_no_orphans(served.root)
+
+
+def test_a_feed_that_cannot_take_a_result_ends_serve_at_once_without_a_retry(served, tmp_path):
+    from dnnpipe.errors import DnnpipeError
+    from dnnpipe.serve.controller import serve
+
+    with h5py.File(served.data) as f:
+        rows = f["images"][:]
+    lines: list[str] = []
+    with pytest.raises(DnnpipeError, match="No space left on device"):
+        serve(live_options(served, tmp_path), echo=lines.append, feed=LiveFeed(rows, 150, fail_at=20))
+    assert not [line for line in lines if "pipeline failed" in line or "re-plan (" in line and "start" not in line]
+    assert_no_orphans(served.root)

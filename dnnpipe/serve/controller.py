@@ -251,9 +251,13 @@ class Controller:
         pusher = threading.Thread(target=self._push_loop, daemon=True, name="serve push")
         pusher.start()
         try:
-            self._start()
-            while not self._finished():
-                self._step()
+            try:
+                self._start()
+                while not self._finished():
+                    self._step()
+            except NoPlan as e:
+                self._abandon(str(e))
+                raise
             return ServeSummary(self.ledger.total or 0, self.ledger.first_unstored, self.resumed_from,
                                 time.monotonic() - started, [list(s) for s in self.state.stages],
                                 self.scaled(self.predicted), self.switches, self.stream.duplicates,
@@ -308,6 +312,13 @@ class Controller:
         self._carry_out([Switch(stages, throughput, "start", "start", abort=True)], time.monotonic())
         self.start_predicted = throughput
 
+    def _abandon(self, reason: str) -> None:
+        """Every input taken from the feed and not delivered: it cannot be served."""
+        with self.stream.credit:
+            for index in range(self.ledger.first_unstored, self.ledger.taken):
+                if not self.ledger.is_stored(index):
+                    self.feed.abandon(index, reason)
+
     def _finished(self) -> bool:
         route = self.stream.route
         if not self.ledger.done or route is None:
@@ -319,6 +330,11 @@ class Controller:
     # --- one step of the loop ----------------------------------------------------------------
 
     def _step(self) -> None:
+        fatal = self.stream.fatal
+        if fatal is not None:  # the feed could not take a result: one line, at once, no retry
+            if isinstance(fatal, DnnpipeError):
+                raise fatal
+            raise DnnpipeError(f"cannot deliver a result: {type(fatal).__name__}: {fatal}")
         lost: dict[int, tuple[str, str]] = {}
         joined: set[int] = set()
         pending = _drain(self.fleet.events, POLL_SECONDS)
@@ -558,10 +574,10 @@ class Controller:
         profiled: dict[int, float] = {}
         if not hasattr(self, "_times"):
             self._times: dict[int, list[float]] = {}
-        for first, last, d in self.state.stages:
+        for stage, (first, last, d) in enumerate(self.state.stages, 1):
             frames = self.fleet.take_times(d)
             for t in frames:
-                self.events.stage_time(0, d, t / 1000)
+                self.events.stage_time(stage, d, t / 1000)
             kept = self._times.setdefault(d, [])
             kept += frames
             del kept[:-model.window]

@@ -35,6 +35,7 @@ class Ledger:
         self._cursor = stored  # the next input this epoch sends
         self._sent: deque[int] = deque()  # inputs sent this epoch whose results have not come back
         self._received = 0  # results received this epoch (the next expected wire sequence)
+        self.taken = stored  # inputs 0..taken-1 were asked of the feed at least once
 
     # --- source side -------------------------------------------------------------------------
 
@@ -62,6 +63,7 @@ class Ledger:
             return None
         self._sent.append(index)
         self._cursor += 1
+        self.taken = max(self.taken, self._cursor)
         return index
 
     def end_at(self, total: int) -> None:

@@ -62,6 +62,7 @@ class Stream:
         self.result_times: list[float] = []
         self.last_progress = time.monotonic()  # the last result, or the last moment nothing was in flight
         self.route: Optional[Route] = None
+        self.fatal: Optional[BaseException] = None  # the feed failed to take a result (a full disk): end the run
         self.closed = threading.Event()
         self._links: dict[tuple[int, int], socket.socket] = {}
         self._links_changed = threading.Condition()
@@ -181,7 +182,12 @@ class Stream:
                 if index is None:
                     self.duplicates += 1
                 else:
-                    self.feed.deliver(index, [to_real(s, b) for s, b in zip(self.outputs, buffers)])
+                    try:
+                        self.feed.deliver(index, [to_real(s, b) for s, b in zip(self.outputs, buffers)])
+                    except Exception as e:  # noqa: BLE001 - a storage fault is no pipeline fault: never retried
+                        self.fatal = e
+                        self.credit.notify_all()
+                        return
                     now = self.last_progress = time.monotonic()
                     self.result_times.append(now)
                     route.first_result = route.first_result or now
