@@ -323,9 +323,8 @@ class Controller:
         route = self.stream.route
         if not self.ledger.done or route is None:
             return False
-        if route.results_done.wait(FINISH_SECONDS):
-            return True
-        return True  # every result is stored; an END that did not flow through changes nothing
+        route.results_done.wait(FINISH_SECONDS)  # the END flows through (every result is counted already)
+        return True
 
     # --- one step of the loop ----------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from .delivery import Ledger
 from .feed import Feed
 
 POLL_SECONDS = 0.02
+DELIVER_SECONDS = 10.0  # closing waits this long for results counted but not yet in the feed
 
 
 @dataclass
@@ -58,6 +59,8 @@ class Stream:
         self.key, self.model, self.session = key, model, session
         self.connect_timeout, self.pace, self.on_fault = connect_timeout, pace, on_fault
         self.credit = threading.Condition()  # guards the ledger; notified on every result
+        self.delivering = threading.Lock()  # one result into the feed at a time (old and new routes alike)
+        self.undelivered = 0  # results the ledger counted that are not in the feed yet
         self.duplicates = 0
         self.result_times: list[float] = []
         self.last_progress = time.monotonic()  # the last result, or the last moment nothing was in flight
@@ -181,17 +184,23 @@ class Stream:
                 index = self.ledger.result(route.epoch, route.base + frame.sequence)
                 if index is None:
                     self.duplicates += 1
-                else:
-                    try:
-                        self.feed.deliver(index, [to_real(s, b) for s, b in zip(self.outputs, buffers)])
-                    except Exception as e:  # noqa: BLE001 - a storage fault is no pipeline fault: never retried
-                        self.fatal = e
-                        self.credit.notify_all()
-                        return
-                    now = self.last_progress = time.monotonic()
-                    self.result_times.append(now)
-                    route.first_result = route.first_result or now
+                    continue
+                now = self.last_progress = time.monotonic()
+                self.result_times.append(now)
+                route.first_result = route.first_result or now
+                self.undelivered += 1
                 self.credit.notify_all()
+            # outside the credit: a slow write (a flush to disk) holds up neither the source nor a switch
+            try:
+                with self.delivering:
+                    self.feed.deliver(index, [to_real(s, b) for s, b in zip(self.outputs, buffers)])
+            except Exception as e:  # noqa: BLE001 - a storage fault is no pipeline fault: never retried
+                self.fatal = e
+                return
+            finally:
+                with self.credit:
+                    self.undelivered -= 1
+                    self.credit.notify_all()
 
     # --- result links ------------------------------------------------------------------------
 
@@ -236,10 +245,14 @@ class Stream:
             return self._links.pop(key)
 
     def close(self) -> None:
+        """Every route stopped; returns once no result is being delivered (the feed may be closed after)."""
         self.closed.set()
         with self.credit:
             self._stop(self.route)
             self.credit.notify_all()
+            deadline = time.monotonic() + DELIVER_SECONDS
+            while self.undelivered and time.monotonic() < deadline:  # every result counted reaches the feed
+                self.credit.wait(POLL_SECONDS)
         self.listener.close()
         with self._links_changed:
             for sock in self._links.values():
