@@ -54,8 +54,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--emulate-change", type=emulate_change, action="append", default=[], metavar="T:DEVICE=C",
                         help="T seconds after the first result, DEVICE runs at speed C: its stage is told over "
                              "the control channel (tests, benchmarks)")
-    parser.add_argument("--keras-model", type=Path,
-                        help="the Keras model, to convert new stages from when there is no model.tflite to slice")
     parser.add_argument("--controller-host", default="127.0.0.1",
                         help="this machine's address as the devices reach it (default 127.0.0.1)")
     parser.add_argument("--work-dir", type=Path, default=Path("serve_work"),
@@ -76,7 +74,7 @@ def serve_command(args: argparse.Namespace) -> int:
         data_path=args.data_path, output_path=args.output_path, num_inputs=args.num_inputs, fps=args.fps,
         resume=args.resume, window=args.window, progress_timeout=args.progress_timeout,
         connect_timeout=args.connect_timeout, threshold=args.threshold, emulate_speed=args.emulate_speed,
-        emulation_scale=args.emulation_scale, keras_model=args.keras_model, controller_host=args.controller_host,
+        emulation_scale=args.emulation_scale, controller_host=args.controller_host,
         emulate_changes=tuple(args.emulate_change), insecure=args.insecure,
         work_dir=args.work_dir, tls=not args.no_tls)
     summary = serve(options, echo=lambda text: print(text, flush=True))

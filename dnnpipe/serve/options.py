@@ -27,7 +27,6 @@ class ServeOptions:
     cooldown: float = 3.0  # no re-plan for speed this soon after a switch (hysteresis)
     emulate_speed: bool = False  # each stage emulates its device's C from the config, times emulation_scale
     emulation_scale: float = 1.0
-    keras_model: Optional[Path] = None  # to convert stages from when there is no whole model.tflite to slice
     controller_host: str = "127.0.0.1"  # the address the devices reach this machine at
     ssh: SshOptions = field(default_factory=SshOptions)
     emulate_changes: tuple[tuple[float, int, float], ...] = ()  # (after s, device, C): a device slows down
