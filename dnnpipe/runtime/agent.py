@@ -47,6 +47,7 @@ PREPARED_ROLES = 16  # sub-models kept loaded (the running role's, the next plan
 INSECURE_HELLO = struct.Struct("!4sHH")  # without a key: "DNNA" | sender device | generation (no proof)
 MAX_MODEL_BYTES = 1 << 30  # a pushed sub-model
 SESSION_WAIT = 2.0  # a link that arrives before the control link said the session waits this long
+CONTROLLER_WAIT = 5.0  # the controller listens before it starts an agent: if it does not answer, it is gone
 PORT_WAIT = 5.0  # how long a busy runtime_port may take to come free (an old agent on its way out)
 
 
@@ -201,11 +202,12 @@ class Agent:
         """Until the controller says stop or goes away (then every role ends: nothing outlives it)."""
         o = self.options
         listener = self._listen()
-        sock, reason = dial(o.control_host, o.control_port, o.connect_timeout, stop=self.stop)
+        wait = min(o.connect_timeout, CONTROLLER_WAIT)
+        sock, reason = dial(o.control_host, o.control_port, wait, stop=self.stop)
         if sock is None:
             listener.close()
             raise DnnpipeError(f"{self.name} cannot reach the controller at {o.control_host}:{o.control_port} "
-                               f"within {o.connect_timeout:g} s ({reason})")
+                               f"within {wait:g} s ({reason})")
         try:
             if self.tls_connect is not None:
                 sock = tls_wrap(sock, self.tls_connect, False)
