@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Mapping, Optional, Union
 
+from .detect import worth_switching
+
 Stages = tuple[tuple[int, int, int], ...]  # (first unit, last unit, device), in pipeline order
 
 
@@ -131,12 +133,6 @@ def _consider(state: State, planner: Planner, reason: str, label: str) -> tuple[
         return state, []
     return replace(state, stages=proposal.stages, contingency={}), \
         [Switch(proposal.stages, proposal.throughput, reason, label, abort=False)]
-
-
-def worth_switching(running_ms: Optional[float], candidate_ms: float, threshold: float) -> bool:
-    """Re-plan only when the new bottleneck beats the running one by more than the threshold (or the running
-    plan cannot run at all)."""
-    return running_ms is None or candidate_ms < running_ms / (1 + threshold)
 
 
 def contingencies(state: State, planner: Planner) -> dict[int, Proposal]:
