@@ -1,14 +1,24 @@
-"""serve under a fault: a device's stage is killed while 4 emulated devices serve a model.
+"""serve on device agents under faults and changes: kill, freeze, slowdown, join (and a steady run).
 
-    .venv/bin/python benchmarks/adaptive.py [--models tiny efficientnetv2b0]
+    .venv/bin/python benchmarks/adaptive.py [--models tiny efficientnetv2b0] [--scenarios kill freeze slowdown join]
+                                            [--steady SECONDS]
 
-The cluster is the paper's testbed (C = 1, 0.33, 0.21, 0.21) emulated on `local` devices: each stage is
-paced at its planned time (the runtime's --pace-ms), every speed scaled by one factor so the emulated cluster
-fits this host (the testbed's emulation_scale). After a few seconds of
-results the stage on device 2 is SIGKILLed; the table gives the throughput before the fault, the time to
-detect it, to re-plan, to cut the new sub-models, to ship them and to the first new result (each from the
-detection), the throughput after the switch, both throughputs against their plan's prediction (scaled like
-the speeds), and the results lost and duplicated in OUT (both must be 0).
+The cluster is the paper's testbed (C = 1, 0.33, 0.21, 0.21) emulated on `local` devices: each role is paced at
+its planned time, every speed scaled by one factor so the emulated cluster fits this host (the testbed's
+emulation_scale). After a few seconds of results one thing happens:
+
+    kill      the agent of device 2 is SIGKILLed (its control link closes)
+    freeze    the agent of device 2 is SIGSTOPped (its heartbeats stop)
+    slowdown  device 1 runs 4x slower (its pace is changed over the control link; serve must measure it)
+    join      device 4 is added to the registry and serve gets SIGHUP (it starts in a 3-device registry)
+
+The table gives, in seconds unless marked: detection (from the event), re-plan (ms), cut and push on the critical
+path (s; 0 when pushed ahead of time), switch (ms: roles out, route open), the first new result after detection,
+the longest gap between two consecutive results as a client sees it (from 1 s before the event to the end),
+throughput before and after against the plans' predictions (scaled like the speeds), and results lost and
+duplicated in OUT (both must be 0). A link cut needs a packet filter (iptables/nft) or a namespace per device;
+serve's local devices share the host's network, so it is not measured here (a cut device is detected like a
+frozen one: no heartbeat). --steady runs the cluster unchanged at full load and counts re-plans (must be 0).
 """
 
 from __future__ import annotations
@@ -20,7 +30,9 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import h5py
 import numpy as np
@@ -30,16 +42,26 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from dnnpipe.config import load_config  # noqa: E402
-from dnnpipe.serve.controller import ServeSummary, serve  # noqa: E402
+from dnnpipe.runtime.local import free_ports  # noqa: E402
+from dnnpipe.serve.controller import Controller, ServeSummary  # noqa: E402
 from dnnpipe.serve.options import ServeOptions  # noqa: E402
 from dnnpipe.testbed.cores import usable_cores  # noqa: E402
 from dnnpipe.testbed.pacing import emulation_scale  # noqa: E402
 from serve_setup import Served, make_served  # noqa: E402
 
 SPEEDS = [1.0, 0.33, 0.21, 0.21]
-VICTIM = 2  # the device whose stage is killed
-BEFORE_SECONDS = 3.0  # of results before the fault
-AFTER_SECONDS = 4.0  # of results after the switch
+LABELS = {"kill": "lost", "freeze": "frozen", "slowdown": "slower", "join": "joined", "steady": ""}
+BEFORE_SECONDS = 3.0  # of results before the event
+AFTER_SECONDS = 4.0  # of results after it
+
+
+@dataclass
+class Outcome:
+    scenario: str
+    summary: ServeSummary
+    event_at: float
+    detected_s: float
+    lost: int
 
 
 def rate(times: list[float], start: float, end: float) -> float:
@@ -47,36 +69,48 @@ def rate(times: list[float], start: float, end: float) -> float:
     return (len(inside) - 1) / (inside[-1] - inside[0]) if len(inside) > 1 and inside[-1] > inside[0] else 0.0
 
 
-def run_fault(served: Served, work: Path, scale: float) -> tuple[ServeSummary, float, int, int]:
-    """serve with a kill; the summary, when the kill happened, and the results lost and duplicated in OUT."""
-    registry = served.registry([1, 2, 3, 4], work / "registry.json")
-    out = work / "out.h5"
+def run(served: Served, work: Path, scale: float, scenario: str, seconds: Optional[float] = None) -> Outcome:
+    ports = dict(zip((1, 2, 3, 4), free_ports(4)))
+    registry = served.registry([1, 2, 3] if scenario == "join" else [1, 2, 3, 4], work / "registry.json", ports)
+    out = work / f"out_{scenario}.h5"
     from dnnpipe.planner import plan
 
     predicted = plan(served.config).throughput * scale
-    total = int(predicted * (BEFORE_SECONDS + AFTER_SECONDS + 2))
-    lines: list[str] = []
-    killed = threading.Event()
-    kill_time = [0.0]
+    total = int(predicted * (seconds or (BEFORE_SECONDS + AFTER_SECONDS + 2)))
+    event = threading.Event()
+    event_at = [0.0]
+    changes = ((BEFORE_SECONDS, 1, SPEEDS[0] / 4),) if scenario == "slowdown" else ()
+    options = ServeOptions(registry=registry, model_path=served.parts, model_name=served.name, config=served.config,
+                           data_path=served.data, output_path=out, num_inputs=total, emulate_speed=True,
+                           emulation_scale=scale, threshold=0.05 if scenario in ("join", "slowdown", "steady") else 10,
+                           emulate_changes=changes, work_dir=work / "serve_work")
+    controller: list[Controller] = []
+
+    def act() -> None:
+        time.sleep(BEFORE_SECONDS)
+        event_at[0] = time.monotonic()
+        c = controller[0]
+        if scenario == "kill":
+            os.kill(c.fleet.agents[2].pid or 0, signal.SIGKILL)
+        elif scenario == "freeze":
+            os.kill(c.fleet.agents[2].pid or 0, signal.SIGSTOP)
+        elif scenario == "join":
+            served.registry([1, 2, 3, 4], registry, ports)
+            os.kill(os.getpid(), signal.SIGHUP)
+        event.set()
 
     def echo(line: str) -> None:
-        lines.append(line)
-        print(f"    {line}", flush=True)
-        if "epoch 1: first result" in line:
-            threading.Thread(target=kill, daemon=True).start()
+        print(f"    {time.monotonic():.3f} {line}", flush=True)
+        if "generation 1: first result" in line and scenario not in ("steady",):
+            threading.Thread(target=act, daemon=True).start()
 
-    def kill() -> None:
-        time.sleep(BEFORE_SECONDS)
-        found = [x for x in lines if x.startswith("serve: stage") and f"on device {VICTIM} " in x]
-        kill_time[0] = time.monotonic()
-        os.kill(int(found[0].rsplit(" ", 1)[1]), signal.SIGKILL)
-        killed.set()
-
-    options = ServeOptions(registry=registry, model_path=served.parts, model_name=served.name, config=served.config,
-                           data_path=served.data, output_path=out, num_inputs=total, progress_timeout=2.0,
-                           emulate_speed=True, emulation_scale=scale, threshold=10.0)  # the fault alone
-    summary = serve(options, echo=echo)
-    assert killed.is_set(), "the run ended before the fault"
+    c = Controller(options, echo)
+    controller.append(c)
+    summary = c.run()
+    if scenario == "slowdown":
+        event_at[0] = (summary.result_times[0] if summary.result_times else 0.0) + BEFORE_SECONDS
+    ours = [x for x in summary.switches if x.label == LABELS[scenario]]
+    detected = ours[0].detected_at - event_at[0] if ours and event_at[0] else float("nan")
     lost = 0
     rows = len(next(iter(served.expected.values())))
     with h5py.File(out) as f:
@@ -84,12 +118,34 @@ def run_fault(served: Served, work: Path, scale: float) -> tuple[ServeSummary, f
             got = f[name][:]
             close = np.isclose(got, expected[np.arange(total) % rows], rtol=1e-4, atol=1e-4).reshape(total, -1)
             lost = max(lost, int((~close.all(axis=1)).sum()) + total - int(f.attrs["stored"]))
-    return summary, kill_time[0], lost, summary.duplicates
+    return Outcome(scenario, summary, event_at[0], detected, lost)
+
+
+def row(kind: str, o: Outcome) -> str:
+    s = o.summary
+    times = s.result_times
+    if not s.switches:
+        return (f"| {kind} | {o.scenario} | {rate(times, times[0] + 1, times[-1]):.1f} ({s.start_throughput:.1f}) | "
+                f"no switch | | | | | {max(np.diff(times)) if len(times) > 1 else 0:.3f} | | {o.lost} | "
+                f"{s.duplicates} |")
+    w = next((x for x in s.switches if x.label == LABELS[o.scenario]), s.switches[0])
+    first = (w.first_result_s if w.first_result_s is not None else float("nan"))
+    window = [t for t in times if t >= o.event_at - 1.0]
+    gap = max(np.diff(window)) if len(window) > 1 else float("nan")
+    before = rate(times, times[0] + 1.0, o.event_at)
+    after = rate(times, w.detected_at + first + 0.5, times[-1])
+    scale = s.predicted_throughput / w.predicted_throughput if w.predicted_throughput else 1.0
+    return (f"| {kind} | {o.scenario} | {before:.1f} ({s.start_throughput:.1f}) | {o.detected_s:.3f} | "
+            f"{w.replan_s * 1000:.1f} | {w.push_s:.3f} | {w.switch_s * 1000:.1f} | {first:.3f} | {gap:.3f} | "
+            f"{after:.1f} ({w.predicted_throughput * scale:.1f}) | {o.lost} | {s.duplicates} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tiny"], choices=["tiny", "efficientnetv2b0"])
+    parser.add_argument("--scenarios", nargs="+", default=["kill", "freeze", "slowdown", "join"],
+                        choices=["kill", "freeze", "slowdown", "join"])
+    parser.add_argument("--steady", type=float, metavar="SECONDS", help="also a steady run this long")
     parser.add_argument("--scale", type=float, help="emulation scale (default: the demo's, to fit this host)")
     args = parser.parse_args()
     rows = []
@@ -100,24 +156,22 @@ def main() -> None:
             print(f"{kind}: converting and profiling ...", flush=True)
             served = make_served(work, SPEEDS, kind, 48 if kind == "tiny" else None, repeats=5)
             scale = args.scale or emulation_scale(load_config(served.config), usable_cores())
-            summary, kill_at, lost, duplicates = run_fault(served, work, scale)
-        switch = summary.switches[0]
-        first = min(summary.result_times)
-        new_first = switch.detected_at + (switch.first_result_s or 0.0)
-        before = rate(summary.result_times, first + 1.0, kill_at)
-        after = rate(summary.result_times, new_first + 0.5, max(summary.result_times))
-        rows.append((kind, before, summary.start_throughput * scale, switch.detected_at - kill_at, switch.replan_s,
-                     switch.cut_s, switch.ship_s, switch.first_result_s or float("nan"), after,
-                     switch.predicted_throughput * scale, lost, duplicates))
-    print(f"\nemulated paper testbed C = {SPEEDS} x {scale:.3f}; the stage on device {VICTIM} SIGKILLed; "
-          f"seconds after the detection except 'detect' (after the kill)\n")
-    print("| model | before inf/s (predicted) | detect s | re-plan ms | cut s | ship s | first new result s "
-          "| after inf/s (predicted) | after/before (predicted) | lost | duplicated |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for kind, before, p_before, detect, replan_s, cut, ship, first_s, after, p_after, lost, dup in rows:
-        print(f"| {kind} | {before:.1f} ({p_before:.1f}, {before / p_before:.0%}) | {detect:.2f} | "
-              f"{replan_s * 1000:.1f} | {cut:.2f} | {ship:.2f} | {first_s:.2f} | {after:.1f} ({p_after:.1f}, "
-              f"{after / p_after:.0%}) | {after / before:.2f} ({p_after / p_before:.2f}) | {lost} | {dup} |")
+            for scenario in args.scenarios:
+                print(f"{kind}: {scenario}", flush=True)
+                rows.append(row(kind, run(served, work, scale, scenario)))
+            if args.steady:
+                print(f"{kind}: steady for {args.steady:g} s", flush=True)
+                steady = run(served, work, scale, "steady", args.steady)
+                rows.append(f"| {kind} | steady {args.steady:g} s | {len(steady.summary.switches)} re-plans | "
+                            f"{steady.summary.stored} results, {steady.lost} lost, {steady.summary.duplicates} "
+                            f"duplicated |")
+    print(f"\nemulated paper testbed C = {SPEEDS} x {scale:.3f}; seconds after the detection except 'detect' (after "
+          f"the event); 'cut+push' is what was cut and pushed on the critical path\n")
+    print("| model | event | before inf/s (predicted) | detect s | re-plan ms | cut+push s | switch ms "
+          "| first new result s | longest gap s | after inf/s (predicted) | lost | duplicated |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for line in rows:
+        print(line)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
                          "re-plan a running pipeline after devices left, slowed down or lost memory"),
     "stage": Subcommand("runtime.command", "add_stage_arguments", "stage_command",
                         "run one pipeline stage (runtime_engine.py)"),
+    "agent": Subcommand("runtime.command", "add_agent_arguments", "agent_command",
+                        "a device agent: runs the stage roles serve gives it"),
     "run-local": Subcommand("testbed.command", "add_run_local_arguments", "run_local_command",
                             "run every stage of a partitioned model as its own process on loopback ports"),
     "testbed": Subcommand("testbed.command", "add_testbed_arguments", "testbed_command",

@@ -34,7 +34,7 @@ class Served:
     def args(self, registry: Path, out: Path, *extra: str) -> list[str]:
         return ["serve", "--device-registry", str(registry), "--model-path", str(self.parts), "--model-name",
                 self.name, "--config", str(self.config), "--data-path", str(self.data), "--output-path", str(out),
-                *extra]
+                "--work-dir", str(out.parent / "serve_work"), *extra]
 
     def check(self, out: Path, total: int) -> None:
         """OUT holds every input exactly once, in input order, equal to the model's outputs."""

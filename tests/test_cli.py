@@ -24,7 +24,7 @@ def loaded_by(*argv: str) -> list[str]:
     return result.stdout.split("\n")[-2].split()
 
 
-@pytest.mark.parametrize("command", ["stage"])
+@pytest.mark.parametrize("command", ["stage", "agent"])
 def test_a_device_command_loads_the_device_side_alone(command):
     loaded = loaded_by(command, "--help")
     assert f"dnnpipe.{SUBCOMMANDS[command].module}" in loaded

@@ -95,3 +95,65 @@ def test_resume_skips_what_is_stored():
     assert Ledger(3, 1, stored=3).done
     with pytest.raises(ValueError):
         Ledger(3, 0)
+
+
+def simulate_routes(total: int, window: int, stored: int, actions: list[int], live: bool) -> list[int]:
+    """As `simulate`, with the controller's routes: a planned switch (action 4) opens a new route behind the old
+    one (the old drains first, the epoch stays), a device loss (2) cuts every route and starts a new epoch, at
+    any point, also while a planned switch is draining. With `live`, the total is learnt only when the feed runs
+    dry (a live feed)."""
+    ledger = Ledger(None if live else total, window, stored)
+    routes: list[deque] = [deque()]  # each route: (epoch, wire sequence, input) in FIFO order
+    stale: deque = deque()
+    out: list[int] = []
+    steps = iter(actions)
+    for _ in range(100 * (total + 1) + len(actions)):
+        if ledger.done:
+            break
+        action = next(steps, 0)
+        if action == 0:
+            if live and ledger.total is None and ledger.peek() is not None and ledger.peek() >= total:
+                ledger.end_at(total)  # the feed says input `total` will never come
+            wire, index = ledger.wire_sequence, ledger.next_input()
+            if index is not None:
+                routes[-1].append((ledger.epoch, wire, index))
+            elif any(routes):
+                action = 1
+        if action == 1:
+            while len(routes) > 1 and not routes[0]:
+                routes.pop(0)  # its END came through: the next route's results are read now
+            if routes[0]:
+                epoch, wire, index = routes[0].popleft()
+                got = ledger.result(epoch, wire)
+                assert got in (None, index)
+                if got is not None:
+                    out.append(got)
+        elif action == 2:
+            for route in routes:
+                stale.extend(route)
+            routes = [deque()]
+            ledger.switch()
+        elif action == 3 and stale:
+            epoch, wire, _ = stale.popleft()
+            assert ledger.result(epoch, wire) is None
+        elif action == 4:
+            routes.append(deque())
+    assert ledger.done, f"not finished: stored up to {ledger.first_unstored} of {total}"
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(total=st.integers(0, 40), window=st.integers(1, 6), data=st.data(), live=st.booleans(),
+       actions=st.lists(st.integers(0, 4), max_size=200))
+def test_exactly_once_across_barrier_switches_and_faults_during_them(total, window, data, live, actions):
+    stored = data.draw(st.integers(0, total))
+    assert simulate_routes(total, window, stored, actions, live) == list(range(stored, total))
+
+
+def test_a_live_feed_ends_when_exhausted():
+    ledger = Ledger(None, 4)
+    assert ledger.next_input() == 0 and not ledger.done
+    ledger.end_at(1)
+    assert ledger.next_input() is None and ledger.result(0, 0) == 0 and ledger.done
+    with pytest.raises(DeliveryError):
+        Ledger(None, 4, stored=3).end_at(2)

@@ -1,40 +1,10 @@
-"""The rules serve applies to what the control channel says: who is lost, how fast each device is, when to switch."""
+"""The rules serve applies to the stage times the agents report: how fast each device is, when to switch."""
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dnnpipe.serve.detect import SpeedModel, StageState, find_lost, speed_outliers, stage_median, worth_switching
-
-
-def states(now: float = 10.0) -> list[StageState]:
-    return [StageState(k, 10 + k, started=0.0, hello=True, last_beat=now - 0.1) for k in (1, 2, 3)]
-
-
-def test_healthy_stages_and_a_neighbour_s_error_blame_no_one():
-    s = states()
-    assert find_lost(s, 10.0, 2.0, 30.0) is None
-    s[0].ended, s[0].message = "error", "[stage 1] cannot send to the next stage"
-    assert find_lost(s, 10.0, 2.0, 30.0) is None  # a symptom: the cause has not shown itself yet
-
-
-def test_the_silent_stage_is_the_cause_even_after_its_neighbours_complained():
-    s = states()
-    s[0].ended = s[2].ended = "error"
-    s[1].ended = "silent"
-    assert find_lost(s, 10.0, 2.0, 30.0) == (12, "stage 2 stopped without a word (process killed, or its device "
-                                                 "unreachable)")
-
-
-def test_a_stage_without_heartbeat_is_frozen_and_one_that_never_came_up_is_lost():
-    s = states()
-    s[2].last_beat = 7.5
-    device, why = find_lost(s, 10.0, 2.0, 30.0)
-    assert device == 13 and "no heartbeat for 2.5 s" in why
-    late = StageState(1, 5, started=0.0)
-    assert find_lost([late], 29.0, 2.0, 30.0) is None
-    assert find_lost([late], 31.0, 2.0, 30.0) == (5, "stage 1 did not come up within 30 s")
-
+from dnnpipe.serve.detect import SpeedModel, speed_outliers, stage_median, worth_switching
 
 MODEL = SpeedModel(band=0.25)
 PROFILED = {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0}

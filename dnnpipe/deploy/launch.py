@@ -15,6 +15,7 @@ from ..errors import ConfigError, DnnpipeError
 from ..manifest import MANIFEST_FILE, Manifest
 from ..pipeline_key import KEY_FILE, read_key, tls_context
 from ..runtime.handshake import HandshakeError, manifest_identity, probe_side, tls_wrap
+from ..runtime.argv import Value, runtime_argv
 from .registry import Device
 from .transport import Transport
 
@@ -65,18 +66,16 @@ def launch_plan(manifest: Manifest, devices: Sequence[Device], models_dir: str, 
     log_dir = f"{model_folder(models_dir, manifest.model_name)}/{LOGS}"
     launches = []
     for k, device in enumerate(devices, 1):
-        argv = [device.interpreter, "runtime_engine.py", "--stage", str(k), "--model-path", models_dir,
-                "--model-name", manifest.model_name, "--log-dir", log_dir, *extra]
-        if k > 1:
-            argv += ["--bind-addr", "0.0.0.0", "--bind-port", str(device.runtime_port)]
-        if k < last:
-            following = devices[k]
-            argv += ["--next-host", "127.0.0.1" if following.is_local else following.host,
-                     "--next-port", str(following.runtime_port)]
-        if k == 1:
-            argv += ["--data-path", data_path]
-        if k == last and output_path:
-            argv += ["--output-path", output_path]
+        following = devices[k] if k < last else None
+        flags: list[tuple[str, Value]] = [
+            ("--stage", k), ("--model-path", models_dir), ("--model-name", manifest.model_name),
+            ("--log-dir", log_dir)]
+        argv = runtime_argv([device.interpreter, "runtime_engine.py"], flags) + list(extra)
+        argv += runtime_argv([], [
+            ("--bind-addr", "0.0.0.0" if k > 1 else None), ("--bind-port", device.runtime_port if k > 1 else None),
+            ("--next-host", None if following is None else "127.0.0.1" if following.is_local else following.host),
+            ("--next-port", None if following is None else following.runtime_port),
+            ("--data-path", data_path if k == 1 else None), ("--output-path", output_path if k == last else None)])
         launches.append(StageLaunch(k, device, tuple(argv), k > 1, log_dir))
     return launches
 

@@ -14,6 +14,7 @@ from ..console import positive_float, positive_int, script_main
 from .dataio import INPUTS_HELP, RESULTS_HELP
 from ..errors import DnnpipeError, printable
 from .local import RunOptions
+from .agent import Agent, AgentOptions
 from .stage import Stage, StageOptions
 
 
@@ -108,3 +109,42 @@ def stage_command(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     return script_main(stage_parser(), stage_command, argv)
+
+
+def add_agent_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--device", type=positive_int, required=True, help="this device's id (the registry's)")
+    parser.add_argument("--model-path", type=Path, required=True, help="folder holding NAME/manifest.json")
+    parser.add_argument("--model-name", required=True, help="model name (sub-folder of --model-path)")
+    parser.add_argument("--bind-addr", default="0.0.0.0", help="address to take data links on (default 0.0.0.0)")
+    parser.add_argument("--bind-port", type=port, required=True, help="port to take data links on (runtime_port)")
+    parser.add_argument("--control-host", required=True, help="the controller (serve) to take roles from")
+    parser.add_argument("--control-port", type=port, required=True, help="the controller's control port")
+    parser.add_argument("--connect-timeout", type=positive_float, default=30.0,
+                        help="longest wait for the controller or a neighbour, s (default 30)")
+    parser.add_argument("--timeout", type=positive_float, default=60.0,
+                        help="longest wait for a frame inside a role, s (default 60)")
+    parser.add_argument("--queue-size", type=positive_int, default=4, help="frames buffered between threads")
+    parser.add_argument("--num-threads", type=positive_int, help="interpreter threads (default: the interpreter's)")
+    parser.add_argument("--delegate", help="delegate library, e.g. libedgetpu.so.1")
+    parser.add_argument("--key-file", type=Path, help="the pipeline key (default: pipeline.key beside manifest.json)")
+    parser.add_argument("--insecure", action="store_true", help="links without the pipeline key handshake")
+    parser.add_argument("--tls", action="store_true",
+                        help="every link inside mutual TLS, pinning pipeline.crt beside manifest.json")
+    return parser
+
+
+def agent_command(args: argparse.Namespace) -> int:
+    options = AgentOptions(device=args.device, folder=args.model_path / args.model_name,
+                           control_host=args.control_host, control_port=args.control_port, bind_port=args.bind_port,
+                           bind_addr=args.bind_addr, connect_timeout=args.connect_timeout, timeout=args.timeout,
+                           queue_size=args.queue_size, num_threads=args.num_threads, delegate=args.delegate,
+                           key_file=args.key_file, insecure=args.insecure, tls=args.tls)
+    Agent(options, say=lambda text: print(text, flush=True)).run()
+    print(f"[agent {args.device}] stopped by the controller", flush=True)
+    return 0
+
+
+def agent_main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dnnpipe.runtime.agent",
+                                     description="A device agent: runs the stage roles a controller (serve) gives it.")
+    return script_main(add_agent_arguments(parser), agent_command, argv)

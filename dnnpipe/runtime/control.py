@@ -28,6 +28,7 @@ from .transport import dial
 HEARTBEAT_SECONDS = 0.2
 MAX_LINE = 1 << 16
 CONTROLLER = 0  # the controller's number in a control link's handshake: stage k -> 0, never a data link
+MIN_PACE_MS, MAX_PACE_MS = 1e-3, 60_000.0  # a planned stage time: a minute at most (the pacing sleep wakes on stop)
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -49,22 +50,76 @@ class LineReader:
                 return None
             self.buffer += chunk
         line, _, self.buffer = self.buffer.partition(b"\n")
-        try:
-            message = json.loads(line)
-        except ValueError:
-            raise DnnpipeError(f"{self.peer}: control line is not JSON") from None
-        if not isinstance(message, dict) or not isinstance(message.get("kind"), str):
-            raise DnnpipeError(f"{self.peer}: control message without a 'kind'")
-        return message
+        return parse_line(line, self.peer)
+
+    def read_exact(self, size: int) -> bytes:
+        """`size` raw bytes that follow a line (a sub-model pushed after its "model" line)."""
+        data = bytearray(self.buffer[:size])
+        self.buffer = self.buffer[size:]
+        while len(data) < size:
+            chunk = self.sock.recv(min(1 << 20, size - len(data)))
+            if not chunk:
+                raise DnnpipeError(f"{self.peer}: closed after {len(data)} of {size} pushed bytes")
+            data += chunk
+        return bytes(data)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+def parse_line(line: bytes, peer: str) -> dict[str, Any]:
+    """One control line as a JSON object with a 'kind'; anything else (not JSON, NaN or Infinity, nesting
+    deeper than the parser's stack, numbers beyond a float) is one DnnpipeError naming the peer."""
+    try:
+        message = json.loads(line, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:
+        raise DnnpipeError(f"{peer}: control line is not valid JSON ({type(e).__name__})") from None
+    if not isinstance(message, dict) or not isinstance(message.get("kind"), str):
+        raise DnnpipeError(f"{peer}: control message without a 'kind'")
+    return message
+
+
+def number(message: dict[str, Any], name: str, low: float, high: float, peer: str,
+           optional: bool = False) -> Optional[float]:
+    """A finite number low <= x <= high (not a bool), or None where optional."""
+    value = message.get(name)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise DnnpipeError(f"{peer}: {message.get('kind')!r} needs {name} a finite number in [{low:g}, {high:g}], "
+                           f"got {str(value)[:40]!r}")
+    return float(value)
+
+
+def integer(message: dict[str, Any], name: str, low: int, high: int, peer: str) -> int:
+    value = message.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise DnnpipeError(f"{peer}: {message.get('kind')!r} needs {name} a whole number in [{low}, {high}], "
+                           f"got {str(value)[:40]!r}")
+    return value
+
+
+def text(message: dict[str, Any], name: str, peer: str, limit: int = 1000) -> str:
+    value = message.get(name, "")
+    if not isinstance(value, str):
+        raise DnnpipeError(f"{peer}: {message.get('kind')!r} needs {name} a string")
+    return value[:limit].encode("unicode_escape").decode("ascii")  # no terminal escapes into a log
+
+
+def times(message: dict[str, Any], name: str, peer: str, limit: int = 4096) -> list[float]:
+    """A list of stage times in ms, each finite and in [0, 1 hour]."""
+    values = message.get(name, [])
+    if not isinstance(values, list) or len(values) > limit:
+        raise DnnpipeError(f"{peer}: {message.get('kind')!r} needs {name} a list of at most {limit} numbers")
+    return [number({"kind": message.get("kind"), name: v}, name, 0.0, 3.6e6, peer) or 0.0 for v in values]
 
 
 def check_command(message: dict[str, Any], peer: str) -> dict[str, Any]:
     """The commands a stage obeys, checked at the boundary."""
     if message["kind"] == "pace":
-        ms = message.get("ms")
-        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not (ms > 0 and math.isfinite(ms)):
-            raise DnnpipeError(f"{peer}: pace needs a finite number of ms > 0, got {ms!r}")
-        return {"kind": "pace", "ms": float(ms)}
+        return {"kind": "pace", "ms": number(message, "ms", MIN_PACE_MS, MAX_PACE_MS, peer)}
     raise DnnpipeError(f"{peer}: unknown control command {message['kind']!r}")
 
 

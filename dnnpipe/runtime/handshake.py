@@ -27,6 +27,7 @@ import ssl
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ..errors import DnnpipeError
 
@@ -123,6 +124,21 @@ def probe_side(sock: socket.socket, key: bytes, identity: bytes, stage: int,
 
 def listen_side(sock: socket.socket, auth: LinkAuth, seconds: float = HANDSHAKE_SECONDS) -> None:
     """The receiving end of a link, right after accept(); raises ProbeClosed for a silent close."""
+    def expected(sender: int, receiver: int) -> LinkAuth:
+        if (sender, receiver) == (PROBE, auth.receiver):  # the deployer's readiness probe: answered, no link
+            return LinkAuth(auth.key, auth.identity, PROBE, auth.receiver)
+        if (sender, receiver) != (auth.sender, auth.receiver):
+            raise HandshakeError(f"the peer says it is stage {sender} sending to stage {receiver}; this link is "
+                                 f"stage {auth.sender} to stage {auth.receiver}")
+        return auth
+
+    listen_side_for(sock, expected, seconds)
+
+
+def listen_side_for(sock: socket.socket, auth_for: Callable[[int, int], LinkAuth],
+                    seconds: float = HANDSHAKE_SECONDS) -> LinkAuth:
+    """listen_side for a listener that takes more than one link (a device agent): `auth_for(sender, receiver)`
+    gives the link's LinkAuth from what the HELLO claims, or raises HandshakeError; the proven link's auth."""
     deadline = time.monotonic() + seconds
     magic, version, sender, receiver, nonce_c = HELLO.unpack(_receive(sock, HELLO.size, deadline, first=True))
     if magic.startswith(b"\x16\x03"):
@@ -131,18 +147,14 @@ def listen_side(sock: socket.socket, auth: LinkAuth, seconds: float = HANDSHAKE_
         raise HandshakeError(f"not a DNNPipe handshake (starts with {magic!r}; an unauthenticated peer?)")
     if version != VERSION:
         raise HandshakeError(f"handshake version {version}, expected {VERSION}")
-    if (sender, receiver) == (PROBE, auth.receiver):
-        nonce_l = secrets.token_bytes(NONCE)
-        probe = LinkAuth(auth.key, auth.identity, PROBE, auth.receiver)
-        _send(sock, nonce_l + probe.mac(b"listener", nonce_c, nonce_l), deadline)
-        raise ProbeClosed("an authenticated readiness probe, answered")
-    if (sender, receiver) != (auth.sender, auth.receiver):
-        raise HandshakeError(f"the peer says it is stage {sender} sending to stage {receiver}; this link is "
-                             f"stage {auth.sender} to stage {auth.receiver}")
+    auth = auth_for(sender, receiver)
     nonce_l = secrets.token_bytes(NONCE)
     _send(sock, nonce_l + auth.mac(b"listener", nonce_c, nonce_l), deadline)
+    if auth.sender == PROBE:  # its MAC names PROBE as the sender, so it proves nothing on any real link
+        raise ProbeClosed("an authenticated readiness probe, answered")
     if not hmac.compare_digest(_receive(sock, MAC, deadline), auth.mac(b"connector", nonce_c, nonce_l)):
         raise HandshakeError("the peer failed the handshake: it holds another pipeline key or another manifest")
+    return auth
 
 
 def tls_wrap(sock: socket.socket, context: ssl.SSLContext, server_side: bool,

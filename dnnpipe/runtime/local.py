@@ -10,45 +10,19 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Protocol, Sequence
 
 from ..errors import DnnpipeError
 from ..manifest import read_manifest
 from ..pipeline_key import tls_context
+from .argv import runtime_argv
 from .metrics import StageSummary, read_summary
+from .stage import RunOptions
 
 GRACE_SECONDS = 2.0  # after a stage failed, how long the others get to stop on their own
 POLL_SECONDS = 0.02
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """The options every stage of one run shares; run-local passes them to each stage process."""
-
-    num_inputs: Optional[int] = None
-    fps: Optional[float] = None
-    num_threads: Optional[int] = None
-    delegate: Optional[str] = None
-    timeout: float = 60.0
-    connect_timeout: float = 60.0
-    queue_size: int = 4
-    key_file: Optional[Path] = None
-    insecure: bool = False
-    tls: bool = True  # links inside mutual TLS (off: --no-tls); run-local makes a missing certificate first
-
-    def argv(self) -> list[str]:
-        flags = []
-        for f in fields(self):
-            value, flag = getattr(self, f.name), f"--{f.name.replace('_', '-')}"
-            if f.name == "tls":
-                flags += [] if value or self.insecure else ["--no-tls"]  # on by default in every stage
-            elif isinstance(value, bool):
-                flags += [flag] if value else []
-            elif value is not None:
-                flags.append(f"{flag}={value}")
-        return flags
 
 
 class Network(Protocol):
@@ -127,18 +101,15 @@ def stage_commands(folder: Path, devices: Sequence[int], data_path: Path, output
     stages = len(devices)
     commands = []
     for k in range(1, stages + 1):
-        command = [sys.executable, "-m", "dnnpipe", "stage", "--stage", str(k), "--model-path", str(folder.parent),
-                   "--model-name", folder.name, "--log-dir", str(log_dir), *run.argv()]
-        if k > 1:
-            command += ["--bind-addr", network.address(devices[k - 1]), "--bind-port", str(network.port(k))]
-        if k < stages:
-            command += ["--next-host", network.address(devices[k]), "--next-port", str(network.port(k + 1))]
-        if k == 1:
-            command += ["--data-path", str(data_path)]
-        if k == stages and output_path is not None:
-            command += ["--output-path", str(output_path)]
-        if pace_ms[k - 1] is not None:
-            command += ["--pace-ms", repr(pace_ms[k - 1])]
+        command = runtime_argv([sys.executable, "-m", "dnnpipe", "stage"], [
+            ("--stage", k), ("--model-path", folder.parent), ("--model-name", folder.name), ("--log-dir", log_dir),
+            *run.flags(),
+            ("--bind-addr", network.address(devices[k - 1]) if k > 1 else None),
+            ("--bind-port", network.port(k) if k > 1 else None),
+            ("--next-host", network.address(devices[k]) if k < stages else None),
+            ("--next-port", network.port(k + 1) if k < stages else None),
+            ("--data-path", data_path if k == 1 else None),
+            ("--output-path", output_path if k == stages else None), ("--pace-ms", pace_ms[k - 1])])
         commands.append(network.command(devices[k - 1], command))
     return commands
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 import queue
+import socket
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -22,25 +23,67 @@ import numpy as np
 
 from ..errors import DnnpipeError
 from ..interpreter import StageRunner
-from ..manifest import MANIFEST_FILE, read_manifest, sha256_file
+from ..manifest import MANIFEST_FILE, StageSpec, read_manifest, sha256_file
 from ..pipeline_key import stage_key, tls_context
 from ..protocol import Kind, PeerError
 from .dataio import ResultWriter, input_datasets, read_inputs
 from .metrics import FrameTiming, StageSummary, summarise, write_log
 from .control import CONTROLLER, ControlLink
 from .handshake import LinkAuth, manifest_identity
+from .argv import Value
 from .transport import Downstream, Say, Upstream, accept_upstream, connect_downstream, listen
 
-END = "end-of-stream"
 POLL_SECONDS = 0.1
+
+
+@dataclass
+class Work:
+    """One frame on its way through a stage's threads: its tensors (pooled buffers) and what it cost."""
+
+    sequence: int
+    origin_ns: int
+    buffers: list
+    timing: FrameTiming
+    queued: float = 0.0  # perf_counter when it was queued (the wait before the next thread took it)
+
+
+@dataclass(frozen=True)
+class EndOfStream:
+    """The sentinel after the last frame, between the threads."""
+
+
+END = EndOfStream()
 
 
 class StageFailed(DnnpipeError):
     """The stage stopped on an error; the message starts with the stage that failed first."""
 
 
-@dataclass
-class StageOptions:
+@dataclass(frozen=True)
+class RunOptions:
+    """The options every stage of one run shares (the one source of them: StageOptions extends it); run-local
+    passes them to each stage process."""
+
+    num_inputs: Optional[int] = None
+    fps: Optional[float] = None
+    num_threads: Optional[int] = None
+    delegate: Optional[str] = None
+    timeout: float = 60.0
+    connect_timeout: float = 60.0
+    queue_size: int = 4
+    key_file: Optional[Path] = None
+    insecure: bool = False
+    tls: bool = True  # links inside mutual TLS with pipeline.crt (off: --no-tls; both neighbours must agree)
+
+    def flags(self) -> list[tuple[str, Value]]:
+        """Each field as its stage flag (--num-inputs for num_inputs, ...); TLS is every stage's default, so only
+        its absence is passed (--no-tls)."""
+        return [("--no-tls", not self.tls and not self.insecure) if f.name == "tls" else
+                (f"--{f.name.replace('_', '-')}", getattr(self, f.name)) for f in fields(RunOptions)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageOptions(RunOptions):
     stage: int
     folder: Path  # model_path / model_name, holding manifest.json
     bind_addr: str = "0.0.0.0"
@@ -49,20 +92,217 @@ class StageOptions:
     next_port: Optional[int] = None
     data_path: Optional[Path] = None
     output_path: Optional[Path] = None
-    num_inputs: Optional[int] = None
-    fps: Optional[float] = None
     log_dir: Optional[Path] = None
-    num_threads: Optional[int] = None
-    delegate: Optional[str] = None
-    timeout: float = 60.0  # longest wait for a frame, or for a send to progress
-    connect_timeout: float = 60.0  # longest wait for the neighbours to come up
-    queue_size: int = 4
     pace_ms: Optional[float] = None  # the emulated device's planned time for this stage: stage time = max(host, this)
     control_host: Optional[str] = None  # a controller (serve) to send heartbeats to and take commands from
     control_port: Optional[int] = None
-    key_file: Optional[Path] = None  # default: pipeline.key beside the manifest
-    insecure: bool = False  # no link authentication (both neighbours must agree)
-    tls: bool = True  # links inside mutual TLS with pipeline.crt (off: --no-tls; both neighbours must agree)
+
+
+class StageLoop:
+    """The order of work of one stage over links and an interpreter already made: three threads joined by
+    bounded queues. A Stage runs one for its whole life; a device agent runs one per role it is given."""
+
+    def __init__(self, name: str, spec: StageSpec, runner: Callable, queue_size: int, say: Say = print,
+                 pace_ms: Optional[float] = None, fps: Optional[float] = None):
+        self.name, self.spec, self.runner, self.say = name, spec, runner, say
+        self.queue_size, self.fps = queue_size, fps
+        self.stop = threading.Event()
+        self.error: Optional[str] = None
+        self._lock = threading.Lock()
+        self.inbox: queue.Queue = queue.Queue(queue_size)
+        self.outbox: queue.Queue = queue.Queue(queue_size)
+        self.input_buffers = self._pool(spec.inputs)
+        self.output_buffers = self._pool(spec.outputs)
+        self.timings: list[FrameTiming] = []
+        self.upstream: Optional[Upstream] = None
+        self.downstream: Optional[Downstream] = None
+        self.pace_ms = pace_ms  # a controller may change it while running
+        self.sent = 0
+
+    def _pool(self, specs) -> queue.Queue:
+        pool: queue.Queue = queue.Queue()
+        for _ in range(self.queue_size + 2):
+            pool.put([np.empty(spec.shape, dtype=spec.dtype) for spec in specs])
+        return pool
+
+    def run(self, source: Callable[[], None], sink: Callable[[], None]) -> None:
+        """Until the end of the stream or the first failure (then `error` says why)."""
+        threads = [self._thread(source), self._thread(self._execute), self._thread(sink)]
+        for thread in threads:
+            thread.start()
+        try:
+            for thread in threads:
+                while thread.is_alive():
+                    thread.join(POLL_SECONDS)
+        except KeyboardInterrupt:
+            self.fail(f"{self.name} interrupted")
+            raise
+
+    def _thread(self, body: Callable[[], None]) -> threading.Thread:
+        name = getattr(body, "func", body).__name__
+        def guarded() -> None:
+            try:
+                body()
+            except PeerError as e:  # already names the stage it came from
+                self.fail(str(e))
+            except DnnpipeError as e:  # transport errors name this stage already
+                self.fail(str(e) if str(e).startswith(self.name) else f"{self.name} {e}")
+            except Exception as e:  # noqa: BLE001 - any failure must stop the stage, not hang it
+                self.fail(f"{self.name} {type(e).__name__}: {e}")
+
+        return threading.Thread(target=guarded, name=f"{self.name} {name}", daemon=True)
+
+    def fail(self, message: str) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = message
+        self.stop.set()
+        if self.upstream is not None:
+            self.upstream.shutdown()
+
+    def abort(self, message: str) -> None:
+        """Stop now, both links cut (an agent's role replaced after a device loss: nothing more is sent); the
+        threads waiting on a queue are woken at once rather than at their next poll."""
+        self.fail(message)
+        for box in (self.inbox, self.outbox, self.input_buffers, self.output_buffers):
+            try:
+                box.put_nowait(END)
+            except queue.Full:
+                pass
+        if self.downstream is not None:
+            try:
+                socket.socket.shutdown(self.downstream.sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _put(self, box: queue.Queue, item: Any) -> bool:
+        while not self.stop.is_set():
+            try:
+                box.put(item, timeout=POLL_SECONDS)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _get(self, box: queue.Queue) -> Any:
+        while not self.stop.is_set():
+            try:
+                item = box.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                continue
+            return None if self.stop.is_set() else item
+        return None
+
+    def read_inputs(self, data_path: Path, num_inputs: Optional[int]) -> None:
+        started = time.perf_counter()
+        inputs = read_inputs(data_path, self.spec.inputs, num_inputs)
+        for sequence, arrays in enumerate(inputs):
+            if self.fps and self.stop.wait(max(0.0, started + sequence / self.fps - time.perf_counter())):
+                return
+            buffers = self._get(self.input_buffers)
+            if buffers is None:
+                return
+            for buffer, array in zip(buffers, arrays):
+                np.copyto(buffer, array)
+            if not self._put(self.inbox, Work(sequence, time.time_ns(), buffers, FrameTiming(sequence),
+                                              time.perf_counter())):
+                return
+        self._put(self.inbox, END)
+
+    def receive(self) -> None:
+        assert self.upstream is not None
+        while True:
+            buffers = self._get(self.input_buffers)
+            if buffers is None:
+                return
+            began = time.perf_counter()
+            frame = self.upstream.read(buffers)
+            if frame.kind == Kind.END:
+                self._put(self.inbox, END)
+                return
+            timing = FrameTiming(frame.sequence, receive_ms=(time.perf_counter() - began) * 1000,
+                                 received=time.time())
+            if not self._put(self.inbox, Work(frame.sequence, frame.origin_ns, buffers, timing, time.perf_counter())):
+                return
+
+    def _execute(self) -> None:
+        # Pacing follows the emulated device's own clock: it starts a frame when the frame has arrived and
+        # it finished the previous one (or, held back by the next stage, when a result buffer is free) and
+        # ends it planned ms later. Sleeping until that absolute deadline, instead of a sleep proportional
+        # to the measured time, keeps host noise from being multiplied by 1/C, and a late wake-up on a busy
+        # host does not push back the frames after it. The sleep wakes at once on stop.
+        free_at = 0.0  # when the emulated device finished its previous frame
+        while True:
+            item = self._get(self.inbox)
+            if item is None:
+                return
+            if isinstance(item, EndOfStream):
+                self._put(self.outbox, END)
+                return
+            timing = item.timing
+            timing.queue_wait_ms = (time.perf_counter() - item.queued) * 1000
+            try:
+                results, start = self.output_buffers.get_nowait(), max(item.queued, free_at)
+            except queue.Empty:
+                results, start = self._get(self.output_buffers), time.perf_counter()
+            if results is None:
+                return
+            timing.infer_start = time.time()
+            began = time.perf_counter()
+            for result, output in zip(results, self.runner(item.buffers)):
+                np.copyto(result, output)  # the interpreter reuses its output memory on the next call
+            inference = time.perf_counter() - began
+            self.input_buffers.put(item.buffers)
+            pace = self.pace_ms / 1000 if self.pace_ms else 0.0  # a controller may change it
+            free_at = start + pace
+            left = free_at - time.perf_counter()
+            if left > 0 and self.stop.wait(left):
+                return
+            timing.inference_ms = inference * 1000
+            timing.emulation_ms = (time.perf_counter() - began - inference) * 1000
+            timing.planned_ms = pace * 1000
+            timing.infer_end = time.time()
+            if not self._put(self.outbox, Work(item.sequence, item.origin_ns, results, timing)):
+                return
+
+    def send(self) -> None:
+        downstream = self.downstream
+        assert downstream is not None
+        while True:
+            item = self._get(self.outbox)
+            if item is None:  # stopped by an error elsewhere in this stage: tell the next stage
+                downstream.error(self.sent, self.error or f"{self.name} stopped")
+                return
+            if isinstance(item, EndOfStream):
+                downstream.end(self.sent)
+                return
+            timing = item.timing
+            timing.send_start = time.time()
+            began = time.perf_counter()
+            downstream.send(item.sequence, item.origin_ns, item.buffers)
+            timing.send_ms = (time.perf_counter() - began) * 1000
+            self.output_buffers.put(item.buffers)
+            self.timings.append(timing)
+            self.sent += 1
+
+    def write_results(self, output_path: Optional[Path]) -> None:
+        writer = ResultWriter(output_path, self.spec.outputs)
+        complete = False
+        try:
+            while True:
+                item = self._get(self.outbox)
+                if item is None or isinstance(item, EndOfStream):
+                    complete = item is not None
+                    return
+                timing = item.timing
+                began = time.perf_counter()
+                writer.write(item.sequence, item.buffers)
+                timing.send_ms = (time.perf_counter() - began) * 1000
+                timing.latency_ms = (time.time_ns() - item.origin_ns) / 1e6
+                self.output_buffers.put(item.buffers)
+                self.timings.append(timing)
+        finally:
+            writer.close(complete)
 
 
 class Stage:
@@ -79,20 +319,11 @@ class Stage:
         identity = manifest_identity((options.folder / MANIFEST_FILE).read_bytes())
         self.upstream_auth = None if key is None else LinkAuth(key, identity, options.stage - 1, options.stage)
         self.downstream_auth = None if key is None else LinkAuth(key, identity, options.stage, options.stage + 1)
-        self.tls_listen = tls_context(options.folder, server_side=True) if options.tls else None
-        self.tls_connect = tls_context(options.folder, server_side=False) if options.tls else None
-        self.stop = threading.Event()
-        self.error: Optional[str] = None
-        self._lock = threading.Lock()
-        self.inbox: queue.Queue = queue.Queue(options.queue_size)
-        self.outbox: queue.Queue = queue.Queue(options.queue_size)
-        self.input_buffers = self._pool(self.spec.inputs)
-        self.output_buffers = self._pool(self.spec.outputs)
-        self.timings: list[FrameTiming] = []
-        self.upstream: Optional[Upstream] = None
-        self.downstream: Optional[Downstream] = None
-        self.pace_ms = options.pace_ms  # a controller may change it while running
+        tls = options.tls and not options.insecure  # --insecure: neither the key handshake nor TLS
+        self.tls_listen = tls_context(options.folder, server_side=True) if tls else None
+        self.tls_connect = tls_context(options.folder, server_side=False) if tls else None
         self.control: Optional[ControlLink] = None
+        self.loop: Optional[StageLoop] = None
 
     def _check_options(self) -> None:
         o = self.options
@@ -108,9 +339,6 @@ class Stage:
                 (o.next_host is None or o.next_port is None):
             raise DnnpipeError(f"{self.name} a stage before the last (or a last stage sending its results on) "
                                f"needs --next-host and --next-port")
-        if o.tls and o.insecure:
-            raise DnnpipeError(f"{self.name} --tls and --insecure do not go together (inside TLS, the pipeline key "
-                               f"still binds each link to this manifest and these stages)")
         if (o.control_host is None) != (o.control_port is None):
             raise DnnpipeError(f"{self.name} --control-host and --control-port go together")
         for flag, value in (("--timeout", o.timeout), ("--connect-timeout", o.connect_timeout), ("--fps", o.fps),
@@ -124,37 +352,32 @@ class Stage:
         if o.pace_ms is not None and o.pace_ms / 1000 >= o.timeout:
             raise DnnpipeError(f"{self.name} --pace-ms {o.pace_ms:g} is not below --timeout {o.timeout:g} s")
 
-    def _pool(self, specs) -> queue.Queue:
-        pool: queue.Queue = queue.Queue()
-        for _ in range(self.options.queue_size + 2):
-            pool.put([np.empty(spec.shape, dtype=spec.dtype) for spec in specs])
-        return pool
-
-    # --- set-up ------------------------------------------------------------------------------
-
     def run(self) -> StageSummary:
         o = self.options
         receives = o.bind_port is not None and not (self.first and o.data_path is not None)
         listener = listen(self.name, o.bind_addr, o.bind_port) if receives and o.bind_port is not None else None
+        upstream: Optional[Upstream] = None
+        downstream: Optional[Downstream] = None
+        timings: list[FrameTiming] = []
         try:
             if o.control_host is not None and o.control_port is not None:
                 auth = None if self.upstream_auth is None else replace(self.upstream_auth, sender=o.stage,
                                                                                 receiver=CONTROLLER)
                 self.control = ControlLink(self.name, o.stage, o.control_host, o.control_port, o.connect_timeout,
-                                           self.timings, self._command, self._fail, auth)
+                                           timings, self._command, self._lost, auth)
             path = o.folder / self.spec.file
             if not path.is_file():
                 raise DnnpipeError(f"{self.name} {path}: sub-model not found")
             if sha256_file(path) != self.spec.sha256:
                 raise DnnpipeError(f"{self.name} {path}: sha256 differs from the manifest (stale or damaged file)")
-            self.runner = StageRunner(path, self.spec, o.num_threads, o.delegate)
+            runner = StageRunner(path, self.spec, o.num_threads, o.delegate)
             if o.next_host is not None and o.next_port is not None:  # the next stage, or a controller
-                self.downstream = connect_downstream(self.name, o.next_host, o.next_port, self.spec.outputs,
-                                                     o.connect_timeout, o.timeout, self.say, self.downstream_auth,
-                                                     self.tls_connect)
+                downstream = connect_downstream(self.name, o.next_host, o.next_port, self.spec.outputs,
+                                                o.connect_timeout, o.timeout, self.say, self.downstream_auth,
+                                                self.tls_connect)
             if listener is not None:
-                self.upstream = accept_upstream(self.name, listener, self.spec.inputs, o.connect_timeout,
-                                                o.timeout, self.say, self.upstream_auth, self.tls_listen)
+                upstream = accept_upstream(self.name, listener, self.spec.inputs, o.connect_timeout,
+                                           o.timeout, self.say, self.upstream_auth, self.tls_listen)
         except DnnpipeError as e:
             if self.control is not None:
                 self.control.close(str(e))
@@ -162,188 +385,38 @@ class Stage:
         finally:
             if listener is not None:
                 listener.close()
-        if self.upstream is not None:
-            source = partial(self._receive, self.upstream)
+        loop = self.loop = StageLoop(self.name, self.spec, runner, o.queue_size, self.say, o.pace_ms, o.fps)
+        loop.timings = timings
+        loop.upstream, loop.downstream = upstream, downstream
+        if upstream is not None:
+            source: Callable[[], None] = loop.receive
         elif o.data_path is not None:
-            source = partial(self._read_inputs, o.data_path)
+            source = partial(loop.read_inputs, o.data_path, o.num_inputs)
         else:  # _check_options already refused a first stage without data
             raise DnnpipeError(f"{self.name} the first stage needs --data-path")
-        sink = self._write_results if self.downstream is None else partial(self._send, self.downstream)
+        sink = partial(loop.write_results, o.output_path) if downstream is None else loop.send
         self.say(f"{self.name} running")
-        threads = [self._thread(source), self._thread(self._execute), self._thread(sink)]
-        for thread in threads:
-            thread.start()
         try:
-            for thread in threads:
-                while thread.is_alive():
-                    thread.join(POLL_SECONDS)
-        except KeyboardInterrupt:
-            self._fail(f"{self.name} interrupted")
-            raise
+            loop.run(source, sink)
         finally:
-            for link in (self.upstream, self.downstream):
+            for link in (upstream, downstream):
                 if link is not None:
                     link.close()
             if self.control is not None:
-                self.control.close(self.error)
-        if self.error:
-            raise StageFailed(self.error)
-        summary = summarise(o.stage, self.timings, self.last and self.downstream is None)  # latency where written
+                self.control.close(loop.error)
+        if loop.error:
+            raise StageFailed(loop.error)
+        summary = summarise(o.stage, loop.timings, self.last and downstream is None)  # latency where written
         if o.log_dir is not None:
-            write_log(o.log_dir, o.stage, self.timings, summary)
+            write_log(o.log_dir, o.stage, loop.timings, summary)
         return summary
 
-    # --- threads -----------------------------------------------------------------------------
-
-    def _thread(self, body: Callable[[], None]) -> threading.Thread:
-        name = getattr(body, "func", body).__name__
-        def guarded() -> None:
-            try:
-                body()
-            except PeerError as e:  # already names the stage it came from
-                self._fail(str(e))
-            except DnnpipeError as e:  # transport errors name this stage already
-                self._fail(str(e) if str(e).startswith(self.name) else f"{self.name} {e}")
-            except Exception as e:  # noqa: BLE001 - any failure must stop the stage, not hang it
-                self._fail(f"{self.name} {type(e).__name__}: {e}")
-
-        return threading.Thread(target=guarded, name=f"{self.name} {name}", daemon=True)
-
-    def _fail(self, message: str) -> None:
-        with self._lock:
-            if self.error is None:
-                self.error = message
-        self.stop.set()
-        if self.upstream is not None:
-            self.upstream.shutdown()
+    def _lost(self, message: str) -> None:
+        if self.loop is not None:
+            self.loop.fail(message)
 
     def _command(self, command: dict) -> None:
         """A controller's command (already validated by the control link)."""
-        if command["kind"] == "pace":
-            self.pace_ms = command["ms"]
-            self.say(f"{self.name} now paced at {self.pace_ms:g} ms a frame")
-
-    def _put(self, box: queue.Queue, item: Any) -> bool:
-        while not self.stop.is_set():
-            try:
-                box.put(item, timeout=POLL_SECONDS)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _get(self, box: queue.Queue) -> Any:
-        while not self.stop.is_set():
-            try:
-                return box.get(timeout=POLL_SECONDS)
-            except queue.Empty:
-                continue
-        return None
-
-    def _read_inputs(self, data_path: Path) -> None:
-        started = time.perf_counter()
-        inputs = read_inputs(data_path, self.spec.inputs, self.options.num_inputs)
-        for sequence, arrays in enumerate(inputs):
-            if self.options.fps:
-                time.sleep(max(0.0, started + sequence / self.options.fps - time.perf_counter()))
-            buffers = self._get(self.input_buffers)
-            if buffers is None:
-                return
-            for buffer, array in zip(buffers, arrays):
-                np.copyto(buffer, array)
-            if not self._put(self.inbox, (sequence, time.time_ns(), buffers, FrameTiming(sequence),
-                                          time.perf_counter())):
-                return
-        self._put(self.inbox, END)
-
-    def _receive(self, upstream: Upstream) -> None:
-        while True:
-            buffers = self._get(self.input_buffers)
-            if buffers is None:
-                return
-            began = time.perf_counter()
-            frame = upstream.read(buffers)
-            if frame.kind == Kind.END:
-                self._put(self.inbox, END)
-                return
-            timing = FrameTiming(frame.sequence, receive_ms=(time.perf_counter() - began) * 1000,
-                                 received=time.time())
-            if not self._put(self.inbox, (frame.sequence, frame.origin_ns, buffers, timing, time.perf_counter())):
-                return
-
-    def _execute(self) -> None:
-        # Pacing follows the emulated device's own clock: it starts a frame when the frame has arrived and
-        # it finished the previous one (or, held back by the next stage, when a result buffer is free) and
-        # ends it planned ms later. Sleeping until that absolute deadline, instead of a sleep proportional
-        # to the measured time, keeps host noise from being multiplied by 1/C, and a late wake-up on a busy
-        # host does not push back the frames after it.
-        free_at = 0.0  # when the emulated device finished its previous frame
-        while True:
-            item = self._get(self.inbox)
-            if item is None:
-                return
-            if item == END:
-                self._put(self.outbox, END)
-                return
-            sequence, origin_ns, buffers, timing, queued = item
-            timing.queue_wait_ms = (time.perf_counter() - queued) * 1000
-            try:
-                results, start = self.output_buffers.get_nowait(), max(queued, free_at)
-            except queue.Empty:
-                results, start = self._get(self.output_buffers), time.perf_counter()
-            if results is None:
-                return
-            timing.infer_start = time.time()
-            began = time.perf_counter()
-            for result, output in zip(results, self.runner(buffers)):
-                np.copyto(result, output)  # the interpreter reuses its output memory on the next call
-            inference = time.perf_counter() - began
-            self.input_buffers.put(buffers)
-            pace = self.pace_ms / 1000 if self.pace_ms else 0.0  # a controller may change it
-            free_at = start + pace
-            while (left := free_at - time.perf_counter()) > 0:
-                time.sleep(left)
-            timing.inference_ms = inference * 1000
-            timing.emulation_ms = (time.perf_counter() - began - inference) * 1000
-            timing.planned_ms = pace * 1000
-            timing.infer_end = time.time()
-            if not self._put(self.outbox, (sequence, origin_ns, results, timing)):
-                return
-
-    def _send(self, downstream: Downstream) -> None:
-        sent = 0
-        while True:
-            item = self._get(self.outbox)
-            if item is None:  # stopped by an error elsewhere in this stage: tell the next stage
-                downstream.error(sent, self.error or f"{self.name} stopped")
-                return
-            if item == END:
-                downstream.end(sent)
-                return
-            sequence, origin_ns, results, timing = item
-            timing.send_start = time.time()
-            began = time.perf_counter()
-            downstream.send(sequence, origin_ns, results)
-            timing.send_ms = (time.perf_counter() - began) * 1000
-            self.output_buffers.put(results)
-            self.timings.append(timing)
-            sent += 1
-
-    def _write_results(self) -> None:
-        writer = ResultWriter(self.options.output_path, self.spec.outputs)
-        complete = False
-        try:
-            while True:
-                item = self._get(self.outbox)
-                if item is None or item == END:
-                    complete = item == END
-                    return
-                sequence, origin_ns, results, timing = item
-                began = time.perf_counter()
-                writer.write(sequence, results)
-                timing.send_ms = (time.perf_counter() - began) * 1000
-                timing.latency_ms = (time.time_ns() - origin_ns) / 1e6
-                self.output_buffers.put(results)
-                self.timings.append(timing)
-        finally:
-            writer.close(complete)
+        if command["kind"] == "pace" and self.loop is not None:
+            self.loop.pace_ms = command["ms"]
+            self.say(f"{self.name} now paced at {command['ms']:g} ms a frame")

@@ -39,10 +39,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--fps", type=positive_float, help="pace inputs at this rate (default: as fast as taken)")
     parser.add_argument("--resume", action="store_true", help="continue from the results already in OUT")
     parser.add_argument("--window", type=positive_int, default=8, help="inputs in flight at most (default 8)")
-    parser.add_argument("--progress-timeout", type=positive_float, default=3.0,
-                        help="a stage without a heartbeat this long is frozen, s (default 3)")
+    parser.add_argument("--progress-timeout", type=positive_float, default=0.5,
+                        help="an agent without a heartbeat (sent every 0.1 s) this long is frozen or cut off, s "
+                             "(default 0.5)")
     parser.add_argument("--connect-timeout", type=positive_float, default=30.0,
-                        help="how long a stage may take to come up, s (default 30)")
+                        help="how long an agent may take to come up, and how long results may stop with inputs in "
+                             "flight before the plan is restarted, s (default 30)")
     parser.add_argument("--threshold", type=positive_float, default=0.10,
                         help="re-plan for measured speeds when the new bottleneck is this much better (default 0.10)")
     parser.add_argument("--emulate-speed", action="store_true",
@@ -53,10 +55,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--emulate-change", type=emulate_change, action="append", default=[], metavar="T:DEVICE=C",
                         help="T seconds after the first result, DEVICE runs at speed C: its stage is told over "
                              "the control channel (tests, benchmarks)")
-    parser.add_argument("--keras-model", type=Path,
-                        help="the Keras model, to convert new stages from when there is no model.tflite to slice")
     parser.add_argument("--controller-host", default="127.0.0.1",
                         help="this machine's address as the devices reach it (default 127.0.0.1)")
+    parser.add_argument("--work-dir", type=Path, default=Path("serve_work"),
+                        help="serve's own files (WORK/NAME/serve_plan.json: the running plan); the partition in "
+                             "--model-path and --config is only read (default: serve_work)")
+    parser.add_argument("--no-tls", action="store_true",
+                        help="plain TCP on serve's and the agents' links (default: mutual TLS with the pipeline "
+                             "certificate, pipeline.crt beside the manifest or made in --work-dir; the pipeline key "
+                             "handshake runs inside it either way)")
     parser.add_argument("--insecure", action="store_true",
                         help="no pipeline key handshake on any link (data and control); default: authenticated")
     return parser
@@ -68,8 +75,9 @@ def serve_command(args: argparse.Namespace) -> int:
         data_path=args.data_path, output_path=args.output_path, num_inputs=args.num_inputs, fps=args.fps,
         resume=args.resume, window=args.window, progress_timeout=args.progress_timeout,
         connect_timeout=args.connect_timeout, threshold=args.threshold, emulate_speed=args.emulate_speed,
-        emulation_scale=args.emulation_scale, keras_model=args.keras_model, controller_host=args.controller_host,
-        emulate_changes=tuple(args.emulate_change), insecure=args.insecure)
+        emulation_scale=args.emulation_scale, controller_host=args.controller_host,
+        emulate_changes=tuple(args.emulate_change), insecure=args.insecure,
+        work_dir=args.work_dir, tls=not args.no_tls)
     summary = serve(options, echo=lambda text: print(printable(text), flush=True))  # may quote a stage
     print(summary.describe(), flush=True)
     return 0

@@ -1,47 +1,56 @@
-"""serve, the controller: keeps one pipeline running over a changing cluster and stores every result once.
+"""serve, the controller: keeps one pipeline running over a changing cluster of device agents, every result once.
 
-The imperative shell around dnnpipe.serve.delivery (the ledger) and dnnpipe.serve.detect (the rules).
-One *epoch* (dnnpipe.serve.epoch) is one set of running stages and their connections:
+A thin imperative shell. The decisions (which plan, when to switch, what to push ahead of time) are
+dnnpipe.serve.decide's pure function; the agents' control links are dnnpipe.serve.fleet's; the data path and the
+ledger's replay are dnnpipe.serve.stream's and dnnpipe.serve.delivery's. This module turns what it observes
+(control links closing, heartbeats missing, stage times, registry changes) into decide's events and carries out
+its actions:
 
-    deploy what changed -> start one stage per planned device -> inputs to stage 1, results from stage K
-    -> watch heartbeats and results -> on a fault: stop every stage, re-plan without the device, re-cut,
-    ship, start the next epoch, which replays from the first unstored input.
+    start one agent per device (once) -> push the plan's sub-models -> roles of generation 1 -> route 1
+    a device lost    -> Switch(abort): roles of the next generation to every agent at once, sub-models already
+                        there (the plans for the loss of each single device were cut and pushed in the background)
+    slower / joined  -> Switch(barrier): END at the next input on the old route, the new route behind it
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import queue
+import secrets
 import signal
-import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
-
-import numpy as np
+from typing import Any, Callable, Mapping, Optional
 
 from ..config import Config, load_config
-from ..deploy.deployer import DeployOptions, deploy
 from ..deploy.registry import Device, load_registry
+from ..deploy.ship import DeviceReport, runtime_code, ship_all, uploads_for
+from ..deploy.transport import Upload, transport_for
 from ..errors import ConfigError, DnnpipeError, NoPlanError
+from ..jsonio import write_json
 from ..layout import config_paths
-from ..manifest import TensorSpec, read_manifest
-from ..planfile import write_plan
+from ..manifest import MANIFEST_FILE, read_manifest, sha256_file
+from ..keygen import create_certificate
+from ..pipeline_key import CERT_FILE, CERT_KEY_FILE, stage_key, tls_context
 from ..planner.replan import ClusterChange, replan
-from ..pipeline_key import stage_key
-from ..runtime.control import encode
-from ..runtime.dataio import input_datasets, to_wire
-from .delivery import Ledger
-from .detect import SpeedModel, speed_outliers, stage_median, worth_switching
-from .epoch import Epoch, EpochFailed
+from ..runtime.handshake import manifest_identity
+from .decide import Action, GiveUp, Joined, Lost, Measured, Prepare, Proposal, Stages, State, Switch, Switched, \
+    decide
+from .detect import SpeedModel, speed_outliers, stage_median
+from .feed import Feed, NoEvents, ServeEvents
+from .filefeed import FileFeed
+from .fleet import Fleet
 from .options import ServeOptions
-from .recut import Recutter
-from .results import ResultStore
+from .stream import Route, Stream
 
 Echo = Callable[[str], None]
-MEASURE_SECONDS = 0.2  # how often measured speeds are evaluated (the heartbeat period)
-CACHE_BYTES = 256 << 20  # DATA up to this size is read once
+POLL_SECONDS = 0.01
+MEASURE_SECONDS = 0.2  # how often measured speeds are evaluated
+FAULT_GRACE = 0.3  # a role's error waits this long for the loss that caused it before it counts on its own
+FINISH_SECONDS = 5.0  # after the last result, how long the END frame gets to flow through
 
 
 class NoPlan(DnnpipeError):
@@ -49,18 +58,20 @@ class NoPlan(DnnpipeError):
 
 
 @dataclass
-class Switch:
-    """One re-plan and what it cost, in seconds from the moment the fault was detected."""
+class SwitchRecord:
+    """One switch and what it cost, in seconds from the moment its cause was detected."""
 
     reason: str
-    removed: list[int]
+    label: str
+    abort: bool
     stages: list[list[int]]
     predicted_throughput: float
+    detected_at: float  # monotonic
     replan_s: float = 0.0
-    cut_s: float = 0.0
-    ship_s: float = 0.0
+    push_s: float = 0.0  # sub-models cut and pushed on the critical path (0 when pushed ahead of time)
+    switch_s: float = 0.0  # roles sent and the new route opened
     first_result_s: Optional[float] = None
-    detected_at: float = 0.0  # monotonic
+    generation: int = 0
 
 
 @dataclass
@@ -70,11 +81,11 @@ class ServeSummary:
     resumed_from: int
     seconds: float
     stages: list[list[int]]
-    predicted_throughput: float
-    switches: list[Switch]
+    predicted_throughput: float  # of the final plan, times --emulation-scale when emulating
+    switches: list[SwitchRecord]
     duplicates: int
-    result_times: list[float]  # monotonic time of every result stored, for throughput before/after
-    start_throughput: float  # predicted by the plan the run started with
+    result_times: list[float] = field(default_factory=list)  # monotonic time of every result
+    start_throughput: float = 0.0
 
     def describe(self) -> str:
         rate = (self.stored - self.resumed_from) / self.seconds if self.seconds > 0 else 0.0
@@ -83,82 +94,126 @@ class ServeSummary:
                 f"{rate:.1f} results/s; final plan {self.stages} predicted {self.predicted_throughput:.1f} inf/s")
 
 
-class Replanned(Exception):
-    """The epoch ends because a better plan was found (a slow device, or one that joined)."""
+class Cutter:
+    """Sub-models of any stage, cut from the partition's whole model.tflite (read once; no TensorFlow) and kept
+    in memory; the partition's folder is only read."""
 
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
+    def __init__(self, folder: Path):
+        from ..slicing.flatbuffer import op_graph, read_model
+        from ..slicing.slicer import check_table
+
+        manifest = read_manifest(folder)
+        assert manifest.whole_model is not None
+        self.whole = manifest.whole_model
+        self.model = read_model(folder / self.whole.file)
+        self.graph = op_graph(self.model)
+        check_table(self.whole, self.graph, folder / MANIFEST_FILE)
+        self.cuts: dict[tuple[int, int], bytes] = {}
+        self.lock = threading.Lock()
+
+    def cut(self, units: tuple[int, int]) -> bytes:
+        from ..slicing.flatbuffer import cut_submodel
+
+        with self.lock:
+            if units not in self.cuts:
+                inputs, outputs = self.whole.cuts[units[0] - 1], self.whole.cuts[units[1]]
+                self.cuts[units] = cut_submodel(self.model, [(t.tensor, t.key) for t in inputs],  # type: ignore[misc]
+                                                [(t.tensor, t.key) for t in outputs], self.graph)  # type: ignore[misc]
+            return self.cuts[units]
 
 
 class Controller:
-    def __init__(self, options: ServeOptions, echo: Echo = print):
+    def __init__(self, options: ServeOptions, echo: Echo = print, feed: Optional[Feed] = None,
+                 events: Optional[ServeEvents] = None):
         self.options, self.echo = options, echo
         o = options
-        self.config_file, self.plan_file = config_paths(o.config, o.model_name)
+        if not o.folder.is_dir():
+            raise ConfigError(f"{o.folder}: model folder not found (--model-path {o.model_path} --model-name "
+                              f"{o.model_name})")
+        if not (o.folder / MANIFEST_FILE).is_file():
+            raise ConfigError(f"{o.folder / MANIFEST_FILE}: not found (partition the model first)")
+        self.config_file, _ = config_paths(o.config, o.model_name)
         self.config: Config = load_config(self.config_file)
+        self.manifest = read_manifest(o.folder)
+        if self.manifest.whole_model is None:
+            raise ConfigError(f"{o.folder / MANIFEST_FILE}: no whole model.tflite recorded; serve cuts new plans "
+                              f"from it (partition the model again)")
         self.devices = self._read_registry()
-        self.removed: set[int] = set()
-        self.key = stage_key(o.folder, None, o.insecure)  # the pipeline key beside the manifest
+        self.key = stage_key(o.folder, None, o.insecure)
+        self.model = manifest_identity((o.folder / MANIFEST_FILE).read_bytes())
         self.changes = sorted(o.emulate_changes)
         outside = [d for _, d, _ in self.changes if not 1 <= d <= self.config.cluster.N]
         if outside:
             raise ConfigError(f"--emulate-change: device {outside[0]} is not in the config (devices 1.."
                               f"{self.config.cluster.N})")
-        self.recutter = Recutter(o.folder, o.keras_model, lambda _: None)
-        manifest = read_manifest(o.folder)
-        f, self.datasets = input_datasets(o.data_path, manifest.inputs)
-        self._data_file = f
-        self.rows = self.datasets[0].shape[0]
-        size = sum(d.size * d.dtype.itemsize for d in self.datasets)
-        # DATA in memory when it is small: reading a row through HDF5 costs the source more than sending it
-        self.cached = [d[:] for d in self.datasets] if size <= CACHE_BYTES else None
-        self.total = o.num_inputs or self.rows
-        try:
-            self.store = ResultStore(o.output_path, manifest.outputs, self.total, o.resume, echo)
-        except DnnpipeError:
-            f.close()
-            raise
-        self.ledger = Ledger(self.total, o.window, self.store.stored)
-        self.credit = threading.Condition()
-        self.duplicates = 0
-        self.result_times: list[float] = []
-        self.stage_sockets: dict[int, socket.socket] = {}
-        self.speeds: dict[int, float] = {}  # device -> C the planner assumes (measured, with hysteresis)
-        self.outlier_runs: dict[int, int] = {}  # device -> evaluations in a row it was out of the band
-        self.measured_at = 0.0
-        self.emulation: dict[int, float] = {}  # device -> C emulated, when emulating
-        self.switches: list[Switch] = []
-        self.stages: list[list[int]] = [[*s.units, s.device] for s in manifest.stages]
-        self.predicted = self.start_predicted = 0.0
-        self.code_shipped: set[int] = set()  # devices that have the runtime code
-        self.last_switch = time.monotonic()
+        self.cutter = Cutter(o.folder)
+        self.work = o.work_dir / o.model_name
+        self.tls_folder = self._certificate() if o.tls else None
+        self.file_feed: Optional[FileFeed] = None
+        if feed is None:
+            self.file_feed = FileFeed(o.data_path, self.manifest.inputs, self.manifest.outputs, o.output_path,
+                                      o.num_inputs, o.resume)
+            feed = self.file_feed
+        self.feed = feed
+        self.resumed_from = self.file_feed.stored if self.file_feed is not None else 0
+        total = self.file_feed.total if self.file_feed is not None else None
+        from .delivery import Ledger
+
+        self.ledger = Ledger(total, o.window, self.resumed_from)
+        self.events: ServeEvents = events or NoEvents()
+        self.session = secrets.token_bytes(16)
+        self.emulation: dict[int, float] = {}
+        self.switches: list[SwitchRecord] = []
+        self.generation = 0
+        self.prepared: dict[int, set[tuple[int, int]]] = {}
+        self.pushed: set[tuple[int, tuple[int, int]]] = set()
+        self.pushes: queue.Queue[Optional[Prepare]] = queue.Queue()
+        self.deferred: list[Prepare] = []  # contingency sub-models, pushed while the plan runs
+        self.outlier_runs: dict[int, int] = {}
+        self.measured_at = self.last_switch = time.monotonic()
+        self.failures = 0
+        self.fault: Optional[tuple[float, str]] = None
+        self.probing: set[int] = set()
+        self._hup = False
+        self._registry_mtime = _mtime(o.registry)
+        self.serving_since: Optional[float] = None
         self.started_pacing = time.monotonic()
         self.sent_paced = 0
-        self._registry_mtime = _mtime(o.registry)
-        self._hup = False
-        self.pending: tuple[list[list[int]], float] = ([], 0.0)
-        self.started = time.monotonic()
-        self.serving_since: Optional[float] = None  # the first result of the run
+        self.start_predicted = 0.0
+        self.predicted = 0.0
+        self.state = State((), frozenset(), frozenset(), {}, {}, o.threshold)
 
-    # --- helpers the epoch uses --------------------------------------------------------------
+    def _certificate(self) -> Path:
+        """Where the pipeline certificate is: beside the manifest when the partition has one, else made once in
+        serve's own folder (the partition is only read)."""
+        folder = self.options.folder
+        if (folder / CERT_FILE).is_file() and (folder / CERT_KEY_FILE).is_file():
+            return folder
+        own = self.work / "tls"
+        create_certificate(own)
+        return own
 
-    def inputs(self, index: int, specs: Sequence[TensorSpec]) -> list[np.ndarray]:
-        row = index % self.rows
-        if self.cached is None:
-            data = [d[row] for d in self.datasets]
-        else:
-            data = [d[row] for d in self.cached]
-        return [to_wire(s, d) for d, s in zip(data, specs)]
+    # --- plans -------------------------------------------------------------------------------
 
-    def pace(self) -> None:
-        if self.options.fps:
-            self.sent_paced += 1
-            time.sleep(max(0.0, self.started_pacing + self.sent_paced / self.options.fps - time.monotonic()))
+    def _read_registry(self) -> dict[int, Device]:
+        registry = load_registry(self.options.registry)
+        return {d: device for d, device in registry.items() if 1 <= d <= self.config.cluster.N}
+
+    def planner(self, absent: frozenset[int], speeds: Mapping[int, float]) -> Optional[Proposal]:
+        """The planner over the devices present (Section 3's DP; milliseconds)."""
+        try:
+            result = replan(self.config, [list(s) for s in self.state.stages],
+                            ClusterChange(removed=frozenset(d for d in absent if 1 <= d <= self.config.cluster.N),
+                                          speeds=dict(speeds)))
+        except (ConfigError, NoPlanError, ValueError):
+            return None
+        plan = result.plan
+        return Proposal(tuple((s, e, d) for s, e, d in plan.stages), plan.bottleneck, plan.throughput,
+                        result.previous_bottleneck)
 
     def paced_ms(self, device: int, units: tuple[int, int]) -> Optional[float]:
-        """The planned time of an emulated device's stage (the runtime's --pace-ms): its units' profiled time
-        at the device's emulated speed; None when not emulating."""
+        """The planned time of an emulated device's stage: its units' profiled time at the device's emulated
+        speed (times --emulation-scale); None when not emulating."""
         if device in self.emulation:
             speed = self.emulation[device]
         elif self.options.emulate_speed:
@@ -168,222 +223,347 @@ class Controller:
         return self.profiled_ms(device, units) / (speed * self.options.emulation_scale)
 
     def profiled_speed(self, device: int) -> float:
-        """The speed profiled_ms is at: C[d], or 1 with per-device rows (they are the device's own times)."""
         return 1.0 if self.config.profile.E_device is not None else self.config.cluster.C[device - 1]
 
     def profiled_ms(self, device: int, units: tuple[int, int]) -> float:
-        """The units' time at C = 1 (or on the device itself, with per-device rows)."""
         profile = self.config.profile
         row = profile.E_device[device - 1] if profile.E_device is not None else profile.E
         return float(sum(row[units[0] - 1:units[1]]))
 
-    def _read_registry(self) -> dict[int, Device]:
-        registry = load_registry(self.options.registry)
-        return {d: device for d, device in registry.items() if 1 <= d <= self.config.cluster.N}
-
-    def absent(self) -> set[int]:
-        return (set(range(1, self.config.cluster.N + 1)) - set(self.devices)) | self.removed
+    def scaled(self, throughput: float) -> float:
+        """A plan's predicted throughput as this run can reach it (emulated speeds are scaled)."""
+        return throughput * self.options.emulation_scale if self.options.emulate_speed else throughput
 
     # --- the run -----------------------------------------------------------------------------
 
     def run(self) -> ServeSummary:
-        started = self.started = time.monotonic()
-        resumed_from = self.ledger.first_unstored
-        if resumed_from:
-            self.echo(f"serve: resumed: {resumed_from} of {self.total} results already in {self.options.output_path}")
-        previous = signal.signal(signal.SIGHUP, self._on_hup) if _main_thread() else None
-        try:
-            self._switch("start", None)
-            failures = 0
-            while not self.ledger.done:
-                epoch: Optional[Epoch] = None
-                try:
-                    epoch = self._start_epoch()
-                    epoch.watch()
-                    epoch.finish()
-                    failures = 0
-                except EpochFailed as e:
-                    self.store.check()  # a storage fault ends serve: it is not the pipeline's to retry
-                    detected = time.monotonic()
-                    who = f"device {e.device} lost" if e.device is not None else "pipeline failed"
-                    self.echo(f"serve: {who}: {e.reason} (stored {self.ledger.first_unstored} of {self.total})")
-                    if epoch is not None:
-                        epoch.close()
-                    failures = 0 if e.device is not None else failures + 1
-                    if failures > self.options.max_restarts:
-                        raise DnnpipeError(f"the pipeline failed {failures} times in a row without a device to "
-                                           f"blame; last: {e.reason}") from None
-                    if e.device is not None:
-                        self.removed.add(e.device)
-                    self._switch(who, detected)
-                except Replanned as r:
-                    detected = time.monotonic()
-                    if epoch is not None:
-                        epoch.close()
-                    self._switch(r.reason, detected, self.pending)
-                finally:
-                    if epoch is not None:
-                        epoch.close()
-            return self._summary(started, resumed_from)
-        finally:
-            try:
-                self.store.close()  # raises the storage fault that ended the run, if one did
-            finally:
-                self._data_file.close()
-                if previous is not None:
-                    signal.signal(signal.SIGHUP, previous)
-
-    def _summary(self, started: float, resumed_from: int) -> ServeSummary:
-        return ServeSummary(self.total, self.ledger.first_unstored, resumed_from, time.monotonic() - started,
-                            self.stages, self.predicted, self.switches, self.duplicates, self.result_times,
-                            self.start_predicted)
-
-    def _switch(self, reason: str, detected: Optional[float],
-                planned: Optional[tuple[list[list[int]], float]] = None) -> None:
-        """Re-plan for the devices present, re-cut and ship what changed (the switch's middle part); a device
-        that cannot be shipped to is lost too, and planned around."""
-        while True:
-            failed = self._plan(reason, detected, planned)
-            if failed is None:
-                return
-            device, why = failed
-            self.echo(f"serve: device {device} lost: {why}")
-            self.removed.add(device)
-            reason, planned = f"device {device} lost", None
-
-    def _plan(self, reason: str, detected: Optional[float],
-              planned: Optional[tuple[list[list[int]], float]]) -> Optional[tuple[int, str]]:
-        began = time.perf_counter()
-        if planned is None:
-            try:
-                result = replan(self.config, self.stages, ClusterChange(removed=frozenset(self.absent()),
-                                                                        speeds=dict(self.speeds)))
-            except (ConfigError, NoPlanError, ValueError) as e:
-                raise NoPlan(f"no plan can serve the remaining devices "
-                             f"{sorted(set(self.devices) - self.absent()) or 'none'}: {e}") from None
-            new = result.plan
-            if new.stages != self.stages or detected is None:
-                self.echo(f"serve: re-plan ({reason}): {new.stages}, bottleneck {new.bottleneck:.3f} ms "
-                          f"({new.throughput:.1f} inf/s predicted), planned in {result.plan.planning_time_ms:.1f} ms")
-            stages, predicted = new.stages, new.throughput
-        else:
-            stages, predicted = planned
-        replan_s = time.perf_counter() - began
-        switch = Switch(reason, sorted(self.removed), stages, predicted, replan_s, detected_at=detected or 0.0)
-        cut_started = time.perf_counter()
-        if stages != [[*s.units, s.device] for s in read_manifest(self.options.folder).stages]:
-            cut = self.recutter.cut(stages, f"serve re-plan ({reason})")
-            self.echo(f"serve: cut {len(stages)} sub-models by {cut.method} in {cut.seconds:.2f} s")
-            self.plan_written(stages)
-        switch.cut_s = time.perf_counter() - cut_started
-        ship_started = time.perf_counter()
-        failed = self._ship()
-        if failed is not None:
-            return failed
-        switch.ship_s = time.perf_counter() - ship_started
-        self.stages, self.predicted = stages, predicted
-        if detected is not None:
-            self.switches.append(switch)
-        else:
-            self.start_predicted = predicted
-        return None
-
-    def plan_written(self, stages: list[list[int]]) -> None:
-        """The plan beside the config follows the running one (it is shipped with the sub-models)."""
-        if self.plan_file.is_file():
-            from ..planner.plan import make_plan
-            from ..planner.problem import Problem
-
-            problem = Problem.from_config(self.config)
-            write_plan(make_plan(problem, [(s - 1, e, d - 1) for s, e, d in stages], "serve"), self.plan_file)
-
-    def _ship(self) -> Optional[tuple[int, str]]:
-        """Send what the planned devices lack; the first device that failed, and why."""
         o = self.options
-        started = time.perf_counter()
-        # The runtime code does not change while serving: once every planned device has it, only model files
-        # are compared (hashing ~80 code files per device would cost a switch about half a second).
-        planned = {s.device for s in read_manifest(o.folder).stages}
-        deployment = deploy(DeployOptions(o.registry, o.model_name, o.model_path, o.config, ssh=o.ssh,
-                                          runtime_code=not planned <= self.code_shipped))
-        if deployment.failed:
-            bad = deployment.failed[0]
-            return bad.device.device_id, f"shipping failed: {bad.error or next(iter(bad.failed.values()))}"
-        self.code_shipped |= planned
-        sent = sum(len(r.sent) for r in deployment.reports)
-        self.echo(f"serve: shipped {sent} files to {len(deployment.reports)} devices "
-                  f"({sum(len(r.skipped) for r in deployment.reports)} already there) in "
-                  f"{time.perf_counter() - started:.2f} s")
-        return None
-
-    def _start_epoch(self) -> Epoch:
-        manifest = read_manifest(self.options.folder)
-        epoch = Epoch(self, manifest, self.devices)
-        self.last_switch = time.monotonic()
-        self.started_pacing, self.sent_paced = time.monotonic(), 0
-        for p in sorted(epoch.processes, key=lambda p: p.stage):
-            self.echo(f"serve: stage {p.stage} on device {p.device.device_id} "
-                      f"(units {manifest.stage(p.stage).units[0]}-{manifest.stage(p.stage).units[1]}) pid {p.pid}")
-        self.echo(f"serve: switch: epoch {epoch.epoch} running {len(manifest.stages)} stages, replaying from input "
-                  f"{self.ledger.first_unstored}")
-        return epoch
-
-    # --- adaptation (speed, joins) -----------------------------------------------------------
-
-    def _on_hup(self, signum: int, frame: object) -> None:
-        self._hup = True
-
-    def check_adaptation(self, epoch: Epoch) -> None:
-        """Between polls: note a switch's first result; re-read the registry; re-plan for measured speeds."""
-        self.store.check()  # a failed write ends serve at once, with its one line
-        self.announce(epoch)
-        self._emulate_changes(epoch)
-        mtime = _mtime(self.options.registry)
-        if self._hup or mtime != self._registry_mtime:
-            self._hup, self._registry_mtime = False, mtime
+        started = time.monotonic()
+        if self.resumed_from:
+            self.echo(f"serve: resumed: {self.resumed_from} of {self.ledger.total} results already in {o.output_path}")
+        previous = signal.signal(signal.SIGHUP, self._on_hup) if _main_thread() else None
+        tls = None if self.tls_folder is None else (tls_context(self.tls_folder, server_side=True),
+                                                    tls_context(self.tls_folder, server_side=False))
+        self.fleet = Fleet(o.controller_host, self.key, self.model, self.session, o.model_path.resolve().name,
+                           o.model_name, o.connect_timeout, o.ssh, self.echo, None if tls is None else tls[0])
+        self.stream = Stream(self.ledger, self.feed, self.manifest.inputs, self.manifest.outputs, self.key,
+                             self.model, self.session, o.controller_host, o.connect_timeout, self._pace, self._on_fault,
+                             tls)
+        pusher = threading.Thread(target=self._push_loop, daemon=True, name="serve push")
+        pusher.start()
+        try:
             try:
-                devices = self._read_registry()
-            except ConfigError as e:
-                self.echo(f"serve: registry not re-read: {e}")
+                self._start()
+                while not self._finished():
+                    self._step()
+            except NoPlan as e:
+                self._abandon(str(e))
+                raise
+            return ServeSummary(self.ledger.total or 0, self.ledger.first_unstored, self.resumed_from,
+                                time.monotonic() - started, [list(s) for s in self.state.stages],
+                                self.scaled(self.predicted), self.switches, self.stream.duplicates,
+                                self.stream.result_times, self.scaled(self.start_predicted))
+        finally:
+            self.pushes.put(None)
+            self.stream.close()
+            self.fleet.close()
+            if self.file_feed is not None:
+                self.file_feed.close()
+            if previous is not None:
+                signal.signal(signal.SIGHUP, previous)
+
+    def _start(self) -> None:
+        """Ship the runtime to every device, start every agent, wait for them, push the plan, run it."""
+        o = self.options
+        self._ship(list(self.devices.values()))
+        for device in self.devices.values():
+            self.fleet.start(device)
+        up: set[int] = set()
+        deadline = time.monotonic() + o.connect_timeout
+        while up != set(self.devices) and time.monotonic() < deadline:
+            try:
+                event = self.fleet.events.get(timeout=0.05)
+            except queue.Empty:
+                for d in set(self.devices) - up:
+                    if self.fleet.exited(d) is not None:
+                        deadline = min(deadline, time.monotonic() + 0.5)
+                continue
+            if event[0] == "up":
+                up.add(event[1])
+                self.echo(f"serve: agent on device {event[1]} up, pid {self.fleet.agents[event[1]].pid}")
+            elif event[0] == "prepared":
+                self.prepared.setdefault(event[1], set()).add(event[2])
+        for d in sorted(set(self.devices) - up):
+            self.echo(f"serve: device {d} lost: its agent did not come up within {o.connect_timeout:g} s "
+                      f"(see {self.devices[d].remote_dir}/logs/agent.out)")
+            self.fleet.lose(d)
+        absent = frozenset(range(1, self.config.cluster.N + 1)) - up
+        self.events.devices_up(len(up))
+        manifest_stages: Stages = tuple((s.units[0], s.units[1], s.device) for s in self.manifest.stages)
+        self.state = State(manifest_stages, frozenset(up), absent, {}, {}, o.threshold)
+        proposal = self.planner(absent, {})
+        if proposal is None:
+            raise NoPlan(f"no plan can serve the remaining devices {sorted(up) or 'none'}")
+        if any(d in absent for _, _, d in manifest_stages):
+            stages, throughput = proposal.stages, proposal.throughput
+        else:
+            stages = manifest_stages
+            throughput = 1000.0 / max(proposal.running_ms or proposal.bottleneck_ms, 1e-9)
+        self.echo(f"serve: re-plan (start): {[list(s) for s in stages]}, {self.scaled(throughput):.1f} inf/s predicted")
+        self._carry_out([Switch(stages, throughput, "start", "start", abort=True)], time.monotonic())
+        self.start_predicted = throughput
+
+    def _abandon(self, reason: str) -> None:
+        """Every input taken from the feed and not delivered: it cannot be served."""
+        with self.stream.credit:
+            for index in range(self.ledger.first_unstored, self.ledger.taken):
+                if not self.ledger.is_stored(index):
+                    self.feed.abandon(index, reason)
+
+    def _finished(self) -> bool:
+        route = self.stream.route
+        if not self.ledger.done or route is None:
+            return False
+        route.results_done.wait(FINISH_SECONDS)  # the END flows through (every result is counted already)
+        return True
+
+    # --- one step of the loop ----------------------------------------------------------------
+
+    def _step(self) -> None:
+        fatal = self.stream.fatal
+        if fatal is not None:  # the feed could not take a result: one line, at once, no retry
+            if isinstance(fatal, DnnpipeError):
+                raise fatal
+            raise DnnpipeError(f"cannot deliver a result: {type(fatal).__name__}: {fatal}")
+        lost: dict[int, tuple[str, str]] = {}
+        joined: set[int] = set()
+        pending = _drain(self.fleet.events, POLL_SECONDS)
+        now = time.monotonic()
+        for event in pending:
+            kind, device = event[0], int(event[1])
+            if kind == "lost" and device in self.state.devices:
+                lost[device] = (f"device {device} lost: {event[2]}", "lost")
+            elif kind == "up" and device in self.probing | (set(self.devices) - self.state.devices):
+                self.probing.discard(device)
+                self._forget(device)  # a new agent holds no sub-model yet
+                joined.add(device)
+            elif kind == "prepared":
+                self.prepared.setdefault(device, set()).add(event[2])
+            elif kind == "error" and event[2] == self.generation:
+                self.fault = self.fault or (now, f"device {device}: {event[3]}")
+            elif kind == "error" and event[2] == -1:
+                self.echo(f"serve: device {device}: {event[3]}")
+            elif kind == "fault" and event[1] == self.generation:
+                self.fault = self.fault or (now, event[2])
+        for device, silent in self.fleet.silent(now, self.options.progress_timeout):
+            if device in self.state.devices and device not in lost:
+                lost[device] = (f"device {device} lost: no heartbeat for {silent:.2f} s (frozen or cut off)", "frozen")
+        for device in self.state.devices:
+            if device not in lost and self.fleet.exited(device) is not None:
+                lost[device] = (f"device {device} lost: its agent exited with status {self.fleet.exited(device)}",
+                                "lost")
+        if lost:
+            for device, (why, _) in sorted(lost.items()):
+                self.echo(f"serve: {why} (stored {self.ledger.first_unstored})")
+                self.fleet.lose(device)
+                self._forget(device)
+            label = "frozen" if all(lbl == "frozen" for _, lbl in lost.values()) else "lost"
+            reason = "; ".join(why for why, _ in lost.values()) if len(lost) > 1 else next(iter(lost.values()))[0]
+            self.fault = None
+            self._decide(Lost(frozenset(lost), reason, label), now)
+            return
+        if joined:
+            self.echo(f"serve: device {', '.join(map(str, sorted(joined)))} joined")
+            self.events.devices_up(len(self.state.devices | joined))
+            self._decide(Joined(frozenset(joined)), now)
+            return
+        if self.fault is not None and now - self.fault[0] > FAULT_GRACE:
+            self._pipeline_fault(self.fault[1], now)
+            return
+        self._watch_stall(now)
+        self._announce()
+        self._emulate_changes()
+        self._registry(now)
+        self._measure(now)
+
+    def _forget(self, device: int) -> None:
+        self.prepared[device] = set()
+        self.pushed = {p for p in self.pushed if p[0] != device}
+        self.deferred = [p for p in self.deferred if p.device != device]
+
+    def _decide(self, event: Any, detected: float) -> None:
+        began = time.perf_counter()
+        self.state, actions = decide(self.state, event, self.planner)
+        replan_s = time.perf_counter() - began
+        if isinstance(event, Joined) and not any(isinstance(a, Switch) for a in actions):
+            self.echo(f"serve: the running plan stays (a plan with device {sorted(event.devices)} is not "
+                      f"{self.options.threshold:.0%} better)")
+        self._carry_out(actions, detected, replan_s)
+
+    def _carry_out(self, actions: list[Action], detected: float, replan_s: float = 0.0) -> None:
+        for action in actions:
+            if isinstance(action, GiveUp):
+                raise NoPlan(action.reason)
+            if isinstance(action, Prepare):
+                if (action.device, action.units) not in self.pushed:
+                    self.pushed.add((action.device, action.units))
+                    self.deferred.append(action)  # pushed once the new plan's first result is in
+            elif isinstance(action, Switch):
+                self._switch(action, detected, replan_s)
+
+    def _switch(self, action: Switch, detected: float, replan_s: float) -> None:
+        """New roles to every agent and a new route: at once (abort) or behind a barrier."""
+        self.generation += 1
+        g, stages = self.generation, action.stages
+        record = SwitchRecord(action.reason, action.label, action.abort, [list(s) for s in stages], action.throughput,
+                              detected, replan_s, generation=g)
+        if action.label != "start":
+            self.echo(f"serve: re-plan ({action.reason}): {[list(s) for s in stages]}, "
+                      f"{self.scaled(action.throughput):.1f} inf/s predicted, planned in {replan_s * 1000:.1f} ms")
+            self.events.replanned(action.label)
+        self.events.ready(False)
+        push_began = time.perf_counter()
+        self._ensure_pushed(stages)
+        record.push_s = time.perf_counter() - push_began
+        switch_began = time.perf_counter()
+        devices = [d for _, _, d in stages]
+        for k, (first, last, device) in enumerate(stages):
+            if k + 1 < len(stages):
+                following = self.devices[devices[k + 1]]
+                host, port, to = _reach(following), following.runtime_port, following.device_id
+            else:
+                host, port, to = self.options.controller_host, self.stream.port, 0
+            self.fleet.send(device, {"kind": "role", "generation": g, "stage": k + 1, "units": [first, last],
+                                     "from": devices[k - 1] if k else 0, "to": to, "host": host, "port": port,
+                                     "pace": self.paced_ms(device, (first, last)), "abort": action.abort})
+        for device in self.fleet.up() - set(devices):
+            self.fleet.send(device, {"kind": "role", "generation": g, "units": None, "abort": action.abort})
+        head = self.devices[devices[0]]
+        self.route = self.stream.open(g, (head.device_id, _reach(head), head.runtime_port), devices[-1], action.abort)
+        record.switch_s = time.perf_counter() - switch_began
+        self.predicted = action.throughput
+        self.last_switch = time.monotonic()
+        self.outlier_runs = {}
+        for d in devices:
+            self.fleet.take_times(d)
+        if action.label != "start":
+            self.switches.append(record)
+        self._record_plan(stages)
+        how = f"at once, replaying from input {self.ledger.first_unstored}" if action.abort else "behind a barrier"
+        self.echo(f"serve: switch: generation {g} runs {len(stages)} stages ({how})")
+        self.state, actions = decide(replace(self.state, stages=stages), Switched(), self.planner)
+        self._carry_out(actions, detected)
+
+    def _ensure_pushed(self, stages: Stages) -> None:
+        """Every stage's sub-model loaded on its device before the roles go out (normally pushed long before)."""
+        missing = [(d, (s, e)) for s, e, d in stages if (s, e) not in self.prepared.get(d, set())]
+        for device, units in missing:
+            self._push(Prepare(device, units))
+        deadline = time.monotonic() + self.options.connect_timeout
+        while any(units not in self.prepared.get(d, set()) for d, units in missing) and time.monotonic() < deadline:
+            try:
+                event = self.fleet.events.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if event[0] == "prepared":
+                self.prepared.setdefault(event[1], set()).add(event[2])
+            else:
+                self.fleet.events.put(event)  # handled by the loop after the switch
+                time.sleep(0.005)
+                if event[0] == "lost" and any(event[1] == d for d, _ in missing):
+                    return
+
+    def _push(self, action: Prepare) -> None:
+        flatbuffer = self.cutter.cut(action.units)
+        self.pushed.add((action.device, action.units))
+        self.fleet.send(action.device, {"kind": "model", "units": list(action.units), "size": len(flatbuffer),
+                                        "sha256": hashlib.sha256(flatbuffer).hexdigest()}, flatbuffer)
+
+    def _push_loop(self) -> None:
+        """Sub-models of the contingency plans, cut and pushed in the background while the pipeline runs."""
+        while True:
+            action = self.pushes.get()
+            if action is None:
                 return
-            joined = sorted(set(devices) - set(self.devices))
-            gone = sorted({s.device for s in epoch.manifest.stages} - set(devices))
-            self.devices = devices
-            self.removed -= set(joined)
-            if gone:  # taken out of the registry while it runs a stage: as good as lost
-                raise EpochFailed(gone[0], f"device {gone[0]} was removed from {self.options.registry}")
-            if joined:
-                self.echo(f"serve: device {', '.join(map(str, joined))} joined")
-                self._consider(f"device {', '.join(map(str, joined))} joined")
-        self._measure(epoch)
+            try:
+                self._push(action)
+            except DnnpipeError as e:
+                self.echo(f"serve: cannot push units {action.units} to device {action.device}: {e}")
 
-    def announce(self, epoch: Epoch) -> None:
-        """Say when an epoch's first result arrived (once; also when the epoch ends before a poll saw it)."""
-        if epoch.first_result is not None and not epoch.announced:
-            epoch.announced = True
-            self.serving_since = self.serving_since or epoch.first_result
-            since = f"{epoch.first_result - epoch.started:.2f} s after its start"
-            if self.switches and self.switches[-1].first_result_s is None:
-                s = self.switches[-1]
-                s.first_result_s = epoch.first_result - s.detected_at
-                since += f", {s.first_result_s:.2f} s after the fault was detected"
-            self.echo(f"serve: epoch {epoch.epoch}: first result {since}")
+    def _pipeline_fault(self, why: str, now: float) -> None:
+        """A role or link failed and no device was lost: run the same plan again (a new generation)."""
+        self.fault = None
+        self.failures += 1
+        self.echo(f"serve: pipeline failed: {why} (stored {self.ledger.first_unstored})")
+        if self.failures > self.options.max_restarts:
+            raise DnnpipeError(f"the pipeline failed {self.failures} times in a row without a device to blame; "
+                               f"last: {why}")
+        self._carry_out([Switch(self.state.stages, self.predicted, f"pipeline failed: {why}", "lost", abort=True)],
+                        now)
 
-    def _emulate_changes(self, epoch: Epoch) -> None:
-        """Scripted slow-downs (tests, benchmarks): the device's stage is told over its control channel."""
+    def _on_fault(self, route: Route, why: str) -> None:
+        self.fleet.events.put(("fault", route.generation, why))
+
+    def _watch_stall(self, now: float) -> None:
+        """Only time with inputs in flight counts (a slow --fps source is not a stall)."""
+        with self.stream.credit:
+            in_flight = self.ledger.in_flight
+            since = self.stream.last_progress
+        if in_flight and now - since > self.options.connect_timeout:
+            self._pipeline_fault(f"no result for {self.options.connect_timeout:g} s with {in_flight} inputs in "
+                                 f"flight, every device alive (--connect-timeout)", now)
+
+    def _announce(self) -> None:
+        route = self.stream.route
+        if route is None or route.first_result is None or getattr(route, "announced", False):
+            return
+        route.announced = True  # type: ignore[attr-defined]
+        for action in self.deferred:
+            self.pushes.put(action)
+        self.deferred = []
+        self.failures = 0
+        self.serving_since = self.serving_since or route.first_result
+        self.events.ready(True)
+        text = f"serve: generation {route.generation}: first result"
+        record = next((s for s in self.switches if s.generation == route.generation), None)
+        if record is not None:
+            record.first_result_s = route.first_result - record.detected_at
+            text += f", {record.first_result_s:.3f} s after the {record.label} was detected"
+            if record.abort:
+                self.events.recovered(record.first_result_s)
+        self.echo(text)
+
+    def _record_plan(self, stages: Stages) -> None:
+        """serve's plan in its own folder (--work-dir); the partition it was given is never written."""
+        try:
+            self.work.mkdir(parents=True, exist_ok=True)
+            write_json(self.work / "serve_plan.json", {"generation": self.generation,
+                                                       "stages": [list(s) for s in stages]})
+        except OSError as e:
+            self.echo(f"serve: cannot record the plan in {self.work}: {e.strerror or e}")
+
+    # --- pacing and emulation ----------------------------------------------------------------
+
+    def _pace(self) -> None:
+        if self.options.fps:
+            self.sent_paced += 1
+            time.sleep(max(0.0, self.started_pacing + self.sent_paced / self.options.fps - time.monotonic()))
+
+    def _emulate_changes(self) -> None:
+        """Scripted slow-downs (tests, benchmarks): the device's agent is told its new pace."""
         while self.changes and self.serving_since and time.monotonic() - self.serving_since >= self.changes[0][0]:
             _, device, speed = self.changes.pop(0)
             self.emulation[device] = speed
-            spec = next((s for s in epoch.manifest.stages if s.device == device), None)
-            self.echo(f"serve: device {device} now emulates speed {speed:g}"
-                      f"{'' if spec is None else f' (stage {spec.stage})'}")
-            pace = None if spec is None else self.paced_ms(device, spec.units)
-            if spec is not None and pace is not None:
-                self.command(spec.stage, {"kind": "pace", "ms": pace})
+            spec = next(((s, e) for s, e, d in self.state.stages if d == device), None)
+            self.echo(f"serve: device {device} now emulates speed {speed:g}")
+            pace = None if spec is None else self.paced_ms(device, spec)
+            if pace is not None:
+                self.fleet.send(device, {"kind": "pace", "ms": pace})
 
-    def _measure(self, epoch: Epoch) -> None:
-        """Speeds from the stage times the control channel reports, against the profile (with hysteresis)."""
-        now = time.monotonic()
+    # --- measured speeds ---------------------------------------------------------------------
+
+    def _measure(self, now: float) -> None:
+        """Speeds from the stage times the agents report, against the profile (with hysteresis)."""
         if now - self.measured_at < MEASURE_SECONDS:
             return
         self.measured_at = now
@@ -392,54 +572,106 @@ class Controller:
         predicted: dict[int, float] = {}
         beliefs: dict[int, float] = {}
         profiled: dict[int, float] = {}
-        with epoch.lock:
-            medians = {s.stage: stage_median(s.times, model) for s in epoch.states}
-        for spec in epoch.manifest.stages:
-            median = medians[spec.stage]
+        if not hasattr(self, "_times"):
+            self._times: dict[int, list[float]] = {}
+        for stage, (first, last, d) in enumerate(self.state.stages, 1):
+            frames = self.fleet.take_times(d)
+            for t in frames:
+                self.events.stage_time(stage, d, t / 1000)
+            kept = self._times.setdefault(d, [])
+            kept += frames
+            del kept[:-model.window]
+            median = stage_median(kept, model)
             if median is None:
                 continue
-            d = spec.device
             profiled[d] = self.profiled_speed(d)
-            beliefs[d] = self.speeds.get(d, profiled[d])
-            predicted[d] = self.profiled_ms(d, spec.units) / beliefs[d]
+            beliefs[d] = self.state.speeds.get(d, profiled[d])
+            predicted[d] = self.profiled_ms(d, (first, last)) / beliefs[d] / (
+                self.options.emulation_scale if self.options.emulate_speed else 1.0)
             measured[d] = median
         outliers = speed_outliers(predicted, measured, beliefs, profiled, model)
         self.outlier_runs = {d: self.outlier_runs.get(d, 0) + 1 for d in outliers}
         settled = {d: c for d, c in outliers.items() if self.outlier_runs[d] >= model.dwell}
-        if not settled or now - self.last_switch < self.options.cooldown:
+        if not settled or now - self.last_switch < (self.options.cooldown if self.switches else 1.0):
             return
-        self.speeds.update(settled)
         self.outlier_runs = {}
-        self._consider("measured speed " + ", ".join(f"device {d} {c:.3g}" for d, c in sorted(settled.items())))
+        self._times = {}
+        self._decide(Measured(settled), now)
 
-    def _consider(self, reason: str) -> None:
-        """Switch when the re-planned bottleneck beats the running plan's by more than the threshold."""
+    # --- registry and SIGHUP -----------------------------------------------------------------
+
+    def _on_hup(self, signum: int, frame: object) -> None:
+        self._hup = True
+
+    def _registry(self, now: float) -> None:
+        """On SIGHUP or a changed registry: new devices start an agent; lost devices still listed are probed by
+        starting their agent again; a device that says hello (re)joins (the README states this rule)."""
+        mtime = _mtime(self.options.registry)
+        if not self._hup and mtime == self._registry_mtime:
+            return
+        hup, self._hup, self._registry_mtime = self._hup, False, mtime
         try:
-            result = replan(self.config, self.stages, ClusterChange(removed=frozenset(self.absent()),
-                                                                    speeds=dict(self.speeds)))
-        except (ConfigError, NoPlanError, ValueError):
+            devices = self._read_registry()
+        except ConfigError as e:
+            self.echo(f"serve: registry not re-read: {e}")
             return
-        if result.plan.stages == self.stages:
+        new = sorted(set(devices) - set(self.devices))
+        lost = sorted((set(devices) & set(self.devices)) - self.state.devices - self.probing)
+        gone = sorted(self.state.devices - set(devices))
+        self.devices.update(devices)
+        self.echo(f"serve: {'SIGHUP: ' if hup else ''}registry re-read: {len(new)} new device(s) {new}, probing lost "
+                  f"{lost}, removed {gone}")
+        if new or lost:
+            self._ship([devices[d] for d in new + lost])
+        for d in new + lost:
+            self.probing.add(d)
+            self.fleet.start(devices[d])
+        for d in gone:
+            self.fleet.events.put(("lost", d, f"removed from {self.options.registry}"))
+
+    def _ship(self, devices: list[Device]) -> None:
+        """The runtime code, the manifest and the pipeline key to each device (hash-checked); no sub-models (they
+        are pushed to the agents) and no launch plan: the partition is only read."""
+        o = self.options
+        if not devices:
             return
-        if worth_switching(result.previous_bottleneck, result.plan.bottleneck, self.options.threshold):
-            self.echo(f"serve: re-plan ({reason}): {result.plan.stages}, bottleneck {result.plan.bottleneck:.3f} ms "
-                      f"against {result.previous_bottleneck or float('nan'):.3f} ms running "
-                      f"(planned in {result.plan.planning_time_ms:.1f} ms)")
-            self.pending = (result.plan.stages, result.plan.throughput)
-            raise Replanned(reason)
+        extra = runtime_code()
+        uploads = uploads_for(self.manifest, o.folder, o.model_path.resolve().name, [], extra)
+        if self.tls_folder is not None and self.tls_folder != o.folder:  # the certificate serve made
+            prefix = f"{o.model_path.resolve().name}/{o.model_name}"
+            uploads += [Upload(self.tls_folder / name, f"{prefix}/{name}", sha256_file(self.tls_folder / name),
+                               private=name == CERT_KEY_FILE) for name in (CERT_FILE, CERT_KEY_FILE)]
+        jobs = [(transport_for(d, o.ssh), DeviceReport(d, []), uploads) for d in devices]
+        started = time.perf_counter()
+        reports = ship_all(jobs)
+        for report in reports:
+            if not report.ok:
+                self.echo(f"serve: device {report.device.device_id}: shipping failed: "
+                          f"{report.error or next(iter(report.failed.values()))}")
+        self.echo(f"serve: shipped {sum(len(r.sent) for r in reports)} files to {len(reports)} devices in "
+                  f"{time.perf_counter() - started:.2f} s")
 
-    def command(self, stage: int, message: dict) -> None:
-        """Send a control command to a running stage (the benchmark and tests slow a device down this way)."""
-        sock = self.stage_sockets.get(stage)
-        if sock is not None:
-            try:
-                sock.sendall(encode(message))
-            except OSError as e:
-                self.echo(f"serve: cannot reach stage {stage}'s control channel: {e.strerror or e}")
+
+def serve(options: ServeOptions, echo: Echo = print, feed: Optional[Feed] = None,
+          events: Optional[ServeEvents] = None) -> ServeSummary:
+    return Controller(options, echo, feed, events).run()
 
 
-def serve(options: ServeOptions, echo: Echo = print) -> ServeSummary:
-    return Controller(options, echo).run()
+def _drain(events: queue.Queue, timeout: float) -> list[tuple[Any, ...]]:
+    """Every event waiting (after up to `timeout` for the first): two devices lost together are seen together."""
+    try:
+        found = [events.get(timeout=timeout)]
+    except queue.Empty:
+        return []
+    while True:
+        try:
+            found.append(events.get_nowait())
+        except queue.Empty:
+            return found
+
+
+def _reach(device: Device) -> str:
+    return "127.0.0.1" if device.is_local else device.host
 
 
 def _mtime(path: Path) -> Optional[float]:

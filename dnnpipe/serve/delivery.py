@@ -1,11 +1,13 @@
 """The controller's ledger: which inputs are stored, which are in flight, and which come next.
 
 Pure bookkeeping (no sockets, no files), so replay and de-duplication are property-tested on their own.
-Inputs are numbered 0..total-1 and re-read from the data file when needed, so "keeping" an input costs one
-index. Every connection set-up (an epoch) numbers its frames from 0, as dnnpipe.protocol requires; the
-pipeline is FIFO, so the ledger maps the k-th result of an epoch to the k-th input sent in it. After a
-switch the source replays from the first unstored input; a result arriving from an older epoch, or for an
-input already stored, is dropped, so every result is stored exactly once.
+Inputs are numbered 0, 1, 2, ... and re-read from the feed when needed, so "keeping" an input costs one
+index; the total need not be known up front (a live feed): `end_at` records it once the feed is exhausted.
+The pipeline is FIFO, so the ledger maps the k-th result of an epoch to the k-th input sent in it. A planned
+switch at a barrier keeps the epoch (the old plan drains before the new one's results arrive, so FIFO holds
+across it); a switch that aborts the running plan (a device lost) starts a new epoch, and the source replays
+from the first unstored input; a result arriving from an older epoch, or for an input already stored, is
+dropped, so every result is stored exactly once.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ class DeliveryError(DnnpipeError):
 
 
 class Ledger:
-    def __init__(self, total: int, window: int, stored: int = 0):
-        """`stored` inputs (a prefix, as a resumed run finds them in OUT) need no result."""
-        if total < 0 or window < 1 or not 0 <= stored <= total:
+    def __init__(self, total: Optional[int], window: int, stored: int = 0):
+        """`stored` inputs (a prefix, as a resumed run finds them in OUT) need no result; `total` None: not
+        known yet."""
+        if (total is not None and total < 0) or window < 1 or not 0 <= stored <= (stored if total is None else total):
             raise ValueError(f"bad ledger: total {total}, window {window}, stored {stored}")
         self.total, self.window = total, window
         self.first_unstored = stored  # every input below this is stored
@@ -32,6 +35,7 @@ class Ledger:
         self._cursor = stored  # the next input this epoch sends
         self._sent: deque[int] = deque()  # inputs sent this epoch whose results have not come back
         self._received = 0  # results received this epoch (the next expected wire sequence)
+        self.taken = stored  # inputs 0..taken-1 were asked of the feed at least once
 
     # --- source side -------------------------------------------------------------------------
 
@@ -44,16 +48,33 @@ class Ledger:
         """The wire sequence number the next input sent this epoch carries."""
         return self._received + len(self._sent)
 
+    def peek(self) -> Optional[int]:
+        """The input next_input would send, without sending it."""
+        while not self._beyond(self._cursor) and self.is_stored(self._cursor):
+            self._cursor += 1
+        if self.in_flight >= self.window or self._beyond(self._cursor):
+            return None
+        return self._cursor
+
     def next_input(self) -> Optional[int]:
         """The next input to send, or None while the credit window is full or everything was sent."""
-        while self._cursor < self.total and self.is_stored(self._cursor):
-            self._cursor += 1
-        if self.in_flight >= self.window or self._cursor >= self.total:
+        index = self.peek()
+        if index is None:
             return None
-        index = self._cursor
         self._sent.append(index)
         self._cursor += 1
+        self.taken = max(self.taken, self._cursor)
         return index
+
+    def end_at(self, total: int) -> None:
+        """The feed has no input `total` (nor any after it): the run is done once everything below is stored."""
+        if total < self.first_unstored or (self.total is not None and total != self.total) or total < self._cursor:
+            raise DeliveryError(f"the feed ended at {total} after {self._cursor} inputs were sent"
+                                f"{'' if self.total is None else f' (total {self.total})'}")
+        self.total = total
+
+    def _beyond(self, index: int) -> bool:
+        return self.total is not None and index >= self.total
 
     # --- result side -------------------------------------------------------------------------
 
@@ -93,7 +114,7 @@ class Ledger:
 
     @property
     def done(self) -> bool:
-        return self.first_unstored >= self.total
+        return self.total is not None and self.first_unstored >= self.total
 
     @property
     def stored(self) -> int:

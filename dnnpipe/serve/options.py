@@ -21,18 +21,19 @@ class ServeOptions:
     fps: Optional[float] = None
     resume: bool = False
     window: int = 8  # inputs in flight at most (credits)
-    progress_timeout: float = 3.0  # a stage silent this long is frozen
-    connect_timeout: float = 30.0  # how long a stage may take to come up
+    progress_timeout: float = 0.5  # an agent without a heartbeat (every 0.1 s) this long is frozen or cut off
+    connect_timeout: float = 30.0  # how long an agent may take to come up; a stall with inputs in flight
     threshold: float = 0.10  # re-plan for speed when the new bottleneck is this much better
     cooldown: float = 3.0  # no re-plan for speed this soon after a switch (hysteresis)
     emulate_speed: bool = False  # each stage emulates its device's C from the config, times emulation_scale
     emulation_scale: float = 1.0
-    keras_model: Optional[Path] = None  # to convert stages from when there is no whole model.tflite to slice
     controller_host: str = "127.0.0.1"  # the address the devices reach this machine at
     ssh: SshOptions = field(default_factory=SshOptions)
     emulate_changes: tuple[tuple[float, int, float], ...] = ()  # (after s, device, C): a device slows down
     max_restarts: int = 3  # epochs that fail without a device to blame, in a row, before giving up
-    insecure: bool = False  # links without the pipeline key handshake (stages get --insecure too)
+    insecure: bool = False  # links without the pipeline key handshake (agents get --insecure too)
+    tls: bool = True  # every link of serve and its agents inside mutual TLS (opt out: --no-tls)
+    work_dir: Path = Path("serve_work")  # serve's own files (WORK/NAME/serve_plan.json); the partition is only read
 
     @property
     def folder(self) -> Path:

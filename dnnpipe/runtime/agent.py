@@ -1,0 +1,506 @@
+"""A device agent: one long-lived process per device that runs whatever stage role its controller gives it.
+
+The controller (serve) starts one agent per device once. The agent holds an authenticated control link to it
+and a listener on its device's runtime_port that stays open for the whole run. A *role* is a stage of one plan:
+its units, whose sub-model the controller cut from the whole model.tflite and pushed over the control link in
+the background before any switch needs it (its tensors are the manifest's cut tensors), the device it receives
+from and the one it sends to (0 is the controller), and its pacing. Roles are numbered by a *generation*: every
+switch of plan is a new generation, and every data link proves in its handshake which generation it belongs
+to, so a frame of an old plan can never reach a new role.
+
+A planned switch is a barrier in the frame sequence: the controller ends the old plan's input stream (END) at
+frame B and feeds frames from B on to the new plan. Each agent finishes its old role when END reaches it (frames
+before B run on the old plan) and then starts its new role, whose sub-model is already loaded beside the running
+one: no process starts, no model loads on the switch. A device loss aborts every role at once (the controller
+replays what was in flight). See docs/protocol.md for the control messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ..errors import DnnpipeError
+from ..interpreter import StageRunner
+from ..manifest import MANIFEST_FILE, StageSpec, WholeModel, read_manifest
+from ..pipeline_key import stage_key, tls_context
+from .control import CONTROLLER, LineReader, encode, integer, number, MIN_PACE_MS, MAX_PACE_MS
+from .handshake import HANDSHAKE_SECONDS, HandshakeError, LinkAuth, ProbeClosed, connect_side, listen_side_for, \
+    manifest_identity, tls_wrap
+from .stage import StageLoop
+from .transport import Downstream, Say, Upstream, dial, listen
+
+HEARTBEAT_SECONDS = 0.1  # a frozen device misses a few in a row: detected within a second
+MAX_VETTING = 16  # connections vetted at once; a slot is taken before accept(), so more wait in the backlog
+MAX_GENERATION = 0xFFFF  # generations travel in the handshake's u16 receiver field
+PREPARED_ROLES = 16  # sub-models kept loaded (the running role's, the next plan's, the contingency plans')
+INSECURE_HELLO = struct.Struct("!4sHH")  # without a key: "DNNA" | sender device | generation (no proof)
+MAX_MODEL_BYTES = 1 << 30  # a pushed sub-model
+SESSION_WAIT = 2.0  # a link that arrives before the control link said the session waits this long
+CONTROLLER_WAIT = 5.0  # the controller listens before it starts an agent: if it does not answer, it is gone
+PORT_WAIT = 5.0  # how long a busy runtime_port may take to come free (an old agent on its way out)
+
+
+def link_identity(model: bytes, session: bytes, generation: int, receiver: int) -> bytes:
+    """What a data link between agents is bound to: the model (manifest), this controller's run, the plan
+    generation and the receiving device; the handshake's MAC covers it."""
+    return hashlib.sha256(b"|".join([b"dnnpipe agent link", model, session,
+                                     struct.pack("!HH", generation & MAX_GENERATION, receiver)])).digest()
+
+
+def dial_link(host: str, port: int, sender: int, receiver: int, generation: int, key: Optional[bytes], model: bytes,
+              session: bytes, timeout: float, stop: Optional[threading.Event] = None,
+              tls: Optional[ssl.SSLContext] = None) -> socket.socket:
+    """A data link of one generation, dialled and proven (sender -> receiver device; 0 is the controller), inside
+    TLS when `tls` is given (the handshake then runs inside it)."""
+    sock, reason = dial(host, port, timeout, stop=stop)
+    if sock is None:
+        raise DnnpipeError(f"cannot reach {host}:{port} within {timeout:g} s ({reason})")
+    try:
+        if tls is not None:
+            sock = tls_wrap(sock, tls, False)
+        if key is None:
+            sock.sendall(INSECURE_HELLO.pack(b"DNNA", sender, generation))
+        else:
+            connect_side(sock, LinkAuth(key, link_identity(model, session, generation, receiver), sender, generation))
+    except (HandshakeError, OSError) as e:
+        sock.close()
+        raise DnnpipeError(f"{host}:{port} refused the link of generation {generation}: {e}") from None
+    sock.settimeout(None)
+    return sock
+
+
+def vet_link(sock: socket.socket, receiver: int, key: Optional[bytes], model: bytes, session: Callable[[], bytes],
+             tls: Optional[ssl.SSLContext] = None) -> tuple[socket.socket, int, int]:
+    """The far end of dial_link: the link (inside TLS when `tls` is given), its sender device and generation once
+    the peer proved them."""
+    if tls is not None:
+        sock = tls_wrap(sock, tls, True)
+    if key is None:
+        sock.settimeout(HANDSHAKE_SECONDS)
+        data = b""
+        while len(data) < INSECURE_HELLO.size:
+            chunk = sock.recv(INSECURE_HELLO.size - len(data))
+            if not chunk:
+                raise ProbeClosed("closed before the link's hello")
+            data += chunk
+        magic, sender, generation = INSECURE_HELLO.unpack(data)
+        if magic != b"DNNA":
+            raise HandshakeError(f"not an agent link (starts with {magic!r})")
+        return sock, sender, generation
+
+    def auth_for(sender: int, generation: int) -> LinkAuth:
+        return LinkAuth(key, link_identity(model, session(), generation, receiver), sender, generation)
+
+    auth = listen_side_for(sock, auth_for)
+    return sock, auth.sender, auth.receiver
+
+
+@dataclass(frozen=True)
+class Role:
+    """One stage of one plan generation, as the controller gives it (units None: no stage in it)."""
+
+    generation: int
+    stage: int
+    units: Optional[tuple[int, int]]
+    upstream: int = 0  # the device that sends to it (0: the controller)
+    downstream: int = 0  # the device it sends to (0: the controller)
+    host: str = ""
+    port: int = 0
+    pace_ms: Optional[float] = None
+    abort: bool = False  # cut the running role now (a device was lost) instead of at the barrier
+
+
+def check_units(message: dict[str, Any], units: int, peer: str) -> tuple[int, int]:
+    value = message.get("units")
+    if not isinstance(value, list) or len(value) != 2:
+        raise DnnpipeError(f"{peer}: {message['kind']!r} needs units [first, last]")
+    first = integer({"kind": message["kind"], "first unit": value[0]}, "first unit", 1, units, peer)
+    last = integer({"kind": message["kind"], "last unit": value[1]}, "last unit", first, units, peer)
+    return first, last
+
+
+def check_role(message: dict[str, Any], units: int, peer: str) -> Role:
+    """A "role" command, every field checked (the controller is trusted only after the handshake, and its
+    numbers are still bounded here)."""
+    generation = integer(message, "generation", 0, MAX_GENERATION, peer)
+    abort = message.get("abort", False)
+    if not isinstance(abort, bool):
+        raise DnnpipeError(f"{peer}: 'role' needs abort true or false")
+    if message.get("units") is None:
+        return Role(generation, 0, None, abort=abort)
+    host = message.get("host")
+    if not isinstance(host, str) or not 0 < len(host) <= 255 or any(c.isspace() or ord(c) < 32 for c in host):
+        raise DnnpipeError(f"{peer}: 'role' needs host a host name or address")
+    return Role(generation, integer(message, "stage", 1, 4096, peer), check_units(message, units, peer),
+                integer(message, "from", 0, 4096, peer), integer(message, "to", 0, 4096, peer), host,
+                integer(message, "port", 1, 65535, peer),
+                number(message, "pace", MIN_PACE_MS, MAX_PACE_MS, peer, optional=True), abort)
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    device: int
+    folder: Path  # model_path / model_name: manifest.json, model.tflite, pipeline.key
+    control_host: str
+    control_port: int
+    bind_port: int
+    bind_addr: str = "0.0.0.0"
+    connect_timeout: float = 30.0  # how long to reach the controller, or a neighbour
+    timeout: float = 60.0  # longest wait for a frame inside a role
+    queue_size: int = 4
+    num_threads: Optional[int] = None
+    delegate: Optional[str] = None
+    key_file: Optional[Path] = None
+    insecure: bool = False
+    tls: bool = False  # every link inside mutual TLS with pipeline.crt beside the manifest (serve's default)
+
+
+class Agent:
+    def __init__(self, options: AgentOptions, say: Say = print):
+        self.options, self.say = options, say
+        self.name = f"[agent {options.device}]"
+        manifest = read_manifest(options.folder)
+        if manifest.whole_model is None:
+            raise DnnpipeError(f"{options.folder / MANIFEST_FILE}: no whole model.tflite recorded; an agent cuts its "
+                               f"roles from it (partition the model again)")
+        self.whole: WholeModel = manifest.whole_model
+        self.units = manifest.units
+        self.key = stage_key(options.folder, options.key_file, options.insecure)
+        self.model = manifest_identity((options.folder / MANIFEST_FILE).read_bytes())
+        self.tls_listen = tls_context(options.folder, server_side=True) if options.tls else None
+        self.tls_connect = tls_context(options.folder, server_side=False) if options.tls else None
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self._session: Optional[bytes] = None
+        self._session_known = threading.Event()
+        self._links: dict[tuple[int, int], socket.socket] = {}  # (generation, sender) -> proven data link
+        self._links_changed = threading.Condition(self._lock)
+        self._prepared: OrderedDict[tuple[int, int], tuple[StageSpec, StageRunner]] = OrderedDict()
+        self._roles: queue.Queue[Role] = queue.Queue()
+        self._prepare: queue.Queue[tuple[tuple[int, int], bytes]] = queue.Queue()
+        self._aborted_below = -1  # roles of generations below this are dropped
+        self.loop: Optional[StageLoop] = None
+        self.generation = -1
+        self._reported = 0
+        self._send_lock = threading.Lock()
+        self.control: Optional[socket.socket] = None
+
+    # --- the control link --------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Until the controller says stop or goes away (then every role ends: nothing outlives it)."""
+        o = self.options
+        listener = self._listen()
+        wait = min(o.connect_timeout, CONTROLLER_WAIT)
+        sock, reason = dial(o.control_host, o.control_port, wait, stop=self.stop)
+        if sock is None:
+            listener.close()
+            raise DnnpipeError(f"{self.name} cannot reach the controller at {o.control_host}:{o.control_port} "
+                               f"within {wait:g} s ({reason})")
+        try:
+            if self.tls_connect is not None:
+                sock = tls_wrap(sock, self.tls_connect, False)
+            if self.key is not None:
+                connect_side(sock, LinkAuth(self.key, self.model, o.device, CONTROLLER))
+        except HandshakeError as e:
+            sock.close()
+            listener.close()
+            raise DnnpipeError(f"{self.name} the controller at {o.control_host}:{o.control_port} refused the control "
+                               f"link: {e}") from None
+        sock.settimeout(None)
+        self.control = sock
+        self._send({"kind": "hello", "device": o.device, "pid": os.getpid(), "units": self.units})
+        for body in (self._accept, self._beat, self._work, self._prepare_roles):
+            threading.Thread(target=body, args=(listener,) if body == self._accept else (), daemon=True,
+                             name=f"{self.name} {body.__name__}").start()
+        peer = f"{self.name} controller {o.control_host}:{o.control_port}"
+        reader = LineReader(sock, peer)
+        why = "the controller closed the control link"
+        try:
+            while not self.stop.is_set():
+                message = reader.read()
+                if message is None:
+                    break
+                if not self._command(message, peer, reader):
+                    why = ""
+                    break
+        except (OSError, DnnpipeError) as e:
+            why = f"control link lost: {e}"
+        finally:
+            self._shutdown(listener, sock)
+        if why:
+            raise DnnpipeError(f"{self.name} {why}; every role stopped")
+
+    def _listen(self) -> socket.socket:
+        """The device's port, waiting a little while it is still held: an agent of a controller that was just
+        killed lets go of it within moments (its control link closed), a foreign program does not."""
+        o = self.options
+        deadline = time.monotonic() + min(o.connect_timeout, PORT_WAIT)
+        while True:
+            try:
+                return listen(self.name, o.bind_addr, o.bind_port)
+            except DnnpipeError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def _command(self, message: dict[str, Any], peer: str, reader: LineReader) -> bool:
+        kind = message["kind"]
+        if kind == "session":
+            session = message.get("id")
+            if not isinstance(session, str) or len(session) != 32 or not all(c in "0123456789abcdef" for c in session):
+                raise DnnpipeError(f"{peer}: 'session' needs id, 32 hex digits")
+            self._session = bytes.fromhex(session)
+            self._session_known.set()
+        elif kind == "model":
+            units = check_units(message, self.units, peer)
+            size = integer(message, "size", 8, MAX_MODEL_BYTES, peer)
+            digest = message.get("sha256")
+            if not isinstance(digest, str) or len(digest) != 64:
+                raise DnnpipeError(f"{peer}: 'model' needs sha256, 64 hex digits")
+            flatbuffer = reader.read_exact(size)
+            if hashlib.sha256(flatbuffer).hexdigest() != digest:
+                raise DnnpipeError(f"{peer}: the sub-model for units {units[0]}-{units[1]} differs from its sha256")
+            self._prepare.put((units, flatbuffer))
+        elif kind == "role":
+            self._assign(check_role(message, self.units, peer))
+        elif kind == "pace":
+            ms = number(message, "ms", MIN_PACE_MS, MAX_PACE_MS, peer)
+            with self._lock:
+                if self.loop is not None:
+                    self.loop.pace_ms = ms
+        elif kind == "stop":
+            return False
+        else:
+            raise DnnpipeError(f"{peer}: unknown control command {kind[:40]!r}")
+        return True
+
+    def _send(self, message: dict[str, Any]) -> bool:
+        if self.control is None:
+            return False
+        with self._send_lock:
+            try:
+                self.control.sendall(encode(message))
+                return True
+            except OSError:
+                return False
+
+    def _beat(self) -> None:
+        while not self.stop.wait(HEARTBEAT_SECONDS):
+            with self._lock:
+                loop, generation = self.loop, self.generation
+            times: list[float] = []
+            sent = 0
+            if loop is not None:
+                done = len(loop.timings)
+                times = [round(t.inference_ms + t.emulation_ms, 4) for t in loop.timings[self._reported:done]]
+                self._reported, sent = done, loop.sent
+            if not self._send({"kind": "beat", "generation": generation, "sent": sent, "times": times}):
+                return
+
+    def _shutdown(self, listener: socket.socket, sock: socket.socket) -> None:
+        self.stop.set()
+        with self._lock:
+            loop = self.loop
+            for link in self._links.values():
+                link.close()
+            self._links.clear()
+        if loop is not None:
+            loop.abort(f"{self.name} stopped")
+        listener.close()
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+
+    # --- roles -------------------------------------------------------------------------------
+
+    def _assign(self, role: Role) -> None:
+        """Queue a role; an aborting one cuts the running role and drops any older one still queued."""
+        if role.abort:
+            with self._lock:
+                self._aborted_below = max(self._aborted_below, role.generation)
+                loop = self.loop if self.generation < role.generation else None
+            if loop is not None:
+                loop.abort(f"{self.name} role of generation {self.generation} replaced (a device was lost)")
+        self._roles.put(role)
+
+    def _work(self) -> None:
+        """Roles one after another: a role starts when the one before it ended (the barrier)."""
+        while not self.stop.is_set():
+            try:
+                role = self._roles.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            with self._lock:
+                skip = role.generation < self._aborted_below or role.generation <= self.generation
+            if skip:
+                continue
+            if role.units is None:
+                with self._lock:
+                    self.generation = role.generation
+                    self._close_links_below(role.generation)
+                continue
+            self._run_role(role)
+
+    def _run_role(self, role: Role) -> None:
+        o = self.options
+        assert role.units is not None
+        try:
+            spec, runner = self._runner(role.units, role.stage)
+        except DnnpipeError as e:
+            self._send({"kind": "error", "generation": role.generation, "message": str(e)})
+            return
+        name = f"[device {o.device} stage {role.stage}]"
+        loop = StageLoop(name, spec, runner, o.queue_size, lambda text: None, role.pace_ms)
+        with self._lock:
+            if role.generation < self._aborted_below:  # an abort came while this role was being set up
+                return
+            self.loop, self.generation, self._reported = loop, role.generation, 0
+            self._close_links_below(role.generation)
+        try:
+            session = self._wait_session()
+            sock = dial_link(role.host, role.port, o.device, role.downstream, role.generation, self.key, self.model,
+                             session, o.connect_timeout, loop.stop, self.tls_connect)
+            loop.downstream = Downstream(sock, f"{role.host}:{role.port}", spec.outputs, o.timeout)
+            up = self._take_link(role.generation, role.upstream, loop.stop)
+            loop.upstream = Upstream(up, f"{name} upstream device {role.upstream}", spec.inputs, o.timeout)
+            loop.run(loop.receive, loop.send)
+        except DnnpipeError as e:
+            loop.fail(str(e) if str(e).startswith("[") else f"{name} {e}")
+        finally:
+            for link in (loop.upstream, loop.downstream):
+                if link is not None:
+                    link.close()
+        if loop.error and not self.stop.is_set():
+            self._send({"kind": "error", "generation": role.generation, "message": loop.error})
+        elif not loop.error:
+            self._send({"kind": "ended", "generation": role.generation, "sent": loop.sent})
+
+    def _wait_session(self) -> bytes:
+        if not self._session_known.wait(SESSION_WAIT) or self._session is None:
+            raise DnnpipeError("no session from the controller yet")
+        return self._session
+
+    def _take_link(self, generation: int, sender: int, stop: threading.Event) -> socket.socket:
+        deadline = time.monotonic() + self.options.connect_timeout
+        with self._links_changed:
+            while (generation, sender) not in self._links:
+                if stop.is_set() or self.stop.is_set():
+                    raise DnnpipeError("stopped while waiting for the upstream link")
+                if time.monotonic() > deadline:
+                    raise DnnpipeError(f"device {sender} did not link within {self.options.connect_timeout:g} s")
+                self._links_changed.wait(0.05)
+            return self._links.pop((generation, sender))
+
+    def _close_links_below(self, generation: int) -> None:
+        for key in [k for k in self._links if k[0] < generation]:
+            self._links.pop(key).close()
+
+    # --- sub-models --------------------------------------------------------------------------
+
+    def _prepare_roles(self) -> None:
+        """Load pushed sub-models in the background, beside the running role."""
+        while not self.stop.is_set():
+            try:
+                units, flatbuffer = self._prepare.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                self._load(units, flatbuffer)
+                self._send({"kind": "prepared", "units": list(units)})
+            except DnnpipeError as e:
+                self._send({"kind": "error", "generation": -1, "message": f"units {units[0]}-{units[1]}: {e}"})
+
+    def _spec(self, units: tuple[int, int], stage: int, digest: str) -> StageSpec:
+        first, last = units
+        if first - 1 not in self.whole.cuts or last not in self.whole.cuts:
+            raise DnnpipeError(f"units {first}-{last}: the model has no cut after unit "
+                               f"{first - 1 if first - 1 not in self.whole.cuts else last}")
+        return StageSpec(stage, self.options.device, units, f"units {first}-{last}", digest,
+                         self.whole.cuts[first - 1], self.whole.cuts[last])
+
+    def _load(self, units: tuple[int, int], flatbuffer: bytes) -> None:
+        spec = self._spec(units, 0, hashlib.sha256(flatbuffer).hexdigest())
+        runner = StageRunner(flatbuffer, spec, self.options.num_threads, self.options.delegate)
+        with self._lock:
+            self._prepared[units] = (spec, runner)
+            while len(self._prepared) > PREPARED_ROLES:
+                self._prepared.popitem(last=False)
+
+    def _runner(self, units: tuple[int, int], stage: int) -> tuple[StageSpec, StageRunner]:
+        """The loaded sub-model for these units; a role may arrive just before its model finished loading."""
+        deadline = time.monotonic() + self.options.connect_timeout
+        while not self.stop.is_set():
+            with self._lock:
+                found = self._prepared.get(units)
+                if found is not None:
+                    self._prepared.move_to_end(units)
+                    return found
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.005)
+        raise DnnpipeError(f"no sub-model for units {units[0]}-{units[1]} was pushed")
+
+    # --- data links --------------------------------------------------------------------------
+
+    def _accept(self, listener: socket.socket) -> None:
+        """Every incoming data link is vetted on its own thread; a vetting slot is taken before accept()."""
+        slots = threading.BoundedSemaphore(MAX_VETTING)
+        listener.settimeout(0.2)
+        while not self.stop.is_set():
+            if not slots.acquire(timeout=0.2):
+                continue
+            try:
+                sock, address = listener.accept()
+            except socket.timeout:
+                slots.release()
+                continue
+            except OSError:
+                slots.release()
+                return
+            threading.Thread(target=self._vet, args=(sock, f"{address[0]}:{address[1]}", slots), daemon=True).start()
+
+    def _vet(self, sock: socket.socket, peer: str, slots: threading.BoundedSemaphore) -> None:
+        try:
+            sock, sender, generation = vet_link(sock, self.options.device, self.key, self.model, self._wait_session,
+                                                self.tls_listen)
+        except ProbeClosed:
+            sock.close()
+            return
+        except (HandshakeError, DnnpipeError, OSError) as e:
+            self.say(f"{self.name} dropped {peer}: {e}")
+            sock.close()
+            return
+        finally:
+            slots.release()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._links_changed:
+            if generation < self.generation or self.stop.is_set():
+                sock.close()
+                return
+            old = self._links.pop((generation, sender), None)
+            if old is not None:
+                old.close()
+            self._links[(generation, sender)] = sock
+            self._links_changed.notify_all()
+
+
+if __name__ == "__main__":  # python -m dnnpipe.runtime.agent: the device side alone, as runtime_engine.py is
+    import sys
+
+    from .command import agent_main
+
+    sys.exit(agent_main())

@@ -1,0 +1,159 @@
+"""serve's decisions as a pure function: state and one event in, the new state and actions out.
+
+When to re-plan, which plan, what to push ahead of time and when to switch are decided here, without processes,
+sockets or clocks (the planner is passed in), so every rule is unit-tested on plain values; the controller
+(dnnpipe.serve.controller) only carries the actions out.
+
+    Lost(devices)        -> Switch(abort=True) to the plan without them (the contingency plan computed ahead
+                            of time when one device is lost), or GiveUp when no plan can serve the rest
+    Joined(devices)      -> Switch(abort=False) when the plan with them beats the running one by the threshold
+    Measured(speeds)     -> the same for devices measured slower or faster than believed
+    Switched             -> Prepare the sub-models of every single-device-loss plan (pushed in the background)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Mapping, Optional, Union
+
+from .detect import worth_switching
+
+Stages = tuple[tuple[int, int, int], ...]  # (first unit, last unit, device), in pipeline order
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A plan the planner offers: its stages, bottleneck and the running plan's bottleneck under the same
+    cluster (None when the running plan cannot run any more)."""
+
+    stages: Stages
+    bottleneck_ms: float
+    throughput: float
+    running_ms: Optional[float] = None
+
+
+Planner = Callable[[frozenset[int], Mapping[int, float]], Optional[Proposal]]  # (absent devices, speeds) -> plan
+
+
+@dataclass(frozen=True)
+class State:
+    stages: Stages  # the running plan
+    devices: frozenset[int]  # devices with an agent up
+    absent: frozenset[int]  # devices of the config that cannot be planned on (lost, or not in the registry)
+    speeds: Mapping[int, float] = field(default_factory=dict)  # device -> the speed the planner assumes
+    contingency: Mapping[int, Proposal] = field(default_factory=dict)  # device lost -> plan, computed ahead
+    threshold: float = 0.10
+
+
+@dataclass(frozen=True)
+class Lost:
+    devices: frozenset[int]
+    reason: str
+    label: str = "lost"  # lost or frozen (for ServeEvents.replanned)
+
+
+@dataclass(frozen=True)
+class Joined:
+    devices: frozenset[int]
+
+
+@dataclass(frozen=True)
+class Measured:
+    speeds: Mapping[int, float]  # devices whose speed settled away from the belief: their new speed
+
+
+@dataclass(frozen=True)
+class Switched:
+    """A switch finished (or the run started): time to compute the next contingency plans."""
+
+
+Event = Union[Lost, Joined, Measured, Switched]
+
+
+@dataclass(frozen=True)
+class Switch:
+    stages: Stages
+    throughput: float
+    reason: str
+    label: str  # lost, frozen, slower, faster, joined
+    abort: bool  # True: cut the running plan now and replay (a device is gone); False: switch at a barrier
+
+
+@dataclass(frozen=True)
+class Prepare:
+    """Cut and push this stage's sub-model to its device ahead of time."""
+
+    device: int
+    units: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    reason: str
+
+
+Action = Union[Switch, Prepare, GiveUp]
+
+
+def decide(state: State, event: Event, planner: Planner) -> tuple[State, list[Action]]:
+    if isinstance(event, Lost):
+        return _lost(state, event, planner)
+    if isinstance(event, Joined):
+        new = replace(state, devices=state.devices | event.devices, absent=state.absent - event.devices)
+        return _consider(new, planner, f"device {_names(event.devices)} joined", "joined")
+    if isinstance(event, Measured):
+        label = "slower" if any(c < state.speeds.get(d, c + 1) for d, c in event.speeds.items()) else "faster"
+        new = replace(state, speeds={**state.speeds, **event.speeds})
+        reason = "measured speed " + ", ".join(f"device {d} {c:.3g}" for d, c in sorted(event.speeds.items()))
+        return _consider(new, planner, reason, label)
+    plans = contingencies(state, planner)
+    return replace(state, contingency=plans), prepares(plans.values())
+
+
+def _lost(state: State, event: Lost, planner: Planner) -> tuple[State, list[Action]]:
+    new = replace(state, devices=state.devices - event.devices, absent=state.absent | event.devices)
+    running = {d for _, _, d in state.stages}
+    if not running & event.devices:  # an idle device: nothing to switch
+        return new, []
+    [device] = event.devices if len(event.devices) == 1 else [None]
+    proposal = state.contingency.get(device) if device is not None else None
+    if proposal is None:
+        proposal = planner(new.absent, new.speeds)
+    if proposal is None:
+        left = sorted(new.devices - new.absent)
+        return new, [GiveUp(f"no plan can serve the remaining devices {left or 'none'}")]
+    return replace(new, stages=proposal.stages, contingency={}), \
+        [Switch(proposal.stages, proposal.throughput, event.reason, event.label, abort=True)]
+
+
+def _consider(state: State, planner: Planner, reason: str, label: str) -> tuple[State, list[Action]]:
+    proposal = planner(state.absent, state.speeds)
+    if proposal is None or proposal.stages == state.stages or not worth_switching(
+            proposal.running_ms, proposal.bottleneck_ms, state.threshold):
+        return state, []
+    return replace(state, stages=proposal.stages, contingency={}), \
+        [Switch(proposal.stages, proposal.throughput, reason, label, abort=False)]
+
+
+def contingencies(state: State, planner: Planner) -> dict[int, Proposal]:
+    """For each device of the running plan, the plan without it (the planner takes milliseconds; this runs in
+    the background after a switch, so a loss needs no planning)."""
+    plans = {}
+    for _, _, device in state.stages:
+        proposal = planner(state.absent | {device}, state.speeds)
+        if proposal is not None:
+            plans[device] = proposal
+    return plans
+
+
+def prepares(plans: Iterable[Proposal]) -> list[Action]:
+    """Every stage of these plans, once per (device, units)."""
+    seen: dict[tuple[int, tuple[int, int]], None] = {}
+    for proposal in plans:
+        for first, last, device in proposal.stages:
+            seen[(device, (first, last))] = None
+    return [Prepare(device, units) for device, units in seen]
+
+
+def _names(devices: frozenset[int]) -> str:
+    return ", ".join(map(str, sorted(devices)))

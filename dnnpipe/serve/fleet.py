@@ -1,0 +1,294 @@
+"""The controller's side of the device agents: one agent process per device, started once, one control link each.
+
+Every control link passes the pipeline key handshake (agent d -> controller 0) before a line is read, and every
+line is checked at the boundary: a peer that sends anything malformed loses its link (one line says why), never a
+thread of the controller. What the agents say becomes events on one queue, read by the controller's loop:
+
+    ("up", d)                      the agent said hello
+    ("lost", d, why)               its control link closed or broke (process killed, device gone)
+    ("prepared", d, (first, last)) a pushed sub-model is loaded
+    ("ended", d, generation)       its role's stream ended cleanly (the barrier passed)
+    ("error", d, generation, why)  its role failed (generation -1: a push could not be loaded)
+
+A frozen device (SIGSTOP, cut off) sends no heartbeat: `silent()` names the agents silent too long. Stopping never
+waits on ssh: a remote device is cleaned up in the background with a bounded timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ..deploy.registry import Device
+from ..deploy.transport import SshOptions, SshTransport
+from ..errors import DnnpipeError
+from ..runtime.agent import check_units
+from ..runtime.argv import agent_argv
+from ..runtime.control import CONTROLLER, LineReader, encode, integer, text, times
+from ..runtime.handshake import HandshakeError, LinkAuth, ProbeClosed, listen_side_for, tls_wrap
+
+STOP_SECONDS = 3.0  # how long an agent gets to stop before SIGKILL
+CLEANUP_SECONDS = 10.0  # the background ssh clean-up of an unreachable device gives up after this
+LOG = "logs/agent.out"
+PID = "logs/agent.pid"
+Echo = Callable[[str], None]
+
+
+@dataclass
+class AgentLink:
+    device: Device
+    started: float  # monotonic
+    process: Optional[subprocess.Popen] = None
+    remote: Optional[SshTransport] = None
+    sock: Optional[socket.socket] = None
+    pid: Optional[int] = None
+    last_beat: float = 0.0
+    generation: int = -1
+    sent: int = 0
+    gone: bool = False
+    times: list[float] = field(default_factory=list)  # stage ms of frames not yet used for the speed estimate
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Fleet:
+    def __init__(self, host: str, key: Optional[bytes], model: bytes, session: bytes, models_dir: str,
+                 model_name: str, connect_timeout: float, ssh: SshOptions, echo: Echo,
+                 tls: Optional[ssl.SSLContext] = None):
+        self.tls = tls  # the control links inside TLS (the agents get --tls)
+        self.session = session  # binds every data link to this run (dnnpipe.runtime.agent.link_identity)
+        self.key, self.model, self.models_dir, self.model_name = key, model, models_dir, model_name
+        self.connect_timeout, self.ssh, self.echo = connect_timeout, ssh, echo
+        self.events: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self.agents: dict[int, AgentLink] = {}
+        self._lock = threading.Lock()
+        self.closed = threading.Event()
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind((host, 0))
+        self.listener.listen(64)
+        self.host, self.port = host, self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True, name="serve control accept").start()
+
+    # --- processes ---------------------------------------------------------------------------
+
+    def start(self, device: Device) -> None:
+        """Start (or restart) the device's agent in its remote_dir: a local child in its own session, or over
+        ssh by the deployer's transport (the same command either way)."""
+        argv = agent_argv(device.interpreter, device.device_id, self.models_dir, self.model_name,
+                          "127.0.0.1" if device.is_local else "0.0.0.0", device.runtime_port, self.host, self.port,
+                          self.connect_timeout, self.key is None, self.tls is not None)
+        link = AgentLink(device, time.monotonic())
+        with self._lock:
+            old = self.agents.get(device.device_id)
+            self.agents[device.device_id] = link
+        if old is not None:
+            self._retire(old)
+        if device.is_local:
+            root = Path(os.path.expanduser(device.remote_dir))
+            (root / "logs").mkdir(parents=True, exist_ok=True)
+            with open(root / LOG, "w") as log:
+                link.process = subprocess.Popen([os.path.expanduser(argv[0]), *argv[1:]], cwd=root, stdout=log,
+                                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                start_new_session=True)
+            link.pid = link.process.pid
+        else:
+            link.remote = SshTransport(device, self.ssh)
+            link.remote.start(argv, LOG, PID)
+
+    def exited(self, device: int) -> Optional[int]:
+        link = self.agents.get(device)
+        return None if link is None or link.process is None else link.process.poll()
+
+    # --- control links -----------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self.closed.is_set():
+            try:
+                sock, address = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._link, args=(sock, f"{address[0]}:{address[1]}"), daemon=True).start()
+
+    def _auth_for(self, sender: int, receiver: int) -> LinkAuth:
+        assert self.key is not None
+        if receiver != CONTROLLER or sender not in self.agents:
+            raise HandshakeError(f"the peer says it is device {sender} sending to {receiver}; no such agent here")
+        return LinkAuth(self.key, self.model, sender, CONTROLLER)
+
+    def _link(self, sock: socket.socket, peer: str) -> None:
+        """One agent's control link, from the handshake to its end."""
+        try:
+            if self.tls is not None:
+                sock = tls_wrap(sock, self.tls, True)
+            reader = LineReader(sock, f"agent control link {peer}")
+            if self.key is not None:
+                device = listen_side_for(sock, self._auth_for).sender
+            sock.settimeout(5.0)
+            hello = reader.read()
+            sock.settimeout(None)
+            if hello is None or hello["kind"] != "hello":
+                raise DnnpipeError(f"{peer}: the agent did not say hello")
+            said = integer(hello, "device", 1, 4096, peer)
+            if self.key is None:
+                device = said
+            elif said != device:
+                raise DnnpipeError(f"{peer}: proved device {device} but says it is device {said}")
+        except ProbeClosed:
+            sock.close()
+            return
+        except (DnnpipeError, OSError) as e:
+            self.echo(f"serve: dropped control link {peer}: {e}")
+            sock.close()
+            return
+        with self._lock:
+            link = self.agents.get(device)
+            if link is None or link.sock is not None or link.gone:
+                sock.close()
+                return
+            link.sock, link.last_beat = sock, time.monotonic()
+            if isinstance(hello.get("pid"), int):
+                link.pid = hello["pid"]
+        self.send(device, {"kind": "session", "id": self.session.hex()})
+        self.events.put(("up", device))
+        why = "its control link closed (agent killed, or its device gone)"
+        try:
+            while True:
+                message = reader.read()
+                if message is None:
+                    break
+                self._heard(link, message, reader.peer)
+        except (DnnpipeError, OSError) as e:
+            why = f"its control link broke: {e}"
+        if not link.gone and not self.closed.is_set():
+            link.gone = True
+            self.events.put(("lost", device, why))
+
+    def _heard(self, link: AgentLink, message: dict[str, Any], peer: str) -> None:
+        d = link.device.device_id
+        kind = message["kind"]
+        if kind == "beat":
+            frames = times(message, "times", peer)
+            generation = integer(message, "generation", -1, 1 << 16, peer)
+            with link.lock:
+                link.last_beat, link.generation = time.monotonic(), generation
+                link.sent = integer(message, "sent", 0, 1 << 62, peer)
+                link.times += frames
+                del link.times[:-256]
+        elif kind == "prepared":
+            self.events.put(("prepared", d, check_units(message, 1 << 20, peer)))
+        elif kind == "ended":
+            self.events.put(("ended", d, integer(message, "generation", 0, 1 << 16, peer)))
+        elif kind == "error":
+            generation = integer(message, "generation", -1, 1 << 16, peer)
+            self.events.put(("error", d, generation, text(message, "message", peer)))
+        else:
+            raise DnnpipeError(f"{peer}: unknown message {kind[:40]!r}")
+
+    def send(self, device: int, message: dict[str, Any], payload: bytes = b"") -> bool:
+        link = self.agents.get(device)
+        if link is None or link.sock is None or link.gone:
+            return False
+        with link.lock:
+            try:
+                link.sock.sendall(encode(message))
+                if payload:
+                    link.sock.sendall(payload)
+                return True
+            except OSError:
+                return False
+
+    def silent(self, now: float, limit: float) -> list[tuple[int, float]]:
+        """Agents up whose last heartbeat is older than `limit` seconds: frozen or cut off."""
+        return [(d, now - link.last_beat) for d, link in self.agents.items()
+                if link.sock is not None and not link.gone and now - link.last_beat > limit]
+
+    def take_times(self, device: int) -> list[float]:
+        link = self.agents.get(device)
+        if link is None:
+            return []
+        with link.lock:
+            found, link.times = link.times, []
+        return found
+
+    def up(self) -> set[int]:
+        return {d for d, link in self.agents.items() if link.sock is not None and not link.gone}
+
+    def lose(self, device: int) -> None:
+        """Give up on a device: its link is closed and its process stopped (a remote one in the background)."""
+        link = self.agents.get(device)
+        if link is not None:
+            link.gone = True
+            self._retire(link)
+
+    # --- the end -----------------------------------------------------------------------------
+
+    def _retire(self, link: AgentLink) -> None:
+        link.gone = True
+        if link.sock is not None:
+            _hang_up(link.sock)
+        if link.process is not None and link.process.poll() is None:
+            _signal_group(link.process.pid, signal.SIGCONT)  # a frozen one must wake to see SIGTERM
+            _signal_group(link.process.pid, signal.SIGTERM)
+        elif link.remote is not None:
+            remote = link.remote
+            threading.Thread(target=_stop_remote, args=(remote,), daemon=True).start()
+
+    def close(self) -> None:
+        """Every agent told to stop, then made sure of; nothing is left running."""
+        self.closed.set()
+        self.listener.close()
+        for d in list(self.agents):
+            self.send(d, {"kind": "stop"})
+        for link in self.agents.values():
+            self._retire(link)
+        deadline = time.monotonic() + STOP_SECONDS
+        for link in self.agents.values():
+            if link.process is not None:
+                try:
+                    link.process.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    _signal_group(link.process.pid, signal.SIGKILL)
+                    link.process.wait()
+                _signal_group(link.process.pid, signal.SIGKILL)
+
+
+def _stop_remote(remote: SshTransport) -> None:
+    """Off the critical path, bounded: an unreachable device is left to its own agent, which stops when its
+    control link is gone."""
+    done = threading.Event()
+
+    def stop() -> None:
+        try:
+            remote.stop(PID)
+        except Exception:  # noqa: BLE001 - an unreachable device cannot be stopped from here
+            pass
+        done.set()
+
+    threading.Thread(target=stop, daemon=True).start()
+    done.wait(CLEANUP_SECONDS)
+
+
+def _hang_up(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)
+    except OSError:
+        pass

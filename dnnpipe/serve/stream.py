@@ -1,0 +1,269 @@
+"""The controller's data path: inputs from the feed to a plan's first stage, results from its last to the feed.
+
+One *route* per plan generation: the controller dials the first agent ("device 0 sends") and takes the last
+agent's result link on its own listener, both proven for that generation. A planned switch opens the new route
+behind the old one: the old source sends END at the barrier (the next input), the new source starts there, and
+the new route's results are read only after the old route's END, so results stay in FIFO order across the switch
+and the ledger keeps its epoch. An aborting switch (a device lost) stops the old route at once and starts a new
+ledger epoch: what was in flight is replayed, and late results of the old route are dropped as stale.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from ..errors import DnnpipeError
+from ..manifest import TensorSpec
+from ..frameio import FrameReader, FrameWriter
+from ..protocol import Kind
+from ..runtime.agent import dial_link, vet_link
+from ..runtime.control import CONTROLLER
+from ..runtime.dataio import to_real, to_wire
+from ..runtime.handshake import ProbeClosed
+from .delivery import Ledger
+from .feed import Feed
+
+POLL_SECONDS = 0.02
+DELIVER_SECONDS = 10.0  # closing waits this long for results counted but not yet in the feed
+
+
+@dataclass
+class Route:
+    generation: int
+    epoch: int
+    first: tuple[int, str, int]  # device, host, port
+    last: int  # the device whose results come back
+    previous: Optional["Route"]
+    stop: threading.Event = field(default_factory=threading.Event)
+    barrier: threading.Event = field(default_factory=threading.Event)  # a newer route takes over after END
+    source_done: threading.Event = field(default_factory=threading.Event)
+    results_done: threading.Event = field(default_factory=threading.Event)
+    base: Optional[int] = None  # the epoch's wire sequence of this route's first input
+    first_result: Optional[float] = None  # monotonic
+    sockets: list[socket.socket] = field(default_factory=list)
+
+
+class Stream:
+    def __init__(self, ledger: Ledger, feed: Feed, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+                 key: Optional[bytes], model: bytes, session: bytes, host: str, connect_timeout: float,
+                 pace: Callable[[], None], on_fault: Callable[[Route, str], None],
+                 tls: Optional[tuple[ssl.SSLContext, ssl.SSLContext]] = None):
+        self.tls = tls  # (listening, connecting) contexts: the links inside TLS
+        self.ledger, self.feed, self.inputs, self.outputs = ledger, feed, list(inputs), list(outputs)
+        self.key, self.model, self.session = key, model, session
+        self.connect_timeout, self.pace, self.on_fault = connect_timeout, pace, on_fault
+        self.credit = threading.Condition()  # guards the ledger; notified on every result
+        self.delivering = threading.Lock()  # one result into the feed at a time (old and new routes alike)
+        self.undelivered = 0  # results the ledger counted that are not in the feed yet
+        self.duplicates = 0
+        self.result_times: list[float] = []
+        self.last_progress = time.monotonic()  # the last result, or the last moment nothing was in flight
+        self.route: Optional[Route] = None
+        self.fatal: Optional[BaseException] = None  # the feed failed to take a result (a full disk): end the run
+        self.closed = threading.Event()
+        self._links: dict[tuple[int, int], socket.socket] = {}
+        self._links_changed = threading.Condition()
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind((host, 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True, name="serve results accept").start()
+
+    # --- routes ------------------------------------------------------------------------------
+
+    def open(self, generation: int, first: tuple[int, str, int], last: int, abort: bool) -> Route:
+        """The next generation's route: behind the running one (a barrier), or instead of it (abort)."""
+        with self.credit:
+            previous = self.route
+            if abort or previous is None:
+                if previous is not None:
+                    self._stop(previous)
+                epoch = self.ledger.switch()
+                previous = None
+            else:
+                epoch = self.ledger.epoch
+                previous.barrier.set()
+            route = self.route = Route(generation, epoch, first, last, previous)
+            self.credit.notify_all()
+        for body in (self._source, self._results):
+            threading.Thread(target=self._guarded, args=(body, route), daemon=True,
+                             name=f"serve {body.__name__} {generation}").start()
+        return route
+
+    def _stop(self, route: Optional[Route]) -> None:
+        """Cut a route and every route before it (their late results are stale)."""
+        while route is not None:
+            route.stop.set()
+            for sock in route.sockets:
+                _hang_up(sock)
+            route = route.previous
+
+    def _guarded(self, body: Callable[[Route], None], route: Route) -> None:
+        try:
+            body(route)
+        except DnnpipeError as e:
+            if not route.stop.is_set() and not self.closed.is_set():
+                self.on_fault(route, str(e))
+        except Exception as e:  # noqa: BLE001 - reported to the controller, never a silent thread
+            if not route.stop.is_set() and not self.closed.is_set():
+                self.on_fault(route, f"{body.__name__}: {type(e).__name__}: {e}")
+
+    def _wait(self, event: threading.Event, route: Route) -> bool:
+        while not event.wait(POLL_SECONDS):
+            if route.stop.is_set():
+                return False
+        return not route.stop.is_set()
+
+    def _source(self, route: Route) -> None:
+        if route.previous is not None and not self._wait(route.previous.source_done, route):
+            return
+        device, host, port = route.first
+        sock = dial_link(host, port, CONTROLLER, device, route.generation, self.key, self.model, self.session,
+                         self.connect_timeout, route.stop, None if self.tls is None else self.tls[1])
+        route.sockets.append(sock)
+        writer = FrameWriter(sock, self.inputs, f"the first stage on device {device} at {host}:{port}", 60.0)
+        sent = 0
+        try:
+            while not route.stop.is_set():
+                with self.credit:
+                    if route.base is None:
+                        route.base = self.ledger.wire_sequence
+                    index = None if route.barrier.is_set() else self.ledger.peek()
+                    if index is None:
+                        if route.barrier.is_set() or self.ledger.done:
+                            writer.end(sent)
+                            return
+                        if self.ledger.in_flight == 0:
+                            self.last_progress = time.monotonic()
+                        self.credit.wait(POLL_SECONDS)
+                        continue
+                arrays = self.feed.wait_input(index, POLL_SECONDS)
+                if arrays is None:
+                    if self.feed.exhausted(index):
+                        with self.credit:
+                            self.ledger.end_at(index)
+                            self.credit.notify_all()
+                    continue
+                tensors = [to_wire(spec, np.asarray(a)) for spec, a in zip(self.inputs, arrays)]
+                with self.credit:
+                    if route.stop.is_set() or route.barrier.is_set():
+                        continue
+                    if self.ledger.in_flight == 0:
+                        self.last_progress = time.monotonic()
+                    taken = self.ledger.next_input()
+                    if taken != index:  # cannot happen: one source sends at a time
+                        raise DnnpipeError(f"the ledger gave input {taken} where {index} was peeked")
+                self.pace()
+                writer.send(sent, time.time_ns(), tensors)
+                sent += 1
+        finally:
+            route.source_done.set()
+
+    def _results(self, route: Route) -> None:
+        sock = self._take(route)
+        route.sockets.append(sock)
+        reader = FrameReader(sock, self.outputs, f"results from device {route.last}", None)
+        if route.previous is not None and not self._wait(route.previous.results_done, route):
+            return
+        buffers = [np.empty(s.shape, s.dtype) for s in self.outputs]
+        while not route.stop.is_set():
+            frame = reader.read(buffers)
+            if frame.kind == Kind.END:
+                route.results_done.set()
+                return
+            with self.credit:
+                if route.stop.is_set():
+                    return
+                assert route.base is not None  # set before the route's first input was sent
+                index = self.ledger.result(route.epoch, route.base + frame.sequence)
+                if index is None:
+                    self.duplicates += 1
+                    continue
+                now = self.last_progress = time.monotonic()
+                self.result_times.append(now)
+                route.first_result = route.first_result or now
+                self.undelivered += 1
+                self.credit.notify_all()
+            # outside the credit: a slow write (a flush to disk) holds up neither the source nor a switch
+            try:
+                with self.delivering:
+                    self.feed.deliver(index, [to_real(s, b) for s, b in zip(self.outputs, buffers)])
+            except Exception as e:  # noqa: BLE001 - a storage fault is no pipeline fault: never retried
+                self.fatal = e
+                return
+            finally:
+                with self.credit:
+                    self.undelivered -= 1
+                    self.credit.notify_all()
+
+    # --- result links ------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self.closed.is_set():
+            try:
+                sock, address = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._vet, args=(sock,), daemon=True).start()
+
+    def _vet(self, sock: socket.socket) -> None:
+        try:
+            sock, sender, generation = vet_link(sock, CONTROLLER, self.key, self.model, lambda: self.session,
+                                                None if self.tls is None else self.tls[0])
+        except (DnnpipeError, OSError, ProbeClosed):
+            sock.close()
+            return
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._links_changed:
+            old = self._links.pop((generation, sender), None)
+            if old is not None:
+                old.close()
+            self._links[(generation, sender)] = sock
+            self._links_changed.notify_all()
+
+    def _take(self, route: Route) -> socket.socket:
+        deadline = time.monotonic() + self.connect_timeout
+        key = (route.generation, route.last)
+        with self._links_changed:
+            while key not in self._links:
+                if route.stop.is_set() or self.closed.is_set():
+                    raise DnnpipeError("stopped")
+                if time.monotonic() > deadline:
+                    raise DnnpipeError(f"device {route.last} sent no results link within {self.connect_timeout:g} s")
+                self._links_changed.wait(POLL_SECONDS)
+            for stale in [k for k in self._links if k[0] < route.generation]:
+                self._links.pop(stale).close()
+            return self._links.pop(key)
+
+    def close(self) -> None:
+        """Every route stopped; returns once no result is being delivered (the feed may be closed after)."""
+        self.closed.set()
+        with self.credit:
+            self._stop(self.route)
+            self.credit.notify_all()
+            deadline = time.monotonic() + DELIVER_SECONDS
+            while self.undelivered and time.monotonic() < deadline:  # every result counted reaches the feed
+                self.credit.wait(POLL_SECONDS)
+        self.listener.close()
+        with self._links_changed:
+            for sock in self._links.values():
+                sock.close()
+            self._links.clear()
+
+
+def _hang_up(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()

@@ -1,0 +1,239 @@
+"""The device agent: its control messages checked at the boundary (a hypothesis fuzz of the parser), and real agent
+processes driven by the controller's fleet and data path: roles pushed, run, switched at a barrier and aborted,
+every result exactly once and equal to the model's."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dnnpipe.deploy.registry import Device
+from dnnpipe.deploy.ship import DeviceReport, runtime_code, ship_all, uploads_for
+from dnnpipe.deploy.transport import SshOptions, transport_for
+from dnnpipe.errors import DnnpipeError
+from dnnpipe.manifest import MANIFEST_FILE, read_manifest
+from dnnpipe.pipeline_key import read_key
+from dnnpipe.runtime.agent import Role, check_role, dial_link, link_identity, vet_link
+from dnnpipe.runtime.control import parse_line
+from dnnpipe.runtime.handshake import manifest_identity
+from dnnpipe.runtime.local import free_ports
+from dnnpipe.serve.controller import Cutter
+from dnnpipe.serve.delivery import Ledger
+from dnnpipe.serve.fleet import Fleet
+from dnnpipe.serve.stream import Stream
+from serve_setup import Served, make_served
+
+PEER = "test peer"
+
+
+def role(**changes) -> dict:
+    message = {"kind": "role", "generation": 3, "stage": 1, "units": [1, 5], "from": 0, "to": 2,
+               "host": "127.0.0.1", "port": 5000, "pace": 2.5, "abort": False}
+    message.update(changes)
+    return message
+
+
+def test_a_role_is_read_with_every_field_checked():
+    assert check_role(role(), 10, PEER) == Role(3, 1, (1, 5), 0, 2, "127.0.0.1", 5000, 2.5, False)
+    assert check_role({"kind": "role", "generation": 4, "units": None, "abort": True}, 10, PEER).units is None
+    for bad, fragment in ((role(units=[5, 1]), "last unit"), (role(units=[1, 11]), "last unit"),
+                          (role(pace=float("inf")), "pace"), (role(pace=1e9), "pace"), (role(pace=True), "pace"),
+                          (role(port=0), "port"), (role(host="a b"), "host"), (role(generation=-1), "generation"),
+                          (role(abort="yes"), "abort"), (role(generation=1 << 20), "generation")):
+        with pytest.raises(DnnpipeError, match=fragment):
+            check_role(bad, 10, PEER)
+
+
+def test_hostile_lines_are_one_error_each():
+    for line in (b'{"kind": "pace", "ms": 1e999}', b"[" * 100_000, b'{"kind": NaN}', b"\xff\xfe", b"[1]", b"{}"):
+        try:
+            message = parse_line(line, PEER)
+        except DnnpipeError as e:
+            assert str(e).startswith(PEER)
+        else:
+            assert "kind" in message and message == json.loads(line)
+    assert parse_line(b'{"kind": "pace", "ms": 1e999}', PEER)["ms"] == float("inf")  # parsed, then refused:
+    with pytest.raises(DnnpipeError, match="finite"):
+        check_role(role(pace=float("inf")), 10, PEER)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2000) | st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st.text(),
+                                               lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+                                               max_leaves=30).map(lambda v: json.dumps(v).encode()))
+def test_fuzz_the_control_parser_and_the_role_check(line):
+    """Arbitrary bytes or JSON: a message or the one error type, never another exception."""
+    try:
+        message = parse_line(line, PEER)
+    except DnnpipeError:
+        return
+    try:
+        check_role({**message, "kind": "role"}, 100, PEER)
+    except DnnpipeError:
+        pass
+
+
+def test_data_links_prove_their_generation_and_receiver():
+    key, model, session = os.urandom(32), b"m" * 32, os.urandom(16)
+    assert link_identity(model, session, 1, 2) != link_identity(model, session, 2, 2)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    got: queue.Queue = queue.Queue()
+
+    def serve_one() -> None:
+        sock, _ = listener.accept()
+        try:
+            got.put(vet_link(sock, 2, key, model, lambda: session)[1:])
+        except DnnpipeError as e:
+            got.put(e)
+        sock.close()
+
+    for expected in ((1, 7), (0, 8)):
+        threading.Thread(target=serve_one, daemon=True).start()
+        dial_link("127.0.0.1", port, expected[0], 2, expected[1], key, model, session, 5.0).close()
+        assert got.get(timeout=5) == expected
+    threading.Thread(target=serve_one, daemon=True).start()
+    with pytest.raises(DnnpipeError, match="refused"):  # a link for device 3 arrives at device 2
+        dial_link("127.0.0.1", port, 1, 3, 7, key, model, session, 5.0)
+    assert isinstance(got.get(timeout=5), DnnpipeError)
+    listener.close()
+
+
+# --- real agents ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> Served:
+    return make_served(tmp_path_factory.mktemp("agent"), [1.0, 1.0, 1.0])
+
+
+class ListFeed:
+    """A feed of the served data's rows whose inputs arrive over time (a live feed: no total up front)."""
+
+    def __init__(self, rows: np.ndarray, total: int):
+        self.rows, self.total, self.delivered = rows, total, {}
+        self.started = time.monotonic()
+
+    def wait_input(self, index: int, timeout: float):
+        if index >= self.total:
+            return None
+        return [self.rows[index % len(self.rows)]]
+
+    def exhausted(self, index: int) -> bool:
+        return index >= self.total
+
+    def deliver(self, index: int, outputs: list) -> None:
+        assert index not in self.delivered, f"result {index} delivered twice"
+        self.delivered[index] = np.array(outputs[0][0])
+
+    def abandon(self, index: int, reason: str) -> None:
+        raise AssertionError(f"input {index} abandoned: {reason}")
+
+
+def test_agents_run_roles_switch_at_a_barrier_and_abort(served, tmp_path):
+    import h5py
+
+    folder = served.parts / served.name
+    manifest = read_manifest(folder)
+    ports = free_ports(3)
+    devices = {d: Device(d, "local", remote_dir=str(tmp_path / f"device_{d}"), runtime_port=ports[d - 1])
+               for d in (1, 2, 3)}
+    uploads = uploads_for(manifest, folder, served.parts.resolve().name, [], runtime_code())
+    assert all(r.ok for r in ship_all([(transport_for(d, SshOptions()), DeviceReport(d, []), uploads)
+                                       for d in devices.values()]))
+    key, model, session = read_key(folder / "pipeline.key"), manifest_identity((folder / MANIFEST_FILE).read_bytes()), \
+        os.urandom(16)
+    lines: list[str] = []
+    fleet = Fleet("127.0.0.1", key, model, session, served.parts.resolve().name, served.name, 20.0, SshOptions(),
+                  lines.append)
+    with h5py.File(served.data) as f:
+        rows = f["images"][:]
+    total = 240
+    feed = ListFeed(rows, total)
+    ledger = Ledger(None, 8)
+    faults: list[str] = []
+    stream = Stream(ledger, feed, manifest.inputs, manifest.outputs, key, model, session, "127.0.0.1", 20.0,
+                    lambda: time.sleep(0.004), lambda route, why: faults.append(why))
+    cutter = Cutter(folder)
+    try:
+        for device in devices.values():
+            fleet.start(device)
+        up = {fleet.events.get(timeout=30)[1] for _ in devices}
+        assert up == {1, 2, 3}
+
+        def push(device: int, units: tuple[int, int]) -> None:
+            flatbuffer = cutter.cut(units)
+            import hashlib
+            fleet.send(device, {"kind": "model", "units": list(units), "size": len(flatbuffer),
+                                "sha256": hashlib.sha256(flatbuffer).hexdigest()}, flatbuffer)
+
+        def run(generation: int, stages: list[tuple[int, int, int]], abort: bool):
+            for k, (first, last, d) in enumerate(stages):
+                nxt = stages[k + 1][2] if k + 1 < len(stages) else 0
+                fleet.send(d, {"kind": "role", "generation": generation, "stage": k + 1, "units": [first, last],
+                               "from": stages[k - 1][2] if k else 0, "to": nxt, "host": "127.0.0.1",
+                               "port": devices[nxt].runtime_port if nxt else stream.port, "pace": None,
+                               "abort": abort})
+            for d in set(devices) - {d for _, _, d in stages}:
+                fleet.send(d, {"kind": "role", "generation": generation, "units": None, "abort": abort})
+            head = devices[stages[0][2]]
+            return stream.open(generation, (head.device_id, "127.0.0.1", head.runtime_port), stages[-1][2], abort)
+
+        units = manifest.units
+        plan_a = [(1, 30, 1), (31, units, 2)]
+        plan_b = [(1, 20, 3), (21, 50, 1), (51, units, 2)]
+        plan_c = [(1, 40, 1), (41, units, 3)]
+        for first, last, d in plan_a + plan_b + plan_c:
+            push(d, (first, last))
+        prepared = set()
+        deadline = time.monotonic() + 30
+        while len(prepared) < len(plan_a + plan_b + plan_c) and time.monotonic() < deadline:
+            event = fleet.events.get(timeout=30)
+            if event[0] == "prepared":
+                prepared.add((event[1], event[2]))
+        run(1, plan_a, abort=True)
+        wait_for(lambda: len(feed.delivered) >= 60)
+        run(2, plan_b, abort=False)  # a barrier: no replay, the stream goes on
+        wait_for(lambda: len(feed.delivered) >= 140)
+        assert ledger.epoch == 1 and stream.duplicates == 0
+        os.kill(fleet.agents[2].pid, 9)  # device 2 lost: abort to a plan without it
+        assert wait_for(lambda: any(e[0] == "lost" and e[1] == 2 for e in drain(fleet)))
+        run(3, plan_c, abort=True)
+        wait_for(lambda: ledger.done, 60)
+        wait_for(lambda: stream.route is not None and stream.route.results_done.is_set())
+        assert sorted(feed.delivered) == list(range(total))
+        assert all("device 2" in why for why in faults), faults  # only the killed device's link broke
+        for index, got in feed.delivered.items():
+            np.testing.assert_allclose(got, next(iter(served.expected.values()))[index % len(rows)], rtol=1e-4,
+                                       atol=1e-4)
+    finally:
+        stream.close()
+        fleet.close()
+    for d in devices:
+        assert fleet.exited(d) is not None
+
+
+def wait_for(condition, seconds: float = 30.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+    return True
+
+
+def drain(fleet: Fleet) -> list:
+    found = []
+    while True:
+        try:
+            found.append(fleet.events.get_nowait())
+        except queue.Empty:
+            return found

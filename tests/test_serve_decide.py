@@ -1,0 +1,107 @@
+"""serve's decisions as a pure function: plain state and events in, actions out (no processes, no sockets)."""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+from dnnpipe.serve.decide import GiveUp, Joined, Lost, Measured, Prepare, Proposal, State, Switch, Switched, \
+    contingencies, decide, worth_switching
+
+RUNNING = ((1, 10, 1), (11, 20, 2), (21, 30, 3))
+
+
+def planner_over(devices: tuple[int, ...], calls: Optional[list] = None, running_ms: float = 10.0):
+    """A planner that splits 30 units evenly over the devices present and not slower than 0.5 (the rules under
+    test do not depend on the split), its bottleneck 30 / (devices used)."""
+
+    def plan(absent: frozenset[int], speeds: Mapping[int, float]) -> Optional[Proposal]:
+        if calls is not None:
+            calls.append((absent, dict(speeds)))
+        present = [d for d in devices if d not in absent and speeds.get(d, 1.0) >= 0.5]
+        if not present:
+            return None
+        size = 30 // len(present)
+        stages = tuple((k * size + 1, 30 if k == len(present) - 1 else (k + 1) * size, d)
+                       for k, d in enumerate(present))
+        bottleneck = 30 / len(present)
+        return Proposal(stages, bottleneck, 1000 / bottleneck, running_ms)
+
+    return plan
+
+
+def state(**changes) -> State:
+    base = dict(stages=RUNNING, devices=frozenset({1, 2, 3, 4}), absent=frozenset({4}), threshold=0.1)
+    base.update(changes)
+    return State(**base)  # type: ignore[arg-type]
+
+
+def test_a_lost_running_device_aborts_to_the_plan_without_it():
+    new, actions = decide(state(), Lost(frozenset({2}), "device 2 lost: killed"), planner_over((1, 2, 3)))
+    [switch] = actions
+    assert isinstance(switch, Switch) and switch.abort and switch.label == "lost"
+    assert all(d != 2 for _, _, d in switch.stages) and new.stages == switch.stages
+    assert 2 in new.absent and 2 not in new.devices
+
+
+def test_a_loss_uses_the_contingency_plan_computed_ahead_without_planning():
+    calls: list = []
+    planner = planner_over((1, 2, 3), calls)
+    ready, prepares = decide(state(), Switched(), planner)
+    assert set(ready.contingency) == {1, 2, 3}
+    assert {(p.device, p.units) for p in prepares if isinstance(p, Prepare)} == \
+        {(d, (s, e)) for plan in ready.contingency.values() for s, e, d in plan.stages}
+    calls.clear()
+    _, actions = decide(ready, Lost(frozenset({3}), "frozen", "frozen"), planner)
+    assert calls == []  # nothing planned on the critical path
+    assert isinstance(actions[0], Switch) and actions[0].stages == ready.contingency[3].stages
+    assert actions[0].label == "frozen"
+
+
+def test_two_devices_lost_together_are_both_planned_out():
+    _, actions = decide(state(contingency={}), Lost(frozenset({1, 2}), "both"), planner_over((1, 2, 3)))
+    [switch] = actions
+    assert isinstance(switch, Switch) and {d for _, _, d in switch.stages} == {3}
+
+
+def test_an_idle_device_lost_changes_no_plan():
+    new, actions = decide(state(stages=((1, 30, 1),)), Lost(frozenset({3}), "idle"), planner_over((1, 2, 3)))
+    assert actions == [] and 3 in new.absent and new.stages == ((1, 30, 1),)
+
+
+def test_no_plan_for_what_is_left_gives_up():
+    _, actions = decide(state(stages=((1, 30, 1),), devices=frozenset({1})), Lost(frozenset({1}), "x"),
+                        planner_over((1,)))
+    assert len(actions) == 1 and isinstance(actions[0], GiveUp)
+
+
+def test_a_join_switches_at_a_barrier_only_when_it_pays():
+    planner = planner_over((1, 2, 3, 4), running_ms=10.0)
+    new, actions = decide(state(), Joined(frozenset({4})), planner)
+    [switch] = actions
+    assert isinstance(switch, Switch) and not switch.abort and switch.label == "joined"
+    assert 4 not in new.absent
+    _, actions = decide(state(), Joined(frozenset({4})), planner_over((1, 2, 3, 4), running_ms=7.6))
+    assert actions == []  # 7.5 ms against 7.6 ms running: below the 10% threshold
+
+
+def test_measured_speeds_re_plan_slower_and_faster():
+    _, actions = decide(state(), Measured({2: 0.25}), planner_over((1, 2, 3), running_ms=40.0))
+    assert isinstance(actions[0], Switch) and actions[0].label == "slower" and not actions[0].abort
+    slow = ((1, 15, 1), (16, 30, 3))
+    _, actions = decide(state(stages=slow, speeds={2: 0.25}), Measured({2: 1.0}),
+                        planner_over((1, 2, 3), running_ms=15.0))
+    assert isinstance(actions[0], Switch) and actions[0].label == "faster"
+
+
+def test_the_same_plan_is_no_switch():
+    planner = planner_over((1, 2, 3), running_ms=100.0)
+    current = planner(frozenset({4}), {})
+    assert current is not None
+    _, actions = decide(state(stages=current.stages), Measured({1: 1.0}), planner)
+    assert actions == []
+
+
+def test_contingencies_and_threshold():
+    plans = contingencies(state(), planner_over((1, 2, 3)))
+    assert {d: {x for _, _, x in p.stages} for d, p in plans.items()} == {1: {2, 3}, 2: {1, 3}, 3: {1, 2}}
+    assert worth_switching(None, 5.0, 0.1) and worth_switching(10.0, 9.0, 0.1) and not worth_switching(10.0, 9.5, 0.1)
