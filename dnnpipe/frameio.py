@@ -70,14 +70,17 @@ class _Waiter:
         """A new frame: its deadline is the timeout from now."""
         self.deadline = None if self.timeout is None else time.monotonic() + self.timeout
 
-    def wait(self, events: Optional[int] = None) -> None:
-        """Until the socket is ready for its usual direction, or for `events` (TLS may need the other one)."""
+    def wait(self, events: Optional[int] = None, forever: bool = False) -> None:
+        """Until the socket is ready for its usual direction, or for `events` (TLS may need the other one);
+        `forever`: no deadline, which then starts when the socket is ready."""
         poll = self._poll
         if events is not None:
             poll = select.poll()
             poll.register(self._sock, events)
-        if self.deadline is None:
+        if self.deadline is None or forever:
             poll.poll()
+            if forever:
+                self.start()
             return
         remaining = self.deadline - time.monotonic()
         if remaining <= 0 or not poll.poll(math.ceil(remaining * 1000)):
@@ -130,11 +133,14 @@ class FrameWriter:
 
 class FrameReader:
     """Reads frames from one upstream peer into caller-provided buffers, checking every field; owns the socket's
-    receiving side from here on. `timeout` bounds each whole frame, from when read() starts waiting for it."""
+    receiving side from here on. `timeout` bounds each whole frame, from when read() starts waiting for it; with
+    `idle`, waiting for a frame's first byte has no deadline (a device agent between requests: its controller's
+    heartbeats, not this link, tell a stalled peer) and the frame's deadline starts with that byte."""
 
-    def __init__(self, sock: socket.socket, specs: Sequence[TensorSpec], peer: str, timeout: Optional[float]):
+    def __init__(self, sock: socket.socket, specs: Sequence[TensorSpec], peer: str, timeout: Optional[float],
+                 idle: bool = False):
         self.sock, self.specs, self.peer = sock, list(specs), peer
-        self.timeout = timeout
+        self.timeout, self.idle = timeout, idle
         sock.setblocking(False)
         self._waiter = _Waiter(sock, select.POLLIN, timeout)
         self._tls = isinstance(sock, ssl.SSLSocket)
@@ -220,7 +226,7 @@ class FrameReader:
 
     def _wait(self, idle: bool, events: Optional[int] = None) -> None:
         try:
-            self._waiter.wait(events)
+            self._waiter.wait(events, forever=idle and self.idle)
         except TimeoutError:
             if idle:
                 raise ProtocolError(f"{self.peer}: no data for {self.timeout:g} s (--timeout)") from None

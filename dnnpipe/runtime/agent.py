@@ -376,7 +376,8 @@ class Agent:
                              session, o.connect_timeout, loop.stop, self.tls_connect)
             loop.downstream = Downstream(sock, f"{role.host}:{role.port}", spec.outputs, o.timeout)
             up = self._take_link(role.generation, role.upstream, loop.stop)
-            loop.upstream = Upstream(up, f"{name} upstream device {role.upstream}", spec.inputs, o.timeout)
+            loop.upstream = Upstream(up, f"{name} upstream device {role.upstream}", spec.inputs, o.timeout,
+                                     idle=True)  # a live feed may pause: heartbeats tell a stalled neighbour
             loop.run(loop.receive, loop.send)
         except DnnpipeError as e:
             loop.fail(str(e) if str(e).startswith("[") else f"{name} {e}")

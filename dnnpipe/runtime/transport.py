@@ -45,9 +45,10 @@ def _quiet(message: str) -> None:
 class Upstream:
     """The connection from the previous stage: frames in, checked against the stage's input specs."""
 
-    def __init__(self, sock: socket.socket, peer: str, specs: Sequence[TensorSpec], timeout: float):
+    def __init__(self, sock: socket.socket, peer: str, specs: Sequence[TensorSpec], timeout: float,
+                 idle: bool = False):
         self.sock = sock
-        self.reader = FrameReader(sock, specs, peer, timeout)
+        self.reader = FrameReader(sock, specs, peer, timeout, idle)  # idle: see FrameReader
 
     def read(self, buffers: Sequence[np.ndarray]) -> Frame:
         return self.reader.read(buffers)

@@ -8,7 +8,9 @@ from pathlib import Path
 
 from ..console import positive_float, positive_int
 from ..runtime.dataio import INPUTS_HELP, RESULTS_HELP
-from ..errors import printable
+from ..errors import DnnpipeError, printable
+from ..manifest import read_manifest
+from ..service.command import add_http_arguments, http_options
 from .controller import serve
 from .options import ServeOptions
 
@@ -33,8 +35,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--model-path", type=Path, required=True, help="folder holding NAME/manifest.json")
     parser.add_argument("--model-name", required=True, help="model name (sub-folder of --model-path)")
     parser.add_argument("--config", type=Path, required=True, help="folder with NAME/config.json, or the file")
-    parser.add_argument("--data-path", type=Path, required=True, help=INPUTS_HELP)
-    parser.add_argument("--output-path", type=Path, required=True, help=RESULTS_HELP)
+    parser.add_argument("--data-path", type=Path, help=f"file mode: {INPUTS_HELP}")
+    parser.add_argument("--output-path", type=Path, help=f"file mode: {RESULTS_HELP}")
     parser.add_argument("--num-inputs", type=positive_int, help="inputs to serve (cycles DATA; default: its rows)")
     parser.add_argument("--fps", type=positive_float, help="pace inputs at this rate (default: as fast as taken)")
     parser.add_argument("--resume", action="store_true", help="continue from the results already in OUT")
@@ -66,10 +68,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                              "handshake runs inside it either way)")
     parser.add_argument("--insecure", action="store_true",
                         help="no pipeline key handshake on any link (data and control); default: authenticated")
+    add_http_arguments(parser, default=None)  # --http HOST:PORT: the service mode, requests instead of files
     return parser
 
 
 def serve_command(args: argparse.Namespace) -> int:
+    files = args.data_path is not None and args.output_path is not None
+    if (args.http is None) != files or (args.http is not None and (args.data_path or args.output_path)):
+        raise DnnpipeError("serve takes either --data-path and --output-path (the file mode) or --http HOST:PORT "
+                           "(the inference service), not both and not neither")
+    if args.http is not None and (args.resume or args.num_inputs):
+        raise DnnpipeError("--resume and --num-inputs are for the file mode, not --http")
     options = ServeOptions(
         registry=args.device_registry, model_path=args.model_path, model_name=args.model_name, config=args.config,
         data_path=args.data_path, output_path=args.output_path, num_inputs=args.num_inputs, fps=args.fps,
@@ -78,6 +87,14 @@ def serve_command(args: argparse.Namespace) -> int:
         emulation_scale=args.emulation_scale, controller_host=args.controller_host,
         emulate_changes=tuple(args.emulate_change), insecure=args.insecure,
         work_dir=args.work_dir, tls=not args.no_tls)
-    summary = serve(options, echo=lambda text: print(printable(text), flush=True))  # may quote a stage
+    echo = lambda text: print(printable(text), flush=True)  # noqa: E731 - may quote a stage
+    if args.http is not None:
+        from ..service.service import run_service  # the HTTP server and prometheus_client only in this mode
+
+        manifest = read_manifest(options.folder)
+        return run_service(http_options(args, args.model_name),
+                           lambda feed, events: serve(options, echo, feed, events),
+                           manifest.inputs, manifest.outputs, echo)
+    summary = serve(options, echo=echo)
     print(summary.describe(), flush=True)
     return 0

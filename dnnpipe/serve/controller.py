@@ -151,6 +151,8 @@ class Controller:
         self.tls_folder = self._certificate() if o.tls else None
         self.file_feed: Optional[FileFeed] = None
         if feed is None:
+            if o.data_path is None or o.output_path is None:
+                raise ConfigError("serve needs --data-path and --output-path (the file mode) or --http")
             self.file_feed = FileFeed(o.data_path, self.manifest.inputs, self.manifest.outputs, o.output_path,
                                       o.num_inputs, o.resume)
             feed = self.file_feed
@@ -421,7 +423,8 @@ class Controller:
             self.echo(f"serve: re-plan ({action.reason}): {[list(s) for s in stages]}, "
                       f"{self.scaled(action.throughput):.1f} inf/s predicted, planned in {replan_s * 1000:.1f} ms")
             self.events.replanned(action.label)
-        self.events.ready(False)
+        if action.abort:  # a planned switch keeps serving on the old plan until the barrier
+            self.events.ready(False)
         push_began = time.perf_counter()
         self._ensure_pushed(stages)
         record.push_s = time.perf_counter() - push_began
@@ -515,6 +518,8 @@ class Controller:
 
     def _announce(self) -> None:
         route = self.stream.route
+        if route is not None and route.source_linked.is_set() and route.results_linked.is_set():
+            self.events.ready(True)  # every stage of the running plan is up and linked, end to end
         if route is None or route.first_result is None or getattr(route, "announced", False):
             return
         route.announced = True  # type: ignore[attr-defined]

@@ -15,8 +15,8 @@ class ServeOptions:
     model_path: Path
     model_name: str
     config: Path
-    data_path: Path
-    output_path: Path
+    data_path: Optional[Path]  # the file mode's DATA and OUT; None when a Feed is given (the service)
+    output_path: Optional[Path]
     num_inputs: Optional[int] = None
     fps: Optional[float] = None
     resume: bool = False

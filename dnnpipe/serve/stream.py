@@ -45,6 +45,8 @@ class Route:
     barrier: threading.Event = field(default_factory=threading.Event)  # a newer route takes over after END
     source_done: threading.Event = field(default_factory=threading.Event)
     results_done: threading.Event = field(default_factory=threading.Event)
+    source_linked: threading.Event = field(default_factory=threading.Event)  # inputs reach the first stage
+    results_linked: threading.Event = field(default_factory=threading.Event)  # the last stage's results link is in
     base: Optional[int] = None  # the epoch's wire sequence of this route's first input
     first_result: Optional[float] = None  # monotonic
     sockets: list[socket.socket] = field(default_factory=list)
@@ -129,6 +131,7 @@ class Stream:
                          self.connect_timeout, route.stop, None if self.tls is None else self.tls[1])
         route.sockets.append(sock)
         writer = FrameWriter(sock, self.inputs, f"the first stage on device {device} at {host}:{port}", 60.0)
+        route.source_linked.set()
         sent = 0
         try:
             while not route.stop.is_set():
@@ -170,6 +173,7 @@ class Stream:
         sock = self._take(route)
         route.sockets.append(sock)
         reader = FrameReader(sock, self.outputs, f"results from device {route.last}", None)
+        route.results_linked.set()
         if route.previous is not None and not self._wait(route.previous.results_done, route):
             return
         buffers = [np.empty(s.shape, s.dtype) for s in self.outputs]

@@ -21,7 +21,8 @@ def http_address(text: str) -> tuple[str, int]:
 
 def add_http_arguments(parser: argparse.ArgumentParser, default: str | None = "127.0.0.1:8000") -> None:
     parser.add_argument("--http", type=http_address, default=http_address(default) if default else None,
-                        metavar="HOST:PORT", help=f"serve the Open Inference Protocol (REST) here (default {default})")
+                        metavar="HOST:PORT", help="serve the Open Inference Protocol (REST) here "
+                        + (f"(default {default})" if default else "(the inference service: requests instead of files)"))
     parser.add_argument("--request-timeout", type=positive_float, default=30.0,
                         help="a request not answered this long gets a 504, s (default 30)")
     parser.add_argument("--http-token-file", type=Path,
