@@ -60,7 +60,7 @@ def test_a_bad_timer_result_is_refused(log, message):
 
 
 def test_local_devices_are_profiled_and_a_failing_one_is_named(converted, tmp_path):
-    graph, _, _, flatbuffer = converted
+    graph, flatbuffer = converted.graph, converted.flatbuffer
     devices = [Device(1, "local", remote_dir=str(tmp_path / "d1"), python=sys.executable),
                Device(2, "local", remote_dir=str(tmp_path / "d2"), python=str(tmp_path / "no-python"))]
     said = []
