@@ -15,7 +15,9 @@ in j). So K[S + e, e] = { k : some j in J with g_e(k) <= j < k }, J = OR over d 
 (K[S, d] AND ok[d, e]), g_e(k) the smallest start whose stage reaches k: one prefix sum of J
 and a gather. Sets are bit masks (uint64 words), so the OR over d of ANDs is N word operations
 per state, and every step runs for a whole layer of (S, e) pairs at once in NumPy. T is feasible
-iff some K[S, e] holds U and e's result hop fits T.
+iff some K[S, e] holds U and e's result hop fits T. A pair whose spare devices cannot hold the memory after
+its longest prefix (each at most what a stage of its type holds from its shortest prefix on) never reaches U:
+it extends nothing, which changes no K[S, e] that holds U, so neither the optimum nor the plan picked.
 
 Devices that share speed, memory, time row and link B are one type with a count (as in `bisection`):
 S is then a count vector and e a type, so a fleet of a few kinds costs prod(count + 1) x types states,
