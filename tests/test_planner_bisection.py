@@ -14,11 +14,15 @@ from strategies import SPEEDS, cut_sets, fleets, instances
 from typecount import type_count_plan
 
 
-@pytest.fixture(params=["scalar", "dense", "sparse"])
+@pytest.fixture(params=["scalar", "dense", "dense-checked", "sparse"])
 def probe_kind(request, monkeypatch):
-    """Each of the probe's three executions on any size of state space."""
+    """Each of the probe's three executions on any size of state space; "dense-checked" drops the states that
+    cannot finish after every layer (as the dense probe does every CHECK_EVERY layers over large spaces)."""
     monkeypatch.setattr(fast.Probe, "SCALAR_STATES", 10**9 if request.param == "scalar" else 0)
-    monkeypatch.setattr(fast, "DENSE_BYTES", 10**12 if request.param == "dense" else 0)
+    monkeypatch.setattr(fast, "DENSE_BYTES", 10**12 if request.param.startswith("dense") else 0)
+    if request.param == "dense-checked":
+        monkeypatch.setattr(fast, "CHECKED_STATES", 0)
+        monkeypatch.setattr(fast, "CHECK_EVERY", 1)
     return request.param
 
 

@@ -95,10 +95,12 @@ def test_link_model_needs_both_fields_and_a_link_aware_algorithm():
     assert plan(config).algorithm == "bisect"
 
 
+@pytest.mark.parametrize("row_sums", [linkbisect.ROW_SUMS, 0])  # 0: the prefix sums row by row, as for wide steps
 @pytest.mark.parametrize("chunk", [4096, 3])  # 3: layers split into per-device steps, as at 12 devices
 @pytest.mark.parametrize("seed", range(4))
-def test_bigger_linked_clusters_match_the_links_dp(seed, chunk, monkeypatch):
+def test_bigger_linked_clusters_match_the_links_dp(seed, chunk, row_sums, monkeypatch):
     monkeypatch.setattr(linkbisect, "CHUNK", chunk)
+    monkeypatch.setattr(linkbisect, "ROW_SUMS", row_sums)
     rng = np.random.default_rng(seed)
     N, U = int(rng.integers(5, 7)), int(rng.integers(20, 40))
     E, R = rng.lognormal(-3, 1, U), rng.lognormal(-1, 1, U)
@@ -138,8 +140,10 @@ def test_link_fleets_without_bytes_plan_as_without_links(instance, data):
     assert sorted(d for *_, d in linked.stages) == sorted(d for *_, d in plain.stages)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_grouped_linked_devices_match_the_links_dp(seed):
+@pytest.mark.parametrize("row_sums", [linkbisect.ROW_SUMS, 0])
+@pytest.mark.parametrize("seed", range(8))
+def test_grouped_linked_devices_match_the_links_dp(seed, row_sums, monkeypatch):
+    monkeypatch.setattr(linkbisect, "ROW_SUMS", row_sums)
     # 7-8 devices of 2-3 kinds (speed, memory and B shared within a kind): the type-count search against the DP
     # over device sets, the plan itself included.
     rng = np.random.default_rng(100 + seed)

@@ -15,7 +15,9 @@ in j). So K[S + e, e] = { k : some j in J with g_e(k) <= j < k }, J = OR over d 
 (K[S, d] AND ok[d, e]), g_e(k) the smallest start whose stage reaches k: one prefix sum of J
 and a gather. Sets are bit masks (uint64 words), so the OR over d of ANDs is N word operations
 per state, and every step runs for a whole layer of (S, e) pairs at once in NumPy. T is feasible
-iff some K[S, e] holds U and e's result hop fits T.
+iff some K[S, e] holds U and e's result hop fits T. A pair whose spare devices cannot hold the memory after
+its longest prefix (each at most what a stage of its type holds from its shortest prefix on) never reaches U:
+it extends nothing, which changes no K[S, e] that holds U, so neither the optimum nor the plan picked.
 
 Devices that share speed, memory, time row and link B are one type with a count (as in `bisection`):
 S is then a count vector and e a type, so a fleet of a few kinds costs prod(count + 1) x types states,
@@ -40,6 +42,7 @@ from .plan import Cut, Solution, bottleneck_of
 from .problem import Problem
 
 CHUNK = 4096  # (set, device) pairs per vector step, to bound temporary memory at large N
+ROW_SUMS = 256  # from this many (set, device) pairs the prefix sum runs row by row
 TABLE_BYTES = 1 << 28  # the largest K table (256 MiB): N=16 distinct devices at U=1000 (134 MB), not 17
 
 
@@ -70,6 +73,10 @@ def pack_columns(bits: np.ndarray, words: int) -> np.ndarray:
     return np.ascontiguousarray(packed.T).view(np.uint64)
 
 
+LOWEST_BIT = np.array([0] + [(b & -b).bit_length() - 1 for b in range(1, 256)])
+HIGHEST_BIT = np.array([0] + [b.bit_length() - 1 for b in range(1, 256)])
+
+
 class LinkProbe:
     """Is a bottleneck T feasible under the link model, and with which plan?"""
 
@@ -86,6 +93,11 @@ class LinkProbe:
         # A second device of the same type, for hops within a type (none: a device never sends to itself).
         second = [m[1] if len(m) > 1 else -1 for m in self.types.members]
         self.memory_ends = [max_ends(problem.memory_prefix, 1.0, problem.capacity[d]) for d in first]
+        # room[t, r]: the most memory a stage of type t from unit r on can hold; need[r]: the memory after unit r.
+        RP = problem.memory_prefix
+        self.room = np.ascontiguousarray(
+            np.maximum.accumulate((RP[np.stack(self.memory_ends)] - RP[None, :])[:, ::-1], axis=1)[:, ::-1])
+        self.need = RP[U] - RP
         self.speed_rows = [(problem.time_prefix[d], problem.speed[d]) for d in first]
         A = problem.cut_bytes if problem.has_links and problem.cut_bytes is not None else np.zeros(U + 1)
         B = problem.link_mbps if problem.has_links and problem.link_mbps is not None else np.full(problem.N, np.inf)
@@ -151,14 +163,39 @@ class LinkProbe:
         starts = np.bitwise_or.reduce(K[S] & hops_ok, axis=1)
         # Units along axis 0, states along axis 1: the prefix sum then adds whole rows.
         count = np.zeros((U + 2, len(S)), dtype=np.int16 if U < np.iinfo(np.int16).max else np.int32)
-        np.cumsum(unpack_columns(starts, U + 1), axis=0, out=count[1:])
+        bits = unpack_columns(starts, U + 1)
+        if len(S) < ROW_SUMS:
+            np.cumsum(bits, axis=0, out=count[1:])
+        else:  # row by row: NumPy's accumulate down axis 0 of wide arrays is ~10x slower
+            for unit in range(U + 1):
+                np.add(count[unit], bits[unit], out=count[unit + 1])
         # k is covered iff J holds a start in [g_e(k), k - 1]
         covered = np.zeros((self.words * 64, len(S)), dtype=bool)
         for a, b in zip(runs[:-1], runs[1:]):
             np.greater(count[:U + 1, a:b], count[first[e[a]], a:b], out=covered[:U + 1, a:b])
         after = S + self.space.strides[e]
-        K[after, e] = pack_columns(covered, self.words)
-        alive[after[covered.any(axis=0)]] = True
+        packed = pack_columns(covered, self.words)
+        K[after, e] = packed
+        alive[after[self._hopeful(after, packed)]] = True
+
+    def _hopeful(self, after: np.ndarray, packed: np.ndarray) -> np.ndarray:
+        """Pairs whose prefixes (bit words) some continuation may finish: the devices left to S + e must hold
+        the memory after its longest prefix, each at most what a stage of its type holds from the shortest one
+        on (room only falls along the model). The others can never reach U, so they extend nothing."""
+        data = packed.view(np.uint8)  # little-endian bits: unit 8 * byte + bit
+        nonzero = data != 0
+        hopeful = nonzero.any(axis=1)
+        if not hopeful.any():
+            return hopeful
+        rows = np.arange(len(data))
+        first = nonzero.argmax(axis=1)
+        last = data.shape[1] - 1 - nonzero[:, ::-1].argmax(axis=1)
+        U = self.problem.U  # empty rows (not hopeful anyway) point past U: clipped
+        shortest = np.minimum(first * 8 + LOWEST_BIT[data[rows, first]], U)
+        longest = np.minimum(last * 8 + HIGHEST_BIT[data[rows, last]], U)
+        spare = self.space.caps[None, :] - self.digits[after]
+        holds = (spare * self.room[:, shortest].T).sum(axis=1)
+        return hopeful & (self.need[longest] <= holds * (1 + 1e-9) + 1e-9)
 
     def __call__(self, limit: float) -> Optional[Found]:
         U = self.problem.U
