@@ -79,7 +79,8 @@ def test_a_line_without_end_is_refused_once_it_passes_the_limit(pair):
 
 
 @pytest.mark.parametrize("line, why", [(b"[1, 2]", "without a 'kind'"), (b'{"kind": 7}', "without a 'kind'"),
-                                       (b"{nope", "not valid JSON"), (b'{"kind": "pace", "ms": NaN}', "not valid JSON")])
+                                       (b"{nope", "not valid JSON"),
+                                       (b'{"kind": "pace", "ms": NaN}', "not valid JSON")])
 def test_a_bad_line_from_the_socket_names_the_peer(pair, line, why):
     near, far = pair
     far.sendall(line + b"\n")
