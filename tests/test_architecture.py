@@ -61,3 +61,10 @@ def test_packages_are_listed_top_floor_first_so_no_arrow_runs_back_up():
     back_up = {(name, target) for i, (name, targets) in enumerate(block("imports")) for target in targets
                if target in order and order.index(target) <= i}
     assert back_up <= KNOWN_BACK_UP, back_up - KNOWN_BACK_UP
+
+
+if __name__ == "__main__":  # after an import changed: python tests/test_architecture.py prints the new table
+    table = import_table()
+    documented = [name for name, _ in block("imports")]
+    for name in [n for n in documented if n in table] + sorted(set(table) - set(documented)):
+        print(f"{name:13} -> {' '.join(sorted(table[name]))}")

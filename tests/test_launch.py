@@ -111,8 +111,13 @@ class Answerer:
             conn.close()
 
     def close(self):
+        try:
+            self.server.shutdown(socket.SHUT_RDWR)  # wakes the accept (close alone would not)
+        except OSError:
+            pass
         self.server.close()
         self.thread.join(SECONDS)
+        assert not self.thread.is_alive()
 
 
 def test_the_probe_passes_only_for_that_stage_of_that_pipeline():
