@@ -8,6 +8,7 @@ import shlex
 import socket
 import sys
 import threading
+import time
 
 import pytest
 
@@ -152,6 +153,18 @@ def answerer_argv(tmp_path, port: int, stage: int) -> list[str]:
     return [sys.executable, "-c", ANSWERER, str(port), str(stage), str(keyfile), IDENTITY.hex()]
 
 
+def listening(port: int) -> None:
+    """Until something accepts on the port (a process started on a busy host may take a while)."""
+    deadline = time.monotonic() + SECONDS
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing listens on {port}"
+            time.sleep(0.1)
+
+
 def test_waiting_ends_once_the_started_stage_answers_as_itself(tmp_path):
     (port,) = free_ports(1)
     item, transport = local_stage(tmp_path, 2, answerer_argv(tmp_path, port, 2), port)
@@ -181,6 +194,7 @@ def test_a_process_that_holds_the_port_but_is_not_the_stage_times_out_naming_why
     item, transport = local_stage(tmp_path, 2, answerer_argv(tmp_path, port, 3), port)  # another stage's answer
     transport.start(item.argv, item.log_file, item.pid_file)
     try:
+        listening(port)
         with pytest.raises(DnnpipeError, match=f"stage 2 on device 2 did not answer as stage 2 on 127.0.0.1:{port} "
                                                f"within 2 s \\(what answers there did not prove it is stage 2"):
             wait_for_stage(item, transport, 2.0, StageProbe(KEY, IDENTITY), echo=lambda line: None)
