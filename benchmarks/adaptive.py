@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from dnnpipe.config import load_config  # noqa: E402
-from dnnpipe.runtime.local import free_ports  # noqa: E402
+from dnnpipe.testbed.local import free_ports  # noqa: E402
 from dnnpipe.serve.controller import Controller, ServeSummary  # noqa: E402
 from dnnpipe.serve.options import ServeOptions  # noqa: E402
 from dnnpipe.testbed.cores import usable_cores  # noqa: E402

@@ -183,7 +183,8 @@ def pipeline(bare: dict[int, float], inputs: int, repeats: int) -> None:
     import h5py
 
     from dnnpipe.partition.partitioner import partition_keras_model
-    from dnnpipe.runtime.local import RunOptions, run_local
+    from dnnpipe.runtime.stage import RunOptions
+    from dnnpipe.testbed.local import run_local
     from dnnpipe.runtime.metrics import read_timings
     from dnnpipe.tfenv import import_tensorflow
 

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import h5py
 import numpy as np
 
-from dnnpipe.runtime.local import free_ports
+from dnnpipe.testbed.local import free_ports
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from dnnpipe.pipeline_key import read_key
 from dnnpipe.runtime.agent import Role, check_role, dial_link, link_identity, vet_link
 from dnnpipe.runtime.control import parse_line
 from dnnpipe.runtime.handshake import manifest_identity
-from dnnpipe.runtime.local import free_ports
+from dnnpipe.testbed.local import free_ports
 from dnnpipe.serve.controller import Cutter
 from dnnpipe.serve.delivery import Ledger
 from dnnpipe.serve.fleet import Fleet

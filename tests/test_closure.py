@@ -20,6 +20,12 @@ def test_the_closure_holds_the_runtime_and_nothing_of_the_workstation():
     assert all(ROOT.joinpath(f).is_file() for f in device_files(ROOT))
 
 
+def test_the_closure_ships_no_workstation_launcher():
+    """run-local starts every stage on one host (dnnpipe.testbed.local): a board runs one stage, never that."""
+    shipped = {str(f): ROOT.joinpath(f).read_text() for f in device_files(ROOT)}
+    assert not [f for f, text in shipped.items() if "def run_local" in text or "def free_ports" in text]
+
+
 def test_a_board_with_only_the_shipped_files_runs_the_runtime(tmp_path):
     """Copy exactly what the deployer ships; a fresh interpreter there loads nothing else of the package."""
     for rel in [*device_files(ROOT), "runtime_engine.py"]:
@@ -28,7 +34,7 @@ def test_a_board_with_only_the_shipped_files_runs_the_runtime(tmp_path):
     code = ("import sys, runpy\n"
             "sys.argv = ['runtime_engine.py', '--help']\n"
             "try:\n    runpy.run_path('runtime_engine.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-            "import dnnpipe, dnnpipe.runtime.stage, dnnpipe.runtime.local\n"
+            "import dnnpipe, dnnpipe.runtime.stage\n"
             "print(dnnpipe.__file__)\n"
             "print(' '.join(sorted(m for m in sys.modules if m.startswith(('dnnpipe', 'tensorflow', 'keras')))))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)

@@ -18,7 +18,8 @@ from dnnpipe.manifest import read_manifest
 from dnnpipe.partition.graph import analyse
 from dnnpipe.partition.command import main as model_partitioner
 from dnnpipe.partition.load import find_model, load_keras_model
-from dnnpipe.runtime.local import RunOptions, run_local
+from dnnpipe.runtime.stage import RunOptions
+from dnnpipe.testbed.local import run_local
 from helpers import ROOT, assert_clean_error
 from keras2_models import custom_layers_source
 

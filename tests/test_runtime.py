@@ -20,7 +20,8 @@ from dnnpipe.manifest import read_manifest
 from dnnpipe.partition.partitioner import partition_keras_model
 from dnnpipe.partition.graph import analyse
 from dnnpipe.protocol import Kind, encode_frame, encode_header
-from dnnpipe.runtime.local import RunOptions, free_ports, run_local
+from dnnpipe.runtime.stage import RunOptions
+from dnnpipe.testbed.local import free_ports, run_local
 from dnnpipe.keygen import create_key
 from dnnpipe.pipeline_key import CERT_FILE, CERT_KEY_FILE, KEY_FILE, read_key, tls_context
 from dnnpipe.runtime.handshake import LinkAuth, connect_side, manifest_identity

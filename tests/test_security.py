@@ -13,7 +13,7 @@ import pytest
 import models
 from dnnpipe.partition.graph import analyse
 from dnnpipe.partition.partitioner import partition_keras_model
-from dnnpipe.runtime.local import free_ports
+from dnnpipe.testbed.local import free_ports
 from helpers import ROOT
 
 ROWS = 6

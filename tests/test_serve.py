@@ -19,7 +19,7 @@ import h5py
 import pytest
 
 from helpers import ROOT, assert_clean_error, run_script
-from dnnpipe.runtime.local import free_ports
+from dnnpipe.testbed.local import free_ports
 from serve_setup import Served, make_served
 
 INPUTS = 300

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from dnnpipe.manifest import read_manifest
-from dnnpipe.runtime.local import free_ports
+from dnnpipe.testbed.local import free_ports
 from serve_setup import Served, make_served
 from test_serve import Run, assert_no_orphans
 

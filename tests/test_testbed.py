@@ -15,7 +15,8 @@ from dnnpipe.config import parse_config
 from dnnpipe.errors import DnnpipeError
 from dnnpipe.partition.graph import analyse
 from dnnpipe.partition.partitioner import partition_keras_model
-from dnnpipe.runtime.local import RunOptions, run_local
+from dnnpipe.runtime.stage import RunOptions
+from dnnpipe.testbed.local import run_local
 from dnnpipe.runtime.metrics import read_timings
 from dnnpipe.testbed import netns
 from dnnpipe.testbed.cores import cgroup_quota, usable_cores

@@ -16,7 +16,7 @@ from dnnpipe.pipeline_key import link_tls
 from dnnpipe.frameio import FrameReader
 from dnnpipe.protocol import Kind
 from dnnpipe.runtime.handshake import LinkAuth, manifest_identity
-from dnnpipe.runtime.local import free_ports
+from dnnpipe.testbed.local import free_ports
 from dnnpipe.runtime.transport import (MAX_PENDING, MAX_PER_SOURCE, DropCounter, _Gate, _Held, accept_link,
                                        accept_upstream, connect_downstream, listen, secure_dial)
 

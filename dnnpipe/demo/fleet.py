@@ -141,7 +141,8 @@ def run_on_fleet(work: Work, options, say=print) -> None:
     from ..config import load_config
     from ..jsonio import write_json
     from ..planfile import read_stages
-    from ..runtime.local import RunOptions, run_local
+    from ..runtime.stage import RunOptions
+    from ..testbed.local import run_local
     from ..testbed.cores import usable_cores
     from ..testbed.pacing import emulation, fastest_device
     from .report import breakdown

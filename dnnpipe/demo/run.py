@@ -142,7 +142,7 @@ def step_partition(work: Work, options: Options) -> None:
 def step_deploy(work: Work, options: Options) -> None:
     from ..deploy.deployer import DeployOptions, deploy
     from ..deploy.ship import format_reports
-    from ..runtime.local import free_ports
+    from ..testbed.local import free_ports
 
     if options.compute == "cpu-quota":
         from .fleet import deploy_to_fleet
@@ -170,7 +170,8 @@ def step_run(work: Work, options: Options) -> None:
     """
     from ..config import load_config
     from ..planfile import read_stages
-    from ..runtime.local import RunOptions, run_local
+    from ..runtime.stage import RunOptions
+    from ..testbed.local import run_local
     from ..testbed.cores import usable_cores
     from ..testbed.netns import open_testbed
     from ..testbed.pacing import emulation, emulation_scale, fastest_device

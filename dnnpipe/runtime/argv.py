@@ -1,6 +1,6 @@
 """The one builder of a runtime command line (a stage's or an agent's): flags from values, never shell text.
 
-deploy/launch.py (launch_plan.json), runtime/local.py (run-local) and serve (agents) all build theirs here, so
+deploy/launch.py (launch_plan.json), testbed/local.py (run-local) and serve (agents) all build theirs here, so
 a flag is spelt one way everywhere: None is left out, True is the bare flag, False is left out, anything else is
 `--flag value`.
 """

@@ -13,9 +13,8 @@ from typing import Optional, Sequence
 from ..console import positive_float, positive_int, script_main
 from .dataio import INPUTS_HELP, RESULTS_HELP
 from ..errors import DnnpipeError, printable
-from .local import RunOptions
 from .agent import Agent, AgentOptions
-from .stage import Stage, StageOptions
+from .stage import RunOptions, Stage, StageOptions
 
 
 def add_stage_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

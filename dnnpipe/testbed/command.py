@@ -17,9 +17,9 @@ from ..layout import config_paths
 from ..manifest import read_manifest
 from ..runtime.command import add_run_arguments, run_options
 from ..runtime.dataio import INPUTS_HELP, RESULTS_HELP
-from ..runtime.local import run_local
 from . import fleet
 from .cores import usable_cores
+from .local import run_local
 from .netns import MODES, open_testbed
 from .pacing import emulation, emulation_scale
 

@@ -17,9 +17,9 @@ from typing import Optional, Protocol, Sequence
 from ..errors import DnnpipeError
 from ..manifest import read_manifest
 from ..pipeline_key import tls_context
-from .argv import runtime_argv
-from .metrics import StageSummary, read_summary
-from .stage import RunOptions
+from ..runtime.argv import runtime_argv
+from ..runtime.metrics import StageSummary, read_summary
+from ..runtime.stage import RunOptions
 
 GRACE_SECONDS = 2.0  # after a stage failed, how long the others get to stop on their own
 POLL_SECONDS = 0.02

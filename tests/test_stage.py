@@ -1,0 +1,156 @@
+"""runtime/stage.py's StageLoop alone: its three threads over real socket pairs with a tiny runner (no
+interpreter, no processes, no TensorFlow); the whole stage process is tests/test_runtime.py's."""
+
+import socket
+import threading
+
+import h5py
+import numpy as np
+import pytest
+
+from dnnpipe.manifest import StageSpec, TensorSpec
+from dnnpipe.protocol import Kind, PeerError
+from dnnpipe.runtime.stage import StageLoop
+from dnnpipe.runtime.transport import Downstream, Upstream
+
+IN = TensorSpec("x", "x", (1, 3), "float32")
+OUT = TensorSpec("y", "y", (1, 3), "float32")
+SPEC = StageSpec(2, 2, (2, 3), "stage_2.tflite", "0" * 64, (IN,), (OUT,))
+NAME = "[stage 2]"
+SECONDS = 20  # a deadline on every wait: a broken loop fails the test, never hangs it
+
+
+def double(buffers):
+    return [buffers[0] * 2]
+
+
+class Links:
+    """The loop's upstream and downstream, each a socket pair: the test is both neighbours."""
+
+    def __init__(self, loop: StageLoop):
+        up_near, up_far = socket.socketpair()
+        down_near, down_far = socket.socketpair()
+        self.sockets = [up_near, up_far, down_near, down_far]
+        loop.upstream = Upstream(up_near, "the previous stage", SPEC.inputs, SECONDS)
+        loop.downstream = Downstream(down_near, "the next stage", SPEC.outputs, SECONDS)
+        self.previous = Downstream(up_far, NAME, SPEC.inputs, SECONDS)  # what stage 1 would send
+        self.following = Upstream(down_far, NAME, SPEC.outputs, SECONDS)  # what stage 3 would read
+
+    def close(self):
+        for sock in self.sockets:
+            sock.close()
+
+
+def running(loop: StageLoop, source, sink) -> threading.Thread:
+    thread = threading.Thread(target=loop.run, args=(source, sink), daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture
+def relay():
+    """A middle stage: receive, infer, send."""
+    loop = StageLoop(NAME, SPEC, double, queue_size=2, say=lambda line: None)
+    links = Links(loop)
+    thread = running(loop, loop.receive, loop.send)
+    yield loop, links, thread
+    loop.abort("test over")
+    thread.join(SECONDS)
+    links.close()
+
+
+def test_frames_pass_in_order_through_the_runner_and_the_end_follows(relay):
+    loop, links, thread = relay
+    inputs = [np.arange(3, dtype="float32").reshape(1, 3) + 10 * i for i in range(7)]  # more than the queues hold
+    sender = threading.Thread(target=lambda: [links.previous.send(i, 1000 + i, [x]) for i, x in enumerate(inputs)]
+                              + [links.previous.end(len(inputs))], daemon=True)
+    sender.start()
+    out = [np.empty((1, 3), dtype="float32")]
+    for i, x in enumerate(inputs):
+        frame = links.following.read(out)
+        assert (frame.kind, frame.sequence, frame.origin_ns) == (Kind.DATA, i, 1000 + i)
+        np.testing.assert_array_equal(out[0], x * 2)
+    assert links.following.read(out).kind == Kind.END
+    sender.join(SECONDS)
+    thread.join(SECONDS)
+    assert not thread.is_alive() and loop.error is None
+    assert loop.sent == len(inputs) and [t.sequence for t in loop.timings] == list(range(len(inputs)))
+
+
+def test_a_runner_that_fails_stops_the_stage_and_tells_the_next(relay):
+    loop, links, thread = relay
+    loop.runner = lambda buffers: (_ for _ in ()).throw(RuntimeError("the delegate broke"))
+    links.previous.send(0, 0, [np.ones((1, 3), dtype="float32")])
+    with pytest.raises(PeerError, match=r"\[stage 2\] RuntimeError: the delegate broke"):
+        links.following.read([np.empty((1, 3), dtype="float32")])
+    thread.join(SECONDS)
+    assert not thread.is_alive()
+    assert loop.error == "[stage 2] RuntimeError: the delegate broke" and loop.sent == 0
+
+
+def test_an_error_from_the_previous_stage_is_passed_on_as_it_is(relay):
+    loop, links, thread = relay
+    links.previous.send(0, 0, [np.ones((1, 3), dtype="float32")])
+    links.previous.error(1, "[stage 1] input file vanished")
+    out = [np.empty((1, 3), dtype="float32")]
+    with pytest.raises(PeerError, match=r"\[stage 1\] input file vanished"):
+        for _ in range(2):  # the frame before the error may pass or be dropped: the stage stops at once
+            assert links.following.read(out).kind == Kind.DATA
+    thread.join(SECONDS)
+    assert not thread.is_alive() and "[stage 1] input file vanished" in (loop.error or "")
+
+
+def test_a_frame_that_breaks_the_protocol_names_the_previous_stage(relay):
+    loop, links, thread = relay
+    links.sockets[1].sendall(b"not a frame at all, long enough for a header")
+    thread.join(SECONDS)
+    assert not thread.is_alive()
+    assert loop.error is not None and loop.error.startswith("[stage 2]") and "the previous stage" in loop.error
+
+
+def test_abort_wakes_a_stage_waiting_for_its_upstream(relay):
+    loop, links, thread = relay
+    loop.abort("role replaced")
+    thread.join(SECONDS)
+    assert not thread.is_alive() and loop.error == "role replaced"
+
+
+def test_the_planned_time_is_recorded_and_a_new_pace_takes_effect(relay):
+    loop, links, thread = relay
+    out = [np.empty((1, 3), dtype="float32")]
+    loop.pace_ms = 2.0
+    links.previous.send(0, 0, [np.ones((1, 3), dtype="float32")])
+    links.following.read(out)
+    loop.pace_ms = 5.0  # as a controller's "pace" command sets it
+    links.previous.send(1, 0, [np.ones((1, 3), dtype="float32")])
+    links.following.read(out)
+    links.previous.end(2)
+    assert links.following.read(out).kind == Kind.END
+    thread.join(SECONDS)
+    assert [t.planned_ms for t in loop.timings] == [2.0, 5.0]
+
+
+def test_a_first_and_last_stage_reads_its_inputs_and_writes_its_results(tmp_path):
+    """Without links: the data file is the source, the results file the sink; the file says it is complete."""
+    data = np.arange(12, dtype="float32").reshape(4, 3)
+    with h5py.File(tmp_path / "data.h5", "w") as f:
+        f["images"] = data
+    loop = StageLoop("[stage 1]", SPEC, double, queue_size=2, say=lambda line: None)
+    thread = running(loop, lambda: loop.read_inputs(tmp_path / "data.h5", 6),  # cycles through the 4 rows
+                     lambda: loop.write_results(tmp_path / "out.h5"))
+    thread.join(SECONDS)
+    assert not thread.is_alive() and loop.error is None
+    with h5py.File(tmp_path / "out.h5", "r") as f:
+        assert bool(f.attrs["complete"])
+        np.testing.assert_array_equal(f["y"][:], np.concatenate([data, data[:2]]) * 2)
+
+
+def test_a_missing_data_file_fails_the_stage_with_its_name(tmp_path):
+    loop = StageLoop("[stage 1]", SPEC, double, queue_size=2, say=lambda line: None)
+    thread = running(loop, lambda: loop.read_inputs(tmp_path / "gone.h5", None),
+                     lambda: loop.write_results(tmp_path / "out.h5"))
+    thread.join(SECONDS)
+    assert not thread.is_alive()
+    assert loop.error is not None and loop.error.startswith("[stage 1]") and "gone.h5" in loop.error
+    with h5py.File(tmp_path / "out.h5", "r") as f:
+        assert not bool(f.attrs["complete"])  # a partial file says so
