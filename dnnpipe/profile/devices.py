@@ -21,14 +21,17 @@ from ..deploy.closure import device_files
 from ..deploy.registry import Device
 from ..deploy.ship import RUNTIME_ROOT, DeviceReport, ship
 from ..deploy.transport import SshOptions, Transport, TransportError, Upload, transport_for
-from ..errors import DnnpipeError
+from ..errors import ConfigError, DnnpipeError
+from ..keygen import create_certificate
 from ..manifest import sha256_file
+from ..pipeline_key import CERT_FILE, CERT_KEY_FILE
 from .timer import RESULT
 
 FOLDER = "profile"  # below each device's remote_dir
 MODEL = f"{FOLDER}/model.tflite"
 LOG = f"{FOLDER}/timer.out"
 PID = f"{FOLDER}/timer.pid"
+LINK_FOLDER = f"{FOLDER}/link"  # a throwaway pipeline.crt pair: the link CPU is measured inside TLS, as stages run
 TIMER = "dnnpipe.profile.timer"
 POLL_SECONDS = 1.0
 Progress = Callable[[str], None]
@@ -40,6 +43,9 @@ class DeviceTimes:
     probe_ms: float
     whole_ms: float
     units_ms: tuple[float, ...]
+    send_ms_per_mb: Optional[float] = None  # the device's CPU on its links, device ms per MB (timer --link-folder)
+    receive_ms_per_mb: Optional[float] = None
+    link_tls: Optional[bool] = None
 
     @property
     def E(self) -> list[float]:
@@ -70,18 +76,23 @@ class DeviceProfileOptions:
     ssh: SshOptions = SshOptions()
     seconds: float = 900.0  # per device, shipping included
     sustain: float = 0.25  # each signature runs back to back at least this long on the device (timer.py)
+    link: bool = True  # also measure the CPU of the device's links (inside TLS unless tls is off)
+    tls: bool = True
 
 
-def uploads(model_file: Path) -> list[Upload]:
-    """The profiling model and the timer's import closure."""
+def uploads(model_file: Path, link_folder: Optional[Path] = None) -> list[Upload]:
+    """The profiling model, the timer's import closure and (when given) the link measurement's certificate."""
     code = [(RUNTIME_ROOT / rel, rel.as_posix()) for rel in device_files(RUNTIME_ROOT, TIMER)]
+    if link_folder is not None:
+        code += [(link_folder / name, f"{LINK_FOLDER}/{name}") for name in (CERT_FILE, CERT_KEY_FILE)]
     return [Upload(model_file, MODEL, sha256_file(model_file))] + [Upload(local, rel, sha256_file(local))
                                                                  for local, rel in code]
 
 
 def timer_argv(device: Device, options: DeviceProfileOptions) -> list[str]:
     return [device.interpreter, "-m", TIMER, MODEL, "--repeats", str(options.repeats), "--warmup",
-            str(options.warmup), "--num-threads", str(options.num_threads), "--seconds", str(options.sustain)]
+            str(options.warmup), "--num-threads", str(options.num_threads), "--seconds", str(options.sustain)] + \
+        (["--link-folder", LINK_FOLDER] if options.link else [])
 
 
 def parse_result(device_id: int, log: str, units: int) -> DeviceTimes:
@@ -92,11 +103,16 @@ def parse_result(device_id: int, log: str, units: int) -> DeviceTimes:
         raise DnnpipeError(f"the timer ended without a result: {last[-1] if last else 'its log is empty'}")
     try:
         data = json.loads(lines[-1][len(RESULT):])
+        link = data.get("link")
         times = DeviceTimes(device_id, float(data["probe_ms"]), float(data["whole_ms"]),
-                            tuple(float(x) for x in data["units_ms"]))
+                            tuple(float(x) for x in data["units_ms"]),
+                            None if link is None else float(link["send_ms_per_mb"]),
+                            None if link is None else float(link["receive_ms_per_mb"]),
+                            None if link is None else bool(link["tls"]))
     except (ValueError, KeyError, TypeError) as e:
         raise DnnpipeError(f"the timer's result is malformed ({e})") from None
-    values = [times.probe_ms, times.whole_ms, *times.units_ms]
+    values = [times.probe_ms, times.whole_ms, *times.units_ms, times.send_ms_per_mb or 0.0,
+              times.receive_ms_per_mb or 0.0]
     if len(times.units_ms) != units or not all(0 <= v < float("inf") for v in values):
         raise DnnpipeError(f"the timer returned {len(times.units_ms)} unit times (expected {units}), or one "
                            f"that is negative or not finite")
@@ -141,7 +157,14 @@ def profile_devices(flatbuffer: bytes, devices: Sequence[Device], units: int,
     with tempfile.TemporaryDirectory(prefix="dnnpipe-devprofile-") as folder:
         model_file = Path(folder) / "model.tflite"
         model_file.write_bytes(flatbuffer)
-        files = uploads(model_file)
+        link_folder = None
+        if options.link and options.tls:
+            try:
+                link_folder = create_certificate(Path(folder) / "link").parent
+            except ConfigError as e:  # no openssl here: the link CPU is measured without TLS, and says so
+                progress(f"link CPU measured without TLS: {e}")
+                link_folder = None
+        files = uploads(model_file, link_folder)
         with ThreadPoolExecutor(max_workers=max(1, len(devices))) as pool:
             return list(pool.map(lambda d: profile_device(d, files, units, options, progress), devices))
 
@@ -158,6 +181,17 @@ def with_device_rows(config: dict, outcomes: Sequence[Outcome]) -> dict:
     return {**config, "device_config": cluster, "model_config": model}
 
 
+def link_costs(outcomes: Sequence[Outcome]) -> Optional[list[dict]]:
+    """Each device's measured link CPU (device ms per MB sent and received), in device order, or None when
+    a device has none (profiled without the link measurement)."""
+    ordered = sorted(outcomes, key=lambda o: o.device.device_id)
+    if not all(o.times is not None and o.times.send_ms_per_mb is not None for o in ordered):
+        return None
+    return [{"device": o.device.device_id, "send_ms_per_mb": o.times.send_ms_per_mb,  # type: ignore[union-attr]
+             "receive_ms_per_mb": o.times.receive_ms_per_mb, "tls": o.times.link_tls}  # type: ignore[union-attr]
+            for o in ordered]
+
+
 def check_registry(registry: dict[int, Device], source: str) -> list[Device]:
     """Devices 1..N, as the config numbers them."""
     ids = sorted(registry)
@@ -168,12 +202,16 @@ def check_registry(registry: dict[int, Device], source: str) -> list[Device]:
 
 
 def format_outcomes(outcomes: Sequence[Outcome]) -> str:
-    rows = [f"{'device':>6}  {'whole ms':>9} {'sum(E) ms':>9} {'seconds':>7}  result"]
+    rows = [f"{'device':>6}  {'whole ms':>9} {'sum(E) ms':>9} {'send ms/MB':>10} {'recv ms/MB':>10} "
+            f"{'seconds':>7}  result"]
+    nan = float("nan")
     for o in outcomes:
         t = o.times
         result = "ok" if t else f"FAILED: {o.error}"
-        rows.append(f"{o.device.device_id:>6}  {t.whole_ms if t else float('nan'):>9.3f} "
-                    f"{sum(t.E) if t else float('nan'):>9.3f} {o.seconds:>7.1f}  {result}")
+        send = t.send_ms_per_mb if t and t.send_ms_per_mb is not None else nan
+        receive = t.receive_ms_per_mb if t and t.receive_ms_per_mb is not None else nan
+        rows.append(f"{o.device.device_id:>6}  {t.whole_ms if t else nan:>9.3f} "
+                    f"{sum(t.E) if t else nan:>9.3f} {send:>10.3f} {receive:>10.3f} {o.seconds:>7.1f}  {result}")
     return "\n".join(rows)
 
 
