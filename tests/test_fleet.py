@@ -235,6 +235,13 @@ def test_per_device_profile_over_ssh_shows_the_cpu_limits(fleet3, tmp_path):
     assert config["device_config"]["C"][0] == 1.0 and config["device_config"]["N"] == 3
 
 
+def test_quota_periods_are_long_enough_for_the_kernel_to_deliver_the_quota():
+    """Periods under 10 ms gave a 0.57-core board 0.34-0.42 cores (cgroups.MIN_PERIOD_US): it was 2 ms."""
+    assert cgroups.quota_period(0.57) == (5700, 10_000)
+    assert cgroups.quota_period(0.12) == (1200, 10_000)
+    assert cgroups.quota_period(0.05) == (1000, 20_000)
+
+
 def test_quota_periods_are_short_but_the_quota_never_below_the_kernel_minimum():
     for cores in (0.01, 0.05, 0.12, 0.57, 1.0, 3.0):
         quota, period = cgroups.quota_period(cores)

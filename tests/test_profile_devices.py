@@ -121,7 +121,9 @@ def test_a_devices_link_cpu_comes_back_with_its_row(converted, tmp_path):
     assert times is not None and times.send_ms_per_mb > 0 and times.receive_ms_per_mb > 0
     assert times.link_tls is (shutil.which("openssl") is not None)
     assert devices_link_costs(outcomes) == [{"device": 1, "send_ms_per_mb": times.send_ms_per_mb,
-                                             "receive_ms_per_mb": times.receive_ms_per_mb, "tls": times.link_tls}]
+                                             "receive_ms_per_mb": times.receive_ms_per_mb, "tls": times.link_tls,
+                                             "cpu_share": times.cpu_share}]
+    assert 0 < times.cpu_share <= 1
     assert devices_link_costs([Outcome(devices[0], DeviceTimes(1, 0.1, 1.0, (1.0,)))]) is None
 
 

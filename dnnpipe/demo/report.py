@@ -165,7 +165,8 @@ def write_report(work: Work) -> str:
                "planned time (profile: this host's, scaled by C)")
     summary = [
         compute,
-        f"- testbed: {testbed}; {measured['usable_cores']:g} usable cores, every speed and bandwidth x {scale:.3g}",
+        f"- testbed: {testbed}; {measured['usable_cores']:g} usable cores, every speed and bandwidth x {scale:.3g}; "
+        f"stage links {'inside TLS' if measured.get('tls', True) else 'without TLS (--no-tls)'}",
         (f"- plan: bottleneck {plan['bottleneck_ms']:.2f} ms on the fleet, from each board's own unit times "
          f"(ideal {plan['ideal_ms']:.2f} ms); period between stages (compute and the hops) {1000 / predicted:.2f} ms"
          if quota else

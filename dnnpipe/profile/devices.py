@@ -33,7 +33,10 @@ LOG = f"{FOLDER}/timer.out"
 PID = f"{FOLDER}/timer.pid"
 LINK_FOLDER = f"{FOLDER}/link"  # a throwaway pipeline.crt pair: the link CPU is measured inside TLS, as stages run
 TIMER = "dnnpipe.profile.timer"
-POLL_SECONDS = 1.0
+POLL_SECONDS, POLL_MAX_SECONDS = 1.0, 30.0
+# Polls back off: every poll is an ssh login (key exchange, a shell, tail) that runs on the device being timed,
+# and on a board of 0.12 cores two logins a second took about 40% of its CPU from the timer (profiled at 0.067-
+# 0.074 cores of its 0.12).
 Progress = Callable[[str], None]
 
 
@@ -46,6 +49,13 @@ class DeviceTimes:
     send_ms_per_mb: Optional[float] = None  # the device's CPU on its links, device ms per MB (timer --link-folder)
     receive_ms_per_mb: Optional[float] = None
     link_tls: Optional[bool] = None
+    whole_cpu_ms: Optional[float] = None  # the timer's own CPU per whole-model invoke (whole_ms / it: the hold-back)
+
+    @property
+    def cpu_share(self) -> Optional[float]:
+        """The cores the device gave the timer while it ran the whole model: CPU over wall time (1 on a free
+        core; on an emulated board its quota unless the host or something else on the board took some)."""
+        return None if not self.whole_cpu_ms else min(1.0, self.whole_cpu_ms / self.whole_ms)
 
     @property
     def E(self) -> list[float]:
@@ -108,7 +118,8 @@ def parse_result(device_id: int, log: str, units: int) -> DeviceTimes:
                             tuple(float(x) for x in data["units_ms"]),
                             None if link is None else float(link["send_ms_per_mb"]),
                             None if link is None else float(link["receive_ms_per_mb"]),
-                            None if link is None else bool(link["tls"]))
+                            None if link is None else bool(link["tls"]),
+                            float(data["whole_cpu_ms"]) if "whole_cpu_ms" in data else None)
     except (ValueError, KeyError, TypeError) as e:
         raise DnnpipeError(f"the timer's result is malformed ({e})") from None
     values = [times.probe_ms, times.whole_ms, *times.units_ms, times.send_ms_per_mb or 0.0,
@@ -132,16 +143,19 @@ def profile_device(device: Device, files: Sequence[Upload], units: int, options:
         progress(f"device {device.device_id}: shipped {len(report.sent)} files ({len(report.skipped)} already "
                  f"there), timing {units} units")
         transport.start(timer_argv(device, options), LOG, PID)
-        seen = ""
-        while transport.alive(PID):
+        seen, wait = "", POLL_SECONDS
+        while True:
+            time.sleep(max(0.0, min(wait, deadline - time.monotonic())))
+            wait = min(POLL_MAX_SECONDS, 2 * wait)
+            line = transport.tail(LOG, 1).strip()
+            if line.startswith((RESULT, "error:")) or not transport.alive(PID):
+                break
             if time.monotonic() > deadline:
                 transport.stop(PID)
                 raise DnnpipeError(f"did not finish within {options.seconds:g} s")
-            line = transport.tail(LOG, 1).strip()
-            if line and line != seen and not line.startswith(RESULT):
+            if line and line != seen:
                 progress(f"device {device.device_id}: {line}")
                 seen = line
-            time.sleep(POLL_SECONDS)
         times = parse_result(device.device_id, transport.tail(LOG, 5), units)
     except (DnnpipeError, TransportError, OSError) as e:
         progress(f"device {device.device_id}: FAILED: {e}")
@@ -188,7 +202,8 @@ def link_costs(outcomes: Sequence[Outcome]) -> Optional[list[dict]]:
     if not all(o.times is not None and o.times.send_ms_per_mb is not None for o in ordered):
         return None
     return [{"device": o.device.device_id, "send_ms_per_mb": o.times.send_ms_per_mb,  # type: ignore[union-attr]
-             "receive_ms_per_mb": o.times.receive_ms_per_mb, "tls": o.times.link_tls}  # type: ignore[union-attr]
+             "receive_ms_per_mb": o.times.receive_ms_per_mb, "tls": o.times.link_tls,  # type: ignore[union-attr]
+             "cpu_share": o.times.cpu_share}  # type: ignore[union-attr]
             for o in ordered]
 
 
@@ -202,16 +217,18 @@ def check_registry(registry: dict[int, Device], source: str) -> list[Device]:
 
 
 def format_outcomes(outcomes: Sequence[Outcome]) -> str:
-    rows = [f"{'device':>6}  {'whole ms':>9} {'sum(E) ms':>9} {'send ms/MB':>10} {'recv ms/MB':>10} "
-            f"{'seconds':>7}  result"]
+    rows = [f"{'device':>6}  {'whole ms':>9} {'sum(E) ms':>9} {'CPU share':>9} {'send ms/MB':>10} "
+            f"{'recv ms/MB':>10} {'seconds':>7}  result"]
     nan = float("nan")
     for o in outcomes:
         t = o.times
         result = "ok" if t else f"FAILED: {o.error}"
         send = t.send_ms_per_mb if t and t.send_ms_per_mb is not None else nan
         receive = t.receive_ms_per_mb if t and t.receive_ms_per_mb is not None else nan
+        share = t.cpu_share if t and t.cpu_share is not None else nan
         rows.append(f"{o.device.device_id:>6}  {t.whole_ms if t else nan:>9.3f} "
-                    f"{sum(t.E) if t else nan:>9.3f} {send:>10.3f} {receive:>10.3f} {o.seconds:>7.1f}  {result}")
+                    f"{sum(t.E) if t else nan:>9.3f} {share:>9.3f} {send:>10.3f} {receive:>10.3f} "
+                    f"{o.seconds:>7.1f}  {result}")
     return "\n".join(rows)
 
 
