@@ -31,8 +31,11 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ..frameio import FrameReader, FrameWriter
 from ..interpreter import load_interpreter
+from ..manifest import TensorSpec
 from ..pipeline_key import CERT_FILE, CERT_KEY_FILE, tls_context
+from ..protocol import Kind
 
 RESULT = "RESULT "
 
@@ -91,12 +94,14 @@ LINK_DEADLINE = 60.0  # every socket operation of the link measurement
 def link_costs(folder: Optional[Path], seconds: float, slowdown: float) -> dict[str, Any]:
     """Device ms per MB to send and to receive a cut, TLS when `folder` holds the pipeline certificate: each
     end's thread CPU time per MB times `slowdown`, the device's wall over CPU time for the whole model (its
-    quota's hold-back; 1 on an unlimited CPU). Wall time of the loop itself would count the ends waiting for
-    each other on loopback, which a stage does not pay."""
+    quota's hold-back; 1 on an unlimited CPU). The frames go through the runtime's own FrameWriter and
+    FrameReader on non-blocking sockets, as a stage sends and receives them. Wall time of the loop itself would
+    count the ends waiting for each other on loopback, which a stage does not pay."""
     tls = folder is not None and (folder / CERT_FILE).is_file()
     if tls:
         assert folder is not None
         os.chmod(folder / CERT_KEY_FILE, 0o600)  # shipped files may come with the upload's mode
+    specs = [TensorSpec("cut", "cut", (LINK_FRAME // 4,), "float32")]
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(LINK_DEADLINE)
     cpu: dict[str, float] = {}
@@ -105,35 +110,37 @@ def link_costs(folder: Optional[Path], seconds: float, slowdown: float) -> dict[
 
     def wrap(sock: socket.socket, server_side: bool) -> socket.socket:
         sock.settimeout(LINK_DEADLINE)
-        if not tls:
-            return sock
-        assert folder is not None
-        wrapped = tls_context(folder, server_side).wrap_socket(sock, server_side=server_side)
-        wrapped.settimeout(LINK_DEADLINE)
-        return wrapped
+        if tls:
+            assert folder is not None
+            sock = tls_context(folder, server_side).wrap_socket(sock, server_side=server_side)
+        sock.setblocking(False)
+        return sock
 
     def receive() -> None:
         try:
             conn, _ = listener.accept()
             with wrap(conn, True) as link:
-                buffer, total, began = bytearray(LINK_FRAME), 0, time.thread_time()
-                view = memoryview(buffer)
-                while (n := link.recv_into(view)) > 0:
-                    total += n
+                reader, buffers = FrameReader(link, specs, "sender", LINK_DEADLINE), [np.empty(LINK_FRAME // 4,
+                                                                                               np.float32)]
+                total, began = 0, time.thread_time()
+                while reader.read(buffers).kind == Kind.DATA:
+                    total += LINK_FRAME
                 cpu["receive"], moved["receive"] = time.thread_time() - began, total
-        except (OSError, ssl.SSLError) as e:
+        except (OSError, ssl.SSLError, ValueError) as e:
             errors.append(e)
 
     def send() -> None:
         try:
             with wrap(socket.create_connection(listener.getsockname(), LINK_DEADLINE), False) as link:
-                payload, total = memoryview(np.ones(LINK_FRAME, np.uint8).tobytes()), 0
-                began_cpu, began = time.thread_time(), time.perf_counter()
+                writer, tensors = FrameWriter(link, specs, "receiver", LINK_DEADLINE), [np.ones(LINK_FRAME // 4,
+                                                                                                np.float32)]
+                total, began_cpu, began = 0, time.thread_time(), time.perf_counter()
                 while time.perf_counter() - began < seconds:
-                    link.sendall(payload)
+                    writer.send(total // LINK_FRAME, 0, tensors)
                     total += LINK_FRAME
                 cpu["send"], moved["send"] = time.thread_time() - began_cpu, total
-        except (OSError, ssl.SSLError) as e:
+                writer.end(total // LINK_FRAME)
+        except (OSError, ssl.SSLError, ValueError) as e:
             errors.append(e)
 
     threads = [threading.Thread(target=receive), threading.Thread(target=send)]
@@ -143,7 +150,7 @@ def link_costs(folder: Optional[Path], seconds: float, slowdown: float) -> dict[
         thread.join()
     listener.close()
     if errors or moved.get("receive") != moved.get("send"):
-        raise OSError(f"the link measurement failed ({errors[0] if errors else 'bytes lost'})")
+        raise OSError(f"the link measurement failed ({errors[0] if errors else 'frames lost'})")
     megabytes = moved["send"] / 1e6
     return {"tls": tls, "megabytes": round(megabytes, 3), "slowdown": round(slowdown, 4),
             "send_ms_per_mb": cpu["send"] * 1000 * slowdown / megabytes,
