@@ -169,6 +169,16 @@ def test_status_shows_the_limits_and_faults_change_one_device(fleet3):
 
 
 @needs_fleet
+def test_a_board_sockets_start_with_room_for_a_whole_cut(fleet3):
+    """A quota pauses a board for most of each period: with the kernel's 16 KB starting send buffer a stage's
+    send thread had to come back while paused, so a 410 KB cut took 10.5 ms to leave a 0.12-core board."""
+    done = ssh(fleet3 / "reg.json", 2, "cat", "/proc/sys/net/ipv4/tcp_wmem", "/proc/sys/net/ipv4/tcp_rmem")
+    assert done.returncode == 0, done.stderr
+    wmem, rmem = (line.split() for line in done.stdout.splitlines())
+    assert int(wmem[1]) >= 1 << 20 and int(rmem[1]) >= 1 << 20
+
+
+@needs_fleet
 def test_what_exceeds_a_device_memory_is_killed_by_the_kernel(fleet3):
     registry, fid = fleet3 / "reg.json", fleet.fleet_id(fleet3 / "state")
     before = cgroups.stats(fid, 2)["oom_kills"]
