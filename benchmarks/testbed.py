@@ -48,7 +48,17 @@ def row(name: str, work: Path, seconds: float) -> str:
             f"{pipe_p:.1f} / {pipe:.1f} ({pipe / pipe_p:.0%}) | "
             f"{single_p:.1f} / {single:.1f} ({single / single_p:.0%}) | "
             f"{pipe_p / single_p:.2f}x / {pipe / single:.2f}x | {m['pipeline_capacity'] / pipe_p:.0%} | "
-            f"{m['latency_p50_ms']:.0f} / {m['latency_p95_ms']:.0f} | {over} / {frames} | {seconds:.0f} s |")
+            f"{m['latency_p50_ms']:.0f} / {m['latency_p95_ms']:.0f} | {over} / {frames} | {paper(m)} | "
+            f"{seconds:.0f} s |")
+
+
+def paper(m: dict) -> str:
+    """The paper's cost model (links cost no device CPU) against measured, where the prediction counts the
+    boards' measured link CPU (cpu-quota); the same prediction otherwise."""
+    predicted = m.get("paper_predicted_pipeline_throughput")
+    if predicted is None or m.get("link_costs") is None:
+        return "same"
+    return f"{predicted:.1f} / {m['pipeline_throughput']:.1f} ({m['pipeline_throughput'] / predicted:.0%})"
 
 
 def main() -> None:
@@ -84,8 +94,8 @@ def main() -> None:
           f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min)")
     print("| run | compute | testbed | scale | stages | pipeline inf/s predicted / measured | fastest device "
           "predicted / measured | speed-up predicted / measured | capacity / predicted | latency p50 / p95 ms | "
-          "frames over plan | time |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "frames over plan | pipeline, paper's model (no link CPU) / measured | time |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
 
 

@@ -169,6 +169,16 @@ def test_status_shows_the_limits_and_faults_change_one_device(fleet3):
 
 
 @needs_fleet
+def test_a_board_sockets_start_with_room_for_a_whole_cut(fleet3):
+    """A quota pauses a board for most of each period: with the kernel's 16 KB starting send buffer a stage's
+    send thread had to come back while paused, so a 410 KB cut took 10.5 ms to leave a 0.12-core board."""
+    done = ssh(fleet3 / "reg.json", 2, "cat", "/proc/sys/net/ipv4/tcp_wmem", "/proc/sys/net/ipv4/tcp_rmem")
+    assert done.returncode == 0, done.stderr
+    wmem, rmem = (line.split() for line in done.stdout.splitlines())
+    assert int(wmem[1]) >= 1 << 20 and int(rmem[1]) >= 1 << 20
+
+
+@needs_fleet
 def test_what_exceeds_a_device_memory_is_killed_by_the_kernel(fleet3):
     registry, fid = fleet3 / "reg.json", fleet.fleet_id(fleet3 / "state")
     before = cgroups.stats(fid, 2)["oom_kills"]
@@ -233,6 +243,13 @@ def test_per_device_profile_over_ssh_shows_the_cpu_limits(fleet3, tmp_path):
     rows = config["model_config"]["E_device"]
     assert len(rows) == 3 and all(len(row) == config["model_config"]["U"] for row in rows)
     assert config["device_config"]["C"][0] == 1.0 and config["device_config"]["N"] == 3
+
+
+def test_quota_periods_are_long_enough_for_the_kernel_to_deliver_the_quota():
+    """Periods under 10 ms gave a 0.57-core board 0.34-0.42 cores (cgroups.MIN_PERIOD_US): it was 2 ms."""
+    assert cgroups.quota_period(0.57) == (5700, 10_000)
+    assert cgroups.quota_period(0.12) == (1200, 10_000)
+    assert cgroups.quota_period(0.05) == (1000, 20_000)
 
 
 def test_quota_periods_are_short_but_the_quota_never_below_the_kernel_minimum():

@@ -1,6 +1,7 @@
 """Per-device profiling: the profiling model and the timer shipped to each device, every unit timed there."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -10,9 +11,13 @@ import models
 from dnnpipe.config import parse_config
 from dnnpipe.deploy.registry import Device
 from dnnpipe.deploy.closure import closure
-from dnnpipe.errors import DnnpipeError
+from dnnpipe.errors import ConfigError, DnnpipeError
+from dnnpipe.keygen import create_certificate
 from dnnpipe.profile.devices import DeviceProfileOptions, DeviceTimes, Outcome, parse_result, profile_devices, \
     with_device_rows
+from dnnpipe.profile.devices import link_costs as devices_link_costs
+from dnnpipe.profile.timer import link_costs
+from dnnpipe.testbed.pacing import LinkCost, emulation
 from dnnpipe.profile.profiler import profiling_model
 from helpers import ROOT
 
@@ -73,3 +78,57 @@ def test_local_devices_are_profiled_and_a_failing_one_is_named(converted, tmp_pa
     assert any(line.startswith("device 1: whole model") for line in said)
     assert (tmp_path / "d1" / "dnnpipe" / "profile" / "timer.py").is_file()
     assert json.loads(json.dumps([o.error for o in outcomes]))  # plain data
+
+
+def link_config():
+    """Two devices, three units; cut 1 is 2 MB, cut 2 is 1 MB; 1000 Mbit/s links."""
+    return parse_config({"device_config": {"N": 2, "C": [1.0, 1.0], "M": [100, 100], "B": [1000, 1000]},
+                         "model_config": {"U": 3, "E": [10.0, 10.0, 10.0], "R": [1.0] * 3,
+                                          "A": [1e6, 2e6, 1e6, 1e3]}}, "test")
+
+
+def test_the_prediction_counts_each_device_measured_link_cpu_and_keeps_the_papers():
+    stages = [[1, 1, 1], [2, 3, 2]]
+    links = [LinkCost(send_ms_per_mb=3.0, receive_ms_per_mb=100.0), LinkCost(send_ms_per_mb=100.0,
+                                                                            receive_ms_per_mb=4.0)]
+    paper, counted = emulation(link_config(), stages, 1.0), emulation(link_config(), stages, 1.0, links)
+    # stage 1 sends cut 1 (2 MB, 16 ms on the link), receives nothing (inputs are local): 10 + 2 x 3 ms of CPU
+    # stage 2 receives cut 1 (2 MB x 4 ms) and sends nothing (results are local): 20 + 8 ms
+    assert [s.link_cpu_ms for s in counted.stages] == pytest.approx([6.0, 8.0])
+    assert [s.period_ms for s in counted.stages] == pytest.approx([16.0, 28.0])
+    assert counted.throughput == pytest.approx(1000 / 28)
+    assert counted.paper_throughput == pytest.approx(paper.throughput) == pytest.approx(1000 / 20)
+    with pytest.raises(ConfigError, match="1 measured link costs for 2 devices"):
+        emulation(link_config(), stages, 1.0, links[:1])
+
+
+@pytest.mark.parametrize("tls", [True, False])
+def test_the_timer_measures_the_cpu_of_sending_and_receiving_cuts(tmp_path, tls):
+    if tls:
+        if shutil.which("openssl") is None:
+            pytest.skip("openssl is not installed: no pipeline certificate to measure TLS with")
+        create_certificate(tmp_path)
+    costs = link_costs(tmp_path, 0.2, slowdown=2.0)
+    assert costs["tls"] is tls and costs["megabytes"] > 0 and costs["slowdown"] == 2.0
+    assert 0 < costs["send_ms_per_mb"] < 1000 and 0 < costs["receive_ms_per_mb"] < 1000
+
+
+def test_a_devices_link_cpu_comes_back_with_its_row(converted, tmp_path):
+    graph, flatbuffer = converted.graph, converted.flatbuffer
+    devices = [Device(1, "local", remote_dir=str(tmp_path / "d1"), python=sys.executable)]
+    outcomes = profile_devices(flatbuffer, devices, graph.U, FAST, lambda line: None)
+    times = outcomes[0].times
+    assert times is not None and times.send_ms_per_mb > 0 and times.receive_ms_per_mb > 0
+    assert times.link_tls is (shutil.which("openssl") is not None)
+    assert devices_link_costs(outcomes) == [{"device": 1, "send_ms_per_mb": times.send_ms_per_mb,
+                                             "receive_ms_per_mb": times.receive_ms_per_mb, "tls": times.link_tls,
+                                             "cpu_share": times.cpu_share}]
+    assert 0 < times.cpu_share <= 1
+    assert devices_link_costs([Outcome(devices[0], DeviceTimes(1, 0.1, 1.0, (1.0,)))]) is None
+
+
+def test_a_timer_result_with_a_bad_link_cost_is_refused():
+    log = 'RESULT {"probe_ms": 0.1, "whole_ms": 1, "units_ms": [1], "link": {"send_ms_per_mb": -1, ' \
+          '"receive_ms_per_mb": 1, "tls": true}}'
+    with pytest.raises(DnnpipeError, match="negative"):
+        parse_result(1, log, 1)

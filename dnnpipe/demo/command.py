@@ -33,6 +33,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                              "cpu-quota: the virtual fleet (root): each device a board with a CPU quota, a memory "
                              "limit and its own sshd, profiled on itself, stages started over ssh, no pacing "
                              "(default pace)")
+    parser.add_argument("--no-tls", action="store_true",
+                        help="stage links without TLS (default: inside mutual TLS, as deployed), e.g. to see what "
+                             "TLS costs a slow board; the report and measured.json say which ran")
     return parser
 
 
@@ -40,6 +43,6 @@ def demo_command(args: argparse.Namespace) -> int:
     options = Options(model=args.model, input_size=args.input_size, cluster=args.cluster,
                       num_inputs=args.num_inputs, repeats=args.repeats,
                       steps=tuple(s for s in STEPS if s in args.steps), testbed=args.testbed, scale=args.scale,
-                      compute=args.compute)
+                      compute=args.compute, tls=not args.no_tls)
     run_demo(Work(args.work_dir, args.model), options)
     return 0

@@ -104,7 +104,7 @@ def profile_on_fleet(work: Work, options, model, say=print) -> None:
     """The host's profile (memory, cut sizes, legal cuts), then every unit timed on every board: E_device and C."""
     from ..jsonio import write_json
     from ..profile.costs import describe
-    from ..profile.devices import DeviceProfileOptions, format_outcomes, on_devices
+    from ..profile.devices import DeviceProfileOptions, format_outcomes, link_costs, on_devices
     from ..profile.profiler import keras_config, profile_keras_model, profiling_model, progress_line
     from .run import cluster
 
@@ -113,12 +113,23 @@ def profile_on_fleet(work: Work, options, model, say=print) -> None:
     say(describe(profile))
     config = keras_config(model, profile, cluster(options, sum(profile.R)))
     shape = ensure_fleet(work, config["device_config"], options.scale, say)
-    config, outcomes = on_devices(fleet_links(config, shape), converted[3], work.registry,
-                                  DeviceProfileOptions(repeats=options.repeats, num_threads=1, ssh=SSH), say)
+    config, outcomes = on_devices(fleet_links(config, shape), converted.flatbuffer, work.registry,
+                                  DeviceProfileOptions(repeats=options.repeats, num_threads=1, ssh=SSH,
+                                                       tls=options.tls), say)
     say(format_outcomes(outcomes))
+    for o, board in zip(sorted(outcomes, key=lambda o: o.device.device_id), shape.devices):
+        if o.times is not None and o.times.cpu_share is not None:
+            say(f"board {board.device_id}: the timer got {o.times.cpu_share:.3f} cores of its quota "
+                f"{board.cpu_cores:.3f} ({o.times.cpu_share / board.cpu_cores:.0%}; under 100%: the host or "
+                f"something else on the board took the rest)")
     say(f"per-device profile: C = {config['device_config']['C']} (each board's whole model against board 1's)")
     write_json(work.config, config)
     say(f"wrote {work.config}")
+    costs = link_costs(outcomes)
+    if costs is not None:
+        write_json(work.link_costs, costs)
+        say(f"wrote {work.link_costs}: each board's CPU per MB of cut sent and received (TLS: "
+            f"{all(c['tls'] for c in costs)}), which the prediction counts and the paper's model does not")
 
 
 def deploy_to_fleet(work: Work, options, say=print) -> None:
@@ -129,10 +140,31 @@ def deploy_to_fleet(work: Work, options, say=print) -> None:
     ensure_fleet(work, demo_cluster(work, options), options.scale, say)
     for folder in (work.parts, work.single):
         deployment = deploy(DeployOptions(registry=work.registry, model_name=work.name, model_path=folder,
-                                          config=work.configs, ssh=SSH))
+                                          config=work.configs, ssh=SSH, tls=options.tls))
         say(format_reports(deployment.reports))
         if deployment.failed:
             raise DnnpipeError(f"deploying to {len(deployment.failed)} boards failed (see the table above)")
+
+
+def measured_links(work: Work) -> Optional[list[Any]]:
+    """The per-device link CPU the profile step measured (pacing.LinkCost per device), or None."""
+    from ..testbed.pacing import LinkCost
+
+    if not work.link_costs.is_file():
+        return None
+    try:
+        rows = json.loads(work.link_costs.read_text())
+        return [LinkCost(float(r["send_ms_per_mb"]), float(r["receive_ms_per_mb"]))
+                for r in sorted(rows, key=lambda r: int(r["device"]))]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DnnpipeError(f"{work.link_costs}: malformed ({e}); run the profile step again") from None
+
+
+def profile_shares(work: Work) -> Optional[list[Any]]:
+    """The cores each board gave the timer while profiled (link_costs.json), for the report."""
+    if not work.link_costs.is_file():
+        return None
+    return [r.get("cpu_share") for r in sorted(json.loads(work.link_costs.read_text()), key=lambda r: r["device"])]
 
 
 def run_on_fleet(work: Work, options, say=print) -> None:
@@ -151,8 +183,14 @@ def run_on_fleet(work: Work, options, say=print) -> None:
     if config.profile.E_device is None:
         raise DnnpipeError(f"{work.config} has no per-device profile: run the profile step with --compute cpu-quota")
     shape = ensure_fleet(work, demo_cluster(work, options), options.scale, say)
-    pipeline_plan = emulation(config, read_stages(work.plan), 1.0)
-    single_plan = emulation(config, [[1, config.profile.U, fastest_device(config)]], 1.0)
+    links = measured_links(work)
+    if links is None:
+        say("no link CPU measured for the boards (profile again): the prediction is the paper's, links cost no CPU")
+    pipeline_plan = emulation(config, read_stages(work.plan), 1.0, links)
+    single_plan = emulation(config, [[1, config.profile.U, fastest_device(config)]], 1.0, links)
+    say(f"predicted: pipeline {pipeline_plan.throughput:.1f} inferences/s counting each board's measured link CPU "
+        f"(the paper's model, links without CPU: {pipeline_plan.paper_throughput:.1f}); fastest board alone "
+        f"{single_plan.throughput:.1f}")
     net = network(work)
     runs, throttled = {}, {}
     try:
@@ -160,7 +198,7 @@ def run_on_fleet(work: Work, options, say=print) -> None:
                                       ("capacity", pipeline_plan, False)):
             say(f"{name} on the fleet: source " + (f"paced at the predicted {emulated.throughput:.1f} "
                                                    f"inferences/s" if paced else "unpaced"))
-            run = RunOptions(num_inputs=options.num_inputs, num_threads=1, queue_size=1,
+            run = RunOptions(num_inputs=options.num_inputs, num_threads=1, queue_size=1, tls=options.tls,
                              fps=emulated.throughput if paced else None)
             folder = (work.single if name == "single" else work.parts) / work.name
             before = throttling(shape)
@@ -177,10 +215,16 @@ def run_on_fleet(work: Work, options, say=print) -> None:
         say(f"fleet {shape.fleet_id} taken down")
     pipeline, single = runs["pipeline"], runs["single"]
     write_json(work.measured, {
-        "compute": "cpu-quota", "profile": "per-device", "testbed": "fleet", "usable_cores": usable_cores(),
+        "compute": "cpu-quota", "profile": "per-device", "tls": options.tls, "testbed": "fleet",
+        "usable_cores": usable_cores(),
         "emulation_scale": shape.scale,
         "pipeline_throughput": pipeline.throughput, "predicted_pipeline_throughput": pipeline_plan.throughput,
         "single_throughput": single.throughput, "predicted_single_throughput": single_plan.throughput,
+        "paper_predicted_pipeline_throughput": pipeline_plan.paper_throughput,
+        "paper_predicted_single_throughput": single_plan.paper_throughput,
+        "planned_link_cpu_ms": [s.link_cpu_ms for s in pipeline_plan.stages],
+        "link_costs": None if links is None else [vars(c) for c in links],
+        "profile_cpu_share": profile_shares(work),
         "pipeline_capacity": runs["capacity"].throughput,
         "latency_p50_ms": pipeline.stages[-1].latency_p50_ms, "latency_p95_ms": pipeline.stages[-1].latency_p95_ms,
         "single_latency_p50_ms": single.stages[-1].latency_p50_ms,

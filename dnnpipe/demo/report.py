@@ -93,6 +93,21 @@ def _ms(value: Optional[float]) -> str:
     return "" if value is None else f"{value:.2f}"
 
 
+def link_lines(measured: dict[str, Any]) -> list[str]:
+    """The prediction with and without the boards' CPU on their links, so the paper's model can be judged."""
+    paper = measured.get("paper_predicted_pipeline_throughput")
+    if measured.get("link_costs") is None or paper is None:
+        return ["- prediction: the paper's cost model (no link CPU was measured on the boards)"]
+    costs = ", ".join(f"{c['send_ms_per_mb']:.2f} / {c['receive_ms_per_mb']:.2f}" for c in measured["link_costs"])
+    cpu = ", ".join(f"{ms:.2f}" for ms in measured["planned_link_cpu_ms"])
+    return [f"- prediction counts each board's CPU on its links (measured on the board, ms per MB sent / "
+            f"received: {costs}; per stage {cpu} ms): on a board of one core or less it comes out of the same "
+            f"quota as the compute, so compute and send do not overlap. The paper's cost model (links cost no CPU) "
+            f"predicts {paper:.1f} inferences/s: the pipeline measured {measured['pipeline_throughput'] / paper:.0%} "
+            f"of it; the fastest board alone {measured['paper_predicted_single_throughput']:.1f} "
+            f"({measured['single_throughput'] / measured['paper_predicted_single_throughput']:.0%})."]
+
+
 def fleet_section(measured: dict[str, Any]) -> list[str]:
     """Each board's limits and how often its quota held it back in each run, and what the host cannot emulate."""
     rows = ["| device | C | CPU quota (cores) | core set | memory limit MiB | run | quota periods | throttled | "
@@ -150,7 +165,8 @@ def write_report(work: Work) -> str:
                "planned time (profile: this host's, scaled by C)")
     summary = [
         compute,
-        f"- testbed: {testbed}; {measured['usable_cores']:g} usable cores, every speed and bandwidth x {scale:.3g}",
+        f"- testbed: {testbed}; {measured['usable_cores']:g} usable cores, every speed and bandwidth x {scale:.3g}; "
+        f"stage links {'inside TLS' if measured.get('tls', True) else 'without TLS (--no-tls)'}",
         (f"- plan: bottleneck {plan['bottleneck_ms']:.2f} ms on the fleet, from each board's own unit times "
          f"(ideal {plan['ideal_ms']:.2f} ms); period between stages (compute and the hops) {1000 / predicted:.2f} ms"
          if quota else
@@ -175,7 +191,7 @@ def write_report(work: Work) -> str:
          f"than the device would have"),
     ]
     if quota:
-        summary = summary[:-1]  # nothing is paced, so nothing can overrun a pace
+        summary = summary[:-1] + link_lines(measured)  # nothing is paced, so nothing can overrun a pace
         intro = (f"Work directory: `{work.root}`. Each device is an emulated board on this host (`python -m dnnpipe "
                  f"testbed up`): a CPU quota of C x {scale:.3g} cores makes it really slower, a memory limit really "
                  f"smaller, and it is reached over ssh like a board. Every unit was timed on every board, so the "

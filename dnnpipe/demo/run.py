@@ -37,6 +37,7 @@ class Options:
     testbed: str = "auto"  # dnnpipe.testbed.netns.MODES
     scale: Optional[float] = None  # every emulated speed and bandwidth x this (default: fit the usable cores)
     compute: str = "pace"  # COMPUTE
+    tls: bool = True  # stage links inside mutual TLS (off: --no-tls, to measure what TLS costs a board)
 
 
 def say(text: str) -> None:
@@ -155,7 +156,7 @@ def step_deploy(work: Work, options: Options) -> None:
                 "runtime_port": ports[d]} for d in range(len(speeds))]
     write_json(work.registry, {"devices": devices})
     deployment = deploy(DeployOptions(registry=work.registry, model_name=work.name, model_path=work.parts,
-                                      config=work.configs, dataset=work.dataset))
+                                      config=work.configs, dataset=work.dataset, tls=options.tls))
     say(format_reports(deployment.reports))
     if deployment.failed:
         raise DnnpipeError(f"deploying to {len(deployment.failed)} devices failed (see the table above)")
@@ -199,7 +200,7 @@ def step_run(work: Work, options: Options) -> None:
                  "capacity": "pipeline capacity"}[name] + ": source " + (
                 f"paced at the predicted {emulated.throughput:.1f} inferences/s" if paced else
                 "unpaced (as fast as the pipeline takes inputs), to show the pipeline cannot beat the prediction"))
-            run = RunOptions(num_inputs=options.num_inputs, num_threads=1, queue_size=1,
+            run = RunOptions(num_inputs=options.num_inputs, num_threads=1, queue_size=1, tls=options.tls,
                              fps=emulated.throughput if paced else None)
             folder = (work.single if name == "single" else work.parts) / work.name
             output = work.results if name == "pipeline" else None
@@ -207,7 +208,7 @@ def step_run(work: Work, options: Options) -> None:
             say(runs[name].describe())
     pipeline, single = runs["pipeline"], runs["single"]
     write_json(work.measured, {
-        "compute": "pace", "profile": "host", "testbed": pipeline.network, "usable_cores": cores,
+        "compute": "pace", "tls": options.tls, "profile": "host", "testbed": pipeline.network, "usable_cores": cores,
         "emulation_scale": scale,
         "pipeline_throughput": pipeline.throughput, "predicted_pipeline_throughput": pipeline_plan.throughput,
         "single_throughput": single.throughput, "predicted_single_throughput": single_plan.throughput,

@@ -25,6 +25,7 @@ class Work:
         self.registry = self.configs / "device_registry.json"
         self.config = self.configs / self.name / "config.json"
         self.plan = self.configs / self.name / "pipeline_plan.json"
+        self.link_costs = self.configs / self.name / "link_costs.json"  # per-device link CPU (--compute cpu-quota)
         self.model = self.models / f"{self.name}.h5"
         self.report = self.root / "report.md"
         self.measured = self.root / "measured.json"

@@ -10,6 +10,9 @@ as the timer's last line. A device that fails is named; the others are still mea
 from __future__ import annotations
 
 import json
+import os
+import select
+import subprocess
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,17 +23,20 @@ from typing import Callable, Optional, Sequence
 from ..deploy.closure import device_files
 from ..deploy.registry import Device
 from ..deploy.ship import RUNTIME_ROOT, DeviceReport, ship
-from ..deploy.transport import SshOptions, Transport, TransportError, Upload, transport_for
-from ..errors import DnnpipeError
+from ..deploy.transport import RUN, SshOptions, SshTransport, Transport, TransportError, Upload, transport_for
+from ..errors import ConfigError, DnnpipeError
+from ..keygen import create_certificate
 from ..manifest import sha256_file
+from ..pipeline_key import CERT_FILE, CERT_KEY_FILE
 from .timer import RESULT
 
 FOLDER = "profile"  # below each device's remote_dir
 MODEL = f"{FOLDER}/model.tflite"
 LOG = f"{FOLDER}/timer.out"
 PID = f"{FOLDER}/timer.pid"
+LINK_FOLDER = f"{FOLDER}/link"  # a throwaway pipeline.crt pair: the link CPU is measured inside TLS, as stages run
 TIMER = "dnnpipe.profile.timer"
-POLL_SECONDS = 1.0
+POLL_SECONDS, POLL_MAX_SECONDS = 1.0, 30.0  # a local device's log, read while its timer runs
 Progress = Callable[[str], None]
 
 
@@ -40,6 +46,16 @@ class DeviceTimes:
     probe_ms: float
     whole_ms: float
     units_ms: tuple[float, ...]
+    send_ms_per_mb: Optional[float] = None  # the device's CPU on its links, device ms per MB (timer --link-folder)
+    receive_ms_per_mb: Optional[float] = None
+    link_tls: Optional[bool] = None
+    whole_cpu_ms: Optional[float] = None  # the timer's own CPU per whole-model invoke (whole_ms / it: the hold-back)
+
+    @property
+    def cpu_share(self) -> Optional[float]:
+        """The cores the device gave the timer while it ran the whole model: CPU over wall time (1 on a free
+        core; on an emulated board its quota unless the host or something else on the board took some)."""
+        return None if not self.whole_cpu_ms else min(1.0, self.whole_cpu_ms / self.whole_ms)
 
     @property
     def E(self) -> list[float]:
@@ -70,18 +86,23 @@ class DeviceProfileOptions:
     ssh: SshOptions = SshOptions()
     seconds: float = 900.0  # per device, shipping included
     sustain: float = 0.25  # each signature runs back to back at least this long on the device (timer.py)
+    link: bool = True  # also measure the CPU of the device's links (inside TLS unless tls is off)
+    tls: bool = True
 
 
-def uploads(model_file: Path) -> list[Upload]:
-    """The profiling model and the timer's import closure."""
+def uploads(model_file: Path, link_folder: Optional[Path] = None) -> list[Upload]:
+    """The profiling model, the timer's import closure and (when given) the link measurement's certificate."""
     code = [(RUNTIME_ROOT / rel, rel.as_posix()) for rel in device_files(RUNTIME_ROOT, TIMER)]
+    if link_folder is not None:
+        code += [(link_folder / name, f"{LINK_FOLDER}/{name}") for name in (CERT_FILE, CERT_KEY_FILE)]
     return [Upload(model_file, MODEL, sha256_file(model_file))] + [Upload(local, rel, sha256_file(local))
                                                                  for local, rel in code]
 
 
 def timer_argv(device: Device, options: DeviceProfileOptions) -> list[str]:
     return [device.interpreter, "-m", TIMER, MODEL, "--repeats", str(options.repeats), "--warmup",
-            str(options.warmup), "--num-threads", str(options.num_threads), "--seconds", str(options.sustain)]
+            str(options.warmup), "--num-threads", str(options.num_threads), "--seconds", str(options.sustain)] + \
+        (["--link-folder", LINK_FOLDER] if options.link else [])
 
 
 def parse_result(device_id: int, log: str, units: int) -> DeviceTimes:
@@ -92,15 +113,57 @@ def parse_result(device_id: int, log: str, units: int) -> DeviceTimes:
         raise DnnpipeError(f"the timer ended without a result: {last[-1] if last else 'its log is empty'}")
     try:
         data = json.loads(lines[-1][len(RESULT):])
+        link = data.get("link")
         times = DeviceTimes(device_id, float(data["probe_ms"]), float(data["whole_ms"]),
-                            tuple(float(x) for x in data["units_ms"]))
+                            tuple(float(x) for x in data["units_ms"]),
+                            None if link is None else float(link["send_ms_per_mb"]),
+                            None if link is None else float(link["receive_ms_per_mb"]),
+                            None if link is None else bool(link["tls"]),
+                            float(data["whole_cpu_ms"]) if "whole_cpu_ms" in data else None)
     except (ValueError, KeyError, TypeError) as e:
         raise DnnpipeError(f"the timer's result is malformed ({e})") from None
-    values = [times.probe_ms, times.whole_ms, *times.units_ms]
+    values = [times.probe_ms, times.whole_ms, *times.units_ms, times.send_ms_per_mb or 0.0,
+              times.receive_ms_per_mb or 0.0]
     if len(times.units_ms) != units or not all(0 <= v < float("inf") for v in values):
         raise DnnpipeError(f"the timer returned {len(times.units_ms)} unit times (expected {units}), or one "
                            f"that is negative or not finite")
     return times
+
+
+def run_over_ssh(transport: SshTransport, argv: Sequence[str], deadline: float, say: Callable[[str], None]) -> str:
+    """The timer in the foreground of one ssh session, its lines as they come: no login (key exchange, a shell,
+    tail) runs on the device while it times, where on a board of 0.12 cores each would take CPU from the timer.
+    At the deadline the session is cut: the timer ends at its next line (a broken pipe)."""
+    process = subprocess.Popen(transport.argv(RUN, *argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    assert process.stdout is not None
+    output, told = b"", 0
+    try:
+        poll = select.poll()
+        poll.register(process.stdout, select.POLLIN)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DnnpipeError("did not finish within the profile's deadline")
+            if not poll.poll(int(min(left, POLL_SECONDS) * 1000) + 1):
+                continue
+            chunk = os.read(process.stdout.fileno(), 1 << 16)
+            if not chunk:
+                break
+            output += chunk
+            lines = output.decode(errors="replace").splitlines()
+            complete = lines if output.endswith(b"\n") else lines[:-1]
+            for line in complete[told:]:
+                if line.strip() and not line.startswith(RESULT):
+                    say(line.strip())
+            told = len(complete)
+        process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+    return output.decode(errors="replace")
 
 
 def profile_device(device: Device, files: Sequence[Upload], units: int, options: DeviceProfileOptions,
@@ -115,17 +178,26 @@ def profile_device(device: Device, files: Sequence[Upload], units: int, options:
             raise DnnpipeError(report.error or "; ".join(f"{rel}: {why}" for rel, why in report.failed.items()))
         progress(f"device {device.device_id}: shipped {len(report.sent)} files ({len(report.skipped)} already "
                  f"there), timing {units} units")
+        if isinstance(transport, SshTransport):
+            times = parse_result(device.device_id, run_over_ssh(transport, timer_argv(device, options), deadline,
+                                                                lambda line: progress(f"device {device.device_id}: "
+                                                                                      f"{line}")), units)
+            progress(f"device {device.device_id}: whole model {times.whole_ms:.3f} ms")
+            return Outcome(device, times, seconds=time.monotonic() - began)
         transport.start(timer_argv(device, options), LOG, PID)
-        seen = ""
-        while transport.alive(PID):
+        seen, wait = "", POLL_SECONDS
+        while True:
+            time.sleep(max(0.0, min(wait, deadline - time.monotonic())))
+            wait = min(POLL_MAX_SECONDS, 2 * wait)
+            line = transport.tail(LOG, 1).strip()
+            if line.startswith((RESULT, "error:")) or not transport.alive(PID):
+                break
             if time.monotonic() > deadline:
                 transport.stop(PID)
                 raise DnnpipeError(f"did not finish within {options.seconds:g} s")
-            line = transport.tail(LOG, 1).strip()
-            if line and line != seen and not line.startswith(RESULT):
+            if line and line != seen:
                 progress(f"device {device.device_id}: {line}")
                 seen = line
-            time.sleep(POLL_SECONDS)
         times = parse_result(device.device_id, transport.tail(LOG, 5), units)
     except (DnnpipeError, TransportError, OSError) as e:
         progress(f"device {device.device_id}: FAILED: {e}")
@@ -141,7 +213,14 @@ def profile_devices(flatbuffer: bytes, devices: Sequence[Device], units: int,
     with tempfile.TemporaryDirectory(prefix="dnnpipe-devprofile-") as folder:
         model_file = Path(folder) / "model.tflite"
         model_file.write_bytes(flatbuffer)
-        files = uploads(model_file)
+        link_folder = None
+        if options.link and options.tls:
+            try:
+                link_folder = create_certificate(Path(folder) / "link").parent
+            except ConfigError as e:  # no openssl here: the link CPU is measured without TLS, and says so
+                progress(f"link CPU measured without TLS: {e}")
+                link_folder = None
+        files = uploads(model_file, link_folder)
         with ThreadPoolExecutor(max_workers=max(1, len(devices))) as pool:
             return list(pool.map(lambda d: profile_device(d, files, units, options, progress), devices))
 
@@ -158,6 +237,18 @@ def with_device_rows(config: dict, outcomes: Sequence[Outcome]) -> dict:
     return {**config, "device_config": cluster, "model_config": model}
 
 
+def link_costs(outcomes: Sequence[Outcome]) -> Optional[list[dict]]:
+    """Each device's measured link CPU (device ms per MB sent and received), in device order, or None when
+    a device has none (profiled without the link measurement)."""
+    ordered = sorted(outcomes, key=lambda o: o.device.device_id)
+    if not all(o.times is not None and o.times.send_ms_per_mb is not None for o in ordered):
+        return None
+    return [{"device": o.device.device_id, "send_ms_per_mb": o.times.send_ms_per_mb,  # type: ignore[union-attr]
+             "receive_ms_per_mb": o.times.receive_ms_per_mb, "tls": o.times.link_tls,  # type: ignore[union-attr]
+             "cpu_share": o.times.cpu_share}  # type: ignore[union-attr]
+            for o in ordered]
+
+
 def check_registry(registry: dict[int, Device], source: str) -> list[Device]:
     """Devices 1..N, as the config numbers them."""
     ids = sorted(registry)
@@ -168,12 +259,18 @@ def check_registry(registry: dict[int, Device], source: str) -> list[Device]:
 
 
 def format_outcomes(outcomes: Sequence[Outcome]) -> str:
-    rows = [f"{'device':>6}  {'whole ms':>9} {'sum(E) ms':>9} {'seconds':>7}  result"]
+    rows = [f"{'device':>6}  {'whole ms':>9} {'sum(E) ms':>9} {'CPU share':>9} {'send ms/MB':>10} "
+            f"{'recv ms/MB':>10} {'seconds':>7}  result"]
+    nan = float("nan")
     for o in outcomes:
         t = o.times
         result = "ok" if t else f"FAILED: {o.error}"
-        rows.append(f"{o.device.device_id:>6}  {t.whole_ms if t else float('nan'):>9.3f} "
-                    f"{sum(t.E) if t else float('nan'):>9.3f} {o.seconds:>7.1f}  {result}")
+        send = t.send_ms_per_mb if t and t.send_ms_per_mb is not None else nan
+        receive = t.receive_ms_per_mb if t and t.receive_ms_per_mb is not None else nan
+        share = t.cpu_share if t and t.cpu_share is not None else nan
+        rows.append(f"{o.device.device_id:>6}  {t.whole_ms if t else nan:>9.3f} "
+                    f"{sum(t.E) if t else nan:>9.3f} {share:>9.3f} {send:>10.3f} {receive:>10.3f} "
+                    f"{o.seconds:>7.1f}  {result}")
     return "\n".join(rows)
 
 

@@ -8,20 +8,34 @@ A device's time is sustained time: invokes back to back for at least `seconds`, 
 limited by a CPU quota (the virtual fleet) runs one short invoke at full speed and is held back only over a
 quota period, so the median of single invokes (the host's profiler) would miss the limit a pipeline stage meets
 in steady state; on an unlimited CPU both agree.
+
+A device also spends CPU on its links: a stage receives its input cut and sends its output cut (inside TLS by
+default), and on a board of one core or less that CPU comes out of the same budget as the stage's compute. With
+`--link-folder` (holding a pipeline.crt pair, or none: plain TCP) the timer also measures that: frames pushed
+through a loopback link within the device, each end's CPU time counted, scaled by how much slower the device ran
+them than that CPU time (its quota), as device ms per MB sent and received.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
+import ssl
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ..frameio import FrameReader, FrameWriter
 from ..interpreter import load_interpreter
+from ..manifest import TensorSpec
+from ..pipeline_key import CERT_FILE, CERT_KEY_FILE, tls_context
+from ..protocol import Kind
 
 RESULT = "RESULT "
 
@@ -35,16 +49,20 @@ def inputs_for(details: dict[str, Any], rng: np.random.Generator) -> dict[str, n
     return feed
 
 
-def sustained_ms(runner, feed: dict[str, np.ndarray], repeats: int, warmup: int, seconds: float) -> float:
-    """Mean ms per invoke over at least `repeats` invokes and `seconds` of wall time, inputs set once."""
+def sustained_ms(runner, feed: dict[str, np.ndarray], repeats: int, warmup: int, seconds: float,
+                 cpu: Optional[list[float]] = None) -> float:
+    """Mean ms per invoke over at least `repeats` invokes and `seconds` of wall time, inputs set once (and, into
+    `cpu`, the mean CPU ms of this thread per invoke: wall over CPU is how much the device's quota slows it)."""
     runner(**feed)  # allocates and sets the inputs
     wrapper, index = runner._interpreter_wrapper, runner._subgraph_index  # the runner's own invoke, as costs does
     for _ in range(warmup):
         wrapper.Invoke(index)
-    count, began = 0, time.perf_counter()
+    count, began, began_cpu = 0, time.perf_counter(), time.thread_time()
     while count < repeats or time.perf_counter() - began < seconds:
         wrapper.Invoke(index)
         count += 1
+    if cpu is not None:
+        cpu.append((time.thread_time() - began_cpu) / count * 1000)
     return (time.perf_counter() - began) / count * 1000
 
 
@@ -55,16 +73,88 @@ def time_units(model: str, repeats: int, warmup: int, num_threads: Optional[int]
     units = sorted((n for n in names if n.startswith("unit_")), key=lambda n: int(n.split("_")[1]))
     rng = np.random.default_rng(0)
 
-    def timed(name: str) -> float:
+    def timed(name: str, cpu: Optional[list[float]] = None) -> float:
         runner = interpreter.get_signature_runner(name)
-        return sustained_ms(runner, inputs_for(runner.get_input_details(), rng), repeats, warmup, seconds)
+        return sustained_ms(runner, inputs_for(runner.get_input_details(), rng), repeats, warmup, seconds, cpu)
 
-    result: dict[str, Any] = {"probe_ms": timed("probe"), "whole_ms": timed("whole"), "units_ms": []}
+    whole_cpu: list[float] = []
+    result: dict[str, Any] = {"probe_ms": timed("probe"), "whole_ms": timed("whole", whole_cpu), "units_ms": []}
+    result["whole_cpu_ms"] = whole_cpu[0]
     for k, name in enumerate(units, 1):
         result["units_ms"].append(timed(name))
         if k % 10 == 0 or k == len(units):
             print(f"timed {k}/{len(units)} units", flush=True)
     return result
+
+
+LINK_FRAME = 512 * 1024  # bytes per frame: a cut of the size the fleet's models send
+LINK_DEADLINE = 60.0  # every socket operation of the link measurement
+
+
+def link_costs(folder: Optional[Path], seconds: float, slowdown: float) -> dict[str, Any]:
+    """Device ms per MB to send and to receive a cut, TLS when `folder` holds the pipeline certificate: each
+    end's thread CPU time per MB times `slowdown`, the device's wall over CPU time for the whole model (its
+    quota's hold-back; 1 on an unlimited CPU). The frames go through the runtime's own FrameWriter and
+    FrameReader on non-blocking sockets, as a stage sends and receives them. Wall time of the loop itself would
+    count the ends waiting for each other on loopback, which a stage does not pay."""
+    tls = folder is not None and (folder / CERT_FILE).is_file()
+    if tls:
+        assert folder is not None
+        os.chmod(folder / CERT_KEY_FILE, 0o600)  # shipped files may come with the upload's mode
+    specs = [TensorSpec("cut", "cut", (LINK_FRAME // 4,), "float32")]
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(LINK_DEADLINE)
+    cpu: dict[str, float] = {}
+    moved: dict[str, int] = {}
+    errors: list[BaseException] = []
+
+    def wrap(sock: socket.socket, server_side: bool) -> socket.socket:
+        sock.settimeout(LINK_DEADLINE)
+        if tls:
+            assert folder is not None
+            sock = tls_context(folder, server_side).wrap_socket(sock, server_side=server_side)
+        sock.setblocking(False)
+        return sock
+
+    def receive() -> None:
+        try:
+            conn, _ = listener.accept()
+            with wrap(conn, True) as link:
+                reader, buffers = FrameReader(link, specs, "sender", LINK_DEADLINE), [np.empty(LINK_FRAME // 4,
+                                                                                               np.float32)]
+                total, began = 0, time.thread_time()
+                while reader.read(buffers).kind == Kind.DATA:
+                    total += LINK_FRAME
+                cpu["receive"], moved["receive"] = time.thread_time() - began, total
+        except (OSError, ssl.SSLError, ValueError) as e:
+            errors.append(e)
+
+    def send() -> None:
+        try:
+            with wrap(socket.create_connection(listener.getsockname(), LINK_DEADLINE), False) as link:
+                writer, tensors = FrameWriter(link, specs, "receiver", LINK_DEADLINE), [np.ones(LINK_FRAME // 4,
+                                                                                                np.float32)]
+                total, began_cpu, began = 0, time.thread_time(), time.perf_counter()
+                while time.perf_counter() - began < seconds:
+                    writer.send(total // LINK_FRAME, 0, tensors)
+                    total += LINK_FRAME
+                cpu["send"], moved["send"] = time.thread_time() - began_cpu, total
+                writer.end(total // LINK_FRAME)
+        except (OSError, ssl.SSLError, ValueError) as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=receive), threading.Thread(target=send)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    listener.close()
+    if errors or moved.get("receive") != moved.get("send"):
+        raise OSError(f"the link measurement failed ({errors[0] if errors else 'frames lost'})")
+    megabytes = moved["send"] / 1e6
+    return {"tls": tls, "megabytes": round(megabytes, 3), "slowdown": round(slowdown, 4),
+            "send_ms_per_mb": cpu["send"] * 1000 * slowdown / megabytes,
+            "receive_ms_per_mb": cpu["receive"] * 1000 * slowdown / megabytes}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -74,9 +164,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--num-threads", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=0.25, help="at least this long per signature")
+    parser.add_argument("--link-folder", type=Path,
+                        help="also measure the CPU of sending and receiving cuts (TLS with this folder's "
+                             "pipeline.crt pair; plain TCP without one)")
     args = parser.parse_args(argv)
     try:
         result = time_units(args.model, args.repeats, args.warmup, args.num_threads, args.seconds)
+        if args.link_folder is not None:
+            slowdown = max(1.0, result["whole_ms"] / max(1e-9, result["whole_cpu_ms"]))
+            result["link"] = link_costs(args.link_folder, max(0.2, 4 * args.seconds), slowdown)
     except Exception as e:  # noqa: BLE001 - the host gets one line, whatever the interpreter raised
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", flush=True)
         return 1

@@ -22,8 +22,11 @@ ROOT = Path("/sys/fs/cgroup")
 GROUP = "dnnpipe-fleet"
 # Short quota periods: a device is held back in small steps, so even one frame takes about CPU time / quota, as
 # on a slower CPU (with 100 ms periods a lightly loaded device would run each frame at the host's full speed).
-# The kernel's smallest quota is 1 ms, so a device of c cores needs a period of at least 1 ms / c.
-MIN_PERIOD_US, MAX_PERIOD_US, MIN_QUOTA_US = 2_000, 100_000, 1_000
+# The kernel's smallest quota is 1 ms, so a device of c cores needs a period of at least 1 ms / c. Below 10 ms
+# the kernel does not deliver the quota: a busy loop with 0.572 cores got 0.34-0.42 cores at a 2 ms period and
+# 0.52 at 5 ms, the full 0.57 at 4, 10 and 20 ms (this 2-core host, kernel 6.18, load 3-4), and a 0.57-core board
+# profiled 16% slower than its quota; from 10 ms on every period tried delivered the quota within 1%.
+MIN_PERIOD_US, MAX_PERIOD_US, MIN_QUOTA_US = 10_000, 100_000, 1_000
 WEIGHT = 1000  # cgroup v2 cpu.weight (default 100), v1 cpu.shares x 10.24 (default 1024)
 V1_CONTROLLERS = ("cpu", "cpuset", "memory")
 

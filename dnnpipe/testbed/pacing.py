@@ -7,6 +7,11 @@ largest of those. On one host every time is divided by a common scale (speeds an
 scale), so the emulated cluster leaves the host room to compute each stage within its planned time.
 The input and the result do not cross a link in the runtime (the first device reads its own copy of the
 inputs, the last writes results locally), so the plan's input and output hops are not part of the period.
+
+The paper's model counts no CPU for the links. On a board of one core or less (every board of the virtual
+fleet) receiving and sending a cut take CPU from the same budget as the compute (TLS included), so compute and
+send do not overlap: given each device's measured link CPU (LinkCost, per-device profiling) a stage's period
+is max(receive + compute + send, hop). Without it the period is the paper's.
 """
 
 from __future__ import annotations
@@ -21,15 +26,29 @@ HOST_SHARE = 0.25  # the emulated cluster's compute may use at most this share o
 
 
 @dataclass(frozen=True)
+class LinkCost:
+    """One device's CPU on its links, in the device's own ms per MB (measured on it: profile.timer)."""
+
+    send_ms_per_mb: float
+    receive_ms_per_mb: float
+
+
+@dataclass(frozen=True)
 class StagePace:
     stage: int
     device: int
     units: tuple[int, int]
     compute_ms: float  # on the emulated device
     hop_ms: float  # its output cut to the next stage's device (0 for the last stage or without B and A)
+    link_cpu_ms: float = 0.0  # the device's CPU receiving its input cut and sending its output cut (measured)
 
     @property
     def period_ms(self) -> float:
+        return max(self.compute_ms + self.link_cpu_ms, self.hop_ms)
+
+    @property
+    def paper_period_ms(self) -> float:
+        """The paper's cost model: links cost no device CPU."""
         return max(self.compute_ms, self.hop_ms)
 
 
@@ -46,6 +65,11 @@ class Emulation:
     @property
     def throughput(self) -> float:
         return 1000.0 / self.period_ms
+
+    @property
+    def paper_throughput(self) -> float:
+        """What the paper's cost model predicts (no CPU for the links); equal to throughput without LinkCost."""
+        return 1000.0 / max(s.paper_period_ms for s in self.stages)
 
     @property
     def devices(self) -> list[int]:
@@ -82,9 +106,27 @@ def emulation_scale(config: Config, cores: float) -> float:
     return min(1.0, cores * HOST_SHARE / sum(speeds(config)))
 
 
-def emulation(config: Config, stages: Sequence[Sequence[int]], scale: float) -> Emulation:
-    """The paced pipeline for plan stages [[start, end, device], ...] at the given scale."""
+def link_cpu_ms(A: Optional[Sequence[float]], stages: Sequence[Sequence[int]], k: int,
+                links: Optional[Sequence[LinkCost]]) -> float:
+    """Stage k's (0-based) device CPU on its links: receiving the cut before it, sending the cut after it (A in
+    bytes; the first stage reads its inputs locally and the last writes its results, as the runtime does)."""
+    if links is None or A is None:
+        return 0.0
+    start, end, device = stages[k]
+    cost = links[device - 1]
+    received = A[start - 1] / 1e6 * cost.receive_ms_per_mb if k > 0 else 0.0
+    sent = A[end] / 1e6 * cost.send_ms_per_mb if k + 1 < len(stages) else 0.0
+    return received + sent
+
+
+def emulation(config: Config, stages: Sequence[Sequence[int]], scale: float,
+              links: Optional[Sequence[LinkCost]] = None) -> Emulation:
+    """The paced pipeline for plan stages [[start, end, device], ...] at the given scale; with `links` (one per
+    device, measured on the emulated device itself, so not scaled) each stage also pays its links' CPU."""
     B, A = config.cluster.B, config.profile.A
+    if links is not None and len(links) != config.cluster.N:
+        raise ConfigError(f"{config.source}: {len(links)} measured link costs for {config.cluster.N} devices "
+                          f"(profile every device again)")
     paces = []
     for k, (start, end, device) in enumerate(stages):
         if not (1 <= start <= end <= config.profile.U and 1 <= device <= config.cluster.N):
@@ -95,7 +137,7 @@ def emulation(config: Config, stages: Sequence[Sequence[int]], scale: float) -> 
         if B is not None and A is not None and k + 1 < len(stages):
             hop = A[end] * 8e-3 / min(B[device - 1], B[stages[k + 1][2] - 1])
         paces.append(StagePace(k + 1, device, (start, end), device_ms(config, (start, end), device) / scale,
-                               hop / scale))
+                               hop / scale, link_cpu_ms(A, stages, k, links)))
     link = None if B is None else tuple(b * scale for b in B)
     return Emulation(scale, tuple(paces), link)
 
