@@ -533,3 +533,21 @@ def test_a_second_model_on_the_same_devices_keeps_its_own_files(partitioned, tmp
     plan = json.loads((second / "launch_plan.json").read_text())
     assert all(s["log"].startswith("partitioned_submodels/res2/logs/") for s in plan["stages"])
     assert "partitioned_submodels/res2/results.h5" in plan["stages"][-1]["argv"]
+
+
+def test_the_probe_keeps_the_pipeline_key_out_of_its_repr():
+    from dnnpipe.deploy.launch import StageProbe
+
+    key = bytes(range(32))
+    text = repr(StageProbe(key, b"identity"))
+    assert repr(key) not in text and key.hex() not in text and "identity" in text
+
+
+def test_the_deployer_checks_tls_flags_as_the_runtime_does(tmp_path):
+    from dnnpipe.deploy.command import deploy_options
+
+    base = ["--device-registry", str(tmp_path / "r.json"), "--model-name", "m"]
+    assert deploy_options(deployer_parser().parse_args(base)).tls
+    assert not deploy_options(deployer_parser().parse_args([*base, "--no-tls"])).tls
+    with pytest.raises(DnnpipeError, match="--tls and --no-tls contradict each other"):
+        deploy_options(deployer_parser().parse_args([*base, "--tls", "--no-tls"]))
