@@ -24,6 +24,7 @@ from dnnpipe.deploy.ship import DeviceReport, format_reports, ship, uploads_for
 from dnnpipe.deploy.transport import SshOptions, SshTransport, _reason, temporary_names
 from dnnpipe.deploy.deployer import deploy, start_stages, stop_stages, DeployOptions
 from dnnpipe.errors import DnnpipeError
+from dnnpipe.layout import PLAN_FILE
 from dnnpipe.manifest import read_manifest, sha256_file
 from dnnpipe.partition.partitioner import partition_keras_model
 from dnnpipe.partition.graph import analyse
@@ -551,3 +552,25 @@ def test_the_deployer_checks_tls_flags_as_the_runtime_does(tmp_path):
     assert not deploy_options(deployer_parser().parse_args([*base, "--no-tls"])).tls
     with pytest.raises(DnnpipeError, match="--tls and --no-tls contradict each other"):
         deploy_options(deployer_parser().parse_args([*base, "--tls", "--no-tls"]))
+
+
+def test_a_renamed_partition_folder_keeps_one_model_folder_on_the_device(partitioned, tmp_path):
+    """The local folder named otherwise than the manifest's model: the dataset, results, plan, logs and sub-models
+    all go under the manifest's name (the runtime's --model-name); the dataset went under the folder's name."""
+    renamed = tmp_path / "models" / "renamed"
+    shutil.copytree(partitioned / "partitioned_submodels" / "res", renamed)
+    config = tmp_path / "configurations"
+    (config / "renamed").mkdir(parents=True)
+    (config / "renamed" / PLAN_FILE).write_text("{}")
+    registry, _ = local_registry(tmp_path)
+    deployment = deploy(DeployOptions(registry=registry, model_name="renamed", model_path=renamed.parent,
+                                      config=config, dataset=partitioned / "dataset.h5"))
+    assert not deployment.failed
+    folder = tmp_path / "dev3" / "models" / "res"  # stage 1's device
+    assert (folder / "dataset.h5").is_file() and (folder / PLAN_FILE).is_file()
+    assert not (tmp_path / "dev3" / "models" / "renamed").exists()
+    argv = deployment.launches[0].argv
+    assert argv[argv.index("--data-path") + 1] == "models/res/dataset.h5"
+    assert argv[argv.index("--model-name") + 1] == "res"
+    last = deployment.launches[-1].argv
+    assert last[last.index("--output-path") + 1] == "models/res/results.h5"
