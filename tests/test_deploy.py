@@ -30,31 +30,10 @@ from dnnpipe.partition.partitioner import partition_keras_model
 from dnnpipe.partition.graph import analyse
 from dnnpipe.pipeline_key import CERT_FILE, CERT_KEY_FILE, KEY_FILE
 from helpers import assert_clean_error, run_script
-from sshd import free_port, start_sshd
+from sshd import free_port
 
 # A value that, pasted into shell or sftp text anywhere, would run a command creating MARKER.
 HOSTILE = "a b'\"$(touch {m})`touch {m}`;touch {m};!touch {m} \u00e9\u6f22"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    server, process = start_sshd(tmp_path_factory.mktemp("sshd"))
-    yield server
-    process.terminate()
-    process.wait(10)
-
-
-@pytest.fixture(scope="module")
-def partitioned(tmp_path_factory):
-    """partitioned_submodels/res: the residual CNN in 3 stages on devices 3, 1, 2; and a dataset."""
-    root = tmp_path_factory.mktemp("deploy")
-    model = models.residual_cnn()
-    U = analyse(model)[0].U
-    partition_keras_model(model, [[1, 4, 3], [5, 9, 1], [10, U, 2]], root / "partitioned_submodels" / "res",
-                          "res", "test", verify_chain=False)
-    with h5py.File(root / "dataset.h5", "w") as f:
-        f["images"] = np.random.default_rng(0).random((5, 12, 12, 3)).astype("float32")
-    return root
 
 
 def write_registry(path, devices):

@@ -16,7 +16,6 @@ from dnnpipe.pipeline_key import link_tls
 from dnnpipe.frameio import FrameReader
 from dnnpipe.protocol import Kind
 from dnnpipe.runtime.handshake import LinkAuth, manifest_identity
-from dnnpipe.runtime.local import free_ports
 from dnnpipe.runtime.transport import (MAX_PENDING, MAX_PER_SOURCE, DropCounter, _Gate, _Held, accept_link,
                                        accept_upstream, connect_downstream, listen, secure_dial)
 
@@ -65,10 +64,12 @@ def test_waiting_for_the_upstream_says_so_and_gives_up_at_the_deadline(monkeypat
 
 
 def test_connecting_to_a_stage_that_never_comes_names_it():
-    port = free_ports(1)[0]
-    with pytest.raises(DnnpipeError, match=rf"\[stage 1\] cannot reach the next stage at 127.0.0.1:{port} "
-                                           r"within 0.5 s"):
-        connect_downstream("[stage 1]", "127.0.0.1", port, SPEC, 0.5, 5)
+    with socket.socket() as held:  # bound, never listening: refuses connections, and no other run can take it
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        with pytest.raises(DnnpipeError, match=rf"\[stage 1\] cannot reach the next stage at 127.0.0.1:{port} "
+                                               r"within 0.5 s"):
+            connect_downstream("[stage 1]", "127.0.0.1", port, SPEC, 0.5, 5)
 
 
 def test_listening_on_a_taken_port_is_a_clear_error():
