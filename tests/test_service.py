@@ -501,3 +501,15 @@ def test_a_failed_bind_starts_no_deadline_thread(tiny, monkeypatch):
             Service(ServiceOptions(model_name="tiny", port=taken.getsockname()[1]), backend.manifest.inputs,
                     backend.manifest.outputs)
     assert "read-deadlines" not in started
+
+
+def test_the_package_loads_nothing_and_the_server_imports_no_service():
+    """An empty __init__ (it loaded the interpreter and prometheus_client), and server.py depends on a Protocol
+    of what its handler calls, not on service.py (they imported each other)."""
+    import sys
+
+    code = ("import sys, dnnpipe.service; loaded = set(sys.modules); import dnnpipe.service.server; "
+            "print(sorted(m for m in loaded if m.startswith(('prometheus_client', 'dnnpipe.interpreter', "
+            "'dnnpipe.service.')))); print('dnnpipe.service.service' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.split("\n")[:2] == ["[]", "False"], result.stdout
