@@ -513,3 +513,25 @@ def test_the_package_loads_nothing_and_the_server_imports_no_service():
             "'dnnpipe.service.')))); print('dnnpipe.service.service' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.split("\n")[:2] == ["[]", "False"], result.stdout
+
+
+def test_an_answer_is_counted_before_the_client_has_it(tiny):
+    """The counter moved after the answer was written: a client could read /metrics without its request (the
+    16-client test saw 95 of 96 under load). A handler slow after writing widens that gap."""
+    from dnnpipe.service.server import Handler
+
+    class SlowAfterWriting(Handler):
+        def reply(self, *args, **kwargs):
+            super().reply(*args, **kwargs)
+            self.wfile.flush()
+            time.sleep(1.0)
+
+    folder, images = tiny[0], tiny[1][:1]
+    body = json.dumps({"inputs": [{"name": input_name(folder), "datatype": "FP32", "shape": list(images.shape),
+                                   "data": images.ravel().tolist()}]}).encode()
+    with serving(folder, model_name="tiny") as service:
+        service.server.RequestHandlerClass = SlowAfterWriting
+        wait_ready(service)
+        assert raw(service, "POST", "/v2/models/tiny/infer", body)[0] == 200
+        metrics = raw(service, "GET", "/metrics")[2].decode()
+    assert 'dnnpipe_requests_total{code="200",model="tiny"} 1.0' in metrics

@@ -12,7 +12,7 @@ import threading
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, ContextManager, Optional, Protocol, Sequence
+from typing import Any, Callable, ContextManager, Optional, Protocol, Sequence
 
 from ..manifest import TensorSpec
 from . import codec
@@ -152,6 +152,7 @@ class Handler(BaseHTTPRequestHandler):
     handshake_failed = False
     body_read = False
     sent = 0  # the status of the answer to the request being handled, 0 before (or without) one
+    on_answer: Optional[Callable[[int], None]] = None  # told the status before the answer is written
 
     def setup(self) -> None:
         super().setup()
@@ -181,7 +182,7 @@ class Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return
         self.arrived = time.monotonic()
-        self.body_read, self.sent = False, 0
+        self.body_read, self.sent, self.on_answer = False, 0, None
         with self.server.service.request():
             self.handle_arrived()
 
@@ -227,6 +228,8 @@ class Handler(BaseHTTPRequestHandler):
                 (code >= 400 and self.command != "GET" and not self.body_read):
             self.close_connection = True  # the rest of the request may still be on the wire
         self.sent = code
+        if self.on_answer is not None:  # counted before written: a client holding its answer sees it counted
+            self.on_answer(code)
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))

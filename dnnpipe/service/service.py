@@ -115,6 +115,8 @@ class Service:
                 self._idle.notify_all()
 
     def infer(self, handler: Handler) -> None:
+        handler.on_answer = lambda code: self.metrics.answered(self.options.model_name, code,
+                                                               time.monotonic() - handler.arrived)
         try:
             self._infer(handler)
         except (TimeoutError, ConnectionError, ssl.SSLError):
@@ -122,9 +124,6 @@ class Service:
         except Exception as e:  # a fault of ours: one line with a 500, never a traceback and no answer
             if not handler.sent:
                 handler.send_error(500, f"internal error: {type(e).__name__}: {e}".splitlines()[0][:300])
-        finally:
-            if handler.sent:  # not when the client went away before its body arrived
-                self.metrics.answered(self.options.model_name, handler.sent, time.monotonic() - handler.arrived)
 
     def _infer(self, handler: Handler) -> None:
         """Read, check, queue, wait, answer (the status sent is handler.sent)."""
