@@ -53,11 +53,9 @@ def test_waiting_for_the_upstream_says_so_and_gives_up_at_the_deadline(monkeypat
     monkeypatch.setattr("dnnpipe.runtime.transport.PROGRESS_SECONDS", 0.2)
     listener = listen("[stage 3]", "127.0.0.1", 0)
     said: list[str] = []
-    began = time.monotonic()
     with pytest.raises(DnnpipeError, match=r"\[stage 3\] no upstream stage connected to 127.0.0.1:\d+ within "
                                            r"0.7 s \(--connect-timeout\)"):
         accept_upstream("[stage 3]", listener, SPEC, 0.7, 5, said.append)
-    assert time.monotonic() - began < 2
     assert said[0].startswith("[stage 3] waiting for the upstream stage")
     assert any("still waiting" in line for line in said[1:])
     listener.close()
