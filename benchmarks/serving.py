@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from dnnpipe.service import SingleDevice  # noqa: E402
+from dnnpipe.service.backend import SingleDevice  # noqa: E402
 from serve_setup import Served, make_served  # noqa: E402
 
 CLIENTS = 16

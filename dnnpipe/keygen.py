@@ -17,6 +17,8 @@ from pathlib import Path
 from .errors import ConfigError
 from .pipeline_key import CERT_FILE, CERT_KEY_FILE, KEY_BYTES, KEY_FILE, read_key
 
+OPENSSL_SECONDS = 60.0  # for openssl to make the pair (milliseconds when it works)
+
 
 def create_key(folder: Path) -> Path:
     """Write a fresh key to folder/pipeline.key (mode 0600, never half-written) unless one is there."""
@@ -63,9 +65,14 @@ def create_certificate(folder: Path) -> Path:
     work = Path(tempfile.mkdtemp(prefix=".pipeline-crt.", dir=folder))  # mode 0700
     try:
         made_cert, made_key = work / CERT_FILE, work / CERT_KEY_FILE
-        result = subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                                 "-nodes", "-days", "3650", "-subj", "/CN=dnnpipe-pipeline", "-keyout", str(made_key),
-                                 "-out", str(made_cert)], capture_output=True, text=True, timeout=60)
+        try:
+            result = subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                                     "ec_paramgen_curve:prime256v1", "-nodes", "-days", "3650", "-subj",
+                                     "/CN=dnnpipe-pipeline", "-keyout", str(made_key), "-out", str(made_cert)],
+                                    capture_output=True, text=True, timeout=OPENSSL_SECONDS)
+        except subprocess.TimeoutExpired:
+            raise ConfigError(f"{cert}: openssl did not make the TLS certificate within {OPENSSL_SECONDS:g} s "
+                              f"({openssl} hangs?)") from None
         if result.returncode != 0 or not made_cert.is_file() or not made_key.is_file():
             why = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise ConfigError(f"{cert}: openssl could not make the TLS certificate ({why})")

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,3 +27,11 @@ def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> 
     assert len(lines) == 1, result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def raw_header(magic: Optional[bytes] = None, version: int = 1, kind: int = 1, count: int = 2, sequence: int = 0,
+               block: int = 0) -> bytes:
+    """A frame header with any field set, valid or not (dnnpipe/protocol.py's HEADER)."""
+    from dnnpipe.protocol import HEADER, MAGIC
+
+    return HEADER.pack(MAGIC if magic is None else magic, version, kind, count, sequence, 0, block)

@@ -62,9 +62,9 @@ def test_the_data_file_is_checked_when_opened(tmp_path):
 def int8_pipeline(tmp_path_factory):
     """A full-int8 .tflite file (int8 inputs and outputs, what a Coral user has) through profile and partition."""
     from dnnpipe.partition.convert import convert_stage
-    from dnnpipe.slicing.cuts import signature_keys
     from dnnpipe.partition.graph import analyse, as_functional
     from dnnpipe.partition.split import wire_spec
+    from dnnpipe.slicing.cuts import signature_keys
 
     root = tmp_path_factory.mktemp("int8")
     model = as_functional(models.residual_cnn())

@@ -24,36 +24,16 @@ from dnnpipe.deploy.ship import DeviceReport, format_reports, ship, uploads_for
 from dnnpipe.deploy.transport import SshOptions, SshTransport, _reason, temporary_names
 from dnnpipe.deploy.deployer import deploy, start_stages, stop_stages, DeployOptions
 from dnnpipe.errors import DnnpipeError
+from dnnpipe.layout import PLAN_FILE
 from dnnpipe.manifest import read_manifest, sha256_file
 from dnnpipe.partition.partitioner import partition_keras_model
 from dnnpipe.partition.graph import analyse
 from dnnpipe.pipeline_key import CERT_FILE, CERT_KEY_FILE, KEY_FILE
 from helpers import assert_clean_error, run_script
-from sshd import free_port, start_sshd
+from sshd import free_port
 
 # A value that, pasted into shell or sftp text anywhere, would run a command creating MARKER.
 HOSTILE = "a b'\"$(touch {m})`touch {m}`;touch {m};!touch {m} \u00e9\u6f22"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    server, process = start_sshd(tmp_path_factory.mktemp("sshd"))
-    yield server
-    process.terminate()
-    process.wait(10)
-
-
-@pytest.fixture(scope="module")
-def partitioned(tmp_path_factory):
-    """partitioned_submodels/res: the residual CNN in 3 stages on devices 3, 1, 2; and a dataset."""
-    root = tmp_path_factory.mktemp("deploy")
-    model = models.residual_cnn()
-    U = analyse(model)[0].U
-    partition_keras_model(model, [[1, 4, 3], [5, 9, 1], [10, U, 2]], root / "partitioned_submodels" / "res",
-                          "res", "test", verify_chain=False)
-    with h5py.File(root / "dataset.h5", "w") as f:
-        f["images"] = np.random.default_rng(0).random((5, 12, 12, 3)).astype("float32")
-    return root
 
 
 def write_registry(path, devices):
@@ -533,3 +513,43 @@ def test_a_second_model_on_the_same_devices_keeps_its_own_files(partitioned, tmp
     plan = json.loads((second / "launch_plan.json").read_text())
     assert all(s["log"].startswith("partitioned_submodels/res2/logs/") for s in plan["stages"])
     assert "partitioned_submodels/res2/results.h5" in plan["stages"][-1]["argv"]
+
+
+def test_the_probe_keeps_the_pipeline_key_out_of_its_repr():
+    from dnnpipe.deploy.launch import StageProbe
+
+    key = bytes(range(32))
+    text = repr(StageProbe(key, b"identity"))
+    assert repr(key) not in text and key.hex() not in text and "identity" in text
+
+
+def test_the_deployer_checks_tls_flags_as_the_runtime_does(tmp_path):
+    from dnnpipe.deploy.command import deploy_options
+
+    base = ["--device-registry", str(tmp_path / "r.json"), "--model-name", "m"]
+    assert deploy_options(deployer_parser().parse_args(base)).tls
+    assert not deploy_options(deployer_parser().parse_args([*base, "--no-tls"])).tls
+    with pytest.raises(DnnpipeError, match="--tls and --no-tls contradict each other"):
+        deploy_options(deployer_parser().parse_args([*base, "--tls", "--no-tls"]))
+
+
+def test_a_renamed_partition_folder_keeps_one_model_folder_on_the_device(partitioned, tmp_path):
+    """The local folder named otherwise than the manifest's model: the dataset, results, plan, logs and sub-models
+    all go under the manifest's name (the runtime's --model-name); the dataset went under the folder's name."""
+    renamed = tmp_path / "models" / "renamed"
+    shutil.copytree(partitioned / "partitioned_submodels" / "res", renamed)
+    config = tmp_path / "configurations"
+    (config / "renamed").mkdir(parents=True)
+    (config / "renamed" / PLAN_FILE).write_text("{}")
+    registry, _ = local_registry(tmp_path)
+    deployment = deploy(DeployOptions(registry=registry, model_name="renamed", model_path=renamed.parent,
+                                      config=config, dataset=partitioned / "dataset.h5"))
+    assert not deployment.failed
+    folder = tmp_path / "dev3" / "models" / "res"  # stage 1's device
+    assert (folder / "dataset.h5").is_file() and (folder / PLAN_FILE).is_file()
+    assert not (tmp_path / "dev3" / "models" / "renamed").exists()
+    argv = deployment.launches[0].argv
+    assert argv[argv.index("--data-path") + 1] == "models/res/dataset.h5"
+    assert argv[argv.index("--model-name") + 1] == "res"
+    last = deployment.launches[-1].argv
+    assert last[last.index("--output-path") + 1] == "models/res/results.h5"

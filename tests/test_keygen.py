@@ -1,6 +1,7 @@
 """Making the link secrets on the workstation: the key and the TLS certificate pair, made once, private, never
 half-written."""
 
+import shutil
 import ssl
 import stat
 
@@ -39,3 +40,19 @@ def test_without_openssl_tls_says_so_and_partitioning_goes_on(tmp_path, monkeypa
         create_certificate(tmp_path / "out")
     create_link_secrets(tmp_path / "out")  # the key still; run-local or the deployer make the certificate later
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [KEY_FILE]
+
+
+def test_an_openssl_that_hangs_is_a_one_line_error(tmp_path, monkeypatch):
+    """subprocess.TimeoutExpired escaped as a traceback."""
+    import dnnpipe.keygen
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    hung = bin_dir / "openssl"
+    hung.write_text(f"#!/bin/sh\nexec {shutil.which('sleep')} 30\n")
+    hung.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setattr(dnnpipe.keygen, "OPENSSL_SECONDS", 0.5)
+    with pytest.raises(ConfigError, match=r"pipeline.crt: openssl did not make the TLS certificate within 0.5 s"):
+        create_certificate(tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []  # the private temporary folder is gone

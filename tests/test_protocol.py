@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from dnnpipe.manifest import TensorSpec
 from dnnpipe.protocol import (BLOCK_LENGTH_OFFSET, HEADER, MAGIC, MAX_DESCRIPTOR_BYTES, STAMP_OFFSET, Kind,
                               PeerError, ProtocolError, decode_frame, decode_header, encode_frame, encode_header)
+from helpers import raw_header
 
 SPECS = [TensorSpec("block1", "block1", (1, 4, 4, 2), "float32"), TensorSpec("ids", "ids", (1, 3), "int32")]
 
@@ -48,10 +49,6 @@ def test_an_error_frame_raises_the_peers_message_cut_to_the_limit():
     with pytest.raises(PeerError) as error:
         decode_frame(encode_frame(Kind.ERROR, 0, 0, message="x" * (MAX_DESCRIPTOR_BYTES + 5)), SPECS, 0, "peer")
     assert str(error.value) == "x" * MAX_DESCRIPTOR_BYTES
-
-
-def raw_header(magic=MAGIC, version=1, kind=1, count=2, sequence=0, block=0):
-    return HEADER.pack(magic, version, kind, count, sequence, 0, block)
 
 
 @pytest.mark.parametrize("data, message", [

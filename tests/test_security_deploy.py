@@ -5,43 +5,19 @@ import json
 import os
 import shutil
 
-import h5py
-import numpy as np
 import pytest
 
-import models
-from dnnpipe.partition.graph import analyse
-from dnnpipe.partition.partitioner import partition_keras_model
 from helpers import run_script
-from sshd import free_port, start_sshd
+from sshd import free_port
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    server, process = start_sshd(tmp_path_factory.mktemp("sshd"))
-    yield server
-    process.terminate()
-    process.wait(10)
-
-
-@pytest.fixture(scope="module")
-def partitioned(tmp_path_factory):
-    root = tmp_path_factory.mktemp("deploy")
-    model = models.residual_cnn()
-    partition_keras_model(model, [[1, analyse(model)[0].U, 1]], root / "partitioned_submodels" / "res", "res",
-                          "test", verify_chain=False)
-    with h5py.File(root / "dataset.h5", "w") as f:
-        f["images"] = np.random.default_rng(0).random((2, 12, 12, 3)).astype("float32")
-    return root
-
-
-def deploy(partitioned, tmp_path, device, *extra):
+def deploy(one_stage, tmp_path, device, *extra):
     device, ssh_config = device
     registry = tmp_path / "reg.json"
     registry.write_text(json.dumps({"devices": [device]}))
     return run_script("deployer.py", "--device-registry", str(registry), "--model-path",
-                      str(partitioned / "partitioned_submodels"), "--model-name", "res", "--config",
-                      str(partitioned / "configurations"), "--no-runtime-code", "--ssh-config", str(ssh_config),
+                      str(one_stage / "partitioned_submodels"), "--model-name", "res", "--config",
+                      str(one_stage / "configurations"), "--no-runtime-code", "--ssh-config", str(ssh_config),
                       *extra)
 
 
@@ -55,24 +31,24 @@ def device(request, server, tmp_path):
 
 @pytest.mark.parametrize("planted", ["partitioned_submodels/res/pipeline.key", "partitioned_submodels/res",
                                      "partitioned_submodels"])
-def test_a_planted_symlink_is_refused_and_nothing_is_written_outside(partitioned, tmp_path, device, planted):
-    first = deploy(partitioned, tmp_path, device)
+def test_a_planted_symlink_is_refused_and_nothing_is_written_outside(one_stage, tmp_path, device, planted):
+    first = deploy(one_stage, tmp_path, device)
     assert first.returncode == 0, first.stdout + first.stderr
     remote, outside = tmp_path / "device", tmp_path / "outside"
     outside.mkdir()
     target = remote / planted
     (shutil.rmtree if target.is_dir() else os.unlink)(target)
     os.symlink(outside, target)  # a folder elsewhere, where one of ours belongs
-    (partitioned / "partitioned_submodels" / "res" / "pipeline.key").chmod(0o600)
-    again = deploy(partitioned, tmp_path, device)
+    (one_stage / "partitioned_submodels" / "res" / "pipeline.key").chmod(0o600)
+    again = deploy(one_stage, tmp_path, device)
     assert again.returncode != 0, again.stdout
     failed = [line for line in again.stdout.splitlines() if "FAILED" in line]
     assert len(failed) == 1 and f"{planted}: a symbolic link on the device" in failed[0], again.stdout
     assert list(outside.iterdir()) == []  # nothing written through the link
 
 
-def test_a_planted_symlink_for_the_launch_log_is_refused(partitioned, tmp_path, device):
-    deployed = deploy(partitioned, tmp_path, device, "--dataset", str(partitioned / "dataset.h5"))
+def test_a_planted_symlink_for_the_launch_log_is_refused(one_stage, tmp_path, device):
+    deployed = deploy(one_stage, tmp_path, device, "--dataset", str(one_stage / "dataset.h5"))
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -80,7 +56,7 @@ def test_a_planted_symlink_for_the_launch_log_is_refused(partitioned, tmp_path, 
     if logs.is_dir():
         shutil.rmtree(logs)
     os.symlink(outside, logs)
-    launched = deploy(partitioned, tmp_path, device, "--dataset", str(partitioned / "dataset.h5"), "--launch",
+    launched = deploy(one_stage, tmp_path, device, "--dataset", str(one_stage / "dataset.h5"), "--launch",
                       "--wait", "20")
     assert launched.returncode != 0
     assert "res/logs: a symbolic link on the device" in launched.stdout + launched.stderr, launched.stdout

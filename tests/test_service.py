@@ -20,8 +20,10 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 import models
-from dnnpipe.errors import ConfigError
-from dnnpipe.service import Service, ServiceOptions, SingleDevice
+from dnnpipe.errors import ConfigError, DnnpipeError
+from dnnpipe.service.backend import SingleDevice
+from dnnpipe.service.options import ServiceOptions
+from dnnpipe.service.service import Service
 from dnnpipe.service.options import read_token
 from serve_setup import make_served
 
@@ -423,3 +425,113 @@ def test_connections_send_without_nagle_delay(tiny):
         service.server.RequestHandlerClass = Watched
         assert raw(service, "GET", "/v2/health/live")[0] == 200
     assert seen and seen[0] != 0
+
+
+def test_a_non_ascii_digit_content_length_is_a_400(tiny):
+    """'²' passes str.isdigit but not int(): it was a traceback in the handler and no answer."""
+    with serving(tiny[0], model_name="tiny") as service, \
+            socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:
+        sock.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\n")
+        answer = sock.makefile("rb").read()
+    status, _, body = answer.partition(b"\r\n")
+    assert status == b"HTTP/1.1 400 Bad Request", answer
+    assert b"Content-Length must be a whole number" in body
+
+
+def test_after_the_pipeline_stops_requests_get_503_at_once(tiny):
+    """Not a 504 after the request timeout: the stopped pipeline's feed refuses new requests."""
+    backend = SingleDevice(tiny[0])
+    service = Service(ServiceOptions(model_name="tiny", port=0, request_timeout=20), backend.manifest.inputs,
+                      backend.manifest.outputs)
+
+    def broken(feed, events):
+        raise RuntimeError("the plan has no devices")
+
+    service.start(broken)
+    try:
+        assert service.pipeline_done.wait(20)
+        images = tiny[1][:1]
+        body = json.dumps({"inputs": [{"name": input_name(tiny[0]), "datatype": "FP32", "shape": list(images.shape),
+                                       "data": images.ravel().tolist()}]}).encode()
+        status, headers, answer = raw(service, "POST", "/v2/models/tiny/infer", body)
+        assert status == 503 and headers.get("Retry-After") == "1", answer
+    finally:
+        service.close()
+
+
+def test_a_result_that_breaks_the_answer_is_a_500_with_one_line(tiny):
+    """A fault of the service's own (here a pipeline delivering a mapping, not a list of arrays) is answered."""
+    backend = SingleDevice(tiny[0])
+    service = Service(ServiceOptions(model_name="tiny", port=0), backend.manifest.inputs, backend.manifest.outputs)
+
+    def wrong(feed, events):
+        events.ready(True)
+        index = 0
+        while not feed.exhausted(index):
+            if feed.wait_input(index, 0.1) is not None:
+                feed.deliver(index, {"not": "a list"})
+                index += 1
+
+    service.start(wrong)
+    try:
+        images = tiny[1][:1]
+        body = json.dumps({"inputs": [{"name": input_name(tiny[0]), "datatype": "FP32", "shape": list(images.shape),
+                                       "data": images.ravel().tolist()}]}).encode()
+        status, _, answer = raw(service, "POST", "/v2/models/tiny/infer", body)
+        message = json.loads(answer)["error"]
+        assert status == 500 and message.startswith("internal error: KeyError") and "\n" not in message
+    finally:
+        assert service.drain()
+
+
+def test_a_failed_bind_starts_no_deadline_thread(tiny, monkeypatch):
+    started = []
+
+    class Recorded(threading.Thread):
+        def start(self):
+            started.append(self.name)
+            super().start()
+
+    backend = SingleDevice(tiny[0])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setattr(threading, "Thread", Recorded)
+        with pytest.raises(DnnpipeError, match="cannot listen"):
+            Service(ServiceOptions(model_name="tiny", port=taken.getsockname()[1]), backend.manifest.inputs,
+                    backend.manifest.outputs)
+    assert "read-deadlines" not in started
+
+
+def test_the_package_loads_nothing_and_the_server_imports_no_service():
+    """An empty __init__ (it loaded the interpreter and prometheus_client), and server.py depends on a Protocol
+    of what its handler calls, not on service.py (they imported each other)."""
+    import sys
+
+    code = ("import sys, dnnpipe.service; loaded = set(sys.modules); import dnnpipe.service.server; "
+            "print(sorted(m for m in loaded if m.startswith(('prometheus_client', 'dnnpipe.interpreter', "
+            "'dnnpipe.service.')))); print('dnnpipe.service.service' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.split("\n")[:2] == ["[]", "False"], result.stdout
+
+
+def test_an_answer_is_counted_before_the_client_has_it(tiny):
+    """The counter moved after the answer was written: a client could read /metrics without its request (the
+    16-client test saw 95 of 96 under load). A handler slow after writing widens that gap."""
+    from dnnpipe.service.server import Handler
+
+    class SlowAfterWriting(Handler):
+        def reply(self, *args, **kwargs):
+            super().reply(*args, **kwargs)
+            self.wfile.flush()
+            time.sleep(1.0)
+
+    folder, images = tiny[0], tiny[1][:1]
+    body = json.dumps({"inputs": [{"name": input_name(folder), "datatype": "FP32", "shape": list(images.shape),
+                                   "data": images.ravel().tolist()}]}).encode()
+    with serving(folder, model_name="tiny") as service:
+        service.server.RequestHandlerClass = SlowAfterWriting
+        wait_ready(service)
+        assert raw(service, "POST", "/v2/models/tiny/infer", body)[0] == 200
+        metrics = raw(service, "GET", "/metrics")[2].decode()
+    assert 'dnnpipe_requests_total{code="200",model="tiny"} 1.0' in metrics

@@ -41,18 +41,17 @@ def test_sigterm_under_load_answers_in_flight_requests_and_exits_0(tiny):  # noq
             c = triton.InferenceServerClient(f"127.0.0.1:{port}", network_timeout=30)
             while not stop.is_set():
                 row = worker % len(images)
-                sent = time.monotonic()
                 try:
                     result = c.infer(folder.name, [image_input_named(folder, images[row:row + 1])])
                     ok = np.allclose(result.as_numpy(output)[0], expected[row], rtol=1e-4, atol=1e-4)
-                    outcomes.append(("ok" if ok else "wrong", sent))
+                    outcomes.append(("ok" if ok else "wrong", time.monotonic()))
                 except InferenceServerException as e:
                     if "Incomplete response" in str(e):  # sent on a kept-alive connection as the service closed it
-                        outcomes.append(("closed", sent))
+                        outcomes.append(("closed", time.monotonic()))
                         return
-                    outcomes.append(("503" if "shutting down" in str(e) else f"error {e}", sent))
+                    outcomes.append(("503" if "shutting down" in str(e) else f"error {e}", time.monotonic()))
                 except Exception:  # refused or reset once the service closed its socket
-                    outcomes.append(("closed", sent))
+                    outcomes.append(("closed", time.monotonic()))
                     return
 
         threads = [threading.Thread(target=load, args=(w,)) for w in range(8)]
@@ -75,8 +74,10 @@ def test_sigterm_under_load_answers_in_flight_requests_and_exits_0(tiny):  # noq
     assert "Traceback" not in stderr and "drained: every request answered" in stdout
     kinds = {kind for kind, _ in outcomes}
     assert kinds <= {"ok", "503", "closed"}, kinds
-    assert sum(kind == "ok" for kind, sent in outcomes if sent < term) > 8
-    assert all(sent > term - 0.5 for kind, sent in outcomes if kind != "ok")  # refusals only once it drained
+    assert sum(kind == "ok" for kind, ended in outcomes if ended < term) > 8
+    # refusals only once it drained: no refusal ended before SIGTERM was sent (an order, not a duration: a request
+    # sent well before it may still be refused on a loaded machine, if it was not yet accepted)
+    assert all(ended > term for kind, ended in outcomes if kind != "ok")
 
 
 def test_a_public_address_without_a_token_is_refused(tiny):  # noqa: F811

@@ -125,3 +125,31 @@ def test_compressed_bodies_inflate_within_the_limit():
         decode_body(data, "gzip", 1000)
     with pytest.raises(RequestError, match="truncated gzip data"):
         decode_body(gzip.compress(data)[:-12], "gzip", 1000)
+
+
+def test_deeply_nested_json_is_a_400_not_a_recursion_error():
+    with pytest.raises(RequestError, match="nested too deeply") as caught:
+        parse_infer(b"[" * 200_000 + b"]" * 200_000, None, INPUTS, OUTPUTS, max_batch=4)
+    assert caught.value.status == 400
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_a_huge_batch_dimension_is_refused_before_counting(binary):
+    """[2**62, 2, 3] would wrap the element count to 0 (and reshape raise): the batch bound comes first."""
+    item = {"name": "image", "datatype": "FP32", "shape": [2**62, 2, 3]}
+    item.update({"parameters": {"binary_data_size": 0}} if binary else {"data": []})
+    data = json.dumps({"inputs": [item]}).encode()
+    with pytest.raises(RequestError, match=r"batch size must be 1..4, got 4611686018427387904"):
+        parse_infer(data, str(len(data)) if binary else None, INPUTS, OUTPUTS, max_batch=4)
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_a_value_a_quantized_input_cannot_hold_is_a_400_naming_it(binary):
+    quantized = TensorSpec("q", "q", (1, 3), "int8", quantization=(0.5, 1))
+    good, bad = np.array([[1.0, -64.5, 63.0]], np.float32), np.array([[1.0, 100.0, 2.0]], np.float32)
+    data, length = body([tensor("q", "FP32", good, binary)], [good.tobytes()] if binary else [])
+    assert parse_infer(data, length, (quantized,), OUTPUTS, max_batch=4).batch == 1
+    data, length = body([tensor("q", "FP32", bad, binary)], [bad.tobytes()] if binary else [])
+    with pytest.raises(RequestError, match=r"input 'q' holds the value 100, outside .* -64.5 to 63") as caught:
+        parse_infer(data, length, (quantized,), OUTPUTS, max_batch=4)
+    assert caught.value.status == 400

@@ -72,3 +72,15 @@ def test_after_shutting_down_every_input_not_held_is_exhausted():
     assert not feed.exhausted(0) and not feed.exhausted(1) and feed.exhausted(2)
     feed.fail_all(503, "the service is shutting down")  # the pipeline still running must stop, not spin
     assert feed.exhausted(0) and feed.wait_input(0, 0) is None
+
+
+def test_gauges_count_only_inputs_still_held_after_failures():
+    """Inputs failed before the pipeline took them leave the queue depth (it stayed up, in-flight went negative)."""
+    feed = LiveFeed(capacity=8)
+    feed.submit(rows(3))
+    assert feed.wait_input(0, 0) is not None
+    assert (feed.depth, feed.inflight) == (2, 1)
+    feed.abandon(2, "never taken")
+    assert (feed.depth, feed.inflight) == (1, 1)
+    feed.fail_all(503, "the pipeline stopped")
+    assert (feed.depth, feed.inflight) == (0, 0)

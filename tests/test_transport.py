@@ -16,7 +16,6 @@ from dnnpipe.pipeline_key import link_tls
 from dnnpipe.frameio import FrameReader
 from dnnpipe.protocol import Kind
 from dnnpipe.runtime.handshake import LinkAuth, manifest_identity
-from dnnpipe.testbed.local import free_ports
 from dnnpipe.runtime.transport import (MAX_PENDING, MAX_PER_SOURCE, DropCounter, _Gate, _Held, accept_link,
                                        accept_upstream, connect_downstream, listen, secure_dial)
 
@@ -54,21 +53,21 @@ def test_waiting_for_the_upstream_says_so_and_gives_up_at_the_deadline(monkeypat
     monkeypatch.setattr("dnnpipe.runtime.transport.PROGRESS_SECONDS", 0.2)
     listener = listen("[stage 3]", "127.0.0.1", 0)
     said: list[str] = []
-    began = time.monotonic()
     with pytest.raises(DnnpipeError, match=r"\[stage 3\] no upstream stage connected to 127.0.0.1:\d+ within "
                                            r"0.7 s \(--connect-timeout\)"):
         accept_upstream("[stage 3]", listener, SPEC, 0.7, 5, said.append)
-    assert time.monotonic() - began < 2
     assert said[0].startswith("[stage 3] waiting for the upstream stage")
     assert any("still waiting" in line for line in said[1:])
     listener.close()
 
 
 def test_connecting_to_a_stage_that_never_comes_names_it():
-    port = free_ports(1)[0]
-    with pytest.raises(DnnpipeError, match=rf"\[stage 1\] cannot reach the next stage at 127.0.0.1:{port} "
-                                           r"within 0.5 s"):
-        connect_downstream("[stage 1]", "127.0.0.1", port, SPEC, 0.5, 5)
+    with socket.socket() as held:  # bound, never listening: refuses connections, and no other run can take it
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        with pytest.raises(DnnpipeError, match=rf"\[stage 1\] cannot reach the next stage at 127.0.0.1:{port} "
+                                               r"within 0.5 s"):
+            connect_downstream("[stage 1]", "127.0.0.1", port, SPEC, 0.5, 5)
 
 
 def test_listening_on_a_taken_port_is_a_clear_error():

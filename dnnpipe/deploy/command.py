@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 
 from ..console import positive_float, script_main
 from ..errors import DnnpipeError
+from ..runtime.command import use_tls
 from .deployer import DeployOptions, deploy, start_stages, stop_stages
 from .launch import format_launch_plan
 from .ship import format_reports
@@ -64,15 +65,13 @@ def deployer_parser() -> argparse.ArgumentParser:
 
 
 def deploy_options(args: argparse.Namespace) -> DeployOptions:
-    if args.tls and args.no_tls:
-        raise DnnpipeError("--tls and --no-tls contradict each other (TLS is the default now: drop --tls)")
     return DeployOptions(
         registry=args.device_registry, model_name=args.model_name, model_path=args.model_path, config=args.config,
         dry_run=args.dry_run, ssh=SshOptions(connect_timeout=args.connect_timeout,
                                              accept_new_host_keys=args.accept_new_host_keys,
                                              ssh_config=args.ssh_config),
         runtime_code=not args.no_runtime_code, dataset=args.dataset, data_path=args.data_path,
-        output_path=args.output_path, tls=not args.no_tls)
+        output_path=args.output_path, tls=use_tls(args))
 
 
 def deploy_command(args: argparse.Namespace) -> int:

@@ -44,13 +44,13 @@ class DeployOptions:
         """The models folder's name on every device (the runtime's --model-path there)."""
         return self.model_path.resolve().name
 
-    @property
-    def device_data_path(self) -> str:
-        return self.data_path or f"{model_folder(self.models_dir, self.model_name)}/{DATASET}"
+    def device_data_path(self, manifest: Manifest) -> str:
+        """The input path on the first device: by default in the model's folder, named as the manifest names the
+        model (as the runtime's --model-name, logs and sub-models are; the local folder may be named otherwise)."""
+        return self.data_path or f"{model_folder(self.models_dir, manifest.model_name)}/{DATASET}"
 
-    @property
-    def device_output_path(self) -> str:
-        return self.output_path or f"{model_folder(self.models_dir, self.model_name)}/{RESULTS}"
+    def device_output_path(self, manifest: Manifest) -> str:
+        return self.output_path or f"{model_folder(self.models_dir, manifest.model_name)}/{RESULTS}"
 
 
 @dataclass
@@ -74,8 +74,8 @@ def _setup(options: DeployOptions) -> tuple[Manifest, list[StageLaunch], dict[in
     manifest = read_manifest(options.folder)
     devices = devices_for(registry, [s.device for s in manifest.stages], str(options.registry))
     transports = {d.device_id: transport_for(d, options.ssh) for d in devices}
-    launches = launch_plan(manifest, devices, options.models_dir, options.device_data_path,
-                           options.device_output_path, [] if options.tls else ["--no-tls"])
+    launches = launch_plan(manifest, devices, options.models_dir, options.device_data_path(manifest),
+                           options.device_output_path(manifest), [] if options.tls else ["--no-tls"])
     return manifest, launches, transports
 
 
@@ -91,13 +91,14 @@ def deploy(options: DeployOptions) -> Deployment:
         create_certificate(options.folder)
     models_dir = options.models_dir
     plan_file = config_paths(options.config, options.model_name)[1]
-    extra = [(plan_file, f"{models_dir}/{options.model_name}/{plan_file.name}")] if plan_file.is_file() else []
+    on_device = model_folder(models_dir, manifest.model_name)
+    extra = [(plan_file, f"{on_device}/{plan_file.name}")] if plan_file.is_file() else []
     extra += runtime_code() if options.runtime_code else []
     jobs = []
     for item in launches:
         files = list(extra)
         if item.stage == 1 and options.dataset is not None:
-            files.append((options.dataset, options.device_data_path))
+            files.append((options.dataset, options.device_data_path(manifest)))
         jobs.append((transports[item.device.device_id], DeviceReport(item.device, [item.stage]),
                      uploads_for(manifest, options.folder, models_dir, [item.stage], files)))
     deployment = Deployment(ship_all(jobs, dry_run=options.dry_run), launches, transports, options.folder,

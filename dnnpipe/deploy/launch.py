@@ -7,7 +7,7 @@ import shlex
 import socket
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -105,7 +105,7 @@ class StageProbe:
     pipeline key for this manifest and that stage (dnnpipe.runtime.handshake.probe_side), inside TLS with --tls.
     Any other listener (another program, another pipeline, another stage) fails it."""
 
-    key: bytes
+    key: bytes = field(repr=False)  # the pipeline key: never in a repr or a traceback's locals
     identity: bytes
     tls: Optional[ssl.SSLContext] = None
 

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 from ..manifest import MANIFEST_FILE, Manifest, sha256_file
 from ..pipeline_key import CERT_FILE, CERT_KEY_FILE, KEY_FILE
 from .closure import device_files
+from .launch import model_folder
 from .registry import Device
 from .transport import Transport, TransportError, Upload, temporary_names
 
@@ -44,7 +45,7 @@ def uploads_for(manifest: Manifest, folder: Path, models_dir: str, stages: Seque
     """A device's files: its stages' sub-models, the manifest, the pipeline key and the --tls certificate (when
     present; the keys private), in the runtime's layout, plus extras. Names come from the checked manifest, so
     none leaves `folder`."""
-    prefix = f"{models_dir}/{manifest.model_name}"
+    prefix = model_folder(models_dir, manifest.model_name)
     uploads = [Upload(folder / manifest.stage(k).file, f"{prefix}/{manifest.stage(k).file}",
                       manifest.stage(k).sha256) for k in stages]
     uploads.append(Upload(folder / MANIFEST_FILE, f"{prefix}/{MANIFEST_FILE}", sha256_file(folder / MANIFEST_FILE)))

@@ -78,14 +78,15 @@ def run_options(args: argparse.Namespace) -> RunOptions:
 
 
 def use_tls(args: argparse.Namespace, name: str = "") -> bool:
-    """TLS unless --no-tls or --insecure; an old script's --tls beside either is a contradiction."""
+    """TLS unless --no-tls or --insecure; an old script's --tls beside either is a contradiction. A command
+    without --insecure (the deployer's) uses it too."""
     prefix = f"{name} " if name else ""
     if args.tls and args.no_tls:
         raise DnnpipeError(f"{prefix}--tls and --no-tls contradict each other (TLS is the default now: drop --tls)")
-    if args.tls and args.insecure:
+    if args.tls and getattr(args, "insecure", False):
         raise DnnpipeError(f"{prefix}--tls and --insecure do not go together (inside TLS, the pipeline key still binds "
                            "each link to this manifest and these stages)")
-    return not (args.no_tls or args.insecure)
+    return not (args.no_tls or getattr(args, "insecure", False))
 
 
 def stage_parser() -> argparse.ArgumentParser:

@@ -69,15 +69,23 @@ def to_wire(spec: TensorSpec, data: np.ndarray, where: Optional[str] = None) -> 
     check_wire_type(spec, data.dtype, where)
     if spec.quantization is None or data.dtype == np.dtype(spec.dtype):
         return np.asarray(data, dtype=spec.dtype).reshape(spec.shape)
+    return quantize(spec, data, where).reshape(spec.shape)
+
+
+def quantize(spec: TensorSpec, data: np.ndarray, where: str) -> np.ndarray:
+    """Real numbers as a quantized input's integers, any shape; a value its type cannot hold is refused (never
+    clipped) in one line naming `where`. The service checks requests with it before they are queued."""
+    assert spec.quantization is not None
     scale, zero_point = spec.quantization
     info = np.iinfo(spec.dtype)
-    quantized = np.round(data.astype(np.float64) / scale + zero_point)
-    if not np.all((quantized >= info.min) & (quantized <= info.max)):  # NaN fails too
-        bad = data[~((quantized >= info.min) & (quantized <= info.max))].flat[0]
+    quantized = np.round(np.asarray(data).astype(np.float64) / scale + zero_point)
+    inside = (quantized >= info.min) & (quantized <= info.max)  # NaN fails too
+    if not np.all(inside):
+        bad = np.asarray(data)[~inside].flat[0]
         low, high = (info.min - zero_point) * scale, (info.max - zero_point) * scale
         raise DnnpipeError(f"{where} holds the value {bad:g}, outside what input {spec.name!r} ({spec.dtype}, "
                            f"scale {scale:g}, zero point {zero_point}) can hold: {low:g} to {high:g}")
-    return quantized.astype(spec.dtype).reshape(spec.shape)
+    return quantized.astype(spec.dtype)
 
 
 def to_real(spec: TensorSpec, wire: np.ndarray) -> np.ndarray:

@@ -11,9 +11,8 @@ very manifest, on this connection (a recorded handshake cannot be replayed: the 
 The whole exchange has one deadline; any failure closes the link. A readiness probe (the deployer's --launch)
 sends a HELLO from stage PROBE to the stage it expects: the listener answers with its REPLY, proving it holds the
 key and is that stage of this manifest, and drops the connection (no FINISH, no link; the MAC names PROBE as the
-sender, so it proves nothing on any real link). By default (not --no-tls), `tls_wrap`
-first runs a
-mutual TLS handshake (both ends pin the pipeline certificate) and this exchange runs inside it, unchanged.
+sender, so it proves nothing on any real link). By default (not --no-tls), `tls_wrap` first runs a mutual TLS
+handshake (both ends pin the pipeline certificate) and this exchange runs inside it, unchanged.
 """
 
 from __future__ import annotations

@@ -117,8 +117,9 @@ def accept_link(name: str, listener: socket.socket, connect_timeout: float, say:
 
     Connections are vetted in parallel (_Gate), so peers that connect and stall cannot hold the port: the
     real peer is taken as soon as it passes, and one that fails is dropped (counted) while this end keeps
-    listening. One closed without a byte is a readiness probe (the deployer's --launch checks ports that
-    way) and is dropped quietly. Without a key or TLS, any peer that speaks (or stays connected) passes.
+    listening. The deployer's --launch probe (a keyed HELLO from handshake.PROBE, answered, never a link) and a
+    connection closed without a byte (a plain port check) are closed quietly. Without a key or TLS, any peer
+    that speaks (or stays connected) passes.
     """
     bind_addr, bind_port = listener.getsockname()[:2]
     began = time.monotonic()

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import DnnpipeError
 from ..manifest import TensorSpec
+from ..runtime.dataio import quantize
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 DATATYPES = {"bool": "BOOL", "uint8": "UINT8", "int8": "INT8", "int16": "INT16", "int32": "INT32",
@@ -102,6 +103,8 @@ def parse_infer(body: bytes, header_length: Optional[str], inputs: Sequence[Tens
         request = json.loads(header)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RequestError(f"request body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise RequestError("request body is JSON nested too deeply") from None
     if not isinstance(request, dict):
         raise RequestError("request body must be a JSON object")
     identifier = request.get("id")
@@ -121,7 +124,7 @@ def parse_infer(body: bytes, header_length: Optional[str], inputs: Sequence[Tens
             raise RequestError(f"unknown input {name!r}: the model takes {', '.join(by_name)}")
         if name in given:
             raise RequestError(f"input {name!r} given twice")
-        given[name], offset = _tensor(item, by_name[name], binary, offset)
+        given[name], offset = _tensor(item, by_name[name], binary, offset, max_batch)
     if offset != len(binary):
         raise RequestError(f"{len(binary) - offset} bytes of binary data after the last tensor")
     missing = [name for name in by_name if name not in given]
@@ -157,7 +160,9 @@ def _parameters(item: dict[str, Any], where: str) -> dict[str, Any]:
     return parameters
 
 
-def _tensor(item: dict[str, Any], spec: TensorSpec, binary: memoryview, offset: int) -> tuple[np.ndarray, int]:
+def _tensor(item: dict[str, Any], spec: TensorSpec, binary: memoryview, offset: int,
+            max_batch: int) -> tuple[np.ndarray, int]:
+    """One input tensor, checked; the batch bound first, so the element count cannot overflow."""
     name = spec.name
     expected = datatype(spec)
     if item.get("datatype") != expected:
@@ -167,6 +172,8 @@ def _tensor(item: dict[str, Any], spec: TensorSpec, binary: memoryview, offset: 
         raise RequestError(f"input {name!r}: shape must be a list of whole numbers, got {shape!r}")
     if len(shape) != len(spec.shape) or shape[1:] != list(spec.shape[1:]):
         raise RequestError(f"input {name!r} must have shape {[-1, *spec.shape[1:]]}, got {shape}")
+    if not 1 <= shape[0] <= max_batch:
+        raise RequestError(f"batch size must be 1..{max_batch}, got {shape[0]}")
     dtype = NUMPY_OF[expected]
     count = int(np.prod(shape, dtype=np.int64))
     size = _parameters(item, f"input {name!r}").get("binary_data_size")
@@ -177,7 +184,7 @@ def _tensor(item: dict[str, Any], spec: TensorSpec, binary: memoryview, offset: 
         if offset + size > len(binary):
             raise RequestError(f"input {name!r}: binary data ends after {len(binary) - offset} of {size} bytes")
         array = np.frombuffer(binary, dtype=dtype.newbyteorder("<"), count=count, offset=offset)
-        return array.astype(dtype, copy=False).reshape(shape), offset + size
+        return _in_range(spec, array.astype(dtype, copy=False).reshape(shape)), offset + size
     if "data" not in item:
         raise RequestError(f"input {name!r} has neither data nor parameters.binary_data_size")
     try:
@@ -189,7 +196,18 @@ def _tensor(item: dict[str, Any], spec: TensorSpec, binary: memoryview, offset: 
                            f"got {array.size} of kind {array.dtype.name}")
     if array.dtype.kind == "f" and dtype.kind in "biu":
         raise RequestError(f"input {name!r}: data must be whole numbers for {expected}")
-    return array.astype(dtype).reshape(shape), offset
+    return _in_range(spec, array.astype(dtype).reshape(shape)), offset
+
+
+def _in_range(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
+    """A quantized input's real numbers must fit its integer type: the client's mistake, answered 400 here,
+    not found in the pipeline where it would fail the whole batch."""
+    if spec.quantization is not None:
+        try:
+            quantize(spec, array, f"input {spec.name!r}")
+        except DnnpipeError as e:
+            raise RequestError(str(e)) from None
+    return array
 
 
 def _requested(items: Any, outputs: Sequence[TensorSpec], binary_default: bool) -> list[Requested]:

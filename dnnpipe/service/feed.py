@@ -95,15 +95,16 @@ class LiveFeed:
 
     @property
     def depth(self) -> int:
-        """Inputs accepted and not yet handed to the pipeline."""
+        """Inputs held and not yet handed to the pipeline (counted from the held inputs: failed or abandoned
+        ones leave both gauges, whether or not the pipeline had taken them)."""
         with self._cond:
-            return self._next - self._handed
+            return sum(1 for index in self._inputs if index >= self._handed)
 
     @property
     def inflight(self) -> int:
         """Inputs handed to the pipeline and not yet delivered."""
         with self._cond:
-            return len(self._inputs) - (self._next - self._handed)
+            return sum(1 for index in self._inputs if index < self._handed)
 
     # The Feed protocol, called by the controller.
 

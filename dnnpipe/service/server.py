@@ -12,16 +12,48 @@ import threading
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Callable, ContextManager, Optional, Protocol, Sequence
 
+from ..manifest import TensorSpec
 from . import codec
 from .feed import Refused
-from .metrics import CONTENT_TYPE
-
-if TYPE_CHECKING:
-    from .service import Service
+from .metrics import CONTENT_TYPE, ServiceMetrics
+from .options import ServiceOptions
 
 MODEL_ROUTE = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?")
+CONTENT_LENGTH = re.compile(r"[0-9]{1,19}")  # ASCII digits only: str.isdigit also takes '²'
+
+
+class Backend(Protocol):
+    """What the handler asks of the service behind it (service.Service), so the server imports no service."""
+
+    @property
+    def options(self) -> ServiceOptions: ...
+
+    @property
+    def inputs(self) -> Sequence[TensorSpec]: ...
+
+    @property
+    def outputs(self) -> Sequence[TensorSpec]: ...
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def token(self) -> Optional[str]: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+    @property
+    def metrics(self) -> ServiceMetrics: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    def request(self) -> ContextManager[None]: ...
+
+    def infer(self, handler: "Handler") -> None: ...
 
 
 class Deadlines:
@@ -32,6 +64,8 @@ class Deadlines:
         self._watched: dict[Handler, float] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+
+    def start(self) -> None:
         threading.Thread(target=self._run, name="read-deadlines", daemon=True).start()
 
     def watch(self, handler: "Handler", seconds: float) -> None:
@@ -64,12 +98,13 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True  # a stuck client never blocks exit; the service waits for in-flight requests itself
     request_queue_size = 128
 
-    def __init__(self, host: str, port: int, service: "Service", tls: Optional[ssl.SSLContext]):
+    def __init__(self, host: str, port: int, service: Backend, tls: Optional[ssl.SSLContext]):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.service, self.tls = service, tls
         self.deadlines = Deadlines()
         self.connections, self._count_lock = 0, threading.Lock()
         super().__init__((host, port), Handler)
+        self.deadlines.start()  # only once listening: a failed bind leaves no thread behind
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """A thread for the connection, or at once a 503 and close when max_connections are open (idle
@@ -117,6 +152,7 @@ class Handler(BaseHTTPRequestHandler):
     handshake_failed = False
     body_read = False
     sent = 0  # the status of the answer to the request being handled, 0 before (or without) one
+    on_answer: Optional[Callable[[int], None]] = None  # told the status before the answer is written
 
     def setup(self) -> None:
         super().setup()
@@ -146,7 +182,7 @@ class Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return
         self.arrived = time.monotonic()
-        self.body_read, self.sent = False, 0
+        self.body_read, self.sent, self.on_answer = False, 0, None
         with self.server.service.request():
             self.handle_arrived()
 
@@ -192,6 +228,8 @@ class Handler(BaseHTTPRequestHandler):
                 (code >= 400 and self.command != "GET" and not self.body_read):
             self.close_connection = True  # the rest of the request may still be on the wire
         self.sent = code
+        if self.on_answer is not None:  # counted before written: a client holding its answer sees it counted
+            self.on_answer(code)
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -283,7 +321,7 @@ class Handler(BaseHTTPRequestHandler):
         if length is None:
             self.send_error(411, "Content-Length is required")
             return None
-        if not length.isdigit():
+        if not CONTENT_LENGTH.fullmatch(length):
             self.send_error(400, f"Content-Length must be a whole number, got {length[:40]!r}")
             return None
         limit = self.server.service.options.max_body_bytes

@@ -4,6 +4,7 @@ own thread. `run_service` is the one entry a command calls; `Service` is the sam
 from __future__ import annotations
 
 import contextlib
+import ssl
 import threading
 import time
 from typing import Callable, Iterator, Optional, Sequence
@@ -69,6 +70,7 @@ class Service:
             self.pipeline_error = f"{type(e).__name__}: {e}" if not isinstance(e, DnnpipeError) else str(e)
         finally:
             self.metrics.ready(False)
+            self.feed.drain()  # new requests are refused at once (503), not left waiting for a 504
             self.feed.fail_all(503, f"the pipeline stopped{': ' + self.pipeline_error if self.pipeline_error else ''}")
             self.pipeline_done.set()
 
@@ -113,11 +115,15 @@ class Service:
                 self._idle.notify_all()
 
     def infer(self, handler: Handler) -> None:
+        handler.on_answer = lambda code: self.metrics.answered(self.options.model_name, code,
+                                                               time.monotonic() - handler.arrived)
         try:
             self._infer(handler)
-        finally:
-            if handler.sent:  # not when the client went away before its body arrived
-                self.metrics.answered(self.options.model_name, handler.sent, time.monotonic() - handler.arrived)
+        except (TimeoutError, ConnectionError, ssl.SSLError):
+            raise  # the connection is gone: the handler closes it
+        except Exception as e:  # a fault of ours: one line with a 500, never a traceback and no answer
+            if not handler.sent:
+                handler.send_error(500, f"internal error: {type(e).__name__}: {e}".splitlines()[0][:300])
 
     def _infer(self, handler: Handler) -> None:
         """Read, check, queue, wait, answer (the status sent is handler.sent)."""
