@@ -124,12 +124,17 @@ class Stream:
         return not route.stop.is_set()
 
     def _source(self, route: Route) -> None:
-        if route.previous is not None and not self._wait(route.previous.source_done, route):
-            return
+        """The new route's first link is dialled and proven before the barrier (the first agent holds it until
+        its old role ends), so the switch itself dials nothing."""
         device, host, port = route.first
         sock = dial_link(host, port, CONTROLLER, device, route.generation, self.key, self.model, self.session,
                          self.connect_timeout, route.stop, None if self.tls is None else self.tls[1])
         route.sockets.append(sock)
+        if route.stop.is_set():
+            _hang_up(sock)
+            return
+        if route.previous is not None and not self._wait(route.previous.source_done, route):
+            return
         writer = FrameWriter(sock, self.inputs, f"the first stage on device {device} at {host}:{port}", 60.0)
         route.source_linked.set()
         sent = 0
