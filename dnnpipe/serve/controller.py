@@ -436,6 +436,7 @@ class Controller:
     def _prepare_switch(self, action: Switch, detected: float, replan_s: float) -> None:
         """A planned switch: the new plan's sub-models are cut and pushed in the background while the old plan
         serves; the barrier goes out only once every agent has its new role loaded (see _pending_step)."""
+        self._replanned(action, replan_s)
         missing = [(d, (s, e)) for s, e, d in action.stages if (s, e) not in self.prepared.get(d, set())]
         self.pending = PendingSwitch(action, detected, replan_s, missing, time.monotonic())
         if not missing:
@@ -445,6 +446,12 @@ class Controller:
             self.pushed.add((device, units))
         threading.Thread(target=self._push_all, args=([Prepare(d, u) for d, u in missing],), daemon=True,
                          name="serve push switch").start()
+
+    def _replanned(self, action: Switch, replan_s: float) -> None:
+        if action.label != "start":
+            self.echo(f"serve: re-plan ({action.reason}): {[list(s) for s in action.stages]}, "
+                      f"{self.scaled(action.throughput):.1f} inf/s predicted, planned in {replan_s * 1000:.1f} ms")
+            self.events.replanned(action.label)
 
     def _push_all(self, actions: list[Prepare]) -> None:
         for action in actions:
@@ -461,6 +468,8 @@ class Controller:
             return
         if all(units in self.prepared.get(d, set()) for d, units in pending.missing):
             self.pending = None
+            self.echo(f"serve: every new role loaded beside the running plan ({len(pending.missing)} sub-models cut "
+                      f"and pushed in the background, {now - pending.began:.2f} s): barrier")
             self._switch(pending.action, pending.detected, pending.replan_s, prepare_s=now - pending.began)
         elif now - pending.began > self.options.connect_timeout:
             self.echo(f"serve: planned switch dropped: its sub-models were not loaded within "
@@ -479,11 +488,8 @@ class Controller:
         self.running = stages
         record = SwitchRecord(action.reason, action.label, action.abort, [list(s) for s in stages], action.throughput,
                               detected, replan_s, prepare_s=prepare_s, generation=g)
-        if action.label != "start":
-            self.echo(f"serve: re-plan ({action.reason}): {[list(s) for s in stages]}, "
-                      f"{self.scaled(action.throughput):.1f} inf/s predicted, planned in {replan_s * 1000:.1f} ms")
-            self.events.replanned(action.label)
-        if action.abort:  # a planned switch keeps serving on the old plan until the barrier
+        if action.abort:
+            self._replanned(action, replan_s)  # a planned switch keeps serving on the old plan until the barrier
             self.events.ready(False)
         push_began = time.perf_counter()
         self._ensure_pushed(stages)

@@ -240,6 +240,11 @@ class Stream:
             self._links[(generation, sender)] = sock
             self._links_changed.notify_all()
 
+    def has_link(self, generation: int, sender: int) -> bool:
+        """A last stage's results link of this generation is in and not yet taken by its route."""
+        with self._links_changed:
+            return (generation, sender) in self._links
+
     def _take(self, route: Route) -> socket.socket:
         deadline = time.monotonic() + self.connect_timeout
         key = (route.generation, route.last)
