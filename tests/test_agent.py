@@ -261,8 +261,8 @@ def test_agents_run_roles_switch_at_a_barrier_and_abort(served, tmp_path):
 
 
 def test_a_planned_roles_links_are_dialled_before_the_barrier(served, tmp_path):
-    """The next generation's data links are up while the running role still serves (its END not yet sent):
-    the switch itself dials nothing. Then the barrier: every result once."""
+    """The next generations' data links are up while the running role still serves (its END not yet sent):
+    the switch itself dials nothing. Then two barriers in a row: every result once."""
     total = 120
     feed = ListFeed(rows_of(served), total)
     feed.gate = 40  # inputs from 40 on wait: the running role has no END to finish on
@@ -270,13 +270,16 @@ def test_a_planned_roles_links_are_dialled_before_the_barrier(served, tmp_path):
         units = read_manifest(served.parts / served.name).units
         plan_a = [(1, 30, 1), (31, units, 2)]
         plan_b = [(1, 50, 2), (51, units, 1)]
-        a.push_all(plan_a + plan_b)
+        plan_c = [(1, 40, 1), (41, units, 2)]
+        a.push_all(plan_a + plan_b + plan_c)
         first = a.run(1, plan_a, abort=True)
         wait_for(lambda: len(feed.delivered) >= 40)
         a.roles(2, plan_b, abort=False)
-        wait_for(lambda: a.stream.has_link(2, 1))  # the new last stage (device 1) linked to the controller
+        a.roles(3, plan_c, abort=False)  # a second planned switch before the first reached its barrier
+        wait_for(lambda: a.stream.has_link(2, 1) and a.stream.has_link(3, 2))  # the new last stages' links
         assert not first.results_done.is_set() and len(feed.delivered) == 40  # generation 1 still runs
         a.route(2, plan_b, abort=False)
+        a.route(3, plan_c, abort=False)  # its route must not drop generation 2's early link as stale
         feed.gate = total
         wait_for(lambda: a.ledger.done, 60)
         wait_for(lambda: a.stream.route is not None and a.stream.route.results_done.is_set())

@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
-
 from ..errors import DnnpipeError
 from ..interpreter import StageRunner
 from ..manifest import MANIFEST_FILE, StageSpec, WholeModel, read_manifest
@@ -502,7 +500,6 @@ class Agent:
     def _load(self, units: tuple[int, int], flatbuffer: bytes) -> None:
         spec = self._spec(units, 0, hashlib.sha256(flatbuffer).hexdigest())
         runner = StageRunner(flatbuffer, spec, self.options.num_threads, self.options.delegate)
-        runner([np.zeros(t.shape, t.dtype) for t in spec.inputs])  # warmed up here, not on a switch's first frame
         with self._lock:
             self._prepared[units] = (spec, runner)
             while len(self._prepared) > PREPARED_ROLES:

@@ -14,12 +14,11 @@ from typing import Mapping, Optional, Sequence
 class SpeedModel:
     """How measured stage times become speeds (Section 3.1's C, measured instead of profiled)."""
 
-    window: int = 16  # per device, the median of its last `window` stage times (smoothing); half of it slowed
-    # frames moves the median, so a slowdown of a slow model's stage shows within ~8 of its (slowed) frames
-    min_frames: int = 8  # frames in the window before it counts
+    window: int = 32  # per device, the median of its last `window` stage times (smoothing)
+    min_frames: int = 16  # frames in the window before it counts
     band: float = 0.5  # hysteresis: how far beyond the expected bottleneck a stage must be to count as slow (on a
     # shared 2-core host a stage's compute alone wanders by a third; a 4x slowdown is +300%)
-    dwell: int = 3  # consecutive evaluations a device must stay out of the band before its belief changes
+    dwell: int = 5  # consecutive evaluations a device must stay out of the band before its belief changes
 
 
 def stage_median(times: Sequence[float], model: SpeedModel) -> Optional[float]:

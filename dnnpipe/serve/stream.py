@@ -255,7 +255,12 @@ class Stream:
                 if time.monotonic() > deadline:
                     raise DnnpipeError(f"device {route.last} sent no results link within {self.connect_timeout:g} s")
                 self._links_changed.wait(POLL_SECONDS)
-            for stale in [k for k in self._links if k[0] < route.generation]:
+            waiting = set()  # generations of earlier routes behind a barrier: their links may come in later
+            earlier = route.previous
+            while earlier is not None:
+                waiting.add(earlier.generation)
+                earlier = earlier.previous
+            for stale in [k for k in self._links if k[0] < route.generation and k[0] not in waiting]:
                 self._links.pop(stale).close()
             return self._links.pop(key)
 
