@@ -39,7 +39,7 @@ from ..planner.replan import ClusterChange, replan
 from ..runtime.handshake import manifest_identity
 from .decide import Action, GiveUp, Joined, Lost, Measured, Prepare, Proposal, Stages, State, Switch, Switched, \
     decide
-from .detect import SpeedModel, speed_outliers, stage_median
+from .detect import SpeedModel, speed_outliers, stage_time
 from .feed import Feed, NoEvents, ServeEvents
 from .filefeed import FileFeed
 from .fleet import Fleet
@@ -654,7 +654,7 @@ class Controller:
             kept = self._times.setdefault(d, [])
             kept += frames
             del kept[:-model.window]
-            median = stage_median(kept, model)
+            median = stage_time(kept, model)
             if median is None:
                 continue
             profiled[d] = self.profiled_speed(d)
