@@ -4,12 +4,16 @@ every result exactly once and equal to the model's."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
 import socket
 import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -121,10 +125,12 @@ class ListFeed:
 
     def __init__(self, rows: np.ndarray, total: int):
         self.rows, self.total, self.delivered = rows, total, {}
+        self.gate = total  # inputs from here on have not arrived yet
         self.started = time.monotonic()
 
     def wait_input(self, index: int, timeout: float):
-        if index >= self.total:
+        if index >= self.total or index >= self.gate:
+            time.sleep(min(timeout, 0.01))
             return None
         return [self.rows[index % len(self.rows)]]
 
@@ -139,14 +145,58 @@ class ListFeed:
         raise AssertionError(f"input {index} abandoned: {reason}")
 
 
-def test_agents_run_roles_switch_at_a_barrier_and_abort(served, tmp_path):
-    import h5py
+@dataclass
+class Agents:
+    """Real agents on local devices, the controller's fleet and data path, and how the tests drive them."""
 
+    devices: dict
+    fleet: Fleet
+    stream: Stream
+    ledger: Ledger
+    cutter: Cutter
+    faults: list
+
+    def push(self, device: int, units: tuple[int, int]) -> None:
+        flatbuffer = self.cutter.cut(units)
+        self.fleet.send(device, {"kind": "model", "units": list(units), "size": len(flatbuffer),
+                                 "sha256": hashlib.sha256(flatbuffer).hexdigest()}, flatbuffer)
+
+    def push_all(self, stages: list[tuple[int, int, int]]) -> None:
+        for first, last, d in stages:
+            self.push(d, (first, last))
+        prepared: set = set()
+        deadline = time.monotonic() + 30
+        while len(prepared) < len(set(stages)) and time.monotonic() < deadline:
+            event = self.fleet.events.get(timeout=30)
+            if event[0] == "prepared":
+                prepared.add((event[1], event[2]))
+
+    def roles(self, generation: int, stages: list[tuple[int, int, int]], abort: bool) -> None:
+        for k, (first, last, d) in enumerate(stages):
+            nxt = stages[k + 1][2] if k + 1 < len(stages) else 0
+            self.fleet.send(d, {"kind": "role", "generation": generation, "stage": k + 1, "units": [first, last],
+                                "from": stages[k - 1][2] if k else 0, "to": nxt, "host": "127.0.0.1",
+                                "port": self.devices[nxt].runtime_port if nxt else self.stream.port, "pace": None,
+                                "abort": abort})
+        for d in set(self.devices) - {d for _, _, d in stages}:
+            self.fleet.send(d, {"kind": "role", "generation": generation, "units": None, "abort": abort})
+
+    def route(self, generation: int, stages: list[tuple[int, int, int]], abort: bool):
+        head = self.devices[stages[0][2]]
+        return self.stream.open(generation, (head.device_id, "127.0.0.1", head.runtime_port), stages[-1][2], abort)
+
+    def run(self, generation: int, stages: list[tuple[int, int, int]], abort: bool):
+        self.roles(generation, stages, abort)
+        return self.route(generation, stages, abort)
+
+
+@contextmanager
+def agents(served: Served, tmp_path, feed, count: int) -> Iterator[Agents]:
     folder = served.parts / served.name
     manifest = read_manifest(folder)
-    ports = free_ports(3)
+    ports = free_ports(count)
     devices = {d: Device(d, "local", remote_dir=str(tmp_path / f"device_{d}"), runtime_port=ports[d - 1])
-               for d in (1, 2, 3)}
+               for d in range(1, count + 1)}
     uploads = uploads_for(manifest, folder, served.parts.resolve().name, [], runtime_code())
     assert all(r.ok for r in ship_all([(transport_for(d, SshOptions()), DeviceReport(d, []), uploads)
                                        for d in devices.values()]))
@@ -155,71 +205,86 @@ def test_agents_run_roles_switch_at_a_barrier_and_abort(served, tmp_path):
     lines: list[str] = []
     fleet = Fleet("127.0.0.1", key, model, session, served.parts.resolve().name, served.name, 20.0, SshOptions(),
                   lines.append)
-    with h5py.File(served.data) as f:
-        rows = f["images"][:]
-    total = 240
-    feed = ListFeed(rows, total)
     ledger = Ledger(None, 8)
     faults: list[str] = []
     stream = Stream(ledger, feed, manifest.inputs, manifest.outputs, key, model, session, "127.0.0.1", 20.0,
                     lambda: time.sleep(0.004), lambda route, why: faults.append(why))
-    cutter = Cutter(folder)
     try:
         for device in devices.values():
             fleet.start(device)
         up = {fleet.events.get(timeout=30)[1] for _ in devices}
-        assert up == {1, 2, 3}
-
-        def push(device: int, units: tuple[int, int]) -> None:
-            flatbuffer = cutter.cut(units)
-            import hashlib
-            fleet.send(device, {"kind": "model", "units": list(units), "size": len(flatbuffer),
-                                "sha256": hashlib.sha256(flatbuffer).hexdigest()}, flatbuffer)
-
-        def run(generation: int, stages: list[tuple[int, int, int]], abort: bool):
-            for k, (first, last, d) in enumerate(stages):
-                nxt = stages[k + 1][2] if k + 1 < len(stages) else 0
-                fleet.send(d, {"kind": "role", "generation": generation, "stage": k + 1, "units": [first, last],
-                               "from": stages[k - 1][2] if k else 0, "to": nxt, "host": "127.0.0.1",
-                               "port": devices[nxt].runtime_port if nxt else stream.port, "pace": None,
-                               "abort": abort})
-            for d in set(devices) - {d for _, _, d in stages}:
-                fleet.send(d, {"kind": "role", "generation": generation, "units": None, "abort": abort})
-            head = devices[stages[0][2]]
-            return stream.open(generation, (head.device_id, "127.0.0.1", head.runtime_port), stages[-1][2], abort)
-
-        units = manifest.units
-        plan_a = [(1, 30, 1), (31, units, 2)]
-        plan_b = [(1, 20, 3), (21, 50, 1), (51, units, 2)]
-        plan_c = [(1, 40, 1), (41, units, 3)]
-        for first, last, d in plan_a + plan_b + plan_c:
-            push(d, (first, last))
-        prepared = set()
-        deadline = time.monotonic() + 30
-        while len(prepared) < len(plan_a + plan_b + plan_c) and time.monotonic() < deadline:
-            event = fleet.events.get(timeout=30)
-            if event[0] == "prepared":
-                prepared.add((event[1], event[2]))
-        run(1, plan_a, abort=True)
-        wait_for(lambda: len(feed.delivered) >= 60)
-        run(2, plan_b, abort=False)  # a barrier: no replay, the stream goes on
-        wait_for(lambda: len(feed.delivered) >= 140)
-        assert ledger.epoch == 1 and stream.duplicates == 0
-        os.kill(fleet.agents[2].pid, 9)  # device 2 lost: abort to a plan without it
-        assert wait_for(lambda: any(e[0] == "lost" and e[1] == 2 for e in drain(fleet)))
-        run(3, plan_c, abort=True)
-        wait_for(lambda: ledger.done, 60)
-        wait_for(lambda: stream.route is not None and stream.route.results_done.is_set())
-        assert sorted(feed.delivered) == list(range(total))
-        assert all("device 2" in why for why in faults), faults  # only the killed device's link broke
-        for index, got in feed.delivered.items():
-            np.testing.assert_allclose(got, next(iter(served.expected.values()))[index % len(rows)], rtol=1e-4,
-                                       atol=1e-4)
+        assert up == set(devices)
+        yield Agents(devices, fleet, stream, ledger, Cutter(folder), faults)
     finally:
         stream.close()
         fleet.close()
     for d in devices:
         assert fleet.exited(d) is not None
+
+
+def rows_of(served: Served) -> np.ndarray:
+    import h5py
+
+    with h5py.File(served.data) as f:
+        return f["images"][:]
+
+
+def check_results(served: Served, feed: "ListFeed", total: int) -> None:
+    """Every input's result exactly once, equal to the model's."""
+    assert sorted(feed.delivered) == list(range(total))
+    for index, got in feed.delivered.items():
+        np.testing.assert_allclose(got, next(iter(served.expected.values()))[index % len(feed.rows)], rtol=1e-4,
+                                   atol=1e-4)
+
+
+def test_agents_run_roles_switch_at_a_barrier_and_abort(served, tmp_path):
+    total = 240
+    feed = ListFeed(rows_of(served), total)
+    with agents(served, tmp_path, feed, 3) as a:
+        units = read_manifest(served.parts / served.name).units
+        plan_a = [(1, 30, 1), (31, units, 2)]
+        plan_b = [(1, 20, 3), (21, 50, 1), (51, units, 2)]
+        plan_c = [(1, 40, 1), (41, units, 3)]
+        a.push_all(plan_a + plan_b + plan_c)
+        a.run(1, plan_a, abort=True)
+        wait_for(lambda: len(feed.delivered) >= 60)
+        a.run(2, plan_b, abort=False)  # a barrier: no replay, the stream goes on
+        wait_for(lambda: len(feed.delivered) >= 140)
+        assert a.ledger.epoch == 1 and a.stream.duplicates == 0
+        os.kill(a.fleet.agents[2].pid, 9)  # device 2 lost: abort to a plan without it
+        assert wait_for(lambda: any(e[0] == "lost" and e[1] == 2 for e in drain(a.fleet)))
+        a.run(3, plan_c, abort=True)
+        wait_for(lambda: a.ledger.done, 60)
+        wait_for(lambda: a.stream.route is not None and a.stream.route.results_done.is_set())
+        check_results(served, feed, total)
+        assert all("device 2" in why for why in a.faults), a.faults  # only the killed device's link broke
+
+
+def test_a_planned_roles_links_are_dialled_before_the_barrier(served, tmp_path):
+    """The next generations' data links are up while the running role still serves (its END not yet sent):
+    the switch itself dials nothing. Then two barriers in a row: every result once."""
+    total = 120
+    feed = ListFeed(rows_of(served), total)
+    feed.gate = 40  # inputs from 40 on wait: the running role has no END to finish on
+    with agents(served, tmp_path, feed, 2) as a:
+        units = read_manifest(served.parts / served.name).units
+        plan_a = [(1, 30, 1), (31, units, 2)]
+        plan_b = [(1, 50, 2), (51, units, 1)]
+        plan_c = [(1, 40, 1), (41, units, 2)]
+        a.push_all(plan_a + plan_b + plan_c)
+        first = a.run(1, plan_a, abort=True)
+        wait_for(lambda: len(feed.delivered) >= 40)
+        a.roles(2, plan_b, abort=False)
+        a.roles(3, plan_c, abort=False)  # a second planned switch before the first reached its barrier
+        wait_for(lambda: a.stream.has_link(2, 1) and a.stream.has_link(3, 2))  # the new last stages' links
+        assert not first.results_done.is_set() and len(feed.delivered) == 40  # generation 1 still runs
+        a.route(2, plan_b, abort=False)
+        a.route(3, plan_c, abort=False)  # its route must not drop generation 2's early link as stale
+        feed.gate = total
+        wait_for(lambda: a.ledger.done, 60)
+        wait_for(lambda: a.stream.route is not None and a.stream.route.results_done.is_set())
+        check_results(served, feed, total)
+        assert a.ledger.epoch == 1 and a.stream.duplicates == 0 and not a.faults
 
 
 def wait_for(condition, seconds: float = 30.0) -> bool:

@@ -165,6 +165,9 @@ def test_a_slow_device_is_measured_and_switched_behind_a_barrier(served, tmp_pat
     assert "device 2 now emulates speed 0.05" in stdout
     replan = next(line for line in stdout.splitlines() if "re-plan (measured speed" in line)
     assert "device 2" in replan and "behind a barrier" in stdout
+    # the new roles were loaded while the old plan served; only then the barrier
+    assert stdout.index(replan) < stdout.index("every new role loaded beside the running plan") < \
+        stdout.index("switch: generation 2")
     stages = plan_in(replan)
     before = plan_in(next(line for line in stdout.splitlines() if "re-plan (start)" in line))
     units = {d: e - s + 1 for s, e, d in stages}
@@ -190,6 +193,7 @@ def test_a_device_that_joins_is_planned_in_behind_a_barrier(served, tmp_path):
     assert "SIGHUP: registry re-read: 1 new device(s) [4]" in stdout
     assert "device 4 joined" in stdout and "re-plan (device 4 joined)" in stdout
     assert "generation 2: first result" in stdout
+    assert stdout.index("every new role loaded beside the running plan") < stdout.index("switch: generation 2")
 
 
 def test_a_lost_device_that_answers_again_is_re_admitted_on_sighup(served, tmp_path):

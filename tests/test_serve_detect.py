@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dnnpipe.serve.detect import SpeedModel, speed_outliers, stage_median, worth_switching
+from dnnpipe.serve.detect import SpeedModel, speed_outliers, stage_median, stage_time, worth_switching
 
 MODEL = SpeedModel(band=0.25)
 PROFILED = {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0}
@@ -14,6 +14,15 @@ def test_stage_time_is_the_median_of_the_last_frames():
     model = SpeedModel(window=4, min_frames=3)
     assert stage_median([1.0, 1.0], model) is None
     assert stage_median([100.0, 100.0, 1.0, 2.0, 3.0, 50.0], model) == pytest.approx(2.5)
+
+
+def test_a_stage_whose_every_recent_frame_slowed_is_seen_before_the_median_moves():
+    model = SpeedModel(window=16, min_frames=8, recent=4)
+    steady = [10.0] * 12
+    assert stage_time(steady + [10.0, 40.0, 9.0, 41.0], model) == 10.0  # noise: some recent frames fast
+    assert stage_time(steady + [40.0, 41.0, 42.0, 40.0], model) == 40.0  # all four slowed: the median is still 10
+    assert stage_median(steady + [40.0, 41.0, 42.0, 40.0], model) == 10.0
+    assert stage_time([1.0] * 7, model) is None
 
 
 def test_a_slowed_bottleneck_device_is_found_with_the_host_s_common_factor_divided_out():

@@ -148,6 +148,35 @@ def check_role(message: dict[str, Any], units: int, peer: str) -> Role:
                 number(message, "pace", MIN_PACE_MS, MAX_PACE_MS, peer, optional=True), abort)
 
 
+class PreDial:
+    """A role's downstream link, dialled and proven as soon as the role arrives, while the running role still
+    serves: at the barrier the new role finds it ready and dials nothing."""
+
+    def __init__(self) -> None:
+        self.cancel = threading.Event()
+        self.done = threading.Event()
+        self.sock: Optional[socket.socket] = None
+        self.error = ""
+
+    def take(self, stop: threading.Event, timeout: float) -> socket.socket:
+        deadline = time.monotonic() + timeout
+        while not self.done.wait(0.01):
+            if stop.is_set() or time.monotonic() > deadline:
+                self.discard()
+                raise DnnpipeError("stopped while dialling the downstream link" if stop.is_set() else
+                                   f"the downstream link was not up within {timeout:g} s")
+        if self.sock is None:
+            raise DnnpipeError(self.error)
+        sock, self.sock = self.sock, None
+        return sock
+
+    def discard(self) -> None:
+        self.cancel.set()
+        if self.done.is_set() and self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
 @dataclass(frozen=True)
 class AgentOptions:
     device: int
@@ -186,6 +215,7 @@ class Agent:
         self._session_known = threading.Event()
         self._links: dict[tuple[int, int], socket.socket] = {}  # (generation, sender) -> proven data link
         self._links_changed = threading.Condition(self._lock)
+        self._dials: dict[int, PreDial] = {}  # generation -> its role's downstream link, dialled ahead
         self._prepared: OrderedDict[tuple[int, int], tuple[StageSpec, StageRunner]] = OrderedDict()
         self._roles: queue.Queue[Role] = queue.Queue()
         self._prepare: queue.Queue[tuple[tuple[int, int], bytes]] = queue.Queue()
@@ -316,6 +346,9 @@ class Agent:
             for link in self._links.values():
                 link.close()
             self._links.clear()
+            for dial in self._dials.values():
+                dial.discard()
+            self._dials.clear()
         if loop is not None:
             loop.abort(f"{self.name} stopped")
         listener.close()
@@ -335,7 +368,28 @@ class Agent:
                 loop = self.loop if self.generation < role.generation else None
             if loop is not None:
                 loop.abort(f"{self.name} role of generation {self.generation} replaced (a device was lost)")
+        if role.units is not None:
+            dial = PreDial()
+            with self._lock:
+                old = self._dials.pop(role.generation, None)
+                self._dials[role.generation] = dial
+            if old is not None:
+                old.discard()
+            threading.Thread(target=self._predial, args=(role, dial), daemon=True,
+                             name=f"{self.name} dial {role.generation}").start()
         self._roles.put(role)
+
+    def _predial(self, role: Role, dial: PreDial) -> None:
+        try:
+            dial.sock = dial_link(role.host, role.port, self.options.device, role.downstream, role.generation,
+                                  self.key, self.model, self._wait_session(), self.options.connect_timeout,
+                                  dial.cancel, self.tls_connect)
+        except DnnpipeError as e:
+            dial.error = str(e)
+        finally:
+            dial.done.set()
+            if dial.cancel.is_set():
+                dial.discard()
 
     def _work(self) -> None:
         """Roles one after another: a role starts when the one before it ended (the barrier)."""
@@ -346,6 +400,9 @@ class Agent:
                 continue
             with self._lock:
                 skip = role.generation < self._aborted_below or role.generation <= self.generation
+                dial = self._dials.pop(role.generation, None) if skip or role.units is None else None
+            if dial is not None:
+                dial.discard()
             if skip:
                 continue
             if role.units is None:
@@ -367,13 +424,18 @@ class Agent:
         loop = StageLoop(name, spec, runner, o.queue_size, lambda text: None, role.pace_ms)
         with self._lock:
             if role.generation < self._aborted_below:  # an abort came while this role was being set up
+                dial = self._dials.pop(role.generation, None)
+                if dial is not None:
+                    dial.discard()
                 return
             self.loop, self.generation, self._reported = loop, role.generation, 0
             self._close_links_below(role.generation)
+        with self._lock:
+            dial = self._dials.pop(role.generation, None)
         try:
-            session = self._wait_session()
-            sock = dial_link(role.host, role.port, o.device, role.downstream, role.generation, self.key, self.model,
-                             session, o.connect_timeout, loop.stop, self.tls_connect)
+            if dial is None:
+                raise DnnpipeError("no downstream link was dialled for this role")
+            sock = dial.take(loop.stop, o.connect_timeout)
             loop.downstream = Downstream(sock, f"{role.host}:{role.port}", spec.outputs, o.timeout)
             up = self._take_link(role.generation, role.upstream, loop.stop)
             loop.upstream = Upstream(up, f"{name} upstream device {role.upstream}", spec.inputs, o.timeout,
@@ -409,6 +471,8 @@ class Agent:
     def _close_links_below(self, generation: int) -> None:
         for key in [k for k in self._links if k[0] < generation]:
             self._links.pop(key).close()
+        for g in [g for g in self._dials if g < generation]:
+            self._dials.pop(g).discard()
 
     # --- sub-models --------------------------------------------------------------------------
 

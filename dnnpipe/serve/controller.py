@@ -39,7 +39,7 @@ from ..planner.replan import ClusterChange, replan
 from ..runtime.handshake import manifest_identity
 from .decide import Action, GiveUp, Joined, Lost, Measured, Prepare, Proposal, Stages, State, Switch, Switched, \
     decide
-from .detect import SpeedModel, speed_outliers, stage_median
+from .detect import SpeedModel, speed_outliers, stage_time
 from .feed import Feed, NoEvents, ServeEvents
 from .filefeed import FileFeed
 from .fleet import Fleet
@@ -69,6 +69,7 @@ class SwitchRecord:
     detected_at: float  # monotonic
     replan_s: float = 0.0
     push_s: float = 0.0  # sub-models cut and pushed on the critical path (0 when pushed ahead of time)
+    prepare_s: float = 0.0  # a planned switch: sub-models cut, pushed and loaded while the old plan served
     switch_s: float = 0.0  # roles sent and the new route opened
     first_result_s: Optional[float] = None
     generation: int = 0
@@ -92,6 +93,17 @@ class ServeSummary:
         return (f"serve: summary: {self.stored} of {self.total} results stored (resumed from {self.resumed_from}), "
                 f"{self.duplicates} duplicates dropped, {len(self.switches)} switches, {self.seconds:.1f} s, "
                 f"{rate:.1f} results/s; final plan {self.stages} predicted {self.predicted_throughput:.1f} inf/s")
+
+
+@dataclass
+class PendingSwitch:
+    """A planned switch waiting for its sub-models to be loaded beside the running roles."""
+
+    action: Switch
+    detected: float
+    replan_s: float
+    missing: list[tuple[int, tuple[int, int]]]
+    began: float
 
 
 class Cutter:
@@ -184,6 +196,8 @@ class Controller:
         self.start_predicted = 0.0
         self.predicted = 0.0
         self.state = State((), frozenset(), frozenset(), {}, {}, o.threshold)
+        self.running: Stages = ()  # the plan the agents run (decide's state may hold a planned switch's)
+        self.pending: Optional[PendingSwitch] = None
 
     def _certificate(self) -> Path:
         """Where the pipeline certificate is: beside the manifest when the partition has one, else made once in
@@ -372,6 +386,8 @@ class Controller:
             label = "frozen" if all(lbl == "frozen" for _, lbl in lost.values()) else "lost"
             reason = "; ".join(why for why, _ in lost.values()) if len(lost) > 1 else next(iter(lost.values()))[0]
             self.fault = None
+            if self.pending is not None:  # not yet at its barrier: the loss is decided from the running plan
+                self._revert_pending()
             self._decide(Lost(frozenset(lost), reason, label), now)
             return
         if joined:
@@ -382,6 +398,7 @@ class Controller:
         if self.fault is not None and now - self.fault[0] > FAULT_GRACE:
             self._pipeline_fault(self.fault[1], now)
             return
+        self._pending_step(now)
         self._watch_stall(now)
         self._announce()
         self._emulate_changes()
@@ -410,20 +427,69 @@ class Controller:
                 if (action.device, action.units) not in self.pushed:
                     self.pushed.add((action.device, action.units))
                     self.deferred.append(action)  # pushed once the new plan's first result is in
-            elif isinstance(action, Switch):
+            elif isinstance(action, Switch) and action.abort:
+                self.pending = None
                 self._switch(action, detected, replan_s)
+            elif isinstance(action, Switch):
+                self._prepare_switch(action, detected, replan_s)
 
-    def _switch(self, action: Switch, detected: float, replan_s: float) -> None:
+    def _prepare_switch(self, action: Switch, detected: float, replan_s: float) -> None:
+        """A planned switch: the new plan's sub-models are cut and pushed in the background while the old plan
+        serves; the barrier goes out only once every agent has its new role loaded (see _pending_step)."""
+        self._replanned(action, replan_s)
+        missing = [(d, (s, e)) for s, e, d in action.stages if (s, e) not in self.prepared.get(d, set())]
+        self.pending = PendingSwitch(action, detected, replan_s, missing, time.monotonic())
+        if not missing:
+            self._pending_step(time.monotonic())
+            return
+        for device, units in missing:
+            self.pushed.add((device, units))
+        threading.Thread(target=self._push_all, args=([Prepare(d, u) for d, u in missing],), daemon=True,
+                         name="serve push switch").start()
+
+    def _replanned(self, action: Switch, replan_s: float) -> None:
+        if action.label != "start":
+            self.echo(f"serve: re-plan ({action.reason}): {[list(s) for s in action.stages]}, "
+                      f"{self.scaled(action.throughput):.1f} inf/s predicted, planned in {replan_s * 1000:.1f} ms")
+            self.events.replanned(action.label)
+
+    def _push_all(self, actions: list[Prepare]) -> None:
+        for action in actions:
+            try:
+                self._push(action)
+            except DnnpipeError as e:
+                self.echo(f"serve: cannot push units {action.units} to device {action.device}: {e}")
+
+    def _pending_step(self, now: float) -> None:
+        """The barrier of a planned switch once every new role is loaded (or the switch dropped after
+        --connect-timeout: the old plan keeps serving and the next measurement may try again)."""
+        pending = self.pending
+        if pending is None:
+            return
+        if all(units in self.prepared.get(d, set()) for d, units in pending.missing):
+            self.pending = None
+            self.echo(f"serve: every new role loaded beside the running plan ({len(pending.missing)} sub-models cut "
+                      f"and pushed in the background, {now - pending.began:.2f} s): barrier")
+            self._switch(pending.action, pending.detected, pending.replan_s, prepare_s=now - pending.began)
+        elif now - pending.began > self.options.connect_timeout:
+            self.echo(f"serve: planned switch dropped: its sub-models were not loaded within "
+                      f"{self.options.connect_timeout:g} s; the running plan stays")
+            self._revert_pending()
+
+    def _revert_pending(self) -> None:
+        """Forget a planned switch that will not happen: decide's state goes back to the running plan."""
+        self.pending = None
+        self.state = replace(self.state, stages=self.running)
+
+    def _switch(self, action: Switch, detected: float, replan_s: float, prepare_s: float = 0.0) -> None:
         """New roles to every agent and a new route: at once (abort) or behind a barrier."""
         self.generation += 1
         g, stages = self.generation, action.stages
+        self.running = stages
         record = SwitchRecord(action.reason, action.label, action.abort, [list(s) for s in stages], action.throughput,
-                              detected, replan_s, generation=g)
-        if action.label != "start":
-            self.echo(f"serve: re-plan ({action.reason}): {[list(s) for s in stages]}, "
-                      f"{self.scaled(action.throughput):.1f} inf/s predicted, planned in {replan_s * 1000:.1f} ms")
-            self.events.replanned(action.label)
-        if action.abort:  # a planned switch keeps serving on the old plan until the barrier
+                              detected, replan_s, prepare_s=prepare_s, generation=g)
+        if action.abort:
+            self._replanned(action, replan_s)  # a planned switch keeps serving on the old plan until the barrier
             self.events.ready(False)
         push_began = time.perf_counter()
         self._ensure_pushed(stages)
@@ -496,6 +562,8 @@ class Controller:
     def _pipeline_fault(self, why: str, now: float) -> None:
         """A role or link failed and no device was lost: run the same plan again (a new generation)."""
         self.fault = None
+        if self.pending is not None:
+            self._revert_pending()
         self.failures += 1
         self.echo(f"serve: pipeline failed: {why} (stored {self.ledger.first_unstored})")
         if self.failures > self.options.max_restarts:
@@ -569,7 +637,7 @@ class Controller:
 
     def _measure(self, now: float) -> None:
         """Speeds from the stage times the agents report, against the profile (with hysteresis)."""
-        if now - self.measured_at < MEASURE_SECONDS:
+        if now - self.measured_at < MEASURE_SECONDS or self.pending is not None:
             return
         self.measured_at = now
         model = SpeedModel()
@@ -586,7 +654,7 @@ class Controller:
             kept = self._times.setdefault(d, [])
             kept += frames
             del kept[:-model.window]
-            median = stage_median(kept, model)
+            median = stage_time(kept, model)
             if median is None:
                 continue
             profiled[d] = self.profiled_speed(d)

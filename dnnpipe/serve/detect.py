@@ -18,6 +18,9 @@ class SpeedModel:
     min_frames: int = 16  # frames in the window before it counts
     band: float = 0.5  # hysteresis: how far beyond the expected bottleneck a stage must be to count as slow (on a
     # shared 2-core host a stage's compute alone wanders by a third; a 4x slowdown is +300%)
+    recent: int = 8  # ... or, when its last `recent` frames are all slower than that median, the fastest of them:
+    # a real slowdown shows in every new frame at once, while host noise slows a few in a row at most (the dwell
+    # still applies), so a slow model's stage is seen after 8 slowed frames instead of half a window
     dwell: int = 5  # consecutive evaluations a device must stay out of the band before its belief changes
 
 
@@ -25,6 +28,15 @@ def stage_median(times: Sequence[float], model: SpeedModel) -> Optional[float]:
     """A stage's smoothed time: the median of its last frames (robust to the host's scheduling hiccups)."""
     recent = list(times)[-model.window:]
     return statistics.median(recent) if len(recent) >= model.min_frames else None
+
+
+def stage_time(times: Sequence[float], model: SpeedModel) -> Optional[float]:
+    """A stage's time as the speed rules see it: the window's median, or the fastest of the last `recent` frames
+    when even that is slower (every recent frame slowed: a change, not noise)."""
+    median = stage_median(times, model)
+    if median is None:
+        return None
+    return max(median, min(list(times)[-model.recent:]))
 
 
 def speed_outliers(predicted_ms: Mapping[int, float], measured_ms: Mapping[int, float], beliefs: Mapping[int, float],

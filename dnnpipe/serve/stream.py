@@ -124,12 +124,17 @@ class Stream:
         return not route.stop.is_set()
 
     def _source(self, route: Route) -> None:
-        if route.previous is not None and not self._wait(route.previous.source_done, route):
-            return
+        """The new route's first link is dialled and proven before the barrier (the first agent holds it until
+        its old role ends), so the switch itself dials nothing."""
         device, host, port = route.first
         sock = dial_link(host, port, CONTROLLER, device, route.generation, self.key, self.model, self.session,
                          self.connect_timeout, route.stop, None if self.tls is None else self.tls[1])
         route.sockets.append(sock)
+        if route.stop.is_set():
+            _hang_up(sock)
+            return
+        if route.previous is not None and not self._wait(route.previous.source_done, route):
+            return
         writer = FrameWriter(sock, self.inputs, f"the first stage on device {device} at {host}:{port}", 60.0)
         route.source_linked.set()
         sent = 0
@@ -235,6 +240,11 @@ class Stream:
             self._links[(generation, sender)] = sock
             self._links_changed.notify_all()
 
+    def has_link(self, generation: int, sender: int) -> bool:
+        """A last stage's results link of this generation is in and not yet taken by its route."""
+        with self._links_changed:
+            return (generation, sender) in self._links
+
     def _take(self, route: Route) -> socket.socket:
         deadline = time.monotonic() + self.connect_timeout
         key = (route.generation, route.last)
@@ -245,7 +255,12 @@ class Stream:
                 if time.monotonic() > deadline:
                     raise DnnpipeError(f"device {route.last} sent no results link within {self.connect_timeout:g} s")
                 self._links_changed.wait(POLL_SECONDS)
-            for stale in [k for k in self._links if k[0] < route.generation]:
+            waiting = set()  # generations of earlier routes behind a barrier: their links may come in later
+            earlier = route.previous
+            while earlier is not None:
+                waiting.add(earlier.generation)
+                earlier = earlier.previous
+            for stale in [k for k in self._links if k[0] < route.generation and k[0] not in waiting]:
                 self._links.pop(stale).close()
             return self._links.pop(key)
 
