@@ -63,10 +63,17 @@ class Started:
 
 @dataclass(frozen=True)
 class Backend:
-    start: Callable[[Served, Path, float], Started]  # (served, a work folder, emulation scale) -> serving
+    start: Callable[[Served, Path, "Knobs"], Started]  # (served, a work folder, the run's knobs) -> serving
 
 
-def single_device_start(served: Served, work: Path, scale: float) -> Started:
+@dataclass(frozen=True)
+class Knobs:
+    scale: float  # every emulated speed times this
+    window: int  # serve's --window
+    threshold: float  # serve's --threshold
+
+
+def single_device_start(served: Served, work: Path, knobs: Knobs) -> Started:
     """The whole model in one unpaced interpreter on this host (`python -m dnnpipe service`)."""
     predicted, direct = single_device_predict(served)
     process, port, lines = start_server(["service", "--model-path", str(served.parts), "--model-name", served.name,
@@ -87,16 +94,17 @@ def single_device_predict(served: Served, repeats: int = 50) -> tuple[float, flo
     return 1 / float(np.mean(times)), float(np.median(times))
 
 
-def agents_start(devices: list[int]) -> Callable[[Served, Path, float], Started]:
+def agents_start(devices: list[int]) -> Callable[[Served, Path, Knobs], Started]:
     """`serve --http` on `local` device agents paced like the paper's cluster (--emulate-speed, one scale for
     every speed); its predicted throughput and stages are the ones serve prints for its starting plan."""
 
-    def start(served: Served, work: Path, scale: float) -> Started:
+    def start(served: Served, work: Path, knobs: Knobs) -> Started:
         registry = served.registry(devices, work / "registry.json")
         process, port, lines = start_server(
             ["serve", "--device-registry", str(registry), "--model-path", str(served.parts), "--model-name",
              served.name, "--config", str(served.config), "--work-dir", str(work / "serve_work"), "--emulate-speed",
-             "--emulation-scale", f"{scale:.6f}", "--http", "127.0.0.1:0", "--queue-size", "256"])
+             "--emulation-scale", f"{knobs.scale:.6f}", "--http", "127.0.0.1:0", "--queue-size", "256",
+             "--window", str(knobs.window), "--threshold", f"{knobs.threshold:g}"])
         wait_ready(process, port, lines)
         plan = next((m for m in map(PLAN.search, list(lines)) if m), None)
         if plan is None:
@@ -234,6 +242,27 @@ def front_door_cost(port: int, served: Served, count: int = 100) -> np.ndarray:
     return np.array(added)
 
 
+def cpu_seconds(root: int) -> tuple[float, float]:
+    """CPU seconds (user + system) used so far by process `root` itself and by all its descendants (the
+    agents and their roles), from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    used: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(entry.name)] = int(fields[1])
+        used[int(entry.name)] = (int(fields[11]) + int(fields[12])) / ticks
+    below = {root}
+    for _ in range(4):  # serve -> agent -> role: a few levels
+        below |= {pid for pid, ppid in parent.items() if ppid in below}
+    return used.get(root, 0.0), sum(used.get(pid, 0.0) for pid in below - {root})
+
+
 def metric(port: int, prefix: str) -> list[float]:
     """Every sample of the service's metric whose line starts with `prefix`."""
     import urllib.request
@@ -258,10 +287,14 @@ def main() -> int:
     parser.add_argument("--backend", nargs="+", default=["pipeline", "fastest-alone"], choices=list(BACKENDS))
     parser.add_argument("--seconds", type=float, default=8.0, help="of load per row (default 8)")
     parser.add_argument("--scale", type=float, help="emulation scale (default: the testbed's, to fit this host)")
+    parser.add_argument("--window", type=int, default=16, help="serve's --window: inputs in flight (default 16)")
+    parser.add_argument("--threshold", type=float, default=100.0,
+                        help="serve's --threshold (default 100: the plan stays; this host's own contention is "
+                             "not the cluster's)")
     args = parser.parse_args()
     print(f"{'model':<17} {'backend':<14} {'load':>5} {'stages':>6} {'ms/input':>8} {'offered/s':>9} "
           f"{'achieved/s':>10} {'of pred.':>8} {'p50 ms':>7} {'p99 ms':>7} {'p99 target':>10} {'compute ms':>10} "
-          f"{'errors':>6} {'re-plans':>8}", flush=True)
+          f"{'errors':>6} {'re-plans':>8} {'cpu ms/request: serve agents client':>36}", flush=True)
     costs: list[str] = []
     with tempfile.TemporaryDirectory() as folder:
         for kind in args.models:
@@ -272,7 +305,7 @@ def main() -> int:
             for name in args.backend:
                 work = Path(folder) / kind / name
                 work.mkdir()
-                started = BACKENDS[name].start(served, work, scale)
+                started = BACKENDS[name].start(served, work, Knobs(scale, args.window, args.threshold))
                 try:
                     costs.append(measure(served, kind, name, started, args.seconds))
                 finally:
@@ -290,12 +323,20 @@ def measure(served: Served, kind: str, name: str, started: Started, seconds: flo
     added = front_door_cost(port, served)
     target = ((started.stages + 2) / predicted + 0.005) * 1e3  # p99 at 80% load: (stages + 2) x bottleneck + 5 ms
     for load in LOADS:
+        server_before, agents_before = cpu_seconds(started.process.pid)
+        client_before = sum(os.times()[:2])
         achieved, latencies, errors, compute = offer(port, served, predicted * load, seconds)
+        server_cpu, agents_cpu = (a - b for a, b in zip(cpu_seconds(started.process.pid),
+                                                       (server_before, agents_before)))
+        client_cpu = sum(os.times()[:2]) - client_before
+        count = max(1, len(latencies))
         p50, p99 = (np.percentile(latencies, [50, 99]) * 1e3) if latencies else (0.0, 0.0)
         replans = sum(metric(port, "dnnpipe_replans_total{"))
         print(f"{kind:<17} {name:<14} {load:>5.0%} {started.stages:>6} {started.direct * 1e3:>8.2f} "
               f"{predicted * load:>9.1f} {achieved:>10.1f} {achieved / predicted:>8.0%} {p50:>7.2f} {p99:>7.2f} "
-              f"{target:>10.1f} {compute * 1e3:>10.2f} {errors:>6} {replans:>8.0f}", flush=True)
+              f"{target:>10.1f} {compute * 1e3:>10.2f} {errors:>6} {replans:>8.0f} "
+              f"{server_cpu / count * 1e3:>6.2f} {agents_cpu / count * 1e3:>6.2f} {client_cpu / count * 1e3:>6.2f}",
+              flush=True)
     return (f"{kind} {name}: latency minus compute p50 {np.median(added) * 1e3:.2f} ms, p99 "
             f"{np.percentile(added, 99) * 1e3:.2f} ms ({len(added)} sequential requests)")
 
