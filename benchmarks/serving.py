@@ -1,21 +1,29 @@
 """The inference service under load: 16 tritonclient threads at 50%, 80% and 100% of the predicted throughput.
 
-    .venv/bin/python benchmarks/serving.py [--models tiny efficientnetv2b0] [--backend single-device]
-                                           [--seconds 8]
+    .venv/bin/python benchmarks/serving.py [--models tiny efficientnetv2b0]
+        [--backend pipeline fastest-alone single-device] [--seconds 8] [--scale S] [--window 16] [--threshold 100]
 
-Each model is built (dnnpipe.examples, fixed seed), profiled, planned and partitioned (tests/serve_setup.py),
-then served by a real `python -m dnnpipe` process on a loopback port. The load is open-loop: request i is sent
-at t0 + i / rate by whichever of the 16 client threads is free (binary tensors, batch 1). The table gives the
-offered and achieved requests/s, the achieved rate against the prediction, the client's p50/p99 latency, and
-the errors (any non-200). `direct p50` is the backend's own time for one input called in-process before the load
-(what the prediction is made of); `compute ms` is the median of the service's dnnpipe_stage_seconds sampled
-during the row: the p50 minus it is what the front door, the client and the queue add under that load. Below
-the table, the front door's own cost: one client, one request at a time, each request's latency minus the
-backend's compute time for that same request.
+Each model is built (dnnpipe.examples, fixed seed), profiled, planned for the paper's testbed (C = 1, 0.33, 0.21,
+0.21) and partitioned (tests/serve_setup.py). A backend is a real `python -m dnnpipe` process serving it on a
+loopback port, and its predicted throughput:
 
-A backend is the command that serves a partitioned model over --http, and its predicted throughput:
-single-device runs the whole model in one interpreter (the fastest device alone; predicted = 1 / its measured
-time per input). The adaptive pipeline (`serve --http`) joins here as another backend.
+    pipeline       `serve --http` on four `local` device agents, every role paced at its planned time on its
+                   device (--emulate-speed, every speed times one scale so the emulated cluster fits this host:
+                   the testbed's emulation_scale, or --scale); predicted = the starting plan's, as serve prints it
+    fastest-alone  the same with device 1 (C = 1) alone in the registry: one stage, the whole model
+    single-device  `python -m dnnpipe service`: the whole model in one unpaced interpreter on this host
+                   (predicted = 1 / its time per input measured in-process; the front door's own cost)
+
+The load is open-loop: request i is sent at t0 + i / rate by whichever of the 16 client threads is free
+(binary tensors, batch 1). Backends run one after the other, in one run. Per row: the plan's stages and time per
+input (the bottleneck), offered and achieved requests/s, achieved against the prediction, the client's p50/p99,
+the p99 target at 80% ((stages + 2) x bottleneck + 5 ms), `compute ms` (the sum over the stages of
+dnnpipe_stage_seconds sampled during the row; paced time for the agents), errors (any non-200), re-plans (serve
+keeps its plan unless --threshold says otherwise: this host's contention is not the cluster's), and the CPU ms
+per request of the server process (front door and controller), of its agents, and of this client process
+(from /proc and os.times). Below the table, one client sending one request at a time: each latency minus the
+stages' compute, i.e. what HTTP, the codec, the feed and the client add (and for agents the controller and the
+links between stages).
 """
 
 from __future__ import annotations
