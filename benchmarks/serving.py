@@ -1,7 +1,7 @@
 """The inference service under load: 16 tritonclient threads at 50%, 80% and 100% of the predicted throughput.
 
     .venv/bin/python benchmarks/serving.py [--models tiny efficientnetv2b0]
-        [--backend pipeline fastest-alone single-device] [--seconds 8] [--scale S] [--window 16] [--threshold 100]
+        [--backend pipeline fastest-alone single-device] [--seconds 8] [--scale S] [--window 32] [--threshold 100]
 
 Each model is built (dnnpipe.examples, fixed seed), profiled, planned for the paper's testbed (C = 1, 0.33, 0.21,
 0.21) and partitioned (tests/serve_setup.py). A backend is a real `python -m dnnpipe` process serving it on a
@@ -295,7 +295,9 @@ def main() -> int:
     parser.add_argument("--backend", nargs="+", default=["pipeline", "fastest-alone"], choices=list(BACKENDS))
     parser.add_argument("--seconds", type=float, default=8.0, help="of load per row (default 8)")
     parser.add_argument("--scale", type=float, help="emulation scale (default: the testbed's, to fit this host)")
-    parser.add_argument("--window", type=int, default=16, help="serve's --window: inputs in flight (default 16)")
+    parser.add_argument("--window", type=int, default=32,
+                        help="serve's --window: inputs in flight (default 32: 8 and 16 held the pipeline below its "
+                             "prediction on a busy host)")
     parser.add_argument("--threshold", type=float, default=100.0,
                         help="serve's --threshold (default 100: the plan stays; this host's own contention is "
                              "not the cluster's)")
