@@ -23,7 +23,8 @@ keeps its plan unless --threshold says otherwise: this host's contention is not 
 per request of the server process (front door and controller), of its agents, and of this client process
 (from /proc and os.times). Below the table, one client sending one request at a time: each latency minus the
 stages' compute, i.e. what HTTP, the codec, the feed and the client add (and for agents the controller and the
-links between stages).
+links between stages), and the server's part of it (dnnpipe_request_duration_seconds, first byte to answer,
+minus the compute).
 """
 
 from __future__ import annotations
@@ -228,9 +229,11 @@ def offer(port: int, served: Served, rate: float, seconds: float) -> tuple[float
 
 
 def front_door_cost(port: int, served: Served, count: int = 100) -> np.ndarray:
-    """One client, one request at a time: each request's latency minus the backend's compute time per input
-    (the sum of dnnpipe_stage_seconds over the stages, read right after it): what HTTP, the codec, the feed and
-    the client add (and, for the pipeline, the controller and the links between stages), in s."""
+    """One client, one request at a time: per request, (its latency, the server's own time for it from the first
+    byte to the answer (dnnpipe_request_duration_seconds), the backend's compute per input (the sum of
+    dnnpipe_stage_seconds over the stages)), in s, one row per request. Latency minus compute is what HTTP, the
+    codec, the feed and the client add (for the agents also the controller and the links between stages);
+    server minus compute is the server's part of it."""
     import tritonclient.http as triton
 
     from dnnpipe.manifest import read_manifest
@@ -240,14 +243,16 @@ def front_door_cost(port: int, served: Served, count: int = 100) -> np.ndarray:
     c = triton.InferenceServerClient(f"127.0.0.1:{port}", network_timeout=60)
     tensor = triton.InferInput(spec.name, list(image.shape), "FP32")
     tensor.set_data_from_numpy(image, binary_data=True)
-    added = []
+    rows = []
     for _ in range(count):
+        before = sum(metric(port, "dnnpipe_request_duration_seconds_sum"))
         sent = time.perf_counter()
         c.infer(served.name, [tensor])
         latency = time.perf_counter() - sent
-        added.append(latency - sum(metric(port, "dnnpipe_stage_seconds{")))
+        server = sum(metric(port, "dnnpipe_request_duration_seconds_sum")) - before
+        rows.append((latency, server, sum(metric(port, "dnnpipe_stage_seconds{"))))
     c.close()
-    return np.array(added)
+    return np.array(rows)
 
 
 def cpu_seconds(root: int) -> tuple[float, float]:
@@ -347,8 +352,11 @@ def measure(served: Served, kind: str, name: str, started: Started, seconds: flo
               f"{target:>10.1f} {compute * 1e3:>10.2f} {errors:>6} {replans:>8.0f} "
               f"{server_cpu / count * 1e3:>6.2f} {agents_cpu / count * 1e3:>6.2f} {client_cpu / count * 1e3:>6.2f}",
               flush=True)
-    return (f"{kind} {name}: latency minus compute p50 {np.median(added) * 1e3:.2f} ms, p99 "
-            f"{np.percentile(added, 99) * 1e3:.2f} ms ({len(added)} sequential requests)")
+    minus = (added[:, 0] - added[:, 2]) * 1e3
+    server = (added[:, 1] - added[:, 2]) * 1e3
+    return (f"{kind} {name}: latency minus compute p50 {np.median(minus):.2f} ms, p99 {np.percentile(minus, 99):.2f} "
+            f"ms; the server's part (first byte to answer, minus compute) p50 {np.median(server):.2f} ms, p99 "
+            f"{np.percentile(server, 99):.2f} ms ({len(added)} sequential requests)")
 
 
 if __name__ == "__main__":
