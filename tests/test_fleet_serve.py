@@ -1,0 +1,103 @@
+"""serve on the virtual fleet: its device agents started over ssh on emulated boards (dnnpipe.testbed.fleet), the
+controller reached at the fleet's hub address. Every run's OUT holds every input once, equal to the model's outputs;
+a cut link or a powered-off board mid-run is planned around without serve stalling on ssh; nothing is left on the
+boards. Needs root (CI); elsewhere skipped with the reason."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from dnnpipe.deploy.registry import load_registry
+from dnnpipe.testbed import cgroups, fleet
+from helpers import run_script
+from serve_setup import Served, make_served
+from test_serve import Run, after
+
+REASON = fleet.why_not_available()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"virtual fleet: {REASON}")
+INPUTS = 300
+FPS = "60"  # about 5 s of inputs: long enough to act on a running pipeline
+
+
+def run_testbed(state: Path, *args: str):
+    return run_script("dnnpipe", "testbed", args[0], "--state", str(state), *args[1:], timeout=120)
+
+
+class OnFleet:
+    """A served model and a fleet of as many boards, each of C 1 and memory for a stage."""
+
+    def __init__(self, root: Path, served: Served, devices: int):
+        self.root, self.served = root, served
+        self.state, self.registry = root / "state", root / "reg.json"
+        (root / "cluster.json").write_text(json.dumps({"C": [1.0] * devices, "M": [200] * devices}))
+        up = run_testbed(self.state, "up", "--cluster", str(root / "cluster.json"), "--registry", str(self.registry))
+        assert up.returncode == 0, up.stdout + up.stderr
+        self.fid = fleet.fleet_id(self.state)
+        self.hub = f"{fleet.load(self.state).subnet}.1"  # the host as the boards reach it
+
+    def serve(self, tmp_path: Path, inputs: int = INPUTS) -> tuple[Run, Path]:
+        out = tmp_path / "out.h5"
+        return Run(self.served.args(self.registry, out, "--num-inputs", str(inputs), "--fps", FPS, "--threshold",
+                                    "100", "--controller-host", self.hub, "--connect-timeout", "60")), out
+
+    def finish(self, run: Run, out: Path, inputs: int = INPUTS) -> str:
+        code, stdout, stderr = run.wait(180)
+        assert code == 0, f"{stdout}\n{stderr}"
+        self.served.check(out, inputs)
+        assert f"{inputs} of {inputs} results stored" in stdout and "0 duplicates" in stdout
+        return stdout
+
+    def programs(self) -> set[int]:
+        """What runs on the boards besides their sshd: agents that outlived serve."""
+        keep = {int(p.read_text().split()[0]) for p in self.state.glob("d*/sshd.pid")}
+        return cgroups.pids(self.fid) - keep
+
+    def assert_nothing_left(self) -> None:
+        deadline = time.monotonic() + 20
+        while self.programs() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not self.programs(), f"left on the boards: {sorted(self.programs())}"
+
+    def fault(self, device: int, action: str) -> None:
+        fleet.fault(self.state, device, action)  # in this process: at once, not after an interpreter starts
+
+
+@pytest.fixture(scope="module")
+def on_fleet(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fleet_serve")
+    (root / "model").mkdir()
+    served = make_served(root / "model", [1.0, 1.0, 1.0])
+    bed = OnFleet(root, served, 3)
+    yield bed
+    down = run_testbed(bed.state, "down")
+    assert down.returncode == 0, down.stdout + down.stderr
+
+
+@pytest.mark.slow
+def test_serve_starts_its_agents_over_ssh_and_stores_every_result_once(on_fleet, tmp_path):
+    run, out = on_fleet.serve(tmp_path)
+    stdout = on_fleet.finish(run, out)
+    devices = load_registry(on_fleet.registry)
+    for d in (1, 2, 3):
+        assert f"serve: agent on device {d} up" in stdout
+        assert (Path(devices[d].remote_dir) / "logs" / "agent.out").exists()  # started there, over ssh
+    on_fleet.assert_nothing_left()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("action, detected", [("cut", "no heartbeat for"), ("poweroff", "device 2 lost: its ")])
+def test_a_board_cut_off_or_powered_off_mid_run_is_planned_around(on_fleet, tmp_path, action, detected):
+    run, out = on_fleet.serve(tmp_path)
+    run.on("generation 1: first result", after(0.5, lambda run: on_fleet.fault(2, action)))
+    try:
+        stdout = on_fleet.finish(run, out)
+    finally:
+        on_fleet.fault(2, "heal")
+    assert detected in stdout and "generation 2: first result" in stdout, stdout
+    replan = next(line for line in stdout.splitlines() if "re-plan (device 2 lost" in line)
+    assert ", 2]" not in replan.split("): ", 1)[1]
+    on_fleet.assert_nothing_left()  # a cut board's agent stops once its link is back and the controller gone
