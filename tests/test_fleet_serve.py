@@ -6,6 +6,7 @@ boards. Needs root (CI); elsewhere skipped with the reason."""
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -37,12 +38,11 @@ class OnFleet:
         up = run_testbed(self.state, "up", "--cluster", str(root / "cluster.json"), "--registry", str(self.registry))
         assert up.returncode == 0, up.stdout + up.stderr
         self.fid = fleet.fleet_id(self.state)
-        self.hub = f"{fleet.load(self.state).subnet}.1"  # the host as the boards reach it
 
     def serve(self, tmp_path: Path, inputs: int = INPUTS) -> tuple[Run, Path]:
         out = tmp_path / "out.h5"
         return Run(self.served.args(self.registry, out, "--num-inputs", str(inputs), "--fps", FPS, "--threshold",
-                                    "100", "--controller-host", self.hub, "--connect-timeout", "60")), out
+                                    "100", "--connect-timeout", "60")), out
 
     def finish(self, run: Run, out: Path, inputs: int = INPUTS) -> str:
         code, stdout, stderr = run.wait(180)
@@ -79,6 +79,8 @@ def on_fleet(tmp_path_factory):
 
 @pytest.mark.slow
 def test_serve_starts_its_agents_over_ssh_and_stores_every_result_once(on_fleet, tmp_path):
+    """No --controller-host: the boards cannot reach this host's loopback, so serve gives them the address it
+    reaches them from, the fleet's hub address."""
     run, out = on_fleet.serve(tmp_path)
     stdout = on_fleet.finish(run, out)
     devices = load_registry(on_fleet.registry)
@@ -101,3 +103,26 @@ def test_a_board_cut_off_or_powered_off_mid_run_is_planned_around(on_fleet, tmp_
     replan = next(line for line in stdout.splitlines() if "re-plan (device 2 lost" in line)
     assert ", 2]" not in replan.split("): ", 1)[1]
     on_fleet.assert_nothing_left()  # a cut board's agent stops once its link is back and the controller gone
+
+
+@pytest.mark.slow
+def test_probing_a_board_still_cut_off_does_not_hold_up_serve(on_fleet, tmp_path):
+    """SIGHUP probes the lost board while it is still cut off: its shipping and its agent's start over ssh wait for
+    ssh's connect timeout in the background, while the controller's loop goes on (a board powered off meanwhile is
+    detected and planned around first)."""
+    run, out = on_fleet.serve(tmp_path, inputs=600)
+    run.on("generation 1: first result", after(0.3, lambda run: on_fleet.fault(2, "cut")))
+    run.on("re-plan (device 2 lost", after(0.2, lambda run: run.process.send_signal(signal.SIGHUP)))
+    run.on("probing lost [2]", lambda run: on_fleet.fault(3, "poweroff"))
+    try:
+        stdout = on_fleet.finish(run, out, 600)
+    finally:
+        on_fleet.fault(2, "heal")
+        on_fleet.fault(3, "heal")
+    lines = stdout.splitlines()
+    probe = next(k for k, line in enumerate(lines) if "probing lost [2]" in line)
+    lost = next(k for k, line in enumerate(lines) if "device 3 lost" in line)
+    waited = [k for k, line in enumerate(lines) if "device 2" in line and "failed" in line or "over ssh" in line]
+    assert probe < lost and all(lost < k for k in waited), stdout
+    assert "re-plan (device 3 lost" in stdout and "generation 3: first result" in stdout
+    on_fleet.assert_nothing_left()
