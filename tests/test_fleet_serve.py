@@ -29,12 +29,13 @@ def run_testbed(state: Path, *args: str):
 
 
 class OnFleet:
-    """A served model and a fleet of as many boards, each of C 1 and memory for a stage."""
+    """A served model and a fleet of as many boards, each of C 1 and memory for any stage (the wide model's
+    too)."""
 
     def __init__(self, root: Path, served: Served, devices: int):
         self.root, self.served = root, served
         self.state, self.registry = root / "state", root / "reg.json"
-        (root / "cluster.json").write_text(json.dumps({"C": [1.0] * devices, "M": [200] * devices}))
+        (root / "cluster.json").write_text(json.dumps({"C": [1.0] * devices, "M": [1000] * devices}))
         up = run_testbed(self.state, "up", "--cluster", str(root / "cluster.json"), "--registry", str(self.registry))
         assert up.returncode == 0, up.stdout + up.stderr
         self.fid = fleet.fleet_id(self.state)
@@ -125,4 +126,59 @@ def test_probing_a_board_still_cut_off_does_not_hold_up_serve(on_fleet, tmp_path
     waited = [k for k, line in enumerate(lines) if "device 2" in line and "failed" in line or "over ssh" in line]
     assert probe < lost and all(lost < k for k in waited), stdout
     assert "re-plan (device 3 lost" in stdout and "generation 3: first result" in stdout
+    on_fleet.assert_nothing_left()
+
+
+def wide_model():
+    """Three dense layers, the middle one of 151 MB of weights: its stage needs far more memory than the agent."""
+    from dnnpipe.tfenv import import_tensorflow
+
+    _, keras = import_tensorflow()
+    x = inputs = keras.Input((64,), name="features")
+    x = keras.layers.Dense(WIDE, activation="relu", name="narrow")(x)
+    x = keras.layers.Dense(WIDE, activation="relu", name="wide")(x)
+    return keras.Model(inputs, keras.layers.Dense(10, name="logits")(x), name="wide")
+
+
+WIDE = 6144
+BOARD_MB = 128  # holds an idle agent (its Python, NumPy and the interpreter: about 40 MB), not the wide stage
+
+
+def restore_memory(fid: str, device: int, limit: int) -> None:
+    """Raise a device's memory limit again. On cgroup v1 the memory+swap limit goes first (the memory limit may
+    not exceed it), which cgroups.set_memory, made for lowering, does not do."""
+    if cgroups.hierarchy() != "v1":
+        cgroups.set_memory(fid, device, limit)
+        return
+    folder = next(f for f in cgroups.folders(fid, device) if (f / "memory.limit_in_bytes").exists())
+    if (folder / "memory.memsw.limit_in_bytes").exists():
+        (folder / "memory.memsw.limit_in_bytes").write_text(str(limit))
+    (folder / "memory.limit_in_bytes").write_text(str(limit))
+
+
+@pytest.mark.slow
+def test_a_stage_over_its_board_memory_is_killed_and_planned_around(on_fleet, tmp_path):
+    """The config says every board has memory for any stage; the board holding the wide layer really has
+    BOARD_MB: the kernel kills its agent as the stage's sub-model arrives, and serve plans around the board."""
+    (tmp_path / "model").mkdir()
+    wide = make_served(tmp_path / "model", [1.0, 1.0, 1.0], build=wide_model, rows=4, repeats=3)
+    config = json.loads(wide.config.read_text())
+    unit = max(range(config["model_config"]["U"]), key=lambda u: config["model_config"]["E"][u]) + 1
+    manifest = json.loads((wide.parts / wide.name / "manifest.json").read_text())
+    board = next(s["device"] for s in manifest["stages"] if s["units"][0] <= unit <= s["units"][1])
+    before = cgroups.stats(on_fleet.fid, board)["oom_kills"]
+    cgroups.set_memory(on_fleet.fid, board, BOARD_MB << 20)
+    try:
+        out = tmp_path / "out.h5"
+        run = Run(wide.args(on_fleet.registry, out, "--num-inputs", "40", "--threshold", "100", "--connect-timeout",
+                            "60"))
+        code, stdout, stderr = run.wait(240)
+    finally:
+        restore_memory(on_fleet.fid, board, int(fleet.load(on_fleet.state).device(board).memory_mb) << 20)
+    assert code == 0, f"{stdout}\n{stderr}"
+    assert cgroups.stats(on_fleet.fid, board)["oom_kills"] > before
+    assert f"serve: agent on device {board} up" in stdout and f"device {board} lost" in stdout, stdout
+    final = json.loads(stdout.split("final plan ", 1)[1].split(" predicted")[0])
+    assert board not in {d for _, _, d in final}
+    wide.check(out, 40)
     on_fleet.assert_nothing_left()
