@@ -1,7 +1,8 @@
 """serve on the virtual fleet: its device agents started over ssh on emulated boards (dnnpipe.testbed.fleet), the
 controller reached at the fleet's hub address. Every run's OUT holds every input once, equal to the model's outputs;
 a cut link or a powered-off board mid-run is planned around without serve stalling on ssh; nothing is left on the
-boards. Needs root (CI); elsewhere skipped with the reason."""
+boards. The fleet's tests need root (CI); elsewhere skipped with the reason. The ssh start's and the controller
+address's own tests run everywhere."""
 
 from __future__ import annotations
 
@@ -12,16 +13,48 @@ from pathlib import Path
 
 import pytest
 
-from dnnpipe.deploy.registry import load_registry
+from dnnpipe.deploy.registry import Device, load_registry
+from dnnpipe.deploy.transport import SshOptions
+from dnnpipe.errors import DnnpipeError
+from dnnpipe.runtime.local import free_ports
+from dnnpipe.serve.fleet import START_FAILED, Fleet, controller_address
 from dnnpipe.testbed import cgroups, fleet
 from helpers import run_script
 from serve_setup import Served, make_served
 from test_serve import Run, after
 
 REASON = fleet.why_not_available()
-pytestmark = pytest.mark.skipif(REASON is not None, reason=f"virtual fleet: {REASON}")
+needs_fleet = pytest.mark.skipif(REASON is not None, reason=f"virtual fleet: {REASON}")
 INPUTS = 300
 FPS = "60"  # about 5 s of inputs: long enough to act on a running pipeline
+
+
+def test_remote_devices_get_the_address_this_host_reaches_them_from():
+    local, remote = Device(1, "local"), Device(2, "127.0.0.7")
+    assert controller_address("127.0.0.1", [local]) == "127.0.0.1"  # local agents reach loopback
+    assert controller_address("127.0.0.1", [local, remote]) == "127.0.0.1"  # the route to 127.0.0.7 is from there
+    assert controller_address("10.1.2.3", [remote]) == "10.1.2.3"  # given: as given
+    assert controller_address("serve.example", [remote]) == "serve.example"
+    with pytest.raises(DnnpipeError, match="device host 255.255.255.255: no route from this host"):
+        controller_address("127.0.0.1", [Device(3, "255.255.255.255")])
+
+
+def test_an_agent_whose_ssh_start_fails_reads_as_exited_without_holding_up_the_caller(tmp_path):
+    """Nothing listens on the device's ssh port: start() returns at once, the failure is named in one line and
+    the agent reads as exited (serve's loop then plans around the device)."""
+    lines: list[str] = []
+    fleet_ = Fleet("127.0.0.1", None, b"m" * 32, b"s" * 16, "parts", "tiny", 5.0, SshOptions(connect_timeout=3),
+                   lines.append)
+    try:
+        fleet_.start(Device(2, "127.0.0.1", port=free_ports(1)[0], remote_dir=str(tmp_path)))
+        assert fleet_.exited(2) is None  # started in the background
+        deadline = time.monotonic() + 30
+        while fleet_.exited(2) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fleet_.exited(2) == START_FAILED
+        assert [line for line in lines if line.startswith("serve: device 2: cannot start its agent over ssh: ")]
+    finally:
+        fleet_.close()
 
 
 def run_testbed(state: Path, *args: str):
@@ -79,6 +112,7 @@ def on_fleet(tmp_path_factory):
 
 
 @pytest.mark.slow
+@needs_fleet
 def test_serve_starts_its_agents_over_ssh_and_stores_every_result_once(on_fleet, tmp_path):
     """No --controller-host: the boards cannot reach this host's loopback, so serve gives them the address it
     reaches them from, the fleet's hub address."""
@@ -92,6 +126,7 @@ def test_serve_starts_its_agents_over_ssh_and_stores_every_result_once(on_fleet,
 
 
 @pytest.mark.slow
+@needs_fleet
 @pytest.mark.parametrize("action, detected", [("cut", "no heartbeat for"), ("poweroff", "device 2 lost: its ")])
 def test_a_board_cut_off_or_powered_off_mid_run_is_planned_around(on_fleet, tmp_path, action, detected):
     run, out = on_fleet.serve(tmp_path)
@@ -107,6 +142,7 @@ def test_a_board_cut_off_or_powered_off_mid_run_is_planned_around(on_fleet, tmp_
 
 
 @pytest.mark.slow
+@needs_fleet
 def test_probing_a_board_still_cut_off_does_not_hold_up_serve(on_fleet, tmp_path):
     """SIGHUP probes the lost board while it is still cut off: its shipping and its agent's start over ssh wait for
     ssh's connect timeout in the background, while the controller's loop goes on (a board powered off meanwhile is
@@ -157,6 +193,7 @@ def restore_memory(fid: str, device: int, limit: int) -> None:
 
 
 @pytest.mark.slow
+@needs_fleet
 def test_a_stage_over_its_board_memory_is_killed_and_planned_around(on_fleet, tmp_path):
     """The config says every board has memory for any stage; the board holding the wide layer really has
     BOARD_MB: the kernel kills its agent as the stage's sub-model arrives, and serve plans around the board."""
