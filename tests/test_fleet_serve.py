@@ -7,6 +7,7 @@ address's own tests run everywhere."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -152,17 +153,25 @@ def test_a_board_cut_off_or_powered_off_mid_run_is_planned_around(on_fleet, tmp_
 
 @pytest.mark.slow
 @needs_fleet
-def test_probing_a_board_still_cut_off_does_not_hold_up_serve(on_fleet, tmp_path):
-    """SIGHUP probes the lost board while it is still cut off: its shipping and its agent's start over ssh wait for
-    ssh's connect timeout in the background, while the controller's loop goes on (a board powered off meanwhile is
-    detected and planned around first)."""
+def test_probing_a_board_whose_ssh_hangs_does_not_hold_up_serve(on_fleet, tmp_path):
+    """A board cut off is lost; it comes back with its sshd hung (stopped: ssh connects, and no answer comes), and
+    SIGHUP probes it: its shipping and its agent's start wait for ssh's connect timeout in the background, while
+    the controller's loop goes on (a board powered off meanwhile is detected and planned around first)."""
+    sshd_pid = int((on_fleet.state / "d2" / "sshd.pid").read_text().split()[0])
+
+    def hang(run: Run) -> None:
+        os.kill(sshd_pid, signal.SIGSTOP)
+        on_fleet.fault(2, "heal")  # its link is back; its sshd still counts as running, so it stays hung
+        run.process.send_signal(signal.SIGHUP)
+
     run, out = on_fleet.serve(tmp_path, inputs=600)
     run.on("generation 1: first result", after(0.3, lambda run: on_fleet.fault(2, "cut")))
-    run.on("re-plan (device 2 lost", after(0.2, lambda run: run.process.send_signal(signal.SIGHUP)))
+    run.on("re-plan (device 2 lost", after(0.2, hang))
     run.on("probing lost [2]", lambda run: on_fleet.fault(3, "poweroff"))
     try:
         stdout = on_fleet.finish(run, out, 600)
     finally:
+        os.kill(sshd_pid, signal.SIGCONT)
         on_fleet.fault(2, "heal")
         on_fleet.fault(3, "heal")
     lines = stdout.splitlines()
