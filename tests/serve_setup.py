@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import h5py
 import numpy as np
@@ -47,10 +47,10 @@ class Served:
 
 
 def make_served(root: Path, speeds: Sequence[float], kind: str = "tiny", input_size: Optional[int] = 48,
-                rows: int = 8, repeats: int = 10) -> Served:
+                rows: int = 8, repeats: int = 10, build: Optional[Callable[[], Any]] = None) -> Served:
     """An example model (dnnpipe.examples) converted once to a .tflite file whose operators are the units (every
     cut exists, so any re-plan slices in milliseconds), profiled with the interpreter, planned for `speeds`,
-    partitioned by that plan."""
+    partitioned by that plan. `build` makes another Keras model instead."""
     from dnnpipe.examples import EXAMPLES
     from dnnpipe.jsonio import write_json
     from dnnpipe.manifest import read_manifest
@@ -67,7 +67,7 @@ def make_served(root: Path, speeds: Sequence[float], kind: str = "tiny", input_s
 
     _, keras = import_tensorflow()
     keras.utils.set_random_seed(0)
-    model = as_functional(EXAMPLES[kind](input_size) if input_size else EXAMPLES[kind]())
+    model = as_functional(build() if build else EXAMPLES[kind](input_size) if input_size else EXAMPLES[kind]())
     graph, _ = analyse(model)
     keys = signature_keys(t.name for t in graph.tensors)
     whole = root / "tiny.tflite"

@@ -42,7 +42,7 @@ from .decide import Action, GiveUp, Joined, Lost, Measured, Prepare, Proposal, S
 from .detect import SpeedModel, speed_outliers, stage_time
 from .feed import Feed, NoEvents, ServeEvents
 from .filefeed import FileFeed
-from .fleet import Fleet
+from .fleet import Fleet, controller_address
 from .options import ServeOptions
 from .stream import Route, Stream
 
@@ -151,6 +151,7 @@ class Controller:
             raise ConfigError(f"{o.folder / MANIFEST_FILE}: no whole model.tflite recorded; serve cuts new plans "
                               f"from it (partition the model again)")
         self.devices = self._read_registry()
+        self.options = o = replace(o, controller_host=controller_address(o.controller_host, self.devices.values()))
         self.key = stage_key(o.folder, None, o.insecure)
         self.model = manifest_identity((o.folder / MANIFEST_FILE).read_bytes())
         self.changes = sorted(o.emulate_changes)
@@ -694,11 +695,9 @@ class Controller:
         self.devices.update(devices)
         self.echo(f"serve: {'SIGHUP: ' if hup else ''}registry re-read: {len(new)} new device(s) {new}, probing lost "
                   f"{lost}, removed {gone}")
-        if new or lost:
-            self._ship([devices[d] for d in new + lost])
-        for d in new + lost:
-            self.probing.add(d)
-            self.fleet.start(devices[d])
+        self.probing.update(new + lost)
+        if new or lost:  # shipped and started in the background: no ssh call on this loop
+            self.fleet.admit([devices[d] for d in new + lost], self._ship)
         for d in gone:
             self.fleet.events.put(("lost", d, f"removed from {self.options.registry}"))
 

@@ -10,12 +10,15 @@ thread of the controller. What the agents say becomes events on one queue, read 
     ("ended", d, generation)       its role's stream ended cleanly (the barrier passed)
     ("error", d, generation, why)  its role failed (generation -1: a push could not be loaded)
 
-A frozen device (SIGSTOP, cut off) sends no heartbeat: `silent()` names the agents silent too long. Stopping never
-waits on ssh: a remote device is cleaned up in the background with a bounded timeout.
+A frozen device (SIGSTOP, cut off) sends no heartbeat: `silent()` names the agents silent too long. No ssh call
+runs on the controller's loop: a remote agent is started (and a device admitted later shipped) in the background,
+every ssh call bounded by the connect timeout; a start that fails reads as an exited agent. Stopping never waits on
+ssh: a remote device is cleaned up in the background with a bounded timeout.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import queue
 import signal
@@ -24,12 +27,12 @@ import ssl
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from ..deploy.registry import Device
-from ..deploy.transport import SshOptions, SshTransport
+from ..deploy.transport import SshOptions, SshTransport, TransportError
 from ..errors import DnnpipeError
 from ..runtime.agent import check_units
 from ..runtime.argv import agent_argv
@@ -38,6 +41,7 @@ from ..runtime.handshake import HandshakeError, LinkAuth, ProbeClosed, listen_si
 
 STOP_SECONDS = 3.0  # how long an agent gets to stop before SIGKILL
 CLEANUP_SECONDS = 10.0  # the background ssh clean-up of an unreachable device gives up after this
+START_FAILED = 255  # the exit status of an agent whose ssh start failed (ssh's own for a failed connection)
 LOG = "logs/agent.out"
 PID = "logs/agent.pid"
 Echo = Callable[[str], None]
@@ -55,6 +59,7 @@ class AgentLink:
     generation: int = -1
     sent: int = 0
     gone: bool = False
+    start_failed: bool = False  # its ssh start failed: it will never say hello
     times: list[float] = field(default_factory=list)  # stage ms of frames not yet used for the speed estimate
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -66,7 +71,9 @@ class Fleet:
         self.tls = tls  # the control links inside TLS (the agents get --tls)
         self.session = session  # binds every data link to this run (dnnpipe.runtime.agent.link_identity)
         self.key, self.model, self.models_dir, self.model_name = key, model, models_dir, model_name
-        self.connect_timeout, self.ssh, self.echo = connect_timeout, ssh, echo
+        self.connect_timeout, self.echo = connect_timeout, echo
+        self.ssh = replace(ssh, connect_timeout=min(ssh.connect_timeout, connect_timeout),
+                           command_timeout=min(ssh.command_timeout, connect_timeout))  # no ssh call outlasts it
         self.events: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self.agents: dict[int, AgentLink] = {}
         self._lock = threading.Lock()
@@ -101,10 +108,38 @@ class Fleet:
             link.pid = link.process.pid
         else:
             link.remote = SshTransport(device, self.ssh)
+            threading.Thread(target=self._start_remote, args=(link, argv), daemon=True,
+                             name=f"serve ssh start {device.device_id}").start()
+
+    def _start_remote(self, link: AgentLink, argv: list[str]) -> None:
+        """Off the controller's loop: a cut-off device takes the ssh connect timeout to fail."""
+        assert link.remote is not None
+        try:
             link.remote.start(argv, LOG, PID)
+        except TransportError as e:
+            if not link.gone:
+                self.echo(f"serve: device {link.device.device_id}: cannot start its agent over ssh: {e}")
+            link.start_failed = True
+
+    def admit(self, devices: list[Device], ship: Callable[[list[Device]], None]) -> None:
+        """Devices that join (or are probed again): shipped, then their agents started, in the background; each
+        says hello when up."""
+        def run() -> None:
+            try:
+                ship(devices)
+            except DnnpipeError as e:
+                self.echo(f"serve: shipping to devices {[d.device_id for d in devices]} failed: {e}")
+            if not self.closed.is_set():
+                for device in devices:
+                    self.start(device)
+
+        threading.Thread(target=run, daemon=True, name="serve admit").start()
 
     def exited(self, device: int) -> Optional[int]:
+        """The agent's exit status once it ended (a local one), START_FAILED when its ssh start failed."""
         link = self.agents.get(device)
+        if link is not None and link.start_failed:
+            return START_FAILED
         return None if link is None or link.process is None else link.process.poll()
 
     # --- control links -----------------------------------------------------------------------
@@ -210,7 +245,7 @@ class Fleet:
 
     def silent(self, now: float, limit: float) -> list[tuple[int, float]]:
         """Agents up whose last heartbeat is older than `limit` seconds: frozen or cut off."""
-        return [(d, now - link.last_beat) for d, link in self.agents.items()
+        return [(d, now - link.last_beat) for d, link in list(self.agents.items())
                 if link.sock is not None and not link.gone and now - link.last_beat > limit]
 
     def take_times(self, device: int) -> list[float]:
@@ -222,7 +257,7 @@ class Fleet:
         return found
 
     def up(self) -> set[int]:
-        return {d for d, link in self.agents.items() if link.sock is not None and not link.gone}
+        return {d for d, link in list(self.agents.items()) if link.sock is not None and not link.gone}
 
     def lose(self, device: int) -> None:
         """Give up on a device: its link is closed and its process stopped (a remote one in the background)."""
@@ -250,10 +285,10 @@ class Fleet:
         self.listener.close()
         for d in list(self.agents):
             self.send(d, {"kind": "stop"})
-        for link in self.agents.values():
+        for link in list(self.agents.values()):
             self._retire(link)
         deadline = time.monotonic() + STOP_SECONDS
-        for link in self.agents.values():
+        for link in list(self.agents.values()):
             if link.process is not None:
                 try:
                     link.process.wait(max(0.0, deadline - time.monotonic()))
@@ -261,6 +296,34 @@ class Fleet:
                     _signal_group(link.process.pid, signal.SIGKILL)
                     link.process.wait()
                 _signal_group(link.process.pid, signal.SIGKILL)
+
+
+def controller_address(given: str, devices: Iterable[Device]) -> str:
+    """The address the agents dial: as given, but a loopback one when devices are remote (they cannot reach this
+    host's loopback) becomes the address this host reaches them from (on the virtual fleet, its hub address)."""
+    remote = sorted({d.host for d in devices if not d.is_local})
+    try:
+        loopback = ipaddress.ip_address(given).is_loopback
+    except ValueError:  # a host name: as given
+        return given
+    if not remote or not loopback:
+        return given
+    sources = {_source_address(host) for host in remote}
+    if len(sources) != 1:
+        raise DnnpipeError(f"the devices reach this host at different addresses ({', '.join(sorted(sources))}): "
+                           f"give --controller-host, the one they all reach")
+    return sources.pop()
+
+
+def _source_address(host: str) -> str:
+    """The local address the kernel would send from to host (a UDP socket's connect sends nothing)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 9))
+            return str(probe.getsockname()[0])
+    except OSError as e:
+        raise DnnpipeError(f"device host {host}: no route from this host ({e.strerror or e}); give "
+                           f"--controller-host") from None
 
 
 def _stop_remote(remote: SshTransport) -> None:
