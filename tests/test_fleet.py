@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 import models
+from dnnpipe.deploy.deployer import RESULTS
+from dnnpipe.deploy.launch import LOGS, model_folder
 from dnnpipe.deploy.registry import load_registry
 from dnnpipe.deploy.transport import SshOptions, SshTransport
 from dnnpipe.errors import ConfigError, DnnpipeError
@@ -211,12 +213,13 @@ def test_the_deployer_ships_launches_and_stops_over_ssh_on_the_fleet(fleet3, tmp
     done = run_script("deployer.py", *args, "--launch", "--wait", "60")
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"stage 3 listening on {devices[2].host}:50000" in done.stdout
-    log = Path(devices[2].remote_dir) / "logs" / "stage_3.out"
+    on_board = Path(devices[2].remote_dir) / model_folder(parts.name, "res")  # logs and results: the model's folder
+    log = on_board / LOGS / "stage_3.out"
     deadline = time.monotonic() + 60
     while not (log.exists() and "pipeline:" in log.read_text()) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert "pipeline: 5 results" in log.read_text(), log.read_text()
-    with h5py.File(Path(devices[2].remote_dir) / "results.h5") as f:
+    with h5py.File(on_board / RESULTS) as f:
         assert f["logits"].shape == (5, 5)
     stopped = run_script("deployer.py", *args, "--stop")
     assert stopped.returncode == 0 and stopped.stdout.count("stage ") == 3, stopped.stdout
@@ -289,7 +292,8 @@ def test_a_stage_over_its_board_memory_is_killed(tmp_path):
         assert shipped.returncode == 0, shipped.stdout + shipped.stderr
         before = cgroups.stats(fleet.fleet_id(state), 1)["oom_kills"]
         launched = run_script("deployer.py", *args, "--launch", "--wait", "30")
-        log = Path(load_registry(tmp_path / "reg.json")[1].remote_dir) / "logs" / "stage_1.out"
+        log = (Path(load_registry(tmp_path / "reg.json")[1].remote_dir) / model_folder(parts.name, "res") / LOGS
+               / "stage_1.out")
         deadline = time.monotonic() + 60
         while cgroups.stats(fleet.fleet_id(state), 1)["oom_kills"] == before and time.monotonic() < deadline:
             time.sleep(0.5)
