@@ -1,9 +1,14 @@
 """Per-device profiling: the profiling model and the timer shipped to each device, every unit timed there."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -13,8 +18,8 @@ from dnnpipe.deploy.registry import Device
 from dnnpipe.deploy.closure import closure
 from dnnpipe.errors import ConfigError, DnnpipeError
 from dnnpipe.keygen import create_certificate
-from dnnpipe.profile.devices import DeviceProfileOptions, DeviceTimes, Outcome, parse_result, profile_devices, \
-    with_device_rows
+from dnnpipe.profile.devices import PID, DeviceProfileOptions, DeviceTimes, Outcome, parse_result, profile_device, \
+    profile_devices, uploads, with_device_rows
 from dnnpipe.profile.devices import link_costs as devices_link_costs
 from dnnpipe.profile.timer import link_costs
 from dnnpipe.testbed.pacing import LinkCost, emulation
@@ -132,3 +137,37 @@ def test_a_timer_result_with_a_bad_link_cost_is_refused():
           '"receive_ms_per_mb": 1, "tls": true}}'
     with pytest.raises(DnnpipeError, match="negative"):
         parse_result(1, log, 1)
+
+
+def running_in(folder) -> list[int]:
+    """Processes whose working folder is `folder` (a local device's timer runs in its remote_dir)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and Path(os.readlink(proc / "cwd")) == folder and \
+                    (proc / "stat").read_text().rpartition(")")[2].split()[0] != "Z":
+                found.append(int(proc.name))
+        except OSError:
+            pass
+    return found
+
+
+def test_ctrl_c_while_a_device_times_stops_its_timer(converted, tmp_path):
+    """The timer was stopped on the deadline path only: Ctrl-C (or a transport error) left it running."""
+    model = tmp_path / "model.tflite"
+    model.write_bytes(converted.flatbuffer)
+    device = Device(1, "local", remote_dir=str(tmp_path / "d1"), python=sys.executable)
+    pid_file = tmp_path / "d1" / PID
+
+    def interrupt() -> None:  # Ctrl-C once the timer runs
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    options = DeviceProfileOptions(repeats=3, warmup=1, sustain=5.0, seconds=120, link=False)
+    with pytest.raises(KeyboardInterrupt):
+        profile_device(device, uploads(model), converted.graph.U, options, lambda line: None)
+    assert running_in((tmp_path / "d1").resolve()) == []

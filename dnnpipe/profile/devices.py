@@ -166,6 +166,22 @@ def run_over_ssh(transport: SshTransport, argv: Sequence[str], deadline: float, 
     return output.decode(errors="replace")
 
 
+def follow(transport: Transport, device: Device, deadline: float, seconds: float, progress: Progress) -> None:
+    """A started timer's progress lines until it ends (a result, an error or its exit) or the deadline."""
+    seen, wait = "", POLL_SECONDS
+    while True:
+        time.sleep(max(0.0, min(wait, deadline - time.monotonic())))
+        wait = min(POLL_MAX_SECONDS, 2 * wait)
+        line = transport.tail(LOG, 1).strip()
+        if line.startswith((RESULT, "error:")) or not transport.alive(PID):
+            return
+        if time.monotonic() > deadline:
+            raise DnnpipeError(f"did not finish within {seconds:g} s")
+        if line and line != seen:
+            progress(f"device {device.device_id}: {line}")
+            seen = line
+
+
 def profile_device(device: Device, files: Sequence[Upload], units: int, options: DeviceProfileOptions,
                    progress: Progress) -> Outcome:
     """Ship, start the timer, follow its progress, read its result; every step bounded by options.seconds."""
@@ -185,19 +201,11 @@ def profile_device(device: Device, files: Sequence[Upload], units: int, options:
             progress(f"device {device.device_id}: whole model {times.whole_ms:.3f} ms")
             return Outcome(device, times, seconds=time.monotonic() - began)
         transport.start(timer_argv(device, options), LOG, PID)
-        seen, wait = "", POLL_SECONDS
-        while True:
-            time.sleep(max(0.0, min(wait, deadline - time.monotonic())))
-            wait = min(POLL_MAX_SECONDS, 2 * wait)
-            line = transport.tail(LOG, 1).strip()
-            if line.startswith((RESULT, "error:")) or not transport.alive(PID):
-                break
-            if time.monotonic() > deadline:
+        try:
+            follow(transport, device, deadline, options.seconds, progress)
+        finally:  # a transport error or Ctrl-C too: never leave the timer running on the device
+            if transport.alive(PID):
                 transport.stop(PID)
-                raise DnnpipeError(f"did not finish within {options.seconds:g} s")
-            if line and line != seen:
-                progress(f"device {device.device_id}: {line}")
-                seen = line
         times = parse_result(device.device_id, transport.tail(LOG, 5), units)
     except (DnnpipeError, TransportError, OSError) as e:
         progress(f"device {device.device_id}: FAILED: {e}")
