@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from dnnpipe.interpreter import call_seconds  # noqa: E402
 from dnnpipe.service.backend import SingleDevice  # noqa: E402
 from serve_setup import Served, make_served  # noqa: E402
 
@@ -62,13 +63,7 @@ def single_device_command(served: Served) -> list[str]:
 def single_device_predict(served: Served, repeats: int = 50) -> tuple[float, float]:
     backend = SingleDevice(served.parts / served.name)
     row = [np.random.default_rng(0).random(spec.shape[1:]).astype("float32") for spec in backend.manifest.inputs]
-    for _ in range(5):
-        backend.infer(row)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        backend.infer(row)
-        times.append(time.perf_counter() - start)
+    times = call_seconds(lambda: backend.infer(row), repeats, warmup=5)
     return 1 / float(np.mean(times)), float(np.median(times))
 
 

@@ -21,7 +21,8 @@ from dnnpipe.keygen import create_certificate
 from dnnpipe.profile.devices import PID, DeviceProfileOptions, DeviceTimes, Outcome, parse_result, profile_device, \
     profile_devices, uploads, with_device_rows
 from dnnpipe.profile.devices import link_costs as devices_link_costs
-from dnnpipe.profile.timer import link_costs
+from dnnpipe.profile.costs import unit_times
+from dnnpipe.profile.timer import link_costs, time_units
 from dnnpipe.testbed.pacing import LinkCost, emulation
 from dnnpipe.profile.profiler import profiling_model
 from helpers import ROOT
@@ -45,8 +46,8 @@ def test_the_timer_needs_no_tensorflow():
 
 
 def test_rows_add_up_to_each_device_whole_model_and_C_is_relative_to_device_1():
-    one = DeviceTimes(1, 0.1, 10.0, (2.1, 4.1, 6.1))  # units 2, 4, 6 ms after the probe: scaled to 10 ms
-    two = DeviceTimes(2, 0.1, 40.0, (1.1, 1.1, 2.1))
+    one = DeviceTimes(1, 0.1, 10.0, (2.0, 4.0, 6.0))  # units 2, 4, 6 ms after the probe: scaled to 10 ms
+    two = DeviceTimes(2, 0.1, 40.0, (1.0, 1.0, 2.0))
     assert one.E == pytest.approx([10 / 6, 20 / 6, 30 / 6])
     devices = [Device(1, "local"), Device(2, "local")]
     config = {"device_config": {"N": 1, "C": [1.0], "M": [50.0, 60.0]},
@@ -171,3 +172,21 @@ def test_ctrl_c_while_a_device_times_stops_its_timer(converted, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         profile_device(device, uploads(model), converted.graph.U, options, lambda line: None)
     assert running_in((tmp_path / "d1").resolve()) == []
+
+
+def test_the_device_timer_shares_fused_groups_as_the_host_profiler_does(converted, tmp_path):
+    """The timer timed unit_* signatures only, where the host's E shares each fused group's time (units_i_k)
+    among its units: the rows of E_device were computed otherwise than E."""
+    assert converted.groups, "the test model needs a fused group"
+    (tmp_path / "model.tflite").write_bytes(converted.flatbuffer)
+    result = time_units(str(tmp_path / "model.tflite"), repeats=3, warmup=1, num_threads=1, seconds=0.01)
+    assert set(result["groups_ms"]) == {f"{i + 1}_{k}" for i, k in converted.groups}
+    for i, k in converted.groups:
+        together = max(0.0, result["groups_ms"][f"{i + 1}_{k}"] - result["probe_ms"])
+        assert sum(result["units_ms"][i:k]) == pytest.approx(together)
+    assert len(result["units_ms"]) == converted.graph.U and min(result["units_ms"]) >= 0
+
+
+def test_unit_times_remove_the_probe_and_share_each_group():
+    assert unit_times(1.0, [2.0, 4.0, 1.5, 0.5], {(0, 2): 10.0}) == [2.25, 6.75, 0.5, 0.0]
+    assert unit_times(1.0, [1.0, 1.0], {(0, 2): 5.0}) == [2.0, 2.0]  # evenly when alone they cost nothing
