@@ -31,7 +31,7 @@ def v1_tree(root: Path) -> Path:
 
 def test_a_quota_is_the_shortest_period_the_smallest_quota_allows():
     assert cgroups.quota_period(1.0) == (cgroups.MIN_PERIOD_US, cgroups.MIN_PERIOD_US)
-    assert cgroups.quota_period(0.25) == (1000, 4000)  # 1 ms of every 4 ms
+    assert cgroups.quota_period(0.25) == (2500, 10_000)  # 2.5 ms of every 10 ms (MIN_PERIOD_US)
     assert cgroups.quota_period(0.001) == (cgroups.MIN_QUOTA_US, cgroups.MAX_PERIOD_US)  # as slow as it gets
     for cores in (0.01, 0.21, 0.33, 0.5, 2.0, 3.7):
         quota, period = cgroups.quota_period(cores)
@@ -69,7 +69,7 @@ def test_creating_a_v2_device_writes_its_quota_memory_and_core_set(tmp_path):
     leaf.mkdir()
     (leaf / "memory.swap.max").write_text("max\n")
     cgroups.create("f", 1, Limits(0.25, 64 << 20, "1"), root)
-    assert (leaf / "cpu.max").read_text() == "1000 4000"
+    assert (leaf / "cpu.max").read_text() == "2500 10000"
     assert (leaf / "memory.max").read_text() == str(64 << 20) and (leaf / "memory.swap.max").read_text() == "0"
     assert (leaf / "cpuset.cpus").read_text() == "1"
     for level in (leaf.parent.parent, leaf.parent):  # each group above a device hands its controllers down
@@ -82,7 +82,7 @@ def test_creating_a_v1_device_gives_a_new_cpuset_its_parents_cores(tmp_path):
     root = v1_tree(tmp_path / "v1")
     cgroups.create("f", 3, Limits(0.5, 1 << 30), root)
     cpu = root / "cpu" / GROUP / "f" / "d3"
-    assert (cpu / "cpu.cfs_period_us").read_text() == "2000" and (cpu / "cpu.cfs_quota_us").read_text() == "1000"
+    assert (cpu / "cpu.cfs_period_us").read_text() == "10000" and (cpu / "cpu.cfs_quota_us").read_text() == "5000"
     assert (cpu / "cpu.shares").read_text() == str(cgroups.WEIGHT * 1024 // 100)
     assert (root / "cpuset" / GROUP / "f" / "d3" / "cpuset.cpus").read_text() == "0-1"
     assert (root / "memory" / GROUP / "f" / "d3" / "memory.limit_in_bytes").read_text() == str(1 << 30)
@@ -102,7 +102,7 @@ def test_a_write_the_kernel_refuses_names_the_value_and_the_file(tmp_path):
         level.mkdir(parents=True)
         (level / "cgroup.controllers").write_text("cpu memory\n")
     (root / GROUP / "f" / "d1" / "cpu.max").mkdir(parents=True)  # a file no value can be written to
-    with pytest.raises(DnnpipeError, match=r"testbed: cannot write '1000 2000' to .*/f/d1/cpu.max: "):
+    with pytest.raises(DnnpipeError, match=r"testbed: cannot write '5000 10000' to .*/f/d1/cpu.max: "):
         cgroups.create("f", 1, Limits(0.5, 1 << 20), root)
     with pytest.raises(DnnpipeError, match=r"testbed: cannot write '5' to .*/missing/cpu.max: "):
         cgroups._write(tmp_path / "missing" / "cpu.max", "5")
