@@ -89,6 +89,30 @@ def test_remove_tries_every_step_and_names_every_failure(tmp_path, monkeypatch):
     assert not (tmp_path / fleet.STATE_FILE).exists()
 
 
+def test_a_failed_up_reports_its_own_error_with_the_cleanup_failure_as_a_note(tmp_path, monkeypatch):
+    """up()'s clean-up error replaced the failure that made it clean up."""
+    removals = []
+
+    def remove(fid, state=None):
+        removals.append(fid)
+        if len(removals) > 1:
+            raise DnnpipeError(f"testbed: fleet {fid} not fully removed: a namespace is busy")
+        return False
+
+    def keys(_):
+        raise ValueError("ssh-keygen broke")
+
+    monkeypatch.setattr(fleet, "require_root", lambda: None)
+    monkeypatch.setattr(fleet, "free_subnet", lambda fid: "198.19.1")
+    monkeypatch.setattr(fleet, "remove", remove)
+    monkeypatch.setattr(fleet, "_keys", keys)
+    (tmp_path / "cluster.json").write_text('{"C": [0.5], "M": [50]}')
+    with pytest.raises(ValueError, match="ssh-keygen broke") as caught:
+        fleet.up(tmp_path / "cluster.json", tmp_path / "reg.json", tmp_path / "state")
+    assert caught.value.__notes__ == ["and cleaning up failed too: testbed: fleet "
+                                      f"{fleet.fleet_id(tmp_path / 'state')} not fully removed: a namespace is busy"]
+
+
 @needs_fleet
 def test_a_stale_sshd_pid_file_never_kills_an_unrelated_process(tmp_path):
     """After a crash or reboot dN/sshd.pid may name a pid the kernel gave to another process: up and down
