@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from dnnpipe.config import load_config  # noqa: E402
+from dnnpipe.interpreter import call_seconds  # noqa: E402
 from dnnpipe.service.backend import SingleDevice  # noqa: E402
 from dnnpipe.testbed.cores import usable_cores  # noqa: E402
 from dnnpipe.testbed.pacing import emulation_scale  # noqa: E402
@@ -93,13 +94,7 @@ def single_device_start(served: Served, work: Path, knobs: Knobs) -> Started:
 def single_device_predict(served: Served, repeats: int = 50) -> tuple[float, float]:
     backend = SingleDevice(served.parts / served.name)
     row = [np.random.default_rng(0).random(spec.shape[1:]).astype("float32") for spec in backend.manifest.inputs]
-    for _ in range(5):
-        backend.infer(row)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        backend.infer(row)
-        times.append(time.perf_counter() - start)
+    times = call_seconds(lambda: backend.infer(row), repeats, warmup=5)
     return 1 / float(np.mean(times)), float(np.median(times))
 
 

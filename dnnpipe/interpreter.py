@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import time
+from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .errors import DnnpipeError
 from .native import native_stderr_captured
@@ -29,6 +31,28 @@ def interpreter_module() -> tuple[str, Any]:
         except ImportError:
             continue
     raise DnnpipeError("no TFLite interpreter found: pip install ai-edge-litert (or tflite-runtime)")
+
+
+def prepared_invoke(runner, feed: dict[str, Any], warmup: int) -> Callable[[], None]:
+    """A signature runner's own invoke with its inputs set once and `warmup` invokes done: what every timing
+    loop (the host's profilers, the device timer) times, without the runner's input and output copies."""
+    runner(**feed)  # allocates and sets the inputs
+    invoke = partial(runner._interpreter_wrapper.Invoke, runner._subgraph_index)
+    for _ in range(warmup):
+        invoke()
+    return invoke
+
+
+def call_seconds(call: Callable[[], object], repeats: int, warmup: int = 0) -> list[float]:
+    """Each of `repeats` calls' wall time in seconds, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        call()
+    samples = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - began)
+    return samples
 
 
 def load_interpreter(model: Path | bytes, num_threads: Optional[int] = None, delegate: Optional[str] = None,

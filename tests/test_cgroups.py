@@ -31,7 +31,7 @@ def v1_tree(root: Path) -> Path:
 
 def test_a_quota_is_the_shortest_period_the_smallest_quota_allows():
     assert cgroups.quota_period(1.0) == (cgroups.MIN_PERIOD_US, cgroups.MIN_PERIOD_US)
-    assert cgroups.quota_period(0.25) == (2500, 10000)  # 2.5 ms of every 10 ms (shorter periods under-deliver)
+    assert cgroups.quota_period(0.25) == (2500, 10_000)  # 2.5 ms of every 10 ms (MIN_PERIOD_US)
     assert cgroups.quota_period(0.001) == (cgroups.MIN_QUOTA_US, cgroups.MAX_PERIOD_US)  # as slow as it gets
     for cores in (0.01, 0.21, 0.33, 0.5, 2.0, 3.7):
         quota, period = cgroups.quota_period(cores)

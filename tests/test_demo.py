@@ -63,3 +63,19 @@ def test_a_step_without_what_it_needs_fails_before_the_first_step(tmp_path):
                         "model", "run")
     assert_clean_error(result, "the run step needs", "config.json, which the profile step makes")
     assert "== model ==" not in result.stdout and not (tmp_path / "work").exists()
+
+
+def test_a_running_fleet_is_reused_only_for_the_same_speeds_memories_and_links(tmp_path):
+    """ensure_fleet kept a fleet whose C matched although M or B had changed: stale memory and link limits."""
+    from dnnpipe.demo.fleet import matches
+    from dnnpipe.testbed import fleet
+
+    cluster = {"C": [1.0, 0.5], "M": [100.0, 50.0], "B": [100.0, 10.0]}
+    shape = fleet.describe(cluster, tmp_path, "198.19.1", 0.5, "root", "python3")
+    assert matches(shape, cluster, None) and matches(shape, cluster, 0.5)
+    assert not matches(shape, cluster, 0.25)
+    assert not matches(shape, {**cluster, "M": [100.0, 60.0]}, None)
+    assert not matches(shape, {**cluster, "B": [100.0, 20.0]}, None)
+    assert not matches(shape, {"C": cluster["C"], "M": cluster["M"]}, None)
+    assert not matches(shape, cluster, None, runtime_mb=fleet.RUNTIME_MB + 64)
+    assert not matches(shape, {k: v[:1] for k, v in cluster.items()}, None)

@@ -17,12 +17,14 @@ import numpy as np
 import pytest
 
 import models
+from dnnpipe.deploy.deployer import RESULTS
+from dnnpipe.deploy.launch import LOGS, model_folder
 from dnnpipe.deploy.registry import load_registry
 from dnnpipe.deploy.transport import SshOptions, SshTransport
 from dnnpipe.errors import ConfigError, DnnpipeError
 from dnnpipe.partition.graph import analyse
 from dnnpipe.partition.partitioner import partition_keras_model
-from dnnpipe.testbed import cgroups, fleet
+from dnnpipe.testbed import cgroups, fleet, sshd
 from helpers import assert_clean_error, run_script
 
 REASON = fleet.why_not_available()
@@ -55,11 +57,89 @@ def test_the_fleet_is_described_from_the_cluster(tmp_path):
     assert devices[1].remote_dir != devices[2].remote_dir
 
 
+def test_a_device_slowed_past_one_core_leaves_its_single_core():
+    """fault slow raised the quota but kept the one-core set from up: a 1.6-core quota capped at one core."""
+    shape = fleet.describe({"C": [1.0, 0.5, 0.5], "M": [10, 10, 10]}, Path("s"), "198.19.1", 0.5, "root", "py",
+                           cores=(0, 1))
+    assert [d.cpus for d in shape.devices] == ["0", "1", "1"]
+    assert fleet.core_set_after(shape, 2, 1.6, (0, 1)) is None  # every core
+    assert fleet.core_set_after(shape, 2, 0.1, (0, 1)) == "1"  # slower: stays where it is
+    wide = fleet.describe({"C": [4.0, 0.5], "M": [10, 10]}, Path("s"), "198.19.1", 0.5, "root", "py", cores=(0, 1))
+    assert fleet.core_set_after(wide, 1, 0.5, (0, 1)) == "1"  # the least loaded core (device 2 is on 0)
+    loose = fleet.describe({"C": [4.0, 0.5], "M": [10, 10]}, Path("s"), "198.19.1", 0.5, "root", "py", pin=False,
+                           cores=(0, 1))
+    assert fleet.core_set_after(loose, 1, 0.5, (0, 1)) is None  # a fleet built without pinning stays so
+
+
+def test_remove_tries_every_step_and_names_every_failure(tmp_path, monkeypatch):
+    """remove() stopped at its first failure: one namespace that would not go left the rest behind."""
+    fid, removed = "abc123", []
+
+    def remove_namespace(name):
+        if name.endswith("-d1"):
+            raise DnnpipeError(f"testbed: {name} is busy")
+        removed.append(name)
+
+    monkeypatch.setattr(fleet, "namespaces", lambda: [f"dnf{fid}-d1", f"dnf{fid}-d2", f"dnf{fid}-hub"])
+    monkeypatch.setattr(fleet, "remove_namespace", remove_namespace)
+    (tmp_path / fleet.STATE_FILE).write_text("{}")
+    with pytest.raises(DnnpipeError, match=f"fleet {fid} not fully removed: testbed: dnf{fid}-d1 is busy"):
+        fleet.remove(fid, tmp_path)
+    assert removed == [f"dnf{fid}-d2", f"dnf{fid}-hub"]
+    assert not (tmp_path / fleet.STATE_FILE).exists()
+
+
+def test_a_failed_up_reports_its_own_error_with_the_cleanup_failure_as_a_note(tmp_path, monkeypatch):
+    """up()'s clean-up error replaced the failure that made it clean up."""
+    removals = []
+
+    def remove(fid, state=None):
+        removals.append(fid)
+        if len(removals) > 1:
+            raise DnnpipeError(f"testbed: fleet {fid} not fully removed: a namespace is busy")
+        return False
+
+    def keys(_):
+        raise ValueError("ssh-keygen broke")
+
+    monkeypatch.setattr(fleet, "require_root", lambda: None)
+    monkeypatch.setattr(fleet, "free_subnet", lambda fid: "198.19.1")
+    monkeypatch.setattr(fleet, "remove", remove)
+    monkeypatch.setattr(fleet, "_keys", keys)
+    (tmp_path / "cluster.json").write_text('{"C": [0.5], "M": [50]}')
+    with pytest.raises(ValueError, match="ssh-keygen broke") as caught:
+        fleet.up(tmp_path / "cluster.json", tmp_path / "reg.json", tmp_path / "state")
+    assert caught.value.__notes__ == ["and cleaning up failed too: testbed: fleet "
+                                      f"{fleet.fleet_id(tmp_path / 'state')} not fully removed: a namespace is busy"]
+
+
+@needs_fleet
+def test_a_stale_sshd_pid_file_never_kills_an_unrelated_process(tmp_path):
+    """After a crash or reboot dN/sshd.pid may name a pid the kernel gave to another process: up and down
+    SIGKILLed it, as root. Only a pid in the device's groups is its sshd; the stale file is just deleted."""
+    state = tmp_path / "state"
+    (state / "d1").mkdir(parents=True)
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        (state / "d1" / "sshd.pid").write_text(f"{bystander.pid}\n")
+        assert sshd.running_pid(state / "d1" / "sshd.pid", set()) is None
+        assert run_testbed(state, "down").returncode == 0
+        assert bystander.poll() is None and running(bystander.pid)
+        assert not (state / "d1" / "sshd.pid").exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
 @pytest.mark.parametrize("text, message", [
-    ('{"C": [1, 0.5], "M": [10]}', "one value per device"),
-    ('{"C": [1, -1], "M": [10, 10]}', "'C' must be a list of numbers > 0"),
-    ('{"C": [1], "M": [10], "B": [0]}', "'B' must be a list of numbers > 0"),
-    ('{"M": [10]}', "'C' must be"),
+    ('{"C": [1, 0.5], "M": [10]}', "'M' has 1 values but N = 2"),
+    ('{"C": [1, -1], "M": [10, 10]}', r"'C\[1\]' must be > 0"),
+    ('{"C": [1], "M": [10], "B": [0]}', r"'B\[0\]' must be > 0"),
+    ('{"C": [1], "M": [10], "B": [10], "B_link": [[0]]}', "'B_link' cannot be emulated"),
+    ('{"M": [10]}', "missing key 'N'"),
+    ('{"C": [1], "M": [10], "X": 1}', "unknown key 'device_config.X'"),
+    ('{"C": [1], "M": [10], "B": [1e400]}', "must be a finite number"),
+    (json.dumps({"C": [1] * 201, "M": [1] * 201}), "at most 200 devices"),
     ("[1, 2]", "expected"),
     ("{", "not valid JSON"),
 ])
@@ -164,7 +244,11 @@ def test_status_shows_the_limits_and_faults_change_one_device(fleet3):
     assert ssh(registry, 3, "true").returncode == 0
     assert run_testbed(state, "fault", "3", "slow", "0.5").returncode == 0
     assert json.loads(run_testbed(state, "status", "--json").stdout)["devices"][2]["cpu_cores"] == pytest.approx(0.2)
-    run_testbed(state, "fault", "3", "slow", "0.25")
+    assert run_testbed(state, "fault", "3", "slow", "4").returncode == 0  # 1.6 cores: off its single core
+    row = json.loads(run_testbed(state, "status", "--json").stdout)["devices"][2]
+    assert row["cpu_cores"] == pytest.approx(1.6) and ("-" in row["cpus"] or "," in row["cpus"]), row
+    assert run_testbed(state, "fault", "3", "slow", "0.25").returncode == 0
+    assert json.loads(run_testbed(state, "status", "--json").stdout)["devices"][2]["cpus"].isdigit()
     assert_clean_error(run_testbed(state, "fault", "9", "cut"), "no device 9")
 
 
@@ -211,12 +295,13 @@ def test_the_deployer_ships_launches_and_stops_over_ssh_on_the_fleet(fleet3, tmp
     done = run_script("deployer.py", *args, "--launch", "--wait", "60")
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"stage 3 listening on {devices[2].host}:50000" in done.stdout
-    log = Path(devices[2].remote_dir) / "logs" / "stage_3.out"
+    on_board = Path(devices[2].remote_dir) / model_folder(parts.name, "res")  # logs and results: the model's folder
+    log = on_board / LOGS / "stage_3.out"
     deadline = time.monotonic() + 60
     while not (log.exists() and "pipeline:" in log.read_text()) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert "pipeline: 5 results" in log.read_text(), log.read_text()
-    with h5py.File(Path(devices[2].remote_dir) / "results.h5") as f:
+    with h5py.File(on_board / RESULTS) as f:
         assert f["logits"].shape == (5, 5)
     stopped = run_script("deployer.py", *args, "--stop")
     assert stopped.returncode == 0 and stopped.stdout.count("stage ") == 3, stopped.stdout
@@ -289,7 +374,8 @@ def test_a_stage_over_its_board_memory_is_killed(tmp_path):
         assert shipped.returncode == 0, shipped.stdout + shipped.stderr
         before = cgroups.stats(fleet.fleet_id(state), 1)["oom_kills"]
         launched = run_script("deployer.py", *args, "--launch", "--wait", "30")
-        log = Path(load_registry(tmp_path / "reg.json")[1].remote_dir) / "logs" / "stage_1.out"
+        log = (Path(load_registry(tmp_path / "reg.json")[1].remote_dir) / model_folder(parts.name, "res") / LOGS
+               / "stage_1.out")
         deadline = time.monotonic() + 60
         while cgroups.stats(fleet.fleet_id(state), 1)["oom_kills"] == before and time.monotonic() < deadline:
             time.sleep(0.5)

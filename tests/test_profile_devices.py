@@ -1,9 +1,14 @@
 """Per-device profiling: the profiling model and the timer shipped to each device, every unit timed there."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -13,10 +18,11 @@ from dnnpipe.deploy.registry import Device
 from dnnpipe.deploy.closure import closure
 from dnnpipe.errors import ConfigError, DnnpipeError
 from dnnpipe.keygen import create_certificate
-from dnnpipe.profile.devices import DeviceProfileOptions, DeviceTimes, Outcome, parse_result, profile_devices, \
-    with_device_rows
+from dnnpipe.profile.devices import PID, DeviceProfileOptions, DeviceTimes, Outcome, parse_result, profile_device, \
+    profile_devices, uploads, with_device_rows
 from dnnpipe.profile.devices import link_costs as devices_link_costs
-from dnnpipe.profile.timer import link_costs
+from dnnpipe.profile.costs import unit_times
+from dnnpipe.profile.timer import link_costs, time_units
 from dnnpipe.testbed.pacing import LinkCost, emulation
 from dnnpipe.profile.profiler import profiling_model
 from helpers import ROOT
@@ -40,8 +46,8 @@ def test_the_timer_needs_no_tensorflow():
 
 
 def test_rows_add_up_to_each_device_whole_model_and_C_is_relative_to_device_1():
-    one = DeviceTimes(1, 0.1, 10.0, (2.1, 4.1, 6.1))  # units 2, 4, 6 ms after the probe: scaled to 10 ms
-    two = DeviceTimes(2, 0.1, 40.0, (1.1, 1.1, 2.1))
+    one = DeviceTimes(1, 0.1, 10.0, (2.0, 4.0, 6.0))  # units 2, 4, 6 ms after the probe: scaled to 10 ms
+    two = DeviceTimes(2, 0.1, 40.0, (1.0, 1.0, 2.0))
     assert one.E == pytest.approx([10 / 6, 20 / 6, 30 / 6])
     devices = [Device(1, "local"), Device(2, "local")]
     config = {"device_config": {"N": 1, "C": [1.0], "M": [50.0, 60.0]},
@@ -132,3 +138,55 @@ def test_a_timer_result_with_a_bad_link_cost_is_refused():
           '"receive_ms_per_mb": 1, "tls": true}}'
     with pytest.raises(DnnpipeError, match="negative"):
         parse_result(1, log, 1)
+
+
+def running_in(folder) -> list[int]:
+    """Processes whose working folder is `folder` (a local device's timer runs in its remote_dir)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and Path(os.readlink(proc / "cwd")) == folder and \
+                    (proc / "stat").read_text().rpartition(")")[2].split()[0] != "Z":
+                found.append(int(proc.name))
+        except OSError:
+            pass
+    return found
+
+
+def test_ctrl_c_while_a_device_times_stops_its_timer(converted, tmp_path):
+    """The timer was stopped on the deadline path only: Ctrl-C (or a transport error) left it running."""
+    model = tmp_path / "model.tflite"
+    model.write_bytes(converted.flatbuffer)
+    device = Device(1, "local", remote_dir=str(tmp_path / "d1"), python=sys.executable)
+    pid_file = tmp_path / "d1" / PID
+
+    def interrupt() -> None:  # Ctrl-C once the timer runs
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    options = DeviceProfileOptions(repeats=3, warmup=1, sustain=5.0, seconds=120, link=False)
+    with pytest.raises(KeyboardInterrupt):
+        profile_device(device, uploads(model), converted.graph.U, options, lambda line: None)
+    assert running_in((tmp_path / "d1").resolve()) == []
+
+
+def test_the_device_timer_shares_fused_groups_as_the_host_profiler_does(converted, tmp_path):
+    """The timer timed unit_* signatures only, where the host's E shares each fused group's time (units_i_k)
+    among its units: the rows of E_device were computed otherwise than E."""
+    assert converted.groups, "the test model needs a fused group"
+    (tmp_path / "model.tflite").write_bytes(converted.flatbuffer)
+    result = time_units(str(tmp_path / "model.tflite"), repeats=3, warmup=1, num_threads=1, seconds=0.01)
+    assert set(result["groups_ms"]) == {f"{i + 1}_{k}" for i, k in converted.groups}
+    for i, k in converted.groups:
+        together = max(0.0, result["groups_ms"][f"{i + 1}_{k}"] - result["probe_ms"])
+        assert sum(result["units_ms"][i:k]) == pytest.approx(together)
+    assert len(result["units_ms"]) == converted.graph.U and min(result["units_ms"]) >= 0
+
+
+def test_unit_times_remove_the_probe_and_share_each_group():
+    assert unit_times(1.0, [2.0, 4.0, 1.5, 0.5], {(0, 2): 10.0}) == [2.25, 6.75, 0.5, 0.0]
+    assert unit_times(1.0, [1.0, 1.0], {(0, 2): 5.0}) == [2.0, 2.0]  # evenly when alone they cost nothing

@@ -12,7 +12,8 @@ from dnnpipe.partition.partitioner import partition_keras_model
 from dnnpipe.profile.costs import MIB, SUM_TOLERANCE
 from dnnpipe.partition.graph import analyse
 from dnnpipe.partition.split import legal_cuts
-from dnnpipe.profile.profiler import device_config, keras_config, profile_keras_model, shared
+from dnnpipe.profile.costs import shared
+from dnnpipe.profile.profiler import device_config, keras_config, profile_keras_model
 from helpers import assert_clean_error, run_script
 
 

@@ -17,6 +17,7 @@ from ..deploy.registry import Device, load_registry
 from ..deploy.transport import RUN, SshOptions, SshTransport
 from ..errors import DnnpipeError
 from ..testbed import cgroups, fleet
+from .cluster import cluster
 from .work import Work
 
 SSH = SshOptions(connect_timeout=10.0)
@@ -26,12 +27,24 @@ def state(work: Work) -> Path:
     return work.root / "fleet"
 
 
+def matches(shape: fleet.Fleet, cluster: dict[str, Any], scale: Optional[float],
+            runtime_mb: float = fleet.RUNTIME_MB) -> bool:
+    """Whether a running fleet emulates this cluster: every device's C, M and B, the runtime's memory on top of
+    M and (when given) the scale; a fleet kept for C alone would run with stale memory and link limits (pure)."""
+    want = fleet.describe(cluster, Path(shape.state), shape.subnet, scale or shape.scale, shape.user, shape.python,
+                          pin=False, runtime_mb=runtime_mb)
+
+    def limits(f: fleet.Fleet) -> list[tuple]:
+        return [(d.C, d.M, d.link_mbps, d.memory_mb) for d in f.devices]
+
+    return (scale is None or scale == shape.scale) and limits(want) == limits(shape)
+
+
 def ensure_fleet(work: Work, cluster: dict[str, Any], scale: Optional[float], say=print) -> fleet.Fleet:
     """The work directory's fleet, brought up for this cluster when it is not up already."""
     try:
         shape, rows = fleet.status(state(work))
-        same = [d.C for d in shape.devices] == list(cluster["C"]) and (scale is None or scale == shape.scale)
-        if same and work.registry.is_file() and all(r["state"] == "up" for r in rows):
+        if matches(shape, cluster, scale) and work.registry.is_file() and all(r["state"] == "up" for r in rows):
             return shape
     except DnnpipeError:
         pass
@@ -94,10 +107,9 @@ def throttled_between(before: dict[int, dict[str, float]], after: dict[int, dict
 
 def demo_cluster(work: Work, options) -> dict[str, Any]:
     """The cluster the fleet emulates: the demo's (--cluster or the paper-like one), for the model's memory."""
-    from .run import cluster
 
     config = json.loads(work.config.read_text())
-    return cluster(options, sum(config["model_config"]["R"]))
+    return cluster(options.cluster, sum(config["model_config"]["R"]))
 
 
 def profile_on_fleet(work: Work, options, model, say=print) -> None:
@@ -106,12 +118,11 @@ def profile_on_fleet(work: Work, options, model, say=print) -> None:
     from ..profile.costs import describe
     from ..profile.devices import DeviceProfileOptions, format_outcomes, link_costs, on_devices
     from ..profile.profiler import keras_config, profile_keras_model, profiling_model, progress_line
-    from .run import cluster
 
     converted = profiling_model(model, progress_line)
     profile = profile_keras_model(model, options.repeats, num_threads=1, progress=progress_line, converted=converted)
     say(describe(profile))
-    config = keras_config(model, profile, cluster(options, sum(profile.R)))
+    config = keras_config(model, profile, cluster(options.cluster, sum(profile.R)))
     shape = ensure_fleet(work, config["device_config"], options.scale, say)
     config, outcomes = on_devices(fleet_links(config, shape), converted.flatbuffer, work.registry,
                                   DeviceProfileOptions(repeats=options.repeats, num_threads=1, ssh=SSH,
@@ -177,7 +188,7 @@ def run_on_fleet(work: Work, options, say=print) -> None:
     from ..testbed.local import run_local
     from ..testbed.cores import usable_cores
     from ..testbed.pacing import emulation, fastest_device
-    from .report import breakdown
+    from .report import measured
 
     config = load_config(work.config)
     if config.profile.E_device is None:
@@ -213,26 +224,13 @@ def run_on_fleet(work: Work, options, say=print) -> None:
     finally:
         fleet.down(state(work))
         say(f"fleet {shape.fleet_id} taken down")
-    pipeline, single = runs["pipeline"], runs["single"]
-    write_json(work.measured, {
-        "compute": "cpu-quota", "profile": "per-device", "tls": options.tls, "testbed": "fleet",
-        "usable_cores": usable_cores(),
-        "emulation_scale": shape.scale,
-        "pipeline_throughput": pipeline.throughput, "predicted_pipeline_throughput": pipeline_plan.throughput,
-        "single_throughput": single.throughput, "predicted_single_throughput": single_plan.throughput,
-        "paper_predicted_pipeline_throughput": pipeline_plan.paper_throughput,
-        "paper_predicted_single_throughput": single_plan.paper_throughput,
-        "planned_link_cpu_ms": [s.link_cpu_ms for s in pipeline_plan.stages],
-        "link_costs": None if links is None else [vars(c) for c in links],
-        "profile_cpu_share": profile_shares(work),
-        "pipeline_capacity": runs["capacity"].throughput,
-        "latency_p50_ms": pipeline.stages[-1].latency_p50_ms, "latency_p95_ms": pipeline.stages[-1].latency_p95_ms,
-        "single_latency_p50_ms": single.stages[-1].latency_p50_ms,
-        "planned_stage_ms": [s.compute_ms for s in pipeline_plan.stages],
-        "planned_hop_ms": [s.hop_ms for s in pipeline_plan.stages],
-        "stage_time_p50_ms": [s.stage_time_p50_ms for s in pipeline.stages],
-        "stages": breakdown(work.logs / "pipeline", len(pipeline.stages)),
-        "single_stages": breakdown(work.logs / "single", 1),
-        "throttling": throttled,
-        "fleet": [{"device": d.device_id, "C": d.C, "cpu_cores": d.cpu_cores, "cpus": d.cpus,
-                   "memory_mb": d.memory_mb, "link_mbps": d.link_mbps} for d in shape.devices]})
+    write_json(work.measured, measured(
+        work, runs, pipeline_plan, single_plan, compute="cpu-quota", profile="per-device", tls=options.tls,
+        testbed="fleet", usable_cores=usable_cores(), emulation_scale=shape.scale,
+        paper_predicted_pipeline_throughput=pipeline_plan.paper_throughput,
+        paper_predicted_single_throughput=single_plan.paper_throughput,
+        planned_link_cpu_ms=[s.link_cpu_ms for s in pipeline_plan.stages],
+        link_costs=None if links is None else [vars(c) for c in links], profile_cpu_share=profile_shares(work),
+        throttling=throttled,
+        fleet=[{"device": d.device_id, "C": d.C, "cpu_cores": d.cpu_cores, "cpus": d.cpus, "memory_mb": d.memory_mb,
+                "link_mbps": d.link_mbps} for d in shape.devices]))

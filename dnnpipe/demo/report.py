@@ -38,6 +38,25 @@ def breakdown(log_dir: Path, stages: int) -> list[dict[str, Any]]:
     return rows
 
 
+def measured(work: Work, runs: dict[str, Any], pipeline_plan: Any, single_plan: Any,
+             **extra: Any) -> dict[str, Any]:
+    """measured.json's common keys from a demo's three runs (pipeline, single, capacity: testbed.local's results)
+    and their plans (pacing.emulation), whatever emulated the devices; `extra` adds the testbed's own."""
+    pipeline, single = runs["pipeline"], runs["single"]
+    return {
+        **extra,
+        "pipeline_throughput": pipeline.throughput, "predicted_pipeline_throughput": pipeline_plan.throughput,
+        "single_throughput": single.throughput, "predicted_single_throughput": single_plan.throughput,
+        "pipeline_capacity": runs["capacity"].throughput,
+        "latency_p50_ms": pipeline.stages[-1].latency_p50_ms, "latency_p95_ms": pipeline.stages[-1].latency_p95_ms,
+        "single_latency_p50_ms": single.stages[-1].latency_p50_ms,
+        "planned_stage_ms": [s.compute_ms for s in pipeline_plan.stages],
+        "planned_hop_ms": [s.hop_ms for s in pipeline_plan.stages],
+        "stage_time_p50_ms": [s.stage_time_p50_ms for s in pipeline.stages],
+        "stages": breakdown(work.logs / "pipeline", len(pipeline.stages)),
+        "single_stages": breakdown(work.logs / "single", 1)}
+
+
 def _outbox_ms(t: FrameTiming) -> float:
     return max(0.0, (t.send_start - t.infer_end) * 1000) if t.send_start else 0.0
 

@@ -15,12 +15,9 @@ from typing import Optional
 from ..config import load_devices
 from ..errors import DnnpipeError
 from ..jsonio import write_json
+from .cluster import cluster
 from .work import Work
 
-PAPER_C = [1.0, 0.33, 0.21, 0.21]
-PAPER_M = [8998.0, 1452.0, 562.0, 582.0]
-PAPER_MODEL_MB = 88.57  # EfficientNetV2B0's total R in the paper's profile: the memories are for that size
-LAN_MBPS = 1000.0  # each board on gigabit Ethernet: plans count the time to ship every cut
 STEPS = ("model", "profile", "plan", "partition", "deploy", "run", "report")
 COMPUTE = ("pace", "cpu-quota")  # each stage paced to its planned time on the host, or the virtual fleet
 
@@ -83,18 +80,6 @@ def step_model(work: Work, options: Options) -> None:
         say(f"wrote {work.dataset} ({options.samples} synthetic images {shape})")
 
 
-def cluster(options: Options, model_mb: float) -> dict:
-    """The paper's testbed speeds, memories scaled to this model as they were to EfficientNetV2B0, and
-    gigabit links (the testbed shapes each device's link to its B; the plan avoids cuts too big to ship)."""
-    if options.cluster is not None:
-        given = load_devices(options.cluster)
-        return {"N": given.N, "C": list(given.C), "M": list(given.M),
-                **({} if given.B is None else {"B": list(given.B)}),
-                **({} if given.B_link is None else {"B_link": [list(row) for row in given.B_link]})}
-    scale = model_mb / PAPER_MODEL_MB
-    return {"N": 4, "C": PAPER_C, "M": [round(m * scale, 3) for m in PAPER_M], "B": [LAN_MBPS] * 4}
-
-
 def step_profile(work: Work, options: Options) -> None:
     from ..partition.load import load_keras_model
     from ..profile.costs import describe
@@ -107,7 +92,7 @@ def step_profile(work: Work, options: Options) -> None:
         profile_on_fleet(work, options, model, say)
         return
     profile = profile_keras_model(model, options.repeats, num_threads=1, progress=progress_line)
-    write_json(work.config, keras_config(model, profile, cluster(options, sum(profile.R))))
+    write_json(work.config, keras_config(model, profile, cluster(options.cluster, sum(profile.R))))
     say(describe(profile))
     say(f"wrote {work.config}")
 
@@ -118,7 +103,7 @@ def step_plan(work: Work, options: Options) -> None:
 
     if options.cluster is not None and options.compute == "pace":  # a new cluster, the same profile: re-plan
         config = json.loads(work.config.read_text())
-        config["device_config"] = cluster(options, sum(config["model_config"]["R"]))
+        config["device_config"] = cluster(options.cluster, sum(config["model_config"]["R"]))
         write_json(work.config, config)
     result = plan(work.config)
     write_plan(result, work.plan)
@@ -176,7 +161,7 @@ def step_run(work: Work, options: Options) -> None:
     from ..testbed.cores import usable_cores
     from ..testbed.netns import open_testbed
     from ..testbed.pacing import emulation, emulation_scale, fastest_device
-    from .report import breakdown
+    from .report import measured
 
     if options.compute == "cpu-quota":
         from .fleet import run_on_fleet
@@ -206,20 +191,9 @@ def step_run(work: Work, options: Options) -> None:
             output = work.results if name == "pipeline" else None
             runs[name] = run_local(folder, work.dataset, output, work.logs / name, emulated.pace_ms(), run, bed)
             say(runs[name].describe())
-    pipeline, single = runs["pipeline"], runs["single"]
-    write_json(work.measured, {
-        "compute": "pace", "tls": options.tls, "profile": "host", "testbed": pipeline.network, "usable_cores": cores,
-        "emulation_scale": scale,
-        "pipeline_throughput": pipeline.throughput, "predicted_pipeline_throughput": pipeline_plan.throughput,
-        "single_throughput": single.throughput, "predicted_single_throughput": single_plan.throughput,
-        "pipeline_capacity": runs["capacity"].throughput,
-        "latency_p50_ms": pipeline.stages[-1].latency_p50_ms, "latency_p95_ms": pipeline.stages[-1].latency_p95_ms,
-        "single_latency_p50_ms": single.stages[-1].latency_p50_ms,
-        "planned_stage_ms": [s.compute_ms for s in pipeline_plan.stages],
-        "planned_hop_ms": [s.hop_ms for s in pipeline_plan.stages],
-        "stage_time_p50_ms": [s.stage_time_p50_ms for s in pipeline.stages],
-        "stages": breakdown(work.logs / "pipeline", len(pipeline.stages)),
-        "single_stages": breakdown(work.logs / "single", 1)})
+    write_json(work.measured, measured(work, runs, pipeline_plan, single_plan, compute="pace", tls=options.tls,
+                                       profile="host", testbed=runs["pipeline"].network, usable_cores=cores,
+                                       emulation_scale=scale))
 
 
 def step_report(work: Work, options: Options) -> None:

@@ -58,7 +58,7 @@ def profile_command(args: argparse.Namespace) -> int:
         profile = profile_keras_model(model, args.repeats, args.warmup, args.num_threads, progress_line, converted)
         config = keras_config(model, profile, devices(args, profile.whole_ms))
         if args.device_registry is not None:
-            config, outcomes = on_devices(config, converted[3], args.device_registry, DeviceProfileOptions(
+            config, outcomes = on_devices(config, converted.flatbuffer, args.device_registry, DeviceProfileOptions(
                 args.repeats, args.warmup, args.num_threads), progress_line)
             print(format_outcomes(outcomes))
     config_file = write_json(config_paths(args.config, args.model_name)[0], config)

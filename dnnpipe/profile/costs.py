@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from ..interpreter import call_seconds, prepared_invoke
+
 MIB = float(1 << 20)
 SUM_TOLERANCE = 0.15
-
 
 
 @dataclass(frozen=True)
@@ -55,16 +55,24 @@ class ModelProfile:
 
 def time_invoke(runner, feed: dict[str, np.ndarray], repeats: int, warmup: int) -> float:
     """Median ms of the interpreter's invoke alone, inputs set once beforehand."""
-    runner(**feed)  # allocates and sets the inputs
-    wrapper, index = runner._interpreter_wrapper, runner._subgraph_index  # the runner's own invoke, untimed I/O
-    for _ in range(warmup):
-        wrapper.Invoke(index)
-    samples = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        wrapper.Invoke(index)
-        samples.append(time.perf_counter() - began)
-    return statistics.median(samples) * 1000
+    return statistics.median(call_seconds(prepared_invoke(runner, feed, warmup), repeats)) * 1000
+
+
+def shared(together: float, alone: Sequence[float]) -> list[float]:
+    """A fused group's time shared among its units in proportion to their own times (evenly if all are 0)."""
+    total = sum(alone)
+    if total <= 0:
+        return [together / len(alone)] * len(alone)
+    return [together * ms / total for ms in alone]
+
+
+def unit_times(probe_ms: float, units_ms: Sequence[float], groups_ms: Mapping[tuple[int, int], float]) -> list[float]:
+    """Each unit's time without the probe's fixed cost, the units between two legal cuts (i..k] given their fused
+    group's time shared (profiler.py says why): the host's E and each device's row, computed alike (pure)."""
+    times = [max(0.0, ms - probe_ms) for ms in units_ms]
+    for (i, k), ms in sorted(groups_ms.items()):
+        times[i:k] = shared(max(0.0, ms - probe_ms), times[i:k])
+    return times
 
 
 def config_from(profile: ModelProfile, devices: dict) -> dict:

@@ -2,9 +2,10 @@
 
 One speed factor C per device cannot say that a GPU speeds convolutions more than the input pipeline; a row of
 unit times per device can (E_device, docs/config.md). The host converts the profiling model once (a signature
-per unit, as the host's profiler times it), each device gets it and the timer (dnnpipe.profile.timer, NumPy and a
-lite interpreter only) through the deployer's transports, all devices at once, and each device's row comes back
-as the timer's last line. A device that fails is named; the others are still measured.
+per unit and per fused group, as the host's profiler times them), each device gets it and the timer
+(dnnpipe.profile.timer, NumPy and a lite interpreter only) through the deployer's transports, all devices at
+once, and each device's row comes back as the timer's last line. A device that fails is named; the others are
+still measured.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class DeviceTimes:
     device_id: int
     probe_ms: float
     whole_ms: float
-    units_ms: tuple[float, ...]
+    units_ms: tuple[float, ...]  # without the probe's fixed cost, fused groups shared (costs.unit_times)
     send_ms_per_mb: Optional[float] = None  # the device's CPU on its links, device ms per MB (timer --link-folder)
     receive_ms_per_mb: Optional[float] = None
     link_tls: Optional[bool] = None
@@ -59,11 +60,11 @@ class DeviceTimes:
 
     @property
     def E(self) -> list[float]:
-        """Each unit's share of the whole model's time on this device: the units' times without the fixed cost
-        of an invoke, scaled to add up to the whole model's. A stage is one invoke over its units, so the
-        whole model (one invoke) is the truer total; timed one by one, U invokes' overheads would count U times
-        (and under a CPU quota that overhead is throttled too)."""
-        units = [max(0.0, ms - self.probe_ms) for ms in self.units_ms]
+        """Each unit's share of the whole model's time on this device: the units' times (without the fixed cost
+        of an invoke, as the host's E) scaled to add up to the whole model's. A stage is one invoke over its
+        units, so the whole model (one invoke) is the truer total; timed one by one, U invokes' overheads would
+        count U times (and under a CPU quota that overhead is throttled too)."""
+        units = [max(0.0, ms) for ms in self.units_ms]
         total = sum(units)
         if total <= 0:
             return [round(self.whole_ms / len(units), 6)] * len(units)
@@ -166,6 +167,22 @@ def run_over_ssh(transport: SshTransport, argv: Sequence[str], deadline: float, 
     return output.decode(errors="replace")
 
 
+def follow(transport: Transport, device: Device, deadline: float, seconds: float, progress: Progress) -> None:
+    """A started timer's progress lines until it ends (a result, an error or its exit) or the deadline."""
+    seen, wait = "", POLL_SECONDS
+    while True:
+        time.sleep(max(0.0, min(wait, deadline - time.monotonic())))
+        wait = min(POLL_MAX_SECONDS, 2 * wait)
+        line = transport.tail(LOG, 1).strip()
+        if line.startswith((RESULT, "error:")) or not transport.alive(PID):
+            return
+        if time.monotonic() > deadline:
+            raise DnnpipeError(f"did not finish within {seconds:g} s")
+        if line and line != seen:
+            progress(f"device {device.device_id}: {line}")
+            seen = line
+
+
 def profile_device(device: Device, files: Sequence[Upload], units: int, options: DeviceProfileOptions,
                    progress: Progress) -> Outcome:
     """Ship, start the timer, follow its progress, read its result; every step bounded by options.seconds."""
@@ -185,19 +202,11 @@ def profile_device(device: Device, files: Sequence[Upload], units: int, options:
             progress(f"device {device.device_id}: whole model {times.whole_ms:.3f} ms")
             return Outcome(device, times, seconds=time.monotonic() - began)
         transport.start(timer_argv(device, options), LOG, PID)
-        seen, wait = "", POLL_SECONDS
-        while True:
-            time.sleep(max(0.0, min(wait, deadline - time.monotonic())))
-            wait = min(POLL_MAX_SECONDS, 2 * wait)
-            line = transport.tail(LOG, 1).strip()
-            if line.startswith((RESULT, "error:")) or not transport.alive(PID):
-                break
-            if time.monotonic() > deadline:
+        try:
+            follow(transport, device, deadline, options.seconds, progress)
+        finally:  # a transport error or Ctrl-C too: never leave the timer running on the device
+            if transport.alive(PID):
                 transport.stop(PID)
-                raise DnnpipeError(f"did not finish within {options.seconds:g} s")
-            if line and line != seen:
-                progress(f"device {device.device_id}: {line}")
-                seen = line
         times = parse_result(device.device_id, transport.tail(LOG, 5), units)
     except (DnnpipeError, TransportError, OSError) as e:
         progress(f"device {device.device_id}: FAILED: {e}")

@@ -36,7 +36,8 @@ from ..slicing.cuts import signature_keys
 from ..slicing.plan import CutError, with_cuts
 from ..native import native_stderr_captured
 from ..tfenv import import_tensorflow
-from .costs import MIB, ModelProfile, UnitCost, config_from, time_invoke
+from .costs import MIB, ModelProfile, UnitCost, config_from, time_invoke, unit_times
+
 
 def _convert_all(model, graph, keras_tensors, keys, groups: Sequence[tuple[int, int]]) -> bytes:
     """One TFLite flatbuffer with a signature per unit, one per group of units between legal cuts (i..k], one
@@ -105,12 +106,10 @@ def profile_keras_model(model, repeats: int = 30, warmup: int = 5, num_threads: 
 
     probe = time_invoke(interpreter.get_signature_runner("probe"), {"x": np.zeros(1, "float32")}, repeats, warmup)
     whole = timed("whole", [wire_spec(t, keys) for t in graph.crossing(0)])
-    times = [max(0.0, timed(f"unit_{u}", [wire_spec(t, keys) for t in graph.unit_inputs(u)]) - probe)
-             for u in range(1, graph.U + 1)]
+    alone = [timed(f"unit_{u}", [wire_spec(t, keys) for t in graph.unit_inputs(u)]) for u in range(1, graph.U + 1)]
     say(f"timed {graph.U} units")
-    for i, k in groups:
-        together = max(0.0, timed(f"units_{i + 1}_{k}", [wire_spec(t, keys) for t in graph.crossing(i)]) - probe)
-        times[i:k] = shared(together, times[i:k])
+    times = unit_times(probe, alone, {(i, k): timed(f"units_{i + 1}_{k}", [wire_spec(t, keys) for t in
+                                                                           graph.crossing(i)]) for i, k in groups})
     layers = {layer.name: layer for layer in model.layers}
     units = []
     for u, (name, ms) in enumerate(zip(graph.units, times), 1):
@@ -129,14 +128,6 @@ def sliceable_cuts(graph, keras_tensors, say: Callable[[str], None]) -> list[int
     except CutError as e:
         say(f"cannot slice the whole model ({e}); every cut kept: the partitioner will convert each stage")
         return list(range(1, graph.U))
-
-
-def shared(together: float, alone: Sequence[float]) -> list[float]:
-    """A fused group's time shared among its units in proportion to their own times (evenly if all are 0)."""
-    total = sum(alone)
-    if total <= 0:
-        return [together / len(alone)] * len(alone)
-    return [together * ms / total for ms in alone]
 
 
 def progress_line(message: str) -> None:

@@ -2,7 +2,9 @@
 
 Shipped with its import closure (NumPy and a lite interpreter are all it needs; no TensorFlow) and run on the
 device as `python -m dnnpipe.profile.timer MODEL.tflite`. It prints a progress line now and then and, last, one
-`RESULT {json}` line: the probe's, the whole model's and each unit's time in ms.
+`RESULT {json}` line: the probe's, the whole model's and each unit's time in ms, each unit's as the host's
+profiler computes it (the probe's fixed cost removed, the units between two legal cuts given their fused group's
+time shared: costs.unit_times), and each fused group's own time.
 
 A device's time is sustained time: invokes back to back for at least `seconds`, wall time over count. A board
 limited by a CPU quota (the virtual fleet) runs one short invoke at full speed and is held back only over a
@@ -32,10 +34,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..frameio import FrameReader, FrameWriter
-from ..interpreter import load_interpreter
+from ..interpreter import load_interpreter, prepared_invoke
 from ..manifest import TensorSpec
 from ..pipeline_key import CERT_FILE, CERT_KEY_FILE, tls_context
 from ..protocol import Kind
+from .costs import unit_times
 
 RESULT = "RESULT "
 
@@ -53,13 +56,10 @@ def sustained_ms(runner, feed: dict[str, np.ndarray], repeats: int, warmup: int,
                  cpu: Optional[list[float]] = None) -> float:
     """Mean ms per invoke over at least `repeats` invokes and `seconds` of wall time, inputs set once (and, into
     `cpu`, the mean CPU ms of this thread per invoke: wall over CPU is how much the device's quota slows it)."""
-    runner(**feed)  # allocates and sets the inputs
-    wrapper, index = runner._interpreter_wrapper, runner._subgraph_index  # the runner's own invoke, as costs does
-    for _ in range(warmup):
-        wrapper.Invoke(index)
+    invoke = prepared_invoke(runner, feed, warmup)
     count, began, began_cpu = 0, time.perf_counter(), time.thread_time()
     while count < repeats or time.perf_counter() - began < seconds:
-        wrapper.Invoke(index)
+        invoke()
         count += 1
     if cpu is not None:
         cpu.append((time.thread_time() - began_cpu) / count * 1000)
@@ -71,6 +71,7 @@ def time_units(model: str, repeats: int, warmup: int, num_threads: Optional[int]
     interpreter = load_interpreter(Path(model), num_threads, every_signature_delegated=True)
     names = interpreter.get_signature_list()
     units = sorted((n for n in names if n.startswith("unit_")), key=lambda n: int(n.split("_")[1]))
+    groups = [tuple(int(x) for x in n.split("_")[1:]) for n in names if n.startswith("units_")]
     rng = np.random.default_rng(0)
 
     def timed(name: str, cpu: Optional[list[float]] = None) -> float:
@@ -78,13 +79,16 @@ def time_units(model: str, repeats: int, warmup: int, num_threads: Optional[int]
         return sustained_ms(runner, inputs_for(runner.get_input_details(), rng), repeats, warmup, seconds, cpu)
 
     whole_cpu: list[float] = []
-    result: dict[str, Any] = {"probe_ms": timed("probe"), "whole_ms": timed("whole", whole_cpu), "units_ms": []}
-    result["whole_cpu_ms"] = whole_cpu[0]
+    probe, whole = timed("probe"), timed("whole", whole_cpu)
+    alone = []
     for k, name in enumerate(units, 1):
-        result["units_ms"].append(timed(name))
+        alone.append(timed(name))
         if k % 10 == 0 or k == len(units):
             print(f"timed {k}/{len(units)} units", flush=True)
-    return result
+    together = {(first - 1, last): timed(f"units_{first}_{last}") for first, last in groups}
+    return {"probe_ms": probe, "whole_ms": whole, "whole_cpu_ms": whole_cpu[0],
+            "units_ms": unit_times(probe, alone, together),
+            "groups_ms": {f"{first}_{last}": together[first - 1, last] for first, last in groups}}
 
 
 LINK_FRAME = 512 * 1024  # bytes per frame: a cut of the size the fleet's models send

@@ -16,9 +16,11 @@ import os
 import shutil
 import sys
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from ..config import load_devices
 from ..errors import ConfigError, DnnpipeError
 from ..jsonio import write_atomic
 from . import cgroups, sshd
@@ -34,6 +36,7 @@ REGISTRY = "device_registry.json"
 HOST_SHARE = 0.5  # by default the fleet's quotas add up to at most half the usable cores
 RUNTIME_MB = 256.0  # a device's python, lite interpreter and sshd, on top of M (the model's share)
 RUNTIME_PORT = 50000
+MAX_DEVICES = 200  # one /24: .11 to .210
 NET = "198.19"  # set aside for network testing (RFC 2544); the fleet takes one /24 of it
 Echo = Callable[[str], None]
 
@@ -95,31 +98,14 @@ def host_interface(fid: str) -> str:
 
 
 def read_cluster(path: Path) -> dict[str, list[float]]:
-    """C, M and optionally B of a cluster file ({"C": [...], "M": [...], "B": [...]} or a config's device_config)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the cluster ({e.strerror or e})") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    data = data.get("device_config", data) if isinstance(data, dict) else None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected {{\"C\": [...], \"M\": [...]}} (or a config's device_config)")
-    cluster: dict[str, list[float]] = {}
-    for key, least in (("C", 0.0), ("M", 0.0), ("B", 0.0)):
-        values = data.get(key)
-        if values is None and key == "B":
-            continue
-        if not isinstance(values, list) or not values or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and v > least and v < float("inf")
-                for v in values):
-            raise ConfigError(f"{path}: '{key}' must be a list of numbers > 0, got {values!r}")
-        cluster[key] = [float(v) for v in values]
-    if any(len(v) != len(cluster["C"]) for v in cluster.values()):
-        raise ConfigError(f"{path}: C, M and B must have one value per device ({len(cluster['C'])} in C)")
-    if len(cluster["C"]) > 200:
-        raise ConfigError(f"{path}: at most 200 devices, got {len(cluster['C'])}")
-    return cluster
+    """C, M and optionally B of a cluster file, read and checked as every command reads one (config.load_devices);
+    the fleet's own limits on top: at most MAX_DEVICES, and one link per device (no B_link)."""
+    given = load_devices(path)
+    if given.N > MAX_DEVICES:
+        raise ConfigError(f"{path}: at most {MAX_DEVICES} devices, got {given.N}")
+    if given.B_link is not None:
+        raise ConfigError(f"{path}: 'B_link' cannot be emulated: a fleet device has one shaped link (its B)")
+    return {"C": list(given.C), "M": list(given.M), **({} if given.B is None else {"B": list(given.B)})}
 
 
 def default_scale(C: Sequence[float], cores: float) -> float:
@@ -140,6 +126,21 @@ def core_sets(quotas: Sequence[float], cores: Sequence[int]) -> list[Optional[st
         load[core] += quota
         sets.append(str(core))
     return sets
+
+
+def core_set_after(fleet: Fleet, device_id: int, quota: float, cores: Sequence[int]) -> Optional[str]:
+    """A device's core set for its new quota (pure): every core above one core (its old single core would cap
+    it silently), else its single core, or the least loaded one when it had none while the fleet pins."""
+    d = fleet.device(device_id)
+    if quota > 1.0 or len(cores) < 2:
+        return None
+    if d.cpus is not None:
+        return d.cpus
+    others = [x for x in fleet.devices if x.device_id != device_id]
+    if not any(x.cpus is not None for x in others) and any(x.cpu_cores <= 1.0 for x in others):
+        return None  # built without pinning (--no-pin)
+    load = {c: sum(x.cpu_cores for x in others if x.cpus == str(c)) for c in cores}
+    return str(min(load, key=lambda c: (load[c], c)))
 
 
 def describe(cluster: dict[str, list[float]], state: Path, subnet: str, scale: float, user: str, python: str,
@@ -218,8 +219,11 @@ def up(cluster_file: Path, registry_file: Path, state: Path = DEFAULT_STATE, sca
             power_on(fleet, d)
         write_atomic(state / STATE_FILE, json.dumps(asdict(fleet), indent=2) + "\n")
         write_atomic(registry_file, json.dumps(registry(fleet), indent=2) + "\n")
-    except BaseException:
-        remove(fid, state)
+    except BaseException as failure:
+        try:
+            remove(fid, state)
+        except DnnpipeError as e:  # the original failure is the one to report; the leftovers go with it
+            failure.add_note(f"and cleaning up failed too: {e}")
         raise
     return fleet
 
@@ -274,30 +278,74 @@ def power_on(fleet: Fleet, d: FleetDevice) -> None:
 
 def remove(fid: str, state: Optional[Path] = None) -> bool:
     """Everything of fleet `fid`: processes in its groups and namespaces, the namespaces (their veths and the
-    bridge go with them), the host's veth, the groups. True when anything was there."""
-    found = False
-    if cgroups.hierarchy() is not None and cgroups.pids(fid):
+    bridge go with them), the host's veth, the groups. True when anything was there. Every step runs even when
+    one before it failed; the failures are raised together at the end."""
+    found, errors = False, []
+
+    def attempt(step: Callable[[], bool]) -> None:
+        nonlocal found
+        try:
+            found = step() or found
+        except (DnnpipeError, OSError) as e:
+            errors.append(str(e))
+
+    def kill() -> bool:
+        if cgroups.hierarchy() is None or not cgroups.pids(fid):
+            return False
         cgroups.kill(fid)
-        found = True
-    for name in namespaces():
-        if name.startswith(f"dnf{fid}-"):
-            remove_namespace(name)  # kills what runs inside first
-            found = True
-    if host_interface(fid) in run_ip("ip", "-o", "link", "show"):
+        return True
+
+    def namespace(name: str) -> bool:
+        remove_namespace(name)  # kills what runs inside first
+        return True
+
+    def veth() -> bool:
+        if host_interface(fid) not in run_ip("ip", "-o", "link", "show"):
+            return False
         try:
             run_ip("ip", "link", "del", host_interface(fid))
         except DnnpipeError as e:  # gone with its peer in the hub namespace, a moment after the check
             if "Cannot find device" not in str(e):
                 raise
-        found = True
-    if cgroups.hierarchy() is not None and any(f.exists() for f in cgroups.folders(fid)):
+        return True
+
+    def groups() -> bool:
+        if cgroups.hierarchy() is None or not any(f.exists() for f in cgroups.folders(fid)):
+            return False
         cgroups.remove(fid)
-        found = True
-    if state is not None:
-        for d in state.glob("d*/sshd.pid"):
-            sshd.stop(d)
+        return True
+
+    def files() -> bool:
+        assert state is not None
+        for pid_file in state.glob("d*/sshd.pid"):
+            sshd.stop(pid_file, _members(fid, pid_file.parent.name))
         (state / STATE_FILE).unlink(missing_ok=True)
+        return False
+
+    attempt(kill)
+    for name in namespaces():
+        if name.startswith(f"dnf{fid}-"):
+            attempt(partial(namespace, name))
+    attempt(veth)
+    attempt(groups)
+    if state is not None:
+        attempt(files)
+    if errors:
+        raise DnnpipeError(f"testbed: fleet {fid} not fully removed: {'; '.join(errors)}")
     return found
+
+
+def _members(fid: str, folder: str) -> set[int]:
+    """The processes in the groups of the device whose state folder is `folder` (dN); none if not one."""
+    if not folder[1:].isdigit() or cgroups.hierarchy() is None:
+        return set()
+    return cgroups.pids(fid, int(folder[1:]))
+
+
+def sshd_pid(fleet: Fleet, device_id: int) -> Optional[int]:
+    """The device's running sshd: its pid file's pid, when that is in the device's groups."""
+    return sshd.running_pid(Path(fleet.state) / f"d{device_id}" / "sshd.pid",
+                            cgroups.pids(fleet.fleet_id, device_id))
 
 
 def down(state: Path = DEFAULT_STATE, every: bool = False) -> list[str]:
@@ -328,7 +376,7 @@ def device_status(fleet: Fleet, d: FleetDevice) -> dict[str, Any]:
     limits = cgroups.limits_now(fleet.fleet_id, d.device_id)
     if d.namespace not in namespaces() or limits is None:
         state = "gone"
-    elif sshd.running_pid(Path(fleet.state) / f"d{d.device_id}" / "sshd.pid") is None:
+    elif sshd_pid(fleet, d.device_id) is None:
         state = "off"
     else:
         link = run_ip("ip", "-n", d.namespace, "-o", "link", "show", "dev", d.interface)
@@ -359,20 +407,22 @@ def fault(state: Path, device_id: int, action: str, speed: Optional[float] = Non
     if action == "heal":
         run_ip("ip", "-n", d.namespace, "link", "set", "dev", d.interface, "up")
         powered = ""
-        if sshd.running_pid(Path(fleet.state) / f"d{device_id}" / "sshd.pid") is None:
+        if sshd_pid(fleet, device_id) is None:
             power_on(fleet, d)
             powered = ", powered on (sshd started)"
         return f"device {device_id}: link up{powered}"
     if action == "poweroff":
         cgroups.kill(fleet.fleet_id, device_id)
-        sshd.stop(Path(fleet.state) / f"d{device_id}" / "sshd.pid")
+        sshd.stop(Path(fleet.state) / f"d{device_id}" / "sshd.pid", set())  # its processes are gone: the file
         return f"device {device_id}: powered off (every process on it killed)"
     if action == "slow":
         if speed is None or not speed > 0:
             raise DnnpipeError("testbed fault DEVICE slow C: C must be a speed > 0")
-        cores = speed * fleet.scale
+        cores, available = speed * fleet.scale, sorted(os.sched_getaffinity(0))
+        cpus = core_set_after(fleet, device_id, cores, available)
+        cgroups.set_cpus(fleet.fleet_id, device_id, cpus or ",".join(map(str, available)))
         cgroups.set_cpu(fleet.fleet_id, device_id, cores)
-        devices = tuple(replace(x, C=speed, cpu_cores=cores) if x.device_id == device_id else x
+        devices = tuple(replace(x, C=speed, cpu_cores=cores, cpus=cpus) if x.device_id == device_id else x
                         for x in fleet.devices)
         write_atomic(Path(fleet.state) / STATE_FILE, json.dumps(asdict(replace(fleet, devices=devices)),
                                                                 indent=2) + "\n")
@@ -398,7 +448,7 @@ def stop_programs(fleet: Fleet) -> int:
     how many processes."""
     killed = 0
     for d in fleet.devices:
-        keep = sshd.running_pid(Path(fleet.state) / f"d{d.device_id}" / "sshd.pid")
+        keep = sshd_pid(fleet, d.device_id)
         for pid in cgroups.pids(fleet.fleet_id, d.device_id) - {keep}:
             try:
                 os.kill(pid, 9)

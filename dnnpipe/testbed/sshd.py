@@ -87,17 +87,19 @@ def wait_until_listening(address: str, log: Path, seconds: float = START_SECONDS
             time.sleep(0.1)
 
 
-def running_pid(pid_file: Path) -> Optional[int]:
+def running_pid(pid_file: Path, members: set[int]) -> Optional[int]:
+    """The device's sshd from its pid file, only when that pid is one of `members` (the processes in the device's
+    groups): after a crash or a reboot the file may name a pid the kernel gave to an unrelated process."""
     try:
         pid = int(pid_file.read_text().split()[0])
-        os.kill(pid, 0)
     except (OSError, ValueError, IndexError):
         return None
-    return pid
+    return pid if pid in members else None
 
 
-def stop(pid_file: Path) -> None:
-    pid = running_pid(pid_file)
+def stop(pid_file: Path, members: set[int]) -> None:
+    """Kill the device's sshd (when the pid file names one of `members`) and delete the pid file."""
+    pid = running_pid(pid_file, members)
     if pid is not None:
         try:
             os.kill(pid, signal.SIGKILL)
