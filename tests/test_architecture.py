@@ -8,7 +8,7 @@ from dnnpipe.deploy.closure import _imports
 from helpers import ROOT
 
 DOC = ROOT / "docs" / "architecture.md"
-KNOWN_BACK_UP = {("serve", "service")}  # docs/architecture.md, "Not yet right": serve/command -> service/command
+KNOWN_BACK_UP: set[tuple[str, str]] = set()  # docs/architecture.md, "Not yet right": none today
 
 
 def modules() -> dict[str, Path]:

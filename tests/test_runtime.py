@@ -434,4 +434,4 @@ def test_one_builder_spells_every_runtime_command_line():
     stage = StageOptions(stage=2, folder=Path("m"), timeout=5.0)  # one source: a stage's options extend RunOptions
     assert isinstance(stage, RunOptions) and stage.flags() == RunOptions(timeout=5.0).flags()
     argv = agent_argv("python3", 3, "models", "m", "0.0.0.0", 50003, "10.0.0.1", 4000, 30.0, False, True)
-    assert argv[:3] == ["python3", "-m", "dnnpipe.runtime.agent"] and argv[-1] == "--tls" and "--insecure" not in argv
+    assert argv[:3] == ["python3", "-m", "dnnpipe.runtime"] and argv[-1] == "--tls" and "--insecure" not in argv

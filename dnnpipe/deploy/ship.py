@@ -35,7 +35,8 @@ class DeviceReport:
 def runtime_code() -> list[tuple[Path, str]]:
     """runtime_engine.py and the part of the dnnpipe package a stage imports, so a fresh board can run its
     stage with NumPy, h5py and a lite interpreter only."""
-    files = [(RUNTIME_ROOT / "runtime_engine.py", "runtime_engine.py")]
+    files = [(RUNTIME_ROOT / "runtime_engine.py", "runtime_engine.py"),
+             (RUNTIME_ROOT / "dnnpipe/runtime/__main__.py", "dnnpipe/runtime/__main__.py")]  # the agent's entry
     files += [(RUNTIME_ROOT / rel, rel.as_posix()) for rel in device_files(RUNTIME_ROOT)]
     return [(local, rel) for local, rel in files if local.is_file()]
 

@@ -561,11 +561,3 @@ class Agent:
                 old.close()
             self._links[(generation, sender)] = sock
             self._links_changed.notify_all()
-
-
-if __name__ == "__main__":  # python -m dnnpipe.runtime.agent: the device side alone, as runtime_engine.py is
-    import sys
-
-    from .command import agent_main
-
-    sys.exit(agent_main())

@@ -31,7 +31,7 @@ def agent_argv(interpreter: str, device: int, models_dir: str, model_name: str, 
                control_host: str, control_port: int, connect_timeout: float, insecure: bool,
                tls: bool) -> list[str]:
     """A device agent, run in its device folder (where the deployer put the runtime and the model)."""
-    return runtime_argv([interpreter, "-m", "dnnpipe.runtime.agent"], [
+    return runtime_argv([interpreter, "-m", "dnnpipe.runtime"], [
         ("--device", device), ("--model-path", models_dir), ("--model-name", model_name), ("--bind-addr", bind_addr),
         ("--bind-port", bind_port), ("--control-host", control_host), ("--control-port", control_port),
         ("--connect-timeout", connect_timeout), ("--insecure", insecure), ("--tls", tls)])

@@ -145,6 +145,6 @@ def agent_command(args: argparse.Namespace) -> int:
 
 
 def agent_main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dnnpipe.runtime.agent",
+    parser = argparse.ArgumentParser(prog="python -m dnnpipe.runtime",
                                      description="A device agent: runs the stage roles a controller (serve) gives it.")
     return script_main(add_agent_arguments(parser), agent_command, argv)

@@ -40,7 +40,7 @@ from ..runtime.handshake import manifest_identity
 from .decide import Action, GiveUp, Joined, Lost, Measured, Prepare, Proposal, Stages, State, Switch, Switched, \
     decide
 from .detect import SpeedModel, speed_outliers, stage_time
-from .feed import Feed, NoEvents, ServeEvents
+from ..feeds import Feed, NoEvents, ServeEvents
 from .filefeed import FileFeed
 from .fleet import Fleet, controller_address
 from .options import ServeOptions

@@ -28,7 +28,7 @@ from ..runtime.control import CONTROLLER
 from ..runtime.dataio import to_real, to_wire
 from ..runtime.handshake import ProbeClosed
 from .delivery import Ledger
-from .feed import Feed
+from ..feeds import Feed
 
 POLL_SECONDS = 0.02
 DELIVER_SECONDS = 10.0  # closing waits this long for results counted but not yet in the feed

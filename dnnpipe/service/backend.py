@@ -14,7 +14,7 @@ from ..errors import DnnpipeError
 from ..interpreter import StageRunner
 from ..manifest import Manifest, StageSpec, read_manifest
 from ..runtime.dataio import to_real, to_wire
-from ..serve.feed import Feed, ServeEvents
+from ..feeds import Feed, ServeEvents
 
 POLL = 0.25  # s between looks at whether the feed has ended
 

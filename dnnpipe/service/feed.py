@@ -52,7 +52,7 @@ class Ticket:
 
 
 class LiveFeed:
-    """A Feed (dnnpipe.serve.feed) over live requests, holding at most `capacity` inputs not yet delivered."""
+    """A Feed (dnnpipe.feeds) over live requests, holding at most `capacity` inputs not yet delivered."""
 
     def __init__(self, capacity: int, clock: Callable[[], float] = time.monotonic):
         self.capacity, self.clock = capacity, clock

@@ -15,7 +15,7 @@ RECOVERY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
 
 
 class ServiceMetrics:
-    """Counters and gauges of one service; also its ServeEvents (dnnpipe.serve.feed): every call cheap, never
+    """Counters and gauges of one service; also its ServeEvents (dnnpipe.feeds): every call cheap, never
     raising. `up` is the pipeline's readiness as last reported."""
 
     def __init__(self, depth: Callable[[], float], inflight: Callable[[], float]):

@@ -11,7 +11,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 from ..errors import DnnpipeError
 from ..manifest import TensorSpec
-from ..serve.feed import Feed, ServeEvents
+from ..feeds import Feed, ServeEvents
 from . import codec
 from .feed import LiveFeed, Refused
 from .metrics import ServiceMetrics
