@@ -17,7 +17,7 @@ import pytest
 from dnnpipe.deploy.registry import Device, load_registry
 from dnnpipe.deploy.transport import SshOptions
 from dnnpipe.errors import DnnpipeError
-from dnnpipe.runtime.local import free_ports
+from dnnpipe.testbed.local import free_ports
 from dnnpipe.serve.fleet import START_FAILED, Fleet, controller_address
 from dnnpipe.testbed import cgroups, fleet
 from helpers import run_script
