@@ -38,6 +38,7 @@ from ..runtime.agent import check_units
 from ..runtime.argv import agent_argv
 from ..runtime.control import CONTROLLER, LineReader, encode, integer, text, times
 from ..runtime.handshake import HandshakeError, LinkAuth, ProbeClosed, listen_side_for, tls_wrap
+from .accept import accept_each
 
 STOP_SECONDS = 3.0  # how long an agent gets to stop before SIGKILL
 CLEANUP_SECONDS = 10.0  # the background ssh clean-up of an unreachable device gives up after this
@@ -82,7 +83,7 @@ class Fleet:
         self.listener.bind((host, 0))
         self.listener.listen(64)
         self.host, self.port = host, self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True, name="serve control accept").start()
+        accept_each(self.listener, self.closed, self._link, "serve control accept")
 
     # --- processes ---------------------------------------------------------------------------
 
@@ -143,17 +144,6 @@ class Fleet:
         return None if link is None or link.process is None else link.process.poll()
 
     # --- control links -----------------------------------------------------------------------
-
-    def _accept(self) -> None:
-        self.listener.settimeout(0.2)
-        while not self.closed.is_set():
-            try:
-                sock, address = self.listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._link, args=(sock, f"{address[0]}:{address[1]}"), daemon=True).start()
 
     def _auth_for(self, sender: int, receiver: int) -> LinkAuth:
         assert self.key is not None

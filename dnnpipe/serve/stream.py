@@ -29,6 +29,7 @@ from ..runtime.dataio import to_real, to_wire
 from ..runtime.handshake import ProbeClosed
 from .delivery import Ledger
 from ..feeds import Feed
+from .accept import accept_each
 
 POLL_SECONDS = 0.02
 DELIVER_SECONDS = 10.0  # closing waits this long for results counted but not yet in the feed
@@ -76,7 +77,7 @@ class Stream:
         self.listener.bind((host, 0))
         self.listener.listen(16)
         self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True, name="serve results accept").start()
+        accept_each(self.listener, self.closed, self._vet, "serve results accept")
 
     # --- routes ------------------------------------------------------------------------------
 
@@ -214,18 +215,7 @@ class Stream:
 
     # --- result links ------------------------------------------------------------------------
 
-    def _accept(self) -> None:
-        self.listener.settimeout(0.2)
-        while not self.closed.is_set():
-            try:
-                sock, address = self.listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._vet, args=(sock,), daemon=True).start()
-
-    def _vet(self, sock: socket.socket) -> None:
+    def _vet(self, sock: socket.socket, peer: str) -> None:
         try:
             sock, sender, generation = vet_link(sock, CONTROLLER, self.key, self.model, lambda: self.session,
                                                 None if self.tls is None else self.tls[0])
