@@ -40,7 +40,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--num-inputs", type=positive_int, help="inputs to serve (cycles DATA; default: its rows)")
     parser.add_argument("--fps", type=positive_float, help="pace inputs at this rate (default: as fast as taken)")
     parser.add_argument("--resume", action="store_true", help="continue from the results already in OUT")
-    parser.add_argument("--window", type=positive_int, default=8, help="inputs in flight at most (default 8)")
+    parser.add_argument("--window", type=positive_int,
+                        help="inputs in flight at most (default 8; with --http 32: requests arrive from many clients, "
+                             "and 16 left the pipeline short of its predicted throughput in benchmarks/serving.py)")
     parser.add_argument("--progress-timeout", type=positive_float, default=0.5,
                         help="an agent without a heartbeat (sent every 0.1 s) this long is frozen or cut off, s "
                              "(default 0.5)")
@@ -82,7 +84,8 @@ def serve_command(args: argparse.Namespace) -> int:
     options = ServeOptions(
         registry=args.device_registry, model_path=args.model_path, model_name=args.model_name, config=args.config,
         data_path=args.data_path, output_path=args.output_path, num_inputs=args.num_inputs, fps=args.fps,
-        resume=args.resume, window=args.window, progress_timeout=args.progress_timeout,
+        resume=args.resume, window=args.window or (8 if args.http is None else 32),
+        progress_timeout=args.progress_timeout,
         connect_timeout=args.connect_timeout, threshold=args.threshold, emulate_speed=args.emulate_speed,
         emulation_scale=args.emulation_scale, controller_host=args.controller_host,
         emulate_changes=tuple(args.emulate_change), insecure=args.insecure,
