@@ -121,9 +121,13 @@ class TamperingProxy:
         while True:
             try:
                 near, _ = self.listener.accept()
-                far = socket.create_connection(("127.0.0.1", self.target), timeout=30)
             except OSError:
                 return
+            try:
+                far = socket.create_connection(("127.0.0.1", self.target), timeout=30)
+            except OSError:  # the far stage is not listening yet: drop this one, the near stage dials again
+                near.close()
+                continue
             threading.Thread(target=self._pump, args=(near, far, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(far, near, False), daemon=True).start()
 
