@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -120,16 +122,21 @@ class ResultWriter:
             return
         import h5py
 
-        try:
+        making = path.with_name(f".{path.name}.making")
+        try:  # made whole under another name, then renamed: a stop at any moment never leaves a half-made file
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = h5py.File(path, "w")
-            self.file.attrs["complete"] = False
+            with h5py.File(making, "w") as made:
+                made.attrs["complete"] = False
+                for spec in self.specs:
+                    made.create_dataset(spec.name, shape=(0, *spec.shape[1:]),
+                                        dtype="float32" if spec.quantization else spec.dtype,
+                                        maxshape=(None, *spec.shape[1:]), chunks=(1, *spec.shape[1:]))
+            os.replace(making, path)
+            self.file = h5py.File(path, "r+")
         except OSError as e:
+            making.unlink(missing_ok=True)
             raise DnnpipeError(f"{path}: cannot write results ({e})") from None
-        self.datasets = [self.file.create_dataset(spec.name, shape=(0, *spec.shape[1:]),
-                                                  dtype="float32" if spec.quantization else spec.dtype,
-                                                  maxshape=(None, *spec.shape[1:]), chunks=(1, *spec.shape[1:]))
-                         for spec in self.specs]
+        self.datasets = [self.file[spec.name] for spec in self.specs]
 
     def write(self, sequence: int, tensors: Sequence[np.ndarray]) -> None:
         if self.file is None:
