@@ -1,5 +1,5 @@
-"""serve's listeners (agents' control links, the last stage's results): every connection vetted on its own thread,
-so a silent or trickling peer never holds up the next one."""
+"""serve's links to its agents (control links, the last stage's results): every connection vetted on its own thread,
+so a silent or trickling peer never holds up the next one; one way to hang a link up."""
 
 from __future__ import annotations
 
@@ -27,3 +27,12 @@ def accept_each(listener: socket.socket, closed: threading.Event, vet: Callable[
     thread = threading.Thread(target=accept, daemon=True, name=name)
     thread.start()
     return thread
+
+
+def hang_up(sock: socket.socket) -> None:
+    """Both directions shut (a reader blocked on it wakes), then closed."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()

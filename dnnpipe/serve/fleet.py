@@ -38,7 +38,7 @@ from ..runtime.agent import check_units
 from ..runtime.argv import agent_argv
 from ..runtime.control import CONTROLLER, LineReader, encode, integer, text, times
 from ..runtime.handshake import HandshakeError, LinkAuth, ProbeClosed, listen_side_for, tls_wrap
-from .accept import accept_each
+from .accept import accept_each, hang_up
 
 STOP_SECONDS = 3.0  # how long an agent gets to stop before SIGKILL
 CLEANUP_SECONDS = 10.0  # the background ssh clean-up of an unreachable device gives up after this
@@ -261,7 +261,7 @@ class Fleet:
     def _retire(self, link: AgentLink) -> None:
         link.gone = True
         if link.sock is not None:
-            _hang_up(link.sock)
+            hang_up(link.sock)
         if link.process is not None and link.process.poll() is None:
             _signal_group(link.process.pid, signal.SIGCONT)  # a frozen one must wake to see SIGTERM
             _signal_group(link.process.pid, signal.SIGTERM)
@@ -330,14 +330,6 @@ def _stop_remote(remote: SshTransport) -> None:
 
     threading.Thread(target=stop, daemon=True).start()
     done.wait(CLEANUP_SECONDS)
-
-
-def _hang_up(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    sock.close()
 
 
 def _signal_group(pid: int, signum: int) -> None:

@@ -29,7 +29,7 @@ from ..runtime.dataio import to_real, to_wire
 from ..runtime.handshake import ProbeClosed
 from .delivery import Ledger
 from ..feeds import Feed
-from .accept import accept_each
+from .accept import accept_each, hang_up
 
 POLL_SECONDS = 0.02
 DELIVER_SECONDS = 10.0  # closing waits this long for results counted but not yet in the feed
@@ -105,7 +105,7 @@ class Stream:
         while route is not None:
             route.stop.set()
             for sock in route.sockets:
-                _hang_up(sock)
+                hang_up(sock)
             route = route.previous
 
     def _guarded(self, body: Callable[[Route], None], route: Route) -> None:
@@ -132,7 +132,7 @@ class Stream:
                          self.connect_timeout, route.stop, None if self.tls is None else self.tls[1])
         route.sockets.append(sock)
         if route.stop.is_set():
-            _hang_up(sock)
+            hang_up(sock)
             return
         if route.previous is not None and not self._wait(route.previous.source_done, route):
             return
@@ -268,11 +268,3 @@ class Stream:
             for sock in self._links.values():
                 sock.close()
             self._links.clear()
-
-
-def _hang_up(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    sock.close()
