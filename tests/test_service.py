@@ -535,3 +535,140 @@ def test_an_answer_is_counted_before_the_client_has_it(tiny):
         assert raw(service, "POST", "/v2/models/tiny/infer", body)[0] == 200
         metrics = raw(service, "GET", "/metrics")[2].decode()
     assert 'dnnpipe_requests_total{code="200",model="tiny"} 1.0' in metrics
+
+
+def binary_body(name, rows):
+    """An infer request with the binary tensor extension: (body, headers)."""
+    data = np.ascontiguousarray(rows, "<f4").tobytes()
+    header = json.dumps({"inputs": [{"name": name, "datatype": "FP32", "shape": list(rows.shape),
+                                     "parameters": {"binary_data_size": len(data)}}]}).encode()
+    return header + data, {"Inference-Header-Content-Length": str(len(header)),
+                           "Content-Type": "application/octet-stream"}
+
+
+def test_one_connection_reads_every_body_into_one_buffer_and_answers_each_right(tiny):
+    """The body is read into the connection's buffer (no allocation per request): bodies of other sizes one
+    after the other on one kept-alive connection, each answered with its own rows' results."""
+    from dnnpipe.service.server import Handler
+
+    reused = []
+
+    class Watched(Handler):
+        def read_body(self):
+            before = self.buffer
+            body = super().read_body()
+            reused.append(before is not None and self.lent is before)
+            return body
+
+    folder, images, output, expected = tiny
+    with serving(folder, model_name="tiny") as service:
+        service.server.RequestHandlerClass = Watched
+        c = client(service)
+        for rows in ([0, 1], [2], [3, 4, 5], [1], [5, 0]):
+            tensor = triton.InferInput(input_name(folder), [len(rows), *images.shape[1:]], "FP32")
+            tensor.set_data_from_numpy(images[rows], binary_data=True)
+            result = c.infer("tiny", [tensor], outputs=[triton.InferRequestedOutput(output, binary_data=True)])
+            np.testing.assert_allclose(result.as_numpy(output), expected[rows], rtol=1e-4, atol=1e-4)
+        c.close()
+    assert reused == [False, True, False, True, True]  # a larger body needs a larger buffer once
+
+
+def test_an_expired_requests_queued_inputs_are_not_overwritten_by_the_next_body(tiny):
+    """A 504 leaves the request's inputs queued (views of the body): the connection's next body must go to a
+    new buffer, or the pipeline would compute the expired input from the next request's bytes."""
+    folder, images, output, expected = tiny
+    backend = SingleDevice(folder)
+    gate, seen = threading.Event(), {}
+
+    class Recording:
+        def __init__(self, feed):
+            self.feed = feed
+
+        def wait_input(self, index, timeout):
+            row = self.feed.wait_input(index, timeout)
+            if row is not None:
+                seen.setdefault(index, np.array(row[0]))
+            return row
+
+        def __getattr__(self, name):
+            return getattr(self.feed, name)
+
+    def run(feed, events):
+        gate.wait(30)
+        backend(Recording(feed), events)
+
+    service = Service(ServiceOptions(model_name="tiny", port=0, request_timeout=1.0), backend.manifest.inputs,
+                      backend.manifest.outputs)
+    service.start(run)
+    connection = http.client.HTTPConnection("127.0.0.1", service.port, timeout=30)
+    try:
+        body, headers = binary_body(input_name(folder), images[2:3])
+        connection.request("POST", "/v2/models/tiny/infer", body=body, headers=headers)
+        response = connection.getresponse()
+        assert response.status == 504, response.read()
+        response.read()
+        body, headers = binary_body(input_name(folder), images[4:5])
+        connection.request("POST", "/v2/models/tiny/infer", body=body, headers=headers)
+        deadline = time.monotonic() + 10
+        while service.feed.depth < 2:  # the second body is read and queued behind the expired input
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        gate.set()
+        response = connection.getresponse()
+        answer = response.read()
+        assert response.status == 200, answer
+        header_length = int(response.getheader("Inference-Header-Content-Length") or len(answer))
+        got = np.frombuffer(answer[header_length:], "<f4") if header_length < len(answer) else \
+            np.array(json.loads(answer)["outputs"][0]["data"], np.float32)
+        np.testing.assert_allclose(got, expected[4].ravel(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(seen[0], images[2])  # the expired input as its client sent it
+        np.testing.assert_array_equal(seen[1], images[4])
+    finally:
+        connection.close()
+        assert service.drain()
+
+
+def exchange(service, data: bytes) -> bytes:
+    """Raw bytes to the service, everything it answers until it closes."""
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:
+        sock.sendall(data)
+        return sock.makefile("rb").read()
+
+
+@pytest.mark.parametrize("request_bytes, status, fragment", [
+    (b"POST /v2/models/tiny/infer HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 20\r\n\r\n{}",
+     b"400 Bad Request", b"Content-Length given twice"),
+    (b"GET /v2 HTTP/1.1\r\nHost x\r\n\r\n", b"400 Bad Request", b"malformed header line"),
+    (b"GET /v2 HTTP/1.1\r\n Host: x\r\n\r\n", b"400 Bad Request", b"malformed header line"),
+    (b"GET /v2 HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", b"431 Request Header Fields Too Large",
+     b"more than 100 header lines"),
+    (b"GET /v2 HTTP/1.1\r\nX-A: " + b"b" * 70000 + b"\r\n\r\n", b"431 Request Header Fields Too Large",
+     b"longer than 64 KiB"),
+    (b"GET /v2 HTTP/2.0\r\n\r\n", b"505 HTTP Version Not Supported", b"HTTP version 'HTTP/2.0'"),
+    (b"GET /v2\r\n\r\n", b"400 Bad Request", b"bad request line"),
+])
+def test_a_malformed_request_line_or_header_gets_a_4xx_and_a_close(tiny, request_bytes, status, fragment):
+    with serving(tiny[0], model_name="tiny") as service:
+        answer = exchange(service, request_bytes)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 " + status) and b"Connection: close" in head, answer[:300]
+    assert fragment in body and body.count(b"\n") == 0, body
+
+
+def test_expect_100_continue_and_http_1_0(tiny):
+    """curl sends `Expect: 100-continue` before a large body; an HTTP/1.0 client gets its answer and a close."""
+    folder, images, output, expected = tiny
+    body, headers = binary_body(input_name(folder), images[1:2])
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode()
+    with serving(folder, model_name="tiny") as service:
+        wait_ready(service)
+        with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:
+            sock.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nExpect: 100-continue\r\n" + head +
+                         f"Content-Length: {len(body)}\r\n\r\n".encode())
+            reader = sock.makefile("rb")
+            assert reader.readline() == b"HTTP/1.1 100 Continue\r\n" and reader.readline() == b"\r\n"
+            sock.sendall(body)
+            assert reader.readline().startswith(b"HTTP/1.1 200 OK")
+        answer = exchange(service, b"GET /v2 HTTP/1.0\r\n\r\n")  # ends: the service closed the connection
+    assert answer.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in answer
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["name"] == "dnnpipe"

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 
 from dnnpipe.manifest import TensorSpec
-from dnnpipe.service.codec import RequestError, build_infer_response, model_metadata, parse_infer
+from dnnpipe.service.codec import ModelTensors, RequestError, build_infer_response, model_metadata, parse_infer
 
 IMAGE = TensorSpec("image", "image", (1, 2, 3), "float32")
 TOKENS = TensorSpec("tokens", "tokens", (1, 4), "int32")
 LOGITS = TensorSpec("logits", "logits", (1, 2), "float32")
 CODES = TensorSpec("codes", "codes", (1, 3), "int8", quantization=(0.5, 1))
 INPUTS, OUTPUTS = (IMAGE, TOKENS), (LOGITS, CODES)
+MODEL = ModelTensors(INPUTS, OUTPUTS)
 
 
 def tensor(spec_name, datatype, array, binary=False):
@@ -34,7 +35,7 @@ def test_json_and_binary_inputs_become_rows_in_manifest_order():
     tokens = np.arange(8, dtype=np.int32).reshape(2, 4)
     data, length = body([tensor("tokens", "INT32", tokens), tensor("image", "FP32", image, binary=True)],
                         [image.tobytes()], id="r1")
-    request = parse_infer(data, length, INPUTS, OUTPUTS, max_batch=4)
+    request = parse_infer(data, length, MODEL, max_batch=4)
     assert request.id == "r1" and request.batch == 2
     rows = request.rows()
     np.testing.assert_array_equal(rows[1][0], image[1])
@@ -58,7 +59,7 @@ def test_bad_requests_say_what_is_wrong(change, fragment):
     image, tokens = np.zeros((1, 2, 3), np.float32), np.zeros((1, 4), np.int32)
     data, _ = body([tensor("image", "FP32", image), tensor("tokens", "INT32", tokens)])
     with pytest.raises(RequestError, match=None) as caught:
-        parse_infer(change(data), None, INPUTS, OUTPUTS, max_batch=4)
+        parse_infer(change(data), None, MODEL, max_batch=4)
     assert fragment in str(caught.value) and "\n" not in str(caught.value)
 
 
@@ -66,29 +67,29 @@ def test_missing_input_batch_limit_and_binary_size_checked():
     image = np.zeros((5, 2, 3), np.float32)
     data, _ = body([tensor("image", "FP32", image)])
     with pytest.raises(RequestError, match="missing input 'tokens'"):
-        parse_infer(data, None, INPUTS, OUTPUTS, max_batch=8)
+        parse_infer(data, None, MODEL, max_batch=8)
     tokens = np.zeros((5, 4), np.int32)
     data, _ = body([tensor("image", "FP32", image), tensor("tokens", "INT32", tokens)])
     with pytest.raises(RequestError, match="batch size must be 1..4, got 5"):
-        parse_infer(data, None, INPUTS, OUTPUTS, max_batch=4)
+        parse_infer(data, None, MODEL, max_batch=4)
     data, length = body([tensor("image", "FP32", image[:1], binary=True), tensor("tokens", "INT32", tokens[:1])],
                         [image[:1].tobytes()[:-4]])
     with pytest.raises(RequestError, match="binary_data_size must be 24"):
-        parse_infer(data.replace(b'"binary_data_size": 24', b'"binary_data_size": 20'), length, INPUTS, OUTPUTS, 4)
+        parse_infer(data.replace(b'"binary_data_size": 24', b'"binary_data_size": 20'), length, MODEL, 4)
     with pytest.raises(RequestError, match="binary data ends after 20 of 24 bytes"):
-        parse_infer(data, length, INPUTS, OUTPUTS, 4)
+        parse_infer(data, length, MODEL, 4)
     with pytest.raises(RequestError, match="Inference-Header-Content-Length 9999"):
-        parse_infer(data, "9999", INPUTS, OUTPUTS, 4)
+        parse_infer(data, "9999", MODEL, 4)
 
 
 def test_response_json_and_binary_outputs_as_requested():
     image, tokens = np.zeros((2, 2, 3), np.float32), np.zeros((2, 4), np.int32)
     outputs = [{"name": "codes", "parameters": {"binary_data": True}}, {"name": "logits"}]
     data, _ = body([tensor("image", "FP32", image), tensor("tokens", "INT32", tokens)], outputs=outputs, id="x")
-    request = parse_infer(data, None, INPUTS, OUTPUTS, max_batch=4)
+    request = parse_infer(data, None, MODEL, max_batch=4)
     results = [[np.array([[1.5, -2.0]], np.float32), np.array([0.5, 1.0, 1.5], np.float32)],
                [np.array([3.0, 4.0], np.float32), np.array([2.0, 2.5, 3.0], np.float32)]]
-    payload, length = build_infer_response("m", OUTPUTS, request, results)
+    payload, length = build_infer_response("m", request, results)
     assert length is not None
     header = json.loads(payload[:length])
     assert header["id"] == "x" and header["model_name"] == "m"
@@ -129,7 +130,7 @@ def test_compressed_bodies_inflate_within_the_limit():
 
 def test_deeply_nested_json_is_a_400_not_a_recursion_error():
     with pytest.raises(RequestError, match="nested too deeply") as caught:
-        parse_infer(b"[" * 200_000 + b"]" * 200_000, None, INPUTS, OUTPUTS, max_batch=4)
+        parse_infer(b"[" * 200_000 + b"]" * 200_000, None, MODEL, max_batch=4)
     assert caught.value.status == 400
 
 
@@ -140,7 +141,7 @@ def test_a_huge_batch_dimension_is_refused_before_counting(binary):
     item.update({"parameters": {"binary_data_size": 0}} if binary else {"data": []})
     data = json.dumps({"inputs": [item]}).encode()
     with pytest.raises(RequestError, match=r"batch size must be 1..4, got 4611686018427387904"):
-        parse_infer(data, str(len(data)) if binary else None, INPUTS, OUTPUTS, max_batch=4)
+        parse_infer(data, str(len(data)) if binary else None, MODEL, max_batch=4)
 
 
 @pytest.mark.parametrize("binary", [False, True])
@@ -148,8 +149,8 @@ def test_a_value_a_quantized_input_cannot_hold_is_a_400_naming_it(binary):
     quantized = TensorSpec("q", "q", (1, 3), "int8", quantization=(0.5, 1))
     good, bad = np.array([[1.0, -64.5, 63.0]], np.float32), np.array([[1.0, 100.0, 2.0]], np.float32)
     data, length = body([tensor("q", "FP32", good, binary)], [good.tobytes()] if binary else [])
-    assert parse_infer(data, length, (quantized,), OUTPUTS, max_batch=4).batch == 1
+    assert parse_infer(data, length, ModelTensors((quantized,), OUTPUTS), max_batch=4).batch == 1
     data, length = body([tensor("q", "FP32", bad, binary)], [bad.tobytes()] if binary else [])
     with pytest.raises(RequestError, match=r"input 'q' holds the value 100, outside .* -64.5 to 63") as caught:
-        parse_infer(data, length, (quantized,), OUTPUTS, max_batch=4)
+        parse_infer(data, length, ModelTensors((quantized,), OUTPUTS), max_batch=4)
     assert caught.value.status == 400

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import zlib
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
@@ -22,6 +22,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 DATATYPES = {"bool": "BOOL", "uint8": "UINT8", "int8": "INT8", "int16": "INT16", "int32": "INT32",
              "int64": "INT64", "float16": "FP16", "float32": "FP32", "float64": "FP64"}
 NUMPY_OF = {datatype: np.dtype(name) for name, datatype in DATATYPES.items()}
+Buffer = Union[bytes, bytearray, memoryview]  # a body: bytes, or a view of the connection's reused buffer
 
 
 class RequestError(DnnpipeError):
@@ -55,11 +56,49 @@ def error_body(message: str) -> bytes:
 
 
 @dataclass(frozen=True)
-class Requested:
-    """An output the client asked for, and whether it wants it as binary data after the JSON header."""
+class Wire:
+    """A manifest tensor as the OIP carries it, derived once per model (a request re-checks none of it): its
+    datatype, the dtype of its values and of its little-endian binary data, its shape after the batch dimension."""
 
     spec: TensorSpec
+    datatype: str
+    dtype: np.dtype
+    little: np.dtype
+    tail: tuple[int, ...]
+    row_count: int  # values in one row (one input of the pipeline)
+
+    @classmethod
+    def of(cls, spec: TensorSpec) -> "Wire":
+        kind = datatype(spec)
+        dtype = NUMPY_OF[kind]
+        tail = tuple(int(d) for d in spec.shape[1:])
+        return cls(spec, kind, dtype, dtype.newbyteorder("<"), tail, int(np.prod(tail, dtype=np.int64)))
+
+
+class ModelTensors:
+    """A model's inputs and outputs as the codec checks and builds them, made once when the service starts."""
+
+    def __init__(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]):
+        self.inputs = tuple(Wire.of(spec) for spec in inputs)
+        self.outputs = tuple(Wire.of(spec) for spec in outputs)
+        self.input_by_name = {wire.spec.name: wire for wire in self.inputs}
+        self.output_by_name = {wire.spec.name: (j, wire) for j, wire in enumerate(self.outputs)}
+        self.every_output = {binary: [Requested(j, wire, binary) for j, wire in enumerate(self.outputs)]
+                             for binary in (False, True)}
+
+
+@dataclass(frozen=True)
+class Requested:
+    """An output the client asked for (its place among the model's outputs), and whether it wants it as binary
+    data after the JSON header."""
+
+    index: int
+    wire: Wire
     binary: bool
+
+    @property
+    def spec(self) -> TensorSpec:
+        return self.wire.spec
 
 
 @dataclass(frozen=True)
@@ -74,7 +113,7 @@ class InferRequest:
         return [[tensor[i] for tensor in self.inputs] for i in range(self.batch)]
 
 
-def decode_body(body: bytes, encoding: str, limit: int) -> bytes:
+def decode_body(body: Buffer, encoding: str, limit: int) -> Buffer:
     """A body as sent with `Content-Encoding` (gzip, deflate: tritonclient's request compression), inflated to
     at most `limit` bytes (a small body must not expand without bound)."""
     kind = encoding.strip().lower()
@@ -94,10 +133,10 @@ def decode_body(body: bytes, encoding: str, limit: int) -> bytes:
     return data
 
 
-def parse_infer(body: bytes, header_length: Optional[str], inputs: Sequence[TensorSpec],
-                outputs: Sequence[TensorSpec], max_batch: int) -> InferRequest:
+def parse_infer(body: Buffer, header_length: Optional[str], model: ModelTensors, max_batch: int) -> InferRequest:
     """An infer request's body (JSON, then binary tensors when `Inference-Header-Content-Length` is set),
-    checked against the model's tensors; every fault is a RequestError naming the tensor or field."""
+    checked against the model's tensors; every fault is a RequestError naming the tensor or field. Binary
+    tensors are views of `body`, not copies: it must stay unchanged while the request's inputs are queued."""
     header, binary = _split(body, header_length)
     try:
         request = json.loads(header)
@@ -113,7 +152,7 @@ def parse_infer(body: bytes, header_length: Optional[str], inputs: Sequence[Tens
     items = request.get("inputs")
     if not isinstance(items, list):
         raise RequestError("inputs must be a list of tensors")
-    by_name = {spec.name: spec for spec in inputs}
+    by_name = model.input_by_name
     given: dict[str, np.ndarray] = {}
     offset = 0
     for i, item in enumerate(items):
@@ -137,20 +176,21 @@ def parse_infer(body: bytes, header_length: Optional[str], inputs: Sequence[Tens
     if not 1 <= batch <= max_batch:
         raise RequestError(f"batch size must be 1..{max_batch}, got {batch}")
     parameters = _parameters(request, "request")
-    return InferRequest(identifier, batch, [given[spec.name] for spec in inputs],
-                        _requested(request.get("outputs"), outputs, bool(parameters.get("binary_data_output"))))
+    return InferRequest(identifier, batch, [given[wire.spec.name] for wire in model.inputs],
+                        _requested(request.get("outputs"), model, bool(parameters.get("binary_data_output"))))
 
 
-def _split(body: bytes, header_length: Optional[str]) -> tuple[bytes, memoryview]:
+def _split(body: Buffer, header_length: Optional[str]) -> tuple[bytes, memoryview]:
     if header_length is None:
-        return body, memoryview(b"")
+        return bytes(body), memoryview(b"")
     try:
         length = int(header_length)
     except ValueError:
         raise RequestError(f"{HEADER_LENGTH} must be a whole number, got {header_length!r}") from None
     if not 0 < length <= len(body):
         raise RequestError(f"{HEADER_LENGTH} {length} is outside the body's {len(body)} bytes")
-    return body[:length], memoryview(body)[length:]  # tensors are read from the body in place
+    view = memoryview(body)
+    return bytes(view[:length]), view[length:]  # tensors are read from the body in place
 
 
 def _parameters(item: dict[str, Any], where: str) -> dict[str, Any]:
@@ -160,31 +200,30 @@ def _parameters(item: dict[str, Any], where: str) -> dict[str, Any]:
     return parameters
 
 
-def _tensor(item: dict[str, Any], spec: TensorSpec, binary: memoryview, offset: int,
+def _tensor(item: dict[str, Any], wire: Wire, binary: memoryview, offset: int,
             max_batch: int) -> tuple[np.ndarray, int]:
     """One input tensor, checked; the batch bound first, so the element count cannot overflow."""
-    name = spec.name
-    expected = datatype(spec)
+    name, expected = wire.spec.name, wire.datatype
     if item.get("datatype") != expected:
         raise RequestError(f"input {name!r} must be datatype {expected}, got {item.get('datatype')!r}")
     shape = item.get("shape")
     if not isinstance(shape, list) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
         raise RequestError(f"input {name!r}: shape must be a list of whole numbers, got {shape!r}")
-    if len(shape) != len(spec.shape) or shape[1:] != list(spec.shape[1:]):
-        raise RequestError(f"input {name!r} must have shape {[-1, *spec.shape[1:]]}, got {shape}")
-    if not 1 <= shape[0] <= max_batch:
-        raise RequestError(f"batch size must be 1..{max_batch}, got {shape[0]}")
-    dtype = NUMPY_OF[expected]
-    count = int(np.prod(shape, dtype=np.int64))
+    if len(shape) != len(wire.tail) + 1 or tuple(shape[1:]) != wire.tail:
+        raise RequestError(f"input {name!r} must have shape {[-1, *wire.tail]}, got {shape}")
+    batch = shape[0]
+    if not 1 <= batch <= max_batch:
+        raise RequestError(f"batch size must be 1..{max_batch}, got {batch}")
+    count = batch * wire.row_count
     size = _parameters(item, f"input {name!r}").get("binary_data_size")
     if size is not None:
-        if isinstance(size, bool) or not isinstance(size, int) or size != count * dtype.itemsize:
-            raise RequestError(f"input {name!r}: binary_data_size must be {count * dtype.itemsize} for shape "
+        if isinstance(size, bool) or not isinstance(size, int) or size != count * wire.dtype.itemsize:
+            raise RequestError(f"input {name!r}: binary_data_size must be {count * wire.dtype.itemsize} for shape "
                                f"{shape} {expected}, got {size!r}")
         if offset + size > len(binary):
             raise RequestError(f"input {name!r}: binary data ends after {len(binary) - offset} of {size} bytes")
-        array = np.frombuffer(binary, dtype=dtype.newbyteorder("<"), count=count, offset=offset)
-        return _in_range(spec, array.astype(dtype, copy=False).reshape(shape)), offset + size
+        array = np.frombuffer(binary, dtype=wire.little, count=count, offset=offset)
+        return _in_range(wire.spec, array.astype(wire.dtype, copy=False).reshape(shape)), offset + size
     if "data" not in item:
         raise RequestError(f"input {name!r} has neither data nor parameters.binary_data_size")
     try:
@@ -194,9 +233,9 @@ def _tensor(item: dict[str, Any], spec: TensorSpec, binary: memoryview, offset: 
     if array.size != count or array.dtype.kind not in "biuf":
         raise RequestError(f"input {name!r}: data must hold {count} numbers for shape {shape}, "
                            f"got {array.size} of kind {array.dtype.name}")
-    if array.dtype.kind == "f" and dtype.kind in "biu":
+    if array.dtype.kind == "f" and wire.dtype.kind in "biu":
         raise RequestError(f"input {name!r}: data must be whole numbers for {expected}")
-    return _in_range(spec, array.astype(dtype).reshape(shape)), offset
+    return _in_range(wire.spec, array.astype(wire.dtype).reshape(shape)), offset
 
 
 def _in_range(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
@@ -210,12 +249,12 @@ def _in_range(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _requested(items: Any, outputs: Sequence[TensorSpec], binary_default: bool) -> list[Requested]:
+def _requested(items: Any, model: ModelTensors, binary_default: bool) -> list[Requested]:
     if items is None:
-        return [Requested(spec, binary_default) for spec in outputs]
+        return model.every_output[binary_default]
     if not isinstance(items, list) or not items:
         raise RequestError("outputs must be a non-empty list")
-    by_name = {spec.name: spec for spec in outputs}
+    by_name = model.output_by_name
     requested = []
     for i, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
@@ -225,24 +264,22 @@ def _requested(items: Any, outputs: Sequence[TensorSpec], binary_default: bool) 
         binary = _parameters(item, f"output {item['name']!r}").get("binary_data", binary_default)
         if not isinstance(binary, bool):
             raise RequestError(f"output {item['name']!r}: parameters.binary_data must be true or false")
-        requested.append(Requested(by_name[item["name"]], binary))
+        requested.append(Requested(*by_name[item["name"]], binary))
     return requested
 
 
-def build_infer_response(model: str, outputs: Sequence[TensorSpec], request: InferRequest,
+def build_infer_response(model: str, request: InferRequest,
                          results: Sequence[Sequence[np.ndarray]]) -> tuple[bytes, Optional[int]]:
     """The response body for `results` (one list of outputs, in manifest order, per input of the batch), and
     the JSON header's length when binary tensors follow it (the `Inference-Header-Content-Length` header)."""
-    order = {spec.name: j for j, spec in enumerate(outputs)}
     tensors, blobs = [], []
     for wanted in request.outputs:
-        spec = wanted.spec
-        dtype = NUMPY_OF[datatype(spec)]
-        stacked = np.stack([np.asarray(row[order[spec.name]], dtype=dtype).reshape(spec.shape[1:])
-                            for row in results])
-        entry: dict[str, Any] = {"name": spec.name, "datatype": datatype(spec), "shape": list(stacked.shape)}
+        wire, j = wanted.wire, wanted.index
+        rows = [np.asarray(row[j], dtype=wire.dtype).reshape(wire.tail) for row in results]
+        stacked = rows[0][np.newaxis] if len(rows) == 1 else np.stack(rows)
+        entry: dict[str, Any] = {"name": wire.spec.name, "datatype": wire.datatype, "shape": list(stacked.shape)}
         if wanted.binary:
-            blob = stacked.astype(dtype.newbyteorder("<")).tobytes()
+            blob = np.ascontiguousarray(stacked, dtype=wire.little).tobytes()
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
@@ -254,5 +291,4 @@ def build_infer_response(model: str, outputs: Sequence[TensorSpec], request: Inf
     header = json.dumps(response).encode()
     if not blobs:
         return header, None
-    return header + b"".join(blobs), len(header)
-
+    return b"".join([header, *blobs]), len(header)

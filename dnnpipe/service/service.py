@@ -27,6 +27,7 @@ class Service:
 
     def __init__(self, options: ServiceOptions, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]):
         self.options, self.inputs, self.outputs = options, tuple(inputs), tuple(outputs)
+        self.tensors = codec.ModelTensors(inputs, outputs)  # what every request is checked against, made once
         self.version = VERSION
         self.token = read_token(options)
         tls = tls_context(options)
@@ -134,23 +135,26 @@ class Service:
             handler.refuse(Refused("the service is shutting down"))
             return
         try:
-            request = codec.parse_infer(body, handler.headers.get(codec.HEADER_LENGTH), self.inputs, self.outputs,
+            request = codec.parse_infer(body, handler.headers.get(codec.HEADER_LENGTH), self.tensors,
                                         self.options.max_batch)
             ticket = self.feed.submit(request.rows())
         except codec.RequestError as e:
+            handler.body_done()
             handler.send_error(e.status, str(e))
             return
         except Refused as e:
+            handler.body_done()
             handler.refuse(e)
             return
         deadline = handler.arrived + self.options.request_timeout
         if not ticket.wait(deadline - time.monotonic()):
             ticket.expire(504, f"no result within the request timeout of {self.options.request_timeout:g} s")
-        if ticket.error is not None:
+        if ticket.error is not None:  # its inputs may still be queued (expired): the buffer is not reused
             handler.send_error(ticket.status, ticket.error)
             return
+        handler.body_done()  # every input was delivered: the feed holds no view of the body any more
         try:
-            body, header_length = codec.build_infer_response(self.options.model_name, self.outputs, request,
+            body, header_length = codec.build_infer_response(self.options.model_name, request,
                                                              [r for r in ticket.results if r is not None])
         except (ValueError, TypeError) as e:
             handler.send_error(500, f"the pipeline's result does not fit the model's outputs ({e})")
