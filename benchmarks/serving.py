@@ -171,8 +171,11 @@ def wait_ready(process: subprocess.Popen, port: int, lines: list[str], seconds: 
     raise SystemExit(f"the server was not ready within {seconds:g} s:\n" + "\n".join(lines))
 
 
-def offer(port: int, served: Served, rate: float, seconds: float) -> tuple[float, list[float], int, float]:
-    """Open-loop load at `rate` for `seconds`: (achieved requests/s, latencies in s, errors, median compute s)."""
+def offer(port: int, served: Served, rate: float, seconds: float) -> tuple[float, float, list[float], int, float]:
+    """Open-loop load at `rate` for `seconds`: (achieved requests/s, the same from the first request sent,
+    latencies in s, errors, median compute s). Achieved is the steady rate of answers, from the first answer to
+    the last: counted from the first request sent instead, a row also holds one pipeline latency of filling
+    (0.4 s of EfficientNetV2B0's four stages: 5% of an 8 s row), which is latency, not throughput."""
     import tritonclient.http as triton
 
     from dnnpipe.manifest import read_manifest
@@ -219,14 +222,16 @@ def offer(port: int, served: Served, rate: float, seconds: float) -> tuple[float
         t.join()
     done.set()
     sampler.join()
-    achieved = len(ends) / (max(ends) - start) if ends else 0.0
-    return achieved, latencies, errors[0], float(np.median(samples)) if samples else float("nan")
+    steady = (len(ends) - 1) / (max(ends) - min(ends)) if len(ends) > 1 else 0.0
+    filled = len(ends) / (max(ends) - start) if ends else 0.0
+    return steady, filled, latencies, errors[0], float(np.median(samples)) if samples else float("nan")
 
 
 def front_door_cost(port: int, served: Served, count: int = 100) -> np.ndarray:
     """One client, one request at a time: per request, (its latency, the server's own time for it from the first
     byte to the answer (dnnpipe_request_duration_seconds), the backend's compute per input (the sum of
-    dnnpipe_stage_seconds over the stages)), in s, one row per request. Latency minus compute is what HTTP, the
+    dnnpipe_stage_seconds over the stages), the first byte to the last (dnnpipe_request_read_seconds: the
+    client sending the body, and its copy)), in s, one row per request. Latency minus compute is what HTTP, the
     codec, the feed and the client add (for the agents also the controller and the links between stages);
     server minus compute is the server's part of it."""
     import tritonclient.http as triton
@@ -241,11 +246,13 @@ def front_door_cost(port: int, served: Served, count: int = 100) -> np.ndarray:
     rows = []
     for _ in range(count):
         before = sum(metric(port, "dnnpipe_request_duration_seconds_sum"))
+        read_before = sum(metric(port, "dnnpipe_request_read_seconds_sum"))
         sent = time.perf_counter()
         c.infer(served.name, [tensor])
         latency = time.perf_counter() - sent
         server = sum(metric(port, "dnnpipe_request_duration_seconds_sum")) - before
-        rows.append((latency, server, sum(metric(port, "dnnpipe_stage_seconds{"))))
+        read = sum(metric(port, "dnnpipe_request_read_seconds_sum")) - read_before
+        rows.append((latency, server, sum(metric(port, "dnnpipe_stage_seconds{")), read))
     c.close()
     return np.array(rows)
 
@@ -271,6 +278,13 @@ def cpu_seconds(root: int) -> tuple[float, float]:
     return used.get(root, 0.0), sum(used.get(pid, 0.0) for pid in below - {root})
 
 
+def host_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of every core of this host so far, all processes (ours and anyone's), /proc/stat."""
+    fields = [float(f) for f in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return sum(fields) - idle, sum(fields)
+
+
 def metric(port: int, prefix: str) -> list[float]:
     """Every sample of the service's metric whose line starts with `prefix`."""
     import urllib.request
@@ -278,6 +292,33 @@ def metric(port: int, prefix: str) -> list[float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
     return [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)]
+
+
+def histogram(port: int, name: str) -> dict[float, float]:
+    """A histogram's cumulative counts by upper bound (le), +Inf included."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found = re.findall(rf'^{name}_bucket{{le="([^"]+)"}} (\S+)$', text, re.MULTILINE)
+    return {float(le): float(count) for le, count in found}
+
+
+def quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """The q-quantile of the requests counted between two readings of a histogram, interpolated linearly
+    inside its bucket (as Prometheus's histogram_quantile); NaN when none."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return float("nan")
+    rank, lower, below = q * counts[-1], 0.0, 0.0
+    for bound, count in zip(bounds, counts):
+        if count >= rank:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * (rank - below) / max(count - below, 1e-12)
+        lower, below = bound, count
+    return lower
 
 
 def sample_stage_time(port: int, done: threading.Event, samples: list[float]) -> None:
@@ -303,8 +344,10 @@ def main() -> int:
                              "not the cluster's)")
     args = parser.parse_args()
     print(f"{'model':<17} {'backend':<14} {'load':>5} {'stages':>6} {'ms/input':>8} {'offered/s':>9} "
-          f"{'achieved/s':>10} {'of pred.':>8} {'p50 ms':>7} {'p99 ms':>7} {'p99 target':>10} {'compute ms':>10} "
-          f"{'errors':>6} {'re-plans':>8} {'cpu ms/request: serve agents client':>36}", flush=True)
+          f"{'achieved/s':>10} {'of pred.':>8} {'w/ fill':>8} {'p50 ms':>7} {'p99 ms':>7} {'p99 target':>10} "
+          f"{'compute ms':>10} "
+          f"{'errors':>6} {'re-plans':>8} {'cpu ms/request: serve agents client':>36} {'client%':>7} {'host%':>5} "
+          f"{'srv p50':>8} {'srv p99':>8}", flush=True)
     costs: list[str] = []
     with tempfile.TemporaryDirectory() as folder:
         for kind in args.models:
@@ -335,23 +378,33 @@ def measure(served: Served, kind: str, name: str, started: Started, seconds: flo
     for load in LOADS:
         server_before, agents_before = cpu_seconds(started.process.pid)
         client_before = sum(os.times()[:2])
-        achieved, latencies, errors, compute = offer(port, served, predicted * load, seconds)
+        served_before = histogram(port, "dnnpipe_request_duration_seconds")
+        host_before = host_busy()
+        achieved, filled, latencies, errors, compute = offer(port, served, predicted * load, seconds)
+        served_after = histogram(port, "dnnpipe_request_duration_seconds")
+        busy, total = (a - b for a, b in zip(host_busy(), host_before))
         server_cpu, agents_cpu = (a - b for a, b in zip(cpu_seconds(started.process.pid),
                                                        (server_before, agents_before)))
         client_cpu = sum(os.times()[:2]) - client_before
         count = max(1, len(latencies))
         p50, p99 = (np.percentile(latencies, [50, 99]) * 1e3) if latencies else (0.0, 0.0)
+        server_p50, server_p99 = (quantile(served_before, served_after, q) * 1e3 for q in (0.5, 0.99))
+        share = client_cpu / max(server_cpu + agents_cpu + client_cpu, 1e-9)
         replans = sum(metric(port, "dnnpipe_replans_total{"))
         print(f"{kind:<17} {name:<14} {load:>5.0%} {started.stages:>6} {started.direct * 1e3:>8.2f} "
-              f"{predicted * load:>9.1f} {achieved:>10.1f} {achieved / predicted:>8.0%} {p50:>7.2f} {p99:>7.2f} "
+              f"{predicted * load:>9.1f} {achieved:>10.1f} {achieved / predicted:>8.0%} {filled / predicted:>8.0%} "
+              f"{p50:>7.2f} {p99:>7.2f} "
               f"{target:>10.1f} {compute * 1e3:>10.2f} {errors:>6} {replans:>8.0f} "
-              f"{server_cpu / count * 1e3:>6.2f} {agents_cpu / count * 1e3:>6.2f} {client_cpu / count * 1e3:>6.2f}",
-              flush=True)
+              f"{server_cpu / count * 1e3:>6.2f} {agents_cpu / count * 1e3:>6.2f} {client_cpu / count * 1e3:>6.2f} "
+              f"{share:>7.0%} {busy / max(total, 1e-9):>5.0%} {server_p50:>8.2f} {server_p99:>8.2f}", flush=True)
     minus = (added[:, 0] - added[:, 2]) * 1e3
     server = (added[:, 1] - added[:, 2]) * 1e3
+    read, rest = added[:, 3] * 1e3, (added[:, 1] - added[:, 2] - added[:, 3]) * 1e3
     return (f"{kind} {name}: latency minus compute p50 {np.median(minus):.2f} ms, p99 {np.percentile(minus, 99):.2f} "
             f"ms; the server's part (first byte to answer, minus compute) p50 {np.median(server):.2f} ms, p99 "
-            f"{np.percentile(server, 99):.2f} ms ({len(added)} sequential requests)")
+            f"{np.percentile(server, 99):.2f} ms; of it reading the request (first byte to last) p50 "
+            f"{np.median(read):.2f} ms, the rest (parse, queue, hand-offs, answer) p50 {np.median(rest):.2f} ms, "
+            f"p99 {np.percentile(rest, 99):.2f} ms ({len(added)} sequential requests)")
 
 
 if __name__ == "__main__":

@@ -535,6 +535,7 @@ def test_an_answer_is_counted_before_the_client_has_it(tiny):
         assert raw(service, "POST", "/v2/models/tiny/infer", body)[0] == 200
         metrics = raw(service, "GET", "/metrics")[2].decode()
     assert 'dnnpipe_requests_total{code="200",model="tiny"} 1.0' in metrics
+    assert "dnnpipe_request_read_seconds_count 1.0" in metrics  # the first byte to the last, once per request
 
 
 def binary_body(name, rows):

@@ -10,7 +10,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# fine around a pipeline's latency (tens to hundreds of ms), so a p99 can be read from the server's side too
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3,
+                   0.4, 0.5, 0.75, 1, 2.5, 5, 10, 30, 60)
 RECOVERY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
 
 
@@ -25,6 +27,9 @@ class ServiceMetrics:
                                 ["model", "code"], registry=r)
         self.duration = Histogram("dnnpipe_request_duration_seconds", "Infer request time, arrival to answer",
                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.read_time = Histogram("dnnpipe_request_read_seconds",
+                                   "Infer request's first byte to its last: the client sending it, and the copy",
+                                   buckets=LATENCY_BUCKETS, registry=r)
         Gauge("dnnpipe_queue_depth", "Inputs accepted, not yet taken by the pipeline",
               registry=r).set_function(depth)
         Gauge("dnnpipe_inflight", "Inputs taken by the pipeline, result not yet delivered",
@@ -46,6 +51,9 @@ class ServiceMetrics:
     def answered(self, model: str, code: int, seconds: float) -> None:
         self.requests.labels(model=model, code=str(code)).inc()
         self.duration.observe(seconds)
+
+    def received(self, seconds: float) -> None:
+        self.read_time.observe(seconds)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -131,6 +131,7 @@ class Service:
         body = handler.read_body()
         if body is None:
             return
+        self.metrics.received(time.monotonic() - handler.arrived)
         if self.draining:
             handler.refuse(Refused("the service is shutting down"))
             return
