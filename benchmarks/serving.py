@@ -30,6 +30,7 @@ minus the compute).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import re
 import signal
@@ -372,6 +373,8 @@ def main() -> int:
 def measure(served: Served, kind: str, name: str, started: Started, seconds: float) -> str:
     """The three load rows of one backend (printed as they come) and its front-door line (returned)."""
     port, predicted = started.port, started.predicted
+    gc.collect()  # TensorFlow and the model built in this process: a full collection under load stopped
+    gc.freeze()  # every client thread for up to 340 ms (a client-side p99 outlier); moved out of its reach
     offer(port, served, predicted * 0.5, 1.0)  # warm-up: connections, interpreter
     added = front_door_cost(port, served)
     target = ((started.stages + 2) / predicted + 0.005) * 1e3  # p99 at 80% load: (stages + 2) x bottleneck + 5 ms

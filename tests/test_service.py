@@ -673,3 +673,28 @@ def test_expect_100_continue_and_http_1_0(tiny):
         answer = exchange(service, b"GET /v2 HTTP/1.0\r\n\r\n")  # ends: the service closed the connection
     assert answer.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in answer
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["name"] == "dnnpipe"
+
+
+def test_the_heap_is_frozen_once_the_pipeline_is_up(tiny, monkeypatch):
+    """A full collection in serve walked everything its start built while every answer waited (60-210 ms
+    pauses under the benchmark's load): run_service moves it out of the collector's reach once, when ready."""
+    from dnnpipe.service import service as module
+
+    frozen, up = [], threading.Event()
+    monkeypatch.setattr(module, "freeze", lambda: frozen.append(up.is_set()))
+    backend = SingleDevice(tiny[0])
+
+    def pipeline(feed, events):
+        time.sleep(0.5)  # not yet up: nothing is frozen
+        assert not frozen
+        up.set()
+        events.ready(True)
+        deadline = time.monotonic() + 10
+        while not frozen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # still up: frozen once only
+
+    with pytest.raises(DnnpipeError, match="the pipeline stopped: it returned while serving"):
+        module.run_service(ServiceOptions(model_name="tiny", port=0), pipeline, backend.manifest.inputs,
+                           backend.manifest.outputs, echo=lambda line: None)
+    assert frozen == [True]
