@@ -16,15 +16,20 @@ loopback port, and its predicted throughput:
 
 The load is open-loop: request i is sent at t0 + i / rate by whichever of the 16 client threads is free
 (binary tensors, batch 1). Backends run one after the other, in one run. Per row: the plan's stages and time per
-input (the bottleneck), offered and achieved requests/s, achieved against the prediction, the client's p50/p99,
-the p99 target at 80% ((stages + 2) x bottleneck + 5 ms), `compute ms` (the sum over the stages of
-dnnpipe_stage_seconds sampled during the row; paced time for the agents), errors (any non-200), re-plans (serve
-keeps its plan unless --threshold says otherwise: this host's contention is not the cluster's), and the CPU ms
-per request of the server process (front door and controller), of its agents, and of this client process
-(from /proc and os.times). Below the table, one client sending one request at a time: each latency minus the
-stages' compute, i.e. what HTTP, the codec, the feed and the client add (and for agents the controller and the
-links between stages), and the server's part of it (dnnpipe_request_duration_seconds, first byte to answer,
-minus the compute).
+input (the bottleneck), offered and achieved requests/s (achieved: the steady rate, first answer to last), achieved
+against the prediction and the same counted from the first request sent (`w/ fill`: it also holds one pipeline
+latency), the client's p50/p99, the p99 target at 80% ((stages + 2) x bottleneck + 5 ms), `compute ms` (the sum
+over the stages of dnnpipe_stage_seconds sampled during the row; paced time for the agents), errors (any non-200),
+re-plans (serve keeps its plan unless --threshold says otherwise: this host's contention is not the cluster's),
+the CPU ms per request of the server process (front door and controller), of its agents, and of this client
+process (from /proc and os.times), the client's share of that CPU, how busy the whole host was (/proc/stat, every
+process), and the server's own p50/p99 (dnnpipe_request_duration_seconds, interpolated inside its buckets). Below
+the table, one client sending one request at a time: each latency minus the stages' compute, i.e. what HTTP, the
+codec, the feed and the client add (and for agents the controller and the links between stages), and the
+server's part of it (dnnpipe_request_duration_seconds, first byte to answer, minus the compute), split into
+reading the request (dnnpipe_request_read_seconds: the client sending it, and the copy) and the rest.
+This process freezes its heap (gc.freeze) before the first row: it holds TensorFlow and the models it built, and a
+full collection under load stopped every client thread for up to 360 ms.
 """
 
 from __future__ import annotations
