@@ -43,13 +43,17 @@ class ServiceMetrics:
         self.devices = Gauge("dnnpipe_devices_up", "Devices up and serving", registry=r)
         self.ready_gauge = Gauge("dnnpipe_ready", "1 while every stage of the running plan is up", registry=r)
         self._up = threading.Event()
+        self._answered: dict[tuple[str, int], Counter] = {}
 
     @property
     def up(self) -> bool:
         return self._up.is_set()
 
     def answered(self, model: str, code: int, seconds: float) -> None:
-        self.requests.labels(model=model, code=str(code)).inc()
+        counter = self._answered.get((model, code))
+        if counter is None:  # labels() validates and locks: once per (model, status), not once per request
+            counter = self._answered[(model, code)] = self.requests.labels(model=model, code=str(code))
+        counter.inc()
         self.duration.observe(seconds)
 
     def received(self, seconds: float) -> None:

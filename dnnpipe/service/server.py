@@ -29,7 +29,9 @@ HEADER_LINES = 100  # a request's header lines at most (the standard library's b
 LINE_BYTES = 65536  # one request or header line at most, else 414 or 431
 ONCE = frozenset({"content-length", "transfer-encoding", "content-encoding", "authorization",
                   codec.HEADER_LENGTH.lower()})  # given twice, which one counts is a guess: a 400
-KEEP_BUFFER = 8 << 20  # a connection keeps its body buffer for its next request up to this size
+KEEP_BUFFER = 4 << 20  # a connection keeps its body buffer for its next request up to this size (256 idle
+# connections hold at most 1 GiB; EfficientNetV2B0's input is 602 KB)
+ONE_WRITE = 64 << 10  # an answer up to this size goes out with its headers in one write
 
 
 class Backend(Protocol):
@@ -309,7 +311,7 @@ class Handler(BaseHTTPRequestHandler):
         head = "".join(lines).encode("iso-8859-1")
         if self.command == "HEAD":
             self.wfile.write(head)
-        elif len(body) <= KEEP_BUFFER:  # one write: one segment for a small answer
+        elif len(body) <= ONE_WRITE:  # one write: one segment for a small answer
             self.wfile.write(head + body)
         else:
             self.wfile.write(head)
