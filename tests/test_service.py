@@ -647,6 +647,16 @@ def exchange(service, data: bytes) -> bytes:
      b"longer than 64 KiB"),
     (b"GET /v2 HTTP/2.0\r\n\r\n", b"505 HTTP Version Not Supported", b"HTTP version 'HTTP/2.0'"),
     (b"GET /v2\r\n\r\n", b"400 Bad Request", b"bad request line"),
+    (b"GET\xa0/v2\xa0HTTP/1.1\r\n\r\n", b"400 Bad Request", b"bad request line"),
+    (b"GET /v2 HTTP/1.1\r\nX-A: b\rc\r\n\r\n", b"400 Bad Request", b"malformed header line"),
+    (b"GET /v2 HTTP/1.1\r\nX-A: b\x00\r\n\r\n", b"400 Bad Request", b"malformed header line"),
+    (b"GET /v2 HTTP/1.1\r\nX(A): b\r\n\r\n", b"400 Bad Request", b"malformed header line"),
+    # a body on a GET, never read, would be taken for the connection's next request (smuggling)
+    (b"GET /v2/health/live HTTP/1.1\r\nContent-Length: 41\r\n\r\nGET /v2/health/live HTTP/1.1\r\nX: y\r\n\r\n",
+     b"400 Bad Request", b"takes no body"),
+    (b"GET /v2 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"400 Bad Request", b"takes no body"),
+    (b"POST /v2/models/tiny/infer HTTP/1.1\r\nTransfer-Encoding:\r\nContent-Length: 2\r\n\r\n{}",
+     b"411 Length Required", b"chunked bodies are not accepted"),
 ])
 def test_a_malformed_request_line_or_header_gets_a_4xx_and_a_close(tiny, request_bytes, status, fragment):
     with serving(tiny[0], model_name="tiny") as service:
@@ -670,9 +680,54 @@ def test_expect_100_continue_and_http_1_0(tiny):
             assert reader.readline() == b"HTTP/1.1 100 Continue\r\n" and reader.readline() == b"\r\n"
             sock.sendall(body)
             assert reader.readline().startswith(b"HTTP/1.1 200 OK")
+        with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:  # too big: no 100
+            sock.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nExpect: 100-continue\r\n"
+                         b"Content-Length: 999999999999\r\n\r\n")
+            assert sock.makefile("rb").readline().startswith(b"HTTP/1.1 413")
         answer = exchange(service, b"GET /v2 HTTP/1.0\r\n\r\n")  # ends: the service closed the connection
     assert answer.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in answer
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["name"] == "dnnpipe"
+
+
+def test_a_closed_connection_lets_go_of_its_body_buffer(tiny):
+    """The handler's answer callback made a cycle: a closed connection's buffer (up to 4 MiB, or a lent body of
+    up to the body limit) waited for the cyclic collector. Now it goes when the connection closes."""
+    import gc
+    import weakref
+
+    from dnnpipe.service.server import Handler
+
+    folder, images, output, expected = tiny
+    handlers: list = []
+    original = Handler.setup
+
+    def setup(self):
+        handlers.append(weakref.ref(self))
+        original(self)
+
+    gc.disable()
+    try:
+        with serving(folder, model_name="tiny") as service:
+            wait_ready(service)
+            Handler.setup = setup
+            try:
+                body, headers = binary_body(input_name(folder), images[1:2])
+                connection = http.client.HTTPConnection("127.0.0.1", service.port, timeout=30)
+                connection.request("POST", "/v2/models/tiny/infer", body=body, headers={**headers,
+                                                                                       "Connection": "close"})
+                response = connection.getresponse()
+                assert response.status == 200, response.read()
+                response.read()
+                connection.close()
+            finally:
+                Handler.setup = original
+            deadline = time.monotonic() + 10
+            while any(ref() is not None for ref in handlers) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            alive = [ref() for ref in handlers if ref() is not None]
+            assert handlers and not [h for h in alive if h.buffer is not None or h.lent is not None]
+    finally:
+        gc.enable()
 
 
 def test_the_heap_is_frozen_once_the_pipeline_is_up(tiny, monkeypatch):

@@ -126,6 +126,8 @@ class Service:
         except Exception as e:  # a fault of ours: one line with a 500, never a traceback and no answer
             if not handler.sent:
                 handler.send_error(500, f"internal error: {type(e).__name__}: {e}".splitlines()[0][:300])
+        finally:  # a body not handed back by body_done stays with the feed alone, never reused
+            handler.lent, handler.on_answer = None, None
 
     def _infer(self, handler: Handler) -> None:
         """Read, check, queue, wait, answer (the status sent is handler.sent)."""
