@@ -118,6 +118,7 @@ class StageLoop:
         self.downstream: Optional[Downstream] = None
         self.pace_ms = pace_ms  # a controller may change it while running
         self.sent = 0
+        self.cpu_seconds = 0.0  # the process's CPU time while run() ran (every thread: CPU per frame)
 
     def _pool(self, specs) -> queue.Queue:
         pool: queue.Queue = queue.Queue()
@@ -128,6 +129,7 @@ class StageLoop:
     def run(self, source: Callable[[], None], sink: Callable[[], None]) -> None:
         """Until the end of the stream or the first failure (then `error` says why)."""
         threads = [self._thread(source), self._thread(self._execute), self._thread(sink)]
+        began = time.process_time()
         for thread in threads:
             thread.start()
         try:
@@ -137,6 +139,8 @@ class StageLoop:
         except KeyboardInterrupt:
             self.fail(f"{self.name} interrupted")
             raise
+        finally:
+            self.cpu_seconds += time.process_time() - began
 
     def _thread(self, body: Callable[[], None]) -> threading.Thread:
         name = getattr(body, "func", body).__name__
@@ -248,10 +252,15 @@ class StageLoop:
             if results is None:
                 return
             timing.infer_start = time.time()
-            began = time.perf_counter()
-            for result, output in zip(results, self.runner(item.buffers)):
-                np.copyto(result, output)  # the interpreter reuses its output memory on the next call
+            began, began_cpu = time.perf_counter(), time.thread_time()
+            into = getattr(self.runner, "into", None)  # a StageRunner copies straight into the result buffers
+            if into is not None:
+                into(item.buffers, results)
+            else:
+                for result, output in zip(results, self.runner(item.buffers)):
+                    np.copyto(result, output)  # the interpreter reuses its output memory on the next call
             inference = time.perf_counter() - began
+            timing.inference_cpu_ms = (time.thread_time() - began_cpu) * 1000
             self.input_buffers.put(item.buffers)
             pace = self.pace_ms / 1000 if self.pace_ms else 0.0  # a controller may change it
             free_at = start + pace
@@ -406,7 +415,8 @@ class Stage:
                 self.control.close(loop.error)
         if loop.error:
             raise StageFailed(loop.error)
-        summary = summarise(o.stage, loop.timings, self.last and downstream is None)  # latency where written
+        summary = summarise(o.stage, loop.timings, self.last and downstream is None,  # latency where written
+                            loop.cpu_seconds)
         if o.log_dir is not None:
             write_log(o.log_dir, o.stage, loop.timings, summary)
         return summary
