@@ -117,12 +117,13 @@ def link_lines(measured: dict[str, Any]) -> list[str]:
     paper = measured.get("paper_predicted_pipeline_throughput")
     if measured.get("link_costs") is None or paper is None:
         return ["- prediction: the paper's cost model (no link CPU was measured on the boards)"]
-    costs = ", ".join(f"{c['send_ms_per_mb']:.2f} / {c['receive_ms_per_mb']:.2f}" for c in measured["link_costs"])
+    costs = ", ".join(f"{c['send_ms_per_mb']:.2f} / {c['receive_ms_per_mb']:.2f} / {c.get('frame_ms') or 0.0:.2f}"
+                      for c in measured["link_costs"])
     cpu = ", ".join(f"{ms:.2f}" for ms in measured["planned_link_cpu_ms"])
-    return [f"- prediction counts each board's CPU on its links (measured on the board, ms per MB sent / "
-            f"received: {costs}; per stage {cpu} ms): on a board of one core or less it comes out of the same "
-            f"quota as the compute, so compute and send do not overlap. The paper's cost model (links cost no CPU) "
-            f"predicts {paper:.1f} inferences/s: the pipeline measured {measured['pipeline_throughput'] / paper:.0%} "
+    return [f"- prediction counts each board's CPU on its links and per frame (measured on the board, ms per MB "
+            f"sent / received / ms per frame: {costs}; per stage {cpu} ms): on a board of one core or less it comes "
+            f"out of the same quota as the compute, so compute and send do not overlap. The paper's cost model "
+            f"(links and frames cost no CPU) predicts {paper:.1f} inferences/s: the pipeline measured {measured['pipeline_throughput'] / paper:.0%} "
             f"of it; the fastest board alone {measured['paper_predicted_single_throughput']:.1f} "
             f"({measured['single_throughput'] / measured['paper_predicted_single_throughput']:.0%})."]
 
