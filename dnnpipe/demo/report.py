@@ -123,7 +123,8 @@ def link_lines(measured: dict[str, Any]) -> list[str]:
     return [f"- prediction counts each board's CPU on its links and per frame (measured on the board, ms per MB "
             f"sent / received / ms per frame: {costs}; per stage {cpu} ms): on a board of one core or less it comes "
             f"out of the same quota as the compute, so compute and send do not overlap. The paper's cost model "
-            f"(links and frames cost no CPU) predicts {paper:.1f} inferences/s: the pipeline measured {measured['pipeline_throughput'] / paper:.0%} "
+            f"(links and frames cost no CPU) predicts {paper:.1f} inferences/s: the pipeline measured "
+            f"{measured['pipeline_throughput'] / paper:.0%} "
             f"of it; the fastest board alone {measured['paper_predicted_single_throughput']:.1f} "
             f"({measured['single_throughput'] / measured['paper_predicted_single_throughput']:.0%})."]
 
