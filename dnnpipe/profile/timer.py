@@ -24,6 +24,7 @@ tensor of a few bytes and measures that too, as device ms per frame (`frame_cost
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import socket
@@ -234,6 +235,7 @@ def frame_costs(folder: Optional[Path], slowdown: float, seconds: float = FRAME_
         loop = StageLoop("[frame cost]", spec, lambda arrays: arrays, 1, say=lambda line: None)
         loop.upstream, loop.downstream = upstream, downstream
         go.set()
+        gc.freeze()  # as a stage process does before its loop (runtime.stage.Stage.run)
         loop.run(loop.receive, loop.send)
         for thread in threads:
             thread.join(LINK_DEADLINE)
