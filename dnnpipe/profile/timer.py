@@ -100,8 +100,9 @@ LINK_DEADLINE = 60.0  # every socket operation of the link measurement
 
 
 def link_costs(folder: Optional[Path], seconds: float, slowdown: float) -> dict[str, Any]:
-    """Device ms per MB to send and to receive a cut, TLS when `folder` holds the pipeline certificate: each
-    end's thread CPU time per MB times `slowdown`, the device's wall over CPU time for the whole model (its
+    """Device ms per MB to send and to receive a cut, TLS when `folder` holds the pipeline certificate, with the
+    stage's copy of the cut into its interpreter (received) or out of it (sent): each end's thread CPU time per MB
+    times `slowdown`, the device's wall over CPU time for the whole model (its
     quota's hold-back; 1 on an unlimited CPU). The frames go through the runtime's own FrameWriter and
     FrameReader on non-blocking sockets, as a stage sends and receives them. Wall time of the loop itself would
     count the ends waiting for each other on loopback, which a stage does not pay."""
@@ -130,8 +131,10 @@ def link_costs(folder: Optional[Path], seconds: float, slowdown: float) -> dict[
             with wrap(conn, True) as link:
                 reader, buffers = FrameReader(link, specs, "sender", LINK_DEADLINE), [np.empty(LINK_FRAME // 4,
                                                                                                np.float32)]
+                interpreter_input = np.empty(LINK_FRAME // 4, np.float32)
                 total, began = 0, time.thread_time()
                 while reader.read(buffers).kind == Kind.DATA:
+                    np.copyto(interpreter_input, buffers[0])  # a stage then sets the cut as its interpreter's input
                     total += LINK_FRAME
                 cpu["receive"], moved["receive"] = time.thread_time() - began, total
         except (OSError, ssl.SSLError, ValueError) as e:
@@ -142,8 +145,10 @@ def link_costs(folder: Optional[Path], seconds: float, slowdown: float) -> dict[
             with wrap(socket.create_connection(listener.getsockname(), LINK_DEADLINE), False) as link:
                 writer, tensors = FrameWriter(link, specs, "receiver", LINK_DEADLINE), [np.ones(LINK_FRAME // 4,
                                                                                                 np.float32)]
+                interpreter_output = np.ones(LINK_FRAME // 4, np.float32)
                 total, began_cpu, began = 0, time.thread_time(), time.perf_counter()
                 while time.perf_counter() - began < seconds:
+                    np.copyto(tensors[0], interpreter_output)  # a stage copies its output cut out of the interpreter
                     writer.send(total // LINK_FRAME, 0, tensors)
                     total += LINK_FRAME
                 cpu["send"], moved["send"] = time.thread_time() - began_cpu, total
