@@ -203,3 +203,17 @@ def test_a_runner_with_into_fills_the_result_buffers_itself():
         loop.abort("test over")
         thread.join(SECONDS)
         links.close()
+
+
+def test_an_unpaced_stage_reports_no_pacing_however_its_threads_are_scheduled(relay):
+    """Pacing is the sleep to a planned time; without a plan nothing is paced, even when the executor waits for
+    the CPU after handing its input buffer back (a quota-limited board: the receive thread runs first)."""
+    loop, links, thread = relay
+    for i in range(6):
+        links.previous.send(i, 0, [np.ones((1, 3), dtype="float32")])
+    links.previous.end(6)
+    out = [np.empty((1, 3), dtype="float32")]
+    while links.following.read(out).kind == Kind.DATA:
+        pass
+    thread.join(SECONDS)
+    assert len(loop.timings) == 6 and all(t.emulation_ms == 0.0 and t.planned_ms == 0.0 for t in loop.timings)
