@@ -103,6 +103,16 @@ class StageRunner:
         self.runner = interpreter.get_signature_runner(next(iter(signatures)))
         self._check("input", stage.inputs, self.runner.get_input_details())
         self._check("output", stage.outputs, self.runner.get_output_details())
+        # For `into`: the signature's tensors by index, in manifest (wire) order (a backend without these
+        # internals takes __call__'s way).
+        runner = self.runner
+        try:
+            self._wrapper, self._subgraph = runner._interpreter_wrapper, runner._subgraph_index
+            self._input_indices = [runner._inputs[spec.key] for spec in stage.inputs]
+            self._output_indices = [dict(runner._outputs)[spec.key] for spec in stage.outputs]
+            self._wrapper.AllocateTensors(self._subgraph)
+        except (AttributeError, KeyError, TypeError):
+            self._wrapper = None
 
     def _check(self, kind: str, specs, details: dict[str, Any]) -> None:
         expected = {spec.key for spec in specs}
@@ -121,3 +131,20 @@ class StageRunner:
     def __call__(self, arrays) -> list:
         results = self.runner(**{spec.key: array for spec, array in zip(self.stage.inputs, arrays)})
         return [results[spec.key] for spec in self.stage.outputs]
+
+    def into(self, arrays, results) -> None:
+        """Run on `arrays` and copy the outputs into `results` (manifest order): what __call__ does without its
+        per-call resize and allocation checks and its freshly allocated output arrays (one copy out of the
+        interpreter's memory, not two), which a stage pays on every frame."""
+        import numpy as np
+
+        wrapper, subgraph = self._wrapper, self._subgraph
+        if wrapper is None:
+            for result, output in zip(results, self(arrays)):
+                np.copyto(result, output)
+            return
+        for index, array in zip(self._input_indices, arrays):
+            wrapper.SetTensor(index, array, subgraph)
+        wrapper.Invoke(subgraph)
+        for index, result in zip(self._output_indices, results):
+            np.copyto(result, wrapper.tensor(wrapper, index, subgraph))  # a view, dropped before the next call

@@ -7,7 +7,8 @@ import pytest
 import models
 from dnnpipe.errors import DnnpipeError
 from dnnpipe.manifest import TensorSpec, read_manifest
-from dnnpipe.runtime.dataio import input_datasets, to_real, to_wire
+from dnnpipe.runtime import dataio
+from dnnpipe.runtime.dataio import input_datasets, read_inputs, to_real, to_wire
 from helpers import assert_clean_error, run_script
 
 INT8 = TensorSpec("image", "image", (1, 2, 2, 1), "int8", quantization=(0.5, -3))
@@ -131,3 +132,26 @@ def test_the_help_texts_say_how_several_inputs_are_laid_out():
         assert "dataset 'images' for a one-input model, else one dataset per model input named as the input" in text
     running = re.search(r"### Running the pipeline\n(.*?)\n### ", (ROOT / "README.md").read_text(), re.S)
     assert running and "one dataset per input, each named as the input" in " ".join(running.group(1).split())
+
+
+@pytest.mark.parametrize("block_bytes", [1, 2 * 4 * 4, 1 << 20])  # a row, two rows, every row per HDF5 read
+def test_inputs_are_read_a_block_of_rows_at_a_time_and_cycle_in_order(tmp_path, monkeypatch, block_bytes):
+    monkeypatch.setattr(dataio, "BLOCK_BYTES", block_bytes)
+    data = np.arange(5 * 4, dtype="float32").reshape(5, 2, 2, 1)
+    with h5py.File(tmp_path / "data.h5", "w") as f:
+        f["images"] = data
+    rows = [arrays[0] for arrays in read_inputs(tmp_path / "data.h5", [FLOAT], 12)]
+    assert len(rows) == 12 and all(row.shape == FLOAT.shape and row.dtype == np.float32 for row in rows)
+    for i, row in enumerate(rows):
+        np.testing.assert_array_equal(row, data[i % 5].reshape(FLOAT.shape))
+    assert len(list(read_inputs(tmp_path / "data.h5", [FLOAT], None))) == 5
+
+
+def test_a_value_an_int8_input_cannot_hold_is_named_by_its_row_in_a_block(tmp_path):
+    real = np.zeros((6, 2, 2, 1), dtype="float32")
+    real[4, 1, 0, 0] = 100.0
+    with h5py.File(tmp_path / "data.h5", "w") as f:
+        f["images"] = real
+    inputs = read_inputs(tmp_path / "data.h5", [INT8], None)
+    with pytest.raises(DnnpipeError, match=r"data.h5: dataset 'images' row 4 holds the value 100"):
+        list(inputs)

@@ -32,6 +32,10 @@ def test_demo_runs_end_to_end(tmp_path):
         assert measured[f"{run}_throughput"] > 0 and measured[f"predicted_{run}_throughput"] > 0, (run, measured)
     assert 0 < measured["latency_p50_ms"] <= measured["latency_p95_ms"]
     assert len(measured["stages"]) == len(plan["pipeline_plan"])
+    # each stage's CPU per frame, every thread, and the inference's part of it, in measured.json and the report
+    cpu, inference = measured["stage_cpu_ms_per_frame"], measured["stage_inference_cpu_ms"]
+    assert len(cpu) == len(inference) == len(plan["pipeline_plan"]) and all(0 < i < c for c, i in zip(cpu, inference))
+    assert f"{cpu[0]:.2f} ({inference[0]:.2f} + {cpu[0] - inference[0]:.2f})" in report
     assert ("faithful: the host computed every stage" in report) != ("NOT faithful in" in report)
     assert (work / "results.h5").exists()
     devices = sorted(p.name for p in (work / "devices").iterdir())

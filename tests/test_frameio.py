@@ -416,3 +416,59 @@ def test_fuzz_the_reader_with_valid_frames_changed(draw):
     for _ in range(draw.draw(st.integers(1, 4))):
         frame[draw.draw(st.integers(0, len(frame) - 1))] = draw.draw(st.integers(0, 255))
     read_until_refused(bytes(frame[:draw.draw(st.integers(0, len(frame)))]))
+
+
+def tcp_pair():
+    listener = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(listener.getsockname())
+    b, _ = listener.accept()
+    listener.close()
+    return a, b
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_a_payload_trickling_in_is_read_whole_and_the_low_water_mark_is_reset(tls, certificate):
+    """The reader sleeps until most of a payload is there (SO_RCVLOWAT), never past what is still to come: a cut
+    sent in small pieces with pauses arrives whole, an END right after it is read at once, and the socket wakes
+    on any byte again between frames."""
+    big = [TensorSpec("cut", "cut", (1, 150_000), "float32")]  # 600 KB, as the tiny model's largest cut
+    a, b = tcp_pair()
+    if tls:
+        server: list = []
+        thread = threading.Thread(target=lambda: server.append(tls_wrap(b, tls_context(certificate, True), True)))
+        thread.start()
+        a = tls_wrap(a, tls_context(certificate, False), False)
+        thread.join()
+        b = server[0]
+    sent = [np.random.default_rng(k).random(big[0].shape).astype("float32") for k in range(2)]
+
+    def trickle():
+        a.setblocking(True)
+        for k, data in enumerate(sent):
+            frame = encode_frame(Kind.DATA, k, 0, big, [data])
+            for at in range(0, len(frame), 100_000):
+                a.sendall(frame[at:at + 100_000])
+                time.sleep(0.02)
+        a.sendall(encode_frame(Kind.END, len(sent), 0))
+
+    sender = threading.Thread(target=trickle)
+    sender.start()
+    reader, out = FrameReader(b, big, "peer", 5.0), [np.empty(big[0].shape, "float32")]
+    for data in sent:
+        assert reader.read(out).kind == Kind.DATA
+        np.testing.assert_array_equal(out[0], data)
+        assert b.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+    assert reader.read(out).kind == Kind.END  # at once: a reader waiting for a low water mark would time out
+    sender.join()
+    a.close(), b.close()
+
+
+def test_a_peer_that_stops_mid_payload_is_a_truncated_frame_not_a_wait_for_the_low_water_mark():
+    big = [TensorSpec("cut", "cut", (1, 150_000), "float32")]
+    a, b = tcp_pair()
+    frame = encode_frame(Kind.DATA, 0, 0, big, [np.zeros(big[0].shape, "float32")])
+    a.sendall(frame[:300_000])
+    threading.Timer(0.2, a.close).start()
+    with pytest.raises(ProtocolError, match="truncated frame: connection closed after"):  # not "incomplete after"
+        FrameReader(b, big, "peer", 10.0).read([np.empty(big[0].shape, "float32")])
+    b.close()

@@ -22,7 +22,7 @@ from dnnpipe.profile.devices import PID, DeviceProfileOptions, DeviceTimes, Outc
     profile_devices, uploads, with_device_rows
 from dnnpipe.profile.devices import link_costs as devices_link_costs
 from dnnpipe.profile.costs import unit_times
-from dnnpipe.profile.timer import link_costs, time_units
+from dnnpipe.profile.timer import frame_costs, link_costs, time_units
 from dnnpipe.testbed.pacing import LinkCost, emulation
 from dnnpipe.profile.profiler import profiling_model
 from helpers import ROOT
@@ -126,11 +126,44 @@ def test_a_devices_link_cpu_comes_back_with_its_row(converted, tmp_path):
     times = outcomes[0].times
     assert times is not None and times.send_ms_per_mb > 0 and times.receive_ms_per_mb > 0
     assert times.link_tls is (shutil.which("openssl") is not None)
+    assert times.frame_ms is not None and times.frame_ms > 0
     assert devices_link_costs(outcomes) == [{"device": 1, "send_ms_per_mb": times.send_ms_per_mb,
                                              "receive_ms_per_mb": times.receive_ms_per_mb, "tls": times.link_tls,
-                                             "cpu_share": times.cpu_share}]
+                                             "frame_ms": times.frame_ms, "cpu_share": times.cpu_share}]
     assert 0 < times.cpu_share <= 1
     assert devices_link_costs([Outcome(devices[0], DeviceTimes(1, 0.1, 1.0, (1.0,)))]) is None
+
+
+def test_the_prediction_counts_each_devices_cpu_per_frame_on_every_stage():
+    stages = [[1, 1, 1], [2, 3, 2]]
+    links = [LinkCost(3.0, 100.0, frame_ms=1.5), LinkCost(100.0, 4.0, frame_ms=2.5)]
+    counted = emulation(link_config(), stages, 1.0, links)
+    # as above, and each stage pays its own device's CPU per frame, however small its cuts
+    assert [s.link_cpu_ms for s in counted.stages] == pytest.approx([7.5, 10.5])
+    assert counted.throughput == pytest.approx(1000 / 30.5)
+    assert counted.paper_throughput == pytest.approx(1000 / 20)
+    single = emulation(link_config(), [[1, 3, 1]], 1.0, links)  # no cut crosses a link, the frame cost remains
+    assert single.stages[0].link_cpu_ms == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("tls", [True, False])
+def test_the_timer_measures_a_stages_own_cpu_per_frame(tmp_path, tls):
+    if tls:
+        if shutil.which("openssl") is None:
+            pytest.skip("openssl is not installed: no pipeline certificate to measure TLS with")
+        create_certificate(tmp_path)
+    cost = frame_costs(tmp_path, slowdown=2.0, seconds=0.3)
+    assert cost["tls"] is tls and cost["frames"] == 30
+    assert 0 < cost["cpu_ms"] < 100 and cost["frame_ms"] == pytest.approx(2 * cost["cpu_ms"], rel=1e-3)
+
+
+def test_a_timer_result_with_a_bad_frame_cost_is_refused():
+    log = 'RESULT {"probe_ms": 0.1, "whole_ms": 1, "units_ms": [1], "link": {"send_ms_per_mb": 1, ' \
+          '"receive_ms_per_mb": 1, "tls": true, "frame_ms": -0.5}}'
+    with pytest.raises(DnnpipeError, match="negative"):
+        parse_result(1, log, 1)
+    times = parse_result(1, log.replace("-0.5", "0.5"), 1)
+    assert times.frame_ms == 0.5
 
 
 def test_a_timer_result_with_a_bad_link_cost_is_refused():

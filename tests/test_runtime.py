@@ -47,6 +47,24 @@ def pipelines(tmp_path_factory):
     return root, np.asarray(model(images, training=False))
 
 
+def test_a_stage_runner_into_its_result_buffers_equals_its_call(pipelines):
+    """StageRunner.into (what a stage runs: no per-call resize, one copy out) answers exactly as __call__ does,
+    frame after frame, into the same result buffers."""
+    from dnnpipe.interpreter import StageRunner
+
+    root, _ = pipelines
+    folder = root / "p4" / "res"
+    rng = np.random.default_rng(1)
+    for spec in read_manifest(folder).stages:
+        runner = StageRunner(folder / spec.file, spec, 1)
+        results = [np.empty(t.shape, t.dtype) for t in spec.outputs]
+        for _ in range(3):
+            arrays = [rng.random(t.shape).astype(t.dtype) for t in spec.inputs]
+            runner.into(arrays, results)
+            for got, expected in zip(results, runner(arrays)):
+                np.testing.assert_array_equal(got, expected)
+
+
 @pytest.mark.parametrize("stages", [1, 2, 4])
 def test_pipeline_results_equal_the_keras_model(pipelines, stages, tmp_path):
     root, expected = pipelines

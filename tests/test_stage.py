@@ -10,6 +10,7 @@ import pytest
 
 from dnnpipe.manifest import StageSpec, TensorSpec
 from dnnpipe.protocol import Kind, PeerError
+from dnnpipe.runtime.metrics import summarise
 from dnnpipe.runtime.stage import StageLoop
 from dnnpipe.runtime.transport import Downstream, Upstream
 
@@ -154,3 +155,65 @@ def test_a_missing_data_file_fails_the_stage_with_its_name(tmp_path):
     assert loop.error is not None and loop.error.startswith("[stage 1]") and "gone.h5" in loop.error
     with h5py.File(tmp_path / "out.h5", "r") as f:
         assert not bool(f.attrs["complete"])  # a partial file says so
+
+
+def test_the_stage_counts_its_cpu_per_frame_and_the_inferences_share(relay):
+    loop, links, thread = relay
+    for i in range(5):
+        links.previous.send(i, 0, [np.ones((1, 3), dtype="float32")])
+    links.previous.end(5)
+    out = [np.empty((1, 3), dtype="float32")]
+    while links.following.read(out).kind == Kind.DATA:
+        pass
+    thread.join(SECONDS)
+    summary = summarise(2, loop.timings, False, loop.cpu_seconds)
+    assert loop.cpu_seconds > 0 and summary.cpu_ms_per_frame == pytest.approx(loop.cpu_seconds * 1000 / 5)
+    assert summary.inference_cpu_ms is not None and 0 <= summary.inference_cpu_ms <= summary.cpu_ms_per_frame
+    assert summary.frame_cpu_ms == pytest.approx(summary.cpu_ms_per_frame - summary.inference_cpu_ms)
+    assert "CPU" in summary.describe()
+
+
+class Into:
+    """A runner that writes into the result buffers itself (as StageRunner.into does)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, buffers):
+        raise AssertionError("the loop must use into")
+
+    def into(self, buffers, results):
+        self.calls += 1
+        np.multiply(buffers[0], 3, out=results[0])
+
+
+def test_a_runner_with_into_fills_the_result_buffers_itself():
+    runner = Into()
+    loop = StageLoop(NAME, SPEC, runner, queue_size=2, say=lambda line: None)
+    links = Links(loop)
+    thread = running(loop, loop.receive, loop.send)
+    try:
+        links.previous.send(0, 0, [np.arange(3, dtype="float32").reshape(1, 3)])
+        links.previous.end(1)
+        out = [np.empty((1, 3), dtype="float32")]
+        assert links.following.read(out).kind == Kind.DATA
+        np.testing.assert_array_equal(out[0], [[0, 3, 6]])
+        assert links.following.read(out).kind == Kind.END and runner.calls == 1
+    finally:
+        loop.abort("test over")
+        thread.join(SECONDS)
+        links.close()
+
+
+def test_an_unpaced_stage_reports_no_pacing_however_its_threads_are_scheduled(relay):
+    """Pacing is the sleep to a planned time; without a plan nothing is paced, even when the executor waits for
+    the CPU after handing its input buffer back (a quota-limited board: the receive thread runs first)."""
+    loop, links, thread = relay
+    for i in range(6):
+        links.previous.send(i, 0, [np.ones((1, 3), dtype="float32")])
+    links.previous.end(6)
+    out = [np.empty((1, 3), dtype="float32")]
+    while links.following.read(out).kind == Kind.DATA:
+        pass
+    thread.join(SECONDS)
+    assert len(loop.timings) == 6 and all(t.emulation_ms == 0.0 and t.planned_ms == 0.0 for t in loop.timings)

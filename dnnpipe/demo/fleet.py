@@ -165,7 +165,7 @@ def measured_links(work: Work) -> Optional[list[Any]]:
         return None
     try:
         rows = json.loads(work.link_costs.read_text())
-        return [LinkCost(float(r["send_ms_per_mb"]), float(r["receive_ms_per_mb"]))
+        return [LinkCost(float(r["send_ms_per_mb"]), float(r["receive_ms_per_mb"]), float(r.get("frame_ms") or 0.0))
                 for r in sorted(rows, key=lambda r: int(r["device"]))]
     except (ValueError, KeyError, TypeError) as e:
         raise DnnpipeError(f"{work.link_costs}: malformed ({e}); run the profile step again") from None

@@ -53,6 +53,8 @@ def measured(work: Work, runs: dict[str, Any], pipeline_plan: Any, single_plan: 
         "planned_stage_ms": [s.compute_ms for s in pipeline_plan.stages],
         "planned_hop_ms": [s.hop_ms for s in pipeline_plan.stages],
         "stage_time_p50_ms": [s.stage_time_p50_ms for s in pipeline.stages],
+        "stage_cpu_ms_per_frame": [s.cpu_ms_per_frame for s in pipeline.stages],  # the process's, every thread
+        "stage_inference_cpu_ms": [s.inference_cpu_ms for s in pipeline.stages],
         "stages": breakdown(work.logs / "pipeline", len(pipeline.stages)),
         "single_stages": breakdown(work.logs / "single", 1)}
 
@@ -117,12 +119,14 @@ def link_lines(measured: dict[str, Any]) -> list[str]:
     paper = measured.get("paper_predicted_pipeline_throughput")
     if measured.get("link_costs") is None or paper is None:
         return ["- prediction: the paper's cost model (no link CPU was measured on the boards)"]
-    costs = ", ".join(f"{c['send_ms_per_mb']:.2f} / {c['receive_ms_per_mb']:.2f}" for c in measured["link_costs"])
+    costs = ", ".join(f"{c['send_ms_per_mb']:.2f} / {c['receive_ms_per_mb']:.2f} / {c.get('frame_ms') or 0.0:.2f}"
+                      for c in measured["link_costs"])
     cpu = ", ".join(f"{ms:.2f}" for ms in measured["planned_link_cpu_ms"])
-    return [f"- prediction counts each board's CPU on its links (measured on the board, ms per MB sent / "
-            f"received: {costs}; per stage {cpu} ms): on a board of one core or less it comes out of the same "
-            f"quota as the compute, so compute and send do not overlap. The paper's cost model (links cost no CPU) "
-            f"predicts {paper:.1f} inferences/s: the pipeline measured {measured['pipeline_throughput'] / paper:.0%} "
+    return [f"- prediction counts each board's CPU on its links and per frame (measured on the board, ms per MB "
+            f"sent / received / ms per frame: {costs}; per stage {cpu} ms): on a board of one core or less it comes "
+            f"out of the same quota as the compute, so compute and send do not overlap. The paper's cost model "
+            f"(links and frames cost no CPU) predicts {paper:.1f} inferences/s: the pipeline measured "
+            f"{measured['pipeline_throughput'] / paper:.0%} "
             f"of it; the fastest board alone {measured['paper_predicted_single_throughput']:.1f} "
             f"({measured['single_throughput'] / measured['paper_predicted_single_throughput']:.0%})."]
 
@@ -159,14 +163,17 @@ def write_report(work: Work) -> str:
     _plot_stage_times(measured["planned_stage_ms"], measured["stage_time_p50_ms"], work.root / "stage_times.png")
 
     rows = ["| stage | units | device | C | planned ms | link ms | host compute p50 | pacing p50 | transfer p50 | "
-            "queueing p50 | frames over plan | memory MiB / capacity |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for (start, end, d), planned, hop, b, mem in zip(plan["pipeline_plan"], measured["planned_stage_ms"],
-                                                     measured["planned_hop_ms"], measured["stages"],
-                                                     plan["stage_memory_mb"]):
+            "queueing p50 | frames over plan | CPU ms / frame (inference + the rest) | memory MiB / capacity |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    stages_cpu = zip(measured.get("stage_cpu_ms_per_frame") or [None] * len(measured["stages"]),
+                     measured.get("stage_inference_cpu_ms") or [None] * len(measured["stages"]))
+    for (start, end, d), planned, hop, b, mem, (cpu, inference) in zip(
+            plan["pipeline_plan"], measured["planned_stage_ms"], measured["planned_hop_ms"], measured["stages"],
+            plan["stage_memory_mb"], stages_cpu):
+        spent = "" if cpu is None or inference is None else f"{cpu:.2f} ({inference:.2f} + {cpu - inference:.2f})"
         rows.append(f"| {b['stage']} | {start}-{end} | {d} | {C[d - 1]:g} | {planned:.2f} | {_ms(hop or None)} | "
                     f"{_ms(b['host_compute_p50_ms'])} | {_ms(b['pacing_p50_ms'])} | {_ms(b['transfer_p50_ms'])} | "
-                    f"{_ms(b['queueing_p50_ms'])} | {b['overruns']} / {b['frames']} | "
+                    f"{_ms(b['queueing_p50_ms'])} | {b['overruns']} / {b['frames']} | {spent} | "
                     f"{mem:.1f} / {config.cluster.M[d - 1]:.1f} |")
     overruns = sum(b["overruns"] for b in measured["stages"] + measured["single_stages"])
     frames = sum(b["frames"] for b in measured["stages"] + measured["single_stages"])

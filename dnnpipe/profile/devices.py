@@ -51,6 +51,7 @@ class DeviceTimes:
     receive_ms_per_mb: Optional[float] = None
     link_tls: Optional[bool] = None
     whole_cpu_ms: Optional[float] = None  # the timer's own CPU per whole-model invoke (whole_ms / it: the hold-back)
+    frame_ms: Optional[float] = None  # a stage's own CPU per frame beyond inference and bytes, device ms (timer)
 
     @property
     def cpu_share(self) -> Optional[float]:
@@ -120,11 +121,12 @@ def parse_result(device_id: int, log: str, units: int) -> DeviceTimes:
                             None if link is None else float(link["send_ms_per_mb"]),
                             None if link is None else float(link["receive_ms_per_mb"]),
                             None if link is None else bool(link["tls"]),
-                            float(data["whole_cpu_ms"]) if "whole_cpu_ms" in data else None)
+                            float(data["whole_cpu_ms"]) if "whole_cpu_ms" in data else None,
+                            None if link is None or "frame_ms" not in link else float(link["frame_ms"]))
     except (ValueError, KeyError, TypeError) as e:
         raise DnnpipeError(f"the timer's result is malformed ({e})") from None
     values = [times.probe_ms, times.whole_ms, *times.units_ms, times.send_ms_per_mb or 0.0,
-              times.receive_ms_per_mb or 0.0]
+              times.receive_ms_per_mb or 0.0, times.frame_ms or 0.0]
     if len(times.units_ms) != units or not all(0 <= v < float("inf") for v in values):
         raise DnnpipeError(f"the timer returned {len(times.units_ms)} unit times (expected {units}), or one "
                            f"that is negative or not finite")
@@ -247,14 +249,14 @@ def with_device_rows(config: dict, outcomes: Sequence[Outcome]) -> dict:
 
 
 def link_costs(outcomes: Sequence[Outcome]) -> Optional[list[dict]]:
-    """Each device's measured link CPU (device ms per MB sent and received), in device order, or None when
-    a device has none (profiled without the link measurement)."""
+    """Each device's measured link CPU (device ms per MB sent and received) and a stage's own CPU per frame
+    (device ms), in device order, or None when a device has none (profiled without the link measurement)."""
     ordered = sorted(outcomes, key=lambda o: o.device.device_id)
     if not all(o.times is not None and o.times.send_ms_per_mb is not None for o in ordered):
         return None
     return [{"device": o.device.device_id, "send_ms_per_mb": o.times.send_ms_per_mb,  # type: ignore[union-attr]
              "receive_ms_per_mb": o.times.receive_ms_per_mb, "tls": o.times.link_tls,  # type: ignore[union-attr]
-             "cpu_share": o.times.cpu_share}  # type: ignore[union-attr]
+             "frame_ms": o.times.frame_ms, "cpu_share": o.times.cpu_share}  # type: ignore[union-attr]
             for o in ordered]
 
 
@@ -269,7 +271,7 @@ def check_registry(registry: dict[int, Device], source: str) -> list[Device]:
 
 def format_outcomes(outcomes: Sequence[Outcome]) -> str:
     rows = [f"{'device':>6}  {'whole ms':>9} {'sum(E) ms':>9} {'CPU share':>9} {'send ms/MB':>10} "
-            f"{'recv ms/MB':>10} {'seconds':>7}  result"]
+            f"{'recv ms/MB':>10} {'frame ms':>8} {'seconds':>7}  result"]
     nan = float("nan")
     for o in outcomes:
         t = o.times
@@ -277,9 +279,10 @@ def format_outcomes(outcomes: Sequence[Outcome]) -> str:
         send = t.send_ms_per_mb if t and t.send_ms_per_mb is not None else nan
         receive = t.receive_ms_per_mb if t and t.receive_ms_per_mb is not None else nan
         share = t.cpu_share if t and t.cpu_share is not None else nan
+        frame = t.frame_ms if t and t.frame_ms is not None else nan
         rows.append(f"{o.device.device_id:>6}  {t.whole_ms if t else nan:>9.3f} "
                     f"{sum(t.E) if t else nan:>9.3f} {share:>9.3f} {send:>10.3f} {receive:>10.3f} "
-                    f"{o.seconds:>7.1f}  {result}")
+                    f"{frame:>8.3f} {o.seconds:>7.1f}  {result}")
     return "\n".join(rows)
 
 

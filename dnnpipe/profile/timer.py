@@ -15,12 +15,16 @@ A device also spends CPU on its links: a stage receives its input cut and sends 
 default), and on a board of one core or less that CPU comes out of the same budget as the stage's compute. With
 `--link-folder` (holding a pipeline.crt pair, or none: plain TCP) the timer also measures that: frames pushed
 through a loopback link within the device, each end's CPU time counted, scaled by how much slower the device ran
-them than that CPU time (its quota), as device ms per MB sent and received.
+them than that CPU time (its quota), as device ms per MB sent and received. A stage also spends CPU on every
+frame whatever its size (the frame's header, the hand-offs between its three threads, waking on its sockets, the
+bookkeeping): the timer runs the runtime's own StageLoop between a feeder and a drain on loopback links with a
+tensor of a few bytes and measures that too, as device ms per frame (`frame_costs`).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import socket
@@ -35,7 +39,7 @@ import numpy as np
 
 from ..frameio import FrameReader, FrameWriter
 from ..interpreter import load_interpreter, prepared_invoke
-from ..manifest import TensorSpec
+from ..manifest import StageSpec, TensorSpec
 from ..pipeline_key import CERT_FILE, CERT_KEY_FILE, tls_context
 from ..protocol import Kind
 from .costs import unit_times
@@ -96,8 +100,9 @@ LINK_DEADLINE = 60.0  # every socket operation of the link measurement
 
 
 def link_costs(folder: Optional[Path], seconds: float, slowdown: float) -> dict[str, Any]:
-    """Device ms per MB to send and to receive a cut, TLS when `folder` holds the pipeline certificate: each
-    end's thread CPU time per MB times `slowdown`, the device's wall over CPU time for the whole model (its
+    """Device ms per MB to send and to receive a cut, TLS when `folder` holds the pipeline certificate, with the
+    stage's copy of the cut into its interpreter (received) or out of it (sent): each end's thread CPU time per MB
+    times `slowdown`, the device's wall over CPU time for the whole model (its
     quota's hold-back; 1 on an unlimited CPU). The frames go through the runtime's own FrameWriter and
     FrameReader on non-blocking sockets, as a stage sends and receives them. Wall time of the loop itself would
     count the ends waiting for each other on loopback, which a stage does not pay."""
@@ -126,8 +131,10 @@ def link_costs(folder: Optional[Path], seconds: float, slowdown: float) -> dict[
             with wrap(conn, True) as link:
                 reader, buffers = FrameReader(link, specs, "sender", LINK_DEADLINE), [np.empty(LINK_FRAME // 4,
                                                                                                np.float32)]
+                interpreter_input = np.empty(LINK_FRAME // 4, np.float32)
                 total, began = 0, time.thread_time()
                 while reader.read(buffers).kind == Kind.DATA:
+                    np.copyto(interpreter_input, buffers[0])  # a stage then sets the cut as its interpreter's input
                     total += LINK_FRAME
                 cpu["receive"], moved["receive"] = time.thread_time() - began, total
         except (OSError, ssl.SSLError, ValueError) as e:
@@ -138,8 +145,10 @@ def link_costs(folder: Optional[Path], seconds: float, slowdown: float) -> dict[
             with wrap(socket.create_connection(listener.getsockname(), LINK_DEADLINE), False) as link:
                 writer, tensors = FrameWriter(link, specs, "receiver", LINK_DEADLINE), [np.ones(LINK_FRAME // 4,
                                                                                                 np.float32)]
+                interpreter_output = np.ones(LINK_FRAME // 4, np.float32)
                 total, began_cpu, began = 0, time.thread_time(), time.perf_counter()
                 while time.perf_counter() - began < seconds:
+                    np.copyto(tensors[0], interpreter_output)  # a stage copies its output cut out of the interpreter
                     writer.send(total // LINK_FRAME, 0, tensors)
                     total += LINK_FRAME
                 cpu["send"], moved["send"] = time.thread_time() - began_cpu, total
@@ -161,6 +170,92 @@ def link_costs(folder: Optional[Path], seconds: float, slowdown: float) -> dict[
             "receive_ms_per_mb": cpu["receive"] * 1000 * slowdown / megabytes}
 
 
+FRAME_RATE = 100.0  # frames a second offered to the measured stage loop: it waits for each, as a pipeline stage does
+FRAME_SECONDS = 1.5  # how long the feeder offers frames
+
+
+def frame_costs(folder: Optional[Path], slowdown: float, seconds: float = FRAME_SECONDS,
+                rate: float = FRAME_RATE) -> dict[str, Any]:
+    """A stage's own CPU per frame beyond its inference and its cuts' bytes, in device ms: the runtime's StageLoop
+    (its receive, execute and send threads, queues and buffer pools; a copy for an inference) fed frames of one
+    64-byte tensor at `rate` over a loopback link and sending them on over another (TLS when `folder` holds the
+    pipeline certificate), its process CPU time per frame less the feeder's and the drain's own, times `slowdown`
+    (the device's wall over CPU time: its quota's hold-back)."""
+    from ..runtime.stage import StageLoop
+    from ..runtime.transport import Downstream, Upstream
+
+    tls = folder is not None and (folder / CERT_FILE).is_file()
+    specs = (TensorSpec("frame", "frame", (1, 16), "float32"),)
+    frames = max(10, int(seconds * rate))
+    go, cpu, errors = threading.Event(), {"feeder": 0.0, "drain": 0.0}, []
+    listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    for listener in listeners:
+        listener.settimeout(LINK_DEADLINE)
+
+    def wrap(sock: socket.socket, server_side: bool) -> socket.socket:
+        sock.settimeout(LINK_DEADLINE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls:
+            assert folder is not None
+            sock = tls_context(folder, server_side).wrap_socket(sock, server_side=server_side)
+        return sock
+
+    def feeder() -> None:
+        try:
+            with wrap(socket.create_connection(listeners[0].getsockname(), LINK_DEADLINE), False) as link:
+                writer, tensors = FrameWriter(link, specs, "the stage", LINK_DEADLINE), [np.ones((1, 16), np.float32)]
+                if not go.wait(LINK_DEADLINE):
+                    return
+                began, start = time.thread_time(), time.perf_counter()
+                for k in range(frames):
+                    time.sleep(max(0.0, start + k / rate - time.perf_counter()))
+                    writer.send(k, 0, tensors)
+                writer.end(frames)
+                cpu["feeder"] = time.thread_time() - began
+                time.sleep(0.2)  # the stage reads END before this end closes
+        except (OSError, ValueError) as e:
+            errors.append(e)
+
+    def drain() -> None:
+        try:
+            conn, _ = listeners[1].accept()
+            with wrap(conn, True) as link:
+                reader, buffers = FrameReader(link, specs, "the stage", LINK_DEADLINE), [np.empty((1, 16), np.float32)]
+                began = time.thread_time()
+                while reader.read(buffers).kind == Kind.DATA:
+                    pass
+                cpu["drain"] = time.thread_time() - began
+        except (OSError, ValueError) as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=feeder, daemon=True), threading.Thread(target=drain, daemon=True)]
+    for thread in threads:
+        thread.start()
+    try:
+        conn, _ = listeners[0].accept()
+        upstream = Upstream(wrap(conn, True), "the feeder", specs, LINK_DEADLINE)
+        downstream = Downstream(wrap(socket.create_connection(listeners[1].getsockname(), LINK_DEADLINE), False),
+                                "the drain", specs, LINK_DEADLINE)
+        spec = StageSpec(1, 1, (1, 1), "", "", specs, specs)
+        loop = StageLoop("[frame cost]", spec, lambda arrays: arrays, 1, say=lambda line: None)
+        loop.upstream, loop.downstream = upstream, downstream
+        go.set()
+        gc.freeze()  # as a stage process does before its loop (runtime.stage.Stage.run)
+        loop.run(loop.receive, loop.send)
+        for thread in threads:
+            thread.join(LINK_DEADLINE)
+        upstream.close()
+        downstream.close()
+    finally:
+        go.set()
+        for listener in listeners:
+            listener.close()
+    if errors or loop.error or len(loop.timings) != frames:
+        raise OSError(f"the frame cost measurement failed ({errors[0] if errors else loop.error or 'frames lost'})")
+    cpu_ms = (loop.cpu_seconds - cpu["feeder"] - cpu["drain"]) * 1000 / frames
+    return {"tls": tls, "frames": frames, "cpu_ms": round(cpu_ms, 4), "frame_ms": cpu_ms * slowdown}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="dnnpipe.profile.timer", description=__doc__)
     parser.add_argument("model", help="the profiling model (.tflite with whole, probe and unit_K signatures)")
@@ -177,6 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.link_folder is not None:
             slowdown = max(1.0, result["whole_ms"] / max(1e-9, result["whole_cpu_ms"]))
             result["link"] = link_costs(args.link_folder, max(0.2, 4 * args.seconds), slowdown)
+            result["link"]["frame_ms"] = frame_costs(args.link_folder, slowdown)["frame_ms"]
     except Exception as e:  # noqa: BLE001 - the host gets one line, whatever the interpreter raised
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", flush=True)
         return 1

@@ -25,6 +25,7 @@ class FrameTiming:
     planned_ms: float = 0.0  # the emulated device's planned stage time (0: not paced)
     received: float = 0.0  # epoch seconds the frame was read off the link (0: read from the input file)
     send_start: float = 0.0  # epoch seconds its result began to go to the next stage (0: last stage)
+    inference_cpu_ms: float = 0.0  # the executor thread's CPU time for the inference (invoke and copies)
 
     @property
     def overrun(self) -> bool:
@@ -46,11 +47,23 @@ class StageSummary:
     latency_p95_ms: Optional[float] = None
     planned_ms: float = 0.0  # the emulated device's planned stage time (0: not paced)
     overruns: int = 0  # frames whose host compute exceeded planned_ms
+    cpu_ms_per_frame: Optional[float] = None  # the stage process's CPU time per frame, every thread
+    inference_cpu_ms: Optional[float] = None  # of it, the inference's (mean); the rest is the stage's own work
+
+    @property
+    def frame_cpu_ms(self) -> Optional[float]:
+        """CPU per frame outside the inference: receiving, decoding, TLS, hand-offs, sending."""
+        if self.cpu_ms_per_frame is None or self.inference_cpu_ms is None:
+            return None
+        return self.cpu_ms_per_frame - self.inference_cpu_ms
 
     def describe(self) -> str:
         text = (f"[stage {self.stage}] {self.frames} frames in {self.seconds:.2f} s: {self.throughput:.1f} "
                 f"inferences/s; inference p50 {self.inference_p50_ms:.2f} ms p95 {self.inference_p95_ms:.2f} ms; "
                 f"stage time p50 {self.stage_time_p50_ms:.2f} ms; busy {self.busy_fraction:.0%}")
+        if self.cpu_ms_per_frame is not None and self.inference_cpu_ms is not None:
+            text += (f"; CPU {self.cpu_ms_per_frame:.2f} ms a frame ({self.inference_cpu_ms:.2f} inference, "
+                     f"{self.cpu_ms_per_frame - self.inference_cpu_ms:.2f} the rest)")
         if self.planned_ms:
             text += f"; paced to {self.planned_ms:.2f} ms, {self.overruns} frames over it"
         if self.latency_p50_ms is not None:
@@ -59,7 +72,9 @@ class StageSummary:
         return text
 
 
-def summarise(stage: int, timings: Sequence[FrameTiming], last: bool) -> StageSummary:
+def summarise(stage: int, timings: Sequence[FrameTiming], last: bool,
+              cpu_seconds: Optional[float] = None) -> StageSummary:
+    """`cpu_seconds`: the stage process's CPU time over the run (all its threads), for CPU per frame."""
     if not timings:
         return StageSummary(stage, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     ends = np.array([t.infer_end for t in timings])
@@ -79,6 +94,8 @@ def summarise(stage: int, timings: Sequence[FrameTiming], last: bool) -> StageSu
         latency_p50_ms=float(np.percentile(latency, 50)) if last else None,
         latency_p95_ms=float(np.percentile(latency, 95)) if last else None,
         planned_ms=timings[0].planned_ms, overruns=sum(t.overrun for t in timings),
+        cpu_ms_per_frame=None if cpu_seconds is None else cpu_seconds * 1000 / len(timings),
+        inference_cpu_ms=float(np.mean([t.inference_cpu_ms for t in timings])),
     )
 
 

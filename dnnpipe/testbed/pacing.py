@@ -11,7 +11,9 @@ inputs, the last writes results locally), so the plan's input and output hops ar
 The paper's model counts no CPU for the links. On a board of one core or less (every board of the virtual
 fleet) receiving and sending a cut take CPU from the same budget as the compute (TLS included), so compute and
 send do not overlap: given each device's measured link CPU (LinkCost, per-device profiling) a stage's period
-is max(receive + compute + send, hop). Without it the period is the paper's.
+is max(receive + compute + send + frame, hop), frame being the stage's own CPU per frame whatever its size
+(LinkCost.frame_ms: its threads' hand-offs, the frames' headers, waking on its sockets). Without it the period is
+the paper's.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class LinkCost:
 
     send_ms_per_mb: float
     receive_ms_per_mb: float
+    frame_ms: float = 0.0  # a stage's own CPU per frame beyond its inference and its cuts' bytes
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class StagePace:
     units: tuple[int, int]
     compute_ms: float  # on the emulated device
     hop_ms: float  # its output cut to the next stage's device (0 for the last stage or without B and A)
-    link_cpu_ms: float = 0.0  # the device's CPU receiving its input cut and sending its output cut (measured)
+    link_cpu_ms: float = 0.0  # the device's CPU receiving its input cut, sending its output cut, per frame (measured)
 
     @property
     def period_ms(self) -> float:
@@ -108,15 +111,18 @@ def emulation_scale(config: Config, cores: float) -> float:
 
 def link_cpu_ms(A: Optional[Sequence[float]], stages: Sequence[Sequence[int]], k: int,
                 links: Optional[Sequence[LinkCost]]) -> float:
-    """Stage k's (0-based) device CPU on its links: receiving the cut before it, sending the cut after it (A in
-    bytes; the first stage reads its inputs locally and the last writes its results, as the runtime does)."""
-    if links is None or A is None:
+    """Stage k's (0-based) device CPU beyond its compute: receiving the cut before it, sending the cut after it (A
+    in bytes; the first stage reads its inputs locally and the last writes its results, as the runtime does), and
+    its fixed CPU per frame."""
+    if links is None:
         return 0.0
     start, end, device = stages[k]
     cost = links[device - 1]
+    if A is None:
+        return cost.frame_ms
     received = A[start - 1] / 1e6 * cost.receive_ms_per_mb if k > 0 else 0.0
     sent = A[end] / 1e6 * cost.send_ms_per_mb if k + 1 < len(stages) else 0.0
-    return received + sent
+    return received + sent + cost.frame_ms
 
 
 def emulation(config: Config, stages: Sequence[Sequence[int]], scale: float,
