@@ -95,12 +95,18 @@ def parse_request(request: Any, model: codec.ModelTensors, max_batch: int) -> co
         count = codec.check_header(wire, item.datatype, shape, max_batch)
         given[item.name] = codec.in_range(wire.spec, _values(item, wire, raw[i] if raw else None, count)
                                           .reshape(shape))
-    outputs = [{"name": o.name} for o in request.outputs] or None
-    wanted = codec.requested(outputs, model, False)
-    typed = _parameter(request.parameters, "binary_data_output") is False  # raw unless the client asks
-    raw_out = not typed or any(w.wire.datatype not in CONTENTS for w in wanted)  # FP16 has no typed field
+    wanted = codec.requested([_output(o) for o in request.outputs] or None, model,
+                             _parameter(request.parameters, "binary_data_output") is not False)
+    # raw unless asked otherwise; all outputs one way (the protocol's rule), and FP16 has no typed field
+    raw_out = any(w.binary or w.wire.datatype not in CONTENTS for w in wanted)
     wanted = [codec.Requested(w.index, w.wire, raw_out) for w in wanted]
     return codec.gathered(request.id or None, given, model, max_batch, wanted)
+
+
+def _output(item: Any) -> dict[str, Any]:
+    """A requested output as the REST codec reads one: its name, and its `binary_data` parameter if given."""
+    binary = _parameter(item.parameters, "binary_data")
+    return {"name": item.name, "parameters": {} if binary is None else {"binary_data": binary}}
 
 
 def _values(item: Any, wire: codec.Wire, raw: Optional[bytes], count: int) -> np.ndarray:
