@@ -338,3 +338,110 @@ def test_typed_contents_check_ranges_and_raw_fp16():
     np.testing.assert_array_equal(parsed.inputs[0], [[1, -3]])
     np.testing.assert_array_equal(parsed.inputs[1], np.float16([[0.5, 2]]))
     assert parsed.outputs[0].binary  # FP16 has no typed contents field: raw despite binary_data_output false
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from serve_setup import make_served
+
+    return make_served(tmp_path_factory.mktemp("serve_grpc"), [1.0, 1.0, 1.0])
+
+
+def test_serve_grpc_on_device_agents_answers_16_threads_once_each(served, tmp_path):
+    """`serve --grpc` (beside --http, whose /metrics counts the answers) on three local agents: 16 client threads,
+    every request answered once with the model's own result; SIGTERM drains, exit 0, no agent left."""
+    import signal
+    import urllib.request
+
+    from dnnpipe.manifest import read_manifest
+    from dnnpipe.testbed.local import free_ports
+    from test_serve import Run, assert_no_orphans
+    from test_serve_http import served_images
+
+    registry = served.registry([1, 2, 3], tmp_path / "registry.json")
+    http_port, grpc_port = free_ports(2)
+    run = Run(["serve", "--device-registry", str(registry), "--model-path", str(served.parts), "--model-name",
+               served.name, "--config", str(served.config), "--work-dir", str(tmp_path / "serve_work"),
+               "--threshold", "100", "--http", f"127.0.0.1:{http_port}", "--grpc", f"127.0.0.1:{grpc_port}"])
+    try:
+        c = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        deadline = time.monotonic() + 90
+        while True:
+            assert run.process.poll() is None, "serve ended:\n" + "\n".join(run.lines)
+            try:
+                if c.is_server_ready(client_timeout=2):
+                    break
+            except InferenceServerException:  # not listening yet
+                pass
+            assert time.monotonic() < deadline, "serve --grpc never became ready:\n" + "\n".join(run.lines)
+            time.sleep(0.1)
+        manifest = read_manifest(served.parts / served.name)
+        images, expected = served_images(served), next(iter(served.expected.values()))
+        answers: dict[tuple[int, int], np.ndarray] = {}
+        failures: list[str] = []
+
+        def client_thread(t: int) -> None:
+            own = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+            for r in range(3):
+                row = (t + r) % len(expected)
+                tensor = tgrpc.InferInput(manifest.inputs[0].name, [1, *images.shape[1:]], "FP32")
+                tensor.set_data_from_numpy(images[row:row + 1])
+                try:
+                    answers[(t, r)] = own.infer(served.name, [tensor], client_timeout=60).as_numpy(
+                        manifest.outputs[0].name)
+                except InferenceServerException as e:
+                    failures.append(f"thread {t} request {r}: {e}")
+            own.close()
+
+        threads = [threading.Thread(target=client_thread, args=(t,)) for t in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not failures, failures[:3]
+        assert len(answers) == 48
+        for (t, r), got in answers.items():
+            np.testing.assert_allclose(got.reshape(expected[0].shape), expected[(t + r) % len(expected)],
+                                       rtol=1e-4, atol=1e-4)
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=30) as response:
+            metrics = response.read()
+        assert f'dnnpipe_requests_total{{code="200",model="{served.name}"}} 48.0' in metrics.decode()
+        c.close()
+    finally:
+        if run.process.poll() is None:
+            run.process.send_signal(signal.SIGTERM)
+    code, stdout, stderr = run.wait(30)
+    assert code == 0, f"{stdout}\n{stderr}"
+    assert "over gRPC on 127.0.0.1:" in stdout and "drained" in stdout, stdout
+    assert_no_orphans(served.root)
+
+
+def test_the_service_command_with_grpc_alone(tiny):  # noqa: F811
+    """`python -m dnnpipe service --grpc`: gRPC only (no REST on --http's default port), SIGTERM exits 0."""
+    import os
+    import re
+    import signal
+
+    from helpers import ROOT
+    from test_service_cli import read_line
+
+    folder, images, output, expected = tiny
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    process = subprocess.Popen([sys.executable, "-m", "dnnpipe", "service", "--model-path", str(folder.parent),
+                                "--model-name", folder.name, "--grpc", "127.0.0.1:0"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        line = read_line(process.stdout, 60)
+        match = re.search(r"over gRPC on (127\.0\.0\.1:\d+) \(OIP v2, plaintext\)", line)
+        assert match, line
+        c = tgrpc.InferenceServerClient(match[1])
+        tensor = tgrpc.InferInput(input_name(folder), [1, *images.shape[1:]], "FP32")
+        tensor.set_data_from_numpy(images[5:6])
+        np.testing.assert_allclose(c.infer(folder.name, [tensor]).as_numpy(output)[0], expected[5], rtol=1e-4,
+                                   atol=1e-4)
+        c.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    assert "http://" not in line + stdout and "drained" in stdout, stdout
