@@ -135,7 +135,7 @@ class Service:
             self.server.server_close()
         if self.grpc is not None:  # the calls failed above write their UNAVAILABLE within the grace
             self.grpc.stop(1.0)
-            self.grpc.wait_stopped(2.0)
+            self.grpc.wait_stopped(1.5)
 
     def _stop_accepting(self) -> None:
         if self._serving and self.server is not None:
