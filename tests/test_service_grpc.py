@@ -198,6 +198,26 @@ def test_the_clients_own_deadline_is_honoured(tiny):  # noqa: F811
         c.close()
 
 
+def test_a_cancelled_call_stops_waiting(tiny):  # noqa: F811
+    """A call the client cancels (no deadline) is given up at once, not held until the request timeout."""
+    folder, images, _, _ = tiny
+    gate = threading.Event()
+    with serving(folder, gate, model_name="tiny", request_timeout=60, **GRPC) as service:
+        c = client(service)
+        answers: list = []
+        call = c.async_infer("tiny", [image(folder, images[:1])], lambda result, error: answers.append(error))
+        deadline = time.monotonic() + 10
+        while service.feed.depth < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        call.cancel()
+        deadline = time.monotonic() + 10
+        while 'code="499"' not in service.metrics.exposition().decode():
+            assert time.monotonic() < deadline, "the server kept waiting for a cancelled call"
+            time.sleep(0.05)
+        c.close()
+
+
 def test_token_required_except_for_health(tiny, tmp_path):  # noqa: F811
     folder, images, output, expected = tiny
     (tmp_path / "token").write_text("s3cret-token\n")

@@ -23,7 +23,7 @@ from .metrics import ServiceMetrics
 from .options import ServiceOptions, bearer_ok
 
 # an HTTP-equivalent status (what Service.compute and the codec say) as the gRPC status a client sees
-CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+CODES = {499: grpc.StatusCode.CANCELLED, 400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
          404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED, 415: grpc.StatusCode.INVALID_ARGUMENT,
          500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
 # the InferTensorContents field of each datatype; FP16 has none (raw contents only)
@@ -208,7 +208,9 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         except codec.RequestError as e:
             return Outcome(e.status, str(e)), None
         remaining = context.time_remaining()
-        outcome = service.compute(parsed, arrived, None if remaining is None else time.monotonic() + remaining)
+        outcome = service.compute(parsed, arrived, None if remaining is None else time.monotonic() + remaining,
+                                  watch=lambda ticket: context.add_callback(
+                                      lambda: ticket.expire(499, "the client cancelled the call")))
         if outcome.error is not None:
             return outcome, None
         try:

@@ -15,7 +15,7 @@ from ..errors import DnnpipeError
 from ..manifest import TensorSpec
 from ..feeds import Feed, ServeEvents
 from . import codec
-from .feed import LiveFeed, Outcome, Refused
+from .feed import LiveFeed, Outcome, Refused, Ticket
 from .metrics import ServiceMetrics
 from .options import ServiceOptions, read_token, tls_context, tls_pair
 from .server import Handler, Server
@@ -167,17 +167,20 @@ class Service:
         finally:  # a body not handed back by body_done stays with the feed alone, never reused
             handler.lent, handler.on_answer = None, None
 
-    def compute(self, request: codec.InferRequest, arrived: float, client_deadline: Optional[float] = None) \
-            -> Outcome:
+    def compute(self, request: codec.InferRequest, arrived: float, client_deadline: Optional[float] = None,
+                watch: Optional[Callable[[Ticket], object]] = None) -> Outcome:
         """Queue a checked request's inputs and wait for their results until the request timeout after
         `arrived` (or the client's own deadline, when earlier): what every front door does between parsing a
-        request and answering it."""
+        request and answering it. `watch` is given the queued request's ticket (a front door that learns of a
+        cancelled call expires it)."""
         if self.draining:
             return Outcome(503, "the service is shutting down", refused=True)
         try:
             ticket = self.feed.submit(request.rows())
         except Refused as e:
             return Outcome(503, str(e), refused=True, full=e.full)
+        if watch is not None:
+            watch(ticket)
         deadline = arrived + self.options.request_timeout
         if client_deadline is not None and client_deadline < deadline:
             reason = "no result within the client's deadline"
