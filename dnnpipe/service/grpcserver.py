@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ContextManager, NoReturn, Optional, Protocol, Sequence
+from typing import Any, Callable, ContextManager, NoReturn, Optional, Protocol, Sequence
 
 import grpc
 import numpy as np
@@ -18,7 +18,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from ..errors import DnnpipeError
 from ..manifest import TensorSpec
 from . import codec
-from .feed import Outcome
+from .feed import Outcome, Ticket
 from .metrics import ServiceMetrics
 from .options import ServiceOptions, bearer_ok
 
@@ -62,8 +62,8 @@ class GrpcBackend(Protocol):
 
     def request(self) -> ContextManager[None]: ...
 
-    def compute(self, request: codec.InferRequest, arrived: float,
-                client_deadline: Optional[float] = None) -> Outcome: ...
+    def compute(self, request: codec.InferRequest, arrived: float, client_deadline: Optional[float] = None,
+                watch: Optional[Callable[[Ticket], object]] = None) -> Outcome: ...
 
 
 # The codec: protobuf messages <-> checked tensors (pure: no server, no threads)
