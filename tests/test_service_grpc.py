@@ -218,6 +218,20 @@ def test_a_cancelled_call_stops_waiting(tiny):  # noqa: F811
         c.close()
 
 
+def test_a_fault_of_the_service_is_internal_with_one_line(tiny, monkeypatch):  # noqa: F811
+    folder, images, _, _ = tiny
+    with serving(folder, model_name="tiny", **GRPC) as service:
+        def broken(*args, **kwargs):
+            raise RuntimeError("a bug\nwith a second line")
+
+        monkeypatch.setattr(service, "compute", broken)
+        c = client(service)
+        with pytest.raises(InferenceServerException, match="internal error: RuntimeError: a bug") as excinfo:
+            c.infer("tiny", [image(folder, images[:1])])
+        assert status_of(excinfo) == "StatusCode.INTERNAL" and "second line" not in excinfo.value.message()
+        c.close()
+
+
 def test_token_required_except_for_health(tiny, tmp_path):  # noqa: F811
     folder, images, output, expected = tiny
     (tmp_path / "token").write_text("s3cret-token\n")

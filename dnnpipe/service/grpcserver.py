@@ -194,7 +194,10 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         self._authorize(context)
         self._check_model(context, request.model_name, request.model_version)
         with self.service.request():
-            outcome, response = self._infer(request, context, arrived)
+            try:
+                outcome, response = self._infer(request, context, arrived)
+            except Exception as e:  # a fault of ours: INTERNAL with one line, not grpcio's UNKNOWN and a traceback
+                outcome = Outcome(500, f"internal error: {type(e).__name__}: {e}".splitlines()[0][:300])
         self.service.metrics.answered(self.service.options.model_name, outcome.status, time.monotonic() - arrived)
         if outcome.error is not None:
             _abort(context, outcome.status, outcome.error, outcome.full)
