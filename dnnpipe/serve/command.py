@@ -10,7 +10,7 @@ from ..console import positive_float, positive_int
 from ..runtime.dataio import INPUTS_HELP, RESULTS_HELP
 from ..errors import DnnpipeError, printable
 from ..manifest import read_manifest
-from ..service.command import add_http_arguments, http_options
+from ..service.command import add_http_arguments, http_options, live
 from .controller import serve
 from .options import ServeOptions
 
@@ -70,28 +70,29 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                              "handshake runs inside it either way)")
     parser.add_argument("--insecure", action="store_true",
                         help="no pipeline key handshake on any link (data and control); default: authenticated")
-    add_http_arguments(parser, default=None)  # --http HOST:PORT: the service mode, requests instead of files
+    add_http_arguments(parser, default=None)  # --http/--grpc HOST:PORT: the service mode, requests, not files
     return parser
 
 
 def serve_command(args: argparse.Namespace) -> int:
     files = args.data_path is not None and args.output_path is not None
-    if (args.http is None) != files or (args.http is not None and (args.data_path or args.output_path)):
-        raise DnnpipeError("serve takes either --data-path and --output-path (the file mode) or --http HOST:PORT "
-                           "(the inference service), not both and not neither")
-    if args.http is not None and (args.resume or args.num_inputs):
-        raise DnnpipeError("--resume and --num-inputs are for the file mode, not --http")
+    service = live(args)
+    if service == files or (service and (args.data_path or args.output_path)):
+        raise DnnpipeError("serve takes either --data-path and --output-path (the file mode) or --http/--grpc "
+                           "HOST:PORT (the inference service), not both and not neither")
+    if service and (args.resume or args.num_inputs):
+        raise DnnpipeError("--resume and --num-inputs are for the file mode, not --http/--grpc")
     options = ServeOptions(
         registry=args.device_registry, model_path=args.model_path, model_name=args.model_name, config=args.config,
         data_path=args.data_path, output_path=args.output_path, num_inputs=args.num_inputs, fps=args.fps,
-        resume=args.resume, window=args.window or (8 if args.http is None else 32),
+        resume=args.resume, window=args.window or (32 if service else 8),
         progress_timeout=args.progress_timeout,
         connect_timeout=args.connect_timeout, threshold=args.threshold, emulate_speed=args.emulate_speed,
         emulation_scale=args.emulation_scale, controller_host=args.controller_host,
         emulate_changes=tuple(args.emulate_change), insecure=args.insecure,
         work_dir=args.work_dir, tls=not args.no_tls)
     echo = lambda text: print(printable(text), flush=True)  # noqa: E731 - may quote a stage
-    if args.http is not None:
+    if service:
         from ..service.service import run_service  # the HTTP server and prometheus_client only in this mode
 
         manifest = read_manifest(options.folder)

@@ -166,7 +166,15 @@ def parse_infer(body: Buffer, header_length: Optional[str], model: ModelTensors,
         given[name], offset = _tensor(item, by_name[name], binary, offset, max_batch)
     if offset != len(binary):
         raise RequestError(f"{len(binary) - offset} bytes of binary data after the last tensor")
-    missing = [name for name in by_name if name not in given]
+    parameters = _parameters(request, "request")
+    return gathered(identifier, given, model, max_batch,
+                    requested(request.get("outputs"), model, bool(parameters.get("binary_data_output"))))
+
+
+def gathered(identifier: Optional[str], given: dict[str, np.ndarray], model: ModelTensors, max_batch: int,
+             outputs: list[Requested]) -> InferRequest:
+    """A request from its checked input tensors by name (from REST or gRPC): every input there, one batch size."""
+    missing = [wire.spec.name for wire in model.inputs if wire.spec.name not in given]
     if missing:
         raise RequestError(f"missing input {', '.join(map(repr, missing))}")
     batches = {name: array.shape[0] for name, array in given.items()}
@@ -175,9 +183,7 @@ def parse_infer(body: Buffer, header_length: Optional[str], model: ModelTensors,
         raise RequestError(f"inputs disagree on the batch size: {batches}")
     if not 1 <= batch <= max_batch:
         raise RequestError(f"batch size must be 1..{max_batch}, got {batch}")
-    parameters = _parameters(request, "request")
-    return InferRequest(identifier, batch, [given[wire.spec.name] for wire in model.inputs],
-                        _requested(request.get("outputs"), model, bool(parameters.get("binary_data_output"))))
+    return InferRequest(identifier, batch, [given[wire.spec.name] for wire in model.inputs], outputs)
 
 
 def _split(body: Buffer, header_length: Optional[str]) -> tuple[bytes, memoryview]:
@@ -200,13 +206,12 @@ def _parameters(item: dict[str, Any], where: str) -> dict[str, Any]:
     return parameters
 
 
-def _tensor(item: dict[str, Any], wire: Wire, binary: memoryview, offset: int,
-            max_batch: int) -> tuple[np.ndarray, int]:
-    """One input tensor, checked; the batch bound first, so the element count cannot overflow."""
+def check_header(wire: Wire, given_datatype: Any, shape: Any, max_batch: int) -> int:
+    """An input tensor's datatype and shape against the model's; its element count. The batch bound first, so
+    the count cannot overflow."""
     name, expected = wire.spec.name, wire.datatype
-    if item.get("datatype") != expected:
-        raise RequestError(f"input {name!r} must be datatype {expected}, got {item.get('datatype')!r}")
-    shape = item.get("shape")
+    if given_datatype != expected:
+        raise RequestError(f"input {name!r} must be datatype {expected}, got {given_datatype!r}")
     if not isinstance(shape, list) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
         raise RequestError(f"input {name!r}: shape must be a list of whole numbers, got {shape!r}")
     if len(shape) != len(wire.tail) + 1 or tuple(shape[1:]) != wire.tail:
@@ -214,7 +219,14 @@ def _tensor(item: dict[str, Any], wire: Wire, binary: memoryview, offset: int,
     batch = shape[0]
     if not 1 <= batch <= max_batch:
         raise RequestError(f"batch size must be 1..{max_batch}, got {batch}")
-    count = batch * wire.row_count
+    return batch * wire.row_count
+
+
+def _tensor(item: dict[str, Any], wire: Wire, binary: memoryview, offset: int,
+            max_batch: int) -> tuple[np.ndarray, int]:
+    """One input tensor, checked."""
+    name, expected, shape = wire.spec.name, wire.datatype, item.get("shape")
+    count = check_header(wire, item.get("datatype"), shape, max_batch)
     size = _parameters(item, f"input {name!r}").get("binary_data_size")
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, int) or size != count * wire.dtype.itemsize:
@@ -223,7 +235,7 @@ def _tensor(item: dict[str, Any], wire: Wire, binary: memoryview, offset: int,
         if offset + size > len(binary):
             raise RequestError(f"input {name!r}: binary data ends after {len(binary) - offset} of {size} bytes")
         array = np.frombuffer(binary, dtype=wire.little, count=count, offset=offset)
-        return _in_range(wire.spec, array.astype(wire.dtype, copy=False).reshape(shape)), offset + size
+        return in_range(wire.spec, array.astype(wire.dtype, copy=False).reshape(shape)), offset + size
     if "data" not in item:
         raise RequestError(f"input {name!r} has neither data nor parameters.binary_data_size")
     try:
@@ -235,10 +247,10 @@ def _tensor(item: dict[str, Any], wire: Wire, binary: memoryview, offset: int,
                            f"got {array.size} of kind {array.dtype.name}")
     if array.dtype.kind == "f" and wire.dtype.kind in "biu":
         raise RequestError(f"input {name!r}: data must be whole numbers for {expected}")
-    return _in_range(wire.spec, array.astype(wire.dtype).reshape(shape)), offset
+    return in_range(wire.spec, array.astype(wire.dtype).reshape(shape)), offset
 
 
-def _in_range(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
+def in_range(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
     """A quantized input's real numbers must fit its integer type: the client's mistake, answered 400 here,
     not found in the pipeline where it would fail the whole batch."""
     if spec.quantization is not None:
@@ -249,7 +261,7 @@ def _in_range(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _requested(items: Any, model: ModelTensors, binary_default: bool) -> list[Requested]:
+def requested(items: Any, model: ModelTensors, binary_default: bool) -> list[Requested]:
     if items is None:
         return model.every_output[binary_default]
     if not isinstance(items, list) or not items:
@@ -268,15 +280,21 @@ def _requested(items: Any, model: ModelTensors, binary_default: bool) -> list[Re
     return requested
 
 
+def stack(wanted: Requested, results: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+    """One requested output of every input of the batch, stacked: (batch, *shape after the batch dimension)."""
+    wire, j = wanted.wire, wanted.index
+    rows = [np.asarray(row[j], dtype=wire.dtype).reshape(wire.tail) for row in results]
+    return rows[0][np.newaxis] if len(rows) == 1 else np.stack(rows)
+
+
 def build_infer_response(model: str, request: InferRequest,
                          results: Sequence[Sequence[np.ndarray]]) -> tuple[bytes, Optional[int]]:
     """The response body for `results` (one list of outputs, in manifest order, per input of the batch), and
     the JSON header's length when binary tensors follow it (the `Inference-Header-Content-Length` header)."""
     tensors, blobs = [], []
     for wanted in request.outputs:
-        wire, j = wanted.wire, wanted.index
-        rows = [np.asarray(row[j], dtype=wire.dtype).reshape(wire.tail) for row in results]
-        stacked = rows[0][np.newaxis] if len(rows) == 1 else np.stack(rows)
+        wire = wanted.wire
+        stacked = stack(wanted, results)
         entry: dict[str, Any] = {"name": wire.spec.name, "datatype": wire.datatype, "shape": list(stacked.shape)}
         if wanted.binary:
             blob = np.ascontiguousarray(stacked, dtype=wire.little).tobytes()

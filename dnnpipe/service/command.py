@@ -1,5 +1,5 @@
 """`python -m dnnpipe service`: a partitioned model served over OIP v2 by the single-device backend, and the
---http arguments `serve --http` shares."""
+--http/--grpc arguments `serve --http`/`serve --grpc` share."""
 
 from __future__ import annotations
 
@@ -20,9 +20,14 @@ def http_address(text: str) -> tuple[str, int]:
 
 
 def add_http_arguments(parser: argparse.ArgumentParser, default: str | None = "127.0.0.1:8000") -> None:
-    parser.add_argument("--http", type=http_address, default=http_address(default) if default else None,
-                        metavar="HOST:PORT", help="serve the Open Inference Protocol (REST) here "
-                        + (f"(default {default})" if default else "(the inference service: requests instead of files)"))
+    """The service's flags; `default` is --http's address when neither --http nor --grpc is given."""
+    parser.set_defaults(http_default=http_address(default) if default else None)
+    parser.add_argument("--http", type=http_address, metavar="HOST:PORT", help="serve the Open Inference Protocol "
+                        "(REST) here " + (f"(default {default} unless --grpc is given)" if default else
+                                          "(the inference service: requests instead of files)"))
+    parser.add_argument("--grpc", type=http_address, metavar="HOST:PORT",
+                        help="serve the Open Inference Protocol's gRPC side here (with or without --http; the same "
+                             "token, TLS, queue and limits)")
     parser.add_argument("--request-timeout", type=positive_float, default=30.0,
                         help="a request not answered this long gets a 504, s (default 30)")
     parser.add_argument("--http-token-file", type=Path,
@@ -36,9 +41,17 @@ def add_http_arguments(parser: argparse.ArgumentParser, default: str | None = "1
     parser.add_argument("--max-batch", type=positive_int, default=32, help="largest batch per request (default 32)")
 
 
+def live(args: argparse.Namespace) -> bool:
+    """Whether the service is asked for: an address for either front door, or --http's default."""
+    return args.http is not None or args.grpc is not None or args.http_default is not None
+
+
 def http_options(args: argparse.Namespace, model_name: str) -> ServiceOptions:
-    host, port = args.http
-    return ServiceOptions(model_name=model_name, host=host, port=port, request_timeout=args.request_timeout,
+    address = args.http or (args.http_default if args.grpc is None else None)
+    host, port = address or ("127.0.0.1", 0)
+    grpc_host, grpc_port = args.grpc or (None, 0)
+    return ServiceOptions(model_name=model_name, host=host, port=port, http=address is not None,
+                          grpc_host=grpc_host, grpc_port=grpc_port, request_timeout=args.request_timeout,
                           token_file=args.http_token_file, insecure=args.http_insecure, tls_cert=args.http_tls_cert,
                           tls_key=args.http_tls_key, queue_size=args.queue_size, max_batch=args.max_batch)
 

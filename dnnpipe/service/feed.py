@@ -6,13 +6,32 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
 
 
 class Refused(Exception):
-    """The feed cannot take a request now: full (503 with Retry-After) or draining."""
+    """The feed cannot take a request now: full (503 with Retry-After; gRPC RESOURCE_EXHAUSTED) or draining
+    (503; gRPC UNAVAILABLE)."""
+
+    def __init__(self, message: str, full: bool = False):
+        super().__init__(message)
+        self.full = full
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A request's end as both front doors answer it: its results (status 200), or an HTTP-equivalent status
+    and one line; `refused` when its inputs were never queued (the body may be reused), `full` when that was
+    the queue being full (REST 503 with Retry-After; gRPC RESOURCE_EXHAUSTED rather than UNAVAILABLE)."""
+
+    status: int
+    error: Optional[str] = None
+    results: tuple[list, ...] = ()
+    refused: bool = False
+    full: bool = False
 
 
 class Ticket:
@@ -69,7 +88,7 @@ class LiveFeed:
             if self._draining:
                 raise Refused("the service is shutting down")
             if len(self._inputs) + len(rows) > self.capacity:
-                raise Refused(f"the queue is full ({len(self._inputs)} of {self.capacity} inputs waiting)")
+                raise Refused(f"the queue is full ({len(self._inputs)} of {self.capacity} inputs waiting)", full=True)
             ticket = Ticket(self._next, len(rows))
             for row in rows:
                 self._inputs[self._next] = row

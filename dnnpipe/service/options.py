@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import ssl
 from dataclasses import dataclass
@@ -16,6 +17,9 @@ class ServiceOptions:
     model_name: str
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port (the service reports the one it got)
+    http: bool = True  # serve REST at host:port (False: the gRPC front end alone)
+    grpc_host: Optional[str] = None  # serve the OIP's gRPC side here too (None: not at all)
+    grpc_port: int = 0
     request_timeout: float = 30.0  # s from arrival to answer, else 504
     token_file: Optional[Path] = None  # a bearer token every non-health request must carry
     insecure: bool = False  # a non-loopback address without a token
@@ -39,12 +43,21 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def addresses(options: ServiceOptions) -> list[tuple[str, str, int]]:
+    """The front ends to listen on: (flag, host, port)."""
+    found = [("--http", options.host, options.port)] if options.http else []
+    if options.grpc_host is not None:
+        found.append(("--grpc", options.grpc_host, options.grpc_port))
+    return found
+
+
 def read_token(options: ServiceOptions) -> Optional[str]:
     """The bearer token, or None when requests need none; refuses a non-loopback address without one."""
     if options.token_file is None:
-        if not is_loopback(options.host) and not options.insecure:
-            raise ConfigError(f"--http {options.host}:{options.port} is not a loopback address: give "
-                              f"--http-token-file (or --http-insecure to serve anyone who can reach it)")
+        for flag, host, port in addresses(options):
+            if not is_loopback(host) and not options.insecure:
+                raise ConfigError(f"{flag} {host}:{port} is not a loopback address: give "
+                                  f"--http-token-file (or --http-insecure to serve anyone who can reach it)")
         return None
     try:
         token = options.token_file.read_text().strip()
@@ -67,3 +80,23 @@ def tls_context(options: ServiceOptions) -> Optional[ssl.SSLContext]:
         raise ConfigError(f"{options.tls_cert}, {options.tls_key}: cannot load the certificate and key ({e})") \
             from None
     return context
+
+
+def tls_pair(options: ServiceOptions) -> Optional[tuple[bytes, bytes]]:
+    """The PEM key and certificate as bytes (grpc.ssl_server_credentials takes them so), once tls_context has
+    checked they load."""
+    if options.tls_cert is None or options.tls_key is None:
+        return None
+    try:
+        return options.tls_key.read_bytes(), options.tls_cert.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{options.tls_cert}, {options.tls_key}: cannot read the certificate and key ({e})") \
+            from None
+
+
+def bearer_ok(token: Optional[str], authorization: str) -> bool:
+    """Whether an `Authorization` value (HTTP header, gRPC metadata) carries the token (constant time)."""
+    if token is None:
+        return True
+    scheme, _, value = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())

@@ -4,7 +4,6 @@ with read deadlines so a client that trickles bytes gets a 408 and slows no one 
 from __future__ import annotations
 
 import email.utils
-import hmac
 import http.client
 import json
 import re
@@ -20,7 +19,7 @@ from ..manifest import TensorSpec
 from . import codec
 from .feed import Refused
 from .metrics import CONTENT_TYPE, ServiceMetrics
-from .options import ServiceOptions
+from .options import ServiceOptions, bearer_ok
 
 PHRASES = {status.value: status.phrase for status in HTTPStatus}
 MODEL_ROUTE = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?")
@@ -378,12 +377,7 @@ class Handler(BaseHTTPRequestHandler):
         self.reply(200 if self.server.service.ready else 400, b"")
 
     def authorized(self) -> bool:
-        token = self.server.service.token
-        if token is None:
-            return True
-        given = self.headers.get("Authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode()):
+        if bearer_ok(self.server.service.token, self.headers.get("Authorization", "")):
             return True
         self.close_connection = True
         self.reply(401, codec.error_body("missing or wrong bearer token (Authorization: Bearer <token>)"),
