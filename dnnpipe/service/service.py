@@ -41,6 +41,7 @@ class Service:
         self.draining = False
         self.pipeline_error: Optional[str] = None
         self.pipeline_done = threading.Event()
+        self._started = False
         self._active = 0  # requests between their first byte and their answer
         self._idle = threading.Condition()
         self._serving = False  # serve_forever started: shutdown() waits for it, so only then
@@ -94,6 +95,7 @@ class Service:
                              daemon=True).start()
         if self.grpc is not None:
             self.grpc.start()
+        self._started = True
         threading.Thread(target=self._pipeline, args=(run_pipeline,), name="pipeline", daemon=True).start()
 
     def _pipeline(self, run_pipeline: RunPipeline) -> None:
@@ -120,7 +122,8 @@ class Service:
         deadline = time.monotonic() + self.options.drain_timeout
         with self._idle:
             clean = self._idle.wait_for(lambda: self._active == 0, self.options.drain_timeout)
-        clean = self.pipeline_done.wait(max(0.0, deadline - time.monotonic())) and clean
+        if self._started:  # a service never started has no pipeline to wait for
+            clean = self.pipeline_done.wait(max(0.0, deadline - time.monotonic())) and clean
         self.close()
         with self._idle:  # requests failed by close() write their 503 before the process may exit
             self._idle.wait_for(lambda: self._active == 0, 1.0)
