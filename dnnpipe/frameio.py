@@ -149,10 +149,6 @@ class FrameReader:
         sock.setblocking(False)
         self._waiter = _Waiter(sock, select.POLLIN, timeout)
         self._tls = isinstance(sock, ssl.SSLSocket)
-        # A TLS frame arrives one record (16 KiB) per read: the SSL object's own read skips SSLSocket.recv_into's
-        # two Python layers on each (~35 a frame for a 0.6 MB cut).
-        ssl_object = getattr(sock, "_sslobj", None)
-        self._ssl_read = None if ssl_object is None else ssl_object.read
         self.expected_sequence = 0
         expected = encode_header(Kind.DATA, 0, 0, self.specs)
         self._expected_kind = expected[:STAMP_OFFSET]  # magic, version, kind DATA, tensor count
@@ -163,6 +159,12 @@ class FrameReader:
         self._head_view = memoryview(self._head)
         self._ended = False
         self._low_water = 1  # the socket's SO_RCVLOWAT (the kernel's default: wake on any byte)
+        # The mark stays well inside the receive buffer: before Linux 4.18 setting it does not grow the buffer,
+        # and a mark above the window the buffer allows would never be reached (no wake-up: a stall).
+        try:
+            self._low_water_max = max(1, min(LOW_WATER_MAX, sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 4))
+        except OSError:
+            self._low_water_max = 1
 
     def read(self, buffers: Sequence[np.ndarray]) -> Frame:
         """The next frame; DATA tensors land in `buffers` (one per spec, right shape and dtype)."""
@@ -239,8 +241,8 @@ class FrameReader:
                     continue
                 if whole:
                     left = minimum - got - (TLS_RECORD_SLACK if self._tls else 0)
-                    if max(1, min(LOW_WATER_MAX, left)) != self._low_water:
-                        self._set_low_water(max(1, min(LOW_WATER_MAX, left)))
+                    if max(1, min(self._low_water_max, left)) != self._low_water:
+                        self._set_low_water(max(1, min(self._low_water_max, left)))
                 self._wait(at_boundary and got == 0, select.POLLOUT if isinstance(e, ssl.SSLWantWriteError) else None)
                 continue
             except OSError as e:
@@ -257,10 +259,14 @@ class FrameReader:
 
     def _tls_read(self, view: memoryview) -> int:
         """Up to len(view) decrypted bytes into view; 0 at the peer's close (as SSLSocket.recv_into says it)."""
-        if not self._ssl_read:
-            return self.sock.recv_into(view)
+        # A TLS frame arrives one record (16 KiB) per read: the SSL object's own read skips SSLSocket.recv_into's
+        # two Python layers on each (~35 a frame for a 0.6 MB cut). Looked up on every read, and never on a closed
+        # socket: OpenSSL would read the fd number, which a new link may already have been given.
+        ssl_object = getattr(self.sock, "_sslobj", None)
+        if ssl_object is None or self.sock.fileno() == -1:
+            return self.sock.recv_into(view)  # raises on a closed socket
         try:
-            return self._ssl_read(len(view), view)
+            return ssl_object.read(len(view), view)
         except ssl.SSLEOFError:
             return 0
 

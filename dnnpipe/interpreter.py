@@ -111,7 +111,9 @@ class StageRunner:
             self._input_indices = [runner._inputs[spec.key] for spec in stage.inputs]
             self._output_indices = [dict(runner._outputs)[spec.key] for spec in stage.outputs]
             self._wrapper.AllocateTensors(self._subgraph)
-        except (AttributeError, KeyError, TypeError):
+            for index in self._output_indices:  # the tensor() signature this build has, tried before a frame
+                self._wrapper.tensor(self._wrapper, index, self._subgraph)
+        except (AttributeError, KeyError, TypeError, ValueError, RuntimeError):
             self._wrapper = None
 
     def _check(self, kind: str, specs, details: dict[str, Any]) -> None:

@@ -155,3 +155,26 @@ def test_a_value_an_int8_input_cannot_hold_is_named_by_its_row_in_a_block(tmp_pa
     inputs = read_inputs(tmp_path / "data.h5", [INT8], None)
     with pytest.raises(DnnpipeError, match=r"data.h5: dataset 'images' row 4 holds the value 100"):
         list(inputs)
+
+
+def test_datasets_of_different_lengths_are_one_line_naming_both(tmp_path):
+    """A shorter second dataset came back as a short block and a bare 'cannot reshape' deep in the reader."""
+    specs = [TensorSpec(name, name, (1, 2), "float32") for name in ("a", "b")]
+    with h5py.File(tmp_path / "data.h5", "w") as f:
+        f["a"] = np.zeros((5, 2), dtype="float32")
+        f["b"] = np.zeros((3, 2), dtype="float32")
+    with pytest.raises(DnnpipeError, match=r"data.h5: dataset 'b' has 3 rows, dataset 'a' has 5: one row per"):
+        input_datasets(tmp_path / "data.h5", specs)
+
+
+def test_a_block_is_budgeted_by_the_files_type_and_the_quantizing_temporaries(tmp_path, monkeypatch):
+    """float64 data for an int8 input: a block sized by int8 wire bytes held ~30 times that while converted."""
+    monkeypatch.setattr(dataio, "BLOCK_BYTES", 4 * 32 * 4)  # four rows' working memory
+    seen = []
+    original = dataio._wire_rows
+    monkeypatch.setattr(dataio, "_wire_rows", lambda path, data, spec, start, n: seen.append(n) or
+                        original(path, data, spec, start, n))
+    with h5py.File(tmp_path / "data.h5", "w") as f:
+        f["images"] = np.zeros((10, 2, 2, 1), dtype="float64")
+    assert len(list(read_inputs(tmp_path / "data.h5", [INT8], None))) == 10
+    assert max(seen) == 4, seen

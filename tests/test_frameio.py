@@ -472,3 +472,20 @@ def test_a_peer_that_stops_mid_payload_is_a_truncated_frame_not_a_wait_for_the_l
     with pytest.raises(ProtocolError, match="truncated frame: connection closed after"):  # not "incomplete after"
         FrameReader(b, big, "peer", 10.0).read([np.empty(big[0].shape, "float32")])
     b.close()
+
+
+def test_a_closed_tls_link_is_never_read_through_its_old_fd_number(certificate):
+    """serve's abort closes a results link while its reader waits; the next link accepted may get the same fd
+    number, and a read through the cached SSL object went to it (its bytes taken, 'decryption failed')."""
+    a, b = tls_socketpair(certificate)
+    reader = FrameReader(b, SPECS, "peer", 2.0)
+    number = b.fileno()
+    b.close()
+    c, d = socket.socketpair()  # the lowest free fd numbers: very likely b's old one
+    try:
+        c.sendall(b"not yours")
+        with pytest.raises(ProtocolError, match="peer: connection lost"):
+            reader.read(buffers())
+        assert d.fileno() != number or d.recv(100) == b"not yours"  # the new link's bytes are still its own
+    finally:
+        a.close(), c.close(), d.close()

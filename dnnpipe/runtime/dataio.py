@@ -28,7 +28,7 @@ def input_datasets(path: Path, specs: Sequence[TensorSpec]):
     except (OSError, FileNotFoundError) as e:
         raise DnnpipeError(f"{path}: cannot open input data ({e})") from None
     names = ["images"] if len(specs) == 1 and "images" in f else [spec.name for spec in specs]
-    datasets = []
+    datasets: list = []
     for name, spec in zip(names, specs):
         if name not in f:
             have = ", ".join(f) or "nothing"
@@ -44,6 +44,11 @@ def input_datasets(path: Path, specs: Sequence[TensorSpec]):
         except DnnpipeError:
             f.close()
             raise
+        if datasets and data.shape[0] != datasets[0].shape[0]:
+            rows, first = datasets[0].shape[0], names[0]
+            f.close()
+            raise DnnpipeError(f"{path}: dataset {name!r} has {data.shape[0]} rows, dataset {first!r} has {rows}: "
+                               f"one row per inference in each")
         datasets.append(data)
     return f, datasets
 
@@ -109,7 +114,8 @@ def read_inputs(path: Path, specs: Sequence[TensorSpec], count: Optional[int]) -
     f, datasets = input_datasets(path, specs)
     with f:
         rows = datasets[0].shape[0]
-        block = max(1, min(rows, BLOCK_BYTES // max(1, sum(spec.nbytes for spec in specs))))
+        block = max(1, min(rows, BLOCK_BYTES // max(1, sum(_row_bytes(data, spec) for data, spec in
+                                                           zip(datasets, specs)))))
         total = rows if count is None else count
         done = 0
         while done < total:
@@ -119,6 +125,14 @@ def read_inputs(path: Path, specs: Sequence[TensorSpec], count: Optional[int]) -
             for r in range(n):
                 yield [column[r] for column in columns]
             done += n
+
+
+def _row_bytes(data, spec: TensorSpec) -> int:
+    """What one row costs while a block is read and converted: the file's own type, and quantizing works in
+    float64 with a few temporaries of the block's size."""
+    elements = spec.nbytes // max(1, np.dtype(spec.dtype).itemsize)
+    working = 4 * 8 if spec.quantization is not None and data.dtype != np.dtype(spec.dtype) else 0
+    return elements * max(data.dtype.itemsize, np.dtype(spec.dtype).itemsize, working)
 
 
 def _wire_rows(path: Path, data, spec: TensorSpec, start: int, n: int) -> list[np.ndarray]:
