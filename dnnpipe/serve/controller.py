@@ -72,6 +72,7 @@ class SwitchRecord:
     prepare_s: float = 0.0  # a planned switch: sub-models cut, pushed and loaded while the old plan served
     switch_s: float = 0.0  # roles sent and the new route opened
     first_result_s: Optional[float] = None
+    switched_at: float = 0.0  # monotonic: the new roles went out (a planned switch's barrier)
     generation: int = 0
 
 
@@ -496,6 +497,7 @@ class Controller:
         self._ensure_pushed(stages)
         record.push_s = time.perf_counter() - push_began
         switch_began = time.perf_counter()
+        record.switched_at = time.monotonic()
         devices = [d for _, _, d in stages]
         for k, (first, last, device) in enumerate(stages):
             if k + 1 < len(stages):

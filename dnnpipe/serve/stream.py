@@ -3,9 +3,11 @@
 One *route* per plan generation: the controller dials the first agent ("device 0 sends") and takes the last
 agent's result link on its own listener, both proven for that generation. A planned switch opens the new route
 behind the old one: the old source sends END at the barrier (the next input), the new source starts there, and
-the new route's results are read only after the old route's END, so results stay in FIFO order across the switch
-and the ledger keeps its epoch. An aborting switch (a device lost) stops the old route at once and starts a new
-ledger epoch: what was in flight is replayed, and late results of the old route are dropped as stale.
+the new route's results are read as they come, also before the old route has drained: each route is FIFO, the
+ledger keeps its epoch and maps each route's results by its own segment (Ledger.barrier), and the credits the new
+plan's results free let the new pipeline fill while the old one drains. An aborting switch (a device lost) stops
+the old route at once and starts a new ledger epoch: what was in flight is replayed, and late results of the old
+route are dropped as stale.
 """
 
 from __future__ import annotations
@@ -143,6 +145,7 @@ class Stream:
             while not route.stop.is_set():
                 with self.credit:
                     if route.base is None:
+                        self.ledger.barrier()  # a route behind a barrier: a segment of its own
                         route.base = self.ledger.wire_sequence
                     index = None if route.barrier.is_set() else self.ledger.peek()
                     if index is None:
@@ -180,8 +183,6 @@ class Stream:
         route.sockets.append(sock)
         reader = FrameReader(sock, self.outputs, f"results from device {route.last}", None)
         route.results_linked.set()
-        if route.previous is not None and not self._wait(route.previous.results_done, route):
-            return
         buffers = [np.empty(s.shape, s.dtype) for s in self.outputs]
         while not route.stop.is_set():
             frame = reader.read(buffers)
