@@ -154,14 +154,30 @@ def check_role(message: dict[str, Any], units: int, peer: str) -> Role:
 
 
 class PreDial:
-    """A role's downstream link, dialled and proven as soon as the role arrives, while the running role still
-    serves: at the barrier the new role finds it ready and dials nothing."""
+    """A link dialled and proven ahead, on its own thread: a role's downstream link as soon as the role arrives,
+    while the running role still serves (at the barrier the new role finds it ready), or the controller's input
+    link of the next generation to the first device of each plan it may switch to."""
 
     def __init__(self) -> None:
         self.cancel = threading.Event()
         self.done = threading.Event()
         self.sock: Optional[socket.socket] = None
         self.error = ""
+
+    def start(self, connect: Callable[[threading.Event], socket.socket], name: str) -> "PreDial":
+        """Run connect(cancel) on a thread; its link (or its error) waits here for take()."""
+        def body() -> None:
+            try:
+                self.sock = connect(self.cancel)
+            except DnnpipeError as e:
+                self.error = str(e)
+            finally:
+                self.done.set()
+                if self.cancel.is_set():
+                    self.discard()
+
+        threading.Thread(target=body, daemon=True, name=name).start()
+        return self
 
     def take(self, stop: threading.Event, timeout: float) -> socket.socket:
         deadline = time.monotonic() + timeout
@@ -387,25 +403,14 @@ class Agent:
             loop.abort(f"{self.name} role of generation {g} replaced (a device was lost)")
         if role.units is None:
             return
-        dial = PreDial()
+        o = self.options
         with self._lock:
-            self._dials[role.generation] = dial
-        threading.Thread(target=self._predial, args=(role, dial), daemon=True,
-                         name=f"{self.name} dial {role.generation}").start()
+            self._dials[role.generation] = PreDial().start(
+                lambda cancel: dial_link(role.host, role.port, o.device, role.downstream, role.generation, self.key,
+                                         self.model, self._wait_session(), o.connect_timeout, cancel,
+                                         self.tls_connect), f"{self.name} dial {role.generation}")
         threading.Thread(target=self._run_role, args=(role,), daemon=True,
                          name=f"{self.name} role {role.generation}").start()
-
-    def _predial(self, role: Role, dial: PreDial) -> None:
-        try:
-            dial.sock = dial_link(role.host, role.port, self.options.device, role.downstream, role.generation,
-                                  self.key, self.model, self._wait_session(), self.options.connect_timeout,
-                                  dial.cancel, self.tls_connect)
-        except DnnpipeError as e:
-            dial.error = str(e)
-        finally:
-            dial.done.set()
-            if dial.cancel.is_set():
-                dial.discard()
 
     def _run_role(self, role: Role) -> None:
         o = self.options
@@ -429,15 +434,21 @@ class Agent:
                 self._close_stale()
                 return
             self.loops[role.generation], self._reported[role.generation] = loop, 0
-        try:
-            if dial is None:
-                raise DnnpipeError("no downstream link was dialled for this role")
-            sock = dial.take(loop.stop, o.connect_timeout)
-            loop.downstream = Downstream(sock, f"{role.host}:{role.port}", spec.outputs, o.timeout)
+        def source() -> None:
             up = self._take_link(role.generation, role.upstream, loop.stop)
             loop.upstream = Upstream(up, f"{name} upstream device {role.upstream}", spec.inputs, o.timeout,
                                      idle=True)  # a live feed may pause: heartbeats tell a stalled neighbour
-            loop.run(loop.receive, loop.send)
+            loop.receive()
+
+        def sink() -> None:  # the first frame runs while the downstream link is still being proven
+            if dial is None:
+                raise DnnpipeError("no downstream link was dialled for this role")
+            loop.downstream = Downstream(dial.take(loop.stop, o.connect_timeout), f"{role.host}:{role.port}",
+                                         spec.outputs, o.timeout)
+            loop.send()
+
+        try:
+            loop.run(source, sink)
         except DnnpipeError as e:
             loop.fail(str(e) if str(e).startswith("[") else f"{name} {e}")
         finally:

@@ -524,6 +524,8 @@ class Controller:
         how = f"at once, replaying from input {self.ledger.first_unstored}" if action.abort else "behind a barrier"
         self.echo(f"serve: switch: generation {g} runs {len(stages)} stages ({how})")
         self.state, actions = decide(replace(self.state, stages=stages), Switched(), self.planner)
+        firsts = sorted({p.stages[0][2] for p in self.state.contingency.values()} & set(self.devices))
+        self.stream.dial_ahead(g + 1, [(d, _reach(self.devices[d]), self.devices[d].runtime_port) for d in firsts])
         self._carry_out(actions, detected)
 
     def _ensure_pushed(self, stages: Stages) -> None:

@@ -17,7 +17,8 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from functools import partial
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -25,7 +26,7 @@ from ..errors import DnnpipeError
 from ..manifest import TensorSpec
 from ..frameio import FrameReader, FrameWriter
 from ..protocol import Kind
-from ..runtime.agent import dial_link, vet_link
+from ..runtime.agent import PreDial, dial_link, vet_link
 from ..runtime.control import CONTROLLER
 from ..runtime.dataio import to_real, to_wire
 from ..runtime.handshake import ProbeClosed
@@ -75,6 +76,7 @@ class Stream:
         self.closed = threading.Event()
         self._links: dict[tuple[int, int], socket.socket] = {}
         self._links_changed = threading.Condition()
+        self._ahead: dict[tuple[int, int], PreDial] = {}  # (generation, first device) -> input link dialled ahead
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.bind((host, 0))
         self.listener.listen(16)
@@ -101,6 +103,33 @@ class Stream:
             threading.Thread(target=self._guarded, args=(body, route), daemon=True,
                              name=f"serve {body.__name__} {generation}").start()
         return route
+
+    def dial_ahead(self, generation: int, firsts: Iterable[tuple[int, str, int]]) -> None:
+        """Dial and prove the input link of `generation` to each device that may be the first of the next plan
+        (the first device of each plan for the loss of one device), so a loss's new route dials nothing."""
+        with self._links_changed:
+            for device, host, port in firsts:
+                if (generation, device) not in self._ahead and not self.closed.is_set():
+                    self._ahead[(generation, device)] = PreDial().start(
+                        partial(dial_link, host, port, CONTROLLER, device, generation, self.key, self.model,
+                                self.session, self.connect_timeout, tls=None if self.tls is None else self.tls[1]),
+                        f"serve dial ahead {generation} to {device}")
+
+    def _dial(self, route: Route) -> socket.socket:
+        """The route's input link: the one dialled ahead when there is one, else dialled now. Links dialled ahead
+        for this generation or an older one that this route does not use are hung up."""
+        device, host, port = route.first
+        with self._links_changed:
+            ahead = self._ahead.pop((route.generation, device), None)
+            for key in [k for k in self._ahead if k[0] <= route.generation]:
+                self._ahead.pop(key).discard()
+        if ahead is not None:
+            try:
+                return ahead.take(route.stop, self.connect_timeout)
+            except DnnpipeError:
+                pass  # refused or gone: dialled again below, with its own error
+        return dial_link(host, port, CONTROLLER, device, route.generation, self.key, self.model, self.session,
+                         self.connect_timeout, route.stop, None if self.tls is None else self.tls[1])
 
     def _stop(self, route: Optional[Route]) -> None:
         """Cut a route and every route before it (their late results are stale)."""
@@ -130,8 +159,7 @@ class Stream:
         """The new route's first link is dialled and proven before the barrier (the first agent holds it until
         its old role ends), so the switch itself dials nothing."""
         device, host, port = route.first
-        sock = dial_link(host, port, CONTROLLER, device, route.generation, self.key, self.model, self.session,
-                         self.connect_timeout, route.stop, None if self.tls is None else self.tls[1])
+        sock = self._dial(route)
         route.sockets.append(sock)
         if route.stop.is_set():
             hang_up(sock)
@@ -269,3 +297,6 @@ class Stream:
             for sock in self._links.values():
                 sock.close()
             self._links.clear()
+            for ahead in self._ahead.values():
+                ahead.discard()
+            self._ahead.clear()
