@@ -313,6 +313,31 @@ def test_the_new_plan_serves_while_the_old_one_drains(served, tmp_path):
         assert a.ledger.epoch == 1 and a.stream.duplicates == 0 and not a.faults
 
 
+def test_a_loss_plans_input_link_is_dialled_ahead_and_the_others_hung_up(served, tmp_path):
+    """The controller dials the next generation's input link to each possible first device before any loss; the
+    aborting switch takes the one of its plan (proven for that generation, so the agent runs on it) and hangs up
+    the others. Every result once."""
+    total = 80
+    feed = ListFeed(rows_of(served), total)
+    with agents(served, tmp_path, feed, 2) as a:
+        units = read_manifest(served.parts / served.name).units
+        plan_a = [(1, 30, 1), (31, units, 2)]
+        plan_b = [(1, units, 2)]
+        a.push_all(plan_a + plan_b)
+        a.run(1, plan_a, abort=True)
+        a.stream.dial_ahead(2, [(d, "127.0.0.1", a.devices[d].runtime_port) for d in (1, 2)])
+        ahead = dict(a.stream._ahead)
+        assert set(ahead) == {(2, 1), (2, 2)}
+        wait_for(lambda: all(p.done.is_set() for p in ahead.values()) and len(feed.delivered) >= 20)
+        assert all(p.sock is not None for p in ahead.values())
+        used = ahead[(2, 2)].sock
+        new = a.run(2, plan_b, abort=True)
+        wait_for(lambda: a.ledger.done, 60)
+        assert new.sockets[0] is used and ahead[(2, 1)].cancel.is_set() and not a.stream._ahead
+        wait_for(lambda: new.results_done.is_set())
+        check_results(served, feed, total)
+
+
 def wait_for(condition, seconds: float = 30.0) -> bool:
     deadline = time.monotonic() + seconds
     while not condition():

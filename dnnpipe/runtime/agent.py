@@ -447,6 +447,9 @@ class Agent:
                                          spec.outputs, o.timeout)
             loop.send()
 
+        if role.abort:  # the cut role's frame is given up (as TFLite's cancellation would), not waited out
+            with self.device.lock:
+                self.device.free_at = min(self.device.free_at, time.perf_counter())
         try:
             loop.run(source, sink)
         except DnnpipeError as e:
