@@ -154,7 +154,7 @@ class Agents:
     stream: Stream
     ledger: Ledger
     cutter: Cutter
-    faults: list
+    faults: list  # (generation, why) of each route's fault
 
     def push(self, device: int, units: tuple[int, int]) -> None:
         flatbuffer = self.cutter.cut(units)
@@ -208,9 +208,9 @@ def agents(served: Served, tmp_path, feed, count: int) -> Iterator[Agents]:
     fleet = Fleet("127.0.0.1", key, model, session, served.parts.resolve().name, served.name, 20.0, SshOptions(),
                   lines.append)
     ledger = Ledger(None, 8)
-    faults: list[str] = []
+    faults: list[tuple[int, str]] = []
     stream = Stream(ledger, feed, manifest.inputs, manifest.outputs, key, model, session, "127.0.0.1", 20.0,
-                    lambda: time.sleep(0.004), lambda route, why: faults.append(why))
+                    lambda: time.sleep(0.004), lambda route, why: faults.append((route.generation, why)))
     try:
         for device in devices.values():
             fleet.start(device)
@@ -259,7 +259,9 @@ def test_agents_run_roles_switch_at_a_barrier_and_abort(served, tmp_path):
         wait_for(lambda: a.ledger.done, 60)
         wait_for(lambda: a.stream.route is not None and a.stream.route.results_done.is_set())
         check_results(served, feed, total)
-        assert all("device 2" in why for why in a.faults), a.faults  # only the killed device's link broke
+        # only the plans the loss ended broke (the controller drops their faults): the killed device's links, and
+        # generation 2's input link, which device 3 hangs up as the abort reaches it, maybe before the route closed
+        assert all(g == 2 and ("device 2" in why or "device 3" in why) for g, why in a.faults), a.faults
 
 
 def test_a_planned_roles_links_are_dialled_before_the_barrier(served, tmp_path):

@@ -524,8 +524,6 @@ class Controller:
         how = f"at once, replaying from input {self.ledger.first_unstored}" if action.abort else "behind a barrier"
         self.echo(f"serve: switch: generation {g} runs {len(stages)} stages ({how})")
         self.state, actions = decide(replace(self.state, stages=stages), Switched(), self.planner)
-        firsts = sorted({p.stages[0][2] for p in self.state.contingency.values()} & set(self.devices))
-        self.stream.dial_ahead(g + 1, [(d, _reach(self.devices[d]), self.devices[d].runtime_port) for d in firsts])
         self._carry_out(actions, detected)
 
     def _ensure_pushed(self, stages: Stages) -> None:
@@ -599,6 +597,10 @@ class Controller:
         for action in self.deferred:
             self.pushes.put(action)
         self.deferred = []
+        # off the switch's critical path too: the next generation's input links to the loss plans' first devices
+        firsts = sorted({p.stages[0][2] for p in self.state.contingency.values()} & set(self.devices))
+        self.stream.dial_ahead(route.generation + 1, [(d, _reach(self.devices[d]), self.devices[d].runtime_port)
+                                                      for d in firsts])
         self.failures = 0
         self.serving_since = self.serving_since or route.first_result
         self.events.ready(True)
