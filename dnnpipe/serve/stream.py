@@ -115,6 +115,12 @@ class Stream:
                                 self.session, self.connect_timeout, tls=None if self.tls is None else self.tls[1]),
                         f"serve dial ahead {generation} to {device}")
 
+    def dialled_ahead(self, generation: int, device: int) -> bool:
+        """The input link of `generation` to `device`, dialled ahead, is proven (or failed: it is dialled again)."""
+        with self._links_changed:
+            ahead = self._ahead.get((generation, device))
+        return ahead is not None and ahead.done.is_set()
+
     def _dial(self, route: Route) -> socket.socket:
         """The route's input link: the one dialled ahead when there is one, else dialled now. Links dialled ahead
         for this generation or an older one that this route does not use are hung up."""
