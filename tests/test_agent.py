@@ -13,7 +13,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import pytest
@@ -154,7 +154,7 @@ class Agents:
     stream: Stream
     ledger: Ledger
     cutter: Cutter
-    faults: list
+    faults: list  # (generation, why) of each route's fault
 
     def push(self, device: int, units: tuple[int, int]) -> None:
         flatbuffer = self.cutter.cut(units)
@@ -171,12 +171,14 @@ class Agents:
             if event[0] == "prepared":
                 prepared.add((event[1], event[2]))
 
-    def roles(self, generation: int, stages: list[tuple[int, int, int]], abort: bool) -> None:
+    def roles(self, generation: int, stages: list[tuple[int, int, int]], abort: bool,
+              pace: Optional[dict] = None) -> None:
         for k, (first, last, d) in enumerate(stages):
             nxt = stages[k + 1][2] if k + 1 < len(stages) else 0
             self.fleet.send(d, {"kind": "role", "generation": generation, "stage": k + 1, "units": [first, last],
                                 "from": stages[k - 1][2] if k else 0, "to": nxt, "host": "127.0.0.1",
-                                "port": self.devices[nxt].runtime_port if nxt else self.stream.port, "pace": None,
+                                "port": self.devices[nxt].runtime_port if nxt else self.stream.port,
+                                "pace": (pace or {}).get(d),
                                 "abort": abort})
         for d in set(self.devices) - {d for _, _, d in stages}:
             self.fleet.send(d, {"kind": "role", "generation": generation, "units": None, "abort": abort})
@@ -185,8 +187,8 @@ class Agents:
         head = self.devices[stages[0][2]]
         return self.stream.open(generation, (head.device_id, "127.0.0.1", head.runtime_port), stages[-1][2], abort)
 
-    def run(self, generation: int, stages: list[tuple[int, int, int]], abort: bool):
-        self.roles(generation, stages, abort)
+    def run(self, generation: int, stages: list[tuple[int, int, int]], abort: bool, pace: Optional[dict] = None):
+        self.roles(generation, stages, abort, pace)
         return self.route(generation, stages, abort)
 
 
@@ -206,9 +208,9 @@ def agents(served: Served, tmp_path, feed, count: int) -> Iterator[Agents]:
     fleet = Fleet("127.0.0.1", key, model, session, served.parts.resolve().name, served.name, 20.0, SshOptions(),
                   lines.append)
     ledger = Ledger(None, 8)
-    faults: list[str] = []
+    faults: list[tuple[int, str]] = []
     stream = Stream(ledger, feed, manifest.inputs, manifest.outputs, key, model, session, "127.0.0.1", 20.0,
-                    lambda: time.sleep(0.004), lambda route, why: faults.append(why))
+                    lambda: time.sleep(0.004), lambda route, why: faults.append((route.generation, why)))
     try:
         for device in devices.values():
             fleet.start(device)
@@ -257,7 +259,9 @@ def test_agents_run_roles_switch_at_a_barrier_and_abort(served, tmp_path):
         wait_for(lambda: a.ledger.done, 60)
         wait_for(lambda: a.stream.route is not None and a.stream.route.results_done.is_set())
         check_results(served, feed, total)
-        assert all("device 2" in why for why in a.faults), a.faults  # only the killed device's link broke
+        # only the plans the loss ended broke (the controller drops their faults): the killed device's links, and
+        # generation 2's input link, which device 3 hangs up as the abort reaches it, maybe before the route closed
+        assert all(g == 2 and ("device 2" in why or "device 3" in why) for g, why in a.faults), a.faults
 
 
 def test_a_planned_roles_links_are_dialled_before_the_barrier(served, tmp_path):
@@ -285,6 +289,55 @@ def test_a_planned_roles_links_are_dialled_before_the_barrier(served, tmp_path):
         wait_for(lambda: a.stream.route is not None and a.stream.route.results_done.is_set())
         check_results(served, feed, total)
         assert a.ledger.epoch == 1 and a.stream.duplicates == 0 and not a.faults
+
+
+def test_the_new_plan_serves_while_the_old_one_drains(served, tmp_path):
+    """At a barrier the new role runs at once beside the old one: device 2, the old plan's fast last stage and the
+    new plan's only stage, answers new inputs between the old plan's frames, which device 1 (paced at 100 ms a
+    frame) still drains; the controller reads the new route's results as they come, before the old route's END,
+    so their credits refill the new pipeline at once. Before, the new role waited for the old role's END and the
+    controller for the old route's: the new plan started on an empty pipeline. Every result once."""
+    total = 40
+    feed = ListFeed(rows_of(served), total)
+    with agents(served, tmp_path, feed, 2) as a:
+        units = read_manifest(served.parts / served.name).units
+        plan_a = [(1, 30, 1), (31, units, 2)]
+        plan_b = [(1, units, 2)]
+        a.push_all(plan_a + plan_b)
+        old = a.run(1, plan_a, abort=True, pace={1: 100.0})
+        wait_for(lambda: len(feed.delivered) >= 2 and a.ledger.in_flight >= 4)  # device 1 holds a queue
+        new = a.run(2, plan_b, abort=False)
+        wait_for(lambda: new.first_result is not None or old.results_done.is_set())
+        assert new.first_result is not None and not old.results_done.is_set()
+        wait_for(lambda: a.ledger.done, 60)
+        wait_for(lambda: old.results_done.is_set() and new.results_done.is_set())
+        check_results(served, feed, total)
+        assert a.ledger.epoch == 1 and a.stream.duplicates == 0 and not a.faults
+
+
+def test_a_loss_plans_input_link_is_dialled_ahead_and_the_others_hung_up(served, tmp_path):
+    """The controller dials the next generation's input link to each possible first device before any loss; the
+    aborting switch takes the one of its plan (proven for that generation, so the agent runs on it) and hangs up
+    the others. Every result once."""
+    total = 80
+    feed = ListFeed(rows_of(served), total)
+    with agents(served, tmp_path, feed, 2) as a:
+        units = read_manifest(served.parts / served.name).units
+        plan_a = [(1, 30, 1), (31, units, 2)]
+        plan_b = [(1, units, 2)]
+        a.push_all(plan_a + plan_b)
+        a.run(1, plan_a, abort=True)
+        a.stream.dial_ahead(2, [(d, "127.0.0.1", a.devices[d].runtime_port) for d in (1, 2)])
+        ahead = dict(a.stream._ahead)
+        assert set(ahead) == {(2, 1), (2, 2)}
+        wait_for(lambda: all(p.done.is_set() for p in ahead.values()) and len(feed.delivered) >= 20)
+        assert all(p.sock is not None for p in ahead.values())
+        used = ahead[(2, 2)].sock
+        new = a.run(2, plan_b, abort=True)
+        wait_for(lambda: a.ledger.done, 60)
+        assert new.sockets[0] is used and ahead[(2, 1)].cancel.is_set() and not a.stream._ahead
+        wait_for(lambda: new.results_done.is_set())
+        check_results(served, feed, total)
 
 
 def wait_for(condition, seconds: float = 30.0) -> bool:

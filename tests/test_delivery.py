@@ -97,11 +97,13 @@ def test_resume_skips_what_is_stored():
         Ledger(3, 0)
 
 
-def simulate_routes(total: int, window: int, stored: int, actions: list[int], live: bool) -> list[int]:
+def simulate_routes(total: int, window: int, stored: int, actions: list[int], live: bool,
+                    anywhere: bool = False) -> list[int]:
     """As `simulate`, with the controller's routes: a planned switch (action 4) opens a new route behind the old
     one (the old drains first, the epoch stays), a device loss (2) cuts every route and starts a new epoch, at
     any point, also while a planned switch is draining. With `live`, the total is learnt only when the feed runs
-    dry (a live feed)."""
+    dry (a live feed). With `anywhere`, the newest route's results may come before the older routes drained
+    (action 5); then the inputs stored are returned sorted (each route is FIFO, the routes are not)."""
     ledger = Ledger(None if live else total, window, stored)
     routes: list[deque] = [deque()]  # each route: (epoch, wire sequence, input) in FIFO order
     stale: deque = deque()
@@ -119,11 +121,12 @@ def simulate_routes(total: int, window: int, stored: int, actions: list[int], li
                 routes[-1].append((ledger.epoch, wire, index))
             elif any(routes):
                 action = 1
-        if action == 1:
+        if action in (1, 5):  # the oldest route's next result, or (5) the newest route's, ahead of the old
             while len(routes) > 1 and not routes[0]:
-                routes.pop(0)  # its END came through: the next route's results are read now
-            if routes[0]:
-                epoch, wire, index = routes[0].popleft()
+                routes.pop(0)  # its END came through
+            route = routes[-1] if action == 5 and routes[-1] else routes[0]
+            if route:
+                epoch, wire, index = route.popleft()
                 got = ledger.result(epoch, wire)
                 assert got in (None, index)
                 if got is not None:
@@ -138,8 +141,9 @@ def simulate_routes(total: int, window: int, stored: int, actions: list[int], li
             assert ledger.result(epoch, wire) is None
         elif action == 4:
             routes.append(deque())
+            ledger.barrier()
     assert ledger.done, f"not finished: stored up to {ledger.first_unstored} of {total}"
-    return out
+    return sorted(out) if anywhere else out
 
 
 @settings(max_examples=300, deadline=None)
@@ -148,6 +152,29 @@ def simulate_routes(total: int, window: int, stored: int, actions: list[int], li
 def test_exactly_once_across_barrier_switches_and_faults_during_them(total, window, data, live, actions):
     stored = data.draw(st.integers(0, total))
     assert simulate_routes(total, window, stored, actions, live) == list(range(stored, total))
+
+
+@settings(max_examples=300, deadline=None)
+@given(total=st.integers(0, 40), window=st.integers(1, 6), data=st.data(), live=st.booleans(),
+       actions=st.lists(st.integers(0, 5), max_size=200))
+def test_exactly_once_when_the_new_routes_results_overtake_the_old(total, window, data, live, actions):
+    stored = data.draw(st.integers(0, total))
+    assert simulate_routes(total, window, stored, actions, live, anywhere=True) == list(range(stored, total))
+
+
+def test_a_new_route_frees_its_credits_before_the_old_route_drained():
+    ledger = Ledger(10, 4)
+    assert [ledger.next_input() for _ in range(3)] == [0, 1, 2]  # the old route
+    ledger.barrier()
+    assert ledger.next_input() == 3 and ledger.next_input() is None
+    assert ledger.result(0, 3) == 3 and ledger.in_flight == 3  # the new route's first result, ahead of 0..2
+    assert ledger.next_input() == 4  # its credit is free at once
+    with pytest.raises(DeliveryError, match="result 5 of epoch 0 where 4 was expected"):
+        ledger.result(0, 5)  # a gap inside one route
+    with pytest.raises(DeliveryError, match="result 1 of epoch 0 where 0 was expected"):
+        ledger.result(0, 1)
+    assert [ledger.result(0, k) for k in (0, 1, 2, 4)] == [0, 1, 2, 4]
+    assert ledger.first_unstored == 5 and ledger.in_flight == 0
 
 
 def test_a_live_feed_ends_when_exhausted():

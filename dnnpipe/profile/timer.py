@@ -240,8 +240,12 @@ def frame_costs(folder: Optional[Path], slowdown: float, seconds: float = FRAME_
         loop = StageLoop("[frame cost]", spec, lambda arrays: arrays, 1, say=lambda line: None)
         loop.upstream, loop.downstream = upstream, downstream
         go.set()
+        gc.collect()
         gc.freeze()  # as a stage process does before its loop (runtime.stage.Stage.run)
-        loop.run(loop.receive, loop.send)
+        try:
+            loop.run(loop.receive, loop.send)
+        finally:
+            gc.unfreeze()  # a caller's heap (a test's, in-process) is its own again
         for thread in threads:
             thread.join(LINK_DEADLINE)
         upstream.close()

@@ -9,10 +9,13 @@ switch of plan is a new generation, and every data link proves in its handshake 
 to, so a frame of an old plan can never reach a new role.
 
 A planned switch is a barrier in the frame sequence: the controller ends the old plan's input stream (END) at
-frame B and feeds frames from B on to the new plan. Each agent finishes its old role when END reaches it (frames
-before B run on the old plan) and then starts its new role, whose sub-model is already loaded beside the running
-one: no process starts, no model loads on the switch. A device loss aborts every role at once (the controller
-replays what was in flight). See docs/protocol.md for the control messages.
+frame B and feeds frames from B on to the new plan. Each agent starts its new role as soon as the role arrives,
+beside the running one (its sub-model already loaded and warmed up, its links dialled): the new role's threads wait
+on its upstream link, which carries frame B once B's new upstream stage has run it. The old role finishes the
+frames before B and ends when END reaches it; meanwhile both roles take turns on the device (one frame at a time,
+on one device clock: runtime.stage.DeviceTurn), so the new pipeline fills while the old one drains. No process
+starts, no model loads on the switch. A device loss aborts every role at once (the controller replays what was in
+flight). See docs/protocol.md for the control messages.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
+
 from ..errors import DnnpipeError
 from ..interpreter import StageRunner
 from ..manifest import MANIFEST_FILE, StageSpec, WholeModel, read_manifest
@@ -37,7 +42,7 @@ from ..pipeline_key import stage_key, tls_context
 from .control import CONTROLLER, LineReader, encode, integer, number, MIN_PACE_MS, MAX_PACE_MS
 from .handshake import HANDSHAKE_SECONDS, HandshakeError, LinkAuth, ProbeClosed, connect_side, listen_side_for, \
     manifest_identity, tls_wrap
-from .stage import StageLoop
+from .stage import DeviceTurn, StageLoop
 from .transport import Downstream, Say, Upstream, dial, listen
 
 HEARTBEAT_SECONDS = 0.1  # a frozen device misses a few in a row: detected within a second
@@ -149,14 +154,30 @@ def check_role(message: dict[str, Any], units: int, peer: str) -> Role:
 
 
 class PreDial:
-    """A role's downstream link, dialled and proven as soon as the role arrives, while the running role still
-    serves: at the barrier the new role finds it ready and dials nothing."""
+    """A link dialled and proven ahead, on its own thread: a role's downstream link as soon as the role arrives,
+    while the running role still serves (at the barrier the new role finds it ready), or the controller's input
+    link of the next generation to the first device of each plan it may switch to."""
 
     def __init__(self) -> None:
         self.cancel = threading.Event()
         self.done = threading.Event()
         self.sock: Optional[socket.socket] = None
         self.error = ""
+
+    def start(self, connect: Callable[[threading.Event], socket.socket], name: str) -> "PreDial":
+        """Run connect(cancel) on a thread; its link (or its error) waits here for take()."""
+        def body() -> None:
+            try:
+                self.sock = connect(self.cancel)
+            except DnnpipeError as e:
+                self.error = str(e)
+            finally:
+                self.done.set()
+                if self.cancel.is_set():
+                    self.discard()
+
+        threading.Thread(target=body, daemon=True, name=name).start()
+        return self
 
     def take(self, stop: threading.Event, timeout: float) -> socket.socket:
         deadline = time.monotonic() + timeout
@@ -217,12 +238,14 @@ class Agent:
         self._links_changed = threading.Condition(self._lock)
         self._dials: dict[int, PreDial] = {}  # generation -> its role's downstream link, dialled ahead
         self._prepared: OrderedDict[tuple[int, int], tuple[StageSpec, StageRunner]] = OrderedDict()
-        self._roles: queue.Queue[Role] = queue.Queue()
         self._prepare: queue.Queue[tuple[tuple[int, int], bytes]] = queue.Queue()
         self._aborted_below = -1  # roles of generations below this are dropped
-        self.loop: Optional[StageLoop] = None
-        self.generation = -1
-        self._reported = 0
+        self.loops: dict[int, StageLoop] = {}  # generation -> its running role (two overlap at a barrier)
+        self._reported: dict[int, int] = {}  # generation -> its role's frames already reported in a beat
+        self._late: list[float] = []  # stage times of an ended role not yet reported
+        self._live: set[int] = set()  # generations whose role was given and has not ended
+        self.device = DeviceTurn()  # the roles of this device take turns, one frame at a time
+        self.generation = -1  # the newest role's
         self._send_lock = threading.Lock()
         self.control: Optional[socket.socket] = None
 
@@ -251,7 +274,7 @@ class Agent:
         sock.settimeout(None)
         self.control = sock
         self._send({"kind": "hello", "device": o.device, "pid": os.getpid(), "units": self.units})
-        for body in (self._accept, self._beat, self._work, self._prepare_roles):
+        for body in (self._accept, self._beat, self._prepare_roles):
             threading.Thread(target=body, args=(listener,) if body == self._accept else (), daemon=True,
                              name=f"{self.name} {body.__name__}").start()
         peer = f"{self.name} controller {o.control_host}:{o.control_port}"
@@ -308,8 +331,8 @@ class Agent:
         elif kind == "pace":
             ms = number(message, "ms", MIN_PACE_MS, MAX_PACE_MS, peer)
             with self._lock:
-                if self.loop is not None:
-                    self.loop.pace_ms = ms
+                for loop in self.loops.values():  # the device's speed: every role it runs
+                    loop.pace_ms = ms
         elif kind == "stop":
             return False
         else:
@@ -328,28 +351,29 @@ class Agent:
 
     def _beat(self) -> None:
         while not self.stop.wait(HEARTBEAT_SECONDS):
-            with self._lock:
-                loop, generation = self.loop, self.generation
-            times: list[float] = []
             sent = 0
-            if loop is not None:
-                done = len(loop.timings)
-                times = [round(t.inference_ms + t.emulation_ms, 4) for t in loop.timings[self._reported:done]]
-                self._reported, sent = done, loop.sent
+            with self._lock:
+                times, self._late = self._late, []
+                generation = self.generation
+                for g, loop in sorted(self.loops.items()):
+                    done = len(loop.timings)
+                    times += [round(t.inference_ms + t.emulation_ms, 4)
+                              for t in loop.timings[self._reported.get(g, 0):done]]
+                    self._reported[g], sent = done, loop.sent
             if not self._send({"kind": "beat", "generation": generation, "sent": sent, "times": times}):
                 return
 
     def _shutdown(self, listener: socket.socket, sock: socket.socket) -> None:
         self.stop.set()
         with self._lock:
-            loop = self.loop
+            loops = list(self.loops.values())
             for link in self._links.values():
                 link.close()
             self._links.clear()
             for dial in self._dials.values():
                 dial.discard()
             self._dials.clear()
-        if loop is not None:
+        for loop in loops:
             loop.abort(f"{self.name} stopped")
         listener.close()
         try:
@@ -361,56 +385,32 @@ class Agent:
     # --- roles -------------------------------------------------------------------------------
 
     def _assign(self, role: Role) -> None:
-        """Queue a role; an aborting one cuts the running role and drops any older one still queued."""
-        if role.abort:
-            with self._lock:
-                self._aborted_below = max(self._aborted_below, role.generation)
-                loop = self.loop if self.generation < role.generation else None
-            if loop is not None:
-                loop.abort(f"{self.name} role of generation {self.generation} replaced (a device was lost)")
-        if role.units is not None:
-            dial = PreDial()
-            with self._lock:
-                old = self._dials.pop(role.generation, None)
-                self._dials[role.generation] = dial
-            if old is not None:
-                old.discard()
-            threading.Thread(target=self._predial, args=(role, dial), daemon=True,
-                             name=f"{self.name} dial {role.generation}").start()
-        self._roles.put(role)
-
-    def _predial(self, role: Role, dial: PreDial) -> None:
-        try:
-            dial.sock = dial_link(role.host, role.port, self.options.device, role.downstream, role.generation,
-                                  self.key, self.model, self._wait_session(), self.options.connect_timeout,
-                                  dial.cancel, self.tls_connect)
-        except DnnpipeError as e:
-            dial.error = str(e)
-        finally:
-            dial.done.set()
-            if dial.cancel.is_set():
-                dial.discard()
-
-    def _work(self) -> None:
-        """Roles one after another: a role starts when the one before it ended (the barrier)."""
-        while not self.stop.is_set():
-            try:
-                role = self._roles.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            with self._lock:
-                skip = role.generation < self._aborted_below or role.generation <= self.generation
-                dial = self._dials.pop(role.generation, None) if skip or role.units is None else None
-            if dial is not None:
-                dial.discard()
-            if skip:
-                continue
+        """Start a role at once, beside the running one: its links are taken and its threads wait on its upstream
+        link, which carries nothing before the barrier (END of the old role's stream, upstream) has passed. An
+        aborting role first cuts every older role."""
+        with self._lock:
+            if role.generation <= self.generation or role.generation < self._aborted_below:
+                return  # the controller numbers generations upwards: a repeat or a stale role
+            self.generation = role.generation
+            if role.units is not None:
+                self._live.add(role.generation)  # with the generation: its early links are not stale
+            if role.abort:
+                self._aborted_below = role.generation
+            older = [(g, loop) for g, loop in self.loops.items() if g < role.generation] if role.abort else []
             if role.units is None:
-                with self._lock:
-                    self.generation = role.generation
-                    self._close_links_below(role.generation)
-                continue
-            self._run_role(role)
+                self._close_stale()
+        for g, loop in older:
+            loop.abort(f"{self.name} role of generation {g} replaced (a device was lost)")
+        if role.units is None:
+            return
+        o = self.options
+        with self._lock:
+            self._dials[role.generation] = PreDial().start(
+                lambda cancel: dial_link(role.host, role.port, o.device, role.downstream, role.generation, self.key,
+                                         self.model, self._wait_session(), o.connect_timeout, cancel,
+                                         self.tls_connect), f"{self.name} dial {role.generation}")
+        threading.Thread(target=self._run_role, args=(role,), daemon=True,
+                         name=f"{self.name} role {role.generation}").start()
 
     def _run_role(self, role: Role) -> None:
         o = self.options
@@ -418,39 +418,61 @@ class Agent:
         try:
             spec, runner = self._runner(role.units, role.stage)
         except DnnpipeError as e:
+            with self._lock:
+                self._live.discard(role.generation)
+                self._close_stale()
             self._send({"kind": "error", "generation": role.generation, "message": str(e)})
             return
         name = f"[device {o.device} stage {role.stage}]"
-        loop = StageLoop(name, spec, runner, o.queue_size, lambda text: None, role.pace_ms)
-        with self._lock:
-            if role.generation < self._aborted_below:  # an abort came while this role was being set up
-                dial = self._dials.pop(role.generation, None)
-                if dial is not None:
-                    dial.discard()
-                return
-            self.loop, self.generation, self._reported = loop, role.generation, 0
-            self._close_links_below(role.generation)
+        loop = StageLoop(name, spec, runner, o.queue_size, lambda text: None, role.pace_ms, device=self.device)
         with self._lock:
             dial = self._dials.pop(role.generation, None)
-        try:
-            if dial is None:
-                raise DnnpipeError("no downstream link was dialled for this role")
-            sock = dial.take(loop.stop, o.connect_timeout)
-            loop.downstream = Downstream(sock, f"{role.host}:{role.port}", spec.outputs, o.timeout)
+            if role.generation < self._aborted_below or self.stop.is_set():  # aborted while it was set up
+                if dial is not None:
+                    dial.discard()
+                self._live.discard(role.generation)
+                self._close_stale()
+                return
+            self.loops[role.generation], self._reported[role.generation] = loop, 0
+        def source() -> None:
             up = self._take_link(role.generation, role.upstream, loop.stop)
             loop.upstream = Upstream(up, f"{name} upstream device {role.upstream}", spec.inputs, o.timeout,
                                      idle=True)  # a live feed may pause: heartbeats tell a stalled neighbour
-            loop.run(loop.receive, loop.send)
+            loop.receive()
+
+        def sink() -> None:  # the first frame runs while the downstream link is still being proven
+            if dial is None:
+                raise DnnpipeError("no downstream link was dialled for this role")
+            loop.downstream = Downstream(dial.take(loop.stop, o.connect_timeout), f"{role.host}:{role.port}",
+                                         spec.outputs, o.timeout)
+            loop.send()
+
+        if role.abort:  # the cut role's frame is given up (as TFLite's cancellation would), not waited out
+            with self.device.lock:
+                self.device.free_at = min(self.device.free_at, time.perf_counter())
+        try:
+            loop.run(source, sink)
         except DnnpipeError as e:
             loop.fail(str(e) if str(e).startswith("[") else f"{name} {e}")
         finally:
             for link in (loop.upstream, loop.downstream):
                 if link is not None:
                     link.close()
+        with self._lock:
+            self._report_last(role.generation, loop)
+            del self.loops[role.generation]
+            self._live.discard(role.generation)
+            self._close_stale()
         if loop.error and not self.stop.is_set():
             self._send({"kind": "error", "generation": role.generation, "message": loop.error})
         elif not loop.error:
             self._send({"kind": "ended", "generation": role.generation, "sent": loop.sent})
+
+    def _report_last(self, generation: int, loop: StageLoop) -> None:
+        """The stage times of an ended role's last frames go out with the next beat (the speed measure keeps
+        every frame across a switch)."""
+        done = self._reported.pop(generation, 0)
+        self._late += [round(t.inference_ms + t.emulation_ms, 4) for t in loop.timings[done:]]
 
     def _wait_session(self) -> bytes:
         if not self._session_known.wait(SESSION_WAIT) or self._session is None:
@@ -468,10 +490,15 @@ class Agent:
                 self._links_changed.wait(0.05)
             return self._links.pop((generation, sender))
 
-    def _close_links_below(self, generation: int) -> None:
-        for key in [k for k in self._links if k[0] < generation]:
+    def _stale(self, generation: int) -> bool:
+        """A generation no role of this agent runs or will run (hold self._lock)."""
+        return generation < self._aborted_below or (generation <= self.generation and generation not in self._live)
+
+    def _close_stale(self) -> None:
+        """Links and dials no role will take (hold self._lock)."""
+        for key in [k for k in self._links if self._stale(k[0])]:
             self._links.pop(key).close()
-        for g in [g for g in self._dials if g < generation]:
+        for g in [g for g in self._dials if self._stale(g)]:
             self._dials.pop(g).discard()
 
     # --- sub-models --------------------------------------------------------------------------
@@ -500,6 +527,10 @@ class Agent:
     def _load(self, units: tuple[int, int], flatbuffer: bytes) -> None:
         spec = self._spec(units, 0, hashlib.sha256(flatbuffer).hexdigest())
         runner = StageRunner(flatbuffer, spec, self.options.num_threads, self.options.delegate)
+        try:  # TFLite's first invoke allocates and plans its kernels: here, in the background, not on a switch's path
+            runner([np.zeros(t.shape, t.dtype) for t in spec.inputs])
+        except (ValueError, RuntimeError) as e:
+            raise DnnpipeError(f"the sub-model does not run: {e}") from None
         with self._lock:
             self._prepared[units] = (spec, runner)
             while len(self._prepared) > PREPARED_ROLES:
@@ -553,7 +584,7 @@ class Agent:
             slots.release()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._links_changed:
-            if generation < self.generation or self.stop.is_set():
+            if self._stale(generation) or self.stop.is_set():
                 sock.close()
                 return
             old = self._links.pop((generation, sender), None)

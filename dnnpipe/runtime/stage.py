@@ -56,6 +56,15 @@ class EndOfStream:
 END = EndOfStream()
 
 
+class DeviceTurn:
+    """What the stages one device runs at once share (an agent's old and new roles overlap at a barrier): one frame
+    at a time, on the device's own clock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.free_at = 0.0  # when the emulated device finished its previous frame
+
+
 class StageFailed(DnnpipeError):
     """The stage stopped on an error; the message starts with the stage that failed first."""
 
@@ -104,8 +113,9 @@ class StageLoop:
     bounded queues. A Stage runs one for its whole life; a device agent runs one per role it is given."""
 
     def __init__(self, name: str, spec: StageSpec, runner: Callable, queue_size: int, say: Say = print,
-                 pace_ms: Optional[float] = None, fps: Optional[float] = None):
+                 pace_ms: Optional[float] = None, fps: Optional[float] = None, device: Optional[DeviceTurn] = None):
         self.name, self.spec, self.runner, self.say = name, spec, runner, say
+        self.device = device or DeviceTurn()
         self.queue_size, self.fps = queue_size, fps
         self.stop = threading.Event()
         self.error: Optional[str] = None
@@ -231,8 +241,8 @@ class StageLoop:
         # it finished the previous one (or, held back by the next stage, when a result buffer is free) and
         # ends it planned ms later. Sleeping until that absolute deadline, instead of a sleep proportional
         # to the measured time, keeps host noise from being multiplied by 1/C, and a late wake-up on a busy
-        # host does not push back the frames after it. The sleep wakes at once on stop.
-        free_at = 0.0  # when the emulated device finished its previous frame
+        # host does not push back the frames after it. The sleep wakes at once on stop. Frames of every role of
+        # the device take turns (self.device), so two roles that overlap at a barrier share one device.
         while True:
             item = self._get(self.inbox)
             if item is None:
@@ -243,30 +253,32 @@ class StageLoop:
             timing = item.timing
             timing.queue_wait_ms = (time.perf_counter() - item.queued) * 1000
             try:
-                results, start = self.output_buffers.get_nowait(), max(item.queued, free_at)
+                results, start = self.output_buffers.get_nowait(), item.queued
             except queue.Empty:
                 results, start = self._get(self.output_buffers), time.perf_counter()
-            if results is None:
+            if results is None or isinstance(results, EndOfStream):  # stopped (abort puts END in every queue)
                 return
-            timing.infer_start = time.time()
-            began, began_cpu = time.perf_counter(), time.thread_time()
-            into = getattr(self.runner, "into", None)  # a StageRunner copies straight into the result buffers
-            if into is not None:
-                into(item.buffers, results)
-            else:
-                for result, output in zip(results, self.runner(item.buffers)):
-                    np.copyto(result, output)  # the interpreter reuses its output memory on the next call
-            inference = time.perf_counter() - began
-            timing.inference_cpu_ms = (time.thread_time() - began_cpu) * 1000
-            self.input_buffers.put(item.buffers)
-            pace = self.pace_ms / 1000 if self.pace_ms else 0.0  # a controller may change it
-            free_at = start + pace
-            left, slept = free_at - time.perf_counter(), 0.0
-            if left > 0:
-                asleep = time.perf_counter()
-                if self.stop.wait(left):
-                    return
-                slept = time.perf_counter() - asleep
+            with self.device.lock:
+                start = max(start, self.device.free_at)
+                timing.infer_start = time.time()
+                began, began_cpu = time.perf_counter(), time.thread_time()
+                into = getattr(self.runner, "into", None)  # a StageRunner copies straight into the result buffers
+                if into is not None:
+                    into(item.buffers, results)
+                else:
+                    for result, output in zip(results, self.runner(item.buffers)):
+                        np.copyto(result, output)  # the interpreter reuses its output memory on the next call
+                inference = time.perf_counter() - began
+                timing.inference_cpu_ms = (time.thread_time() - began_cpu) * 1000
+                self.input_buffers.put(item.buffers)
+                pace = self.pace_ms / 1000 if self.pace_ms else 0.0  # a controller may change it
+                self.device.free_at = start + pace
+                left, slept = self.device.free_at - time.perf_counter(), 0.0
+                if left > 0:
+                    asleep = time.perf_counter()
+                    if self.stop.wait(left):
+                        return
+                    slept = time.perf_counter() - asleep
             timing.inference_ms = inference * 1000
             # Only the pacing sleep: on a board of 0.12 cores the receive thread woken by the buffer just freed
             # ran first, and that wait (8 ms a frame) was reported as pacing in runs that paced nothing.
@@ -407,6 +419,7 @@ class Stage:
             raise DnnpipeError(f"{self.name} the first stage needs --data-path")
         sink = partial(loop.write_results, o.output_path) if downstream is None else loop.send
         self.say(f"{self.name} running")
+        gc.collect()  # what is garbage now is not kept for good by the freeze
         gc.freeze()  # this process's long-lived objects (modules, interpreter, TLS) out of every collection's way
         try:
             loop.run(source, sink)

@@ -51,6 +51,7 @@ POLL_SECONDS = 0.01
 MEASURE_SECONDS = 0.2  # how often measured speeds are evaluated
 FAULT_GRACE = 0.3  # a role's error waits this long for the loss that caused it before it counts on its own
 FINISH_SECONDS = 5.0  # after the last result, how long the END frame gets to flow through
+LINK_WAIT = 0.5  # how long a planned switch's barrier waits for the new plan's links to be proven
 
 
 class NoPlan(DnnpipeError):
@@ -72,6 +73,7 @@ class SwitchRecord:
     prepare_s: float = 0.0  # a planned switch: sub-models cut, pushed and loaded while the old plan served
     switch_s: float = 0.0  # roles sent and the new route opened
     first_result_s: Optional[float] = None
+    switched_at: float = 0.0  # monotonic: the new roles went out (a planned switch's barrier)
     generation: int = 0
 
 
@@ -496,6 +498,7 @@ class Controller:
         self._ensure_pushed(stages)
         record.push_s = time.perf_counter() - push_began
         switch_began = time.perf_counter()
+        record.switched_at = time.monotonic()
         devices = [d for _, _, d in stages]
         for k, (first, last, device) in enumerate(stages):
             if k + 1 < len(stages):
@@ -509,7 +512,10 @@ class Controller:
         for device in self.fleet.up() - set(devices):
             self.fleet.send(device, {"kind": "role", "generation": g, "units": None, "abort": action.abort})
         head = self.devices[devices[0]]
-        self.route = self.stream.open(g, (head.device_id, _reach(head), head.runtime_port), devices[-1], action.abort)
+        entry = (head.device_id, _reach(head), head.runtime_port)
+        if not action.abort:
+            self._await_links(g, entry, devices[-1])
+        self.route = self.stream.open(g, entry, devices[-1], action.abort)
         record.switch_s = time.perf_counter() - switch_began
         self.predicted = action.throughput
         self.last_switch = time.monotonic()
@@ -523,6 +529,17 @@ class Controller:
         self.echo(f"serve: switch: generation {g} runs {len(stages)} stages ({how})")
         self.state, actions = decide(replace(self.state, stages=stages), Switched(), self.planner)
         self._carry_out(actions, detected)
+
+    def _await_links(self, generation: int, first: tuple[int, str, int], last: int) -> None:
+        """A planned switch's barrier waits until the new plan's links are proven (its input link, dialled ahead,
+        and its result link; the agents dial theirs at the same moment), at most LINK_WAIT: their TLS and key
+        handshakes cost CPU, which a 2-core host would otherwise spend at the barrier, where every period
+        counts. The old plan serves meanwhile."""
+        self.stream.dial_ahead(generation, [first])
+        deadline = time.monotonic() + LINK_WAIT
+        while time.monotonic() < deadline and not (self.stream.has_link(generation, last) and
+                                                   self.stream.dialled_ahead(generation, first[0])):
+            time.sleep(POLL_SECONDS / 2)
 
     def _ensure_pushed(self, stages: Stages) -> None:
         """Every stage's sub-model loaded on its device before the roles go out (normally pushed long before)."""
@@ -595,6 +612,10 @@ class Controller:
         for action in self.deferred:
             self.pushes.put(action)
         self.deferred = []
+        # off the switch's critical path too: the next generation's input links to the loss plans' first devices
+        firsts = sorted({p.stages[0][2] for p in self.state.contingency.values()} & set(self.devices))
+        self.stream.dial_ahead(route.generation + 1, [(d, _reach(self.devices[d]), self.devices[d].runtime_port)
+                                                      for d in firsts])
         self.failures = 0
         self.serving_since = self.serving_since or route.first_result
         self.events.ready(True)

@@ -4,10 +4,11 @@ Pure bookkeeping (no sockets, no files), so replay and de-duplication are proper
 Inputs are numbered 0, 1, 2, ... and re-read from the feed when needed, so "keeping" an input costs one
 index; the total need not be known up front (a live feed): `end_at` records it once the feed is exhausted.
 The pipeline is FIFO, so the ledger maps the k-th result of an epoch to the k-th input sent in it. A planned
-switch at a barrier keeps the epoch (the old plan drains before the new one's results arrive, so FIFO holds
-across it); a switch that aborts the running plan (a device lost) starts a new epoch, and the source replays
-from the first unstored input; a result arriving from an older epoch, or for an input already stored, is
-dropped, so every result is stored exactly once.
+switch at a barrier keeps the epoch and starts a new *segment* of it (`barrier`): each route is FIFO on its own,
+and the new plan's results may come in before the old plan has drained (they free their credits at once, so the
+new pipeline fills while the old one drains); a switch that aborts the running plan (a device lost) starts a new
+epoch, and the source replays from the first unstored input; a result arriving from an older epoch, or for an
+input already stored, is dropped, so every result is stored exactly once.
 """
 
 from __future__ import annotations
@@ -34,14 +35,17 @@ class Ledger:
         self.epoch = 0
         self._cursor = stored  # the next input this epoch sends
         self._sent: deque[int] = deque()  # inputs sent this epoch whose results have not come back
-        self._received = 0  # results received this epoch (the next expected wire sequence)
+        self._received = 0  # every result below this wire sequence was received this epoch
+        self._starts = [0]  # the wire sequence each open segment (a route behind a barrier) starts at
+        self._next = [0]  # the next result each segment expects
+        self._early: set[int] = set()  # results received above _received (a newer segment's)
         self.taken = stored  # inputs 0..taken-1 were asked of the feed at least once
 
     # --- source side -------------------------------------------------------------------------
 
     @property
     def in_flight(self) -> int:
-        return len(self._sent)
+        return len(self._sent) - len(self._early)
 
     @property
     def wire_sequence(self) -> int:
@@ -82,11 +86,20 @@ class Ledger:
         """The input a result belongs to, if it is to be stored now; None for a stale or duplicate result."""
         if epoch != self.epoch:
             return None  # from a connection the switch already closed: its inputs are replayed
-        if wire_sequence != self._received or not self._sent:
-            raise DeliveryError(f"result {wire_sequence} of epoch {epoch} where {self._received} was expected "
-                                f"({len(self._sent)} in flight)")
-        self._received += 1
-        index = self._sent.popleft()
+        segment = max((k for k, start in enumerate(self._starts) if start <= wire_sequence), default=0)
+        expected = self._next[segment]
+        if wire_sequence != expected or wire_sequence >= self._received + len(self._sent):
+            raise DeliveryError(f"result {wire_sequence} of epoch {epoch} where {expected} was expected "
+                                f"({self.in_flight} in flight)")
+        index = self._sent[wire_sequence - self._received]
+        self._next[segment] += 1
+        self._early.add(wire_sequence)
+        while self._received in self._early:
+            self._early.remove(self._received)
+            self._received += 1
+            self._sent.popleft()
+        while len(self._starts) > 1 and self._next[0] == self._starts[1]:  # the oldest route has drained
+            del self._starts[0], self._next[0]
         if self.is_stored(index):
             return None
         self._mark(index)
@@ -103,6 +116,13 @@ class Ledger:
 
     # --- switching ---------------------------------------------------------------------------
 
+    def barrier(self) -> None:
+        """The inputs sent from now on go to a new route behind a barrier: a segment of its own, FIFO in itself."""
+        start = self.wire_sequence
+        if start != self._starts[-1]:
+            self._starts.append(start)
+            self._next.append(start)
+
     def switch(self) -> int:
         """A new epoch (new connections): everything in flight is dropped and replayed from the first unstored
         input. Returns the new epoch number, which the caller tags its result reader with."""
@@ -110,6 +130,7 @@ class Ledger:
         self._cursor = self.first_unstored
         self._sent.clear()
         self._received = 0
+        self._starts, self._next, self._early = [0], [0], set()
         return self.epoch
 
     @property

@@ -3,9 +3,11 @@
 One *route* per plan generation: the controller dials the first agent ("device 0 sends") and takes the last
 agent's result link on its own listener, both proven for that generation. A planned switch opens the new route
 behind the old one: the old source sends END at the barrier (the next input), the new source starts there, and
-the new route's results are read only after the old route's END, so results stay in FIFO order across the switch
-and the ledger keeps its epoch. An aborting switch (a device lost) stops the old route at once and starts a new
-ledger epoch: what was in flight is replayed, and late results of the old route are dropped as stale.
+the new route's results are read as they come, also before the old route has drained: each route is FIFO, the
+ledger keeps its epoch and maps each route's results by its own segment (Ledger.barrier), and the credits the new
+plan's results free let the new pipeline fill while the old one drains. An aborting switch (a device lost) stops
+the old route at once and starts a new ledger epoch: what was in flight is replayed, and late results of the old
+route are dropped as stale.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from functools import partial
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -23,7 +26,7 @@ from ..errors import DnnpipeError
 from ..manifest import TensorSpec
 from ..frameio import FrameReader, FrameWriter
 from ..protocol import Kind
-from ..runtime.agent import dial_link, vet_link
+from ..runtime.agent import PreDial, dial_link, vet_link
 from ..runtime.control import CONTROLLER
 from ..runtime.dataio import to_real, to_wire
 from ..runtime.handshake import ProbeClosed
@@ -73,6 +76,7 @@ class Stream:
         self.closed = threading.Event()
         self._links: dict[tuple[int, int], socket.socket] = {}
         self._links_changed = threading.Condition()
+        self._ahead: dict[tuple[int, int], PreDial] = {}  # (generation, first device) -> input link dialled ahead
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.bind((host, 0))
         self.listener.listen(16)
@@ -99,6 +103,39 @@ class Stream:
             threading.Thread(target=self._guarded, args=(body, route), daemon=True,
                              name=f"serve {body.__name__} {generation}").start()
         return route
+
+    def dial_ahead(self, generation: int, firsts: Iterable[tuple[int, str, int]]) -> None:
+        """Dial and prove the input link of `generation` to each device that may be the first of the next plan
+        (the first device of each plan for the loss of one device), so a loss's new route dials nothing."""
+        with self._links_changed:
+            for device, host, port in firsts:
+                if (generation, device) not in self._ahead and not self.closed.is_set():
+                    self._ahead[(generation, device)] = PreDial().start(
+                        partial(dial_link, host, port, CONTROLLER, device, generation, self.key, self.model,
+                                self.session, self.connect_timeout, tls=None if self.tls is None else self.tls[1]),
+                        f"serve dial ahead {generation} to {device}")
+
+    def dialled_ahead(self, generation: int, device: int) -> bool:
+        """The input link of `generation` to `device`, dialled ahead, is proven (or failed: it is dialled again)."""
+        with self._links_changed:
+            ahead = self._ahead.get((generation, device))
+        return ahead is not None and ahead.done.is_set()
+
+    def _dial(self, route: Route) -> socket.socket:
+        """The route's input link: the one dialled ahead when there is one, else dialled now. Links dialled ahead
+        for this generation or an older one that this route does not use are hung up."""
+        device, host, port = route.first
+        with self._links_changed:
+            ahead = self._ahead.pop((route.generation, device), None)
+            for key in [k for k in self._ahead if k[0] <= route.generation]:
+                self._ahead.pop(key).discard()
+        if ahead is not None:
+            try:
+                return ahead.take(route.stop, self.connect_timeout)
+            except DnnpipeError:
+                pass  # refused or gone: dialled again below, with its own error
+        return dial_link(host, port, CONTROLLER, device, route.generation, self.key, self.model, self.session,
+                         self.connect_timeout, route.stop, None if self.tls is None else self.tls[1])
 
     def _stop(self, route: Optional[Route]) -> None:
         """Cut a route and every route before it (their late results are stale)."""
@@ -128,8 +165,7 @@ class Stream:
         """The new route's first link is dialled and proven before the barrier (the first agent holds it until
         its old role ends), so the switch itself dials nothing."""
         device, host, port = route.first
-        sock = dial_link(host, port, CONTROLLER, device, route.generation, self.key, self.model, self.session,
-                         self.connect_timeout, route.stop, None if self.tls is None else self.tls[1])
+        sock = self._dial(route)
         route.sockets.append(sock)
         if route.stop.is_set():
             hang_up(sock)
@@ -143,6 +179,7 @@ class Stream:
             while not route.stop.is_set():
                 with self.credit:
                     if route.base is None:
+                        self.ledger.barrier()  # a route behind a barrier: a segment of its own
                         route.base = self.ledger.wire_sequence
                     index = None if route.barrier.is_set() else self.ledger.peek()
                     if index is None:
@@ -180,8 +217,6 @@ class Stream:
         route.sockets.append(sock)
         reader = FrameReader(sock, self.outputs, f"results from device {route.last}", None)
         route.results_linked.set()
-        if route.previous is not None and not self._wait(route.previous.results_done, route):
-            return
         buffers = [np.empty(s.shape, s.dtype) for s in self.outputs]
         while not route.stop.is_set():
             frame = reader.read(buffers)
@@ -268,3 +303,6 @@ class Stream:
             for sock in self._links.values():
                 sock.close()
             self._links.clear()
+            for ahead in self._ahead.values():
+                ahead.discard()
+            self._ahead.clear()
