@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, ContextManager, NoReturn, Optional, Protocol, Sequence
+from typing import Any, Callable, NoReturn, Optional, Protocol, Sequence
 
 import grpc
 import numpy as np
@@ -19,8 +19,8 @@ from ..errors import DnnpipeError
 from ..manifest import TensorSpec
 from . import codec
 from .feed import Outcome, Ticket
-from .metrics import ServiceMetrics
-from .options import ServiceOptions, bearer_ok
+from .options import bearer_ok
+from .server import FrontDoorBackend
 
 # an HTTP-equivalent status (what Service.compute and the codec say) as the gRPC status a client sees
 CODES = {499: grpc.StatusCode.CANCELLED, 400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
@@ -33,34 +33,11 @@ CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_conte
             "FP64": "fp64_contents"}
 
 
-class GrpcBackend(Protocol):
-    """What the gRPC front door asks of the service behind it (service.Service is one)."""
-
-    @property
-    def options(self) -> ServiceOptions: ...
-
-    @property
-    def inputs(self) -> Sequence[TensorSpec]: ...
-
-    @property
-    def outputs(self) -> Sequence[TensorSpec]: ...
+class GrpcBackend(FrontDoorBackend, Protocol):
+    """What the gRPC front door asks besides (service.Service is one)."""
 
     @property
     def tensors(self) -> codec.ModelTensors: ...
-
-    @property
-    def version(self) -> str: ...
-
-    @property
-    def token(self) -> Optional[str]: ...
-
-    @property
-    def metrics(self) -> ServiceMetrics: ...
-
-    @property
-    def ready(self) -> bool: ...
-
-    def request(self) -> ContextManager[None]: ...
 
     def compute(self, request: codec.InferRequest, arrived: float, client_deadline: Optional[float] = None,
                 watch: Optional[Callable[[Ticket], object]] = None) -> Outcome: ...

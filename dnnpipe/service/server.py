@@ -34,8 +34,9 @@ KEEP_BUFFER = 4 << 20  # a connection keeps its body buffer for its next request
 ONE_WRITE = 64 << 10  # an answer up to this size goes out with its headers in one write
 
 
-class Backend(Protocol):
-    """What the handler asks of the service behind it (service.Service), so the server imports no service."""
+class FrontDoorBackend(Protocol):
+    """What every front door (this HTTP one, grpcserver's) asks of the service behind it (service.Service), so
+    neither imports the service."""
 
     @property
     def options(self) -> ServiceOptions: ...
@@ -53,15 +54,19 @@ class Backend(Protocol):
     def token(self) -> Optional[str]: ...
 
     @property
-    def draining(self) -> bool: ...
-
-    @property
     def metrics(self) -> ServiceMetrics: ...
 
     @property
     def ready(self) -> bool: ...
 
     def request(self) -> ContextManager[None]: ...
+
+
+class Backend(FrontDoorBackend, Protocol):
+    """What the HTTP handler asks besides."""
+
+    @property
+    def draining(self) -> bool: ...
 
     def infer(self, handler: "Handler") -> None: ...
 
@@ -451,4 +456,4 @@ class Handler(BaseHTTPRequestHandler):
         self.reply(503, codec.error_body(str(error)), headers={"Retry-After": "1"})
 
 
-__all__ = ["Handler", "Server", "Refused"]
+__all__ = ["Handler", "Server", "Refused", "FrontDoorBackend"]
