@@ -174,6 +174,22 @@ def test_a_slow_device_is_measured_and_switched_behind_a_barrier(served, tmp_pat
     assert units.get(2, 0) < {d: e - s + 1 for s, e, d in before}[2]
 
 
+def test_a_device_lost_while_it_drains_the_old_plan_has_those_inputs_replayed(served, tmp_path):
+    """A planned switch moves the plan off a slowed device, which still drains the old plan's queued frames
+    behind the barrier; killed then, those inputs were neither delivered nor replayed (the loss of an idle device
+    switches nothing, and the old route's faults were of a past generation: a 30 s stall, with a live feed a
+    hang). Now the loss is the running pipeline's fault too: an aborting switch replays them. Every result once."""
+    run, out = serve_run(served, tmp_path, inputs=600,
+                         extra=("--emulate-speed", "--emulate-change", "0.3:2=0.003"), speed=True)
+    run.on("switch: generation 2", lambda run: os.kill(run.pid(2), signal.SIGKILL))
+    stdout = finish(run, served, out, 600)
+    assert "device 2 lost" in stdout
+    assert "no result for" not in stdout  # before: those inputs waited out the 30 s stall (a live feed: forever)
+    replan = next(line for line in stdout.splitlines() if "re-plan (measured speed" in line)
+    if 2 not in {d for _, _, d in plan_in(replan)}:  # device 2 only drained: its loss alone is the replay's cause
+        assert "it still ran a draining plan's frames" in stdout or "pipeline failed" in stdout, stdout
+
+
 def plan_in(line: str) -> list[list[int]]:
     """The stages a "re-plan (...): [[...]], N inf/s predicted" line names."""
     return json.loads(line.split("): ", 1)[1].split("]], ", 1)[0] + "]]")

@@ -259,6 +259,8 @@ class StageLoop:
             if results is None or isinstance(results, EndOfStream):  # stopped (abort puts END in every queue)
                 return
             with self.device.lock:
+                if self.stop.is_set():  # cut while it waited for the device: no frame of a dead role on its clock
+                    return
                 start = max(start, self.device.free_at)
                 timing.infer_start = time.time()
                 began, began_cpu = time.perf_counter(), time.thread_time()

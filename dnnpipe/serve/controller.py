@@ -200,6 +200,9 @@ class Controller:
         self.predicted = 0.0
         self.state = State((), frozenset(), frozenset(), {}, {}, o.threshold)
         self.running: Stages = ()  # the plan the agents run (decide's state may hold a planned switch's)
+        # Routes a planned switch left draining behind its barrier, with their devices: a loss or fault there
+        # strands their inputs in flight, so it is the running pipeline's fault too (replayed by an abort).
+        self.draining: list[tuple[Route, frozenset[int]]] = []
         self.pending: Optional[PendingSwitch] = None
 
     def _certificate(self) -> Path:
@@ -368,11 +371,11 @@ class Controller:
                 joined.add(device)
             elif kind == "prepared":
                 self.prepared.setdefault(device, set()).add(event[2])
-            elif kind == "error" and event[2] == self.generation:
+            elif kind == "error" and event[2] in self._live_generations():
                 self.fault = self.fault or (now, f"device {device}: {event[3]}")
             elif kind == "error" and event[2] == -1:
                 self.echo(f"serve: device {device}: {event[3]}")
-            elif kind == "fault" and event[1] == self.generation:
+            elif kind == "fault" and event[1] in self._live_generations():
                 self.fault = self.fault or (now, event[2])
         for device, silent in self.fleet.silent(now, self.options.progress_timeout):
             if device in self.state.devices and device not in lost:
@@ -391,7 +394,11 @@ class Controller:
             self.fault = None
             if self.pending is not None:  # not yet at its barrier: the loss is decided from the running plan
                 self._revert_pending()
+            stranded = set(lost) & self._draining_devices()
+            generation = self.generation
             self._decide(Lost(frozenset(lost), reason, label), now)
+            if stranded and self.generation == generation:  # no switch replayed the draining route's inputs
+                self._pipeline_fault(f"{reason} (it still ran a draining plan's frames)", now)
             return
         if joined:
             self.echo(f"serve: device {', '.join(map(str, sorted(joined)))} joined")
@@ -408,7 +415,18 @@ class Controller:
         self._registry(now)
         self._measure(now)
 
+    def _draining_devices(self) -> set[int]:
+        """Devices of routes still draining behind a planned switch's barrier (finished ones are let go)."""
+        self.draining = [(r, d) for r, d in self.draining if not (r.results_done.is_set() or r.stop.is_set())]
+        return set().union(*(d for _, d in self.draining))
+
+    def _live_generations(self) -> set[int]:
+        """Generations whose faults count: the running one and those still draining."""
+        self._draining_devices()
+        return {self.generation} | {r.generation for r, _ in self.draining}
+
     def _forget(self, device: int) -> None:
+        self.stream.forget_ahead(device)
         self.prepared[device] = set()
         self.pushed = {p for p in self.pushed if p[0] != device}
         self.deferred = [p for p in self.deferred if p.device != device]
@@ -488,6 +506,11 @@ class Controller:
         """New roles to every agent and a new route: at once (abort) or behind a barrier."""
         self.generation += 1
         g, stages = self.generation, action.stages
+        previous = self.stream.route
+        if action.abort:
+            self.draining = []  # the stream stops every earlier route: their inputs are replayed
+        elif previous is not None:
+            self.draining.append((previous, frozenset(d for _, _, d in self.running)))
         self.running = stages
         record = SwitchRecord(action.reason, action.label, action.abort, [list(s) for s in stages], action.throughput,
                               detected, replan_s, prepare_s=prepare_s, generation=g)

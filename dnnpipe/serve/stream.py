@@ -115,6 +115,12 @@ class Stream:
                                 self.session, self.connect_timeout, tls=None if self.tls is None else self.tls[1]),
                         f"serve dial ahead {generation} to {device}")
 
+    def forget_ahead(self, device: int) -> None:
+        """Links dialled ahead to `device` are to an agent that is gone or new: never used, dialled again."""
+        with self._links_changed:
+            for key in [k for k in self._ahead if k[1] == device]:
+                self._ahead.pop(key).discard()
+
     def dialled_ahead(self, generation: int, device: int) -> bool:
         """The input link of `generation` to `device`, dialled ahead, is proven (or failed: it is dialled again)."""
         with self._links_changed:
@@ -163,7 +169,14 @@ class Stream:
 
     def _source(self, route: Route) -> None:
         """The new route's first link is dialled and proven before the barrier (the first agent holds it until
-        its old role ends), so the switch itself dials nothing."""
+        its old role ends), so the switch itself dials nothing. Done, however it ends (a failed dial included):
+        a route behind it waits for that."""
+        try:
+            self._send_inputs(route)
+        finally:
+            route.source_done.set()
+
+    def _send_inputs(self, route: Route) -> None:
         device, host, port = route.first
         sock = self._dial(route)
         route.sockets.append(sock)
@@ -175,42 +188,39 @@ class Stream:
         writer = FrameWriter(sock, self.inputs, f"the first stage on device {device} at {host}:{port}", 60.0)
         route.source_linked.set()
         sent = 0
-        try:
-            while not route.stop.is_set():
-                with self.credit:
-                    if route.base is None:
-                        self.ledger.barrier()  # a route behind a barrier: a segment of its own
-                        route.base = self.ledger.wire_sequence
-                    index = None if route.barrier.is_set() else self.ledger.peek()
-                    if index is None:
-                        if route.barrier.is_set() or self.ledger.done:
-                            writer.end(sent)
-                            return
-                        if self.ledger.in_flight == 0:
-                            self.last_progress = time.monotonic()
-                        self.credit.wait(POLL_SECONDS)
-                        continue
-                arrays = self.feed.wait_input(index, POLL_SECONDS)
-                if arrays is None:
-                    if self.feed.exhausted(index):
-                        with self.credit:
-                            self.ledger.end_at(index)
-                            self.credit.notify_all()
-                    continue
-                tensors = [to_wire(spec, np.asarray(a)) for spec, a in zip(self.inputs, arrays)]
-                with self.credit:
-                    if route.stop.is_set() or route.barrier.is_set():
-                        continue
+        while not route.stop.is_set():
+            with self.credit:
+                if route.base is None:
+                    self.ledger.barrier()  # a route behind a barrier: a segment of its own
+                    route.base = self.ledger.wire_sequence
+                index = None if route.barrier.is_set() else self.ledger.peek()
+                if index is None:
+                    if route.barrier.is_set() or self.ledger.done:
+                        writer.end(sent)
+                        return
                     if self.ledger.in_flight == 0:
                         self.last_progress = time.monotonic()
-                    taken = self.ledger.next_input()
-                    if taken != index:  # cannot happen: one source sends at a time
-                        raise DnnpipeError(f"the ledger gave input {taken} where {index} was peeked")
-                self.pace()
-                writer.send(sent, time.time_ns(), tensors)
-                sent += 1
-        finally:
-            route.source_done.set()
+                    self.credit.wait(POLL_SECONDS)
+                    continue
+            arrays = self.feed.wait_input(index, POLL_SECONDS)
+            if arrays is None:
+                if self.feed.exhausted(index):
+                    with self.credit:
+                        self.ledger.end_at(index)
+                        self.credit.notify_all()
+                continue
+            tensors = [to_wire(spec, np.asarray(a)) for spec, a in zip(self.inputs, arrays)]
+            with self.credit:
+                if route.stop.is_set() or route.barrier.is_set():
+                    continue
+                if self.ledger.in_flight == 0:
+                    self.last_progress = time.monotonic()
+                taken = self.ledger.next_input()
+                if taken != index:  # cannot happen: one source sends at a time
+                    raise DnnpipeError(f"the ledger gave input {taken} where {index} was peeked")
+            self.pace()
+            writer.send(sent, time.time_ns(), tensors)
+            sent += 1
 
     def _results(self, route: Route) -> None:
         sock = self._take(route)
