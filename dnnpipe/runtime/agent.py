@@ -357,8 +357,9 @@ class Agent:
                 generation = self.generation
                 for g, loop in sorted(self.loops.items()):
                     done = len(loop.timings)
-                    times += [round(t.inference_ms + t.emulation_ms, 4)
-                              for t in loop.timings[self._reported.get(g, 0):done]]
+                    if g == generation:  # an old role draining beside it ran another stage: not this one's speed
+                        times += [round(t.inference_ms + t.emulation_ms, 4)
+                                  for t in loop.timings[self._reported.get(g, 0):done]]
                     self._reported[g], sent = done, loop.sent
             if not self._send({"kind": "beat", "generation": generation, "sent": sent, "times": times}):
                 return
@@ -469,10 +470,11 @@ class Agent:
             self._send({"kind": "ended", "generation": role.generation, "sent": loop.sent})
 
     def _report_last(self, generation: int, loop: StageLoop) -> None:
-        """The stage times of an ended role's last frames go out with the next beat (the speed measure keeps
-        every frame across a switch)."""
+        """The stage times of the current role's last frames go out with the next beat (the speed measure keeps
+        every frame of the running stage); those of a role a switch replaced measured other units: dropped."""
         done = self._reported.pop(generation, 0)
-        self._late += [round(t.inference_ms + t.emulation_ms, 4) for t in loop.timings[done:]]
+        if generation == self.generation:  # a role a switch replaced ran another stage's units
+            self._late += [round(t.inference_ms + t.emulation_ms, 4) for t in loop.timings[done:]]
 
     def _wait_session(self) -> bytes:
         if not self._session_known.wait(SESSION_WAIT) or self._session is None:
