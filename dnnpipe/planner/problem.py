@@ -29,11 +29,13 @@ class Problem:
     cut_bytes: Optional[np.ndarray] = None  # A, shape (U + 1,): bytes crossing the cut after unit j
     link_matrix: Optional[np.ndarray] = None  # B_link, shape (N, N): Mbit/s from d to e; else min(B[d], B[e])
     cuts: Optional[tuple[int, ...]] = None  # legal stage ends below U (model_config.cuts); None: every unit
+    link_cpu: Optional[np.ndarray] = None  # shape (3, N): each device's send and receive ms per MB, frame ms
 
     @classmethod
     def from_config(cls, config: Config) -> "Problem":
         E_device, B, A = config.profile.E_device, config.cluster.B, config.profile.A
-        B_link, cuts = config.cluster.B_link, config.profile.cuts
+        B_link, cuts, cpu = config.cluster.B_link, config.profile.cuts, config.cluster.link_cpu
+        link_cpu = None if cpu is None else (cpu.send_ms_per_mb, cpu.receive_ms_per_mb, cpu.frame_ms)
         if B is None:
             A = None  # cut sizes alone are information; link bandwidth turns the model on
         elif A is None:
@@ -41,18 +43,21 @@ class Problem:
                               f"Mbit/s per device) and model_config.A (bytes per cut), got only B")
         if E_device is not None:
             return cls.from_lists([1.0] * config.cluster.N, config.cluster.M, E_device, config.profile.R, B, A,
-                                  B_link, cuts)
+                                  B_link, cuts, link_cpu)
         return cls.from_lists(config.cluster.C, config.cluster.M, config.profile.E, config.profile.R, B, A, B_link,
-                              cuts)
+                              cuts, link_cpu)
 
     @classmethod
-    def from_lists(cls, C, M, E, R, B=None, A=None, B_link=None, cuts=None) -> "Problem":
+    def from_lists(cls, C, M, E, R, B=None, A=None, B_link=None, cuts=None, link_cpu=None) -> "Problem":
         """E is one list of unit times on device 1, or one list per device (then C should be all 1).
         B (Mbit/s per device) and A (bytes per cut, U + 1 values) turn on the communication model; B_link
-        (N x N Mbit/s) replaces min(B[d], B[e]) between devices. cuts: the legal stage ends below U."""
+        (N x N Mbit/s) replaces min(B[d], B[e]) between devices. cuts: the legal stage ends below U.
+        link_cpu: (send ms per MB, receive ms per MB, frame ms), N values each (needs B and A)."""
         speed = np.asarray(C, dtype=float)
         E = np.asarray(E, dtype=float)
         rows = np.broadcast_to(E, (len(speed), E.shape[-1])) if E.ndim == 1 else E
+        if link_cpu is not None and (A is None or B is None):
+            raise ValueError("link CPU (per MB of cut) needs link bandwidth (B) and cut sizes (A)")
         return cls(
             speed=speed,
             capacity=np.asarray(M, dtype=float),
@@ -62,6 +67,7 @@ class Problem:
             cut_bytes=None if A is None else np.asarray(A, dtype=float),
             link_matrix=None if B is None or B_link is None else np.asarray(B_link, dtype=float),
             cuts=None if cuts is None else tuple(int(k) for k in cuts),
+            link_cpu=None if link_cpu is None else np.asarray(link_cpu, dtype=float).reshape(3, len(speed)),
         )
 
     @property
@@ -117,7 +123,7 @@ class Problem:
         periods = []
         for i, (j, k, d) in enumerate(cuts):
             following = cuts[i + 1][2] if i + 1 < len(cuts) else None
-            periods.append(max(self.stage_time(j, k, d), self.hop_ms(k, d, following)))
+            periods.append(max(self.stage_cpu_ms(j, k, d), self.hop_ms(k, d, following)))
         return periods, self.hop_ms(0, None, cuts[0][2]) if cuts else 0.0
 
     @property
@@ -144,6 +150,48 @@ class Problem:
 
     def stage_time(self, j: int, k: int, d: int) -> float:
         return float((self.time_prefix[d, k] - self.time_prefix[d, j]) / self.speed[d])
+
+    def link_cpu_rows(self, d: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """Device d's CPU for its links, beyond the paper's model: (receiving cut j, for each start j; sending
+        cut k, for each end k; its fixed CPU per frame), ms. The first stage reads the model's input locally and
+        the last writes its result locally (as the runtime does), so cut 0 is never received nor cut U sent."""
+        if self.link_cpu is None or self.cut_bytes is None:
+            zero = np.zeros(self.U + 1)
+            return zero, zero, 0.0
+        send, receive, frame = self.link_cpu[:, d]
+        cut = np.arange(self.U + 1)
+        receiving = np.where(cut > 0, receive * self.cut_bytes / 1e6, 0.0)
+        sending = np.where(cut < self.U, send * self.cut_bytes / 1e6, 0.0)
+        return receiving, sending, float(frame)
+
+    def link_cpu_ms(self, j: int, k: int, d: int) -> float:
+        """Stage (j, k]'s CPU on device d for its links and frames (0 in the paper's model)."""
+        if self.link_cpu is None:
+            return 0.0
+        receiving, sending, frame = self.link_cpu_rows(d)
+        return float(link_cpu_sum(receiving[j], sending[k], frame))
+
+    def stage_cpu_ms(self, j: int, k: int, d: int) -> float:
+        """Stage (j, k]'s time on device d with its link CPU: one CPU budget, so they add (stage_time in the
+        paper's model). The only place the two are combined: planners, plans and the fleet's prediction."""
+        if self.link_cpu is None:
+            return self.stage_time(j, k, d)
+        return float(stage_cpu(self.stage_time(j, k, d), self.link_cpu_ms(j, k, d)))
+
+    def stage_cpu_times(self, j: int, ks: slice, d: int) -> np.ndarray:
+        """stage_cpu_ms of stages (j, k] on device d for every k in the slice, with the same arithmetic."""
+        if self.link_cpu is None:
+            return self.stage_times(j, ks, d)
+        receiving, sending, frame = self.link_cpu_rows(d)
+        return stage_cpu(self.stage_times(j, ks, d), link_cpu_sum(receiving[j], sending[ks], frame))
+
+    def stage_cpu_grid(self, d: int, ks: slice) -> np.ndarray:
+        """stage_cpu_ms of every stage (j, k] on device d, [k in the slice, j in 0..U], same arithmetic (entries
+        with j >= k are meaningless)."""
+        P = self.time_prefix[d]
+        compute = (P[ks][:, None] - P[None, :]) / self.speed[d]
+        receiving, sending, frame = self.link_cpu_rows(d)
+        return stage_cpu(compute, link_cpu_sum(receiving[None, :], sending[ks][:, None], frame))
 
     def stage_memory(self, j: int, k: int) -> float:
         return float(self.memory_prefix[k] - self.memory_prefix[j])
@@ -174,3 +222,13 @@ class Problem:
         while k < U and ok(k + 1):
             k += 1
         return k
+
+
+def link_cpu_sum(receiving, sending, frame):
+    """A stage's link CPU from its parts, in one order of additions (scalars or arrays alike)."""
+    return (receiving + sending) + frame
+
+
+def stage_cpu(compute, link_cpu):
+    """Compute and link CPU share the board's one CPU budget, so they add."""
+    return compute + link_cpu

@@ -63,7 +63,8 @@ def changed_problem(problem: Problem, change: ClusterChange) -> tuple[Problem, l
     keep = np.array(ids) - 1
     return replace(problem, speed=speed[keep], capacity=capacity[keep], time_prefix=problem.time_prefix[keep],
                    link_mbps=None if problem.link_mbps is None else problem.link_mbps[keep],
-                   link_matrix=None if problem.link_matrix is None else problem.link_matrix[np.ix_(keep, keep)]), ids
+                   link_matrix=None if problem.link_matrix is None else problem.link_matrix[np.ix_(keep, keep)],
+                   link_cpu=None if problem.link_cpu is None else problem.link_cpu[:, keep]), ids
 
 
 def replan(config: ConfigSource, running: Sequence[Sequence[int]], change: ClusterChange,
