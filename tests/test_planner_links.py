@@ -280,3 +280,20 @@ def test_zero_link_cpu_plans_as_without_it(instance, data):
         return
     counted = solve_problem(Problem.from_lists(C, M, E, R, B, A, None, None, zero), "bisect-links")
     assert counted.bottleneck == without.bottleneck and counted.stages == without.stages
+
+
+def test_plan_only_shows_and_writes_the_link_cpu(tmp_path):
+    import json
+
+    from helpers import run_script
+
+    C, M, E, R, B = [1.0, 1.0], [10, 10], [10.0] * 4, [1] * 4, [1e6, 1e6]
+    config = as_config(C, M, E, R, B, [0, 1000, 1_000_000, 1000, 0], link_cpu=([30.0] * 2, [20.0] * 2, [0.5] * 2))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    result = run_script("model_partitioner.py", "--config", str(tmp_path), "--model-name", "model", "--plan-only")
+    assert result.returncode == 0, result.stderr
+    written = json.loads((tmp_path / "model" / "pipeline_plan.json").read_text())
+    assert written["pipeline_plan"] == [[1, 1, 1], [2, 4, 2]]
+    assert written["link_cpu_ms"] == pytest.approx([0.53, 0.52]) and written["bottleneck_ms"] == pytest.approx(30.52)
+    assert "link CPU ms" in result.stdout and "30.5200" in result.stdout and "0.5300" in result.stdout
