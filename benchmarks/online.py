@@ -70,7 +70,7 @@ def link_table(sizes, repeats: int, link_cpu: bool = False) -> None:
     print(f"{'link model':<53} {'algorithm':<13} {'median ms':>10} {'wall ms':>9} {'transitions':>12} "
           f"{'bottleneck ms':>14} {'no-link ms':>11}")
     for N, U, matrix, binding, *kinds in sizes:
-        problem = linked(N, U, matrix, binding, *(kinds or [0]), link_cpu=link_cpu)
+        problem = linked(N, U, matrix, binding, kinds[0] if kinds else 0, link_cpu=link_cpu)
         name = (f"N={N} U={U} {'matrix' if matrix else 'per device'}{' binding' if binding else ''}"
                 f"{f' fleet of {kinds[0]} kinds' if kinds else ''}{' link CPU' if link_cpu else ''}")
         plain = solve_problem(replace(problem, link_mbps=None, cut_bytes=None, link_matrix=None,
