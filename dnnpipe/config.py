@@ -29,6 +29,26 @@ class LinkCpu:
     def to_dict(self) -> dict[str, list[float]]:
         return {key: list(getattr(self, key)) for key in LINK_CPU_KEYS}
 
+    def device(self, d: int) -> tuple[float, float, float]:
+        """Device d's (0-based) send ms per MB, receive ms per MB and frame ms."""
+        return self.send_ms_per_mb[d], self.receive_ms_per_mb[d], self.frame_ms[d]
+
+
+def stage_link_cpu_ms(cost, received_bytes, sent_bytes):
+    """A stage's CPU for its links and frames on its device, cost = (send ms per MB, receive ms per MB, frame ms):
+    receiving its input cut (0 bytes for the first stage: it reads the model's input locally), sending its output
+    cut (0 for the last: it writes the result locally) and its fixed CPU per frame. Scalars or NumPy arrays alike,
+    always in this order of operations: the planner (planner.Problem) and the fleet's prediction (testbed.pacing)
+    both take stage times from here and from stage_cpu_ms, so they are the very same numbers."""
+    send, receive, frame = cost
+    return (receive * received_bytes / 1e6 + send * sent_bytes / 1e6) + frame
+
+
+def stage_cpu_ms(compute_ms, link_cpu_ms):
+    """A stage's time with its link CPU: on a board of one core or less both come out of one CPU budget, so they
+    add (the paper's model counts compute alone)."""
+    return compute_ms + link_cpu_ms
+
 
 @dataclass(frozen=True)
 class Cluster:

@@ -341,8 +341,7 @@ def highest_period(problem: Problem, probe: LinkProbe, hops: np.ndarray) -> floa
     """A value no stage's period exceeds (the whole model on the slowest device, plus its most link CPU)."""
     top = float(problem.whole_ms.max())
     if probe.link_cpu:
-        most = max(float(r.max() + s.max() + f) for r, s, f in map(problem.link_cpu_rows, range(problem.N)))
-        top = (top + most) * (1 + 1e-9)
+        top = (top + problem.most_link_cpu_ms()) * (1 + 1e-9)
     return max(top, float(hops.max()))
 
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..config import Config
+from ..config import Config, stage_cpu_ms, stage_link_cpu_ms
 from ..errors import ConfigError
 
 
@@ -151,47 +151,51 @@ class Problem:
     def stage_time(self, j: int, k: int, d: int) -> float:
         return float((self.time_prefix[d, k] - self.time_prefix[d, j]) / self.speed[d])
 
-    def link_cpu_rows(self, d: int) -> tuple[np.ndarray, np.ndarray, float]:
-        """Device d's CPU for its links, beyond the paper's model: (receiving cut j, for each start j; sending
-        cut k, for each end k; its fixed CPU per frame), ms. The first stage reads the model's input locally and
-        the last writes its result locally (as the runtime does), so cut 0 is never received nor cut U sent."""
-        if self.link_cpu is None or self.cut_bytes is None:
-            zero = np.zeros(self.U + 1)
-            return zero, zero, 0.0
-        send, receive, frame = self.link_cpu[:, d]
+    def cut_bytes_moved(self) -> tuple[np.ndarray, np.ndarray]:
+        """Bytes a stage receives by its start j and sends by its end k: cut j, or 0 for j = 0 (the first stage
+        reads the model's input locally), and cut k, or 0 for k = U (the last writes its result locally), as the
+        runtime does."""
+        A = self.cut_bytes if self.cut_bytes is not None else np.zeros(self.U + 1)
         cut = np.arange(self.U + 1)
-        receiving = np.where(cut > 0, receive * self.cut_bytes / 1e6, 0.0)
-        sending = np.where(cut < self.U, send * self.cut_bytes / 1e6, 0.0)
-        return receiving, sending, float(frame)
+        return np.where(cut > 0, A, 0.0), np.where(cut < self.U, A, 0.0)
 
     def link_cpu_ms(self, j: int, k: int, d: int) -> float:
         """Stage (j, k]'s CPU on device d for its links and frames (0 in the paper's model)."""
         if self.link_cpu is None:
             return 0.0
-        receiving, sending, frame = self.link_cpu_rows(d)
-        return float(link_cpu_sum(receiving[j], sending[k], frame))
+        received, sent = self.cut_bytes_moved()
+        return float(stage_link_cpu_ms(self.link_cpu[:, d], received[j], sent[k]))
 
     def stage_cpu_ms(self, j: int, k: int, d: int) -> float:
-        """Stage (j, k]'s time on device d with its link CPU: one CPU budget, so they add (stage_time in the
-        paper's model). The only place the two are combined: planners, plans and the fleet's prediction."""
+        """Stage (j, k]'s time on device d with its link CPU (stage_time in the paper's model), as config computes it
+        for the planners, the plans and the fleet's prediction alike."""
         if self.link_cpu is None:
             return self.stage_time(j, k, d)
-        return float(stage_cpu(self.stage_time(j, k, d), self.link_cpu_ms(j, k, d)))
+        return float(stage_cpu_ms(self.stage_time(j, k, d), self.link_cpu_ms(j, k, d)))
 
     def stage_cpu_times(self, j: int, ks: slice, d: int) -> np.ndarray:
         """stage_cpu_ms of stages (j, k] on device d for every k in the slice, with the same arithmetic."""
         if self.link_cpu is None:
             return self.stage_times(j, ks, d)
-        receiving, sending, frame = self.link_cpu_rows(d)
-        return stage_cpu(self.stage_times(j, ks, d), link_cpu_sum(receiving[j], sending[ks], frame))
+        received, sent = self.cut_bytes_moved()
+        return stage_cpu_ms(self.stage_times(j, ks, d), stage_link_cpu_ms(self.link_cpu[:, d], received[j], sent[ks]))
 
     def stage_cpu_grid(self, d: int, ks: slice) -> np.ndarray:
         """stage_cpu_ms of every stage (j, k] on device d, [k in the slice, j in 0..U], same arithmetic (entries
         with j >= k are meaningless)."""
         P = self.time_prefix[d]
         compute = (P[ks][:, None] - P[None, :]) / self.speed[d]
-        receiving, sending, frame = self.link_cpu_rows(d)
-        return stage_cpu(compute, link_cpu_sum(receiving[None, :], sending[ks][:, None], frame))
+        if self.link_cpu is None:
+            return compute
+        received, sent = self.cut_bytes_moved()
+        return stage_cpu_ms(compute, stage_link_cpu_ms(self.link_cpu[:, d], received[None, :], sent[ks][:, None]))
+
+    def most_link_cpu_ms(self) -> float:
+        """No stage's link CPU exceeds this (receiving and sending the largest cut, and a frame)."""
+        if self.link_cpu is None or self.cut_bytes is None:
+            return 0.0
+        most = float(self.cut_bytes.max())
+        return max(float(stage_link_cpu_ms(self.link_cpu[:, d], most, most)) for d in range(self.N))
 
     def stage_memory(self, j: int, k: int) -> float:
         return float(self.memory_prefix[k] - self.memory_prefix[j])
@@ -223,12 +227,3 @@ class Problem:
             k += 1
         return k
 
-
-def link_cpu_sum(receiving, sending, frame):
-    """A stage's link CPU from its parts, in one order of additions (scalars or arrays alike)."""
-    return (receiving + sending) + frame
-
-
-def stage_cpu(compute, link_cpu):
-    """Compute and link CPU share the board's one CPU budget, so they add."""
-    return compute + link_cpu
