@@ -127,6 +127,7 @@ class LinkProbe:
         self.transitions = 0
         self.infeasible_below = -np.inf  # no jumps: hops make the next event costly to find
         self.link_cpu = problem.link_cpu is not None
+        self.sparse: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # per probe: sparse_rows
         if self.link_cpu:  # memory fits for stage (j, k] of each type, [k, j], j < k (independent of T)
             ends, starts = np.arange(U + 1)[:, None], np.arange(U + 1)[None, :]
             self.fits = [(starts < ends) & (RP[ends] - RP[starts] <= problem.capacity[d]) for d in first]
@@ -159,6 +160,7 @@ class LinkProbe:
         if self.link_cpu:
             stages = self.valid(limit)
             first = stages
+            self.sparse = [sparse_rows(stages[e]) for e in range(k)]
             starts_at_zero = (stages[:, :, 0] & np.uint64(1)) == 1  # [e, k]: stage (0, k] on e is valid
         else:
             stages = self.ends(limit)
@@ -217,15 +219,19 @@ class LinkProbe:
 
     def _extend_link_cpu(self, K: np.ndarray, S: np.ndarray, e: np.ndarray, starts: np.ndarray, valid: np.ndarray,
                          runs: np.ndarray, alive: np.ndarray) -> None:
-        """K[S + e, e][k] = any(J AND valid[e][k]), chunked so that one step's masks stay within GRID_BYTES."""
+        """K[S + e, e][k] = any(J AND valid[e][k]) over the non-zero words of valid[e] alone (a stage within the
+        limit starts in a window before its end: a word or two of U / 64), chunked within GRID_BYTES."""
         U = self.problem.U
-        step = max(1, GRID_BYTES // (8 * (U + 1) * self.words))
         after = S + self.space.strides[e]
         for a, b in zip(runs[:-1], runs[1:]):
-            rows = valid[e[a]]  # [k, word]
+            ends, words, values, groups = self.sparse[e[a]]
+            step = max(1, GRID_BYTES // (8 * max(1, len(values)) + U + 1))
             for at in range(a, b, step):
                 part = slice(at, min(at + step, b))
-                covered = ((starts[part, None, :] & rows[None, :, :]) != 0).any(axis=2)  # [pair, k]
+                covered = np.zeros((part.stop - part.start, U + 1), dtype=bool)  # [pair, k]
+                if len(values):
+                    hits = (starts[part][:, words] & values[None, :]) != 0
+                    covered[:, ends] = np.logical_or.reduceat(hits, groups, axis=1)
                 packed = pack(covered, self.words)
                 K[after[part], e[a]] = packed
                 alive[after[part][self._hopeful(after[part], packed)]] = True
@@ -284,6 +290,14 @@ class LinkProbe:
         stages.append((0, k, e))
         spare = [iter(m) for m in self.types.members]
         return [(j, k, next(spare[t])) for j, k, t in stages[::-1]]
+
+
+def sparse_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The non-zero words of bit rows [k, word]: the ends k that have some, and for each non-zero word (in order of k)
+    its word index and value, and where each end's words begin (for reduceat)."""
+    k, word = np.nonzero(rows)
+    ends, groups = np.unique(k, return_index=True)
+    return ends, word, rows[k, word], groups
 
 
 def check_table(problem: Problem, states: int, types: int, words: int) -> None:
