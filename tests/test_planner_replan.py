@@ -151,3 +151,31 @@ def test_a_fleet_of_64_loses_one_device(leaving):
         assert result.plan.stages == running and result.units_moved == 0 and result.moved == []
     else:
         assert gone not in [d for *_, d in result.plan.stages] and result.units_moved > 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(linked_instances(), st.data())
+def test_a_device_with_link_cpu_leaves(instance, data):
+    # Each remaining device keeps its own link CPU: the new plan is the brute-force optimum of the reduced cluster.
+    from strategies import link_cpus
+
+    C, M, E, R, B, A, _ = instance
+    cpu = data.draw(link_cpus(len(C)))
+    config = as_config(C, M, E, R, B, A, link_cpu=cpu)
+    try:
+        running = plan(config).stages
+    except NoPlanError:
+        return
+    gone = data.draw(st.sampled_from(range(1, len(C) + 1)))
+    rest = [d for d in range(len(C)) if d + 1 != gone]
+    if not rest:
+        return
+    pick = lambda values: [values[d] for d in rest]  # noqa: E731
+    expected = brute_force_bottleneck(pick(C), pick(M), E, R, pick(B), A, link_cpu=[pick(v) for v in cpu])
+    if expected is None:
+        with pytest.raises(NoPlanError):
+            replan(config, running, ClusterChange(removed=frozenset({gone})))
+        return
+    result = replan(config, running, ClusterChange(removed=frozenset({gone})))
+    assert result.plan.bottleneck == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert gone not in [d for *_, d in result.plan.stages]
