@@ -222,8 +222,10 @@ def test_link_cpu_moves_the_cut_where_the_paper_model_sees_no_cost():
     for algorithm in LINKED:
         result = plan(as_config(C, M, E, R, B, A, link_cpu=cpu), algorithm)
         assert result.bottleneck == pytest.approx(30.02) and result.stages == [[1, 1, 1], [2, 4, 2]]
-    with pytest.raises(ConfigError, match="algorithm 'bisect' ignores link bandwidth"):
-        plan(as_config(C, M, E, R, B, A, link_cpu=cpu), "bisect")
+    for algorithm in ("bisect", "dnnpipe", "exhaustive", "pipeedge"):
+        with pytest.raises(ConfigError, match=rf"algorithm '{algorithm}' ignores link bandwidth \(device_config.B\) "
+                                              r"and each device's link CPU \(device_config.link_cpu\)"):
+            plan(as_config(C, M, E, R, B, A, link_cpu=cpu), algorithm)
 
 
 def test_the_receive_cost_makes_the_largest_start_not_the_best():
