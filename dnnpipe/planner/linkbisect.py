@@ -29,8 +29,9 @@ With each device's link CPU (device_config.link_cpu) a stage's time is Problem.s
 and sending cut k add to the compute, so a stage's time is no longer monotone in its end nor its start and the
 greedy end f_e and start g_e do not exist. Exact instead: for each type e and end k the bit mask of starts j whose
 stage (j, k] fits e's memory and T (valid[e][k], independent of the set S), and K[S + e, e] holds k iff
-J AND valid[e][k] is not empty: (U + 1) x words word operations per pair, in chunks of bounded memory. Without
-link CPU the prefix-sum path above runs, as fast as before.
+J AND valid[e][k] is not empty: one word operation per non-zero word of valid[e] per pair (a stage within T starts
+a word or two before its end), every grid and mask in chunks of at most GRID_BYTES. Without link CPU the
+prefix-sum path above runs, as fast as before.
 
 The search is bisect's: the optimum is a stage time, a hop between two devices, or an input or
 result hop, so bracketing and a binary search over those candidate values end exactly on it.
@@ -128,9 +129,12 @@ class LinkProbe:
         self.infeasible_below = -np.inf  # no jumps: hops make the next event costly to find
         self.link_cpu = problem.link_cpu is not None
         self.sparse: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # per probe: sparse_rows
-        if self.link_cpu:  # memory fits for stage (j, k] of each type, [k, j], j < k (independent of T)
-            ends, starts = np.arange(U + 1)[:, None], np.arange(U + 1)[None, :]
-            self.fits = [(starts < ends) & (RP[ends] - RP[starts] <= problem.capacity[d]) for d in first]
+
+    def fits(self, e: int, ks: slice) -> np.ndarray:
+        """[k in ks, j]: stage (j, k] is a stage (j < k) that fits type e's memory (independent of the limit)."""
+        RP, capacity = self.problem.memory_prefix, self.problem.capacity[self.types.members[e][0]]
+        ends, starts = np.arange(ks.start, ks.stop)[:, None], np.arange(self.problem.U + 1)[None, :]
+        return (starts < ends) & (RP[ks][:, None] - RP[None, :] <= capacity)
 
     def grid_rows(self) -> int:
         """Rows (ends k) of a stage grid per step, within GRID_BYTES."""
@@ -144,7 +148,7 @@ class LinkProbe:
         for e, d in enumerate(m[0] for m in self.types.members):
             for at in range(0, U + 1, rows):
                 ks = slice(at, min(at + rows, U + 1))
-                out[e, ks] = pack(self.fits[e][ks] & (self.problem.stage_cpu_grid(d, ks) <= limit), self.words)
+                out[e, ks] = pack(self.fits(e, ks) & (self.problem.stage_cpu_grid(d, ks) <= limit), self.words)
         return out
 
     def ends(self, limit: float) -> np.ndarray:
@@ -343,7 +347,7 @@ def link_cpu_times_between(probe: LinkProbe, low: float, high: float, limit: int
         for at in range(0, problem.U + 1, rows):
             ks = slice(at, min(at + rows, problem.U + 1))
             grid = problem.stage_cpu_grid(d, ks)
-            inside = grid[probe.fits[e][ks] & (grid > low) & (grid <= high)]
+            inside = grid[probe.fits(e, ks) & (grid > low) & (grid <= high)]
             count += inside.size
             if count > limit:
                 return None
