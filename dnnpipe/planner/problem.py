@@ -19,6 +19,8 @@ class Problem:
     (P[d][k] - P[d][j]) / C[d] and its memory RP[k] - RP[j]: both are monotone in k even in
     floating point, which the searches below rely on. In the paper's model every row P[d] is the
     prefix sum of E; with per-device times (E_device) row d is device d's own and C[d] = 1.
+    With each device's link CPU (link_cpu) a stage also pays receiving and sending its cuts and a frame
+    (stage_cpu_ms); stage_time stays the compute alone, which is monotone (the greedy bounds use it).
     """
 
     speed: np.ndarray  # C, shape (N,)
@@ -226,4 +228,3 @@ class Problem:
         while k < U and ok(k + 1):
             k += 1
         return k
-
