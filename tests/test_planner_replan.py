@@ -179,3 +179,16 @@ def test_a_device_with_link_cpu_leaves(instance, data):
     result = replan(config, running, ClusterChange(removed=frozenset({gone})))
     assert result.plan.bottleneck == pytest.approx(expected, rel=1e-12, abs=1e-12)
     assert gone not in [d for *_, d in result.plan.stages]
+
+
+def test_a_device_that_slows_takes_longer_for_its_link_cpu_too():
+    from dnnpipe.planner import Problem
+    from dnnpipe.planner.replan import changed_problem
+
+    config = as_config([1.0, 1.0], [10, 10], [4.0] * 4, [1.0] * 4, [1e6, 1e6], [0, 1e6, 1e6, 1e6, 0],
+                       link_cpu=([2.0, 2.0], [3.0, 3.0], [0.5, 0.5]))
+    problem = Problem.from_config(__import__("dnnpipe").load_config(config))
+    slowed, ids = changed_problem(problem, ClusterChange(speeds={2: 0.25}))
+    assert ids == [1, 2] and slowed.link_cpu_ms(1, 2, 0) == problem.link_cpu_ms(1, 2, 0) == 5.5
+    assert slowed.link_cpu_ms(1, 2, 1) == pytest.approx(4 * 5.5)  # 4x slower: 3 + 2 + 0.5 device ms, 4x over
+    assert slowed.stage_cpu_ms(1, 2, 1) == pytest.approx(4 * problem.stage_cpu_ms(1, 2, 1))
