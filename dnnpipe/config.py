@@ -14,6 +14,42 @@ from .errors import ConfigError
 ConfigSource = Union[str, os.PathLike, Mapping[str, Any], "Config"]
 
 
+LINK_CPU_KEYS = ("send_ms_per_mb", "receive_ms_per_mb", "frame_ms")
+
+
+@dataclass(frozen=True)
+class LinkCpu:
+    """Each device's own CPU for its links, in its own ms (measured on it: `profile --device-registry`). On a
+    board of one core or less sending and receiving a cut take CPU from the same budget as the compute."""
+
+    send_ms_per_mb: tuple[float, ...]  # per MB of cut sent to the next stage
+    receive_ms_per_mb: tuple[float, ...]  # per MB of cut received from the previous stage
+    frame_ms: tuple[float, ...]  # a stage's own CPU per frame beyond its inference and its cuts' bytes
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {key: list(getattr(self, key)) for key in LINK_CPU_KEYS}
+
+    def device(self, d: int) -> tuple[float, float, float]:
+        """Device d's (0-based) send ms per MB, receive ms per MB and frame ms."""
+        return self.send_ms_per_mb[d], self.receive_ms_per_mb[d], self.frame_ms[d]
+
+
+def stage_link_cpu_ms(cost, received_bytes, sent_bytes):
+    """A stage's CPU for its links and frames on its device, cost = (send ms per MB, receive ms per MB, frame ms):
+    receiving its input cut (0 bytes for the first stage: it reads the model's input locally), sending its output
+    cut (0 for the last: it writes the result locally) and its fixed CPU per frame. Scalars or NumPy arrays alike,
+    always in this order of operations: the planner (planner.Problem) and the fleet's prediction (testbed.pacing)
+    both take stage times from here and from stage_cpu_ms, so they are the very same numbers."""
+    send, receive, frame = cost
+    return (receive * received_bytes / 1e6 + send * sent_bytes / 1e6) + frame
+
+
+def stage_cpu_ms(compute_ms, link_cpu_ms):
+    """A stage's time with its link CPU: on a board of one core or less both come out of one CPU budget, so they
+    add (the paper's model counts compute alone)."""
+    return compute_ms + link_cpu_ms
+
+
 @dataclass(frozen=True)
 class Cluster:
     """The devices: C[d] is device d's speed relative to device 1, M[d] its free memory in MB."""
@@ -22,6 +58,7 @@ class Cluster:
     M: tuple[float, ...]
     B: Optional[tuple[float, ...]] = None  # link bandwidth per device, Mbit/s (optional)
     B_link: Optional[tuple[tuple[float, ...], ...]] = None  # Mbit/s from device d (row) to e (column) (optional)
+    link_cpu: Optional[LinkCpu] = None  # each device's CPU for its links (optional; needs B and A)
 
     @property
     def N(self) -> int:
@@ -56,6 +93,8 @@ class Config:
             devices["B"] = list(self.cluster.B)
         if self.cluster.B_link is not None:
             devices["B_link"] = [list(row) for row in self.cluster.B_link]
+        if self.cluster.link_cpu is not None:
+            devices["link_cpu"] = self.cluster.link_cpu.to_dict()
         if self.profile.E_device is not None:
             model["E_device"] = [list(row) for row in self.profile.E_device]
         if self.profile.A is not None:
@@ -85,7 +124,7 @@ def load_config(source: ConfigSource) -> Config:
     return parse_config(data, str(path))
 
 
-KEYS = {"": ("device_config", "model_config"), "device_config": ("N", "C", "M", "B", "B_link"),
+KEYS = {"": ("device_config", "model_config"), "device_config": ("N", "C", "M", "B", "B_link", "link_cpu"),
         "model_config": ("U", "E", "R", "E_device", "A", "cuts")}
 
 
@@ -106,6 +145,9 @@ def parse_config(data: Any, source: str) -> Config:
     r = _numbers(model, "model_config.R", "R", u, "U", source)
     a = _numbers(model, "model_config.A", "A", u + 1, "U + 1", source) if "A" in model else None
     cuts = _cuts(model["cuts"], u, source) if "cuts" in model else None
+    if cluster.link_cpu is not None and a is None:
+        raise ConfigError(f"{source}: 'device_config.link_cpu' needs 'model_config.A' (the bytes of each cut, "
+                          f"which the link CPU is per MB of)")
     return Config(cluster, Profile(e, r, e_device, a, cuts), source)
 
 
@@ -119,12 +161,28 @@ def parse_cluster(devices: Mapping[str, Any], source: str, prefix: str = "device
     if b_link is not None and b is None:
         raise ConfigError(f"{source}: '{prefix}B_link' needs '{prefix}B' (each device's link for the "
                           f"model's input and result)")
-    return Cluster(c, m, b, b_link)
+    link_cpu = _link_cpu(devices["link_cpu"], n, source, prefix) if "link_cpu" in devices else None
+    if link_cpu is not None and b is None:
+        raise ConfigError(f"{source}: '{prefix}link_cpu' needs '{prefix}B' (the links whose CPU it counts)")
+    return Cluster(c, m, b, b_link, link_cpu)
+
+
+def _link_cpu(section: Any, n: int, source: str, prefix: str) -> LinkCpu:
+    """Three lists of N finite numbers >= 0."""
+    field = f"{prefix}link_cpu"
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{source}: '{field}' must be an object with {', '.join(LINK_CPU_KEYS)}, got "
+                          f"{type(section).__name__}")
+    for key in section:
+        if key not in LINK_CPU_KEYS:
+            raise ConfigError(f"{source}: unknown key '{field}.{key}' (known: {', '.join(LINK_CPU_KEYS)})")
+    send, receive, frame = (_numbers(section, f"{field}.{key}", key, n, "N", source) for key in LINK_CPU_KEYS)
+    return LinkCpu(send, receive, frame)
 
 
 def load_devices(path: Path) -> Cluster:
-    """A cluster file, {"C": [...], "M": [...]} (N, B and B_link optional) or {"device_config": {...}}, checked
-    before anything is measured or planned with it."""
+    """A cluster file, {"C": [...], "M": [...]} (N, B, B_link and link_cpu optional) or {"device_config": {...}},
+    checked before anything is measured or planned with it."""
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:

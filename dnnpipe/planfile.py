@@ -35,11 +35,16 @@ def read_stages(path: Path) -> list[list[int]]:
 
 
 def format_plan(plan: Plan) -> str:
-    rows = [f"{'stage':>5}  {'units':>11}  {'device':>6}  {'time ms':>9}  {'memory MB / capacity':>22}"]
+    """The stages as a table; with each device's link CPU (device_config.link_cpu) a column says how much of each
+    stage's time is its links' CPU."""
+    link_cpu = plan.extra.get("link_cpu_ms")
+    cpu_header = f"  {'link CPU ms':>11}" if link_cpu else ""
+    rows = [f"{'stage':>5}  {'units':>11}  {'device':>6}  {'time ms':>9}{cpu_header}  {'memory MB / capacity':>22}"]
     for i, ((start, end, device), time_ms, mem, cap) in enumerate(
             zip(plan.stages, plan.stage_times_ms, plan.stage_memory_mb, plan.stage_capacity_mb), 1):
         marker = "  <- bottleneck" if time_ms == plan.bottleneck else ""
-        rows.append(f"{i:>5}  {f'{start}-{end}':>11}  {device:>6}  {time_ms:>9.4f}  "
+        cpu = f"  {link_cpu[i - 1]:>11.4f}" if link_cpu else ""
+        rows.append(f"{i:>5}  {f'{start}-{end}':>11}  {device:>6}  {time_ms:>9.4f}{cpu}  "
                     f"{f'{mem:.1f} / {cap:.1f}':>22}{marker}")
     gap = (plan.bottleneck / plan.ideal_ms - 1) * 100 if plan.ideal_ms > 0 else 0.0
     rows.append(f"bottleneck {plan.bottleneck:.5f} ms ({plan.throughput:.1f} inferences/s); "

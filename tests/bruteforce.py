@@ -10,11 +10,13 @@ Plan = tuple[float, tuple[int, ...], tuple[int, ...]]  # bottleneck, device sequ
 
 
 def all_plans(C: Sequence[float], M: Sequence[float], E, R: Sequence[float], B=None, A=None, B_link=None,
-              cuts=None) -> list[Plan]:
+              cuts=None, link_cpu=None) -> list[Plan]:
     """Every valid plan. E is one list of unit times (scaled by 1/C[d]) or one list per device. With links B
     (Mbit/s) and cut bytes A, every hop takes A[cut] * 8e-3 / link ms: source to first device and last device
     to sink over B of that device, between stages over B_link[d][e] if given, else min(B[d], B[e]); a stage's
-    period is max(compute, its outgoing hop). Stages end only at the legal `cuts` (all boundaries if None)."""
+    period is max(compute, its outgoing hop). Stages end only at the legal `cuts` (all boundaries if None).
+    link_cpu = (send ms per MB, receive ms per MB, frame ms), one value per device each: a stage's compute then
+    also pays receiving its input cut (not the first stage), sending its output cut (not the last) and a frame."""
     rows = E if isinstance(E[0], (list, tuple)) else [E] * len(C)
     U, N = len(R), len(C)
     legal = range(1, U) if cuts is None else cuts
@@ -28,7 +30,12 @@ def all_plans(C: Sequence[float], M: Sequence[float], E, R: Sequence[float], B=N
                 for i, ((j, k), d) in enumerate(zip(ranges, devices)):
                     if math.fsum(R[j:k]) > M[d]:
                         break
-                    worst = max(worst, math.fsum(rows[d][j:k]) / C[d])
+                    compute = math.fsum(rows[d][j:k]) / C[d]
+                    if link_cpu is not None:
+                        send, receive, frame = (values[d] for values in link_cpu)
+                        compute += ((receive * A[j] / 1e6 if i > 0 else 0.0)
+                                    + (send * A[k] / 1e6 if i + 1 < len(devices) else 0.0) + frame)
+                    worst = max(worst, compute)
                     if B is not None:
                         if i + 1 == len(devices):
                             link = B[d]

@@ -40,13 +40,27 @@ def linked_instances(draw, matrix: bool = False):
     return C, M, E, R, B, A, B_link
 
 
-def as_config(C, M, E, R, B=None, A=None, B_link=None, cuts=None) -> dict:
+# Link CPU in ms per MB whose products with integer bytes are exact (x * A / 1e6 = m * A / 1024), and frame ms.
+CPU_PER_MB = st.sampled_from([0.0, 976.5625, 1953.125, 3906.25])
+FRAME_MS = st.sampled_from([0.0, 0.5, 1.0, 2.0])
+
+
+@st.composite
+def link_cpus(draw, N: int):
+    """(send ms per MB, receive ms per MB, frame ms), N values each: device_config.link_cpu's lists."""
+    return tuple(draw(st.lists(values, min_size=N, max_size=N)) for values in (CPU_PER_MB, CPU_PER_MB, FRAME_MS))
+
+
+def as_config(C, M, E, R, B=None, A=None, B_link=None, cuts=None, link_cpu=None) -> dict:
     config: dict = {"device_config": {"N": len(C), "C": list(C), "M": list(M)},
                     "model_config": {"U": len(E), "E": list(E), "R": list(R)}}
     for section, key, value in (("device_config", "B", B), ("model_config", "A", A),
                                 ("device_config", "B_link", B_link), ("model_config", "cuts", cuts)):
         if value is not None:
             config[section][key] = list(value)
+    if link_cpu is not None:
+        config["device_config"]["link_cpu"] = dict(zip(("send_ms_per_mb", "receive_ms_per_mb", "frame_ms"),
+                                                       map(list, link_cpu)))
     return config
 
 

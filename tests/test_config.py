@@ -132,3 +132,43 @@ def test_link_matrix_and_cuts_are_plain_data_and_round_trip():
     assert loaded.cluster.B_link == ((0.0, 50.0), (20.0, 0.0)) and loaded.profile.cuts == (2,)
     assert load_config(loaded.to_dict()) == loaded
     assert load_config(broken("model_config", "cuts", [])).profile.cuts == ()  # no legal cut: one stage
+
+
+CPU = {"send_ms_per_mb": [3.0, 4.0], "receive_ms_per_mb": [5.0, 6.0], "frame_ms": [0.5, 0.25]}
+
+
+def with_link_cpu(**changes):
+    config = copy.deepcopy(LINKED)
+    config["model_config"]["A"] = [12, 8, 4, 2]
+    config["device_config"]["link_cpu"] = {**CPU, **changes}
+    return config
+
+
+def test_link_cpu_round_trips_and_reaches_the_problem():
+    from dnnpipe.planner import Problem
+
+    loaded = load_config(with_link_cpu())
+    assert loaded.cluster.link_cpu is not None and loaded.cluster.link_cpu.frame_ms == (0.5, 0.25)
+    assert load_config(loaded.to_dict()) == loaded
+    problem = Problem.from_config(loaded)
+    # Stage (1, 2] on device 2 receives cut 1 (8 B) and sends cut 2 (4 B): 6 * 8e-6 + 4 * 4e-6 + 0.25 ms.
+    assert problem.link_cpu_ms(1, 2, 1) == pytest.approx(6 * 8e-6 + 4 * 4e-6 + 0.25)
+    assert problem.link_cpu_ms(0, 3, 0) == 0.5  # one stage: reads its input and writes its result locally
+    assert problem.stage_cpu_ms(1, 2, 1) == pytest.approx(problem.stage_time(1, 2, 1) + problem.link_cpu_ms(1, 2, 1))
+
+
+@pytest.mark.parametrize("config, message", [
+    (with_link_cpu(frame_ms=[0.5]), "'device_config.link_cpu.frame_ms' has 1 values but N = 2"),
+    (with_link_cpu(send_ms_per_mb=[1, -1]), "'device_config.link_cpu.send_ms_per_mb[1]' must be >= 0, got -1"),
+    (with_link_cpu(receive_ms_per_mb=[1, math.nan]),
+     "'device_config.link_cpu.receive_ms_per_mb[1]' must be a finite number, got nan"),
+    (with_link_cpu(sned_ms_per_mb=[1, 1]), "unknown key 'device_config.link_cpu.sned_ms_per_mb' (known: "
+                                           "send_ms_per_mb, receive_ms_per_mb, frame_ms)"),
+    ({**with_link_cpu(), "device_config": {**with_link_cpu()["device_config"], "link_cpu": [1, 2]}},
+     "'device_config.link_cpu' must be an object with send_ms_per_mb, receive_ms_per_mb, frame_ms, got list"),
+    (broken("device_config", "link_cpu", CPU), "'device_config.link_cpu' needs 'device_config.B'"),
+    (linked("link_cpu", CPU), "'device_config.link_cpu' needs 'model_config.A'"),
+])
+def test_bad_link_cpu(config, message):
+    with pytest.raises(ConfigError, match=__import__("re").escape(message)):
+        load_config(config)

@@ -23,6 +23,10 @@ def test_demo_on_the_fleet_profiles_per_device_runs_unpaced_and_reports_throttli
         assert measured[key] > 0
     config = json.loads((work / "configurations" / "tiny" / "config.json").read_text())
     assert len(config["model_config"]["E_device"]) == 4  # the paper-like cluster, each board profiled
+    # each board's measured link CPU is in the config, and the plan counted it
+    assert all(len(v) == 4 for v in config["device_config"]["link_cpu"].values())
+    written = json.loads((work / "configurations" / "tiny" / "pipeline_plan.json").read_text())
+    assert len(written["link_cpu_ms"]) == len(written["pipeline_plan"]) and all(ms > 0 for ms in written["link_cpu_ms"])
     devices = {t["device"] for t in measured["throttling"]["pipeline"]}
     assert devices == {s[2] for s in json.loads((work / "configurations" / "tiny" / "pipeline_plan.json")
                                                 .read_text())["pipeline_plan"]}

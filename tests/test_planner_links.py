@@ -11,7 +11,7 @@ from bruteforce import tie_break
 from dnnpipe import ConfigError, NoPlanError, load_config, plan
 from dnnpipe.planner import LINK_AWARE, Problem, linkbisect, solve_problem
 from dnnpipe.planner.plan import check_cuts
-from strategies import MBPS, as_config, cut_sets, fleets, linked_instances
+from strategies import MBPS, as_config, cut_sets, fleets, link_cpus, linked_instances
 
 LINKED = sorted(LINK_AWARE)
 
@@ -175,3 +175,127 @@ def test_a_link_matrix_beyond_the_table_limit_is_refused_in_one_line():
         solve_problem(problem)
     # Without the matrix the 17 identical devices are one type: 18 count vectors.
     assert solve_problem(replace(problem, link_matrix=None)).bottleneck > 0
+
+
+# Each device's link CPU (device_config.link_cpu): receiving and sending cuts add to a stage's compute.
+
+@st.composite
+def linked_with_link_cpu(draw):
+    C, M, E, R, B, A, B_link = draw(linked_instances(matrix=draw(st.booleans())))
+    return (C, M, E, R, B, A), {"B_link": B_link, "cuts": draw(cut_sets(len(E))), "link_cpu": draw(link_cpus(len(C)))}
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(linked_with_link_cpu())
+def test_link_cpu_plans_match_brute_force(case):
+    check_all(*case)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(linked_with_link_cpu())
+def test_link_cpu_is_counted_in_every_stage_time_shown(case):
+    instance, options = case
+    try:
+        result = plan(as_config(*instance, **options))
+    except NoPlanError:
+        return
+    C, M, E, R, B, A = instance
+    send, receive, frame = options["link_cpu"]
+    last = len(result.stages) - 1
+    for i, ((start, end, d), compute, cpu) in enumerate(zip(result.stages, result.extra["compute_ms"],
+                                                            result.extra["link_cpu_ms"])):
+        expected = ((receive[d - 1] * A[start - 1] / 1e6 if i > 0 else 0.0)
+                    + (send[d - 1] * A[end] / 1e6 if i < last else 0.0) + frame[d - 1])
+        assert cpu == pytest.approx(expected)
+        assert result.stage_times_ms[i] >= compute + cpu - 1e-9
+    assert result.bottleneck == max([*result.stage_times_ms, result.extra["input_hop_ms"]])
+
+
+def test_link_cpu_moves_the_cut_where_the_paper_model_sees_no_cost():
+    # Two equal devices, four 10 ms units; cut 2 is 1 MB, cut 1 and 3 are 1 kB. Without link CPU the even split
+    # (cut 2) is best: 20 ms. Sending costs 30 ms per MB and receiving 20: cut 2 now costs the sender 30 ms and
+    # the receiver 20, so cutting after unit 1 wins: the 30 ms stage only receives the tiny cut (0.02 ms).
+    C, M, E, R, B = [1.0, 1.0], [10, 10], [10.0] * 4, [1] * 4, [1e6, 1e6]
+    A = [0, 1000, 1_000_000, 1000, 0]
+    assert plan(as_config(C, M, E, R, B, A)).stages == [[1, 2, 1], [3, 4, 2]]
+    cpu = ([30.0, 30.0], [20.0, 20.0], [0.0, 0.0])
+    for algorithm in LINKED:
+        result = plan(as_config(C, M, E, R, B, A, link_cpu=cpu), algorithm)
+        assert result.bottleneck == pytest.approx(30.02) and result.stages == [[1, 1, 1], [2, 4, 2]]
+    for algorithm in ("bisect", "dnnpipe", "exhaustive", "pipeedge"):
+        with pytest.raises(ConfigError, match=rf"algorithm '{algorithm}' ignores link bandwidth \(device_config.B\) "
+                                              r"and each device's link CPU \(device_config.link_cpu\)"):
+            plan(as_config(C, M, E, R, B, A, link_cpu=cpu), algorithm)
+
+
+def test_the_receive_cost_makes_the_largest_start_not_the_best():
+    # Device 1 holds 2 units, device 2 holds 3 and pays 20 ms per MB it sends or receives. Device 2 last after units
+    # 1..2 on device 1 (the latest start) receives the 1 MB cut: 26 ms; after unit 1 only 100 bytes: 11.002 ms.
+    C, M, E, R, B = [1.0, 1.0], [2, 3], [5.0, 5.0, 5.0, 1.0], [1] * 4, [1e6, 1e6]
+    A = [0, 100, 1_000_000, 100, 0]
+    cpu = ([0.0, 20.0], [0.0, 20.0], [0.0, 0.0])
+    expected = tie_break(C, M, E, R, B, A, link_cpu=cpu)
+    assert expected is not None and expected[0] == pytest.approx(11.002)
+    for algorithm in LINKED:
+        result = plan(as_config(C, M, E, R, B, A, link_cpu=cpu), algorithm)
+        assert result.bottleneck == pytest.approx(expected[0])
+        assert result.stages == [[1, 1, 1], [2, 4, 2]]
+
+
+@pytest.mark.parametrize("grid_bytes", [linkbisect.GRID_BYTES, 8])  # 8: one row and one pair per step
+@pytest.mark.parametrize("seed", range(6))
+def test_bigger_clusters_with_link_cpu_match_the_links_dp(seed, grid_bytes, monkeypatch):
+    monkeypatch.setattr(linkbisect, "GRID_BYTES", grid_bytes)
+    rng = np.random.default_rng(200 + seed)
+    N, U, kinds = int(rng.integers(5, 8)), int(rng.integers(15, 30)), int(rng.integers(2, 4))
+    E, R = rng.lognormal(-3, 1, U), rng.lognormal(-1, 1, U)
+    of = rng.integers(0, kinds, N)
+    C, M = rng.choice([1.0, 0.33, 0.21, 0.5], kinds)[of], (rng.uniform(0.5, 2.0, kinds) * R.sum() / N * 2)[of]
+    B = rng.choice([1000.0, 10000.0], kinds)[of]
+    cpu = [rng.uniform(0, 5, kinds)[of], rng.uniform(0, 5, kinds)[of], rng.uniform(0, 0.2, kinds)[of]]
+    cuts = sorted(rng.choice(np.arange(1, U), U // 2, replace=False).tolist()) if seed % 2 else None
+    problem = Problem.from_lists(C, M, E, R, B, rng.lognormal(11, 1.0, U + 1), None, cuts, cpu)
+    try:
+        reference = solve_problem(problem, "links")
+    except NoPlanError:
+        with pytest.raises(NoPlanError):
+            solve_problem(problem, "bisect-links")
+        return
+    fast = solve_problem(problem, "bisect-links")
+    assert fast.bottleneck == reference.bottleneck and fast.stages == reference.stages
+    assert fast.bottleneck >= solve_problem(replace(problem, link_cpu=None)).bottleneck
+
+
+@settings(max_examples=40, deadline=None)
+@given(fleets(max_types=3, max_devices=24, max_units=10), st.data())
+def test_zero_link_cpu_plans_as_without_it(instance, data):
+    # All-zero link CPU takes the exact (valid starts) path and must find the prefix-sum path's very plan.
+    C, M, E, R = instance
+    A = data.draw(st.lists(st.integers(0, 10_000).map(float), min_size=len(E) + 1, max_size=len(E) + 1))
+    B = [100.0] * len(C)
+    zero = ([0.0] * len(C),) * 3
+    try:
+        without = solve_problem(Problem.from_lists(C, M, E, R, B, A), "bisect-links")
+    except NoPlanError:
+        with pytest.raises(NoPlanError):
+            solve_problem(Problem.from_lists(C, M, E, R, B, A, None, None, zero), "bisect-links")
+        return
+    counted = solve_problem(Problem.from_lists(C, M, E, R, B, A, None, None, zero), "bisect-links")
+    assert counted.bottleneck == without.bottleneck and counted.stages == without.stages
+
+
+def test_plan_only_shows_and_writes_the_link_cpu(tmp_path):
+    import json
+
+    from helpers import run_script
+
+    C, M, E, R, B = [1.0, 1.0], [10, 10], [10.0] * 4, [1] * 4, [1e6, 1e6]
+    config = as_config(C, M, E, R, B, [0, 1000, 1_000_000, 1000, 0], link_cpu=([30.0] * 2, [20.0] * 2, [0.5] * 2))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    result = run_script("model_partitioner.py", "--config", str(tmp_path), "--model-name", "model", "--plan-only")
+    assert result.returncode == 0, result.stderr
+    written = json.loads((tmp_path / "model" / "pipeline_plan.json").read_text())
+    assert written["pipeline_plan"] == [[1, 1, 1], [2, 4, 2]]
+    assert written["link_cpu_ms"] == pytest.approx([0.53, 0.52]) and written["bottleneck_ms"] == pytest.approx(30.52)
+    assert "link CPU ms" in result.stdout and "30.5200" in result.stdout and "0.5300" in result.stdout

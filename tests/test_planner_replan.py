@@ -151,3 +151,44 @@ def test_a_fleet_of_64_loses_one_device(leaving):
         assert result.plan.stages == running and result.units_moved == 0 and result.moved == []
     else:
         assert gone not in [d for *_, d in result.plan.stages] and result.units_moved > 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(linked_instances(), st.data())
+def test_a_device_with_link_cpu_leaves(instance, data):
+    # Each remaining device keeps its own link CPU: the new plan is the brute-force optimum of the reduced cluster.
+    from strategies import link_cpus
+
+    C, M, E, R, B, A, _ = instance
+    cpu = data.draw(link_cpus(len(C)))
+    config = as_config(C, M, E, R, B, A, link_cpu=cpu)
+    try:
+        running = plan(config).stages
+    except NoPlanError:
+        return
+    gone = data.draw(st.sampled_from(range(1, len(C) + 1)))
+    rest = [d for d in range(len(C)) if d + 1 != gone]
+    if not rest:
+        return
+    pick = lambda values: [values[d] for d in rest]  # noqa: E731
+    expected = brute_force_bottleneck(pick(C), pick(M), E, R, pick(B), A, link_cpu=[pick(v) for v in cpu])
+    if expected is None:
+        with pytest.raises(NoPlanError):
+            replan(config, running, ClusterChange(removed=frozenset({gone})))
+        return
+    result = replan(config, running, ClusterChange(removed=frozenset({gone})))
+    assert result.plan.bottleneck == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert gone not in [d for *_, d in result.plan.stages]
+
+
+def test_a_device_that_slows_takes_longer_for_its_link_cpu_too():
+    from dnnpipe.planner import Problem
+    from dnnpipe.planner.replan import changed_problem
+
+    config = as_config([1.0, 1.0], [10, 10], [4.0] * 4, [1.0] * 4, [1e6, 1e6], [0, 1e6, 1e6, 1e6, 0],
+                       link_cpu=([2.0, 2.0], [3.0, 3.0], [0.5, 0.5]))
+    problem = Problem.from_config(__import__("dnnpipe").load_config(config))
+    slowed, ids = changed_problem(problem, ClusterChange(speeds={2: 0.25}))
+    assert ids == [1, 2] and slowed.link_cpu_ms(1, 2, 0) == problem.link_cpu_ms(1, 2, 0) == 5.5
+    assert slowed.link_cpu_ms(1, 2, 1) == pytest.approx(4 * 5.5)  # 4x slower: 3 + 2 + 0.5 device ms, 4x over
+    assert slowed.stage_cpu_ms(1, 2, 1) == pytest.approx(4 * problem.stage_cpu_ms(1, 2, 1))

@@ -16,14 +16,15 @@ import models
 from dnnpipe.config import parse_config
 from dnnpipe.deploy.registry import Device
 from dnnpipe.deploy.closure import closure
-from dnnpipe.errors import ConfigError, DnnpipeError
+from dnnpipe.errors import DnnpipeError
 from dnnpipe.keygen import create_certificate
 from dnnpipe.profile.devices import PID, DeviceProfileOptions, DeviceTimes, Outcome, parse_result, profile_device, \
     profile_devices, uploads, with_device_rows
 from dnnpipe.profile.devices import link_costs as devices_link_costs
 from dnnpipe.profile.costs import unit_times
 from dnnpipe.profile.timer import frame_costs, link_costs, time_units
-from dnnpipe.testbed.pacing import LinkCost, emulation
+from dnnpipe.planner import plan
+from dnnpipe.testbed.pacing import emulation
 from dnnpipe.profile.profiler import profiling_model
 from helpers import ROOT
 
@@ -56,6 +57,22 @@ def test_rows_add_up_to_each_device_whole_model_and_C_is_relative_to_device_1():
     assert rows["device_config"]["C"] == [1.0, 0.25] and rows["device_config"]["N"] == 2
     assert rows["model_config"]["E_device"][1] == pytest.approx([10.0, 10.0, 20.0])
     assert parse_config(rows, "test").profile.E_device is not None  # the planners read it
+    assert "link_cpu" not in rows["device_config"]  # none measured
+
+
+def test_measured_link_cpu_goes_into_the_config_when_it_has_links():
+    one = DeviceTimes(1, 0.1, 10.0, (2.0, 4.0, 6.0), send_ms_per_mb=3.0, receive_ms_per_mb=4.0, frame_ms=0.5)
+    two = DeviceTimes(2, 0.1, 40.0, (1.0, 1.0, 2.0), send_ms_per_mb=9.0, receive_ms_per_mb=12.0, frame_ms=None)
+    outcomes = [Outcome(Device(2, "local"), two), Outcome(Device(1, "local"), one)]
+    config = {"device_config": {"N": 2, "C": [1.0, 1.0], "M": [50.0, 60.0], "B": [100.0, 100.0]},
+              "model_config": {"U": 3, "E": [1.0, 1.0, 1.0], "R": [1.0, 1.0, 1.0], "A": [1.0, 2.0, 3.0, 4.0]}}
+    rows = with_device_rows(config, outcomes)
+    assert rows["device_config"]["link_cpu"] == {"send_ms_per_mb": [3.0, 9.0], "receive_ms_per_mb": [4.0, 12.0],
+                                                 "frame_ms": [0.5, 0.0]}
+    loaded = parse_config(rows, "test")
+    assert loaded.cluster.link_cpu is not None and loaded.cluster.link_cpu.send_ms_per_mb == (3.0, 9.0)
+    del config["device_config"]["B"]  # without links the config could not hold it: left out
+    assert "link_cpu" not in with_device_rows(config, outcomes)["device_config"]
 
 
 @pytest.mark.parametrize("log, message", [
@@ -86,26 +103,35 @@ def test_local_devices_are_profiled_and_a_failing_one_is_named(converted, tmp_pa
     assert json.loads(json.dumps([o.error for o in outcomes]))  # plain data
 
 
-def link_config():
-    """Two devices, three units; cut 1 is 2 MB, cut 2 is 1 MB; 1000 Mbit/s links."""
-    return parse_config({"device_config": {"N": 2, "C": [1.0, 1.0], "M": [100, 100], "B": [1000, 1000]},
+def link_config(send=None, receive=None, frame=None):
+    """Two devices, three units; cut 1 is 2 MB, cut 2 is 1 MB; 1000 Mbit/s links; each device's link CPU."""
+    devices = {"N": 2, "C": [1.0, 1.0], "M": [100, 100], "B": [1000, 1000]}
+    if send is not None:
+        devices["link_cpu"] = {"send_ms_per_mb": send, "receive_ms_per_mb": receive, "frame_ms": frame or [0, 0]}
+    return parse_config({"device_config": devices,
                          "model_config": {"U": 3, "E": [10.0, 10.0, 10.0], "R": [1.0] * 3,
                                           "A": [1e6, 2e6, 1e6, 1e3]}}, "test")
 
 
 def test_the_prediction_counts_each_device_measured_link_cpu_and_keeps_the_papers():
     stages = [[1, 1, 1], [2, 3, 2]]
-    links = [LinkCost(send_ms_per_mb=3.0, receive_ms_per_mb=100.0), LinkCost(send_ms_per_mb=100.0,
-                                                                            receive_ms_per_mb=4.0)]
-    paper, counted = emulation(link_config(), stages, 1.0), emulation(link_config(), stages, 1.0, links)
+    paper, counted = emulation(link_config(), stages, 1.0), emulation(link_config([3.0, 100.0], [100.0, 4.0]),
+                                                                       stages, 1.0)
     # stage 1 sends cut 1 (2 MB, 16 ms on the link), receives nothing (inputs are local): 10 + 2 x 3 ms of CPU
     # stage 2 receives cut 1 (2 MB x 4 ms) and sends nothing (results are local): 20 + 8 ms
     assert [s.link_cpu_ms for s in counted.stages] == pytest.approx([6.0, 8.0])
     assert [s.period_ms for s in counted.stages] == pytest.approx([16.0, 28.0])
     assert counted.throughput == pytest.approx(1000 / 28)
     assert counted.paper_throughput == pytest.approx(paper.throughput) == pytest.approx(1000 / 20)
-    with pytest.raises(ConfigError, match="1 measured link costs for 2 devices"):
-        emulation(link_config(), stages, 1.0, links[:1])
+
+
+def test_the_prediction_and_the_plan_are_the_same_numbers():
+    # One formula: the planner's periods are the prediction's, for the plan it picks and any other.
+    config = link_config([3.0, 100.0], [100.0, 4.0], [1.5, 2.5])
+    result = plan(config)
+    predicted = emulation(config, result.stages, 1.0)
+    assert [s.period_ms for s in predicted.stages] == result.stage_times_ms
+    assert 1000 / predicted.throughput == result.bottleneck
 
 
 @pytest.mark.parametrize("tls", [True, False])
@@ -136,13 +162,13 @@ def test_a_devices_link_cpu_comes_back_with_its_row(converted, tmp_path):
 
 def test_the_prediction_counts_each_devices_cpu_per_frame_on_every_stage():
     stages = [[1, 1, 1], [2, 3, 2]]
-    links = [LinkCost(3.0, 100.0, frame_ms=1.5), LinkCost(100.0, 4.0, frame_ms=2.5)]
-    counted = emulation(link_config(), stages, 1.0, links)
+    counted = emulation(link_config([3.0, 100.0], [100.0, 4.0], [1.5, 2.5]), stages, 1.0)
     # as above, and each stage pays its own device's CPU per frame, however small its cuts
     assert [s.link_cpu_ms for s in counted.stages] == pytest.approx([7.5, 10.5])
     assert counted.throughput == pytest.approx(1000 / 30.5)
     assert counted.paper_throughput == pytest.approx(1000 / 20)
-    single = emulation(link_config(), [[1, 3, 1]], 1.0, links)  # no cut crosses a link, the frame cost remains
+    single = emulation(link_config([3.0, 100.0], [100.0, 4.0], [1.5, 2.5]), [[1, 3, 1]], 1.0)  # no cut crosses a
+    # link, the frame cost remains
     assert single.stages[0].link_cpu_ms == pytest.approx(1.5)
 
 

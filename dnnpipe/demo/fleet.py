@@ -134,13 +134,16 @@ def profile_on_fleet(work: Work, options, model, say=print) -> None:
                 f"{board.cpu_cores:.3f} ({o.times.cpu_share / board.cpu_cores:.0%}; under 100%: the host or "
                 f"something else on the board took the rest)")
     say(f"per-device profile: C = {config['device_config']['C']} (each board's whole model against board 1's)")
+    if "link_cpu" in config["device_config"]:
+        say(f"link CPU per board (ms per MB sent, received; ms per frame), which the planner and the prediction "
+            f"count and the paper's model does not: {json.dumps(config['device_config']['link_cpu'])}")
     write_json(work.config, config)
     say(f"wrote {work.config}")
     costs = link_costs(outcomes)
     if costs is not None:
         write_json(work.link_costs, costs)
-        say(f"wrote {work.link_costs}: each board's CPU per MB of cut sent and received (TLS: "
-            f"{all(c['tls'] for c in costs)}), which the prediction counts and the paper's model does not")
+        say(f"wrote {work.link_costs}: how each board's link CPU was measured (TLS: {all(c['tls'] for c in costs)}, "
+            f"the timer's share of its quota), for the report")
 
 
 def deploy_to_fleet(work: Work, options, say=print) -> None:
@@ -155,20 +158,6 @@ def deploy_to_fleet(work: Work, options, say=print) -> None:
         say(format_reports(deployment.reports))
         if deployment.failed:
             raise DnnpipeError(f"deploying to {len(deployment.failed)} boards failed (see the table above)")
-
-
-def measured_links(work: Work) -> Optional[list[Any]]:
-    """The per-device link CPU the profile step measured (pacing.LinkCost per device), or None."""
-    from ..testbed.pacing import LinkCost
-
-    if not work.link_costs.is_file():
-        return None
-    try:
-        rows = json.loads(work.link_costs.read_text())
-        return [LinkCost(float(r["send_ms_per_mb"]), float(r["receive_ms_per_mb"]), float(r.get("frame_ms") or 0.0))
-                for r in sorted(rows, key=lambda r: int(r["device"]))]
-    except (ValueError, KeyError, TypeError) as e:
-        raise DnnpipeError(f"{work.link_costs}: malformed ({e}); run the profile step again") from None
 
 
 def profile_shares(work: Work) -> Optional[list[Any]]:
@@ -194,11 +183,12 @@ def run_on_fleet(work: Work, options, say=print) -> None:
     if config.profile.E_device is None:
         raise DnnpipeError(f"{work.config} has no per-device profile: run the profile step with --compute cpu-quota")
     shape = ensure_fleet(work, demo_cluster(work, options), options.scale, say)
-    links = measured_links(work)
+    links = config.cluster.link_cpu
     if links is None:
-        say("no link CPU measured for the boards (profile again): the prediction is the paper's, links cost no CPU")
-    pipeline_plan = emulation(config, read_stages(work.plan), 1.0, links)
-    single_plan = emulation(config, [[1, config.profile.U, fastest_device(config)]], 1.0, links)
+        say(f"{work.config} has no link CPU (device_config.link_cpu; profile again): the plan and the prediction are "
+            f"the paper's, links cost no CPU")
+    pipeline_plan = emulation(config, read_stages(work.plan), 1.0)
+    single_plan = emulation(config, [[1, config.profile.U, fastest_device(config)]], 1.0)
     say(f"predicted: pipeline {pipeline_plan.throughput:.1f} inferences/s counting each board's measured link CPU "
         f"(the paper's model, links without CPU: {pipeline_plan.paper_throughput:.1f}); fastest board alone "
         f"{single_plan.throughput:.1f}")
@@ -230,7 +220,9 @@ def run_on_fleet(work: Work, options, say=print) -> None:
         paper_predicted_pipeline_throughput=pipeline_plan.paper_throughput,
         paper_predicted_single_throughput=single_plan.paper_throughput,
         planned_link_cpu_ms=[s.link_cpu_ms for s in pipeline_plan.stages],
-        link_costs=None if links is None else [vars(c) for c in links], profile_cpu_share=profile_shares(work),
+        link_costs=None if links is None else [
+            {"device": d + 1, **{key: values[d] for key, values in links.to_dict().items()}}
+            for d in range(config.cluster.N)], profile_cpu_share=profile_shares(work),
         throttling=throttled,
         fleet=[{"device": d.device_id, "C": d.C, "cpu_cores": d.cpu_cores, "cpus": d.cpus, "memory_mb": d.memory_mb,
                 "link_mbps": d.link_mbps} for d in shape.devices]))

@@ -122,7 +122,8 @@ def link_lines(measured: dict[str, Any]) -> list[str]:
     costs = ", ".join(f"{c['send_ms_per_mb']:.2f} / {c['receive_ms_per_mb']:.2f} / {c.get('frame_ms') or 0.0:.2f}"
                       for c in measured["link_costs"])
     cpu = ", ".join(f"{ms:.2f}" for ms in measured["planned_link_cpu_ms"])
-    return [f"- prediction counts each board's CPU on its links and per frame (measured on the board, ms per MB "
+    return [f"- the plan and the prediction count each board's CPU on its links and per frame (measured on the board, "
+            f"device_config.link_cpu, ms per MB "
             f"sent / received / ms per frame: {costs}; per stage {cpu} ms): on a board of one core or less it comes "
             f"out of the same quota as the compute, so compute and send do not overlap. The paper's cost model "
             f"(links and frames cost no CPU) predicts {paper:.1f} inferences/s: the pipeline measured "

@@ -50,8 +50,10 @@ def solve_problem(problem: Problem, algorithm: Optional[str] = None) -> Plan:
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
     if problem.has_links and algorithm not in LINK_AWARE:
-        raise ConfigError(f"algorithm {algorithm!r} ignores link bandwidth (device_config.B); use "
-                          f"{' or '.join(sorted(LINK_AWARE))}, or remove B and A from the config")
+        cpu = " and each device's link CPU (device_config.link_cpu)" if problem.link_cpu is not None else ""
+        raise ConfigError(f"algorithm {algorithm!r} ignores link bandwidth (device_config.B){cpu}; use "
+                          f"{' or '.join(sorted(LINK_AWARE))}, or remove B{', link_cpu' if cpu else ''} and A from the "
+                          f"config")
     if algorithm in LINK_AWARE and not problem.has_links:
         raise ConfigError(f"algorithm {algorithm!r} needs device_config.B and model_config.A")
     started = time.perf_counter()

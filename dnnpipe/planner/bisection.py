@@ -79,8 +79,8 @@ class DeviceTypes:
 
     @classmethod
     def of(cls, problem: Problem) -> "DeviceTypes":
-        """Same speed, memory and time row; with links also the same B, and with a B_link matrix never
-        grouped (a matrix row is a device's own)."""
+        """Same speed, memory and time row; with links also the same B and link CPU, and with a B_link matrix
+        never grouped (a matrix row is a device's own)."""
         groups: dict[tuple, list[int]] = {}
         for d in range(problem.N):
             key: tuple = (float(problem.speed[d]), float(problem.capacity[d]), problem.time_prefix[d].tobytes())
@@ -88,6 +88,8 @@ class DeviceTypes:
                 key += (float(problem.link_mbps[d]),)
             if problem.link_matrix is not None:
                 key += (d,)
+            if problem.link_cpu is not None:
+                key += tuple(float(x) for x in problem.link_cpu[:, d])
             groups.setdefault(key, []).append(d)
         return cls(tuple(tuple(g) for g in groups.values()))
 

@@ -25,6 +25,14 @@ not 2^N x N. A link matrix B_link gives every device its own row, so there every
 type; the table K (states x types x (U + 1) bits) is refused above TABLE_BYTES, in one line: at
 U=1000 that is N=16 distinct devices (134 MB), at U=273 N=18.
 
+With each device's link CPU (device_config.link_cpu) a stage's time is Problem.stage_cpu_ms: receiving cut j
+and sending cut k add to the compute, so a stage's time is no longer monotone in its end nor its start and the
+greedy end f_e and start g_e do not exist. Exact instead: for each type e and end k the bit mask of starts j whose
+stage (j, k] fits e's memory and T (valid[e][k], independent of the set S), and K[S + e, e] holds k iff
+J AND valid[e][k] is not empty: one word operation per non-zero word of valid[e] per pair (a stage within T starts
+a word or two before its end), every grid and mask in chunks of at most GRID_BYTES. Without link CPU the
+prefix-sum path above runs, as fast as before.
+
 The search is bisect's: the optimum is a stage time, a hop between two devices, or an input or
 result hop, so bracketing and a binary search over those candidate values end exactly on it.
 The `links` DP is the reference it is tested against.
@@ -42,6 +50,7 @@ from .plan import Cut, Solution, bottleneck_of
 from .problem import Problem
 
 CHUNK = 4096  # (set, device) pairs per vector step, to bound temporary memory at large N
+GRID_BYTES = 1 << 25  # temporary memory of one step of the link CPU path (stage grids, start masks): 32 MiB
 ROW_SUMS = 256  # from this many (set, device) pairs the prefix sum runs row by row
 TABLE_BYTES = 1 << 28  # the largest K table (256 MiB): N=16 distinct devices at U=1000 (134 MB), not 17
 
@@ -118,6 +127,29 @@ class LinkProbe:
                        for size in range(1, int(self.used.max()))]
         self.transitions = 0
         self.infeasible_below = -np.inf  # no jumps: hops make the next event costly to find
+        self.link_cpu = problem.link_cpu is not None
+        self.sparse: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # per probe: sparse_rows
+
+    def fits(self, e: int, ks: slice) -> np.ndarray:
+        """[k in ks, j]: stage (j, k] is a stage (j < k) that fits type e's memory (independent of the limit)."""
+        RP, capacity = self.problem.memory_prefix, self.problem.capacity[self.types.members[e][0]]
+        ends, starts = np.arange(ks.start, ks.stop)[:, None], np.arange(self.problem.U + 1)[None, :]
+        return (starts < ends) & (RP[ks][:, None] - RP[None, :] <= capacity)
+
+    def grid_rows(self) -> int:
+        """Rows (ends k) of a stage grid per step, within GRID_BYTES."""
+        return max(1, GRID_BYTES // (8 * (self.problem.U + 1)))
+
+    def valid(self, limit: float) -> np.ndarray:
+        """valid[e, k]: the starts j (bit words) of stages (j, k] that fit type e's memory and take <= limit
+        with their link CPU."""
+        U, rows = self.problem.U, self.grid_rows()
+        out = np.zeros((len(self.types.members), U + 1, self.words), dtype=np.uint64)
+        for e, d in enumerate(m[0] for m in self.types.members):
+            for at in range(0, U + 1, rows):
+                ks = slice(at, min(at + rows, U + 1))
+                out[e, ks] = pack(self.fits(e, ks) & (self.problem.stage_cpu_grid(d, ks) <= limit), self.words)
+        return out
 
     def ends(self, limit: float) -> np.ndarray:
         """f[e, j]: the last unit of a stage from j on e within the limit and e's memory."""
@@ -125,19 +157,27 @@ class LinkProbe:
                          for (P, scale), memory in zip(self.speed_rows, self.memory_ends)])
 
     def reach(self, limit: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """K as words [state, last type, word], the greedy ends f and the hop masks ok[d, e]."""
+        """K as words [state, last type, word], the stages within the limit (the greedy ends f, or with link CPU
+        the valid starts of each end) and the hop masks ok[d, e]."""
         U, k, strides = self.problem.U, len(self.types.members), self.space.strides
-        f = self.ends(limit)
         positions = np.arange(U + 1)
-        first = np.stack([np.searchsorted(f[e], positions, side="left") for e in range(k)])  # g_e(k)
+        if self.link_cpu:
+            stages = self.valid(limit)
+            first = stages
+            self.sparse = [sparse_rows(stages[e]) for e in range(k)]
+            starts_at_zero = (stages[:, :, 0] & np.uint64(1)) == 1  # [e, k]: stage (0, k] on e is valid
+        else:
+            stages = self.ends(limit)
+            first = np.stack([np.searchsorted(stages[e], positions, side="left") for e in range(k)])  # g_e(k)
+            starts_at_zero = (positions[None, :] > 0) & (positions[None, :] <= stages[:, :1])
         ok = pack(self.hop <= limit, self.words)  # [d, e, word]
         to = np.ascontiguousarray(ok.transpose(1, 0, 2))  # [e, d, word]
         K = np.zeros((self.space.size, k, self.words), dtype=np.uint64)
+        alive = np.zeros(self.space.size, dtype=bool)  # states with some non-empty K[S, .]: the others extend nothing
         for e in range(k):
             if self.input_hop[e] <= limit:
-                K[strides[e], e] = pack((positions > 0) & (positions <= f[e, 0]), self.words)
-        alive = np.zeros(self.space.size, dtype=bool)  # states with some non-empty K[S, .]: the others extend nothing
-        alive[[strides[e] for e in range(k) if self.input_hop[e] <= limit and f[e, 0] > 0]] = True
+                K[strides[e], e] = pack(starts_at_zero[e], self.words)
+                alive[strides[e]] |= bool(starts_at_zero[e].any())
         for layer in self.blocks:
             parts = [S[alive[S]] for S in layer]
             sizes = [len(part) for part in parts]
@@ -151,7 +191,7 @@ class LinkProbe:
             for sets, lasts in steps:
                 if len(sets):
                     self._extend(K, sets, lasts, first, to, alive)
-        return K, f, ok
+        return K, stages, ok
 
     def _extend(self, K: np.ndarray, S: np.ndarray, e: np.ndarray, first: np.ndarray, to: np.ndarray,
                 alive: np.ndarray) -> None:
@@ -161,6 +201,9 @@ class LinkProbe:
         runs = np.concatenate(([0], np.flatnonzero(np.diff(e)) + 1, [len(S)]))
         hops_ok = to[e[0]] if len(runs) == 2 else to[e]
         starts = np.bitwise_or.reduce(K[S] & hops_ok, axis=1)
+        if self.link_cpu:
+            self._extend_link_cpu(K, S, e, starts, first, runs, alive)
+            return
         # Units along axis 0, states along axis 1: the prefix sum then adds whole rows.
         count = np.zeros((U + 2, len(S)), dtype=np.int16 if U < np.iinfo(np.int16).max else np.int32)
         bits = unpack_columns(starts, U + 1)
@@ -177,6 +220,25 @@ class LinkProbe:
         packed = pack_columns(covered, self.words)
         K[after, e] = packed
         alive[after[self._hopeful(after, packed)]] = True
+
+    def _extend_link_cpu(self, K: np.ndarray, S: np.ndarray, e: np.ndarray, starts: np.ndarray, valid: np.ndarray,
+                         runs: np.ndarray, alive: np.ndarray) -> None:
+        """K[S + e, e][k] = any(J AND valid[e][k]) over the non-zero words of valid[e] alone (a stage within the
+        limit starts in a window before its end: a word or two of U / 64), chunked within GRID_BYTES."""
+        U = self.problem.U
+        after = S + self.space.strides[e]
+        for a, b in zip(runs[:-1], runs[1:]):
+            ends, words, values, groups = self.sparse[e[a]]
+            step = max(1, GRID_BYTES // (8 * max(1, len(values)) + U + 1))
+            for at in range(a, b, step):
+                part = slice(at, min(at + step, b))
+                covered = np.zeros((part.stop - part.start, U + 1), dtype=bool)  # [pair, k]
+                if len(values):
+                    hits = (starts[part][:, words] & values[None, :]) != 0
+                    covered[:, ends] = np.logical_or.reduceat(hits, groups, axis=1)
+                packed = pack(covered, self.words)
+                K[after[part], e[a]] = packed
+                alive[after[part][self._hopeful(after[part], packed)]] = True
 
     def _hopeful(self, after: np.ndarray, packed: np.ndarray) -> np.ndarray:
         """Pairs whose prefixes (bit words) some continuation may finish: the devices left to S + e must hold
@@ -210,10 +272,12 @@ class LinkProbe:
         cuts = self._plan(int(S[pick]), int(e[pick]), K, f, ok)
         return bottleneck_of(self.problem, cuts), cuts
 
-    def _starts(self, words: np.ndarray, ends: np.ndarray, k: int) -> np.ndarray:
-        """The starts j in a state whose stage on the next device can end at k."""
+    def _starts(self, words: np.ndarray, stages: np.ndarray, e: int, k: int) -> np.ndarray:
+        """The starts j in a state whose stage on the next device (type e) can end at k."""
+        if self.link_cpu:
+            return np.flatnonzero(unpack(words & stages[e, k], self.problem.U + 1))
         starts = np.flatnonzero(unpack(words, self.problem.U + 1))
-        return starts[(starts < k) & (ends[starts] >= k)]
+        return starts[(starts < k) & (stages[e][starts] >= k)]
 
     def _plan(self, S: int, e: int, K: np.ndarray, f: np.ndarray, ok: np.ndarray) -> list[Cut]:
         """Walk back from (S, e, U): the previous type d (lowest first) and the latest start j that reach k;
@@ -224,12 +288,20 @@ class LinkProbe:
             before = S - int(strides[e])
             held = self.digits[before]
             j, d = next((int(starts[-1]), d) for d in range(len(held)) if held[d] > 0
-                        for starts in [self._starts(K[before, d] & ok[d, e], f[e], k)] if starts.size)
+                        for starts in [self._starts(K[before, d] & ok[d, e], f, e, k)] if starts.size)
             stages.append((j, k, e))
             S, e, k = before, d, j
         stages.append((0, k, e))
         spare = [iter(m) for m in self.types.members]
         return [(j, k, next(spare[t])) for j, k, t in stages[::-1]]
+
+
+def sparse_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The non-zero words of bit rows [k, word]: the ends k that have some, and for each non-zero word (in order of k)
+    its word index and value, and where each end's words begin (for reduceat)."""
+    k, word = np.nonzero(rows)
+    ends, groups = np.unique(k, return_index=True)
+    return ends, word, rows[k, word], groups
 
 
 def check_table(problem: Problem, states: int, types: int, words: int) -> None:
@@ -259,8 +331,36 @@ def candidates(problem: Problem, probe: LinkProbe, hops: np.ndarray, low: float,
     if inside.size > limit:
         return None
     first = [m[0] for m in probe.types.members]
-    stages = stage_times_between(problem, first, probe.memory_ends, low, high, limit - inside.size)
+    if probe.link_cpu:
+        stages = link_cpu_times_between(probe, low, high, limit - inside.size)
+    else:
+        stages = stage_times_between(problem, first, probe.memory_ends, low, high, limit - inside.size)
     return None if stages is None else np.unique(np.concatenate((stages, inside)))
+
+
+def link_cpu_times_between(probe: LinkProbe, low: float, high: float, limit: int) -> Optional[np.ndarray]:
+    """Every stage time with link CPU in (low, high] of a stage that fits its type's memory; None if more than
+    `limit` (counted over the whole grid before any is kept)."""
+    problem, rows = probe.problem, probe.grid_rows()
+    values, count = [np.empty(0)], 0
+    for e, d in enumerate(m[0] for m in probe.types.members):
+        for at in range(0, problem.U + 1, rows):
+            ks = slice(at, min(at + rows, problem.U + 1))
+            grid = problem.stage_cpu_grid(d, ks)
+            inside = grid[probe.fits(e, ks) & (grid > low) & (grid <= high)]
+            count += inside.size
+            if count > limit:
+                return None
+            values.append(np.unique(inside))
+    return np.unique(np.concatenate(values))
+
+
+def highest_period(problem: Problem, probe: LinkProbe, hops: np.ndarray) -> float:
+    """A value no stage's period exceeds (the whole model on the slowest device, plus its most link CPU)."""
+    top = float(problem.whole_ms.max())
+    if probe.link_cpu:
+        top = (top + problem.most_link_cpu_ms()) * (1 + 1e-9)
+    return max(top, float(hops.max()))
 
 
 def solve(problem: Problem) -> Optional[Solution]:
@@ -268,6 +368,6 @@ def solve(problem: Problem) -> Optional[Solution]:
     probe = LinkProbe(problem)
     hops = hop_values(probe)
     bound = max(lower_bound(problem), float(probe.input_hop.min()), float(probe.output_hop.min()))
-    top = max(float(problem.whole_ms.max()), float(hops.max()))  # no period can exceed this
+    top = highest_period(problem, probe, hops)  # no period can exceed this
     best = search(probe, bound, top, lambda low, high, limit: candidates(problem, probe, hops, low, high, limit))
     return None if best is None else Solution(tuple(best[1]), probe.transitions, canonical=True)

@@ -13,6 +13,9 @@ on e, not counting that stage's outgoing hop (it depends on the next device). Ap
 (j, k] on e after a stage on d: V[k, S + e, e] <= max(V[j, S, d], hop(j, d, e), compute(j, k, e)),
 and min over d of max(V[j, S, d], hop(j, d, e)) is taken first, one vector operation per (j, S, e).
 hop(j, d, e) uses the link matrix B_link when given, else the slower of B[d] and B[e].
+With each device's link CPU (device_config.link_cpu) compute(j, k, e) is Problem.stage_cpu_ms: receiving cut j
+and sending cut k add to the compute. It is no longer monotone in k, but its compute part is, so the UBP end
+(last_end on compute alone) still drops only stages above the bound.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ def solve(problem: Problem) -> Optional[Solution]:
                 if last == j:
                     continue
                 span = slice(j + 1, last + 1)
-                candidate = np.maximum(problem.stage_times(j, span, e), arrival[e])
+                candidate = np.maximum(problem.stage_cpu_times(j, span, e), arrival[e])
                 transitions += last - j
                 T = S | (1 << e)
                 current = value[span, T, e]

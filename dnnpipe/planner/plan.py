@@ -66,6 +66,8 @@ def make_plan(problem: Problem, cuts: Sequence[Cut], algorithm: str, transitions
         extra = {"compute_ms": [problem.stage_time(*c) for c in cuts], "input_hop_ms": input_hop,
                  "output_hop_ms": [problem.hop_ms(k, d, cuts[i + 1][2] if i + 1 < len(cuts) else None)
                                    for i, (_, k, d) in enumerate(cuts)]}
+    if problem.link_cpu is not None:
+        extra["link_cpu_ms"] = [problem.link_cpu_ms(*c) for c in cuts]
     return Plan(
         stages=[[j + 1, k, d + 1] for j, k, d in cuts],
         stage_times_ms=periods,

@@ -7,7 +7,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..config import Config
+from ..config import Config, stage_cpu_ms, stage_link_cpu_ms
 from ..errors import ConfigError
 
 
@@ -19,6 +19,8 @@ class Problem:
     (P[d][k] - P[d][j]) / C[d] and its memory RP[k] - RP[j]: both are monotone in k even in
     floating point, which the searches below rely on. In the paper's model every row P[d] is the
     prefix sum of E; with per-device times (E_device) row d is device d's own and C[d] = 1.
+    With each device's link CPU (link_cpu) a stage also pays receiving and sending its cuts and a frame
+    (stage_cpu_ms); stage_time stays the compute alone, which is monotone (the greedy bounds use it).
     """
 
     speed: np.ndarray  # C, shape (N,)
@@ -29,11 +31,13 @@ class Problem:
     cut_bytes: Optional[np.ndarray] = None  # A, shape (U + 1,): bytes crossing the cut after unit j
     link_matrix: Optional[np.ndarray] = None  # B_link, shape (N, N): Mbit/s from d to e; else min(B[d], B[e])
     cuts: Optional[tuple[int, ...]] = None  # legal stage ends below U (model_config.cuts); None: every unit
+    link_cpu: Optional[np.ndarray] = None  # shape (3, N): each device's send and receive ms per MB, frame ms
 
     @classmethod
     def from_config(cls, config: Config) -> "Problem":
         E_device, B, A = config.profile.E_device, config.cluster.B, config.profile.A
-        B_link, cuts = config.cluster.B_link, config.profile.cuts
+        B_link, cuts, cpu = config.cluster.B_link, config.profile.cuts, config.cluster.link_cpu
+        link_cpu = None if cpu is None else (cpu.send_ms_per_mb, cpu.receive_ms_per_mb, cpu.frame_ms)
         if B is None:
             A = None  # cut sizes alone are information; link bandwidth turns the model on
         elif A is None:
@@ -41,18 +45,21 @@ class Problem:
                               f"Mbit/s per device) and model_config.A (bytes per cut), got only B")
         if E_device is not None:
             return cls.from_lists([1.0] * config.cluster.N, config.cluster.M, E_device, config.profile.R, B, A,
-                                  B_link, cuts)
+                                  B_link, cuts, link_cpu)
         return cls.from_lists(config.cluster.C, config.cluster.M, config.profile.E, config.profile.R, B, A, B_link,
-                              cuts)
+                              cuts, link_cpu)
 
     @classmethod
-    def from_lists(cls, C, M, E, R, B=None, A=None, B_link=None, cuts=None) -> "Problem":
+    def from_lists(cls, C, M, E, R, B=None, A=None, B_link=None, cuts=None, link_cpu=None) -> "Problem":
         """E is one list of unit times on device 1, or one list per device (then C should be all 1).
         B (Mbit/s per device) and A (bytes per cut, U + 1 values) turn on the communication model; B_link
-        (N x N Mbit/s) replaces min(B[d], B[e]) between devices. cuts: the legal stage ends below U."""
+        (N x N Mbit/s) replaces min(B[d], B[e]) between devices. cuts: the legal stage ends below U.
+        link_cpu: (send ms per MB, receive ms per MB, frame ms), N values each (needs B and A)."""
         speed = np.asarray(C, dtype=float)
         E = np.asarray(E, dtype=float)
         rows = np.broadcast_to(E, (len(speed), E.shape[-1])) if E.ndim == 1 else E
+        if link_cpu is not None and (A is None or B is None):
+            raise ValueError("link CPU (per MB of cut) needs link bandwidth (B) and cut sizes (A)")
         return cls(
             speed=speed,
             capacity=np.asarray(M, dtype=float),
@@ -62,6 +69,7 @@ class Problem:
             cut_bytes=None if A is None else np.asarray(A, dtype=float),
             link_matrix=None if B is None or B_link is None else np.asarray(B_link, dtype=float),
             cuts=None if cuts is None else tuple(int(k) for k in cuts),
+            link_cpu=None if link_cpu is None else np.asarray(link_cpu, dtype=float).reshape(3, len(speed)),
         )
 
     @property
@@ -117,7 +125,7 @@ class Problem:
         periods = []
         for i, (j, k, d) in enumerate(cuts):
             following = cuts[i + 1][2] if i + 1 < len(cuts) else None
-            periods.append(max(self.stage_time(j, k, d), self.hop_ms(k, d, following)))
+            periods.append(max(self.stage_cpu_ms(j, k, d), self.hop_ms(k, d, following)))
         return periods, self.hop_ms(0, None, cuts[0][2]) if cuts else 0.0
 
     @property
@@ -144,6 +152,52 @@ class Problem:
 
     def stage_time(self, j: int, k: int, d: int) -> float:
         return float((self.time_prefix[d, k] - self.time_prefix[d, j]) / self.speed[d])
+
+    def cut_bytes_moved(self) -> tuple[np.ndarray, np.ndarray]:
+        """Bytes a stage receives by its start j and sends by its end k: cut j, or 0 for j = 0 (the first stage
+        reads the model's input locally), and cut k, or 0 for k = U (the last writes its result locally), as the
+        runtime does."""
+        A = self.cut_bytes if self.cut_bytes is not None else np.zeros(self.U + 1)
+        cut = np.arange(self.U + 1)
+        return np.where(cut > 0, A, 0.0), np.where(cut < self.U, A, 0.0)
+
+    def link_cpu_ms(self, j: int, k: int, d: int) -> float:
+        """Stage (j, k]'s CPU on device d for its links and frames (0 in the paper's model)."""
+        if self.link_cpu is None:
+            return 0.0
+        received, sent = self.cut_bytes_moved()
+        return float(stage_link_cpu_ms(self.link_cpu[:, d], received[j], sent[k]))
+
+    def stage_cpu_ms(self, j: int, k: int, d: int) -> float:
+        """Stage (j, k]'s time on device d with its link CPU (stage_time in the paper's model), as config computes it
+        for the planners, the plans and the fleet's prediction alike."""
+        if self.link_cpu is None:
+            return self.stage_time(j, k, d)
+        return float(stage_cpu_ms(self.stage_time(j, k, d), self.link_cpu_ms(j, k, d)))
+
+    def stage_cpu_times(self, j: int, ks: slice, d: int) -> np.ndarray:
+        """stage_cpu_ms of stages (j, k] on device d for every k in the slice, with the same arithmetic."""
+        if self.link_cpu is None:
+            return self.stage_times(j, ks, d)
+        received, sent = self.cut_bytes_moved()
+        return stage_cpu_ms(self.stage_times(j, ks, d), stage_link_cpu_ms(self.link_cpu[:, d], received[j], sent[ks]))
+
+    def stage_cpu_grid(self, d: int, ks: slice) -> np.ndarray:
+        """stage_cpu_ms of every stage (j, k] on device d, [k in the slice, j in 0..U], same arithmetic (entries
+        with j >= k are meaningless)."""
+        P = self.time_prefix[d]
+        compute = (P[ks][:, None] - P[None, :]) / self.speed[d]
+        if self.link_cpu is None:
+            return compute
+        received, sent = self.cut_bytes_moved()
+        return stage_cpu_ms(compute, stage_link_cpu_ms(self.link_cpu[:, d], received[None, :], sent[ks][:, None]))
+
+    def most_link_cpu_ms(self) -> float:
+        """No stage's link CPU exceeds this (receiving and sending the largest cut, and a frame)."""
+        if self.link_cpu is None or self.cut_bytes is None:
+            return 0.0
+        most = float(self.cut_bytes.max())
+        return max(float(stage_link_cpu_ms(self.link_cpu[:, d], most, most)) for d in range(self.N))
 
     def stage_memory(self, j: int, k: int) -> float:
         return float(self.memory_prefix[k] - self.memory_prefix[j])

@@ -61,9 +61,12 @@ def changed_problem(problem: Problem, change: ClusterChange) -> tuple[Problem, l
             raise ConfigError(f"device {d}: memory must be a finite number >= 0, got {value}")
         capacity[d - 1] = value
     keep = np.array(ids) - 1
+    # A device's link CPU is in its own ms: a device that slows down takes as much longer for it as for its compute.
+    link_cpu = None if problem.link_cpu is None else (problem.link_cpu * (problem.speed / speed)[None, :])[:, keep]
     return replace(problem, speed=speed[keep], capacity=capacity[keep], time_prefix=problem.time_prefix[keep],
                    link_mbps=None if problem.link_mbps is None else problem.link_mbps[keep],
-                   link_matrix=None if problem.link_matrix is None else problem.link_matrix[np.ix_(keep, keep)]), ids
+                   link_matrix=None if problem.link_matrix is None else problem.link_matrix[np.ix_(keep, keep)],
+                   link_cpu=link_cpu), ids
 
 
 def replan(config: ConfigSource, running: Sequence[Sequence[int]], change: ClusterChange,

@@ -25,6 +25,7 @@ from ..deploy.closure import device_files
 from ..deploy.registry import Device
 from ..deploy.ship import RUNTIME_ROOT, DeviceReport, ship
 from ..deploy.transport import RUN, SshOptions, SshTransport, Transport, TransportError, Upload, transport_for
+from ..config import LINK_CPU_KEYS
 from ..errors import ConfigError, DnnpipeError
 from ..keygen import create_certificate
 from ..manifest import sha256_file
@@ -238,13 +239,18 @@ def profile_devices(flatbuffer: bytes, devices: Sequence[Device], units: int,
 
 def with_device_rows(config: dict, outcomes: Sequence[Outcome]) -> dict:
     """The config with E_device (row d: device d's unit times), E its first row and C each device's speed
-    relative to device 1 (sum of row 1 over sum of row d), so the paper's format still reads right (pure)."""
+    relative to device 1 (sum of row 1 over sum of row d), so the paper's format still reads right; and each
+    device's measured link CPU as device_config.link_cpu when every device has it and the config has links (B and
+    A), so the planner plans with it (pure)."""
     rows = [list(o.times.E) for o in sorted(outcomes, key=lambda o: o.device.device_id) if o.times is not None]
     if len(rows) != len(outcomes):
         raise DnnpipeError("every device needs its row")
     totals = [max(sum(row), 1e-9) for row in rows]
     model = {**config["model_config"], "E": rows[0], "E_device": rows}
     cluster = {**config["device_config"], "N": len(rows), "C": [round(totals[0] / t, 6) for t in totals]}
+    costs = link_costs(outcomes)
+    if costs is not None and "B" in cluster and "A" in model:
+        cluster["link_cpu"] = {key: [round(float(c[key] or 0.0), 6) for c in costs] for key in LINK_CPU_KEYS}
     return {**config, "device_config": cluster, "model_config": model}
 
 
@@ -305,4 +311,7 @@ def on_devices(config: dict, flatbuffer: bytes, registry_file: Path, options: De
     if failed:
         raise DnnpipeError(f"{len(failed)} of {len(outcomes)} devices could not be profiled: "
                            + "; ".join(f"device {o.device.device_id}: {o.error}" for o in failed))
+    if link_costs(outcomes) is not None and not ("B" in cluster and "A" in config["model_config"]):
+        progress("link CPU measured but not written: device_config.link_cpu needs each device's link bandwidth "
+                 "(--bandwidth) and the cut sizes (model_config.A)")
     return with_device_rows({**config, "device_config": cluster}, outcomes), outcomes

@@ -10,10 +10,11 @@ inputs, the last writes results locally), so the plan's input and output hops ar
 
 The paper's model counts no CPU for the links. On a board of one core or less (every board of the virtual
 fleet) receiving and sending a cut take CPU from the same budget as the compute (TLS included), so compute and
-send do not overlap: given each device's measured link CPU (LinkCost, per-device profiling) a stage's period
-is max(receive + compute + send + frame, hop), frame being the stage's own CPU per frame whatever its size
-(LinkCost.frame_ms: its threads' hand-offs, the frames' headers, waking on its sockets). Without it the period is
-the paper's.
+send do not overlap: given each device's measured link CPU (device_config.link_cpu, written by per-device
+profiling) a stage's period is max(receive + compute + send + frame, hop), frame being the stage's own CPU per
+frame whatever its size (its threads' hand-offs, the frames' headers, waking on its sockets). The planner plans
+with the very same stage times: both take them from config.stage_link_cpu_ms and config.stage_cpu_ms, the one
+place that computes them. Without link CPU the period is the paper's.
 """
 
 from __future__ import annotations
@@ -21,19 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from ..config import Config
+from ..config import Config, stage_cpu_ms, stage_link_cpu_ms
 from ..errors import ConfigError
 
 HOST_SHARE = 0.25  # the emulated cluster's compute may use at most this share of the usable cores
-
-
-@dataclass(frozen=True)
-class LinkCost:
-    """One device's CPU on its links, in the device's own ms per MB (measured on it: profile.timer)."""
-
-    send_ms_per_mb: float
-    receive_ms_per_mb: float
-    frame_ms: float = 0.0  # a stage's own CPU per frame beyond its inference and its cuts' bytes
 
 
 @dataclass(frozen=True)
@@ -47,7 +39,7 @@ class StagePace:
 
     @property
     def period_ms(self) -> float:
-        return max(self.compute_ms + self.link_cpu_ms, self.hop_ms)
+        return max(stage_cpu_ms(self.compute_ms, self.link_cpu_ms), self.hop_ms)
 
     @property
     def paper_period_ms(self) -> float:
@@ -71,7 +63,7 @@ class Emulation:
 
     @property
     def paper_throughput(self) -> float:
-        """What the paper's cost model predicts (no CPU for the links); equal to throughput without LinkCost."""
+        """What the paper's cost model predicts (no CPU for the links); equal to throughput without link CPU."""
         return 1000.0 / max(s.paper_period_ms for s in self.stages)
 
     @property
@@ -109,30 +101,23 @@ def emulation_scale(config: Config, cores: float) -> float:
     return min(1.0, cores * HOST_SHARE / sum(speeds(config)))
 
 
-def link_cpu_ms(A: Optional[Sequence[float]], stages: Sequence[Sequence[int]], k: int,
-                links: Optional[Sequence[LinkCost]]) -> float:
-    """Stage k's (0-based) device CPU beyond its compute: receiving the cut before it, sending the cut after it (A
-    in bytes; the first stage reads its inputs locally and the last writes its results, as the runtime does), and
-    its fixed CPU per frame."""
-    if links is None:
+def link_cpu_ms(config: Config, stages: Sequence[Sequence[int]], k: int) -> float:
+    """Stage k's (0-based) device CPU beyond its compute, from the config's measured link CPU: receiving the cut
+    before it (not the first stage) and sending the cut after it (not the last), and its CPU per frame."""
+    link_cpu, A = config.cluster.link_cpu, config.profile.A
+    if link_cpu is None or A is None:
         return 0.0
     start, end, device = stages[k]
-    cost = links[device - 1]
-    if A is None:
-        return cost.frame_ms
-    received = A[start - 1] / 1e6 * cost.receive_ms_per_mb if k > 0 else 0.0
-    sent = A[end] / 1e6 * cost.send_ms_per_mb if k + 1 < len(stages) else 0.0
-    return received + sent + cost.frame_ms
+    received = A[start - 1] if k > 0 else 0.0
+    sent = A[end] if k + 1 < len(stages) else 0.0
+    return float(stage_link_cpu_ms(link_cpu.device(device - 1), received, sent))
 
 
-def emulation(config: Config, stages: Sequence[Sequence[int]], scale: float,
-              links: Optional[Sequence[LinkCost]] = None) -> Emulation:
-    """The paced pipeline for plan stages [[start, end, device], ...] at the given scale; with `links` (one per
-    device, measured on the emulated device itself, so not scaled) each stage also pays its links' CPU."""
+def emulation(config: Config, stages: Sequence[Sequence[int]], scale: float) -> Emulation:
+    """The paced pipeline for plan stages [[start, end, device], ...] at the given scale. With the config's link
+    CPU (device_config.link_cpu, measured on the emulated device itself, so not scaled) each stage also pays its
+    links' CPU, as the planner counts it."""
     B, A = config.cluster.B, config.profile.A
-    if links is not None and len(links) != config.cluster.N:
-        raise ConfigError(f"{config.source}: {len(links)} measured link costs for {config.cluster.N} devices "
-                          f"(profile every device again)")
     paces = []
     for k, (start, end, device) in enumerate(stages):
         if not (1 <= start <= end <= config.profile.U and 1 <= device <= config.cluster.N):
@@ -143,12 +128,13 @@ def emulation(config: Config, stages: Sequence[Sequence[int]], scale: float,
         if B is not None and A is not None and k + 1 < len(stages):
             hop = A[end] * 8e-3 / min(B[device - 1], B[stages[k + 1][2] - 1])
         paces.append(StagePace(k + 1, device, (start, end), device_ms(config, (start, end), device) / scale,
-                               hop / scale, link_cpu_ms(A, stages, k, links)))
+                               hop / scale, link_cpu_ms(config, stages, k)))
     link = None if B is None else tuple(b * scale for b in B)
     return Emulation(scale, tuple(paces), link)
 
 
 def fastest_device(config: Config) -> int:
-    """The device that runs the whole model soonest (the single-device comparison)."""
+    """The device that runs the whole model soonest, its CPU per frame included (the single-device comparison)."""
     whole = (1, config.profile.U)
-    return min(range(1, config.cluster.N + 1), key=lambda d: device_ms(config, whole, d))
+    return min(range(1, config.cluster.N + 1),
+               key=lambda d: stage_cpu_ms(device_ms(config, whole, d), link_cpu_ms(config, [[*whole, d]], 0)))
