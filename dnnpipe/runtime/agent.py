@@ -42,7 +42,7 @@ from ..pipeline_key import stage_key, tls_context
 from .control import CONTROLLER, LineReader, encode, integer, number, MIN_PACE_MS, MAX_PACE_MS
 from .handshake import HANDSHAKE_SECONDS, HandshakeError, LinkAuth, ProbeClosed, connect_side, listen_side_for, \
     manifest_identity, tls_wrap
-from .stage import DeviceTurn, StageLoop, background_priority
+from .stage import DeviceTurn, StageLoop
 from .transport import Downstream, Say, Upstream, dial, listen
 
 HEARTBEAT_SECONDS = 0.1  # a frozen device misses a few in a row: detected within a second
@@ -523,10 +523,7 @@ class Agent:
     # --- sub-models --------------------------------------------------------------------------
 
     def _prepare_roles(self) -> None:
-        """Load pushed sub-models in the background, beside the running role, at the lowest CPU priority (a
-        multi-threaded interpreter's pool would inherit it and keep it when its role runs: then left as it is)."""
-        if (self.options.num_threads or 1) == 1:
-            background_priority()
+        """Load pushed sub-models in the background, beside the running role."""
         while not self.stop.is_set():
             try:
                 units, flatbuffer = self._prepare.get(timeout=0.2)

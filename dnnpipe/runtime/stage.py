@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import gc
 import math
-import os
 import queue
 import socket
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -101,20 +99,6 @@ class DeviceTurn:
                 if again():
                     self._held = (rank, time.perf_counter() + HOLD_SECONDS)
                 self._changed.notify_all()
-
-
-def background_priority() -> bool:
-    """Lower the calling thread's CPU priority to the lowest (nice 19) for good: work done beside the running stages
-    (loading and warming up the sub-models of plans that may come, cutting them on the controller) must not take
-    the CPU from them on a small host, where it widened the gap a client sees at a planned switch. Linux sets it
-    per thread; elsewhere it would renice the whole process, so it is left alone (False)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except OSError:
-        return False
-    return True
 
 
 class StageFailed(DnnpipeError):

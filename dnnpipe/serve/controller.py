@@ -37,7 +37,6 @@ from ..keygen import create_certificate
 from ..pipeline_key import CERT_FILE, CERT_KEY_FILE, stage_key, tls_context
 from ..planner.replan import ClusterChange, replan
 from ..runtime.handshake import manifest_identity
-from ..runtime.stage import background_priority
 from .decide import Action, GiveUp, Joined, Lost, Measured, Prepare, Proposal, Stages, State, Switch, Switched, \
     decide
 from .detect import SpeedModel, speed_outliers, stage_time
@@ -133,8 +132,8 @@ class Cutter:
             found = self.cuts.get(units)
         if found is not None:
             return found
-        # cut outside the lock: a loss's cut on the critical path never waits for a background thread's (which
-        # runs at the lowest CPU priority); two threads cutting the same units make the same bytes
+        # cut outside the lock: a loss's cut on the critical path never waits for a background thread's other
+        # cut; two threads cutting the same units make the same bytes
         inputs, outputs = self.whole.cuts[units[0] - 1], self.whole.cuts[units[1]]
         flatbuffer = cut_submodel(self.model, [(t.tensor, t.key) for t in inputs],  # type: ignore[misc]
                                   [(t.tensor, t.key) for t in outputs], self.graph)  # type: ignore[misc]
@@ -483,7 +482,6 @@ class Controller:
             self.events.replanned(action.label)
 
     def _push_all(self, actions: list[Prepare]) -> None:
-        background_priority()  # the old plan serves meanwhile: it keeps the CPU
         for action in actions:
             try:
                 self._push(action)
@@ -602,9 +600,7 @@ class Controller:
                                         "sha256": hashlib.sha256(flatbuffer).hexdigest()}, flatbuffer)
 
     def _push_loop(self) -> None:
-        """Sub-models of the contingency plans, cut and pushed in the background while the pipeline runs, at the
-        lowest CPU priority (the agents load them at theirs)."""
-        background_priority()
+        """Sub-models of the contingency plans, cut and pushed in the background while the pipeline runs."""
         while True:
             action = self.pushes.get()
             if action is None:
