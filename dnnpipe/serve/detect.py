@@ -35,9 +35,11 @@ def stage_median(times: Sequence[float], model: SpeedModel) -> Optional[float]:
 def recent_frames(times: Sequence[float], model: SpeedModel) -> list[float]:
     """The last frames that together took at least `recent_ms` (and are at least `recent_min`), or all of them."""
     recent: list[float] = []
+    span = 0.0
     for t in reversed(times):
         recent.append(t)
-        if len(recent) >= model.recent_min and sum(recent) >= model.recent_ms:
+        span += t
+        if len(recent) >= model.recent_min and span >= model.recent_ms:
             break
     return recent
 
