@@ -1,7 +1,7 @@
 """serve on device agents under faults and changes: kill, freeze, slowdown, join (and a steady run).
 
     .venv/bin/python benchmarks/adaptive.py [--models tiny efficientnetv2b0] [--scenarios kill freeze slowdown join]
-                                            [--steady SECONDS]
+                                            [--steady SECONDS]   (--scenarios with no name: the steady run alone)
 
 The cluster is the paper's testbed (C = 1, 0.33, 0.21, 0.21) emulated on `local` devices: each role is paced at
 its planned time, every speed scaled by one factor so the emulated cluster fits this host (the testbed's
@@ -156,7 +156,7 @@ def row(kind: str, o: Outcome) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tiny"], choices=["tiny", "efficientnetv2b0"])
-    parser.add_argument("--scenarios", nargs="+", default=["kill", "freeze", "slowdown", "join"],
+    parser.add_argument("--scenarios", nargs="*", default=["kill", "freeze", "slowdown", "join"],
                         choices=["kill", "freeze", "slowdown", "join"])
     parser.add_argument("--steady", type=float, metavar="SECONDS", help="also a steady run this long")
     parser.add_argument("--scale", type=float, help="emulation scale (default: the demo's, to fit this host)")

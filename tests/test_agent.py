@@ -26,9 +26,10 @@ from dnnpipe.deploy.transport import SshOptions, transport_for
 from dnnpipe.errors import DnnpipeError
 from dnnpipe.manifest import MANIFEST_FILE, read_manifest
 from dnnpipe.pipeline_key import read_key
-from dnnpipe.runtime.agent import Role, check_role, dial_link, link_identity, vet_link
+from dnnpipe.runtime.agent import Agent, AgentOptions, Role, check_role, dial_link, link_identity, vet_link
 from dnnpipe.runtime.control import parse_line
 from dnnpipe.runtime.handshake import manifest_identity
+from dnnpipe.runtime.stage import StageLoop
 from dnnpipe.testbed.local import free_ports
 from dnnpipe.serve.controller import Cutter
 from dnnpipe.serve.delivery import Ledger
@@ -313,6 +314,32 @@ def test_the_new_plan_serves_while_the_old_one_drains(served, tmp_path):
         wait_for(lambda: old.results_done.is_set() and new.results_done.is_set())
         check_results(served, feed, total)
         assert a.ledger.epoch == 1 and a.stream.duplicates == 0 and not a.faults
+
+
+def test_each_overlapping_role_keeps_its_own_pace(served, tmp_path):
+    """Two roles overlap on one device at a barrier (the old one draining, the new one filling): a "pace" command
+    paces the role of its generation only, each at its own units' time. Before, it paced every role the agent ran
+    at the new stage's time, so the old role drained at a pace planned for other units."""
+    folder = served.parts / served.name
+    spec = read_manifest(folder).stages[0]
+    agent = Agent(AgentOptions(1, folder, "127.0.0.1", 1, 1))
+    old, new = (StageLoop(f"[role {g}]", spec, lambda buffers: [], 1, pace_ms=ms, device=agent.device)
+                for g, ms in ((1, 100.0), (2, 25.0)))
+    agent.loops, agent.generation, agent._live = {1: old, 2: new}, 3, {1, 2, 3}
+    agent._command({"kind": "pace", "generation": 2, "ms": 5.0}, PEER, None)
+    assert (old.pace_ms, new.pace_ms) == (100.0, 5.0)
+    agent._command({"kind": "pace", "generation": 1, "ms": 400.0}, PEER, None)
+    assert (old.pace_ms, new.pace_ms) == (400.0, 5.0)
+    agent._command({"kind": "pace", "generation": 3, "ms": 7.0}, PEER, None)  # its role is still loading
+    assert agent._paces == {3: 7.0} and (old.pace_ms, new.pace_ms) == (400.0, 5.0)
+    agent._command({"kind": "pace", "generation": 9, "ms": 7.0}, PEER, None)  # no such role: nothing to pace
+    assert agent._paces == {3: 7.0}
+    agent.generation = 2
+    agent._command({"kind": "pace", "ms": 3.0}, PEER, None)  # without a generation: the newest role's
+    assert (old.pace_ms, new.pace_ms) == (400.0, 3.0)
+    for bad in ({"generation": -1}, {"generation": True}, {"generation": 2, "ms": 0}):
+        with pytest.raises(DnnpipeError, match="pace"):
+            agent._command({"kind": "pace", "ms": 3.0, **bad}, PEER, None)
 
 
 def test_a_loss_plans_input_link_is_dialled_ahead_and_the_others_hung_up(served, tmp_path):

@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dnnpipe.serve.detect import SpeedModel, speed_outliers, stage_median, stage_time, worth_switching
+from dnnpipe.serve.detect import SpeedModel, recent_frames, speed_outliers, stage_median, stage_time, \
+    worth_switching
 
 MODEL = SpeedModel(band=0.25)
 PROFILED = {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0}
@@ -17,12 +18,23 @@ def test_stage_time_is_the_median_of_the_last_frames():
 
 
 def test_a_stage_whose_every_recent_frame_slowed_is_seen_before_the_median_moves():
-    model = SpeedModel(window=16, min_frames=8, recent=4)
+    model = SpeedModel(window=16, min_frames=8, recent_ms=100.0, recent_min=4)
     steady = [10.0] * 12
     assert stage_time(steady + [10.0, 40.0, 9.0, 41.0], model) == 10.0  # noise: some recent frames fast
     assert stage_time(steady + [40.0, 41.0, 42.0, 40.0], model) == 40.0  # all four slowed: the median is still 10
     assert stage_median(steady + [40.0, 41.0, 42.0, 40.0], model) == 10.0
     assert stage_time([1.0] * 7, model) is None
+
+
+def test_the_recent_frames_are_counted_in_stage_time_not_in_frames():
+    """A slow model's slowed frames (110 ms) count after four of them; a fast stage's need to span as long: eight
+    slowed frames of 4 ms are too short a run to be told from host noise, however many the rule once counted."""
+    model = SpeedModel(window=32, min_frames=16, recent_ms=200.0, recent_min=4)
+    assert stage_time([28.0] * 16 + [110.0] * 3, model) == 28.0  # three slowed frames: not yet
+    assert stage_time([28.0] * 16 + [110.0] * 4, model) == 110.0
+    assert stage_time([1.0] * 16 + [4.0] * 8, model) == 1.0  # 32 ms of slowed frames: noise for all it shows
+    assert stage_time([1.0] * 8 + [4.0] * 24, model) == 4.0  # then the median moves: it did slow down
+    assert recent_frames([5.0, 300.0, 1.0, 1.0, 1.0], model) == [1.0, 1.0, 1.0, 300.0]
 
 
 def test_a_slowed_bottleneck_device_is_found_with_the_host_s_common_factor_divided_out():

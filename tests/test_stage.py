@@ -3,6 +3,7 @@ interpreter, no processes, no TensorFlow); the whole stage process is tests/test
 
 import socket
 import threading
+import time
 
 import h5py
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from dnnpipe.manifest import StageSpec, TensorSpec
 from dnnpipe.protocol import Kind, PeerError
 from dnnpipe.runtime.metrics import summarise
-from dnnpipe.runtime.stage import StageLoop
+from dnnpipe.runtime.stage import DeviceTurn, StageLoop
 from dnnpipe.runtime.transport import Downstream, Upstream
 
 IN = TensorSpec("x", "x", (1, 3), "float32")
@@ -217,3 +218,36 @@ def test_an_unpaced_stage_reports_no_pacing_however_its_threads_are_scheduled(re
         pass
     thread.join(SECONDS)
     assert len(loop.timings) == 6 and all(t.emulation_ms == 0.0 and t.planned_ms == 0.0 for t in loop.timings)
+
+
+def test_the_device_serves_the_oldest_plans_frame_first():
+    """Two roles overlap on one device at a barrier: when the device comes free, a frame of the old plan (lower
+    rank) goes before a frame of the new plan that waited longer; with no old frame waiting, the new one runs."""
+    device = DeviceTurn()
+    order: list[int] = []
+
+    def frame(rank: int) -> None:
+        with device.turn(rank):
+            order.append(rank)
+
+    def waiting(count: int) -> bool:
+        deadline = time.monotonic() + SECONDS
+        while time.monotonic() < deadline:
+            with device.lock:
+                if len(device._waiting) == count:
+                    return True
+            time.sleep(0.001)
+        return False
+
+    with device.turn(1):  # an old frame holds the device
+        new = threading.Thread(target=frame, args=(2,))
+        new.start()
+        assert waiting(1)
+        old = threading.Thread(target=frame, args=(1,))  # the next old frame comes after the new one
+        old.start()
+        assert waiting(2)
+    for thread in (new, old):
+        thread.join(SECONDS)
+    assert order == [1, 2]
+    frame(2)  # nothing older waits: the new plan's frame takes the free device at once
+    assert order == [1, 2, 2] and not device._waiting

@@ -244,6 +244,7 @@ class Agent:
         self._reported: dict[int, int] = {}  # generation -> its role's frames already reported in a beat
         self._late: list[float] = []  # stage times of an ended role not yet reported
         self._live: set[int] = set()  # generations whose role was given and has not ended
+        self._paces: dict[int, float] = {}  # generation -> a pace that came before its role's loop was made
         self.device = DeviceTurn()  # the roles of this device take turns, one frame at a time
         self.generation = -1  # the newest role's
         self._send_lock = threading.Lock()
@@ -329,15 +330,27 @@ class Agent:
         elif kind == "role":
             self._assign(check_role(message, self.units, peer))
         elif kind == "pace":
-            ms = number(message, "ms", MIN_PACE_MS, MAX_PACE_MS, peer)
-            with self._lock:
-                for loop in self.loops.values():  # the device's speed: every role it runs
-                    loop.pace_ms = ms
+            self._pace(message, peer)
         elif kind == "stop":
             return False
         else:
             raise DnnpipeError(f"{peer}: unknown control command {kind[:40]!r}")
         return True
+
+    def _pace(self, message: dict[str, Any], peer: str) -> None:
+        """One role's planned stage time (a changed device speed): the roles overlapping at a barrier run different
+        units, so each keeps its own pace; without a generation, the newest role's."""
+        ms = number(message, "ms", MIN_PACE_MS, MAX_PACE_MS, peer)
+        assert ms is not None  # not optional: refused above when missing
+        generation = None if message.get("generation") is None else \
+            integer(message, "generation", 0, MAX_GENERATION, peer)
+        with self._lock:
+            g = self.generation if generation is None else generation
+            loop = self.loops.get(g)
+            if loop is not None:
+                loop.pace_ms = ms
+            elif g in self._live:  # its role is still loading: it starts at this pace
+                self._paces[g] = ms
 
     def _send(self, message: dict[str, Any]) -> bool:
         if self.control is None:
@@ -425,7 +438,8 @@ class Agent:
             self._send({"kind": "error", "generation": role.generation, "message": str(e)})
             return
         name = f"[device {o.device} stage {role.stage}]"
-        loop = StageLoop(name, spec, runner, o.queue_size, lambda text: None, role.pace_ms, device=self.device)
+        loop = StageLoop(name, spec, runner, o.queue_size, lambda text: None, role.pace_ms, device=self.device,
+                         rank=role.generation)
         with self._lock:
             dial = self._dials.pop(role.generation, None)
             if role.generation < self._aborted_below or self.stop.is_set():  # aborted while it was set up
@@ -435,6 +449,7 @@ class Agent:
                 self._close_stale()
                 return
             self.loops[role.generation], self._reported[role.generation] = loop, 0
+            loop.pace_ms = self._paces.pop(role.generation, loop.pace_ms)
         def source() -> None:
             up = self._take_link(role.generation, role.upstream, loop.stop)
             loop.upstream = Upstream(up, f"{name} upstream device {role.upstream}", spec.inputs, o.timeout,
@@ -502,6 +517,8 @@ class Agent:
             self._links.pop(key).close()
         for g in [g for g in self._dials if self._stale(g)]:
             self._dials.pop(g).discard()
+        for g in [g for g in self._paces if self._stale(g)]:
+            del self._paces[g]
 
     # --- sub-models --------------------------------------------------------------------------
 

@@ -15,10 +15,11 @@ import queue
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -35,6 +36,7 @@ from .argv import Value
 from .transport import Downstream, Say, Upstream, accept_upstream, connect_downstream, listen
 
 POLL_SECONDS = 0.1
+HOLD_SECONDS = 0.005  # how long a device is kept for the older role's next frame (DeviceTurn.turn)
 
 
 @dataclass
@@ -58,11 +60,45 @@ END = EndOfStream()
 
 class DeviceTurn:
     """What the stages one device runs at once share (an agent's old and new roles overlap at a barrier): one frame
-    at a time, on the device's own clock."""
+    at a time, on the device's own clock, the oldest plan's first. The old plan's frames come before the barrier in
+    the input sequence; served first, its results keep their pace while it drains and the new plan's frames take
+    the device whenever the old role has none ready, so the new pipeline fills in the old one's idle moments.
+    Taken in turns instead (whichever thread woke first), a slowed device spent every other frame on the new plan
+    and the old plan's results, still due, came twice as far apart."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # guards free_at and the turns
         self.free_at = 0.0  # when the emulated device finished its previous frame
+        self._changed = threading.Condition(self.lock)
+        self._busy = False
+        self._waiting: list[int] = []  # the rank (plan generation) of each frame waiting for the device
+        self._held: Optional[tuple[int, float]] = None  # (rank, until): kept for a role whose next frame is ready
+
+    @contextmanager
+    def turn(self, rank: int = 0, again: Callable[[], bool] = lambda: False) -> Iterator[None]:
+        """The device, for one frame, once no frame of a lower rank waits for it. again(): whether this role has its
+        next frame ready as this one ends; then the device is kept for it for up to HOLD_SECONDS, the moment its
+        thread takes to come back (a waiting frame of a newer plan, already woken, would otherwise slip in)."""
+        with self._changed:
+            self._waiting.append(rank)
+            try:
+                while True:
+                    held = self._held is not None and self._held[0] < rank and time.perf_counter() < self._held[1]
+                    if not (self._busy or held or min(self._waiting) < rank):
+                        break
+                    self._changed.wait(max(0.0, self._held[1] - time.perf_counter()) if held and self._held
+                                       else None)
+            finally:
+                self._waiting.remove(rank)
+            self._busy, self._held = True, None
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._busy = False
+                if again():
+                    self._held = (rank, time.perf_counter() + HOLD_SECONDS)
+                self._changed.notify_all()
 
 
 class StageFailed(DnnpipeError):
@@ -113,9 +149,10 @@ class StageLoop:
     bounded queues. A Stage runs one for its whole life; a device agent runs one per role it is given."""
 
     def __init__(self, name: str, spec: StageSpec, runner: Callable, queue_size: int, say: Say = print,
-                 pace_ms: Optional[float] = None, fps: Optional[float] = None, device: Optional[DeviceTurn] = None):
+                 pace_ms: Optional[float] = None, fps: Optional[float] = None, device: Optional[DeviceTurn] = None,
+                 rank: int = 0):
         self.name, self.spec, self.runner, self.say = name, spec, runner, say
-        self.device = device or DeviceTurn()
+        self.device, self.rank = device or DeviceTurn(), rank  # rank: its plan's generation on a shared device
         self.queue_size, self.fps = queue_size, fps
         self.stop = threading.Event()
         self.error: Optional[str] = None
@@ -189,6 +226,9 @@ class StageLoop:
             except OSError:
                 pass
 
+    def _frame_ready(self) -> bool:
+        return not self.stop.is_set() and not self.inbox.empty()
+
     def _put(self, box: queue.SimpleQueue, item: Any) -> bool:
         if self.stop.is_set():
             return False
@@ -258,7 +298,7 @@ class StageLoop:
                 results, start = self._get(self.output_buffers), time.perf_counter()
             if results is None or isinstance(results, EndOfStream):  # stopped (abort puts END in every queue)
                 return
-            with self.device.lock:
+            with self.device.turn(self.rank, self._frame_ready):
                 if self.stop.is_set():  # cut while it waited for the device: no frame of a dead role on its clock
                     return
                 start = max(start, self.device.free_at)

@@ -129,11 +129,16 @@ class Cutter:
         from ..slicing.flatbuffer import cut_submodel
 
         with self.lock:
-            if units not in self.cuts:
-                inputs, outputs = self.whole.cuts[units[0] - 1], self.whole.cuts[units[1]]
-                self.cuts[units] = cut_submodel(self.model, [(t.tensor, t.key) for t in inputs],  # type: ignore[misc]
-                                                [(t.tensor, t.key) for t in outputs], self.graph)  # type: ignore[misc]
-            return self.cuts[units]
+            found = self.cuts.get(units)
+        if found is not None:
+            return found
+        # cut outside the lock: a loss's cut on the critical path never waits for a background thread's other
+        # cut; two threads cutting the same units make the same bytes
+        inputs, outputs = self.whole.cuts[units[0] - 1], self.whole.cuts[units[1]]
+        flatbuffer = cut_submodel(self.model, [(t.tensor, t.key) for t in inputs],  # type: ignore[misc]
+                                  [(t.tensor, t.key) for t in outputs], self.graph)  # type: ignore[misc]
+        with self.lock:
+            return self.cuts.setdefault(units, flatbuffer)
 
 
 class Controller:
@@ -200,6 +205,7 @@ class Controller:
         self.predicted = 0.0
         self.state = State((), frozenset(), frozenset(), {}, {}, o.threshold)
         self.running: Stages = ()  # the plan the agents run (decide's state may hold a planned switch's)
+        self.plans: dict[int, Stages] = {}  # generation -> its plan, for the generations still running or draining
         # Routes a planned switch left draining behind its barrier, with their devices: a loss or fault there
         # strands their inputs in flight, so it is the running pipeline's fault too (replayed by an abort).
         self.draining: list[tuple[Route, frozenset[int]]] = []
@@ -411,6 +417,7 @@ class Controller:
         self._pending_step(now)
         self._watch_stall(now)
         self._announce()
+        self._push_contingencies()
         self._emulate_changes()
         self._registry(now)
         self._measure(now)
@@ -512,6 +519,9 @@ class Controller:
         elif previous is not None:
             self.draining.append((previous, frozenset(d for _, _, d in self.running)))
         self.running = stages
+        live = self._live_generations()
+        self.plans = {k: v for k, v in self.plans.items() if k in live}
+        self.plans[g] = stages
         record = SwitchRecord(action.reason, action.label, action.abort, [list(s) for s in stages], action.throughput,
                               detected, replan_s, prepare_s=prepare_s, generation=g)
         if action.abort:
@@ -632,9 +642,6 @@ class Controller:
         if route is None or route.first_result is None or getattr(route, "announced", False):
             return
         route.announced = True  # type: ignore[attr-defined]
-        for action in self.deferred:
-            self.pushes.put(action)
-        self.deferred = []
         # off the switch's critical path too: the next generation's input links to the loss plans' first devices
         firsts = sorted({p.stages[0][2] for p in self.state.contingency.values()} & set(self.devices))
         self.stream.dial_ahead(route.generation + 1, [(d, _reach(self.devices[d]), self.devices[d].runtime_port)
@@ -650,6 +657,17 @@ class Controller:
             if record.abort:
                 self.events.recovered(record.first_result_s)
         self.echo(text)
+
+    def _push_contingencies(self) -> None:
+        """The sub-models of the plans for a loss go out once the switch is over: the new plan has its first result
+        and no old plan still drains behind its barrier. Cutting, pushing and loading them beside the stages (on
+        the same cores) while both plans ran was what widened the gap a client saw at a planned switch."""
+        route = self.stream.route
+        if not self.deferred or route is None or route.first_result is None or self._draining_devices():
+            return
+        for action in self.deferred:
+            self.pushes.put(action)
+        self.deferred = []
 
     def _record_plan(self, stages: Stages) -> None:
         """serve's plan in its own folder (--work-dir); the partition it was given is never written."""
@@ -672,11 +690,13 @@ class Controller:
         while self.changes and self.serving_since and time.monotonic() - self.serving_since >= self.changes[0][0]:
             _, device, speed = self.changes.pop(0)
             self.emulation[device] = speed
-            spec = next(((s, e) for s, e, d in self.state.stages if d == device), None)
             self.echo(f"serve: device {device} now emulates speed {speed:g}")
-            pace = None if spec is None else self.paced_ms(device, spec)
-            if pace is not None:
-                self.fleet.send(device, {"kind": "pace", "ms": pace})
+            for generation in sorted(self._live_generations()):  # a role draining beside the running one too,
+                stages = self.plans.get(generation, ())  # each at its own units' time (roles not sent yet get
+                spec = next(((s, e) for s, e, d in stages if d == device), None)  # theirs when they go out)
+                pace = None if spec is None else self.paced_ms(device, spec)
+                if pace is not None:
+                    self.fleet.send(device, {"kind": "pace", "generation": generation, "ms": pace})
 
     # --- measured speeds ---------------------------------------------------------------------
 

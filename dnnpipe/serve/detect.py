@@ -18,9 +18,11 @@ class SpeedModel:
     min_frames: int = 16  # frames in the window before it counts
     band: float = 0.5  # hysteresis: how far beyond the expected bottleneck a stage must be to count as slow (on a
     # shared 2-core host a stage's compute alone wanders by a third; a 4x slowdown is +300%)
-    recent: int = 8  # ... or, when its last `recent` frames are all slower than that median, the fastest of them:
-    # a real slowdown shows in every new frame at once, while host noise slows a few in a row at most (the dwell
-    # still applies), so a slow model's stage is seen after 8 slowed frames instead of half a window
+    recent_ms: float = 200.0  # ... or, when its last frames are all slower than that median, the fastest of them:
+    recent_min: int = 4  # the last frames that cover `recent_ms` of stage time, at least `recent_min` of them.
+    # A real slowdown shows in every new frame at once, while host noise slows a few in a row at most (the dwell
+    # still applies). Counted in time, a fast stage still needs a run of frames as long as before (8 of 25 ms) and
+    # a stage slowed to 110 ms a frame is seen after 4 of them, not 8: it keeps the frames' own span, not their count
     dwell: int = 5  # consecutive evaluations a device must stay out of the band before its belief changes
 
 
@@ -30,13 +32,25 @@ def stage_median(times: Sequence[float], model: SpeedModel) -> Optional[float]:
     return statistics.median(recent) if len(recent) >= model.min_frames else None
 
 
+def recent_frames(times: Sequence[float], model: SpeedModel) -> list[float]:
+    """The last frames that together took at least `recent_ms` (and are at least `recent_min`), or all of them."""
+    recent: list[float] = []
+    span = 0.0
+    for t in reversed(times):
+        recent.append(t)
+        span += t
+        if len(recent) >= model.recent_min and span >= model.recent_ms:
+            break
+    return recent
+
+
 def stage_time(times: Sequence[float], model: SpeedModel) -> Optional[float]:
-    """A stage's time as the speed rules see it: the window's median, or the fastest of the last `recent` frames
-    when even that is slower (every recent frame slowed: a change, not noise)."""
+    """A stage's time as the speed rules see it: the window's median, or the fastest of its recent frames when even
+    that is slower (every recent frame slowed: a change, not noise)."""
     median = stage_median(times, model)
     if median is None:
         return None
-    return max(median, min(list(times)[-model.recent:]))
+    return max(median, min(recent_frames(list(times)[-model.window:], model)))
 
 
 def speed_outliers(predicted_ms: Mapping[int, float], measured_ms: Mapping[int, float], beliefs: Mapping[int, float],
