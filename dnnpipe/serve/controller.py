@@ -52,6 +52,8 @@ MEASURE_SECONDS = 0.2  # how often measured speeds are evaluated
 FAULT_GRACE = 0.3  # a role's error waits this long for the loss that caused it before it counts on its own
 FINISH_SECONDS = 5.0  # after the last result, how long the END frame gets to flow through
 LINK_WAIT = 0.5  # how long a planned switch's barrier waits for the new plan's links to be proven
+PUSH_REST = 3.0  # after each contingency push, rest this many times as long as it took (a quarter of a core at most)
+PUSH_REST_MIN = 0.02  # ... and at least this long: the agent loads and warms up what it was sent after the push
 
 
 class NoPlan(DnnpipeError):
@@ -483,10 +485,13 @@ class Controller:
 
     def _push_all(self, actions: list[Prepare]) -> None:
         for action in actions:
+            started = time.monotonic()
             try:
                 self._push(action)
             except DnnpipeError as e:
                 self.echo(f"serve: cannot push units {action.units} to device {action.device}: {e}")
+            # Spread out: cut back to back, they took the cores from the stages in bursts a client saw as a gap.
+            time.sleep(min(1.0, max(PUSH_REST_MIN, PUSH_REST * (time.monotonic() - started))))
 
     def _pending_step(self, now: float) -> None:
         """The barrier of a planned switch once every new role is loaded (or the switch dropped after
@@ -605,10 +610,13 @@ class Controller:
             action = self.pushes.get()
             if action is None:
                 return
+            started = time.monotonic()
             try:
                 self._push(action)
             except DnnpipeError as e:
                 self.echo(f"serve: cannot push units {action.units} to device {action.device}: {e}")
+            # Spread out: cut back to back, they took the cores from the stages in bursts a client saw as a gap.
+            time.sleep(min(1.0, max(PUSH_REST_MIN, PUSH_REST * (time.monotonic() - started))))
 
     def _pipeline_fault(self, why: str, now: float) -> None:
         """A role or link failed and no device was lost: run the same plan again (a new generation)."""
