@@ -135,10 +135,11 @@ def test_serve_starts_its_agents_over_ssh_and_stores_every_result_once(on_fleet,
     on_fleet.assert_nothing_left()
 
 
-@pytest.mark.slow
 @needs_fleet
 @pytest.mark.parametrize("action, detected", [("cut", "no heartbeat for"), ("poweroff", "device 2 lost: its ")])
 def test_a_board_cut_off_or_powered_off_mid_run_is_planned_around(on_fleet, tmp_path, action, detected):
+    """In the default suite (about 20 s as root, the fleet's start included): the issue's fast cut-link case, a
+    board's link really cut in its namespace."""
     run, out = on_fleet.serve(tmp_path)
     run.on("generation 1: first result", after(0.5, lambda run: on_fleet.fault(2, action)))
     try:
