@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Mapping, Optional
 
 from dnnpipe.serve.decide import GiveUp, Joined, Lost, Measured, Prepare, Proposal, State, Switch, Switched, \
-    contingencies, decide, worth_switching
+    contingencies, decide, next_push, worth_switching
 
 RUNNING = ((1, 10, 1), (11, 20, 2), (21, 30, 3))
 
@@ -105,3 +106,22 @@ def test_contingencies_and_threshold():
     plans = contingencies(state(), planner_over((1, 2, 3)))
     assert {d: {x for _, _, x in p.stages} for d, p in plans.items()} == {1: {2, 3}, 2: {1, 3}, 3: {1, 2}}
     assert worth_switching(None, 5.0, 0.1) and worth_switching(10.0, 9.0, 0.1) and not worth_switching(10.0, 9.5, 0.1)
+
+
+def test_contingency_pushes_go_one_at_a_time_and_stale_ones_are_let_go():
+    """A push deferred for a plan a switch replaced, for a device lost meanwhile or for units a loss already pushed
+    on its critical path is not pushed again; the wanted ones go out in order, one per call."""
+    ahead, pushes = decide(state(), Switched(), planner_over((1, 2, 3)))
+    assert pushes and all(isinstance(p, Prepare) for p in pushes)
+    stale_plan = Prepare(1, (1, 3))  # from a plan no loss plan has now
+    deferred = [stale_plan, *pushes]
+    action, rest, stale = next_push(deferred, ahead, {})
+    assert action == pushes[0] and rest == pushes[1:] and stale == [stale_plan]
+    loaded = {pushes[1].device: {pushes[1].units}}  # a loss pushed these already
+    action, rest, stale = next_push(rest, ahead, loaded)
+    assert action == pushes[2] and stale == [pushes[1]]
+    lost = replace(ahead, devices=ahead.devices - {pushes[3].device}, absent=ahead.absent | {pushes[3].device})
+    on_lost = [p for p in pushes if p.device == pushes[3].device]
+    assert next_push(on_lost, lost, {}) == (None, [], on_lost)
+    switched = replace(ahead, contingency={})  # a switch: the plans for a loss are being computed again
+    assert next_push(pushes, switched, {}) == (None, [], pushes)

@@ -251,3 +251,36 @@ def test_the_device_serves_the_oldest_plans_frame_first():
     assert order == [1, 2]
     frame(2)  # nothing older waits: the new plan's frame takes the free device at once
     assert order == [1, 2, 2] and not device._waiting
+
+
+def test_the_device_is_held_only_for_a_frame_that_can_start():
+    """The device is kept for a role's next frame only when one waits ahead of any END and a result buffer is
+    free: otherwise (a drained role, or one backed up behind a slow neighbour) the other role would wait the
+    hold out on every frame."""
+    loop = StageLoop(NAME, SPEC, double, queue_size=2, say=lambda line: None)
+    assert not loop._frame_ready()
+    loop.inbox.put("a frame")
+    assert loop._frame_ready()
+    loop._end_inbox()
+    assert loop._frame_ready()  # the frame is still ahead of END
+    loop.inbox.get()
+    assert not loop._frame_ready()  # only END is left
+    backed_up = StageLoop(NAME, SPEC, double, queue_size=2, say=lambda line: None)
+    backed_up.inbox.put("a frame")
+    while not backed_up.output_buffers.empty():
+        backed_up.output_buffers.get_nowait()
+    assert not backed_up._frame_ready()
+
+
+def test_a_role_cut_while_it_paces_gives_the_device_back_at_once(relay):
+    """The rest of a dead role's paced frame is not the device's time: the role that replaces it starts at once."""
+    loop, links, thread = relay
+    loop.pace_ms = 60_000.0
+    links.previous.send(0, 0, [np.ones((1, 3), dtype="float32")])
+    deadline = time.monotonic() + SECONDS
+    while loop.device.free_at < time.perf_counter() + 30 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert loop.device.free_at > time.perf_counter() + 30  # in its pacing sleep
+    loop.abort("role replaced")
+    thread.join(SECONDS)
+    assert not thread.is_alive() and loop.device.free_at <= time.perf_counter()

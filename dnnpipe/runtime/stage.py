@@ -88,8 +88,11 @@ class DeviceTurn:
                         break
                     self._changed.wait(max(0.0, self._held[1] - time.perf_counter()) if held and self._held
                                        else None)
-            finally:
+            except BaseException:
                 self._waiting.remove(rank)
+                self._changed.notify_all()  # a frame of a higher rank may have waited behind this one
+                raise
+            self._waiting.remove(rank)
             self._busy, self._held = True, None
         try:
             yield
@@ -160,6 +163,7 @@ class StageLoop:
         # SimpleQueue (C) hand-offs: queue.Queue's Python locking cost a stage ~0.05 ms of CPU a frame (issue 27).
         # The pools bound them: a frame in either queue holds one of the pool's queue_size + 2 buffer sets.
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._end_queued = False  # END is in the inbox, behind any frames still there
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.input_buffers = self._pool(spec.inputs)
         self.output_buffers = self._pool(spec.outputs)
@@ -226,8 +230,16 @@ class StageLoop:
             except OSError:
                 pass
 
+    def _end_inbox(self) -> None:
+        self._end_queued = True
+        self._put(self.inbox, END)
+
     def _frame_ready(self) -> bool:
-        return not self.stop.is_set() and not self.inbox.empty()
+        """Whether the next frame can start at once (the device is held for it): a frame in the inbox ahead of
+        any END, and a result buffer free (a role backed up behind a slow neighbour cannot use the device)."""
+        if self.stop.is_set() or self.output_buffers.empty():
+            return False
+        return self.inbox.qsize() > (1 if self._end_queued else 0)
 
     def _put(self, box: queue.SimpleQueue, item: Any) -> bool:
         if self.stop.is_set():
@@ -258,7 +270,7 @@ class StageLoop:
             if not self._put(self.inbox, Work(sequence, time.time_ns(), buffers, FrameTiming(sequence),
                                               time.perf_counter())):
                 return
-        self._put(self.inbox, END)
+        self._end_inbox()
 
     def receive(self) -> None:
         assert self.upstream is not None
@@ -269,7 +281,7 @@ class StageLoop:
             began = time.perf_counter()
             frame = self.upstream.read(buffers)
             if frame.kind == Kind.END:
-                self._put(self.inbox, END)
+                self._end_inbox()
                 return
             timing = FrameTiming(frame.sequence, receive_ms=(time.perf_counter() - began) * 1000,
                                  received=time.time())
@@ -318,7 +330,9 @@ class StageLoop:
                 left, slept = self.device.free_at - time.perf_counter(), 0.0
                 if left > 0:
                     asleep = time.perf_counter()
-                    if self.stop.wait(left):
+                    if self.stop.wait(left):  # cut: the rest of a dead role's frame is not the device's time
+                        with self.device.lock:
+                            self.device.free_at = min(self.device.free_at, time.perf_counter())
                         return
                     slept = time.perf_counter() - asleep
             timing.inference_ms = inference * 1000

@@ -38,7 +38,7 @@ from ..pipeline_key import CERT_FILE, CERT_KEY_FILE, stage_key, tls_context
 from ..planner.replan import ClusterChange, replan
 from ..runtime.handshake import manifest_identity
 from .decide import Action, GiveUp, Joined, Lost, Measured, Prepare, Proposal, Stages, State, Switch, Switched, \
-    decide
+    decide, next_push
 from .detect import SpeedModel, speed_outliers, stage_time
 from ..feeds import Feed, NoEvents, ServeEvents
 from .filefeed import FileFeed
@@ -193,7 +193,10 @@ class Controller:
         self.pushed: set[tuple[int, tuple[int, int]]] = set()
         self.pushes: queue.Queue[Optional[Prepare]] = queue.Queue()
         self.deferred: list[Prepare] = []  # contingency sub-models, pushed while the plan runs
+        self.push_idle = threading.Event()  # the push loop waits for its next action: handed one at a time
+        self.push_idle.set()
         self.outlier_runs: dict[int, int] = {}
+        self._times: dict[int, list[float]] = {}  # device -> its last stage times (ms) in the running plan
         self.measured_at = self.last_switch = time.monotonic()
         self.failures = 0
         self.fault: Optional[tuple[float, str]] = None
@@ -485,13 +488,13 @@ class Controller:
 
     def _push_all(self, actions: list[Prepare]) -> None:
         for action in actions:
-            started = time.monotonic()
-            try:
-                self._push(action)
-            except DnnpipeError as e:
-                self.echo(f"serve: cannot push units {action.units} to device {action.device}: {e}")
-            # Spread out: cut back to back, they took the cores from the stages in bursts a client saw as a gap.
-            time.sleep(min(1.0, max(PUSH_REST_MIN, PUSH_REST * (time.monotonic() - started))))
+            self._push_one(action)
+
+    def _push_one(self, action: Prepare) -> None:
+        try:
+            self._push(action)
+        except DnnpipeError as e:
+            self.echo(f"serve: cannot push units {action.units} to device {action.device}: {e}")
 
     def _pending_step(self, now: float) -> None:
         """The barrier of a planned switch once every new role is loaded (or the switch dropped after
@@ -558,6 +561,7 @@ class Controller:
         self.predicted = action.throughput
         self.last_switch = time.monotonic()
         self.outlier_runs = {}
+        self._times = {}  # times of other units (the old plan's) would mix into the new plan's window
         for d in devices:
             self.fleet.take_times(d)
         if action.label != "start":
@@ -583,6 +587,7 @@ class Controller:
         """Every stage's sub-model loaded on its device before the roles go out (normally pushed long before)."""
         missing = [(d, (s, e)) for s, e, d in stages if (s, e) not in self.prepared.get(d, set())]
         for device, units in missing:
+            self.pushed.add((device, units))
             self._push(Prepare(device, units))
         deadline = time.monotonic() + self.options.connect_timeout
         while any(units not in self.prepared.get(d, set()) for d, units in missing) and time.monotonic() < deadline:
@@ -599,8 +604,7 @@ class Controller:
                     return
 
     def _push(self, action: Prepare) -> None:
-        flatbuffer = self.cutter.cut(action.units)
-        self.pushed.add((action.device, action.units))
+        flatbuffer = self.cutter.cut(action.units)  # self.pushed is the main thread's: its callers mark it
         self.fleet.send(action.device, {"kind": "model", "units": list(action.units), "size": len(flatbuffer),
                                         "sha256": hashlib.sha256(flatbuffer).hexdigest()}, flatbuffer)
 
@@ -611,12 +615,10 @@ class Controller:
             if action is None:
                 return
             started = time.monotonic()
-            try:
-                self._push(action)
-            except DnnpipeError as e:
-                self.echo(f"serve: cannot push units {action.units} to device {action.device}: {e}")
+            self._push_one(action)
             # Spread out: cut back to back, they took the cores from the stages in bursts a client saw as a gap.
             time.sleep(min(1.0, max(PUSH_REST_MIN, PUSH_REST * (time.monotonic() - started))))
+            self.push_idle.set()
 
     def _pipeline_fault(self, why: str, now: float) -> None:
         """A role or link failed and no device was lost: run the same plan again (a new generation)."""
@@ -671,11 +673,14 @@ class Controller:
         and no old plan still drains behind its barrier. Cutting, pushing and loading them beside the stages (on
         the same cores) while both plans ran was what widened the gap a client saw at a planned switch."""
         route = self.stream.route
-        if not self.deferred or route is None or route.first_result is None or self._draining_devices():
+        if (not self.deferred or not self.push_idle.is_set() or route is None or route.first_result is None
+                or self._draining_devices()):
             return
-        for action in self.deferred:
+        action, self.deferred, stale = next_push(self.deferred, self.state, self.prepared)
+        self.pushed -= {(a.device, a.units) for a in stale}  # asked for again, they go out again
+        if action is not None:
+            self.push_idle.clear()
             self.pushes.put(action)
-        self.deferred = []
 
     def _record_plan(self, stages: Stages) -> None:
         """serve's plan in its own folder (--work-dir); the partition it was given is never written."""
@@ -718,8 +723,6 @@ class Controller:
         predicted: dict[int, float] = {}
         beliefs: dict[int, float] = {}
         profiled: dict[int, float] = {}
-        if not hasattr(self, "_times"):
-            self._times: dict[int, list[float]] = {}
         for stage, (first, last, d) in enumerate(self.state.stages, 1):
             frames = self.fleet.take_times(d)
             for t in frames:

@@ -14,7 +14,7 @@ sockets or clocks (the planner is passed in), so every rule is unit-tested on pl
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Mapping, Optional, Union
+from typing import AbstractSet, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from .detect import worth_switching
 
@@ -153,6 +153,23 @@ def prepares(plans: Iterable[Proposal]) -> list[Action]:
         for first, last, device in proposal.stages:
             seen[(device, (first, last))] = None
     return [Prepare(device, units) for device, units in seen]
+
+
+def next_push(deferred: Sequence[Prepare], state: State, loaded: Mapping[int, AbstractSet[tuple[int, int]]]
+              ) -> tuple[Optional[Prepare], list[Prepare], list[Prepare]]:
+    """The next contingency sub-model to push, the pushes still deferred after it and the stale ones let go.
+
+    A deferred push is still wanted when its device is up, its units are not loaded there (a loss meanwhile may
+    have pushed them on its critical path) and it is a stage of a plan for a loss of the running plan (a switch
+    since it was deferred replaced those plans). The controller pushes one at a time, once a switch is over."""
+    wanted = {(d, (s, e)) for plan in state.contingency.values() for s, e, d in plan.stages}
+    stale: list[Prepare] = []
+    for k, action in enumerate(deferred):
+        if ((action.device, action.units) in wanted and action.device in state.devices - state.absent
+                and action.units not in loaded.get(action.device, set())):
+            return action, list(deferred[k + 1:]), stale
+        stale.append(action)
+    return None, [], stale
 
 
 def _names(devices: frozenset[int]) -> str:
