@@ -166,6 +166,8 @@ def test_link_cpu_round_trips_and_reaches_the_problem():
                                            "send_ms_per_mb, receive_ms_per_mb, frame_ms)"),
     ({**with_link_cpu(), "device_config": {**with_link_cpu()["device_config"], "link_cpu": [1, 2]}},
      "'device_config.link_cpu' must be an object with send_ms_per_mb, receive_ms_per_mb, frame_ms, got list"),
+    ({**with_link_cpu(), "device_config": {**with_link_cpu()["device_config"], "link_cpu": {
+        "send_ms_per_mb": [1, 1], "receive_ms_per_mb": [1, 1]}}}, "missing key 'device_config.link_cpu.frame_ms'"),
     (broken("device_config", "link_cpu", CPU), "'device_config.link_cpu' needs 'device_config.B'"),
     (linked("link_cpu", CPU), "'device_config.link_cpu' needs 'model_config.A'"),
 ])
