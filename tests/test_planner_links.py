@@ -264,18 +264,22 @@ def test_the_receive_cost_makes_the_largest_start_not_the_best():
 
 
 @pytest.mark.parametrize("grid_bytes", [linkbisect.GRID_BYTES, 8])  # 8: one row and one pair per step
-@pytest.mark.parametrize("seed", range(6))
-def test_bigger_clusters_with_link_cpu_match_the_links_dp(seed, grid_bytes, monkeypatch):
+@pytest.mark.parametrize("seed, devices, units", [*((seed, (5, 8), (15, 30)) for seed in range(6)),
+                                                  # U + 1 > 64: the bit rows of starts take several words
+                                                  *((seed, (3, 6), (70, 141)) for seed in range(6, 10))])
+def test_bigger_clusters_with_link_cpu_match_the_links_dp(seed, devices, units, grid_bytes, monkeypatch):
     monkeypatch.setattr(linkbisect, "GRID_BYTES", grid_bytes)
     rng = np.random.default_rng(200 + seed)
-    N, U, kinds = int(rng.integers(5, 8)), int(rng.integers(15, 30)), int(rng.integers(2, 4))
+    N, U, kinds = int(rng.integers(*devices)), int(rng.integers(*units)), int(rng.integers(2, 4))
     E, R = rng.lognormal(-3, 1, U), rng.lognormal(-1, 1, U)
     of = rng.integers(0, kinds, N)
     C, M = rng.choice([1.0, 0.33, 0.21, 0.5], kinds)[of], (rng.uniform(0.5, 2.0, kinds) * R.sum() / N * 2)[of]
     B = rng.choice([1000.0, 10000.0], kinds)[of]
     cpu = [rng.uniform(0, 5, kinds)[of], rng.uniform(0, 5, kinds)[of], rng.uniform(0, 0.2, kinds)[of]]
-    cuts = sorted(rng.choice(np.arange(1, U), U // 2, replace=False).tolist()) if seed % 2 else None
+    legal = U // 2 if U < 64 else max(U // 2, 64)  # more than 64 blocks stay with U + 1 > 64
+    cuts = sorted(rng.choice(np.arange(1, U), legal, replace=False).tolist()) if seed % 2 else None
     problem = Problem.from_lists(C, M, E, R, B, rng.lognormal(11, 1.0, U + 1), None, cuts, cpu)
+    assert problem.at_cuts().U + 1 > 64 or U < 64
     try:
         reference = solve_problem(problem, "links")
     except NoPlanError:
