@@ -59,11 +59,12 @@ def linked(N: int, U: int, matrix: bool, binding: bool = False, kinds: int = 0, 
     problem = fleet(N, U, kinds, binding=binding) if kinds else synthetic(N, U, binding=binding)
     of = np.arange(N) % kinds if kinds else np.arange(N)
     B = rng.choice([100.0, 300.0, 1000.0], len(set(of)))[of]
+    A = rng.lognormal(11, 1.0, U + 1)
+    B_link = rng.choice([100.0, 300.0, 1000.0], (N, N)) if matrix else None
+    # Drawn last, so the rows without link CPU are the very instances of the tables before link CPU existed.
     cpu = np.stack([rng.uniform(10, 40, len(set(of)))[of], rng.uniform(10, 40, len(set(of)))[of],
                     rng.uniform(0.05, 0.2, len(set(of)))[of]])
-    return replace(problem, link_mbps=B, cut_bytes=rng.lognormal(11, 1.0, U + 1),
-                   link_matrix=rng.choice([100.0, 300.0, 1000.0], (N, N)) if matrix else None,
-                   link_cpu=cpu if link_cpu else None)
+    return replace(problem, link_mbps=B, cut_bytes=A, link_matrix=B_link, link_cpu=cpu if link_cpu else None)
 
 
 def link_table(sizes, repeats: int, link_cpu: bool = False) -> None:

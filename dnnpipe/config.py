@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
+import numpy as np
+
 from .errors import ConfigError
 
 ConfigSource = Union[str, os.PathLike, Mapping[str, Any], "Config"]
@@ -34,20 +36,44 @@ class LinkCpu:
         return self.send_ms_per_mb[d], self.receive_ms_per_mb[d], self.frame_ms[d]
 
 
-def stage_link_cpu_ms(cost, received_bytes, sent_bytes):
-    """A stage's CPU for its links and frames on its device, cost = (send ms per MB, receive ms per MB, frame ms):
-    receiving its input cut (0 bytes for the first stage: it reads the model's input locally), sending its output
-    cut (0 for the last: it writes the result locally) and its fixed CPU per frame. Scalars or NumPy arrays alike,
-    always in this order of operations: the planner (planner.Problem) and the fleet's prediction (testbed.pacing)
-    both take stage times from here and from stage_cpu_ms, so they are the very same numbers."""
+def link_cpu_ms(cost, received_bytes, sent_bytes):
+    """A device's CPU for receiving and sending cuts of these sizes and its fixed CPU per frame, cost = (send ms
+    per MB, receive ms per MB, frame ms). Scalars or NumPy arrays alike, always in this order of operations."""
     send, receive, frame = cost
     return (receive * received_bytes / 1e6 + send * sent_bytes / 1e6) + frame
+
+
+def stage_link_cpu_ms(cost, A, j, k, U):
+    """Stage (j, k]'s link CPU (link_cpu_ms), A the bytes of each cut (U + 1 values): it receives cut j, none for
+    j = 0 (the first stage reads the model's input locally), and sends cut k, none for k = U (the last writes the
+    result locally), as the runtime does. j and k may be NumPy index arrays (A then an array). The one place this
+    rule lives: the planner (planner.Problem) and the fleet's prediction (testbed.pacing) both take stage times
+    from here, stage_compute_ms and stage_cpu_ms, so they are the very same numbers."""
+    return link_cpu_ms(cost, A[j] * (j > 0), A[k] * (k < U))  # times 1 or 0: exact
 
 
 def stage_cpu_ms(compute_ms, link_cpu_ms):
     """A stage's time with its link CPU: on a board of one core or less both come out of one CPU budget, so they
     add (the paper's model counts compute alone)."""
     return compute_ms + link_cpu_ms
+
+
+def time_prefix(rows) -> np.ndarray:
+    """P[d][k]: units 1..k's time in row d (one row per device), shape (rows, U + 1). Stage times are differences
+    of these (stage_compute_ms), for the planner and the fleet's prediction alike."""
+    rows = np.asarray(rows, dtype=float)
+    return np.concatenate((np.zeros((rows.shape[0], 1)), np.cumsum(rows, axis=1)), axis=1)
+
+
+def stage_compute_ms(prefix, speed, j, k):
+    """Stage (j, k]'s compute on a device whose time_prefix row is `prefix` and speed `speed` (k may be a slice
+    or an index array)."""
+    return (prefix[k] - prefix[j]) / speed
+
+
+def hop_ms(cut_bytes, mbps):
+    """Moving a cut of this many bytes over a link of this many Mbit/s, ms."""
+    return cut_bytes * 8e-3 / mbps
 
 
 @dataclass(frozen=True)
@@ -63,6 +89,11 @@ class Cluster:
     @property
     def N(self) -> int:
         return len(self.C)
+
+    def pair_mbps(self, d: int, e: int) -> float:
+        """Mbit/s from device d to device e (0-based): B_link, or the slower of the two devices' links (needs B)."""
+        assert self.B is not None
+        return self.B_link[d][e] if self.B_link is not None else min(self.B[d], self.B[e])
 
 
 @dataclass(frozen=True)
@@ -102,6 +133,13 @@ class Config:
         if self.profile.cuts is not None:
             model["cuts"] = list(self.profile.cuts)
         return {"device_config": devices, "model_config": model}
+
+    def unit_times(self) -> tuple[tuple[float, ...], tuple[tuple[float, ...], ...]]:
+        """Each device's speed and its row of unit times: C and E on every device, or all 1 and E_device's rows.
+        Stage times are stage_compute_ms over time_prefix of these rows."""
+        if self.profile.E_device is not None:
+            return (1.0,) * self.cluster.N, self.profile.E_device
+        return self.cluster.C, (self.profile.E,) * self.cluster.N
 
 
 def load_config(source: ConfigSource) -> Config:

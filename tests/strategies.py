@@ -51,6 +51,21 @@ def link_cpus(draw, N: int):
     return tuple(draw(st.lists(values, min_size=N, max_size=N)) for values in (CPU_PER_MB, CPU_PER_MB, FRAME_MS))
 
 
+@st.composite
+def linked_kinds_with_link_cpu(draw, matrix: bool = False):
+    """linked_instances whose devices come in kinds (one C, M and B per kind, the E row shared), as the planners
+    group them into types, with link CPU per kind or per device: devices alike in all but their link CPU must not
+    be one type. (C, M, E, R, B, A, B_link, link_cpu)."""
+    C, M, E, R, B, A, B_link = draw(linked_instances(matrix=matrix))
+    N = len(C)
+    of = draw(st.lists(st.integers(0, N - 1), min_size=N, max_size=N))
+    C, M, B = ([values[k] for k in of] for values in (C, M, B))
+    cpu = draw(link_cpus(N))
+    if draw(st.booleans()):
+        cpu = tuple([values[k] for k in of] for values in cpu)
+    return C, M, E, R, B, A, B_link, cpu
+
+
 def as_config(C, M, E, R, B=None, A=None, B_link=None, cuts=None, link_cpu=None) -> dict:
     config: dict = {"device_config": {"N": len(C), "C": list(C), "M": list(M)},
                     "model_config": {"U": len(E), "E": list(E), "R": list(R)}}

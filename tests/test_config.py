@@ -166,9 +166,27 @@ def test_link_cpu_round_trips_and_reaches_the_problem():
                                            "send_ms_per_mb, receive_ms_per_mb, frame_ms)"),
     ({**with_link_cpu(), "device_config": {**with_link_cpu()["device_config"], "link_cpu": [1, 2]}},
      "'device_config.link_cpu' must be an object with send_ms_per_mb, receive_ms_per_mb, frame_ms, got list"),
+    ({**with_link_cpu(), "device_config": {**with_link_cpu()["device_config"], "link_cpu": {
+        "send_ms_per_mb": [1, 1], "receive_ms_per_mb": [1, 1]}}}, "missing key 'device_config.link_cpu.frame_ms'"),
     (broken("device_config", "link_cpu", CPU), "'device_config.link_cpu' needs 'device_config.B'"),
     (linked("link_cpu", CPU), "'device_config.link_cpu' needs 'model_config.A'"),
 ])
 def test_bad_link_cpu(config, message):
     with pytest.raises(ConfigError, match=__import__("re").escape(message)):
         load_config(config)
+
+
+def test_the_first_stage_receives_no_cut_and_the_last_sends_none():
+    # One rule, by cut index, for the planner (index arrays) and the prediction (plain numbers) alike.
+    import numpy as np
+
+    from dnnpipe.config import stage_link_cpu_ms
+
+    cost, A, U = (2.0, 3.0, 0.5), [1e6, 2e6, 3e6, 4e6], 3
+    assert stage_link_cpu_ms(cost, A, 0, U, U) == 0.5  # one stage: reads its input, writes its result locally
+    assert stage_link_cpu_ms(cost, A, 0, 1, U) == 2.0 * 2 + 0.5  # first: sends cut 1 only
+    assert stage_link_cpu_ms(cost, A, 2, U, U) == 3.0 * 3 + 0.5  # last: receives cut 2 only
+    assert stage_link_cpu_ms(cost, A, 1, 2, U) == 3.0 * 2 + 2.0 * 3 + 0.5
+    j, k = np.meshgrid(np.arange(U + 1), np.arange(U + 1))
+    grid = stage_link_cpu_ms(cost, np.asarray(A), j, k, U)
+    assert all(grid[b, a] == stage_link_cpu_ms(cost, A, a, b, U) for a in range(U + 1) for b in range(U + 1))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -23,7 +24,7 @@ from dnnpipe.profile.devices import PID, DeviceProfileOptions, DeviceTimes, Outc
 from dnnpipe.profile.devices import link_costs as devices_link_costs
 from dnnpipe.profile.costs import unit_times
 from dnnpipe.profile.timer import frame_costs, link_costs, time_units
-from dnnpipe.planner import plan
+from dnnpipe.planner import Problem, plan
 from dnnpipe.testbed.pacing import emulation
 from dnnpipe.profile.profiler import profiling_model
 from helpers import ROOT
@@ -132,6 +133,36 @@ def test_the_prediction_and_the_plan_are_the_same_numbers():
     predicted = emulation(config, result.stages, 1.0)
     assert [s.period_ms for s in predicted.stages] == result.stage_times_ms
     assert 1000 / predicted.throughput == result.bottleneck
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("matrix", [False, True])
+def test_the_prediction_is_the_plans_numbers_to_the_last_bit(seed, matrix):
+    # Float unit times (a sum of E over C differs from the prefix sums' difference in the last bit) and a B_link
+    # matrix (the hop is not min(B[d], B[e])): every stage's period and hop are the planner's, bit for bit.
+    rng = random.Random(seed)
+    N, U = rng.randint(2, 4), rng.randint(3, 9)
+    devices = {"N": N, "C": [rng.uniform(0.3, 3) for _ in range(N)], "M": [1e3] * N,
+               "B": [rng.uniform(10, 1000) for _ in range(N)],
+               "link_cpu": {key: [rng.uniform(0, 40) for _ in range(N)]
+                            for key in ("send_ms_per_mb", "receive_ms_per_mb", "frame_ms")}}
+    if matrix:
+        devices["B_link"] = [[rng.uniform(1, 100) for _ in range(N)] for _ in range(N)]
+    model = {"U": U, "E": [rng.uniform(0.1, 30) for _ in range(U)], "R": [1.0] * U,
+             "A": [rng.uniform(1e3, 1e6) for _ in range(U)] + [0.0]}  # the planner's last period counts a sink hop
+    if seed % 2:
+        model["E_device"] = [[rng.uniform(0.1, 30) for _ in range(U)] for _ in range(N)]
+    config = parse_config({"device_config": devices, "model_config": model}, "test")
+    problem = Problem.from_config(config)
+    ends = sorted(rng.sample(range(1, U), rng.randint(0, min(N, U) - 1))) + [U]
+    stages = [[start + 1, end, rng.randint(1, N)] for start, end in zip([0, *ends], ends)]
+    cuts = [(start - 1, end, device - 1) for start, end, device in stages]
+    periods, _ = problem.periods(cuts)
+    predicted = emulation(config, stages, 1.0)
+    assert [s.period_ms for s in predicted.stages] == periods
+    assert [s.hop_ms for s in predicted.stages[:-1]] == [problem.hop_ms(k, d, following[2]) for (_, k, d), following
+                                                         in zip(cuts, cuts[1:])]
+    assert [s.link_cpu_ms for s in predicted.stages] == [problem.link_cpu_ms(*c) for c in cuts]
 
 
 @pytest.mark.parametrize("tls", [True, False])

@@ -44,6 +44,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..config import hop_ms
 from ..errors import ConfigError
 from .bisection import DeviceTypes, Found, StateSpace, lower_bound, max_ends, search, stage_times_between
 from .plan import Cut, Solution, bottleneck_of
@@ -113,11 +114,11 @@ class LinkProbe:
         receivers = np.array([[second[d] if d == e else first[e] for e in range(k)] for d in range(k)])
         pair = problem.pair_mbps[np.array(first)[:, None], np.maximum(receivers, 0)]
         with np.errstate(divide="ignore", invalid="ignore"):
-            hop = A[None, None, :] * 8e-3 / pair[:, :, None]  # hop_ms's arithmetic, [d, e, k]
+            hop = hop_ms(A[None, None, :], pair[:, :, None])  # [d, e, k]
         hop[receivers < 0] = np.inf
         self.hop = hop
-        self.input_hop = A[0] * 8e-3 / B[first]
-        self.output_hop = A[U] * 8e-3 / B[first]
+        self.input_hop = hop_ms(A[0], B[first])
+        self.output_hop = hop_ms(A[U], B[first])
         states = np.arange(self.space.size)
         self.digits = self.space.digits(states)
         self.used = self.digits.sum(axis=1)

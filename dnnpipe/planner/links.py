@@ -24,6 +24,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..config import hop_ms
 from .bounds import upper_bound
 from .dp import best_final_state
 from .plan import Solution, bottleneck_of
@@ -38,7 +39,7 @@ def solve(problem: Problem) -> Optional[Solution]:
     if B is None or A is None:
         raise ValueError("the links algorithm needs link bandwidth (B) and cut sizes (A)")
     with np.errstate(divide="ignore", invalid="ignore"):
-        pair_hop = A[:, None, None] * 8e-3 / problem.pair_mbps[None, :, :]  # [j, d, e], as hop_ms computes it
+        pair_hop = hop_ms(A[:, None, None], problem.pair_mbps[None, :, :])  # [j, d, e]
     pair_hop[:, np.arange(N), np.arange(N)] = np.inf  # a device never sends to itself
     value = np.full((U + 1, full, N), np.inf)
     parent_cut = np.full((U + 1, full, N), -1, dtype=np.int32)
@@ -48,7 +49,7 @@ def solve(problem: Problem) -> Optional[Solution]:
     for j in range(U):
         for S in range(full):
             if j == 0 and S == 0:
-                arrival = A[0] * 8e-3 / B  # from the data source to each possible first device
+                arrival = hop_ms(A[0], B)  # from the data source to each possible first device
                 source = np.full(N, N)
             elif j > 0 and S > 0:
                 held = value[j, S]
@@ -76,7 +77,7 @@ def solve(problem: Problem) -> Optional[Solution]:
                     current[better] = candidate[better]
                     parent_cut[span, T, e][better] = j
                     parent_device[span, T, e][better] = source[e]
-    departure = A[U] * 8e-3 / B  # the result leaving the last device
+    departure = hop_ms(A[U], B)  # the result leaving the last device
     total = np.maximum(value[U], departure[None, :])
     if not np.isfinite(total).any():
         return None

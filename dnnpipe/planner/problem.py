@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import numpy as np
 
-from ..config import Config, stage_cpu_ms, stage_link_cpu_ms
+from ..config import Config, hop_ms, link_cpu_ms, stage_compute_ms, stage_cpu_ms, stage_link_cpu_ms, time_prefix
 from ..errors import ConfigError
 
 
@@ -32,22 +32,23 @@ class Problem:
     link_matrix: Optional[np.ndarray] = None  # B_link, shape (N, N): Mbit/s from d to e; else min(B[d], B[e])
     cuts: Optional[tuple[int, ...]] = None  # legal stage ends below U (model_config.cuts); None: every unit
     link_cpu: Optional[np.ndarray] = None  # shape (3, N): each device's send and receive ms per MB, frame ms
+    cut_index: np.ndarray = field(init=False, repr=False, compare=False)  # 0..U, once: the link CPU's cut numbers
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cut_index", np.arange(self.time_prefix.shape[1]))
 
     @classmethod
     def from_config(cls, config: Config) -> "Problem":
-        E_device, B, A = config.profile.E_device, config.cluster.B, config.profile.A
-        B_link, cuts, cpu = config.cluster.B_link, config.profile.cuts, config.cluster.link_cpu
+        B, A, B_link, cuts, cpu = (config.cluster.B, config.profile.A, config.cluster.B_link, config.profile.cuts,
+                                   config.cluster.link_cpu)
         link_cpu = None if cpu is None else (cpu.send_ms_per_mb, cpu.receive_ms_per_mb, cpu.frame_ms)
         if B is None:
             A = None  # cut sizes alone are information; link bandwidth turns the model on
         elif A is None:
             raise ConfigError(f"{config.source}: the communication model needs both device_config.B (link "
                               f"Mbit/s per device) and model_config.A (bytes per cut), got only B")
-        if E_device is not None:
-            return cls.from_lists([1.0] * config.cluster.N, config.cluster.M, E_device, config.profile.R, B, A,
-                                  B_link, cuts, link_cpu)
-        return cls.from_lists(config.cluster.C, config.cluster.M, config.profile.E, config.profile.R, B, A, B_link,
-                              cuts, link_cpu)
+        speed, rows = config.unit_times()
+        return cls.from_lists(speed, config.cluster.M, rows, config.profile.R, B, A, B_link, cuts, link_cpu)
 
     @classmethod
     def from_lists(cls, C, M, E, R, B=None, A=None, B_link=None, cuts=None, link_cpu=None) -> "Problem":
@@ -63,7 +64,7 @@ class Problem:
         return cls(
             speed=speed,
             capacity=np.asarray(M, dtype=float),
-            time_prefix=np.concatenate((np.zeros((len(speed), 1)), np.cumsum(rows, axis=1)), axis=1),
+            time_prefix=time_prefix(rows),
             memory_prefix=np.concatenate(([0.0], np.cumsum(np.asarray(R, dtype=float)))),
             link_mbps=None if B is None else np.asarray(B, dtype=float),
             cut_bytes=None if A is None else np.asarray(A, dtype=float),
@@ -92,7 +93,7 @@ class Problem:
             mbps = self.link_mbps[receiver if sender is None else sender]
         else:
             mbps = self.pair_mbps[sender, receiver]
-        return float(self.cut_bytes[j] * 8e-3 / mbps)
+        return float(hop_ms(self.cut_bytes[j], mbps))
 
     @property
     def ends(self) -> np.ndarray:
@@ -151,53 +152,42 @@ class Problem:
         return float(1.0 / np.sum(1.0 / whole)) if np.all(whole > 0) else 0.0
 
     def stage_time(self, j: int, k: int, d: int) -> float:
-        return float((self.time_prefix[d, k] - self.time_prefix[d, j]) / self.speed[d])
+        return float(stage_compute_ms(self.time_prefix[d], self.speed[d], j, k))
 
-    def cut_bytes_moved(self) -> tuple[np.ndarray, np.ndarray]:
-        """Bytes a stage receives by its start j and sends by its end k: cut j, or 0 for j = 0 (the first stage
-        reads the model's input locally), and cut k, or 0 for k = U (the last writes its result locally), as the
-        runtime does."""
-        A = self.cut_bytes if self.cut_bytes is not None else np.zeros(self.U + 1)
-        cut = np.arange(self.U + 1)
-        return np.where(cut > 0, A, 0.0), np.where(cut < self.U, A, 0.0)
-
-    def link_cpu_ms(self, j: int, k: int, d: int) -> float:
-        """Stage (j, k]'s CPU on device d for its links and frames (0 in the paper's model)."""
+    def link_cpu_ms(self, j, k, d: int):
+        """Stage (j, k]'s CPU on device d for its links and frames (0 in the paper's model); j and k may be index
+        arrays."""
         if self.link_cpu is None:
             return 0.0
-        received, sent = self.cut_bytes_moved()
-        return float(stage_link_cpu_ms(self.link_cpu[:, d], received[j], sent[k]))
+        assert self.cut_bytes is not None  # from_lists refuses link CPU without cut sizes
+        return stage_link_cpu_ms(self.link_cpu[:, d], self.cut_bytes, j, k, self.U)
 
     def stage_cpu_ms(self, j: int, k: int, d: int) -> float:
         """Stage (j, k]'s time on device d with its link CPU (stage_time in the paper's model), as config computes it
         for the planners, the plans and the fleet's prediction alike."""
-        if self.link_cpu is None:
-            return self.stage_time(j, k, d)
         return float(stage_cpu_ms(self.stage_time(j, k, d), self.link_cpu_ms(j, k, d)))
 
     def stage_cpu_times(self, j: int, ks: slice, d: int) -> np.ndarray:
         """stage_cpu_ms of stages (j, k] on device d for every k in the slice, with the same arithmetic."""
         if self.link_cpu is None:
             return self.stage_times(j, ks, d)
-        received, sent = self.cut_bytes_moved()
-        return stage_cpu_ms(self.stage_times(j, ks, d), stage_link_cpu_ms(self.link_cpu[:, d], received[j], sent[ks]))
+        return stage_cpu_ms(self.stage_times(j, ks, d), self.link_cpu_ms(j, self.cut_index[ks], d))
 
     def stage_cpu_grid(self, d: int, ks: slice) -> np.ndarray:
         """stage_cpu_ms of every stage (j, k] on device d, [k in the slice, j in 0..U], same arithmetic (entries
         with j >= k are meaningless)."""
-        P = self.time_prefix[d]
-        compute = (P[ks][:, None] - P[None, :]) / self.speed[d]
+        j, k = self.cut_index[None, :], self.cut_index[ks][:, None]
+        compute = stage_compute_ms(self.time_prefix[d], self.speed[d], j, k)
         if self.link_cpu is None:
             return compute
-        received, sent = self.cut_bytes_moved()
-        return stage_cpu_ms(compute, stage_link_cpu_ms(self.link_cpu[:, d], received[None, :], sent[ks][:, None]))
+        return stage_cpu_ms(compute, self.link_cpu_ms(j, k, d))
 
     def most_link_cpu_ms(self) -> float:
         """No stage's link CPU exceeds this (receiving and sending the largest cut, and a frame)."""
         if self.link_cpu is None or self.cut_bytes is None:
             return 0.0
         most = float(self.cut_bytes.max())
-        return max(float(stage_link_cpu_ms(self.link_cpu[:, d], most, most)) for d in range(self.N))
+        return max(float(link_cpu_ms(self.link_cpu[:, d], most, most)) for d in range(self.N))
 
     def stage_memory(self, j: int, k: int) -> float:
         return float(self.memory_prefix[k] - self.memory_prefix[j])
@@ -207,7 +197,7 @@ class Problem:
 
     def stage_times(self, j: int, ks: slice, d: int) -> np.ndarray:
         """Times of stages (j, k] on device d for every k in the slice."""
-        return (self.time_prefix[d, ks] - self.time_prefix[d, j]) / self.speed[d]
+        return stage_compute_ms(self.time_prefix[d], self.speed[d], j, ks)
 
     def last_end(self, j: int, d: int, time_limit: float = np.inf) -> int:
         """Largest k >= j such that stage (j, k] fits device d's memory and takes <= time_limit.

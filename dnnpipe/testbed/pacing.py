@@ -1,7 +1,8 @@
 """The pacing model: each emulated stage's planned time and each hop's link time, from the config (pure).
 
 A stage holding units a..b on device d takes sum(E[a..b]) / C[d] ms, or the sum of row d of E_device
-(docs/config.md). Shipping cut b to the next stage's device e takes A[b] * 8e-3 / min(B[d], B[e]) ms, and
+(docs/config.md). Shipping cut b to the next stage's device e takes A[b] * 8e-3 / B_link[d][e] ms (without a
+B_link matrix min(B[d], B[e])), and
 the runtime sends while it computes, so a stage's period is max(compute, hop) and the pipeline's the
 largest of those. On one host every time is divided by a common scale (speeds and bandwidths both times
 scale), so the emulated cluster leaves the host room to compute each stage within its planned time.
@@ -13,8 +14,9 @@ fleet) receiving and sending a cut take CPU from the same budget as the compute 
 send do not overlap: given each device's measured link CPU (device_config.link_cpu, written by per-device
 profiling) a stage's period is max(receive + compute + send + frame, hop), frame being the stage's own CPU per
 frame whatever its size (its threads' hand-offs, the frames' headers, waking on its sockets). The planner plans
-with the very same stage times: both take them from config.stage_link_cpu_ms and config.stage_cpu_ms, the one
-place that computes them. Without link CPU the period is the paper's.
+with the very same stage times and hops: both take them from config (time_prefix, stage_compute_ms,
+stage_link_cpu_ms, stage_cpu_ms, hop_ms, Cluster.pair_mbps), the one place that computes them. Without link CPU
+the period is the paper's.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from ..config import Config, stage_cpu_ms, stage_link_cpu_ms
+from ..config import Config, hop_ms, stage_compute_ms, stage_cpu_ms, stage_link_cpu_ms, time_prefix
 from ..errors import ConfigError
 
 HOST_SHARE = 0.25  # the emulated cluster's compute may use at most this share of the usable cores
@@ -75,11 +77,11 @@ class Emulation:
 
 
 def device_ms(config: Config, units: tuple[int, int], device: int) -> float:
-    """Units a..b (1-based, inclusive) on device d of the real cluster, ms."""
+    """Units a..b (1-based, inclusive) on device d of the real cluster, ms, as the planner computes it."""
     start, end = units
-    if config.profile.E_device is not None:
-        return sum(config.profile.E_device[device - 1][start - 1:end])
-    return sum(config.profile.E[start - 1:end]) / config.cluster.C[device - 1]
+    speed, rows = config.unit_times()
+    prefix = time_prefix(rows[device - 1:device])[0]
+    return float(stage_compute_ms(prefix, speed[device - 1], start - 1, end))
 
 
 def speeds(config: Config) -> list[float]:
@@ -101,16 +103,14 @@ def emulation_scale(config: Config, cores: float) -> float:
     return min(1.0, cores * HOST_SHARE / sum(speeds(config)))
 
 
-def link_cpu_ms(config: Config, stages: Sequence[Sequence[int]], k: int) -> float:
-    """Stage k's (0-based) device CPU beyond its compute, from the config's measured link CPU: receiving the cut
-    before it (not the first stage) and sending the cut after it (not the last), and its CPU per frame."""
+def link_cpu_ms(config: Config, units: tuple[int, int], device: int) -> float:
+    """Units a..b (1-based) on device d: its CPU beyond its compute, from the config's measured link CPU, as the
+    planner counts it (config.stage_link_cpu_ms: the first stage receives no cut, the last sends none)."""
     link_cpu, A = config.cluster.link_cpu, config.profile.A
     if link_cpu is None or A is None:
         return 0.0
-    start, end, device = stages[k]
-    received = A[start - 1] if k > 0 else 0.0
-    sent = A[end] if k + 1 < len(stages) else 0.0
-    return float(stage_link_cpu_ms(link_cpu.device(device - 1), received, sent))
+    start, end = units
+    return float(stage_link_cpu_ms(link_cpu.device(device - 1), A, start - 1, end, config.profile.U))
 
 
 def emulation(config: Config, stages: Sequence[Sequence[int]], scale: float) -> Emulation:
@@ -126,9 +126,9 @@ def emulation(config: Config, stages: Sequence[Sequence[int]], scale: float) -> 
                               f"after re-planning)")
         hop = 0.0
         if B is not None and A is not None and k + 1 < len(stages):
-            hop = A[end] * 8e-3 / min(B[device - 1], B[stages[k + 1][2] - 1])
+            hop = hop_ms(A[end], config.cluster.pair_mbps(device - 1, stages[k + 1][2] - 1))
         paces.append(StagePace(k + 1, device, (start, end), device_ms(config, (start, end), device) / scale,
-                               hop / scale, link_cpu_ms(config, stages, k)))
+                               hop / scale, link_cpu_ms(config, (start, end), device)))
     link = None if B is None else tuple(b * scale for b in B)
     return Emulation(scale, tuple(paces), link)
 
@@ -137,4 +137,4 @@ def fastest_device(config: Config) -> int:
     """The device that runs the whole model soonest, its CPU per frame included (the single-device comparison)."""
     whole = (1, config.profile.U)
     return min(range(1, config.cluster.N + 1),
-               key=lambda d: stage_cpu_ms(device_ms(config, whole, d), link_cpu_ms(config, [[*whole, d]], 0)))
+               key=lambda d: stage_cpu_ms(device_ms(config, whole, d), link_cpu_ms(config, whole, d)))
