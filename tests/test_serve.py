@@ -4,6 +4,7 @@ run's OUT must hold every input exactly once, equal to the model's outputs, and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -154,8 +155,19 @@ def test_two_agents_killed_together_are_both_counted(served, tmp_path):
 
 def test_a_frozen_agent_is_detected_by_its_missing_heartbeats(served, tmp_path):
     run, out = serve_run(served, tmp_path)
-    run.on("generation 1: first result", after(0.4, lambda run: os.kill(run.pid(3), signal.SIGSTOP)))
-    stdout = finish(run, served, out)
+    frozen: list[int] = []
+
+    def freeze(run: Run) -> None:
+        frozen.append(run.pid(3))
+        os.kill(frozen[-1], signal.SIGSTOP)
+
+    run.on("generation 1: first result", after(0.4, freeze))
+    try:
+        stdout = finish(run, served, out)
+    finally:  # a frozen agent cannot stop on its own: left behind, it would count as every later test's orphan
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     assert "device 3 lost: no heartbeat for" in stdout and "generation 2: first result" in stdout
 
 

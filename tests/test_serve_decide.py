@@ -123,5 +123,17 @@ def test_contingency_pushes_go_one_at_a_time_and_stale_ones_are_let_go():
     lost = replace(ahead, devices=ahead.devices - {pushes[3].device}, absent=ahead.absent | {pushes[3].device})
     on_lost = [p for p in pushes if p.device == pushes[3].device]
     assert next_push(on_lost, lost, {}) == (None, [], on_lost)
-    switched = replace(ahead, contingency={})  # a switch: the plans for a loss are being computed again
-    assert next_push(pushes, switched, {}) == (None, [], pushes)
+    absent = replace(ahead, absent=ahead.absent | {pushes[3].device})  # up, but not to be planned on
+    assert next_push(on_lost, absent, {}) == (None, [], on_lost)
+
+
+def test_a_dropped_planned_switch_gets_its_plans_for_a_loss_back():
+    """Deciding a planned switch drops the running plan's plans for a loss (the new plan will have its own); if the
+    switch is dropped, deciding Switched on the running plan asks for them again, as the controller does."""
+    planner = planner_over((1, 2, 3, 4))
+    ahead, _ = decide(state(absent=frozenset()), Switched(), planner_over((1, 2, 3)))
+    proposed, [switch] = decide(ahead, Joined(frozenset({4})), planner)
+    assert isinstance(switch, Switch) and proposed.contingency == {}
+    back, pushes = decide(replace(proposed, stages=RUNNING), Switched(), planner)
+    assert set(back.contingency) == {1, 2, 3} and pushes
+    assert next_push(pushes, back, {})[0] == pushes[0]

@@ -52,7 +52,7 @@ MEASURE_SECONDS = 0.2  # how often measured speeds are evaluated
 FAULT_GRACE = 0.3  # a role's error waits this long for the loss that caused it before it counts on its own
 FINISH_SECONDS = 5.0  # after the last result, how long the END frame gets to flow through
 LINK_WAIT = 0.5  # how long a planned switch's barrier waits for the new plan's links to be proven
-PUSH_REST = 3.0  # after each contingency push, rest this many times as long as it took (a quarter of a core at most)
+PUSH_REST = 3.0  # after each contingency push, rest this many times as long as the controller took (cut and send)
 PUSH_REST_MIN = 0.02  # ... and at least this long: the agent loads and warms up what it was sent after the push
 
 
@@ -493,7 +493,7 @@ class Controller:
     def _push_one(self, action: Prepare) -> None:
         try:
             self._push(action)
-        except DnnpipeError as e:
+        except Exception as e:  # a background push: said, never the end of the thread that pushes the next
             self.echo(f"serve: cannot push units {action.units} to device {action.device}: {e}")
 
     def _pending_step(self, now: float) -> None:
@@ -513,9 +513,11 @@ class Controller:
             self._revert_pending()
 
     def _revert_pending(self) -> None:
-        """Forget a planned switch that will not happen: decide's state goes back to the running plan."""
+        """Forget a planned switch that will not happen: decide's state goes back to the running plan, and its
+        plans for a loss (dropped when the switch was decided) are computed again and their sub-models pushed."""
         self.pending = None
-        self.state = replace(self.state, stages=self.running)
+        self.state, actions = decide(replace(self.state, stages=self.running), Switched(), self.planner)
+        self._carry_out(actions, time.monotonic())
 
     def _switch(self, action: Switch, detected: float, replan_s: float, prepare_s: float = 0.0) -> None:
         """New roles to every agent and a new route: at once (abort) or behind a barrier."""
@@ -615,10 +617,12 @@ class Controller:
             if action is None:
                 return
             started = time.monotonic()
-            self._push_one(action)
-            # Spread out: cut back to back, they took the cores from the stages in bursts a client saw as a gap.
-            time.sleep(min(1.0, max(PUSH_REST_MIN, PUSH_REST * (time.monotonic() - started))))
-            self.push_idle.set()
+            try:
+                self._push_one(action)
+                # Spread out: cut back to back, they took the cores from the stages in bursts a client saw as a gap.
+                time.sleep(min(1.0, max(PUSH_REST_MIN, PUSH_REST * (time.monotonic() - started))))
+            finally:
+                self.push_idle.set()
 
     def _pipeline_fault(self, why: str, now: float) -> None:
         """A role or link failed and no device was lost: run the same plan again (a new generation)."""
@@ -673,8 +677,8 @@ class Controller:
         and no old plan still drains behind its barrier. Cutting, pushing and loading them beside the stages (on
         the same cores) while both plans ran was what widened the gap a client saw at a planned switch."""
         route = self.stream.route
-        if (not self.deferred or not self.push_idle.is_set() or route is None or route.first_result is None
-                or self._draining_devices()):
+        if (not self.deferred or not self.push_idle.is_set() or self.pending is not None or route is None
+                or route.first_result is None or self._draining_devices()):
             return
         action, self.deferred, stale = next_push(self.deferred, self.state, self.prepared)
         self.pushed -= {(a.device, a.units) for a in stale}  # asked for again, they go out again
