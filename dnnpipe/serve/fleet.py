@@ -62,7 +62,11 @@ class AgentLink:
     gone: bool = False
     start_failed: bool = False  # its ssh start failed: it will never say hello
     times: list[float] = field(default_factory=list)  # stage ms of frames not yet used for the speed estimate
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # guards what the heartbeats report (times, ...)
+    # Writes on the control link, one message at a time. Its own lock: a push blocked in sendall to a frozen or
+    # cut-off agent (its buffers full) must not hold up the controller's loop reading that agent's times, which
+    # is the loop that finds the agent silent and hangs its link up (freeing the push).
+    sending: threading.Lock = field(default_factory=threading.Lock)
 
 
 class Fleet:
@@ -224,7 +228,7 @@ class Fleet:
         link = self.agents.get(device)
         if link is None or link.sock is None or link.gone:
             return False
-        with link.lock:
+        with link.sending:
             try:
                 link.sock.sendall(encode(message))
                 if payload:
