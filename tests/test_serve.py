@@ -364,3 +364,56 @@ def test_a_feed_that_cannot_take_a_result_ends_serve_at_once_without_a_retry(ser
         serve(live_options(served, tmp_path), echo=lines.append, feed=LiveFeed(rows, 150, fail_at=20))
     assert not [line for line in lines if "pipeline failed" in line or "re-plan (" in line and "start" not in line]
     assert_no_orphans(served.root)
+
+
+def test_contingency_pushes_go_to_the_push_loop_one_at_a_time_once_the_switch_is_over(served, tmp_path):
+    """The controller's hand-over (its choice is decide.next_push's): nothing before the new plan's first result or
+    while a planned switch is pending; then one push at a time, the next only once the loop is idle again; a push
+    for a device lost meanwhile is dropped and may be asked for again."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from dnnpipe.serve.controller import Controller
+    from dnnpipe.serve.decide import State, Switched, decide
+
+    controller = Controller(live_options(served, tmp_path), lambda line: None)
+    try:
+        partition = tuple((s.units[0], s.units[1], s.device) for s in controller.manifest.stages)
+        controller.state = State(partition, frozenset({1, 2, 3}), frozenset({4}))  # as serve starts
+        start = controller.planner(frozenset({4}), {})
+        assert start is not None
+        controller.state = replace(controller.state, stages=start.stages)
+        controller.state, actions = decide(controller.state, Switched(), controller.planner)
+        controller._carry_out(actions, 0.0)
+        wanted = list(controller.deferred)
+        assert len(wanted) >= 3
+        pushed: list = []
+        controller._push = pushed.append  # type: ignore[method-assign]
+        route = SimpleNamespace(first_result=None)
+        controller.stream = SimpleNamespace(route=route)  # type: ignore[assignment]
+        controller._push_contingencies()
+        assert controller.pushes.empty()  # no first result yet
+        route.first_result = 1.0
+        controller.pending = object()  # type: ignore[assignment]
+        controller._push_contingencies()
+        assert controller.pushes.empty()  # a planned switch is pending
+        controller.pending = None
+        controller._push_contingencies()
+        controller._push_contingencies()
+        assert controller.pushes.qsize() == 1  # one at a time
+        lost = wanted[1].device
+        controller.state = replace(controller.state, devices=controller.state.devices - {lost},
+                                   absent=controller.state.absent | {lost})
+        loop = threading.Thread(target=controller._push_loop, daemon=True)
+        loop.start()
+        deadline = time.monotonic() + 20
+        while controller.deferred and time.monotonic() < deadline:
+            if controller.push_idle.wait(0.05):
+                controller._push_contingencies()
+        controller.pushes.put(None)
+        loop.join(20)
+        assert pushed[0] == wanted[0] and [p for p in wanted if p.device != lost] == pushed
+        assert all((p.device, p.units) not in controller.pushed for p in wanted if p.device == lost)
+    finally:
+        if controller.file_feed is not None:
+            controller.file_feed.close()
