@@ -165,12 +165,17 @@ def test_the_prediction_is_the_plans_numbers_to_the_last_bit(seed, matrix):
     assert [s.link_cpu_ms for s in predicted.stages] == [problem.link_cpu_ms(*c) for c in cuts]
 
 
-@pytest.mark.parametrize("tls", [True, False])
-def test_the_timer_measures_the_cpu_of_sending_and_receiving_cuts(tmp_path, tls):
+def pipeline_certificate(folder, tls: bool) -> None:
+    """The pipeline certificate the timer measures TLS with, when asked for TLS (skipped without openssl)."""
     if tls:
         if shutil.which("openssl") is None:
             pytest.skip("openssl is not installed: no pipeline certificate to measure TLS with")
-        create_certificate(tmp_path)
+        create_certificate(folder)
+
+
+@pytest.mark.parametrize("tls", [True, False])
+def test_the_timer_measures_the_cpu_of_sending_and_receiving_cuts(tmp_path, tls):
+    pipeline_certificate(tmp_path, tls)
     costs = link_costs(tmp_path, 0.2, slowdown=2.0)
     assert costs["tls"] is tls and costs["megabytes"] > 0 and costs["slowdown"] == 2.0
     assert 0 < costs["send_ms_per_mb"] < 1000 and 0 < costs["receive_ms_per_mb"] < 1000
@@ -205,10 +210,7 @@ def test_the_prediction_counts_each_devices_cpu_per_frame_on_every_stage():
 
 @pytest.mark.parametrize("tls", [True, False])
 def test_the_timer_measures_a_stages_own_cpu_per_frame(tmp_path, tls):
-    if tls:
-        if shutil.which("openssl") is None:
-            pytest.skip("openssl is not installed: no pipeline certificate to measure TLS with")
-        create_certificate(tmp_path)
+    pipeline_certificate(tmp_path, tls)
     cost = frame_costs(tmp_path, slowdown=2.0, seconds=0.3)
     assert cost["tls"] is tls and cost["frames"] == 30
     assert 0 < cost["cpu_ms"] < 100 and cost["frame_ms"] == pytest.approx(2 * cost["cpu_ms"], rel=1e-3)

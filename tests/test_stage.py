@@ -158,15 +158,20 @@ def test_a_missing_data_file_fails_the_stage_with_its_name(tmp_path):
         assert not bool(f.attrs["complete"])  # a partial file says so
 
 
-def test_the_stage_counts_its_cpu_per_frame_and_the_inferences_share(relay):
-    loop, links, thread = relay
-    for i in range(5):
+def relay_frames(links: Links, thread: threading.Thread, frames: int) -> None:
+    """Frames and END through a running relay, every result read, the relay finished."""
+    for i in range(frames):
         links.previous.send(i, 0, [np.ones((1, 3), dtype="float32")])
-    links.previous.end(5)
+    links.previous.end(frames)
     out = [np.empty((1, 3), dtype="float32")]
     while links.following.read(out).kind == Kind.DATA:
         pass
     thread.join(SECONDS)
+
+
+def test_the_stage_counts_its_cpu_per_frame_and_the_inferences_share(relay):
+    loop, links, thread = relay
+    relay_frames(links, thread, 5)
     summary = summarise(2, loop.timings, False, loop.cpu_seconds)
     assert loop.cpu_seconds > 0 and summary.cpu_ms_per_frame == pytest.approx(loop.cpu_seconds * 1000 / 5)
     assert summary.inference_cpu_ms is not None and 0 <= summary.inference_cpu_ms <= summary.cpu_ms_per_frame
@@ -210,13 +215,7 @@ def test_an_unpaced_stage_reports_no_pacing_however_its_threads_are_scheduled(re
     """Pacing is the sleep to a planned time; without a plan nothing is paced, even when the executor waits for
     the CPU after handing its input buffer back (a quota-limited board: the receive thread runs first)."""
     loop, links, thread = relay
-    for i in range(6):
-        links.previous.send(i, 0, [np.ones((1, 3), dtype="float32")])
-    links.previous.end(6)
-    out = [np.empty((1, 3), dtype="float32")]
-    while links.following.read(out).kind == Kind.DATA:
-        pass
-    thread.join(SECONDS)
+    relay_frames(links, thread, 6)
     assert len(loop.timings) == 6 and all(t.emulation_ms == 0.0 and t.planned_ms == 0.0 for t in loop.timings)
 
 
