@@ -129,7 +129,7 @@ def row(kind: str, o: Outcome) -> str:
     times = s.result_times
     if not s.switches:
         return (f"| {kind} | {o.scenario} | {rate(times, times[0] + 1, times[-1]):.1f} ({s.start_throughput:.1f}) | "
-                f"no switch | | | | | | {max(np.diff(times)) if len(times) > 1 else 0:.3f} | | | {o.lost} | "
+                f"no switch | | | | | | {max(np.diff(times)) if len(times) > 1 else 0:.3f} | | | | {o.lost} | "
                 f"{s.duplicates} |")
     w = next((x for x in s.switches if x.label == LABELS[o.scenario]), s.switches[0])
     first = (w.first_result_s if w.first_result_s is not None else float("nan"))
@@ -149,7 +149,7 @@ def row(kind: str, o: Outcome) -> str:
     return (f"| {kind} | {o.scenario} | {before:.1f} ({s.start_throughput:.1f}) | {o.detected_s:.3f} | "
             f"{w.replan_s * 1000:.1f} | {w.prepare_s:.3f} | {w.push_s:.3f} | {w.switch_s * 1000:.1f} | {first:.3f} | "
             f"{gap:.3f} ({periods:.1f}) | {switch_gap:.3f} ({switch_gap * running:.1f} / {switch_gap * after:.1f}) | "
-            f"{after:.1f} ({w.predicted_throughput * scale:.1f}) | {o.lost} | "
+            f"{w.links_kept} of {len(w.stages) + 1} | {after:.1f} ({w.predicted_throughput * scale:.1f}) | {o.lost} | "
             f"{s.duplicates} |")
 
 
@@ -183,11 +183,12 @@ def main() -> None:
           f"its barrier); 'cut+push' is what was cut and pushed on the critical path; the longest gap also in "
           f"periods of the faster plan as measured; 'at the switch' is the longest gap from the last result before the "
           f"new roles went out to 1 s after, in periods of the plan as it ran in the second before / of the new plan "
-          f"as measured after\n")
+          f"as measured after; 'links kept' are the new plan's links (input, between stages, results) that went on "
+          f"from the old plan after NEXT instead of being dialled\n")
     print("| model | event | before inf/s (predicted) | detect s | re-plan ms | loaded ahead s | cut+push s "
           "| switch ms | first new result s | longest gap s (periods) | at the switch s (periods before / after) "
-          "| after inf/s (predicted) | lost | duplicated |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| links kept | after inf/s (predicted) | lost | duplicated |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for line in rows:
         print(line)
 

@@ -121,6 +121,11 @@ class FrameWriter:
         """End of stream; `sequence` is the number of DATA frames sent."""
         self._send([memoryview(encode_header(Kind.END, sequence, 0))])
 
+    def next(self, sequence: int, generation: int) -> None:
+        """End of this generation's stream, the link going on as `generation`'s (its next writer takes the
+        socket); `sequence` is the number of DATA frames sent."""
+        self._send([memoryview(encode_header(Kind.NEXT, sequence, generation))])
+
     def error(self, sequence: int, message: str) -> None:
         """Tell the peer this stage failed, with the one-line message it should pass on."""
         self._send([memoryview(encode_header(Kind.ERROR, sequence, 0, message=message))])
@@ -140,12 +145,20 @@ class FrameReader:
     """Reads frames from one upstream peer into caller-provided buffers, checking every field; owns the socket's
     receiving side from here on. `timeout` bounds each whole frame, from when read() starts waiting for it; with
     `idle`, waiting for a frame's first byte has no deadline (a device agent between requests: its controller's
-    heartbeats, not this link, tell a stalled peer) and the frame's deadline starts with that byte."""
+    heartbeats, not this link, tell a stalled peer) and the frame's deadline starts with that byte.
+
+    `continues`: a NEXT frame may end the stream (a device agent's link that stays across a switch); read()
+    then returns it, `continues` names the generation the link goes on as, and `leftover` holds the bytes read
+    past it, which the next generation's reader takes as its `prefix`."""
 
     def __init__(self, sock: socket.socket, specs: Sequence[TensorSpec], peer: str, timeout: Optional[float],
-                 idle: bool = False):
+                 idle: bool = False, continues: bool = False, prefix: bytes = b""):
         self.sock, self.specs, self.peer = sock, list(specs), peer
         self.timeout, self.idle = timeout, idle
+        self.may_continue = continues
+        self.continues: Optional[int] = None
+        self.leftover = b""
+        self._prefix = prefix
         sock.setblocking(False)
         self._waiter = _Waiter(sock, select.POLLIN, timeout)
         self._tls = isinstance(sock, ssl.SSLSocket)
@@ -197,9 +210,15 @@ class FrameReader:
             self._receive([self._head_view[got:end]], end - got, False)
         block = self._head_view[HEADER.size:end]
         if kind != Kind.DATA:
-            self._ended = True  # nothing may follow END or ERROR
+            self._ended = True  # nothing may follow END or ERROR; after NEXT, the next generation's reader reads
+        if kind == Kind.NEXT and not self.may_continue:
+            raise ProtocolError(f"{self.peer}: the link goes on as generation {origin_ns}, which only a device "
+                                f"agent's link does")
         check_block(kind, count, block, self.specs, self.peer)
         self._check_sequence(sequence)
+        if kind == Kind.NEXT:
+            self.continues, self.leftover = origin_ns, bytes(self._head[end:got])
+            return Frame(kind, sequence, origin_ns, [])
         if kind == Kind.END:
             if got > end:
                 raise ProtocolError(f"{self.peer}: {got - end} unexpected bytes after end-of-stream")
@@ -227,7 +246,7 @@ class FrameReader:
             self._low_water = 1
 
     def _receive_into(self, views: list[memoryview], minimum: int, at_boundary: bool, whole: bool) -> int:
-        total, got = sum(len(view) for view in views), 0
+        total, got = sum(len(view) for view in views), self._take_prefix(views)
         while got < minimum:
             try:
                 if self._tls:
@@ -256,6 +275,17 @@ class FrameReader:
             got += n
             _advance(views, n)
         return got
+
+    def _take_prefix(self, views: list[memoryview]) -> int:
+        """Bytes the previous generation's reader took past its NEXT frame come first."""
+        taken = 0
+        while self._prefix and views:
+            n = min(len(views[0]), len(self._prefix))
+            views[0][:n] = self._prefix[:n]
+            self._prefix = self._prefix[n:]
+            _advance(views, n)
+            taken += n
+        return taken
 
     def _tls_read(self, view: memoryview) -> int:
         """Up to len(view) decrypted bytes into view; 0 at the peer's close (as SSLSocket.recv_into says it)."""

@@ -8,7 +8,9 @@ Frame = header (28 bytes) + descriptor block + raw tensor bytes, all integers bi
                  byte length u64
     payload:     the tensors' raw bytes (C order), in descriptor order
 
-An ERROR frame carries its UTF-8 message as the descriptor block; END carries nothing. Every field of
+An ERROR frame carries its UTF-8 message as the descriptor block; END carries nothing. NEXT ends one plan
+generation's stream on a link that then carries the next one's (a device agent's link that stays across a
+switch): like END, with the generation the link continues as in the origin field. Every field of
 an incoming frame is checked against the manifest's specs before any payload byte is read.
 
 Nothing here touches a socket: dnnpipe.frameio sends and receives frames on connected (TCP or TLS) sockets
@@ -45,6 +47,7 @@ class Kind(IntEnum):
     DATA = 1
     END = 2
     ERROR = 3
+    NEXT = 4  # end of this generation's stream; the link continues as generation `origin_ns`
 
 
 class ProtocolError(DnnpipeError):
@@ -119,7 +122,7 @@ def check_block(kind: Kind, count: int, block: bytes | bytearray | memoryview, s
     manifest's, END carries nothing."""
     if kind == Kind.ERROR:
         raise PeerError(bytes(block).decode(errors="replace"))
-    if kind == Kind.END:
+    if kind in (Kind.END, Kind.NEXT):
         if count or len(block):
             raise ProtocolError(f"{peer}: end-of-stream frame announces {count} tensors and {len(block)} "
                                 f"descriptor bytes, expected none")
@@ -176,7 +179,7 @@ def decode_frame(data: bytes | bytearray | memoryview, specs: Sequence[TensorSpe
         raise ProtocolError(f"{peer}: truncated frame: {len(view)} of {end} header and descriptor bytes")
     check_block(kind, count, view[HEADER.size:end], specs, peer)
     check_sequence(sequence, expected_sequence, peer)
-    if kind == Kind.END:
+    if kind in (Kind.END, Kind.NEXT):
         return Frame(kind, sequence, origin_ns, []), end
     total = end + sum(spec.nbytes for spec in specs)
     if len(view) < total:

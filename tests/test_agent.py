@@ -30,6 +30,7 @@ from dnnpipe.runtime.agent import Agent, AgentOptions, Role, check_role, dial_li
 from dnnpipe.runtime.control import parse_line
 from dnnpipe.runtime.handshake import manifest_identity
 from dnnpipe.runtime.stage import StageLoop
+from dnnpipe.serve.decide import staying_links
 from dnnpipe.testbed.local import free_ports
 from dnnpipe.serve.controller import Cutter
 from dnnpipe.serve.delivery import Ledger
@@ -156,6 +157,8 @@ class Agents:
     ledger: Ledger
     cutter: Cutter
     faults: list  # (generation, why) of each route's fault
+    kept: list  # generations whose input link stayed from the route before
+    chain: tuple = ()  # the devices of the plan whose roles went out last
 
     def push(self, device: int, units: tuple[int, int]) -> None:
         flatbuffer = self.cutter.cut(units)
@@ -174,19 +177,23 @@ class Agents:
 
     def roles(self, generation: int, stages: list[tuple[int, int, int]], abort: bool,
               pace: Optional[dict] = None) -> None:
+        chain = tuple(d for _, _, d in stages)
+        stays = [False] * (len(stages) + 1) if abort else staying_links(self.chain, chain)
+        self.chain = chain
         for k, (first, last, d) in enumerate(stages):
             nxt = stages[k + 1][2] if k + 1 < len(stages) else 0
             self.fleet.send(d, {"kind": "role", "generation": generation, "stage": k + 1, "units": [first, last],
                                 "from": stages[k - 1][2] if k else 0, "to": nxt, "host": "127.0.0.1",
                                 "port": self.devices[nxt].runtime_port if nxt else self.stream.port,
                                 "pace": (pace or {}).get(d),
-                                "abort": abort})
+                                "abort": abort, "keep_from": stays[k], "keep_to": stays[k + 1]})
         for d in set(self.devices) - {d for _, _, d in stages}:
             self.fleet.send(d, {"kind": "role", "generation": generation, "units": None, "abort": abort})
 
     def route(self, generation: int, stages: list[tuple[int, int, int]], abort: bool):
         head = self.devices[stages[0][2]]
-        return self.stream.open(generation, (head.device_id, "127.0.0.1", head.runtime_port), stages[-1][2], abort)
+        return self.stream.open(generation, (head.device_id, "127.0.0.1", head.runtime_port), stages[-1][2], abort,
+                                tuple(d for _, _, d in stages))
 
     def run(self, generation: int, stages: list[tuple[int, int, int]], abort: bool, pace: Optional[dict] = None):
         self.roles(generation, stages, abort, pace)
@@ -210,14 +217,16 @@ def agents(served: Served, tmp_path, feed, count: int) -> Iterator[Agents]:
                   lines.append)
     ledger = Ledger(None, 8)
     faults: list[tuple[int, str]] = []
+    kept: list[int] = []
     stream = Stream(ledger, feed, manifest.inputs, manifest.outputs, key, model, session, "127.0.0.1", 20.0,
-                    lambda: time.sleep(0.004), lambda route, why: faults.append((route.generation, why)))
+                    lambda: time.sleep(0.004), lambda route, why: faults.append((route.generation, why)),
+                    on_kept=kept.append)
     try:
         for device in devices.values():
             fleet.start(device)
         up = {fleet.events.get(timeout=30)[1] for _ in devices}
         assert up == set(devices)
-        yield Agents(devices, fleet, stream, ledger, Cutter(folder), faults)
+        yield Agents(devices, fleet, stream, ledger, Cutter(folder), faults, kept)
     finally:
         stream.close()
         fleet.close()
@@ -288,6 +297,45 @@ def test_a_planned_roles_links_are_dialled_before_the_barrier(served, tmp_path):
         feed.gate = total
         wait_for(lambda: a.ledger.done, 60)
         wait_for(lambda: a.stream.route is not None and a.stream.route.results_done.is_set())
+        check_results(served, feed, total)
+        assert a.ledger.epoch == 1 and a.stream.duplicates == 0 and not a.faults
+
+
+def test_links_that_stay_go_on_as_the_new_plans_and_are_not_dialled(served, tmp_path):
+    """A planned switch that moves the cut between the same two devices keeps every link: the controller's input
+    link, the link between the devices and the result link go on as generation 2's after NEXT (each old role says
+    which generation its link went on as; the controller counts its own), and generation 2 dials none (no result
+    link of it comes in). A switch that appends a device keeps the links up to it and dials the rest. Every
+    result once, equal to the model's."""
+    total = 150
+    feed = ListFeed(rows_of(served), total)
+    feed.gate = 50  # generation 1's stream has no END before the barrier
+    with agents(served, tmp_path, feed, 3) as a:
+        units = read_manifest(served.parts / served.name).units
+        plan_a = [(1, 30, 1), (31, units, 2)]
+        plan_b = [(1, 50, 1), (51, units, 2)]
+        plan_c = [(1, 20, 1), (21, 60, 2), (61, units, 3)]
+        a.push_all(plan_a + plan_b + plan_c)
+        a.run(1, plan_a, abort=True)
+        wait_for(lambda: len(feed.delivered) >= 50)
+        a.roles(2, plan_b, abort=False)
+        time.sleep(0.3)
+        assert not a.stream.has_link(2, 2)  # the last device sends generation 2's results on its old link
+        a.route(2, plan_b, abort=False)
+        feed.gate = 100
+        seen: list = []
+        wait_for(lambda: len(feed.delivered) >= 100 and {(1, 1), (2, 1)} <= ended(a, seen).keys())
+        assert ended(a, seen) == {(1, 1): 2, (2, 1): 2}  # (device, generation) -> the generation its link went on as
+        assert a.kept == [2]
+        a.roles(3, plan_c, abort=False)
+        wait_for(lambda: a.stream.has_link(3, 3))  # the new last device's result link is dialled
+        a.route(3, plan_c, abort=False)
+        feed.gate = total
+        wait_for(lambda: a.ledger.done, 60)
+        wait_for(lambda: a.stream.route is not None and a.stream.route.results_done.is_set())
+        wait_for(lambda: {(1, 2), (2, 2)} <= ended(a, seen).keys())
+        assert {k: v for k, v in ended(a, seen).items() if k[1] == 2} == {(1, 2): 3, (2, 2): None}
+        assert a.kept == [2, 3]
         check_results(served, feed, total)
         assert a.ledger.epoch == 1 and a.stream.duplicates == 0 and not a.faults
 
@@ -373,6 +421,13 @@ def wait_for(condition, seconds: float = 30.0) -> bool:
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
     return True
+
+
+def ended(a: Agents, seen: list) -> dict[tuple[int, int], Optional[int]]:
+    """(device, generation) -> the generation its downstream link went on as (None: END), of every role ended so
+    far; `seen` keeps the events drained before."""
+    seen += [e for e in drain(a.fleet) if e[0] == "ended"]
+    return {(e[1], e[2]): e[3] for e in seen}
 
 
 def drain(fleet: Fleet) -> list:

@@ -489,3 +489,53 @@ def test_a_closed_tls_link_is_never_read_through_its_old_fd_number(certificate):
         assert d.fileno() != number or d.recv(100) == b"not yours"  # the new link's bytes are still its own
     finally:
         a.close(), c.close(), d.close()
+
+
+# --- NEXT: a device agent's link that stays across a switch goes on as the next generation's
+
+NEXT_SPECS = [TensorSpec("cut", "cut", (1, 5), "float32")]  # the new role's tensors: another cut
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_a_link_that_stays_goes_on_as_the_next_generation_with_the_bytes_read_past_next(tls, certificate):
+    """The old writer ends with NEXT and the new one writes at once on the same socket: the old reader may take
+    the new frame's first bytes with NEXT's; the new reader starts from them, on the next generation's specs."""
+    a, b = tls_socketpair(certificate) if tls else socket.socketpair()
+    old_writer, old_reader = FrameWriter(a, SPECS, "next", 2.0), FrameReader(b, SPECS, "peer", 2.0, continues=True)
+    old_writer.send(0, 7, tensors(0))
+    old_writer.next(1, 9)
+    new = [np.arange(5, dtype="float32").reshape(1, 5) + i for i in range(2)]
+    new_writer = FrameWriter(a, NEXT_SPECS, "next", 2.0)
+    for i, t in enumerate(new):
+        new_writer.send(i, 100 + i, [t])
+    new_writer.end(2)
+    assert old_reader.read(buffers()).kind == Kind.DATA
+    frame = old_reader.read(buffers())
+    assert (frame.kind, frame.sequence, old_reader.continues) == (Kind.NEXT, 1, 9)
+    with pytest.raises(ProtocolError, match="read after end-of-stream"):
+        old_reader.read(buffers())
+    if not tls:  # a plain socket's one recv took the new frame's head with NEXT
+        assert old_reader.leftover
+    new_reader = FrameReader(b, NEXT_SPECS, "peer", 2.0, continues=True, prefix=old_reader.leftover)
+    for i, t in enumerate(new):
+        got = new_reader.read([np.empty((1, 5), "float32")])
+        assert got.sequence == i and got.origin_ns == 100 + i
+        np.testing.assert_array_equal(got.tensors[0], t)
+    assert new_reader.read([np.empty((1, 5), "float32")]).kind == Kind.END
+    a.close(), b.close()
+
+
+def test_next_is_refused_where_a_link_never_goes_on(pair):
+    """A stage of runtime_engine.py (or the controller's input side) takes no NEXT: one line names it."""
+    sender, reader = pair
+    sender.sendall(encode_frame(Kind.NEXT, 0, 4))
+    with pytest.raises(ProtocolError, match="peer 1.2.3.4:5: the link goes on as generation 4, which only a device"):
+        reader.read(buffers())
+
+
+def test_next_counts_the_frames_sent_like_end():
+    a, b = socket.socketpair()
+    a.sendall(encode_frame(Kind.NEXT, 2, 4))
+    with pytest.raises(ProtocolError, match="sequence 2 where 0 was expected"):
+        FrameReader(b, SPECS, "peer", 2.0, continues=True).read(buffers())
+    a.close(), b.close()

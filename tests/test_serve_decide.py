@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Mapping, Optional
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from dnnpipe.serve.decide import GiveUp, Joined, Lost, Measured, Prepare, Proposal, State, Switch, Switched, \
-    contingencies, decide, next_push, worth_switching
+    contingencies, decide, next_push, staying_links, worth_switching
 
 RUNNING = ((1, 10, 1), (11, 20, 2), (21, 30, 3))
 
@@ -137,3 +140,28 @@ def test_a_dropped_planned_switch_gets_its_plans_for_a_loss_back():
     back, pushes = decide(replace(proposed, stages=RUNNING), Switched(), planner)
     assert set(back.contingency) == {1, 2, 3} and pushes
     assert next_push(pushes, back, {})[0] == pushes[0]
+
+
+# --- links that stay across a planned switch
+
+
+def test_a_link_stays_when_the_chain_up_to_its_receiving_end_is_the_same():
+    """Chains are controller -> devices -> controller; a new plan's links, in order (the last is the result link)."""
+    assert staying_links([1, 2, 3], [1, 2, 3]) == [True, True, True, True]  # cuts moved, same devices: all stay
+    assert staying_links([1, 2], [1, 2, 3]) == [True, True, False, False]  # a device joined at the end
+    assert staying_links([1, 2, 3], [1, 3]) == [True, False, False]  # 3 reached another way: its links are new
+    assert staying_links([1, 2], [2]) == [False, False]  # the old first device left: nothing stays
+    assert staying_links([2], [1, 2]) == [False, False, False]
+    assert staying_links([], [1]) == [False, False]
+
+
+@given(st.lists(st.integers(1, 5), max_size=5, unique=True), st.lists(st.integers(1, 5), min_size=1, max_size=5,
+                                                                         unique=True))
+def test_only_a_prefix_of_links_stays_and_each_joins_the_same_two_ends(old, new):
+    stays = staying_links(old, new)
+    assert len(stays) == len(new) + 1
+    assert stays == sorted(stays, reverse=True)  # once one is new, every later one is new
+    old_links = set(zip([0, *old], [*old, 0]))
+    for (sender, receiver), stay in zip(zip([0, *new], [*new, 0]), stays):
+        assert not stay or (sender, receiver) in old_links
+    assert stays[-1] == (old == new)

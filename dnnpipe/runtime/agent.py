@@ -30,6 +30,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -124,6 +125,8 @@ class Role:
     port: int = 0
     pace_ms: Optional[float] = None
     abort: bool = False  # cut the running role now (a device was lost) instead of at the barrier
+    keep_from: bool = False  # its upstream link may be the older role's that stays (after NEXT)
+    keep_to: bool = False  # its downstream link stays: the older role's, handed on at NEXT
 
 
 def check_units(message: dict[str, Any], units: int, peer: str) -> tuple[int, int]:
@@ -147,10 +150,14 @@ def check_role(message: dict[str, Any], units: int, peer: str) -> Role:
     host = message.get("host")
     if not isinstance(host, str) or not 0 < len(host) <= 255 or any(c.isspace() or ord(c) < 32 for c in host):
         raise DnnpipeError(f"{peer}: 'role' needs host a host name or address")
+    keep = [message.get(name, False) for name in ("keep_from", "keep_to")]
+    if not all(isinstance(flag, bool) for flag in keep):
+        raise DnnpipeError(f"{peer}: 'role' needs keep_from and keep_to true or false")
     return Role(generation, integer(message, "stage", 1, 4096, peer), check_units(message, units, peer),
                 integer(message, "from", 0, 4096, peer), integer(message, "to", 0, 4096, peer), host,
                 integer(message, "port", 1, 65535, peer),
-                number(message, "pace", MIN_PACE_MS, MAX_PACE_MS, peer, optional=True), abort)
+                number(message, "pace", MIN_PACE_MS, MAX_PACE_MS, peer, optional=True), abort,
+                keep[0] and not abort, keep[1] and not abort)
 
 
 class PreDial:
@@ -198,6 +205,41 @@ class PreDial:
             self.sock = None
 
 
+class HandOver:
+    """A running role's downstream link, promised to the role that follows it on this device when both send to
+    the same device: the link stays. At the end of its stream the old role sends NEXT instead of END and gives
+    the link here; if it ends without (an error, or its END went out before the new role arrived) it gives
+    nothing, and the new role dials its own link."""
+
+    def __init__(self, generation: int):
+        self.generation = generation  # the new role's
+        self.done = threading.Event()
+        self.sock: Optional[socket.socket] = None
+        self.discarded = False
+
+    def give(self, sock: Optional[socket.socket]) -> None:
+        self.sock = sock
+        self.done.set()
+        if self.discarded:
+            self.discard()
+
+    def take(self, stop: threading.Event) -> Optional[socket.socket]:
+        """The link once the old role's stream ended (None: not handed on); as long as the old role drains,
+        which its own deadlines and the controller's heartbeats bound."""
+        while not self.done.wait(0.01):
+            if stop.is_set():
+                self.discard()
+                raise DnnpipeError("stopped while the previous role drained")
+        sock, self.sock = self.sock, None
+        return sock
+
+    def discard(self) -> None:
+        self.discarded = True
+        if self.done.is_set() and self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
 @dataclass(frozen=True)
 class AgentOptions:
     device: int
@@ -235,15 +277,22 @@ class Agent:
         self._session: Optional[bytes] = None
         self._session_known = threading.Event()
         self._links: dict[tuple[int, int], socket.socket] = {}  # (generation, sender) -> proven data link
+        # (generation, sender) -> a link that stays: an older role's upstream after its NEXT, with the bytes read
+        # past it
+        self._kept: dict[tuple[int, int], tuple[socket.socket, bytes]] = {}
         self._links_changed = threading.Condition(self._lock)
-        self._dials: dict[int, PreDial] = {}  # generation -> its role's downstream link, dialled ahead
+        # generation -> its role's downstream link: dialled ahead, or an older role's that stays (handed at NEXT)
+        self._dials: dict[int, PreDial | HandOver] = {}
+        self._handovers: dict[int, HandOver] = {}  # old generation -> its downstream link's promise to a new role
+        self._ending: set[int] = set()  # generations whose stream's end went out (END or NEXT): too late to promise
+        self._upstream_done: dict[int, threading.Event] = {}  # generation -> its upstream link ended (END or NEXT)
         self._prepared: OrderedDict[tuple[int, int], tuple[StageSpec, StageRunner]] = OrderedDict()
         self._prepare: queue.Queue[tuple[tuple[int, int], bytes]] = queue.Queue()
         self._aborted_below = -1  # roles of generations below this are dropped
         self.loops: dict[int, StageLoop] = {}  # generation -> its running role (two overlap at a barrier)
         self._reported: dict[int, int] = {}  # generation -> its role's frames already reported in a beat
         self._late: list[float] = []  # stage times of an ended role not yet reported
-        self._live: set[int] = set()  # generations whose role was given and has not ended
+        self._live: dict[int, Role] = {}  # generation -> its role, given and not ended
         self._paces: dict[int, float] = {}  # generation -> a pace that came before its role's loop was made
         self.device = DeviceTurn()  # the roles of this device take turns, one frame at a time
         self.generation = -1  # the newest role's
@@ -384,6 +433,9 @@ class Agent:
             for link in self._links.values():
                 link.close()
             self._links.clear()
+            for kept, _ in self._kept.values():
+                kept.close()
+            self._kept.clear()
             for dial in self._dials.values():
                 dial.discard()
             self._dials.clear()
@@ -407,7 +459,8 @@ class Agent:
                 return  # the controller numbers generations upwards: a repeat or a stale role
             self.generation = role.generation
             if role.units is not None:
-                self._live.add(role.generation)  # with the generation: its early links are not stale
+                self._live[role.generation] = role  # with the generation: its early links are not stale
+                self._upstream_done[role.generation] = threading.Event()
             if role.abort:
                 self._aborted_below = role.generation
             older = [(g, loop) for g, loop in self.loops.items() if g < role.generation] if role.abort else []
@@ -417,24 +470,41 @@ class Agent:
             loop.abort(f"{self.name} role of generation {g} replaced (a device was lost)")
         if role.units is None:
             return
-        o = self.options
         with self._lock:
-            self._dials[role.generation] = PreDial().start(
-                lambda cancel: dial_link(role.host, role.port, o.device, role.downstream, role.generation, self.key,
-                                         self.model, self._wait_session(), o.connect_timeout, cancel,
-                                         self.tls_connect), f"{self.name} dial {role.generation}")
-        threading.Thread(target=self._run_role, args=(role,), daemon=True,
+            before = None if role.abort else self._before(role.generation)
+            if role.keep_to and before is not None and (before.downstream, before.host, before.port) == \
+                    (role.downstream, role.host, role.port) and before.generation not in self._ending | \
+                    set(self._handovers):
+                self._dials[role.generation] = self._handovers[before.generation] = HandOver(role.generation)
+            else:
+                self._dials[role.generation] = PreDial().start(partial(self._dial_downstream, role),
+                                                               f"{self.name} dial {role.generation}")
+            drains = before.generation if role.keep_from and before is not None and \
+                before.upstream == role.upstream else None
+        threading.Thread(target=self._run_role, args=(role, drains), daemon=True,
                          name=f"{self.name} role {role.generation}").start()
 
-    def _run_role(self, role: Role) -> None:
+    def _before(self, generation: int) -> Optional[Role]:
+        """The newest role older than `generation` still running here (hold self._lock): the links it shares
+        with the new one stay."""
+        older = [g for g in self._live if g < generation]
+        return self._live[max(older)] if older else None
+
+    def _dial_downstream(self, role: Role, cancel: threading.Event) -> socket.socket:
+        o = self.options
+        return dial_link(role.host, role.port, o.device, role.downstream, role.generation, self.key, self.model,
+                         self._wait_session(), o.connect_timeout, cancel, self.tls_connect)
+
+    def _run_role(self, role: Role, drains: Optional[int]) -> None:
+        """`drains`: the older role whose upstream link this one's may continue (same sending device): its
+        link is taken once that role's stream ended, kept (after NEXT) or dialled (after END)."""
         o = self.options
         assert role.units is not None
         try:
             spec, runner = self._runner(role.units, role.stage)
         except DnnpipeError as e:
             with self._lock:
-                self._live.discard(role.generation)
-                self._close_stale()
+                self._role_gone(role.generation)
             self._send({"kind": "error", "generation": role.generation, "message": str(e)})
             return
         name = f"[device {o.device} stage {role.stage}]"
@@ -445,23 +515,39 @@ class Agent:
             if role.generation < self._aborted_below or self.stop.is_set():  # aborted while it was set up
                 if dial is not None:
                     dial.discard()
-                self._live.discard(role.generation)
-                self._close_stale()
+                self._role_gone(role.generation)
                 return
             self.loops[role.generation], self._reported[role.generation] = loop, 0
             loop.pace_ms = self._paces.pop(role.generation, loop.pace_ms)
+            loop.continue_as = partial(self._continue_as, role.generation)
+
         def source() -> None:
-            up = self._take_link(role.generation, role.upstream, loop.stop)
-            loop.upstream = Upstream(up, f"{name} upstream device {role.upstream}", spec.inputs, o.timeout,
-                                     idle=True)  # a live feed may pause: heartbeats tell a stalled neighbour
-            loop.receive()
+            try:
+                if drains is not None:
+                    self._await_upstream_end(drains, loop.stop)
+                up, prefix = self._take_link(role.generation, role.upstream, loop.stop)
+                # a live feed may pause (idle): heartbeats tell a stalled neighbour
+                loop.upstream = Upstream(up, f"{name} upstream device {role.upstream}", spec.inputs, o.timeout,
+                                         idle=True, continues=True, prefix=prefix)
+                loop.receive()
+                self._keep_upstream(role, loop.upstream)
+            finally:
+                with self._lock:
+                    done = self._upstream_done.get(role.generation)
+                if done is not None:
+                    done.set()
 
         def sink() -> None:  # the first frame runs while the downstream link is still being proven
-            if dial is None:
+            if isinstance(dial, HandOver):
+                sock = dial.take(loop.stop) or self._dial_downstream(role, loop.stop)
+            elif dial is not None:
+                sock = dial.take(loop.stop, o.connect_timeout)
+            else:
                 raise DnnpipeError("no downstream link was dialled for this role")
-            loop.downstream = Downstream(dial.take(loop.stop, o.connect_timeout), f"{role.host}:{role.port}",
-                                         spec.outputs, o.timeout)
+            loop.downstream = Downstream(sock, f"{role.host}:{role.port}", spec.outputs, o.timeout)
             loop.send()
+            if loop.continued_as is not None:
+                self._hand_on(role.generation, loop.downstream)
 
         if role.abort:  # the cut role's frame is given up (as TFLite's cancellation would), not waited out
             with self.device.lock:
@@ -477,12 +563,70 @@ class Agent:
         with self._lock:
             self._report_last(role.generation, loop)
             del self.loops[role.generation]
-            self._live.discard(role.generation)
-            self._close_stale()
+            self._role_gone(role.generation)
         if loop.error and not self.stop.is_set():
             self._send({"kind": "error", "generation": role.generation, "message": loop.error})
         elif not loop.error:
-            self._send({"kind": "ended", "generation": role.generation, "sent": loop.sent})
+            self._send({"kind": "ended", "generation": role.generation, "sent": loop.sent,
+                        "continues": loop.continued_as})
+
+    def _role_gone(self, generation: int) -> None:
+        """A role ended however it ended (hold self._lock): a promise of its link it did not keep lets its
+        successor dial; a role waiting for its upstream to end takes its own."""
+        self._live.pop(generation, None)
+        self._ending.discard(generation)
+        promised = self._handovers.pop(generation, None)
+        if promised is not None and not promised.done.is_set():
+            promised.give(None)
+        done = self._upstream_done.pop(generation, None)
+        if done is not None:
+            done.set()
+        self._close_stale()
+
+    def _continue_as(self, generation: int) -> Optional[int]:
+        """At the end of a role's stream: the generation its downstream link goes on as (NEXT), or None (END)."""
+        with self._lock:
+            self._ending.add(generation)
+            promised = self._handovers.get(generation)
+            if promised is None or promised.discarded or self._stale(promised.generation):
+                return None
+            return promised.generation
+
+    def _hand_on(self, generation: int, downstream: Downstream) -> None:
+        """NEXT went out: the link is the new role's now."""
+        sock = downstream.detach()
+        with self._lock:
+            promised = self._handovers.pop(generation, None)
+            if promised is None:
+                sock.close()
+            else:
+                promised.give(sock)
+
+    def _await_upstream_end(self, generation: int, stop: threading.Event) -> None:
+        """Until the older role's upstream link ended: after NEXT it is this role's link."""
+        with self._lock:
+            done = self._upstream_done.get(generation)
+        while done is not None and not done.wait(0.01):
+            if stop.is_set() or self.stop.is_set():
+                raise DnnpipeError("stopped while the previous role drained")
+
+    def _keep_upstream(self, role: Role, upstream: Upstream) -> None:
+        """After NEXT the upstream link is the role's of the generation it names (same sending device), with the
+        bytes read past NEXT; that generation must be newer and still to run here."""
+        following = upstream.reader.continues
+        if following is None:
+            return
+        sock, prefix = upstream.detach()
+        with self._links_changed:
+            if following <= role.generation or self._stale(following) or self.stop.is_set():
+                sock.close()
+                return
+            key = (following, role.upstream)
+            for held in (self._links.pop(key, None), self._kept.pop(key, (None, b""))[0]):
+                if held is not None:  # one dialled ahead for it would never carry a frame
+                    held.close()
+            self._kept[key] = (sock, prefix)
+            self._links_changed.notify_all()
 
     def _report_last(self, generation: int, loop: StageLoop) -> None:
         """The stage times of the current role's last frames go out with the next beat (the speed measure keeps
@@ -496,16 +640,23 @@ class Agent:
             raise DnnpipeError("no session from the controller yet")
         return self._session
 
-    def _take_link(self, generation: int, sender: int, stop: threading.Event) -> socket.socket:
+    def _take_link(self, generation: int, sender: int, stop: threading.Event) -> tuple[socket.socket, bytes]:
+        """The upstream link: one that stays (an older role's, after its NEXT) before one dialled for it."""
         deadline = time.monotonic() + self.options.connect_timeout
+        key = (generation, sender)
         with self._links_changed:
-            while (generation, sender) not in self._links:
+            while key not in self._kept and key not in self._links:
                 if stop.is_set() or self.stop.is_set():
                     raise DnnpipeError("stopped while waiting for the upstream link")
                 if time.monotonic() > deadline:
                     raise DnnpipeError(f"device {sender} did not link within {self.options.connect_timeout:g} s")
                 self._links_changed.wait(0.05)
-            return self._links.pop((generation, sender))
+            if key in self._kept:
+                dialled = self._links.pop(key, None)
+                if dialled is not None:
+                    dialled.close()
+                return self._kept.pop(key)
+            return self._links.pop(key), b""
 
     def _stale(self, generation: int) -> bool:
         """A generation no role of this agent runs or will run (hold self._lock)."""
@@ -515,6 +666,8 @@ class Agent:
         """Links and dials no role will take (hold self._lock)."""
         for key in [k for k in self._links if self._stale(k[0])]:
             self._links.pop(key).close()
+        for key in [k for k in self._kept if self._stale(k[0])]:
+            self._kept.pop(key)[0].close()
         for g in [g for g in self._dials if self._stale(g)]:
             self._dials.pop(g).discard()
         for g in [g for g in self._paces if self._stale(g)]:

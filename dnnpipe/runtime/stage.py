@@ -172,6 +172,10 @@ class StageLoop:
         self.downstream: Optional[Downstream] = None
         self.pace_ms = pace_ms  # a controller may change it while running
         self.sent = 0
+        # At the end of the stream: the generation the downstream link goes on as (a device agent's link that
+        # stays across a switch), decided at that moment; None sends END.
+        self.continue_as: Callable[[], Optional[int]] = lambda: None
+        self.continued_as: Optional[int] = None
         self.cpu_seconds = 0.0  # the process's CPU time while run() ran (every thread: CPU per frame)
 
     def _pool(self, specs) -> queue.SimpleQueue:
@@ -224,9 +228,10 @@ class StageLoop:
         self.fail(message)
         for box in (self.inbox, self.outbox, self.input_buffers, self.output_buffers):
             box.put_nowait(END)
-        if self.downstream is not None:
+        sock = None if self.downstream is None else self.downstream.sock
+        if sock is not None:  # None: handed on to the next generation after NEXT
             try:
-                socket.socket.shutdown(self.downstream.sock, socket.SHUT_RDWR)
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
             except OSError:
                 pass
 
@@ -280,7 +285,7 @@ class StageLoop:
                 return
             began = time.perf_counter()
             frame = self.upstream.read(buffers)
-            if frame.kind == Kind.END:
+            if frame.kind in (Kind.END, Kind.NEXT):  # NEXT: a device agent's link goes on (agent.py hands it on)
                 self._end_inbox()
                 return
             timing = FrameTiming(frame.sequence, receive_ms=(time.perf_counter() - began) * 1000,
@@ -353,7 +358,8 @@ class StageLoop:
                 downstream.error(self.sent, self.error or f"{self.name} stopped")
                 return
             if isinstance(item, EndOfStream):
-                downstream.end(self.sent)
+                self.continued_as = self.continue_as()
+                downstream.end(self.sent, self.continued_as)
                 return
             timing = item.timing
             timing.send_start = time.time()

@@ -46,36 +46,56 @@ class Upstream:
     """The connection from the previous stage: frames in, checked against the stage's input specs."""
 
     def __init__(self, sock: socket.socket, peer: str, specs: Sequence[TensorSpec], timeout: float,
-                 idle: bool = False):
-        self.sock = sock
-        self.reader = FrameReader(sock, specs, peer, timeout, idle)  # idle: see FrameReader
+                 idle: bool = False, continues: bool = False, prefix: bytes = b""):
+        self.sock: Optional[socket.socket] = sock
+        self.reader = FrameReader(sock, specs, peer, timeout, idle, continues, prefix)  # see FrameReader
 
     def read(self, buffers: Sequence[np.ndarray]) -> Frame:
         return self.reader.read(buffers)
 
     def shutdown(self) -> None:
         """Unblock a reader waiting on this link; the upstream stage sees the close."""
+        sock = self.sock
+        if sock is None:  # handed on: the next generation's now
+            return
         try:
-            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)  # SSLSocket's own would drop TLS under the reader
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)  # SSLSocket's own would drop TLS under the reader
         except OSError:
             pass
 
+    def detach(self) -> tuple[socket.socket, bytes]:
+        """The link after a NEXT frame, with the bytes read past it: the next generation's from here on."""
+        sock, self.sock = self.sock, None
+        assert sock is not None
+        return sock, self.reader.leftover
+
     def close(self) -> None:
-        self.sock.close()
+        if self.sock is not None:
+            self.sock.close()
 
 
 class Downstream:
     """The connection to the next stage: frames out, described by the stage's output specs (encoded once)."""
 
     def __init__(self, sock: socket.socket, address: str, specs: Sequence[TensorSpec], timeout: float):
-        self.sock = sock
+        self.sock: Optional[socket.socket] = sock
         self.writer = FrameWriter(sock, specs, f"the next stage at {address}", timeout)
 
     def send(self, sequence: int, origin_ns: int, tensors: Sequence[np.ndarray]) -> None:
         self.writer.send(sequence, origin_ns, tensors)
 
-    def end(self, sent: int) -> None:
-        self.writer.end(sent)
+    def end(self, sent: int, continues: Optional[int] = None) -> None:
+        """END, or NEXT when the link goes on as generation `continues`."""
+        if continues is None:
+            self.writer.end(sent)
+        else:
+            self.writer.next(sent, continues)
+
+    def detach(self) -> socket.socket:
+        """The link after NEXT went out: the next generation's from here on."""
+        sock, self.sock = self.sock, None
+        assert sock is not None
+        return sock
 
     def error(self, sent: int, message: str) -> None:
         """Tell the next stage why this one stopped (best effort: the link may be gone too)."""
@@ -85,7 +105,8 @@ class Downstream:
             pass
 
     def close(self) -> None:
-        self.sock.close()
+        if self.sock is not None:
+            self.sock.close()
 
 
 def listen(name: str, bind_addr: str, bind_port: int) -> socket.socket:

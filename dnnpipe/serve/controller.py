@@ -36,9 +36,10 @@ from ..manifest import MANIFEST_FILE, read_manifest, sha256_file
 from ..keygen import create_certificate
 from ..pipeline_key import CERT_FILE, CERT_KEY_FILE, stage_key, tls_context
 from ..planner.replan import ClusterChange, replan
+from ..runtime.control import CONTROLLER
 from ..runtime.handshake import manifest_identity
 from .decide import Action, GiveUp, Joined, Lost, Measured, Prepare, Proposal, Stages, State, Switch, Switched, \
-    decide, next_push
+    decide, next_push, staying_links
 from .detect import SpeedModel, speed_outliers, stage_time
 from ..feeds import Feed, NoEvents, ServeEvents
 from .filefeed import FileFeed
@@ -77,6 +78,7 @@ class SwitchRecord:
     first_result_s: Optional[float] = None
     switched_at: float = 0.0  # monotonic: the new roles went out (a planned switch's barrier)
     generation: int = 0
+    links_kept: int = 0  # links of the plan before that went on as this plan's (NEXT): not dialled again
 
 
 @dataclass
@@ -281,7 +283,7 @@ class Controller:
                            o.model_name, o.connect_timeout, o.ssh, self.echo, None if tls is None else tls[0])
         self.stream = Stream(self.ledger, self.feed, self.manifest.inputs, self.manifest.outputs, self.key,
                              self.model, self.session, o.controller_host, o.connect_timeout, self._pace, self._on_fault,
-                             tls)
+                             tls, lambda generation: self.fleet.events.put(("kept", CONTROLLER, generation)))
         pusher = threading.Thread(target=self._push_loop, daemon=True, name="serve push")
         pusher.start()
         try:
@@ -382,6 +384,10 @@ class Controller:
                 joined.add(device)
             elif kind == "prepared":
                 self.prepared.setdefault(device, set()).add(event[2])
+            elif kind == "ended" and event[3] is not None:  # its downstream link went on as that generation's
+                self._count_kept(event[3])
+            elif kind == "kept":  # the controller's input link went on as that generation's
+                self._count_kept(event[2])
             elif kind == "error" and event[2] in self._live_generations():
                 self.fault = self.fault or (now, f"device {device}: {event[3]}")
             elif kind == "error" and event[2] == -1:
@@ -426,6 +432,11 @@ class Controller:
         self._emulate_changes()
         self._registry(now)
         self._measure(now)
+
+    def _count_kept(self, generation: int) -> None:
+        for record in self.switches:
+            if record.generation == generation:
+                record.links_kept += 1
 
     def _draining_devices(self) -> set[int]:
         """Devices of routes still draining behind a planned switch's barrier (finished ones are let go)."""
@@ -524,6 +535,8 @@ class Controller:
         self.generation += 1
         g, stages = self.generation, action.stages
         previous = self.stream.route
+        stays = [False] * (len(stages) + 1) if action.abort or previous is None else \
+            staying_links([d for _, _, d in self.running], [d for _, _, d in stages])
         if action.abort:
             self.draining = []  # the stream stops every earlier route: their inputs are replayed
         elif previous is not None:
@@ -551,14 +564,15 @@ class Controller:
                 host, port, to = self.options.controller_host, self.stream.port, 0
             self.fleet.send(device, {"kind": "role", "generation": g, "stage": k + 1, "units": [first, last],
                                      "from": devices[k - 1] if k else 0, "to": to, "host": host, "port": port,
-                                     "pace": self.paced_ms(device, (first, last)), "abort": action.abort})
+                                     "pace": self.paced_ms(device, (first, last)), "abort": action.abort,
+                                     "keep_from": stays[k], "keep_to": stays[k + 1]})
         for device in self.fleet.up() - set(devices):
             self.fleet.send(device, {"kind": "role", "generation": g, "units": None, "abort": action.abort})
         head = self.devices[devices[0]]
         entry = (head.device_id, _reach(head), head.runtime_port)
         if not action.abort:
-            self._await_links(g, entry, devices[-1])
-        self.route = self.stream.open(g, entry, devices[-1], action.abort)
+            self._await_links(g, entry, devices[-1], stays)
+        self.route = self.stream.open(g, entry, devices[-1], action.abort, tuple(devices))
         record.switch_s = time.perf_counter() - switch_began
         self.predicted = action.throughput
         self.last_switch = time.monotonic()
@@ -574,15 +588,17 @@ class Controller:
         self.state, actions = decide(replace(self.state, stages=stages), Switched(), self.planner)
         self._carry_out(actions, detected)
 
-    def _await_links(self, generation: int, first: tuple[int, str, int], last: int) -> None:
-        """A planned switch's barrier waits until the new plan's links are proven (its input link, dialled ahead,
-        and its result link; the agents dial theirs at the same moment), at most LINK_WAIT: their TLS and key
-        handshakes cost CPU, which a 2-core host would otherwise spend at the barrier, where every period
-        counts. The old plan serves meanwhile."""
-        self.stream.dial_ahead(generation, [first])
+    def _await_links(self, generation: int, first: tuple[int, str, int], last: int, stays: list[bool]) -> None:
+        """A planned switch's barrier waits until the new plan's new links are proven (its input link, dialled
+        ahead, and its result link; the agents dial theirs at the same moment), at most LINK_WAIT: their TLS and
+        key handshakes cost CPU, which a 2-core host would otherwise spend at the barrier, where every period
+        counts. The old plan serves meanwhile. A link that stays (same first or last device) is not dialled."""
+        input_stays, results_stay = stays[0], stays[-1]
+        if not input_stays:
+            self.stream.dial_ahead(generation, [first])
         deadline = time.monotonic() + LINK_WAIT
-        while time.monotonic() < deadline and not (self.stream.has_link(generation, last) and
-                                                   self.stream.dialled_ahead(generation, first[0])):
+        while time.monotonic() < deadline and not ((results_stay or self.stream.has_link(generation, last)) and
+                                                   (input_stays or self.stream.dialled_ahead(generation, first[0]))):
             time.sleep(POLL_SECONDS / 2)
 
     def _ensure_pushed(self, stages: Stages) -> None:

@@ -174,3 +174,13 @@ def next_push(deferred: Sequence[Prepare], state: State, loaded: Mapping[int, Ab
 
 def _names(devices: frozenset[int]) -> str:
     return ", ".join(map(str, sorted(devices)))
+
+
+def staying_links(old: Sequence[int], new: Sequence[int]) -> list[bool]:
+    """For each link of the new plan's chain (controller -> its devices in order -> controller), whether the
+    link of the plan before goes on carrying it (NEXT) instead of a new one being dialled: when the chain up to
+    and including the link's receiving end is the same in both. Then every link before it stays too, so each
+    carries the old plan's END ahead of the new plan's first frame and no new frame waits behind old ones it
+    could have passed on a link of its own (a new plan that reaches a device by another way may)."""
+    old_chain, new_chain = [0, *old, 0], [0, *new, 0]
+    return [old_chain[:j + 2] == new_chain[:j + 2] for j in range(len(new) + 1)]

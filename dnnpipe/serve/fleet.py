@@ -7,7 +7,9 @@ thread of the controller. What the agents say becomes events on one queue, read 
     ("up", d)                      the agent said hello
     ("lost", d, why)               its control link closed or broke (process killed, device gone)
     ("prepared", d, (first, last)) a pushed sub-model is loaded
-    ("ended", d, generation)       its role's stream ended cleanly (the barrier passed)
+    ("ended", d, generation, g)    its role's stream ended cleanly (the barrier passed); g: the generation its
+                                   downstream link went on as (None: END, the link closed)
+    ("kept", 0, generation)        the controller's input link went on as this generation's
     ("error", d, generation, why)  its role failed (generation -1: a push could not be loaded)
 
 A frozen device (SIGSTOP, cut off) sends no heartbeat: `silent()` names the agents silent too long. No ssh call
@@ -217,7 +219,9 @@ class Fleet:
         elif kind == "prepared":
             self.events.put(("prepared", d, check_units(message, 1 << 20, peer)))
         elif kind == "ended":
-            self.events.put(("ended", d, integer(message, "generation", 0, 1 << 16, peer)))
+            continues = None if message.get("continues") is None else \
+                integer(message, "continues", 0, 1 << 16, peer)
+            self.events.put(("ended", d, integer(message, "generation", 0, 1 << 16, peer), continues))
         elif kind == "error":
             generation = integer(message, "generation", -1, 1 << 16, peer)
             self.events.put(("error", d, generation, text(message, "message", peer)))

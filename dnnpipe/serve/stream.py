@@ -30,6 +30,7 @@ from ..runtime.agent import PreDial, dial_link, vet_link
 from ..runtime.control import CONTROLLER
 from ..runtime.dataio import to_real, to_wire
 from ..runtime.handshake import ProbeClosed
+from .decide import staying_links
 from .delivery import Ledger
 from ..feeds import Feed
 from .accept import accept_each, hang_up
@@ -54,17 +55,30 @@ class Route:
     base: Optional[int] = None  # the epoch's wire sequence of this route's first input
     first_result: Optional[float] = None  # monotonic
     sockets: list[socket.socket] = field(default_factory=list)
+    chain: tuple[int, ...] = ()  # its plan's devices in order
+    following: Optional["Route"] = None  # the route behind its barrier
+    handed: Optional[socket.socket] = None  # its input link, gone on as the following route's after NEXT
+
+    def keeps_input(self) -> bool:
+        """Its input link stays from the route before (a planned switch with the same first device)."""
+        return self.previous is not None and self.previous.first == self.first
+
+    def keeps_results(self) -> bool:
+        """Its results come on the route before's result link, after that link's NEXT (decide.staying_links)."""
+        return self.previous is not None and bool(self.chain) and staying_links(self.previous.chain, self.chain)[-1]
 
 
 class Stream:
     def __init__(self, ledger: Ledger, feed: Feed, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
                  key: Optional[bytes], model: bytes, session: bytes, host: str, connect_timeout: float,
                  pace: Callable[[], None], on_fault: Callable[[Route, str], None],
-                 tls: Optional[tuple[ssl.SSLContext, ssl.SSLContext]] = None):
+                 tls: Optional[tuple[ssl.SSLContext, ssl.SSLContext]] = None,
+                 on_kept: Callable[[int], None] = lambda generation: None):
         self.tls = tls  # (listening, connecting) contexts: the links inside TLS
         self.ledger, self.feed, self.inputs, self.outputs = ledger, feed, list(inputs), list(outputs)
         self.key, self.model, self.session = key, model, session
         self.connect_timeout, self.pace, self.on_fault = connect_timeout, pace, on_fault
+        self.on_kept = on_kept  # a route's input link stayed from the route before (the controller counts it)
         self.credit = threading.Condition()  # guards the ledger; notified on every result
         self.delivering = threading.Lock()  # one result into the feed at a time (old and new routes alike)
         self.undelivered = 0  # results the ledger counted that are not in the feed yet
@@ -75,6 +89,7 @@ class Stream:
         self.fatal: Optional[BaseException] = None  # the feed failed to take a result (a full disk): end the run
         self.closed = threading.Event()
         self._links: dict[tuple[int, int], socket.socket] = {}
+        self._kept: dict[tuple[int, int], tuple[socket.socket, bytes]] = {}  # result links that stay, after NEXT
         self._links_changed = threading.Condition()
         self._ahead: dict[tuple[int, int], PreDial] = {}  # (generation, first device) -> input link dialled ahead
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -85,8 +100,10 @@ class Stream:
 
     # --- routes ------------------------------------------------------------------------------
 
-    def open(self, generation: int, first: tuple[int, str, int], last: int, abort: bool) -> Route:
-        """The next generation's route: behind the running one (a barrier), or instead of it (abort)."""
+    def open(self, generation: int, first: tuple[int, str, int], last: int, abort: bool,
+             chain: tuple[int, ...] = ()) -> Route:
+        """The next generation's route: behind the running one (a barrier), or instead of it (abort). `chain`:
+        its plan's devices in order (links that stay are kept by it)."""
         with self.credit:
             previous = self.route
             if abort or previous is None:
@@ -96,8 +113,10 @@ class Stream:
                 previous = None
             else:
                 epoch = self.ledger.epoch
+            route = self.route = Route(generation, epoch, first, last, previous, chain=chain)
+            if previous is not None:
+                previous.following = route
                 previous.barrier.set()
-            route = self.route = Route(generation, epoch, first, last, previous)
             self.credit.notify_all()
         for body in (self._source, self._results):
             threading.Thread(target=self._guarded, args=(body, route), daemon=True,
@@ -128,13 +147,21 @@ class Stream:
         return ahead is not None and ahead.done.is_set()
 
     def _dial(self, route: Route) -> socket.socket:
-        """The route's input link: the one dialled ahead when there is one, else dialled now. Links dialled ahead
-        for this generation or an older one that this route does not use are hung up."""
+        """The route's input link: the previous route's when it stays (handed on at the barrier), else the one
+        dialled ahead when there is one, else dialled now. Links dialled ahead for this generation or an older one
+        that this route does not use are hung up."""
         device, host, port = route.first
         with self._links_changed:
             ahead = self._ahead.pop((route.generation, device), None)
             for key in [k for k in self._ahead if k[0] <= route.generation]:
                 self._ahead.pop(key).discard()
+        if route.previous is not None and route.keeps_input():
+            if ahead is not None:
+                ahead.discard()
+            ahead = None
+            if self._wait(route.previous.source_done, route) and route.previous.handed is not None:
+                self.on_kept(route.generation)
+                return route.previous.handed
         if ahead is not None:
             try:
                 return ahead.take(route.stop, self.connect_timeout)
@@ -184,7 +211,7 @@ class Stream:
             hang_up(sock)
             return
         if route.previous is not None and not self._wait(route.previous.source_done, route):
-            return
+            return  # (a link that stays was handed on once it was done)
         writer = FrameWriter(sock, self.inputs, f"the first stage on device {device} at {host}:{port}", 60.0)
         route.source_linked.set()
         sent = 0
@@ -196,7 +223,7 @@ class Stream:
                 index = None if route.barrier.is_set() else self.ledger.peek()
                 if index is None:
                     if route.barrier.is_set() or self.ledger.done:
-                        writer.end(sent)
+                        self._end_inputs(route, writer, sent, sock)
                         return
                     if self.ledger.in_flight == 0:
                         self.last_progress = time.monotonic()
@@ -222,15 +249,28 @@ class Stream:
             writer.send(sent, time.time_ns(), tensors)
             sent += 1
 
+    def _end_inputs(self, route: Route, writer: FrameWriter, sent: int, sock: socket.socket) -> None:
+        """END at the barrier, or NEXT when the following route starts on the same device: the link stays."""
+        following = route.following
+        if following is not None and following.keeps_input() and not following.stop.is_set():
+            writer.next(sent, following.generation)
+            route.handed = sock
+        else:
+            writer.end(sent)
+
     def _results(self, route: Route) -> None:
-        sock = self._take(route)
+        if route.previous is not None and route.keeps_results():  # the last device may hand its link on
+            self._wait(route.previous.results_done, route)
+        sock, prefix = self._take(route)
         route.sockets.append(sock)
-        reader = FrameReader(sock, self.outputs, f"results from device {route.last}", None)
+        reader = FrameReader(sock, self.outputs, f"results from device {route.last}", None, continues=True,
+                             prefix=prefix)
         route.results_linked.set()
         buffers = [np.empty(s.shape, s.dtype) for s in self.outputs]
         while not route.stop.is_set():
             frame = reader.read(buffers)
-            if frame.kind == Kind.END:
+            if frame.kind in (Kind.END, Kind.NEXT):
+                self._keep_results(route, reader, sock)
                 route.results_done.set()
                 return
             with self.credit:
@@ -275,16 +315,33 @@ class Stream:
             self._links[(generation, sender)] = sock
             self._links_changed.notify_all()
 
+    def _keep_results(self, route: Route, reader: FrameReader, sock: socket.socket) -> None:
+        """After NEXT the result link is the named newer generation's, from the same last device."""
+        following = reader.continues
+        if following is None:
+            return
+        with self._links_changed:
+            if following <= route.generation or self.closed.is_set():
+                sock.close()
+                return
+            key = (following, route.last)
+            for held in (self._links.pop(key, None), self._kept.pop(key, (None, b""))[0]):
+                if held is not None:
+                    held.close()
+            self._kept[key] = (sock, reader.leftover)
+            self._links_changed.notify_all()
+
     def has_link(self, generation: int, sender: int) -> bool:
         """A last stage's results link of this generation is in and not yet taken by its route."""
         with self._links_changed:
             return (generation, sender) in self._links
 
-    def _take(self, route: Route) -> socket.socket:
+    def _take(self, route: Route) -> tuple[socket.socket, bytes]:
+        """The route's result link: the previous route's when it stays (after its NEXT), else the one dialled."""
         deadline = time.monotonic() + self.connect_timeout
         key = (route.generation, route.last)
         with self._links_changed:
-            while key not in self._links:
+            while key not in self._links and key not in self._kept:
                 if route.stop.is_set() or self.closed.is_set():
                     raise DnnpipeError("stopped")
                 if time.monotonic() > deadline:
@@ -297,7 +354,12 @@ class Stream:
                 earlier = earlier.previous
             for stale in [k for k in self._links if k[0] < route.generation and k[0] not in waiting]:
                 self._links.pop(stale).close()
-            return self._links.pop(key)
+            if key in self._kept:
+                dialled = self._links.pop(key, None)
+                if dialled is not None:
+                    dialled.close()
+                return self._kept.pop(key)
+            return self._links.pop(key), b""
 
     def close(self) -> None:
         """Every route stopped; returns once no result is being delivered (the feed may be closed after)."""
@@ -313,6 +375,9 @@ class Stream:
             for sock in self._links.values():
                 sock.close()
             self._links.clear()
+            for sock, _ in self._kept.values():
+                sock.close()
+            self._kept.clear()
             for ahead in self._ahead.values():
                 ahead.discard()
             self._ahead.clear()
