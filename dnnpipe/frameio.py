@@ -216,12 +216,14 @@ class FrameReader:
                                 f"agent's link does")
         check_block(kind, count, block, self.specs, self.peer)
         self._check_sequence(sequence)
-        if kind == Kind.NEXT:
-            self.continues, self.leftover = origin_ns, bytes(self._head[end:got])
+        if kind == Kind.NEXT:  # what was read past it, and what a previous reader handed on and is still unread
+            self.continues, self.leftover = origin_ns, bytes(self._head[end:got]) + self._prefix
+            self._prefix = b""
             return Frame(kind, sequence, origin_ns, [])
         if kind == Kind.END:
-            if got > end:
-                raise ProtocolError(f"{self.peer}: {got - end} unexpected bytes after end-of-stream")
+            if got > end or self._prefix:
+                raise ProtocolError(f"{self.peer}: {got - end + len(self._prefix)} unexpected bytes after "
+                                    f"end-of-stream")
             return Frame(kind, sequence, origin_ns, [])
         # descriptors equal to the manifest's take the fast path; a DATA head that missed it differs somewhere
         raise ProtocolError(f"{self.peer}: DATA frame head differs from the manifest's encoding")

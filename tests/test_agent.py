@@ -26,11 +26,11 @@ from dnnpipe.deploy.transport import SshOptions, transport_for
 from dnnpipe.errors import DnnpipeError
 from dnnpipe.manifest import MANIFEST_FILE, read_manifest
 from dnnpipe.pipeline_key import read_key
-from dnnpipe.runtime.agent import Agent, AgentOptions, Role, check_role, dial_link, link_identity, vet_link
+from dnnpipe.runtime.agent import Agent, AgentOptions, HandOver, Role, check_role, dial_link, link_identity, vet_link
 from dnnpipe.runtime.control import parse_line
 from dnnpipe.runtime.handshake import manifest_identity
 from dnnpipe.runtime.stage import StageLoop
-from dnnpipe.serve.decide import staying_links
+from dnnpipe.serve.roles import Running, role_messages
 from dnnpipe.testbed.local import free_ports
 from dnnpipe.serve.controller import Cutter
 from dnnpipe.serve.delivery import Ledger
@@ -54,9 +54,14 @@ def test_a_role_is_read_with_every_field_checked():
     for bad, fragment in ((role(units=[5, 1]), "last unit"), (role(units=[1, 11]), "last unit"),
                           (role(pace=float("inf")), "pace"), (role(pace=1e9), "pace"), (role(pace=True), "pace"),
                           (role(port=0), "port"), (role(host="a b"), "host"), (role(generation=-1), "generation"),
-                          (role(abort="yes"), "abort"), (role(generation=1 << 20), "generation")):
+                          (role(abort="yes"), "abort"), (role(generation=1 << 20), "generation"),
+                          (role(keep_from=3), "keep_from"), (role(keep_to=True), "keep_to"),
+                          (role(keep_to=-1), "keep_to")):
         with pytest.raises(DnnpipeError, match=fragment):
             check_role(bad, 10, PEER)
+    kept = check_role(role(keep_from=2, keep_to=None), 10, PEER)  # only an older generation's link can stay
+    assert (kept.keep_from, kept.keep_to) == (2, None)
+    assert check_role(role(keep_from=2, abort=True), 10, PEER).keep_from is None  # an abort keeps nothing
 
 
 def test_hostile_lines_are_one_error_each():
@@ -158,7 +163,7 @@ class Agents:
     cutter: Cutter
     faults: list  # (generation, why) of each route's fault
     kept: list  # generations whose input link stayed from the route before
-    chain: tuple = ()  # the devices of the plan whose roles went out last
+    running: Optional[Running] = None  # the plan whose roles went out last
 
     def push(self, device: int, units: tuple[int, int]) -> None:
         flatbuffer = self.cutter.cut(units)
@@ -177,18 +182,13 @@ class Agents:
 
     def roles(self, generation: int, stages: list[tuple[int, int, int]], abort: bool,
               pace: Optional[dict] = None) -> None:
-        chain = tuple(d for _, _, d in stages)
-        stays = [False] * (len(stages) + 1) if abort else staying_links(self.chain, chain)
-        self.chain = chain
-        for k, (first, last, d) in enumerate(stages):
-            nxt = stages[k + 1][2] if k + 1 < len(stages) else 0
-            self.fleet.send(d, {"kind": "role", "generation": generation, "stage": k + 1, "units": [first, last],
-                                "from": stages[k - 1][2] if k else 0, "to": nxt, "host": "127.0.0.1",
-                                "port": self.devices[nxt].runtime_port if nxt else self.stream.port,
-                                "pace": (pace or {}).get(d),
-                                "abort": abort, "keep_from": stays[k], "keep_to": stays[k + 1]})
-        for d in set(self.devices) - {d for _, _, d in stages}:
-            self.fleet.send(d, {"kind": "role", "generation": generation, "units": None, "abort": abort})
+        """The controller's roles (serve.roles), the plan before being the one whose roles went out last."""
+        for device, message in role_messages(
+                generation, tuple(stages), abort, self.running,
+                lambda d: ("127.0.0.1", self.devices[d].runtime_port if d else self.stream.port),
+                lambda d, units: (pace or {}).get(d), self.devices):
+            self.fleet.send(device, message)
+        self.running = Running(generation, tuple(d for _, _, d in stages))
 
     def route(self, generation: int, stages: list[tuple[int, int, int]], abort: bool):
         head = self.devices[stages[0][2]]
@@ -437,3 +437,25 @@ def drain(fleet: Fleet) -> list:
             found.append(fleet.events.get_nowait())
         except queue.Empty:
             return found
+
+
+def test_a_promised_link_is_the_old_roles_socket_or_nothing_and_never_leaks():
+    """HandOver: the new role takes the old role's socket once given; None when the old role ended without
+    handing it on (then the new role dials its own); a socket given after the new role was dropped is closed."""
+    promised = HandOver(2)
+    a, b = socket.socketpair()
+    threading.Timer(0.05, promised.give, args=(a,)).start()
+    assert promised.take(threading.Event()) is a
+    nothing = HandOver(3)
+    nothing.give(None)
+    assert nothing.take(threading.Event()) is None
+    stop = threading.Event()
+    stop.set()
+    dropped = HandOver(4)
+    with pytest.raises(DnnpipeError, match="stopped while the previous role drained"):
+        dropped.take(stop)
+    c, d = socket.socketpair()
+    dropped.give(c)  # the old role hands on after its successor was cut: nobody would take it
+    assert c.fileno() == -1
+    for s in (a, b, d):
+        s.close()

@@ -539,3 +539,31 @@ def test_next_counts_the_frames_sent_like_end():
     with pytest.raises(ProtocolError, match="sequence 2 where 0 was expected"):
         FrameReader(b, SPECS, "peer", 2.0, continues=True).read(buffers())
     a.close(), b.close()
+
+
+def test_two_nexts_in_a_row_hand_on_every_byte_read_past_them():
+    """Two planned switches back to back: a role with nothing to send ends at once (NEXT right after NEXT). The
+    first reader's head (long tensor names) takes NEXT, NEXT and the next DATA head in one recv; the second reader
+    must hand on what it did not use of that, not only what it read itself; an END with bytes still unread is an
+    error, as after any END."""
+    long_names = [TensorSpec("x" * 120, "x" * 120, (1, 4), "float32")]
+    a, b = socket.socketpair()
+    FrameWriter(a, long_names, "next", 2.0).next(0, 2)
+    FrameWriter(a, NEXT_SPECS, "next", 2.0).next(0, 3)
+    last = [TensorSpec("y", "y", (1, 2), "float32")]
+    writer = FrameWriter(a, last, "next", 2.0)
+    writer.send(0, 5, [np.array([[1.0, 2.0]], "float32")])
+    writer.end(1)
+    first = FrameReader(b, long_names, "peer", 2.0, continues=True)
+    assert first.read([np.empty((1, 4), "float32")]).kind == Kind.NEXT and len(first.leftover) > 28
+    second = FrameReader(b, NEXT_SPECS, "peer", 2.0, continues=True, prefix=first.leftover)
+    assert second.read([np.empty((1, 5), "float32")]).kind == Kind.NEXT and second.continues == 3
+    third = FrameReader(b, last, "peer", 2.0, continues=True, prefix=second.leftover)
+    got = third.read([np.empty((1, 2), "float32")])
+    np.testing.assert_array_equal(got.tensors[0], [[1.0, 2.0]])
+    assert third.read([np.empty((1, 2), "float32")]).kind == Kind.END
+    c, d = socket.socketpair()
+    with pytest.raises(ProtocolError, match="3 unexpected bytes after end-of-stream"):  # handed on with END
+        FrameReader(d, SPECS, "peer", 2.0, prefix=encode_frame(Kind.END, 0, 0) + b"\x00" * 3).read(buffers())
+    for s in (a, b, c, d):
+        s.close()

@@ -125,8 +125,8 @@ class Role:
     port: int = 0
     pace_ms: Optional[float] = None
     abort: bool = False  # cut the running role now (a device was lost) instead of at the barrier
-    keep_from: bool = False  # its upstream link may be the older role's that stays (after NEXT)
-    keep_to: bool = False  # its downstream link stays: the older role's, handed on at NEXT
+    keep_from: Optional[int] = None  # its upstream link may be this older generation's role's, which stays (NEXT)
+    keep_to: Optional[int] = None  # its downstream link stays: this older generation's role's, handed on at NEXT
 
 
 def check_units(message: dict[str, Any], units: int, peer: str) -> tuple[int, int]:
@@ -150,14 +150,12 @@ def check_role(message: dict[str, Any], units: int, peer: str) -> Role:
     host = message.get("host")
     if not isinstance(host, str) or not 0 < len(host) <= 255 or any(c.isspace() or ord(c) < 32 for c in host):
         raise DnnpipeError(f"{peer}: 'role' needs host a host name or address")
-    keep = [message.get(name, False) for name in ("keep_from", "keep_to")]
-    if not all(isinstance(flag, bool) for flag in keep):
-        raise DnnpipeError(f"{peer}: 'role' needs keep_from and keep_to true or false")
+    keep = [None if abort or message.get(name) is None else integer(message, name, 0, generation - 1, peer)
+            for name in ("keep_from", "keep_to")]
     return Role(generation, integer(message, "stage", 1, 4096, peer), check_units(message, units, peer),
                 integer(message, "from", 0, 4096, peer), integer(message, "to", 0, 4096, peer), host,
                 integer(message, "port", 1, 65535, peer),
-                number(message, "pace", MIN_PACE_MS, MAX_PACE_MS, peer, optional=True), abort,
-                keep[0] and not abort, keep[1] and not abort)
+                number(message, "pace", MIN_PACE_MS, MAX_PACE_MS, peer, optional=True), abort, *keep)
 
 
 class PreDial:
@@ -226,7 +224,7 @@ class HandOver:
     def take(self, stop: threading.Event) -> Optional[socket.socket]:
         """The link once the old role's stream ended (None: not handed on); as long as the old role drains,
         which its own deadlines and the controller's heartbeats bound."""
-        while not self.done.wait(0.01):
+        while not self.done.wait(0.05):  # returns as soon as the link is given; the poll only watches `stop`
             if stop.is_set():
                 self.discard()
                 raise DnnpipeError("stopped while the previous role drained")
@@ -471,24 +469,18 @@ class Agent:
         if role.units is None:
             return
         with self._lock:
-            before = None if role.abort else self._before(role.generation)
-            if role.keep_to and before is not None and (before.downstream, before.host, before.port) == \
-                    (role.downstream, role.host, role.port) and before.generation not in self._ending | \
-                    set(self._handovers):
-                self._dials[role.generation] = self._handovers[before.generation] = HandOver(role.generation)
+            sends = None if role.keep_to is None else self._live.get(role.keep_to)
+            if sends is not None and (sends.downstream, sends.host, sends.port) == \
+                    (role.downstream, role.host, role.port) and sends.generation not in self._ending | \
+                    set(self._handovers):  # the older role's link stays: promised to this one at its NEXT
+                self._dials[role.generation] = self._handovers[sends.generation] = HandOver(role.generation)
             else:
                 self._dials[role.generation] = PreDial().start(partial(self._dial_downstream, role),
                                                                f"{self.name} dial {role.generation}")
-            drains = before.generation if role.keep_from and before is not None and \
-                before.upstream == role.upstream else None
+            receives = None if role.keep_from is None else self._live.get(role.keep_from)
+            drains = receives.generation if receives is not None and receives.upstream == role.upstream else None
         threading.Thread(target=self._run_role, args=(role, drains), daemon=True,
                          name=f"{self.name} role {role.generation}").start()
-
-    def _before(self, generation: int) -> Optional[Role]:
-        """The newest role older than `generation` still running here (hold self._lock): the links it shares
-        with the new one stay."""
-        older = [g for g in self._live if g < generation]
-        return self._live[max(older)] if older else None
 
     def _dial_downstream(self, role: Role, cancel: threading.Event) -> socket.socket:
         o = self.options
@@ -546,8 +538,8 @@ class Agent:
                 raise DnnpipeError("no downstream link was dialled for this role")
             loop.downstream = Downstream(sock, f"{role.host}:{role.port}", spec.outputs, o.timeout)
             loop.send()
-            if loop.continued_as is not None:
-                self._hand_on(role.generation, loop.downstream)
+            if loop.continued_as is not None and not self._hand_on(role.generation, loop.downstream):
+                loop.continued_as = None  # its new role was cut meanwhile: the link closed, not kept
 
         if role.abort:  # the cut role's frame is given up (as TFLite's cancellation would), not waited out
             with self.device.lock:
@@ -592,21 +584,22 @@ class Agent:
                 return None
             return promised.generation
 
-    def _hand_on(self, generation: int, downstream: Downstream) -> None:
-        """NEXT went out: the link is the new role's now."""
+    def _hand_on(self, generation: int, downstream: Downstream) -> bool:
+        """NEXT went out: the link is the new role's now (False: that role was cut meanwhile; closed)."""
         sock = downstream.detach()
         with self._lock:
             promised = self._handovers.pop(generation, None)
-            if promised is None:
+            if promised is None or promised.discarded:
                 sock.close()
-            else:
-                promised.give(sock)
+                return False
+            promised.give(sock)
+            return True
 
     def _await_upstream_end(self, generation: int, stop: threading.Event) -> None:
         """Until the older role's upstream link ended: after NEXT it is this role's link."""
         with self._lock:
             done = self._upstream_done.get(generation)
-        while done is not None and not done.wait(0.01):
+        while done is not None and not done.wait(0.05):
             if stop.is_set() or self.stop.is_set():
                 raise DnnpipeError("stopped while the previous role drained")
 

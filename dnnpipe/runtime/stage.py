@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import math
 import queue
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -228,12 +227,8 @@ class StageLoop:
         self.fail(message)
         for box in (self.inbox, self.outbox, self.input_buffers, self.output_buffers):
             box.put_nowait(END)
-        sock = None if self.downstream is None else self.downstream.sock
-        if sock is not None:  # None: handed on to the next generation after NEXT
-            try:
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            except OSError:
-                pass
+        if self.downstream is not None:
+            self.downstream.shutdown()
 
     def _end_inbox(self) -> None:
         self._end_queued = True

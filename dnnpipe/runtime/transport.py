@@ -48,6 +48,7 @@ class Upstream:
     def __init__(self, sock: socket.socket, peer: str, specs: Sequence[TensorSpec], timeout: float,
                  idle: bool = False, continues: bool = False, prefix: bytes = b""):
         self.sock: Optional[socket.socket] = sock
+        self._owned = threading.Lock()  # a failing stage's shutdown never hits a link already handed on
         self.reader = FrameReader(sock, specs, peer, timeout, idle, continues, prefix)  # see FrameReader
 
     def read(self, buffers: Sequence[np.ndarray]) -> Frame:
@@ -55,17 +56,13 @@ class Upstream:
 
     def shutdown(self) -> None:
         """Unblock a reader waiting on this link; the upstream stage sees the close."""
-        sock = self.sock
-        if sock is None:  # handed on: the next generation's now
-            return
-        try:
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)  # SSLSocket's own would drop TLS under the reader
-        except OSError:
-            pass
+        with self._owned:
+            _shut(self.sock)
 
     def detach(self) -> tuple[socket.socket, bytes]:
         """The link after a NEXT frame, with the bytes read past it: the next generation's from here on."""
-        sock, self.sock = self.sock, None
+        with self._owned:
+            sock, self.sock = self.sock, None
         assert sock is not None
         return sock, self.reader.leftover
 
@@ -79,6 +76,7 @@ class Downstream:
 
     def __init__(self, sock: socket.socket, address: str, specs: Sequence[TensorSpec], timeout: float):
         self.sock: Optional[socket.socket] = sock
+        self._owned = threading.Lock()  # an aborting stage's shutdown never hits a link already handed on
         self.writer = FrameWriter(sock, specs, f"the next stage at {address}", timeout)
 
     def send(self, sequence: int, origin_ns: int, tensors: Sequence[np.ndarray]) -> None:
@@ -93,9 +91,15 @@ class Downstream:
 
     def detach(self) -> socket.socket:
         """The link after NEXT went out: the next generation's from here on."""
-        sock, self.sock = self.sock, None
+        with self._owned:
+            sock, self.sock = self.sock, None
         assert sock is not None
         return sock
+
+    def shutdown(self) -> None:
+        """Cut the link at once (an aborted role sends nothing more)."""
+        with self._owned:
+            _shut(self.sock)
 
     def error(self, sent: int, message: str) -> None:
         """Tell the next stage why this one stopped (best effort: the link may be gone too)."""
@@ -107,6 +111,16 @@ class Downstream:
     def close(self) -> None:
         if self.sock is not None:
             self.sock.close()
+
+
+def _shut(sock: Optional[socket.socket]) -> None:
+    """Both directions of a link shut, waking whoever waits on it (None: handed on, the next generation's)."""
+    if sock is None:
+        return
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # SSLSocket's own would drop TLS under a reader
+    except OSError:
+        pass
 
 
 def listen(name: str, bind_addr: str, bind_port: int) -> socket.socket:

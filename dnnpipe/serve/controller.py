@@ -39,12 +39,13 @@ from ..planner.replan import ClusterChange, replan
 from ..runtime.control import CONTROLLER
 from ..runtime.handshake import manifest_identity
 from .decide import Action, GiveUp, Joined, Lost, Measured, Prepare, Proposal, Stages, State, Switch, Switched, \
-    decide, next_push, staying_links
+    decide, next_push
 from .detect import SpeedModel, speed_outliers, stage_time
 from ..feeds import Feed, NoEvents, ServeEvents
 from .filefeed import FileFeed
 from .fleet import Fleet, controller_address
 from .options import ServeOptions
+from .roles import Running, role_messages
 from .stream import Route, Stream
 
 Echo = Callable[[str], None]
@@ -535,8 +536,7 @@ class Controller:
         self.generation += 1
         g, stages = self.generation, action.stages
         previous = self.stream.route
-        stays = [False] * (len(stages) + 1) if action.abort or previous is None else \
-            staying_links([d for _, _, d in self.running], [d for _, _, d in stages])
+        running = None if previous is None else Running(previous.generation, tuple(d for _, _, d in self.running))
         if action.abort:
             self.draining = []  # the stream stops every earlier route: their inputs are replayed
         elif previous is not None:
@@ -556,22 +556,14 @@ class Controller:
         switch_began = time.perf_counter()
         record.switched_at = time.monotonic()
         devices = [d for _, _, d in stages]
-        for k, (first, last, device) in enumerate(stages):
-            if k + 1 < len(stages):
-                following = self.devices[devices[k + 1]]
-                host, port, to = _reach(following), following.runtime_port, following.device_id
-            else:
-                host, port, to = self.options.controller_host, self.stream.port, 0
-            self.fleet.send(device, {"kind": "role", "generation": g, "stage": k + 1, "units": [first, last],
-                                     "from": devices[k - 1] if k else 0, "to": to, "host": host, "port": port,
-                                     "pace": self.paced_ms(device, (first, last)), "abort": action.abort,
-                                     "keep_from": stays[k], "keep_to": stays[k + 1]})
-        for device in self.fleet.up() - set(devices):
-            self.fleet.send(device, {"kind": "role", "generation": g, "units": None, "abort": action.abort})
+        roles = role_messages(g, stages, action.abort, running, self._address, self.paced_ms, self.fleet.up())
+        for device, message in roles:
+            self.fleet.send(device, message)
         head = self.devices[devices[0]]
         entry = (head.device_id, _reach(head), head.runtime_port)
-        if not action.abort:
-            self._await_links(g, entry, devices[-1], stays)
+        if not action.abort:  # the first role's upstream is the input link, the last one's downstream the results
+            self._await_links(g, entry, devices[-1], roles[0][1]["keep_from"] is not None,
+                              roles[len(stages) - 1][1]["keep_to"] is not None)
         self.route = self.stream.open(g, entry, devices[-1], action.abort, tuple(devices))
         record.switch_s = time.perf_counter() - switch_began
         self.predicted = action.throughput
@@ -588,12 +580,18 @@ class Controller:
         self.state, actions = decide(replace(self.state, stages=stages), Switched(), self.planner)
         self._carry_out(actions, detected)
 
-    def _await_links(self, generation: int, first: tuple[int, str, int], last: int, stays: list[bool]) -> None:
+    def _address(self, device: int) -> tuple[str, int]:
+        """Where a device takes its links (0: the controller's result listener)."""
+        if device == 0:
+            return self.options.controller_host, self.stream.port
+        return _reach(self.devices[device]), self.devices[device].runtime_port
+
+    def _await_links(self, generation: int, first: tuple[int, str, int], last: int, input_stays: bool,
+                     results_stay: bool) -> None:
         """A planned switch's barrier waits until the new plan's new links are proven (its input link, dialled
         ahead, and its result link; the agents dial theirs at the same moment), at most LINK_WAIT: their TLS and
         key handshakes cost CPU, which a 2-core host would otherwise spend at the barrier, where every period
-        counts. The old plan serves meanwhile. A link that stays (same first or last device) is not dialled."""
-        input_stays, results_stay = stays[0], stays[-1]
+        counts. The old plan serves meanwhile. A link that stays (decide.staying_links) is not dialled."""
         if not input_stays:
             self.stream.dial_ahead(generation, [first])
         deadline = time.monotonic() + LINK_WAIT

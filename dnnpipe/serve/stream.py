@@ -52,6 +52,7 @@ class Route:
     results_done: threading.Event = field(default_factory=threading.Event)
     source_linked: threading.Event = field(default_factory=threading.Event)  # inputs reach the first stage
     results_linked: threading.Event = field(default_factory=threading.Event)  # the last stage's results link is in
+    results_over: threading.Event = field(default_factory=threading.Event)  # its result reader returned, however
     base: Optional[int] = None  # the epoch's wire sequence of this route's first input
     first_result: Optional[float] = None  # monotonic
     sockets: list[socket.socket] = field(default_factory=list)
@@ -60,12 +61,16 @@ class Route:
     handed: Optional[socket.socket] = None  # its input link, gone on as the following route's after NEXT
 
     def keeps_input(self) -> bool:
-        """Its input link stays from the route before (a planned switch with the same first device)."""
-        return self.previous is not None and self.previous.first == self.first
+        """Its input link stays from the route before (the same first device: decide.staying_links)."""
+        return self._stays(0)
 
     def keeps_results(self) -> bool:
         """Its results come on the route before's result link, after that link's NEXT (decide.staying_links)."""
-        return self.previous is not None and bool(self.chain) and staying_links(self.previous.chain, self.chain)[-1]
+        return self._stays(-1)
+
+    def _stays(self, link: int) -> bool:
+        previous = self.previous
+        return previous is not None and bool(self.chain) and staying_links(previous.chain, self.chain)[link]
 
 
 class Stream:
@@ -156,10 +161,10 @@ class Stream:
             for key in [k for k in self._ahead if k[0] <= route.generation]:
                 self._ahead.pop(key).discard()
         if route.previous is not None and route.keeps_input():
-            if ahead is not None:
-                ahead.discard()
-            ahead = None
-            if self._wait(route.previous.source_done, route) and route.previous.handed is not None:
+            self._wait(route.previous.source_done, route)
+            if route.previous.handed is not None:  # NEXT went out: a link dialled ahead would never carry a frame
+                if ahead is not None:
+                    ahead.discard()
                 self.on_kept(route.generation)
                 return route.previous.handed
         if ahead is not None:
@@ -259,8 +264,14 @@ class Stream:
             writer.end(sent)
 
     def _results(self, route: Route) -> None:
+        try:
+            self._read_results(route)
+        finally:
+            route.results_over.set()
+
+    def _read_results(self, route: Route) -> None:
         if route.previous is not None and route.keeps_results():  # the last device may hand its link on
-            self._wait(route.previous.results_done, route)
+            self._wait(route.previous.results_over, route)
         sock, prefix = self._take(route)
         route.sockets.append(sock)
         reader = FrameReader(sock, self.outputs, f"results from device {route.last}", None, continues=True,
@@ -321,7 +332,9 @@ class Stream:
         if following is None:
             return
         with self._links_changed:
-            if following <= route.generation or self.closed.is_set():
+            expected = route.following
+            if expected is None or expected.generation != following or expected.stop.is_set() or \
+                    self.closed.is_set():  # only the route behind this one's barrier takes it
                 sock.close()
                 return
             key = (following, route.last)
@@ -354,6 +367,8 @@ class Stream:
                 earlier = earlier.previous
             for stale in [k for k in self._links if k[0] < route.generation and k[0] not in waiting]:
                 self._links.pop(stale).close()
+            for stale in [k for k in self._kept if k[0] < route.generation and k[0] not in waiting]:
+                self._kept.pop(stale)[0].close()
             if key in self._kept:
                 dialled = self._links.pop(key, None)
                 if dialled is not None:
