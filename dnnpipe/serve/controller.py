@@ -98,7 +98,8 @@ class ServeSummary:
     def describe(self) -> str:
         rate = (self.stored - self.resumed_from) / self.seconds if self.seconds > 0 else 0.0
         return (f"serve: summary: {self.stored} of {self.total} results stored (resumed from {self.resumed_from}), "
-                f"{self.duplicates} duplicates dropped, {len(self.switches)} switches, {self.seconds:.1f} s, "
+                f"{self.duplicates} duplicates dropped, {len(self.switches)} switches "
+                f"({sum(s.links_kept for s in self.switches)} links kept across them), {self.seconds:.1f} s, "
                 f"{rate:.1f} results/s; final plan {self.stages} predicted {self.predicted_throughput:.1f} inf/s")
 
 
