@@ -16,8 +16,8 @@ from dnnpipe.pipeline_key import link_tls
 from dnnpipe.frameio import FrameReader
 from dnnpipe.protocol import Kind
 from dnnpipe.runtime.handshake import LinkAuth, manifest_identity
-from dnnpipe.runtime.transport import (MAX_PENDING, MAX_PER_SOURCE, DropCounter, _Gate, _Held, accept_link,
-                                       accept_upstream, connect_downstream, listen, secure_dial)
+from dnnpipe.runtime.transport import (MAX_PENDING, MAX_PER_SOURCE, DropCounter, HeldLinks, _Gate, _Held,
+                                       accept_link, accept_upstream, connect_downstream, listen, secure_dial)
 
 SPEC = (TensorSpec("x", "x", (1, 4), "float32"),)
 
@@ -225,3 +225,23 @@ def test_tls_links_with_the_api_serve_and_agents_use(tmp_path):
     assert theirs.recv(6) == b"hello\n"
     for s in (sock, theirs, listener):
         s.close()
+
+
+def test_held_links_give_the_one_that_stays_first_and_close_what_no_role_takes():
+    """A link that stays (after NEXT) beats one dialled for the same generation, which closes; links of stale
+    generations close; a dialled link again for the same key replaces the first."""
+    held = HeldLinks()
+    pairs = [socket.socketpair() for _ in range(4)]
+    dialled, kept, other, again = (a for a, _ in pairs)
+    held.dialled((2, 1), dialled)
+    held.kept((2, 1), kept, b"past NEXT")
+    assert (2, 1) in held and dialled.fileno() == -1
+    assert held.pop((2, 1)) == (kept, b"past NEXT") and (2, 1) not in held
+    held.dialled((3, 1), other)
+    held.dialled((3, 1), again)
+    assert other.fileno() == -1 and held.pop((3, 1)) == (again, b"")
+    held.dialled((4, 0), other := socket.socketpair()[0])
+    held.drop(lambda generation: generation < 5)
+    assert other.fileno() == -1 and (4, 0) not in held
+    for a, b in pairs:
+        a.close(), b.close()

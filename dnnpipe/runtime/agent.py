@@ -44,7 +44,7 @@ from .control import CONTROLLER, LineReader, encode, integer, number, MIN_PACE_M
 from .handshake import HANDSHAKE_SECONDS, HandshakeError, LinkAuth, ProbeClosed, connect_side, listen_side_for, \
     manifest_identity, tls_wrap
 from .stage import DeviceTurn, StageLoop
-from .transport import Downstream, Say, Upstream, dial, listen
+from .transport import Downstream, HeldLinks, Say, Upstream, dial, listen
 
 HEARTBEAT_SECONDS = 0.1  # a frozen device misses a few in a row: detected within a second
 MAX_VETTING = 16  # connections vetted at once; a slot is taken before accept(), so more wait in the backlog
@@ -274,10 +274,7 @@ class Agent:
         self._lock = threading.Lock()
         self._session: Optional[bytes] = None
         self._session_known = threading.Event()
-        self._links: dict[tuple[int, int], socket.socket] = {}  # (generation, sender) -> proven data link
-        # (generation, sender) -> a link that stays: an older role's upstream after its NEXT, with the bytes read
-        # past it
-        self._kept: dict[tuple[int, int], tuple[socket.socket, bytes]] = {}
+        self._links = HeldLinks()  # (generation, sender) -> proven data link, dialled or staying
         self._links_changed = threading.Condition(self._lock)
         # generation -> its role's downstream link: dialled ahead, or an older role's that stays (handed at NEXT)
         self._dials: dict[int, PreDial | HandOver] = {}
@@ -428,12 +425,7 @@ class Agent:
         self.stop.set()
         with self._lock:
             loops = list(self.loops.values())
-            for link in self._links.values():
-                link.close()
-            self._links.clear()
-            for kept, _ in self._kept.values():
-                kept.close()
-            self._kept.clear()
+            self._links.close()
             for dial in self._dials.values():
                 dial.discard()
             self._dials.clear()
@@ -614,11 +606,7 @@ class Agent:
             if following <= role.generation or self._stale(following) or self.stop.is_set():
                 sock.close()
                 return
-            key = (following, role.upstream)
-            for held in (self._links.pop(key, None), self._kept.pop(key, (None, b""))[0]):
-                if held is not None:  # one dialled ahead for it would never carry a frame
-                    held.close()
-            self._kept[key] = (sock, prefix)
+            self._links.kept((following, role.upstream), sock, prefix)
             self._links_changed.notify_all()
 
     def _report_last(self, generation: int, loop: StageLoop) -> None:
@@ -638,18 +626,13 @@ class Agent:
         deadline = time.monotonic() + self.options.connect_timeout
         key = (generation, sender)
         with self._links_changed:
-            while key not in self._kept and key not in self._links:
+            while key not in self._links:
                 if stop.is_set() or self.stop.is_set():
                     raise DnnpipeError("stopped while waiting for the upstream link")
                 if time.monotonic() > deadline:
                     raise DnnpipeError(f"device {sender} did not link within {self.options.connect_timeout:g} s")
                 self._links_changed.wait(0.05)
-            if key in self._kept:
-                dialled = self._links.pop(key, None)
-                if dialled is not None:
-                    dialled.close()
-                return self._kept.pop(key)
-            return self._links.pop(key), b""
+            return self._links.pop(key)
 
     def _stale(self, generation: int) -> bool:
         """A generation no role of this agent runs or will run (hold self._lock)."""
@@ -657,10 +640,7 @@ class Agent:
 
     def _close_stale(self) -> None:
         """Links and dials no role will take (hold self._lock)."""
-        for key in [k for k in self._links if self._stale(k[0])]:
-            self._links.pop(key).close()
-        for key in [k for k in self._kept if self._stale(k[0])]:
-            self._kept.pop(key)[0].close()
+        self._links.drop(self._stale)
         for g in [g for g in self._dials if self._stale(g)]:
             self._dials.pop(g).discard()
         for g in [g for g in self._paces if self._stale(g)]:
@@ -752,8 +732,5 @@ class Agent:
             if self._stale(generation) or self.stop.is_set():
                 sock.close()
                 return
-            old = self._links.pop((generation, sender), None)
-            if old is not None:
-                old.close()
-            self._links[(generation, sender)] = sock
+            self._links.dialled((generation, sender), sock)
             self._links_changed.notify_all()

@@ -113,6 +113,54 @@ class Downstream:
             self.sock.close()
 
 
+LinkKey = tuple[int, int]  # (plan generation, sending device)
+
+
+class HeldLinks:
+    """Proven links that wait for the role (or the controller's route) of their generation: ones dialled for it,
+    and ones that stay (an older generation's link after its NEXT, with the bytes read past NEXT). One that
+    stays is taken first; a dialled one for the same generation then closes, as it would never carry a frame.
+    The caller holds the lock of the condition it waits on for them."""
+
+    def __init__(self) -> None:
+        self._dialled: dict[LinkKey, socket.socket] = {}
+        self._kept: dict[LinkKey, tuple[socket.socket, bytes]] = {}
+
+    def dialled(self, key: LinkKey, sock: socket.socket) -> None:
+        old = self._dialled.pop(key, None)
+        if old is not None:
+            old.close()
+        self._dialled[key] = sock
+
+    def kept(self, key: LinkKey, sock: socket.socket, prefix: bytes) -> None:
+        for held in (self._dialled.pop(key, None), self._kept.pop(key, (None, b""))[0]):
+            if held is not None:
+                held.close()
+        self._kept[key] = (sock, prefix)
+
+    def __contains__(self, key: LinkKey) -> bool:
+        return key in self._kept or key in self._dialled
+
+    def pop(self, key: LinkKey) -> tuple[socket.socket, bytes]:
+        """The link for `key` (in it) and the bytes to read before its own."""
+        if key in self._kept:
+            dialled = self._dialled.pop(key, None)
+            if dialled is not None:
+                dialled.close()
+            return self._kept.pop(key)
+        return self._dialled.pop(key), b""
+
+    def drop(self, stale: Callable[[int], bool]) -> None:
+        """Close the links of every generation `stale` says no role will take."""
+        for key in [k for k in self._dialled if stale(k[0])]:
+            self._dialled.pop(key).close()
+        for key in [k for k in self._kept if stale(k[0])]:
+            self._kept.pop(key)[0].close()
+
+    def close(self) -> None:
+        self.drop(lambda generation: True)
+
+
 def _shut(sock: Optional[socket.socket]) -> None:
     """Both directions of a link shut, waking whoever waits on it (None: handed on, the next generation's)."""
     if sock is None:

@@ -30,6 +30,7 @@ from ..runtime.agent import PreDial, dial_link, vet_link
 from ..runtime.control import CONTROLLER
 from ..runtime.dataio import to_real, to_wire
 from ..runtime.handshake import ProbeClosed
+from ..runtime.transport import HeldLinks
 from .decide import staying_links
 from .delivery import Ledger
 from ..feeds import Feed
@@ -93,8 +94,7 @@ class Stream:
         self.route: Optional[Route] = None
         self.fatal: Optional[BaseException] = None  # the feed failed to take a result (a full disk): end the run
         self.closed = threading.Event()
-        self._links: dict[tuple[int, int], socket.socket] = {}
-        self._kept: dict[tuple[int, int], tuple[socket.socket, bytes]] = {}  # result links that stay, after NEXT
+        self._links = HeldLinks()  # result links, dialled or staying (after NEXT)
         self._links_changed = threading.Condition()
         self._ahead: dict[tuple[int, int], PreDial] = {}  # (generation, first device) -> input link dialled ahead
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -320,10 +320,7 @@ class Stream:
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._links_changed:
-            old = self._links.pop((generation, sender), None)
-            if old is not None:
-                old.close()
-            self._links[(generation, sender)] = sock
+            self._links.dialled((generation, sender), sock)
             self._links_changed.notify_all()
 
     def _keep_results(self, route: Route, reader: FrameReader, sock: socket.socket) -> None:
@@ -337,11 +334,7 @@ class Stream:
                     self.closed.is_set():  # only the route behind this one's barrier takes it
                 sock.close()
                 return
-            key = (following, route.last)
-            for held in (self._links.pop(key, None), self._kept.pop(key, (None, b""))[0]):
-                if held is not None:
-                    held.close()
-            self._kept[key] = (sock, reader.leftover)
+            self._links.kept((following, route.last), sock, reader.leftover)
             self._links_changed.notify_all()
 
     def has_link(self, generation: int, sender: int) -> bool:
@@ -354,7 +347,7 @@ class Stream:
         deadline = time.monotonic() + self.connect_timeout
         key = (route.generation, route.last)
         with self._links_changed:
-            while key not in self._links and key not in self._kept:
+            while key not in self._links:
                 if route.stop.is_set() or self.closed.is_set():
                     raise DnnpipeError("stopped")
                 if time.monotonic() > deadline:
@@ -365,16 +358,8 @@ class Stream:
             while earlier is not None:
                 waiting.add(earlier.generation)
                 earlier = earlier.previous
-            for stale in [k for k in self._links if k[0] < route.generation and k[0] not in waiting]:
-                self._links.pop(stale).close()
-            for stale in [k for k in self._kept if k[0] < route.generation and k[0] not in waiting]:
-                self._kept.pop(stale)[0].close()
-            if key in self._kept:
-                dialled = self._links.pop(key, None)
-                if dialled is not None:
-                    dialled.close()
-                return self._kept.pop(key)
-            return self._links.pop(key), b""
+            self._links.drop(lambda generation: generation < route.generation and generation not in waiting)
+            return self._links.pop(key)
 
     def close(self) -> None:
         """Every route stopped; returns once no result is being delivered (the feed may be closed after)."""
@@ -387,12 +372,7 @@ class Stream:
                 self.credit.wait(POLL_SECONDS)
         self.listener.close()
         with self._links_changed:
-            for sock in self._links.values():
-                sock.close()
-            self._links.clear()
-            for sock, _ in self._kept.values():
-                sock.close()
-            self._kept.clear()
+            self._links.close()
             for ahead in self._ahead.values():
                 ahead.discard()
             self._ahead.clear()
