@@ -340,6 +340,30 @@ def test_links_that_stay_go_on_as_the_new_plans_and_are_not_dialled(served, tmp_
         assert a.ledger.epoch == 1 and a.stream.duplicates == 0 and not a.faults
 
 
+def test_a_device_lost_right_after_its_links_stayed_is_planned_away_with_every_result_once(served, tmp_path):
+    """Generation 2 takes over every link of generation 1 (the cut moved); device 2 is killed while generation 2
+    may still be filling on them: the abort to a plan on device 1 alone dials its own links, drops the ones that
+    stayed, and replays what was in flight. Every result once, equal to the model's."""
+    total = 160
+    feed = ListFeed(rows_of(served), total)
+    with agents(served, tmp_path, feed, 2) as a:
+        units = read_manifest(served.parts / served.name).units
+        plan_a = [(1, 30, 1), (31, units, 2)]
+        plan_b = [(1, 50, 1), (51, units, 2)]
+        plan_c = [(1, units, 1)]
+        a.push_all(plan_a + plan_b + plan_c)
+        a.run(1, plan_a, abort=True)
+        wait_for(lambda: len(feed.delivered) >= 40)
+        a.run(2, plan_b, abort=False)
+        wait_for(lambda: a.kept == [2])  # the input link went on as generation 2's
+        os.kill(a.fleet.agents[2].pid, 9)
+        assert wait_for(lambda: any(e[0] == "lost" and e[1] == 2 for e in drain(a.fleet)))
+        a.run(3, plan_c, abort=True)
+        wait_for(lambda: a.ledger.done, 60)
+        wait_for(lambda: a.stream.route is not None and a.stream.route.results_done.is_set())
+        check_results(served, feed, total)
+
+
 def test_the_new_plan_serves_while_the_old_one_drains(served, tmp_path):
     """At a barrier the new role runs at once beside the old one: device 2, the old plan's fast last stage and the
     new plan's only stage, answers new inputs between the old plan's frames, which device 1 (paced at 100 ms a
