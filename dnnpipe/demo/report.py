@@ -209,13 +209,13 @@ def write_report(work: Work) -> str:
         f"than the model says",
         f"- fastest single device: {measured['single_throughput']:.1f} inferences/s sustained (source unpaced), "
         f"{single_predicted:.1f} predicted ({measured['single_throughput'] / single_predicted:.0%})",
+        f"- speed-up of the pipeline over the fastest single device: {speedup:.2f}x measured, "
+        f"{predicted / single_predicted:.2f}x predicted",
         f"- latency: end to end p50 {measured['latency_p50_ms']:.1f} ms, p95 {measured['latency_p95_ms']:.1f} ms, "
         f"in a third run of the pipeline with the source paced at {measured['latency_load']:.0%} of the predicted "
         f"throughput ({measured['latency_rate']:.1f} inferences/s offered, "
         f"{measured['latency_run_throughput']:.1f} delivered) and queues of one frame: latency means something "
         f"only below saturation",
-        f"- speed-up of the pipeline over the fastest single device: {speedup:.2f}x measured, "
-        f"{predicted / single_predicted:.2f}x predicted",
         (f"- faithful: the host computed every stage within its device's planned time ({frames} stage-frames)"
          if overruns == 0 or quota else
          f"- NOT faithful in {overruns} of {frames} stage-frames: there the host computed slower than the emulated "
