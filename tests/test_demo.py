@@ -1,6 +1,7 @@
 """The one-command demo end to end on the tiny model: every artefact, plots, and the prediction it reports."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +48,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert f"{cpu[0]:.2f} ({inference[0]:.2f} + {cpu[0] - inference[0]:.2f})" in report
     assert ("faithful: the host computed every stage" in report) != ("NOT faithful in" in report)
     assert (work / "results.h5").exists()
+    assert (work / "logs" / "single" / "results.h5").exists() and (work / "logs" / "latency" / "results.h5").exists()
     devices = sorted(p.name for p in (work / "devices").iterdir())
     assert devices == sorted(f"device_{d}" for _, _, d in plan["pipeline_plan"])  # every stage deployed
     for _, _, d in plan["pipeline_plan"]:
@@ -105,6 +107,7 @@ def test_throughput_runs_are_unpaced_and_latency_is_measured_below_saturation():
     """A source paced at the predicted rate can never read above it: the pipeline and the fastest device alone
     must be fed as fast as they take inputs, and only the latency run paced (at 80% of the prediction)."""
     from dnnpipe.demo.runs import demo_runs
+    from dnnpipe.demo.work import Work
 
     pipeline, single = emulated(10.0, 8.0), emulated(16.0)
     runs = {r.name: r for r in demo_runs(pipeline, single, num_inputs=50, tls=False)}
@@ -113,7 +116,10 @@ def test_throughput_runs_are_unpaced_and_latency_is_measured_below_saturation():
     assert runs["latency"].run.fps == pytest.approx(0.8 * 100.0)
     assert (runs["pipeline"].emulated, runs["single"].emulated, runs["latency"].emulated) == (pipeline, single,
                                                                                               pipeline)
-    assert [r.results for r in runs.values()] == [True, False, False]  # the unpaced pipeline's results are checked
+    assert [r.checked for r in runs.values()] == [True, False, False]  # the unpaced pipeline's results are checked
+    work = Work(Path("w"), "m")  # every run writes its results, as deployed: like is compared with like
+    assert [r.output(work) for r in runs.values()] == [work.results, work.logs / "single" / "results.h5",
+                                                       work.logs / "latency" / "results.h5"]
     assert [r.single for r in runs.values()] == [False, True, False]
     for r in runs.values():
         assert (r.run.num_inputs, r.run.tls, r.run.num_threads, r.run.queue_size) == (50, False, 1, 1)

@@ -198,11 +198,9 @@ def run_on_fleet(work: Work, options, say=print) -> None:
 
     def on_fleet(r: DemoRun) -> PipelineRun:
         before = throttling(shape)
-        output = r.output(work)
         try:
             done = run_local(r.folder(work), work.dataset.resolve(),  # paths the boards share with the host
-                             None if output is None else output.resolve(), (work.logs / r.name).resolve(), None,
-                             r.run, net)
+                             r.output(work).resolve(), (work.logs / r.name).resolve(), None, r.run, net)
         finally:
             fleet.stop_programs(shape)
         throttled[r.name] = throttled_between(before, throttling(shape), r.emulated.devices)

@@ -244,7 +244,8 @@ def write_report(work: Work) -> str:
         "## Artefacts", "",
         f"- model `{work.model}`, inputs `{work.dataset}`, config `{work.config}`, plan `{work.plan}`",
         f"- sub-models and manifest `{work.parts / work.name}`, deployed copies `{work.devices}`",
-        f"- per-frame logs `{work.logs}`, results `{work.results}`", "",
+        f"- per-frame logs `{work.logs}` (a folder per run, each with the results it wrote), results of the "
+        f"throughput run `{work.results}`", "",
         "## The same steps by hand", "", "```",
         *([f"python -m dnnpipe testbed up --cluster {work.root / 'fleet_cluster.json'} --registry {work.registry} "
            f"--state {work.root / 'fleet'}",
