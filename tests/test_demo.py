@@ -35,7 +35,7 @@ def test_demo_runs_end_to_end(tmp_path):
     # throughput as sustained (the source unpaced), latency below saturation: what each run's source was given
     runs = measured["runs"]
     assert [runs[r]["source_fps"] for r in ("pipeline", "single")] == [None, None], runs
-    assert measured["latency_load"] == runs["latency"]["load"] == pytest.approx(0.8)
+    assert measured["latency_load"] == runs["latency"]["load"] == 0.8
     assert measured["latency_rate"] == runs["latency"]["source_fps"] == pytest.approx(
         0.8 * measured["predicted_pipeline_throughput"])
     assert "pipeline_capacity" not in measured and sorted(p.name for p in (work / "logs").iterdir()) == [
@@ -113,7 +113,8 @@ def test_throughput_runs_are_unpaced_and_latency_is_measured_below_saturation():
     runs = {r.name: r for r in demo_runs(pipeline, single, num_inputs=50, tls=False)}
     assert list(runs) == ["pipeline", "single", "latency"]  # three runs: the demo's time matters
     assert runs["pipeline"].run.fps is None and runs["single"].run.fps is None
-    assert runs["latency"].run.fps == pytest.approx(0.8 * 100.0)
+    assert runs["latency"].run.fps == pytest.approx(0.8 * 100.0) and runs["latency"].load == 0.8
+    assert runs["pipeline"].load is None and runs["single"].load is None
     assert (runs["pipeline"].emulated, runs["single"].emulated, runs["latency"].emulated) == (pipeline, single,
                                                                                               pipeline)
     assert [r.checked for r in runs.values()] == [True, False, False]  # the unpaced pipeline's results are checked

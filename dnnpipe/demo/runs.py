@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from ..runtime.stage import RunOptions
 from ..testbed.local import PipelineRun
@@ -32,6 +32,7 @@ class DemoRun:
     run: RunOptions
     single: bool = False  # the whole model on the fastest device (single_device/), not the pipeline's stages
     checked: bool = False  # its results are results.h5, the ones checked against the model
+    load: Optional[float] = None  # the source's rate as a fraction of the predicted throughput (None: unpaced)
 
     def folder(self, work: Work) -> Path:
         return (work.single if self.single else work.parts) / work.name
@@ -55,7 +56,8 @@ def demo_runs(pipeline: Emulation, single: Emulation, num_inputs: int, tls: bool
     unpaced = RunOptions(num_inputs=num_inputs, num_threads=1, queue_size=QUEUE_SIZE, tls=tls)
     return [DemoRun("pipeline", "pipeline", pipeline, unpaced, checked=True),
             DemoRun("single", "the fastest device alone", single, unpaced, single=True),
-            DemoRun("latency", "pipeline, for latency", pipeline, replace(unpaced, fps=load * pipeline.throughput))]
+            DemoRun("latency", "pipeline, for latency", pipeline, replace(unpaced, fps=load * pipeline.throughput),
+                    load=load)]
 
 
 def measure(runs: list[DemoRun], execute: Callable[[DemoRun], PipelineRun],
@@ -71,6 +73,5 @@ def measure(runs: list[DemoRun], execute: Callable[[DemoRun], PipelineRun],
 
 def how_measured(runs: list[DemoRun], done: dict[str, PipelineRun]) -> dict[str, Any]:
     """measured.json's record of each run's source, from the options the runs got."""
-    return {r.name: {"source_fps": r.run.fps, "load": None if r.run.fps is None else r.run.fps / r.emulated.throughput,
-                     "queue_size": r.run.queue_size, "inputs": r.run.num_inputs,
-                     "throughput": done[r.name].throughput} for r in runs}
+    return {r.name: {"source_fps": r.run.fps, "load": r.load, "queue_size": r.run.queue_size,
+                     "inputs": r.run.num_inputs, "throughput": done[r.name].throughput} for r in runs}
