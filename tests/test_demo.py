@@ -1,6 +1,7 @@
 """The one-command demo end to end on the tiny model: every artefact, plots, and the prediction it reports."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +32,15 @@ def test_demo_runs_end_to_end(tmp_path):
     for run in ("pipeline", "single"):
         assert measured[f"{run}_throughput"] > 0 and measured[f"predicted_{run}_throughput"] > 0, (run, measured)
     assert 0 < measured["latency_p50_ms"] <= measured["latency_p95_ms"]
+    # throughput as sustained (the source unpaced), latency below saturation: what each run's source was given
+    runs = measured["runs"]
+    assert [runs[r]["source_fps"] for r in ("pipeline", "single")] == [None, None], runs
+    assert measured["latency_load"] == runs["latency"]["load"] == 0.8
+    assert measured["latency_rate"] == runs["latency"]["source_fps"] == pytest.approx(
+        0.8 * measured["predicted_pipeline_throughput"])
+    assert "pipeline_capacity" not in measured and sorted(p.name for p in (work / "logs").iterdir()) == [
+        "latency", "pipeline", "single"]
+    assert "sustained, " in report and "source unpaced" in report and "paced at 80% of the predicted" in report
     assert len(measured["stages"]) == len(plan["pipeline_plan"])
     # each stage's CPU per frame, every thread, and the inference's part of it, in measured.json and the report
     cpu, inference = measured["stage_cpu_ms_per_frame"], measured["stage_inference_cpu_ms"]
@@ -38,6 +48,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert f"{cpu[0]:.2f} ({inference[0]:.2f} + {cpu[0] - inference[0]:.2f})" in report
     assert ("faithful: the host computed every stage" in report) != ("NOT faithful in" in report)
     assert (work / "results.h5").exists()
+    assert (work / "logs" / "single" / "results.h5").exists() and (work / "logs" / "latency" / "results.h5").exists()
     devices = sorted(p.name for p in (work / "devices").iterdir())
     assert devices == sorted(f"device_{d}" for _, _, d in plan["pipeline_plan"])  # every stage deployed
     for _, _, d in plan["pipeline_plan"]:
@@ -83,3 +94,36 @@ def test_a_running_fleet_is_reused_only_for_the_same_speeds_memories_and_links(t
     assert not matches(shape, {"C": cluster["C"], "M": cluster["M"]}, None)
     assert not matches(shape, cluster, None, runtime_mb=fleet.RUNTIME_MB + 64)
     assert not matches(shape, {k: v[:1] for k, v in cluster.items()}, None)
+
+
+def emulated(*periods_ms: float):
+    from dnnpipe.testbed.pacing import Emulation, StagePace
+
+    return Emulation(1.0, tuple(StagePace(k + 1, k + 1, (k + 1, k + 1), ms, 0.0) for k, ms in enumerate(periods_ms)),
+                     None)
+
+
+def test_throughput_runs_are_unpaced_and_latency_is_measured_below_saturation():
+    """A source paced at the predicted rate can never read above it: the pipeline and the fastest device alone
+    must be fed as fast as they take inputs, and only the latency run paced (at 80% of the prediction)."""
+    from dnnpipe.demo.runs import demo_runs
+    from dnnpipe.demo.work import Work
+
+    pipeline, single = emulated(10.0, 8.0), emulated(16.0)
+    runs = {r.name: r for r in demo_runs(pipeline, single, num_inputs=50, tls=False)}
+    assert list(runs) == ["pipeline", "single", "latency"]  # three runs: the demo's time matters
+    assert runs["pipeline"].run.fps is None and runs["single"].run.fps is None
+    assert runs["latency"].run.fps == pytest.approx(0.8 * 100.0) and runs["latency"].load == 0.8
+    assert runs["pipeline"].load is None and runs["single"].load is None
+    assert (runs["pipeline"].emulated, runs["single"].emulated, runs["latency"].emulated) == (pipeline, single,
+                                                                                              pipeline)
+    assert [r.checked for r in runs.values()] == [True, False, False]  # the unpaced pipeline's results are checked
+    work = Work(Path("w"), "m")  # every run writes its results, as deployed: like is compared with like
+    assert [r.output(work) for r in runs.values()] == [work.results, work.logs / "single" / "results.h5",
+                                                       work.logs / "latency" / "results.h5"]
+    assert [r.single for r in runs.values()] == [False, True, False]
+    for r in runs.values():
+        assert (r.run.num_inputs, r.run.tls, r.run.num_threads, r.run.queue_size) == (50, False, 1, 1)
+    assert "unpaced" in runs["pipeline"].source() and "80% of the predicted 100.0" in runs["latency"].source()
+    half = {r.name: r.run.fps for r in demo_runs(pipeline, single, 50, True, load=0.5)}
+    assert half == {"pipeline": None, "single": None, "latency": pytest.approx(50.0)}

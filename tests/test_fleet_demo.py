@@ -21,6 +21,9 @@ def test_demo_on_the_fleet_profiles_per_device_runs_unpaced_and_reports_throttli
     for key in ("pipeline_throughput", "predicted_pipeline_throughput", "single_throughput",
                 "predicted_single_throughput"):
         assert measured[key] > 0
+    assert [measured["runs"][r]["source_fps"] for r in ("pipeline", "single")] == [None, None]  # sustained
+    assert measured["latency_rate"] == pytest.approx(0.8 * measured["predicted_pipeline_throughput"])
+    assert set(measured["throttling"]) == {"pipeline", "single", "latency"}
     config = json.loads((work / "configurations" / "tiny" / "config.json").read_text())
     assert len(config["model_config"]["E_device"]) == 4  # the paper-like cluster, each board profiled
     # each board's measured link CPU is in the config, and the plan counted it
@@ -34,4 +37,5 @@ def test_demo_on_the_fleet_profiles_per_device_runs_unpaced_and_reports_throttli
     report = (work / "report.md").read_text()
     assert "compute: cpu-quota (this run)" in report and "throttled" in report
     assert "What this host could not emulate" in report
+    assert "source unpaced" in report and "paced at 80% of the predicted" in report
     assert leftovers(fleet.fleet_id(work / "fleet")) == []  # the run step took the fleet down

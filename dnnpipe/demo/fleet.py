@@ -168,16 +168,17 @@ def profile_shares(work: Work) -> Optional[list[Any]]:
 
 
 def run_on_fleet(work: Work, options, say=print) -> None:
-    """The pipeline, the fastest board alone and the pipeline unpaced, each stage on its board over ssh, no
-    pacing: the boards' quotas make them as slow as they are. The fleet is taken down afterwards."""
+    """demo.runs' runs (the pipeline and the fastest board alone unpaced, the pipeline for latency), each stage on
+    its board over ssh, no pacing: the boards' quotas make them as slow as they are. The fleet is taken down
+    afterwards."""
     from ..config import load_config
     from ..jsonio import write_json
     from ..planfile import read_stages
-    from ..runtime.stage import RunOptions
-    from ..testbed.local import run_local
+    from ..testbed.local import PipelineRun, run_local
     from ..testbed.cores import usable_cores
     from ..testbed.pacing import emulation, fastest_device
     from .report import measured
+    from .runs import DemoRun, demo_runs, measure
 
     config = load_config(work.config)
     if config.profile.E_device is None:
@@ -193,29 +194,26 @@ def run_on_fleet(work: Work, options, say=print) -> None:
         f"(the paper's model, links without CPU: {pipeline_plan.paper_throughput:.1f}); fastest board alone "
         f"{single_plan.throughput:.1f}")
     net = network(work)
-    runs, throttled = {}, {}
+    throttled: dict[str, list[dict[str, float]]] = {}
+
+    def on_fleet(r: DemoRun) -> PipelineRun:
+        before = throttling(shape)
+        try:
+            done = run_local(r.folder(work), work.dataset.resolve(),  # paths the boards share with the host
+                             r.output(work).resolve(), (work.logs / r.name).resolve(), None, r.run, net)
+        finally:
+            fleet.stop_programs(shape)
+        throttled[r.name] = throttled_between(before, throttling(shape), r.emulated.devices)
+        return done
+
+    runs = demo_runs(pipeline_plan, single_plan, options.num_inputs, options.tls)
     try:
-        for name, emulated, paced in (("pipeline", pipeline_plan, True), ("single", single_plan, True),
-                                      ("capacity", pipeline_plan, False)):
-            say(f"{name} on the fleet: source " + (f"paced at the predicted {emulated.throughput:.1f} "
-                                                   f"inferences/s" if paced else "unpaced"))
-            run = RunOptions(num_inputs=options.num_inputs, num_threads=1, queue_size=1, tls=options.tls,
-                             fps=emulated.throughput if paced else None)
-            folder = (work.single if name == "single" else work.parts) / work.name
-            before = throttling(shape)
-            try:
-                runs[name] = run_local(folder, work.dataset.resolve(),  # paths the boards share with the host
-                                       work.results.resolve() if name == "pipeline" else None,
-                                       (work.logs / name).resolve(), None, run, net)
-            finally:
-                fleet.stop_programs(shape)
-            throttled[name] = throttled_between(before, throttling(shape), emulated.devices)
-            say(runs[name].describe())
+        done = measure(runs, on_fleet, say)
     finally:
         fleet.down(state(work))
         say(f"fleet {shape.fleet_id} taken down")
     write_json(work.measured, measured(
-        work, runs, pipeline_plan, single_plan, compute="cpu-quota", profile="per-device", tls=options.tls,
+        work, runs, done, compute="cpu-quota", profile="per-device", tls=options.tls,
         testbed="fleet", usable_cores=usable_cores(), emulation_scale=shape.scale,
         paper_predicted_pipeline_throughput=pipeline_plan.paper_throughput,
         paper_predicted_single_throughput=single_plan.paper_throughput,

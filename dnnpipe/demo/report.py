@@ -10,6 +10,7 @@ import numpy as np
 
 from ..config import load_config
 from ..runtime.metrics import FrameTiming, read_timings
+from .runs import DemoRun, how_measured
 from .work import Work
 
 
@@ -38,18 +39,20 @@ def breakdown(log_dir: Path, stages: int) -> list[dict[str, Any]]:
     return rows
 
 
-def measured(work: Work, runs: dict[str, Any], pipeline_plan: Any, single_plan: Any,
-             **extra: Any) -> dict[str, Any]:
-    """measured.json's common keys from a demo's three runs (pipeline, single, capacity: testbed.local's results)
-    and their plans (pacing.emulation), whatever emulated the devices; `extra` adds the testbed's own."""
-    pipeline, single = runs["pipeline"], runs["single"]
+def measured(work: Work, runs: list[DemoRun], done: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """measured.json's common keys from a demo's runs (demo.runs: pipeline and single unpaced, latency paced below
+    saturation) and their results (testbed.local's), whatever emulated the devices; `extra` adds the testbed's own."""
+    plans = {r.name: r for r in runs}
+    pipeline, single, latency = done["pipeline"], done["single"], done["latency"]
+    pipeline_plan, how = plans["pipeline"].emulated, how_measured(runs, done)
     return {
         **extra,
         "pipeline_throughput": pipeline.throughput, "predicted_pipeline_throughput": pipeline_plan.throughput,
-        "single_throughput": single.throughput, "predicted_single_throughput": single_plan.throughput,
-        "pipeline_capacity": runs["capacity"].throughput,
-        "latency_p50_ms": pipeline.stages[-1].latency_p50_ms, "latency_p95_ms": pipeline.stages[-1].latency_p95_ms,
-        "single_latency_p50_ms": single.stages[-1].latency_p50_ms,
+        "single_throughput": single.throughput,
+        "predicted_single_throughput": plans["single"].emulated.throughput,
+        "latency_p50_ms": latency.stages[-1].latency_p50_ms, "latency_p95_ms": latency.stages[-1].latency_p95_ms,
+        "latency_rate": how["latency"]["source_fps"], "latency_load": how["latency"]["load"],
+        "latency_run_throughput": latency.throughput, "runs": how,
         "planned_stage_ms": [s.compute_ms for s in pipeline_plan.stages],
         "planned_hop_ms": [s.hop_ms for s in pipeline_plan.stages],
         "stage_time_p50_ms": [s.stage_time_p50_ms for s in pipeline.stages],
@@ -200,17 +203,19 @@ def write_report(work: Work) -> str:
          f"- plan: bottleneck {plan['bottleneck_ms']:.2f} ms on the real cluster (ideal sum(E)/sum(C) "
          f"{plan['ideal_ms']:.2f} ms); emulated period (stage compute and the hops between stages, / scale) "
          f"{1000 / predicted:.2f} ms"),
-        f"- pipeline: {measured['pipeline_throughput']:.1f} inferences/s measured, {predicted:.1f} predicted "
-        f"({measured['pipeline_throughput'] / predicted:.0%}); end-to-end latency p50 "
-        f"{measured['latency_p50_ms']:.1f} ms, p95 {measured['latency_p95_ms']:.1f} ms (source paced at the "
-        f"predicted rate, queues of one frame)",
-        f"- pipeline capacity, source unpaced: {measured['pipeline_capacity']:.1f} inferences/s "
-        f"({measured['pipeline_capacity'] / predicted:.0%} of predicted; above 100% would mean the emulation is "
-        f"faster than the model)",
-        f"- fastest single device: {measured['single_throughput']:.1f} inferences/s measured, "
+        f"- pipeline: {measured['pipeline_throughput']:.1f} inferences/s sustained, {predicted:.1f} predicted "
+        f"({measured['pipeline_throughput'] / predicted:.0%}); measured with the source unpaced (fed as fast as the "
+        f"pipeline takes inputs), so it may read above the prediction: above 100% means the devices are faster "
+        f"than the model says",
+        f"- fastest single device: {measured['single_throughput']:.1f} inferences/s sustained (source unpaced), "
         f"{single_predicted:.1f} predicted ({measured['single_throughput'] / single_predicted:.0%})",
         f"- speed-up of the pipeline over the fastest single device: {speedup:.2f}x measured, "
         f"{predicted / single_predicted:.2f}x predicted",
+        f"- latency: end to end p50 {measured['latency_p50_ms']:.1f} ms, p95 {measured['latency_p95_ms']:.1f} ms, "
+        f"in a third run of the pipeline with the source paced at {measured['latency_load']:.0%} of the predicted "
+        f"throughput ({measured['latency_rate']:.1f} inferences/s offered, "
+        f"{measured['latency_run_throughput']:.1f} delivered) and queues of one frame: latency means something "
+        f"only below saturation",
         (f"- faithful: the host computed every stage within its device's planned time ({frames} stage-frames)"
          if overruns == 0 or quota else
          f"- NOT faithful in {overruns} of {frames} stage-frames: there the host computed slower than the emulated "
@@ -239,7 +244,8 @@ def write_report(work: Work) -> str:
         "## Artefacts", "",
         f"- model `{work.model}`, inputs `{work.dataset}`, config `{work.config}`, plan `{work.plan}`",
         f"- sub-models and manifest `{work.parts / work.name}`, deployed copies `{work.devices}`",
-        f"- per-frame logs `{work.logs}`, results `{work.results}`", "",
+        f"- per-frame logs `{work.logs}` (a folder per run, each with the results it wrote), results of the "
+        f"throughput run `{work.results}`", "",
         "## The same steps by hand", "", "```",
         *([f"python -m dnnpipe testbed up --cluster {work.root / 'fleet_cluster.json'} --registry {work.registry} "
            f"--state {work.root / 'fleet'}",
@@ -253,7 +259,10 @@ def write_report(work: Work) -> str:
         f"--config {work.configs} --dataset {work.dataset}",
         f"python -m dnnpipe run-local --model-path {work.parts} --model-name {work.name} --data-path {work.dataset} "
         f"--output-path {work.results} --config {work.configs} --emulate-speed --scale {scale:.6g} "
-        f"--fps {predicted:.6g} --queue-size 1 --num-threads 1",
+        f"--queue-size 1 --num-threads 1",
+        f"python -m dnnpipe run-local --model-path {work.parts} --model-name {work.name} --data-path {work.dataset} "
+        f"--config {work.configs} --emulate-speed --scale {scale:.6g} --fps {measured['latency_rate']:.6g} "
+        f"--queue-size 1 --num-threads 1  # latency, below saturation",
         "```", ""])
     work.report.write_text(text)
     return "\n".join(summary + [f"wrote {work.report}, {work.root / 'timeline.png'}, {work.root / 'stage_times.png'}"])

@@ -150,18 +150,17 @@ def step_deploy(work: Work, options: Options) -> None:
 def step_run(work: Work, options: Options) -> None:
     """The pipeline and the fastest device alone, each stage paced to its device's planned time on the testbed.
 
-    The source offers inputs at the predicted rate and every queue holds one frame, so a pipeline that
-    keeps up carries a bounded number of inputs and its latency is that of full throughput, not of a
-    backlog; one slower than predicted falls behind the source, which shows as queueing in the report.
+    Which runs and how fast their source offers inputs is demo.runs' (throughput unpaced, latency below
+    saturation), the same for the fleet; here the devices are emulated by pacing each stage on this host.
     """
     from ..config import load_config
     from ..planfile import read_stages
-    from ..runtime.stage import RunOptions
     from ..testbed.local import run_local
     from ..testbed.cores import usable_cores
     from ..testbed.netns import open_testbed
     from ..testbed.pacing import emulation, emulation_scale, fastest_device
     from .report import measured
+    from .runs import demo_runs, measure
 
     if options.compute == "cpu-quota":
         from .fleet import run_on_fleet
@@ -177,23 +176,12 @@ def step_run(work: Work, options: Options) -> None:
     links = None if pipeline_plan.link_mbps is None else {d: pipeline_plan.link_mbps[d - 1] for d in devices}
     say(f"emulated cluster: every speed and bandwidth x {scale:.3g}" + (
         "" if options.scale else f", to fit {cores:g} usable cores (see dnnpipe.testbed.pacing.emulation_scale)"))
-    runs = {}
+    runs = demo_runs(pipeline_plan, single_plan, options.num_inputs, options.tls)
     with open_testbed(devices, links, options.testbed, say) as bed:
-        for name, emulated, paced in (("pipeline", pipeline_plan, True), ("single", single_plan, True),
-                                      ("capacity", pipeline_plan, False)):
-            say({"pipeline": "pipeline", "single": "the fastest device alone",
-                 "capacity": "pipeline capacity"}[name] + ": source " + (
-                f"paced at the predicted {emulated.throughput:.1f} inferences/s" if paced else
-                "unpaced (as fast as the pipeline takes inputs), to show the pipeline cannot beat the prediction"))
-            run = RunOptions(num_inputs=options.num_inputs, num_threads=1, queue_size=1, tls=options.tls,
-                             fps=emulated.throughput if paced else None)
-            folder = (work.single if name == "single" else work.parts) / work.name
-            output = work.results if name == "pipeline" else None
-            runs[name] = run_local(folder, work.dataset, output, work.logs / name, emulated.pace_ms(), run, bed)
-            say(runs[name].describe())
-    write_json(work.measured, measured(work, runs, pipeline_plan, single_plan, compute="pace", tls=options.tls,
-                                       profile="host", testbed=runs["pipeline"].network, usable_cores=cores,
-                                       emulation_scale=scale))
+        done = measure(runs, lambda r: run_local(r.folder(work), work.dataset, r.output(work), work.logs / r.name,
+                                                 r.emulated.pace_ms(), r.run, bed), say)
+    write_json(work.measured, measured(work, runs, done, compute="pace", tls=options.tls, profile="host",
+                                       testbed=done["pipeline"].network, usable_cores=cores, emulation_scale=scale))
 
 
 def step_report(work: Work, options: Options) -> None:
