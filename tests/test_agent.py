@@ -318,6 +318,10 @@ def test_links_that_stay_go_on_as_the_new_plans_and_are_not_dialled(served, tmp_
         a.push_all(plan_a + plan_b + plan_c)
         a.run(1, plan_a, abort=True)
         wait_for(lambda: len(feed.delivered) >= 50)
+        # an input link of generation 2 dialled ahead (as for a loss plan's first device) loses to the one that
+        # stays: the first device must not read it (the controller hangs it up)
+        a.stream.dial_ahead(2, [(1, "127.0.0.1", a.devices[1].runtime_port)])
+        wait_for(lambda: a.stream.dialled_ahead(2, 1))
         a.roles(2, plan_b, abort=False)
         time.sleep(0.3)
         assert not a.stream.has_link(2, 2)  # the last device sends generation 2's results on its old link
@@ -397,7 +401,8 @@ def test_each_overlapping_role_keeps_its_own_pace(served, tmp_path):
     agent = Agent(AgentOptions(1, folder, "127.0.0.1", 1, 1))
     old, new = (StageLoop(f"[role {g}]", spec, lambda buffers: [], 1, pace_ms=ms, device=agent.device)
                 for g, ms in ((1, 100.0), (2, 25.0)))
-    agent.loops, agent.generation, agent._live = {1: old, 2: new}, 3, {1, 2, 3}
+    agent.loops, agent.generation = {1: old, 2: new}, 3
+    agent._live = {g: Role(g, 1, (1, 2)) for g in (1, 2, 3)}
     agent._command({"kind": "pace", "generation": 2, "ms": 5.0}, PEER, None)
     assert (old.pace_ms, new.pace_ms) == (100.0, 5.0)
     agent._command({"kind": "pace", "generation": 1, "ms": 400.0}, PEER, None)

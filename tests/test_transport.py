@@ -240,8 +240,12 @@ def test_held_links_give_the_one_that_stays_first_and_close_what_no_role_takes()
     held.dialled((3, 1), other)
     held.dialled((3, 1), again)
     assert other.fileno() == -1 and held.pop((3, 1)) == (again, b"")
-    held.dialled((4, 0), other := socket.socketpair()[0])
+    late, peer = socket.socketpair()
+    held.dialled((2, 1), late)  # dialled ahead for a generation whose link stayed and was taken: nobody reads it
+    assert late.fileno() == -1 and (2, 1) not in held
+    stale, stale_peer = socket.socketpair()
+    held.dialled((4, 0), stale)
     held.drop(lambda generation: generation < 5)
-    assert other.fileno() == -1 and (4, 0) not in held
-    for a, b in pairs:
+    assert stale.fileno() == -1 and (4, 0) not in held
+    for a, b in [*pairs, (peer, stale_peer)]:
         a.close(), b.close()

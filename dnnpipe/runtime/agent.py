@@ -198,9 +198,8 @@ class PreDial:
 
     def discard(self) -> None:
         self.cancel.set()
-        if self.done.is_set() and self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        if self.done.is_set():
+            _close(self)
 
 
 class HandOver:
@@ -233,9 +232,15 @@ class HandOver:
 
     def discard(self) -> None:
         self.discarded = True
-        if self.done.is_set() and self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        if self.done.is_set():
+            _close(self)
+
+
+def _close(holder: PreDial | HandOver) -> None:
+    """The held socket closed, once, whichever thread (its taker's, its giver's) gets here first."""
+    sock, holder.sock = holder.sock, None
+    if sock is not None:
+        sock.close()
 
 
 @dataclass(frozen=True)
@@ -581,7 +586,7 @@ class Agent:
         sock = downstream.detach()
         with self._lock:
             promised = self._handovers.pop(generation, None)
-            if promised is None or promised.discarded:
+            if promised is None or promised.discarded or self._stale(promised.generation):
                 sock.close()
                 return False
             promised.give(sock)
@@ -603,7 +608,10 @@ class Agent:
             return
         sock, prefix = upstream.detach()
         with self._links_changed:
-            if following <= role.generation or self._stale(following) or self.stop.is_set():
+            successor = self._live.get(following)  # None: its role is still to come
+            if following <= role.generation or self._stale(following) or self.stop.is_set() or (
+                    successor is not None and (successor.keep_from, successor.upstream) != (role.generation,
+                                                                                            role.upstream)):
                 sock.close()
                 return
             self._links.kept((following, role.upstream), sock, prefix)

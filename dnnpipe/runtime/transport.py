@@ -55,9 +55,11 @@ class Upstream:
         return self.reader.read(buffers)
 
     def shutdown(self) -> None:
-        """Unblock a reader waiting on this link; the upstream stage sees the close."""
+        """Unblock a reader waiting on this link; the upstream stage sees the close. Not once NEXT was read: the
+        link is the next generation's then, even before detach() hands it on."""
         with self._owned:
-            _shut(self.sock)
+            if self.reader.continues is None:
+                _shut(self.sock)
 
     def detach(self) -> tuple[socket.socket, bytes]:
         """The link after a NEXT frame, with the bytes read past it: the next generation's from here on."""
@@ -125,11 +127,15 @@ class HeldLinks:
     def __init__(self) -> None:
         self._dialled: dict[LinkKey, socket.socket] = {}
         self._kept: dict[LinkKey, tuple[socket.socket, bytes]] = {}
+        self._taken: set[LinkKey] = set()  # a link dialled for one of these comes too late: nobody would read it
 
     def dialled(self, key: LinkKey, sock: socket.socket) -> None:
         old = self._dialled.pop(key, None)
         if old is not None:
             old.close()
+        if key in self._taken:
+            sock.close()
+            return
         self._dialled[key] = sock
 
     def kept(self, key: LinkKey, sock: socket.socket, prefix: bytes) -> None:
@@ -143,6 +149,7 @@ class HeldLinks:
 
     def pop(self, key: LinkKey) -> tuple[socket.socket, bytes]:
         """The link for `key` (in it) and the bytes to read before its own."""
+        self._taken.add(key)
         if key in self._kept:
             dialled = self._dialled.pop(key, None)
             if dialled is not None:
@@ -156,6 +163,7 @@ class HeldLinks:
             self._dialled.pop(key).close()
         for key in [k for k in self._kept if stale(k[0])]:
             self._kept.pop(key)[0].close()
+        self._taken = {k for k in self._taken if not stale(k[0])}
 
     def close(self) -> None:
         self.drop(lambda generation: True)

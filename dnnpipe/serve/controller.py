@@ -293,6 +293,9 @@ class Controller:
                 self._start()
                 while not self._finished():
                     self._step()
+                for event in _drain(self.fleet.events, 0.0):  # links kept whose word came as the run ended
+                    if event[0] in ("ended", "kept"):
+                        self._count_kept(event)
             except NoPlan as e:
                 self._abandon(str(e))
                 raise
@@ -386,10 +389,8 @@ class Controller:
                 joined.add(device)
             elif kind == "prepared":
                 self.prepared.setdefault(device, set()).add(event[2])
-            elif kind == "ended" and event[3] is not None:  # its downstream link went on as that generation's
-                self._count_kept(event[3])
-            elif kind == "kept":  # the controller's input link went on as that generation's
-                self._count_kept(event[2])
+            elif kind in ("ended", "kept"):
+                self._count_kept(event)
             elif kind == "error" and event[2] in self._live_generations():
                 self.fault = self.fault or (now, f"device {device}: {event[3]}")
             elif kind == "error" and event[2] == -1:
@@ -435,9 +436,12 @@ class Controller:
         self._registry(now)
         self._measure(now)
 
-    def _count_kept(self, generation: int) -> None:
+    def _count_kept(self, event: tuple[Any, ...]) -> None:
+        """An agent's role ended with its downstream link going on as generation g's ("ended", d, g0, g), or the
+        controller's input link went on as g's ("kept", 0, g): one link of g's switch not dialled."""
+        generation = event[3] if event[0] == "ended" else event[2]
         for record in self.switches:
-            if record.generation == generation:
+            if generation is not None and record.generation == generation:
                 record.links_kept += 1
 
     def _draining_devices(self) -> set[int]:

@@ -165,7 +165,6 @@ class Stream:
             if route.previous.handed is not None:  # NEXT went out: a link dialled ahead would never carry a frame
                 if ahead is not None:
                     ahead.discard()
-                self.on_kept(route.generation)
                 return route.previous.handed
         if ahead is not None:
             try:
@@ -217,6 +216,8 @@ class Stream:
             return
         if route.previous is not None and not self._wait(route.previous.source_done, route):
             return  # (a link that stays was handed on once it was done)
+        if route.previous is not None and sock is route.previous.handed:
+            self.on_kept(route.generation)
         writer = FrameWriter(sock, self.inputs, f"the first stage on device {device} at {host}:{port}", 60.0)
         route.source_linked.set()
         sent = 0
@@ -329,9 +330,10 @@ class Stream:
         if following is None:
             return
         with self._links_changed:
-            expected = route.following
-            if expected is None or expected.generation != following or expected.stop.is_set() or \
-                    self.closed.is_set():  # only the route behind this one's barrier takes it
+            # only the route behind this one's barrier takes it (its roles go out before it opens)
+            behind = route.following
+            if following != route.generation + 1 or (behind is not None and behind.stop.is_set()) or \
+                    self.closed.is_set():
                 sock.close()
                 return
             self._links.kept((following, route.last), sock, reader.leftover)
