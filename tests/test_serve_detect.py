@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dnnpipe.serve.detect import SpeedModel, recent_frames, speed_outliers, stage_median, stage_time, \
-    worth_switching
+from dnnpipe.serve.detect import PAUSE_SECONDS, SpeedModel, listening_since, recent_frames, silence, speed_outliers, \
+    stage_median, stage_time, worth_switching
 
 MODEL = SpeedModel(band=0.25)
 PROFILED = {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0}
@@ -74,3 +74,14 @@ def test_switch_only_when_the_new_bottleneck_beats_the_running_one_by_the_thresh
     assert not worth_switching(1.0, 0.95, 0.10)
     assert worth_switching(1.0, 0.90, 0.10)
     assert worth_switching(None, 5.0, 0.10)  # the running plan cannot run at all
+
+
+def test_a_pause_of_the_controller_is_no_devices_silence():
+    """The controller's readers do not run while its process is paused: every agent looks silent by the pause.
+    Silence counts from the later of the last heartbeat and the moment the controller listens again."""
+    since = listening_since(0.0, last_tick=10.0, now=10.05)  # on time: still listening since 0
+    assert since == 0.0 and silence(last_beat=9.4, now=10.05, since=since) == pytest.approx(0.65)
+    since = listening_since(since, last_tick=10.05, now=10.05 + PAUSE_SECONDS + 0.6)  # paused 0.8 s
+    assert since == pytest.approx(10.85)
+    assert silence(last_beat=10.0, now=10.9, since=since) == pytest.approx(0.05)  # not 0.9: the pause is ours
+    assert silence(last_beat=10.0, now=11.5, since=since) == pytest.approx(0.65)  # silent since it listened again

@@ -91,3 +91,18 @@ def worth_switching(running_ms: Optional[float], candidate_ms: float, threshold:
     """Re-plan only when the new bottleneck beats the running one by more than the threshold (or the running
     plan cannot run at all)."""
     return running_ms is None or candidate_ms < running_ms / (1 + threshold)
+
+
+PAUSE_SECONDS = 0.2  # a controller that could not run its threads this long may have missed two heartbeats
+
+
+def listening_since(since: float, last_tick: float, now: float, pause: float = PAUSE_SECONDS) -> float:
+    """When the controller last resumed listening: a tick that comes `pause` late means its process could not run
+    (a stalled VM, a long GC), its heartbeat readers neither, so silence counts again from now."""
+    return now if now - last_tick > pause else since
+
+
+def silence(last_beat: float, now: float, since: float) -> float:
+    """How long a device has been silent while the controller listened: its own pause is no device's silence.
+    Seen once: all four agents of a run 'silent' for 0.7-0.8 s together, the controller's readers not running."""
+    return now - max(last_beat, since)

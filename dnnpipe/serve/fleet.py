@@ -41,9 +41,11 @@ from ..runtime.argv import agent_argv
 from ..runtime.control import CONTROLLER, LineReader, encode, integer, text, times
 from ..runtime.handshake import HandshakeError, LinkAuth, ProbeClosed, listen_side_for, tls_wrap
 from .accept import accept_each, hang_up
+from .detect import listening_since, silence
 
 STOP_SECONDS = 3.0  # how long an agent gets to stop before SIGKILL
 CLEANUP_SECONDS = 10.0  # the background ssh clean-up of an unreachable device gives up after this
+TICK_SECONDS = 0.05  # the controller's own clock: a late tick is a pause of its process (detect.listening_since)
 START_FAILED = 255  # the exit status of an agent whose ssh start failed (ssh's own for a failed connection)
 LOG = "logs/agent.out"
 PID = "logs/agent.pid"
@@ -90,6 +92,14 @@ class Fleet:
         self.listener.listen(64)
         self.host, self.port = host, self.listener.getsockname()[1]
         accept_each(self.listener, self.closed, self._link, "serve control accept")
+        self.listening = time.monotonic()  # since when the controller could run its heartbeat readers (detect)
+        threading.Thread(target=self._tick, daemon=True, name="serve listening").start()
+
+    def _tick(self) -> None:
+        last = time.monotonic()
+        while not self.closed.wait(TICK_SECONDS):
+            now = time.monotonic()
+            self.listening, last = listening_since(self.listening, last, now), now
 
     # --- processes ---------------------------------------------------------------------------
 
@@ -242,9 +252,10 @@ class Fleet:
                 return False
 
     def silent(self, now: float, limit: float) -> list[tuple[int, float]]:
-        """Agents up whose last heartbeat is older than `limit` seconds: frozen or cut off."""
-        return [(d, now - link.last_beat) for d, link in list(self.agents.items())
-                if link.sock is not None and not link.gone and now - link.last_beat > limit]
+        """Agents up not heard for more than `limit` seconds while the controller listened: frozen or cut off."""
+        silences = [(d, silence(link.last_beat, now, self.listening)) for d, link in list(self.agents.items())
+                    if link.sock is not None and not link.gone]
+        return [(d, quiet) for d, quiet in silences if quiet > limit]
 
     def take_times(self, device: int) -> list[float]:
         link = self.agents.get(device)
