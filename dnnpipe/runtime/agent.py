@@ -14,8 +14,10 @@ beside the running one (its sub-model already loaded and warmed up, its links di
 on its upstream link, which carries frame B once B's new upstream stage has run it. The old role finishes the
 frames before B and ends when END reaches it; meanwhile both roles take turns on the device (one frame at a time,
 on one device clock: runtime.stage.DeviceTurn), so the new pipeline fills while the old one drains. No process
-starts, no model loads on the switch. A device loss aborts every role at once (the controller replays what was in
-flight). See docs/protocol.md for the control messages.
+starts, no model loads on the switch, and a link the new plan shares with the old one up to its receiving end
+stays: the old role ends its stream with NEXT and hands the connection to the new one (HandOver). A device loss
+aborts every role at once (the controller replays what was in flight). See docs/protocol.md for the control
+messages.
 """
 
 from __future__ import annotations
@@ -577,20 +579,22 @@ class Agent:
         with self._lock:
             self._ending.add(generation)
             promised = self._handovers.get(generation)
-            if promised is None or promised.discarded or self._stale(promised.generation):
-                return None
-            return promised.generation
+            return promised.generation if promised is not None and self._kept_promise(promised) else None
 
     def _hand_on(self, generation: int, downstream: Downstream) -> bool:
         """NEXT went out: the link is the new role's now (False: that role was cut meanwhile; closed)."""
         sock = downstream.detach()
         with self._lock:
             promised = self._handovers.pop(generation, None)
-            if promised is None or promised.discarded or self._stale(promised.generation):
+            if promised is None or not self._kept_promise(promised):
                 sock.close()
                 return False
             promised.give(sock)
             return True
+
+    def _kept_promise(self, promised: HandOver) -> bool:
+        """Whether a promise of a link still has a role to take it (hold self._lock)."""
+        return not promised.discarded and not self._stale(promised.generation)
 
     def _await_upstream_end(self, generation: int, stop: threading.Event) -> None:
         """Until the older role's upstream link ended: after NEXT it is this role's link."""
