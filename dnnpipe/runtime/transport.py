@@ -42,13 +42,36 @@ def _quiet(message: str) -> None:
     pass
 
 
-class Upstream:
+class _Owned:
+    """A stage's end of one link, which a planned switch may hand on to the next generation (after NEXT): from
+    then on this stage neither shuts nor closes it, whichever of its threads tries."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock: Optional[socket.socket] = sock
+        self._owned = threading.Lock()
+
+    def _detach(self) -> socket.socket:
+        with self._owned:
+            sock, self.sock = self.sock, None
+        assert sock is not None
+        return sock
+
+    def _shut(self, unless: Callable[[], bool] = lambda: False) -> None:
+        with self._owned:
+            if not unless():
+                _shut(self.sock)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+
+
+class Upstream(_Owned):
     """The connection from the previous stage: frames in, checked against the stage's input specs."""
 
     def __init__(self, sock: socket.socket, peer: str, specs: Sequence[TensorSpec], timeout: float,
                  idle: bool = False, continues: bool = False, prefix: bytes = b""):
-        self.sock: Optional[socket.socket] = sock
-        self._owned = threading.Lock()  # a failing stage's shutdown never hits a link already handed on
+        super().__init__(sock)
         self.reader = FrameReader(sock, specs, peer, timeout, idle, continues, prefix)  # see FrameReader
 
     def read(self, buffers: Sequence[np.ndarray]) -> Frame:
@@ -57,28 +80,18 @@ class Upstream:
     def shutdown(self) -> None:
         """Unblock a reader waiting on this link; the upstream stage sees the close. Not once NEXT was read: the
         link is the next generation's then, even before detach() hands it on."""
-        with self._owned:
-            if self.reader.continues is None:
-                _shut(self.sock)
+        self._shut(unless=lambda: self.reader.continues is not None)
 
     def detach(self) -> tuple[socket.socket, bytes]:
         """The link after a NEXT frame, with the bytes read past it: the next generation's from here on."""
-        with self._owned:
-            sock, self.sock = self.sock, None
-        assert sock is not None
-        return sock, self.reader.leftover
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
+        return self._detach(), self.reader.leftover
 
 
-class Downstream:
+class Downstream(_Owned):
     """The connection to the next stage: frames out, described by the stage's output specs (encoded once)."""
 
     def __init__(self, sock: socket.socket, address: str, specs: Sequence[TensorSpec], timeout: float):
-        self.sock: Optional[socket.socket] = sock
-        self._owned = threading.Lock()  # an aborting stage's shutdown never hits a link already handed on
+        super().__init__(sock)
         self.writer = FrameWriter(sock, specs, f"the next stage at {address}", timeout)
 
     def send(self, sequence: int, origin_ns: int, tensors: Sequence[np.ndarray]) -> None:
@@ -93,15 +106,11 @@ class Downstream:
 
     def detach(self) -> socket.socket:
         """The link after NEXT went out: the next generation's from here on."""
-        with self._owned:
-            sock, self.sock = self.sock, None
-        assert sock is not None
-        return sock
+        return self._detach()
 
     def shutdown(self) -> None:
         """Cut the link at once (an aborted role sends nothing more)."""
-        with self._owned:
-            _shut(self.sock)
+        self._shut()
 
     def error(self, sent: int, message: str) -> None:
         """Tell the next stage why this one stopped (best effort: the link may be gone too)."""
@@ -109,10 +118,6 @@ class Downstream:
             self.writer.error(sent, message)
         except ProtocolError:
             pass
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
 
 
 LinkKey = tuple[int, int]  # (plan generation, sending device)
