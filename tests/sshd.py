@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from dnnpipe.testbed.sshd import LOGIN_WITHOUT_RC
+
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
 
@@ -66,6 +68,7 @@ KbdInteractiveAuthentication no
 UsePAM no
 PermitRootLogin prohibit-password
 LogLevel ERROR
+{LOGIN_WITHOUT_RC}
 """)
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)

@@ -37,3 +37,21 @@ def test_a_send_blocked_on_a_silent_agent_does_not_hold_up_reading_its_times():
     finally:
         far.close()
         fleet.close()
+
+
+def test_a_pause_the_clock_has_not_ticked_past_yet_is_no_device_silence():
+    """The loop may look before the clock thread sees that the whole process was paused: its own late `now` says
+    so too (once all agents at once were 'silent' 0.6 s, the controller's threads not running)."""
+    fleet = Fleet("127.0.0.1", None, b"m" * 32, b"s" * 16, "parts", "tiny", 5.0, SshOptions(), lambda line: None)
+    near, far = socket.socketpair()
+    try:
+        link = AgentLink(Device(2, "local"), time.monotonic())
+        link.sock, link.last_beat = near, time.monotonic()
+        fleet.agents[2] = link
+        assert fleet.silent(time.monotonic() + 1.0, 0.5) == []  # 1 s with no tick: the process was paused
+        fleet.listening = link.last_beat = time.monotonic() - 1.0  # listening, on time, for a second
+        time.sleep(0.1)
+        assert [d for d, _ in fleet.silent(time.monotonic(), 0.5)] == [2]  # really silent while listening
+    finally:
+        far.close()
+        fleet.close()

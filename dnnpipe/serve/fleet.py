@@ -92,14 +92,13 @@ class Fleet:
         self.listener.listen(64)
         self.host, self.port = host, self.listener.getsockname()[1]
         accept_each(self.listener, self.closed, self._link, "serve control accept")
-        self.listening = time.monotonic()  # since when the controller could run its heartbeat readers (detect)
+        self.listening = self._ticked = time.monotonic()  # since when its heartbeat readers could run (detect)
         threading.Thread(target=self._tick, daemon=True, name="serve listening").start()
 
     def _tick(self) -> None:
-        last = time.monotonic()
         while not self.closed.wait(TICK_SECONDS):
             now = time.monotonic()
-            self.listening, last = listening_since(self.listening, last, now), now
+            self.listening, self._ticked = listening_since(self.listening, self._ticked, now), now
 
     # --- processes ---------------------------------------------------------------------------
 
@@ -253,7 +252,8 @@ class Fleet:
 
     def silent(self, now: float, limit: float) -> list[tuple[int, float]]:
         """Agents up not heard for more than `limit` seconds while the controller listened: frozen or cut off."""
-        silences = [(d, silence(link.last_beat, now, self.listening)) for d, link in list(self.agents.items())
+        since = listening_since(self.listening, self._ticked, now)  # a pause its clock has not ticked past yet
+        silences = [(d, silence(link.last_beat, now, since)) for d, link in list(self.agents.items())
                     if link.sock is not None and not link.gone]
         return [(d, quiet) for d, quiet in silences if quiet > limit]
 

@@ -20,6 +20,11 @@ from typing import Callable, Optional
 from ..errors import DnnpipeError
 
 SSHD = "/usr/sbin/sshd"
+# A board's logins run its own startup files, never the workstation's. Bash sources ~/.bashrc for a command from
+# sshd only as the top-level shell; with SHLVL=1 in the session it counts itself at level 2 and skips it. The
+# workstation's ~/.bashrc may run `pyenv init`, whose shim rehash takes a lock file: a device powered off (or over
+# its memory) mid-login leaves the lock behind, and every later login of every device waits 60 s for it.
+LOGIN_WITHOUT_RC = "SetEnv SHLVL=1"
 START_SECONDS = 15.0
 
 
@@ -48,7 +53,7 @@ def config_text(address: str, host_key: Path, authorized_keys: Path, pid_file: P
                       f'AuthorizedKeysFile "{authorized_keys}"', f'PidFile "{pid_file}"', "StrictModes no",
                       "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no",
                       "PermitRootLogin prohibit-password", "X11Forwarding no", "PrintMotd no", "LogLevel ERROR",
-                      "MaxStartups 64", ""])
+                      "MaxStartups 64", LOGIN_WITHOUT_RC, ""])
 
 
 def known_hosts_line(address: str, host_key: Path) -> str:
