@@ -1,6 +1,7 @@
-"""serve on device agents under faults and changes: kill, freeze, slowdown, join (and a steady run).
+"""serve on device agents under faults and changes: kill, freeze, cut, slowdown, join (and a steady run).
 
-    .venv/bin/python benchmarks/adaptive.py [--models tiny efficientnetv2b0] [--scenarios kill freeze slowdown join]
+    .venv/bin/python benchmarks/adaptive.py [--models tiny efficientnetv2b0]
+                                            [--scenarios kill freeze cut slowdown join]
                                             [--steady SECONDS]   (--scenarios with no name: the steady run alone)
 
 The cluster is the paper's testbed (C = 1, 0.33, 0.21, 0.21) emulated on `local` devices: each role is paced at
@@ -9,6 +10,9 @@ emulation_scale). After a few seconds of results one thing happens:
 
     kill      the agent of device 2 is SIGKILLed (its control link closes)
     freeze    the agent of device 2 is SIGSTOPped (its heartbeats stop)
+    cut       device 2's link is cut (`testbed fault 2 cut`): the same cluster as a virtual fleet, each device a
+              board in its own network namespace with its own sshd, a CPU quota of about twice its paced speed,
+              its agent started over ssh; root only (skipped with the reason otherwise)
     slowdown  device 1 runs 4x slower (its pace is changed over the control link; serve must measure it)
     join      device 4 is added to the registry and serve gets SIGHUP (it starts in a 3-device registry;
               --threshold 0.01, so the switch happens even where device 4 gains little)
@@ -17,23 +21,24 @@ The table gives, in seconds unless marked: detection (from the event), re-plan (
 path (s; 0 when pushed ahead of time), switch (ms: roles out, route open), the first new result after detection,
 the longest gap between two consecutive results as a client sees it (from 1 s before the event to the end),
 throughput before and after against the plans' predictions (scaled like the speeds), and results lost and
-duplicated in OUT (both must be 0). A link cut needs a packet filter (iptables/nft) or a namespace per device;
-serve's local devices share the host's network, so it is not measured here (a cut device is detected like a
-frozen one: no heartbeat). --steady runs the cluster unchanged at full load and counts re-plans (must be 0).
+duplicated in OUT (both must be 0). --steady runs the cluster unchanged at full load and counts re-plans (must be
+0).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import h5py
 import numpy as np
@@ -46,12 +51,15 @@ from dnnpipe.config import load_config  # noqa: E402
 from dnnpipe.testbed.local import free_ports  # noqa: E402
 from dnnpipe.serve.controller import Controller, ServeSummary  # noqa: E402
 from dnnpipe.serve.options import ServeOptions  # noqa: E402
+from dnnpipe.testbed import fleet  # noqa: E402
 from dnnpipe.testbed.cores import usable_cores  # noqa: E402
 from dnnpipe.testbed.pacing import emulation_scale  # noqa: E402
 from serve_setup import Served, make_served  # noqa: E402
 
 SPEEDS = [1.0, 0.33, 0.21, 0.21]
-LABELS = {"kill": "lost", "freeze": "frozen", "slowdown": "slower", "join": "joined", "steady": ""}
+LABELS = {"kill": "lost", "freeze": "frozen", "cut": "frozen", "slowdown": "slower", "join": "joined", "steady": ""}
+SCENARIOS = ["kill", "freeze", "cut", "slowdown", "join"]
+BOARD_MB = 1000  # each board's memory for its stage: any of EfficientNetV2B0's
 BEFORE_SECONDS = 3.0  # of results before the event
 AFTER_SECONDS = 4.0  # of results after it
 THRESHOLDS = {"join": 0.01, "slowdown": 0.05, "steady": 0.05}  # --threshold (a join with device 4, the slowest, may
@@ -72,9 +80,27 @@ def rate(times: list[float], start: float, end: float) -> float:
     return (len(inside) - 1) / (inside[-1] - inside[0]) if len(inside) > 1 and inside[-1] > inside[0] else 0.0
 
 
-def run(served: Served, work: Path, scale: float, scenario: str, seconds: Optional[float] = None) -> Outcome:
+@contextmanager
+def boards(work: Path) -> Iterator[Path]:
+    """The cluster as a virtual fleet, its state folder: quotas of C x the fleet's scale (about twice the speeds
+    the roles are paced at, so a board's pace is its plan's), removed afterwards."""
+    (work / "cluster.json").write_text(json.dumps({"C": SPEEDS, "M": [BOARD_MB] * len(SPEEDS)}))
+    state = work / "fleet"
+    fleet.up(work / "cluster.json", state / "registry.json", state, echo=lambda line: print(f"    {line}"))
+    try:
+        yield state
+    finally:
+        fleet.down(state)
+
+
+def run(served: Served, work: Path, scale: float, scenario: str, seconds: Optional[float] = None,
+        fleet_state: Optional[Path] = None) -> Outcome:
+    """`fleet_state`: a virtual fleet's state folder, whose registry serve then uses (the cut scenario)."""
     ports = dict(zip((1, 2, 3, 4), free_ports(4)))
-    registry = served.registry([1, 2, 3] if scenario == "join" else [1, 2, 3, 4], work / "registry.json", ports)
+    if fleet_state is not None:
+        registry = fleet_state / "registry.json"
+    else:
+        registry = served.registry([1, 2, 3] if scenario == "join" else [1, 2, 3, 4], work / "registry.json", ports)
     out = work / f"out_{scenario}.h5"
     from dnnpipe.planner import plan
 
@@ -97,6 +123,8 @@ def run(served: Served, work: Path, scale: float, scenario: str, seconds: Option
             os.kill(c.fleet.agents[2].pid or 0, signal.SIGKILL)
         elif scenario == "freeze":
             os.kill(c.fleet.agents[2].pid or 0, signal.SIGSTOP)
+        elif scenario == "cut" and fleet_state is not None:
+            fleet.fault(fleet_state, 2, "cut", echo=lambda line: None)
         elif scenario == "join":
             served.registry([1, 2, 3, 4], registry, ports)
             os.kill(os.getpid(), signal.SIGHUP)
@@ -156,8 +184,7 @@ def row(kind: str, o: Outcome) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tiny"], choices=["tiny", "efficientnetv2b0"])
-    parser.add_argument("--scenarios", nargs="*", default=["kill", "freeze", "slowdown", "join"],
-                        choices=["kill", "freeze", "slowdown", "join"])
+    parser.add_argument("--scenarios", nargs="*", default=SCENARIOS, choices=SCENARIOS)
     parser.add_argument("--steady", type=float, metavar="SECONDS", help="also a steady run this long")
     parser.add_argument("--scale", type=float, help="emulation scale (default: the demo's, to fit this host)")
     args = parser.parse_args()
@@ -171,7 +198,13 @@ def main() -> None:
             scale = args.scale or emulation_scale(load_config(served.config), usable_cores())
             for scenario in args.scenarios:
                 print(f"{kind}: {scenario}", flush=True)
-                rows.append(row(kind, run(served, work, scale, scenario)))
+                if scenario != "cut":
+                    rows.append(row(kind, run(served, work, scale, scenario)))
+                elif fleet.why_not_available() is not None:
+                    rows.append(f"| {kind} | cut | skipped: {fleet.why_not_available()} |")
+                else:
+                    with boards(work) as state:
+                        rows.append(row(kind, run(served, work, scale, scenario, fleet_state=state)))
             if args.steady:
                 print(f"{kind}: steady for {args.steady:g} s", flush=True)
                 steady = run(served, work, scale, "steady", args.steady)

@@ -6,37 +6,64 @@ import time
 
 from dnnpipe.deploy.registry import Device
 from dnnpipe.deploy.transport import SshOptions
-from dnnpipe.serve.fleet import AgentLink, Fleet
+from dnnpipe.runtime.control import encode
+from dnnpipe.serve.fleet import AgentLink, Fleet, send_each
 
 SECONDS = 10
 
 
-def test_a_send_blocked_on_a_silent_agent_does_not_hold_up_reading_its_times():
-    """A push to a frozen agent blocks in sendall once the socket buffers are full; the controller's loop must
-    still read that agent's times (and so find it silent and hang its link up, which frees the push)."""
+def test_a_send_to_a_silent_agent_holds_up_neither_the_caller_nor_reading_its_times():
+    """A push to a frozen agent blocks in sendall once the socket buffers are full: on the link's own sender
+    thread. The controller's loop goes on (its role lines to that agent, reading its times), finds the agent silent
+    and hangs its link up, which ends the blocked write and the sender."""
     fleet = Fleet("127.0.0.1", None, b"m" * 32, b"s" * 16, "parts", "tiny", 5.0, SshOptions(), lambda line: None)
     near, far = socket.socketpair()  # the agent's end is never read: a frozen agent
     try:
         link = AgentLink(Device(2, "local"), time.monotonic())
         link.sock = near
+        link.sender = threading.Thread(target=send_each, args=(link, near), daemon=True)
+        link.sender.start()
         fleet.agents[2] = link
-        pushed: list[bool] = []
-        push = threading.Thread(target=lambda: pushed.append(fleet.send(2, {"kind": "model"}, b"x" * (64 << 20))),
-                                daemon=True)
-        push.start()
+        queued: list[bool] = []
+        caller = threading.Thread(target=lambda: queued.extend([fleet.send(2, {"kind": "model"}, b"x" * (64 << 20)),
+                                                                fleet.send(2, {"kind": "role"})]), daemon=True)
+        caller.start()
+        caller.join(1.0)
+        assert queued == [True, True], "the caller waited for a write to a frozen agent"
         time.sleep(0.2)
-        assert push.is_alive()  # blocked: nobody reads the other end
+        assert link.sender.is_alive()  # blocked: nobody reads the other end
         taken: list[list[float]] = []
         reader = threading.Thread(target=lambda: taken.append(fleet.take_times(2)), daemon=True)
         reader.start()
         reader.join(SECONDS)
         assert taken == [[]], "reading the agent's times waited for the blocked send"
-        fleet.lose(2)  # what the loop does with a silent agent: the push fails instead of hanging
-        push.join(SECONDS)
-        assert pushed == [False]
+        fleet.lose(2)  # what the loop does with a silent agent: the write fails and the sender ends
+        link.sender.join(SECONDS)
+        assert not link.sender.is_alive()
+        assert not fleet.send(2, {"kind": "stop"})  # nothing is queued for a lost agent
     finally:
         far.close()
         fleet.close()
+
+
+def test_control_lines_go_out_in_order_and_close_delivers_stop_last():
+    fleet = Fleet("127.0.0.1", None, b"m" * 32, b"s" * 16, "parts", "tiny", 5.0, SshOptions(), lambda line: None)
+    near, far = socket.socketpair()
+    link = AgentLink(Device(2, "local"), time.monotonic())
+    link.sock = near
+    link.sender = threading.Thread(target=send_each, args=(link, near), daemon=True)
+    link.sender.start()
+    fleet.agents[2] = link
+    for k in range(50):
+        fleet.send(2, {"kind": "pace", "generation": k}, b"p" * k)
+    fleet.close()
+    far.settimeout(SECONDS)
+    received = bytearray()
+    while chunk := far.recv(1 << 16):
+        received += chunk
+    far.close()
+    expected = b"".join(encode({"kind": "pace", "generation": k}) + b"p" * k for k in range(50))
+    assert bytes(received) == expected + encode({"kind": "stop"})
 
 
 def test_a_pause_the_clock_has_not_ticked_past_yet_is_no_device_silence():

@@ -611,7 +611,10 @@ class Controller:
             self.pushed.add((device, units))
             self._push(Prepare(device, units))
         deadline = time.monotonic() + self.options.connect_timeout
+        waiting = {d for d, _ in missing}
         while any(units not in self.prepared.get(d, set()) for d, units in missing) and time.monotonic() < deadline:
+            if waiting & {d for d, _ in self.fleet.silent(time.monotonic(), self.options.progress_timeout)}:
+                return  # frozen or cut off: the loop loses it right after the switch
             try:
                 event = self.fleet.events.get(timeout=0.05)
             except queue.Empty:

@@ -67,10 +67,12 @@ class AgentLink:
     start_failed: bool = False  # its ssh start failed: it will never say hello
     times: list[float] = field(default_factory=list)  # stage ms of frames not yet used for the speed estimate
     lock: threading.Lock = field(default_factory=threading.Lock)  # guards what the heartbeats report (times, ...)
-    # Writes on the control link, one message at a time. Its own lock: a push blocked in sendall to a frozen or
-    # cut-off agent (its buffers full) must not hold up the controller's loop reading that agent's times, which
-    # is the loop that finds the agent silent and hangs its link up (freeing the push).
-    sending: threading.Lock = field(default_factory=threading.Lock)
+    # Writes on the control link, in order, by the link's own sender thread: a push or a role line to a frozen or
+    # cut-off agent (its buffers full) blocks that thread alone, never the controller's loop, which is the loop
+    # that finds the agent silent and hangs its link up (ending the blocked write). Seen before: the loop's role
+    # line to a cut board waited 30 s behind a background push.
+    outbox: queue.Queue[Optional[tuple[dict[str, Any], bytes]]] = field(default_factory=queue.Queue)
+    sender: Optional[threading.Thread] = None
 
 
 class Fleet:
@@ -199,6 +201,9 @@ class Fleet:
             link.sock, link.last_beat = sock, time.monotonic()
             if isinstance(hello.get("pid"), int):
                 link.pid = hello["pid"]
+            link.sender = threading.Thread(target=send_each, args=(link, sock), daemon=True,
+                                           name=f"serve control send {device}")
+            link.sender.start()
         self.send(device, {"kind": "session", "id": self.session.hex()})
         self.events.put(("up", device))
         why = "its control link closed (agent killed, or its device gone)"
@@ -238,17 +243,13 @@ class Fleet:
             raise DnnpipeError(f"{peer}: unknown message {kind[:40]!r}")
 
     def send(self, device: int, message: dict[str, Any], payload: bytes = b"") -> bool:
+        """Queue a control line (and the bytes that follow it) for the device's agent, without waiting; False
+        when the device has no live link."""
         link = self.agents.get(device)
         if link is None or link.sock is None or link.gone:
             return False
-        with link.sending:
-            try:
-                link.sock.sendall(encode(message))
-                if payload:
-                    link.sock.sendall(payload)
-                return True
-            except OSError:
-                return False
+        link.outbox.put((message, payload))
+        return True
 
     def silent(self, now: float, limit: float) -> list[tuple[int, float]]:
         """Agents up not heard for more than `limit` seconds while the controller listened: frozen or cut off."""
@@ -279,6 +280,7 @@ class Fleet:
 
     def _retire(self, link: AgentLink) -> None:
         link.gone = True
+        link.outbox.put(None)  # its sender ends (at once, or when hanging up ends the write it is blocked in)
         if link.sock is not None:
             hang_up(link.sock)
         if link.process is not None and link.process.poll() is None:
@@ -294,6 +296,11 @@ class Fleet:
         self.listener.close()
         for d in list(self.agents):
             self.send(d, {"kind": "stop"})
+        deadline = time.monotonic() + STOP_SECONDS
+        for link in list(self.agents.values()):
+            link.outbox.put(None)
+            if link.sender is not None:  # what was queued, "stop" last, goes out first (a dead link's is dropped)
+                link.sender.join(max(0.0, deadline - time.monotonic()))
         for link in list(self.agents.values()):
             self._retire(link)
         deadline = time.monotonic() + STOP_SECONDS
@@ -305,6 +312,25 @@ class Fleet:
                     _signal_group(link.process.pid, signal.SIGKILL)
                     link.process.wait()
                 _signal_group(link.process.pid, signal.SIGKILL)
+
+
+def send_each(link: AgentLink, sock: socket.socket) -> None:
+    """The link's queued control lines, in order, until it is retired; once a write fails the rest are dropped
+    (the link is dead: its reader or the loop's silence check loses the device)."""
+    broken = False
+    while True:
+        item = link.outbox.get()
+        if item is None:
+            return
+        if broken or link.gone:
+            continue
+        message, payload = item
+        try:
+            sock.sendall(encode(message))
+            if payload:
+                sock.sendall(payload)
+        except OSError:
+            broken = True
 
 
 def controller_address(given: str, devices: Iterable[Device]) -> str:
