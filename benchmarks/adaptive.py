@@ -11,8 +11,8 @@ emulation_scale). After a few seconds of results one thing happens:
     kill      the agent of device 2 is SIGKILLed (its control link closes)
     freeze    the agent of device 2 is SIGSTOPped (its heartbeats stop)
     cut       device 2's link is cut (`testbed fault 2 cut`): the same cluster as a virtual fleet, each device a
-              board in its own network namespace with its own sshd, a CPU quota of about twice its paced speed,
-              its agent started over ssh; root only (skipped with the reason otherwise)
+              board in its own network namespace with its own sshd, a CPU quota of about four times its paced
+              speed, its agent started over ssh; root only (skipped with the reason otherwise)
     slowdown  device 1 runs 4x slower (its pace is changed over the control link; serve must measure it)
     join      device 4 is added to the registry and serve gets SIGHUP (it starts in a 3-device registry;
               --threshold 0.01, so the switch happens even where device 4 gains little)
@@ -82,11 +82,14 @@ def rate(times: list[float], start: float, end: float) -> float:
 
 @contextmanager
 def boards(work: Path) -> Iterator[Path]:
-    """The cluster as a virtual fleet, its state folder: quotas of C x the fleet's scale (about twice the speeds
-    the roles are paced at, so a board's pace is its plan's), removed afterwards."""
+    """The cluster as a virtual fleet, its state folder, removed afterwards. The quotas share the usable cores in
+    proportion to C, about four times the speed each board's roles are paced at: a board's pace is its plan's, and
+    the quota keeps its CPU its own (at twice, EfficientNetV2B0's 0.12-core boards could not keep their pace while
+    taking sub-models in)."""
     (work / "cluster.json").write_text(json.dumps({"C": SPEEDS, "M": [BOARD_MB] * len(SPEEDS)}))
     state = work / "fleet"
-    fleet.up(work / "cluster.json", state / "registry.json", state, echo=lambda line: print(f"    {line}"))
+    fleet.up(work / "cluster.json", state / "registry.json", state, scale=usable_cores() / sum(SPEEDS),
+             echo=lambda line: print(f"    {line}"))
     try:
         yield state
     finally:

@@ -82,3 +82,34 @@ def test_a_pause_the_clock_has_not_ticked_past_yet_is_no_device_silence():
     finally:
         far.close()
         fleet.close()
+
+
+def test_an_agent_loading_a_pushed_sub_model_has_the_loading_timeout_to_beat_again():
+    """A board of a sliver of a core may not beat while it takes a sub-model in: from the push to its "prepared"
+    (or its refusal) the silence allowed is the loading timeout; before and after, the progress timeout."""
+    fleet = Fleet("127.0.0.1", None, b"m" * 32, b"s" * 16, "parts", "tiny", 5.0, SshOptions(), lambda line: None)
+    near, far = socket.socketpair()
+    try:
+        link = AgentLink(Device(2, "local"), time.monotonic())
+        link.sock = near
+        link.sender = threading.Thread(target=send_each, args=(link, near), daemon=True)
+        link.sender.start()
+        fleet.agents[2] = link
+        fleet.listening = link.last_beat = time.monotonic() - 1.0  # silent for a second while listening
+        time.sleep(0.1)
+
+        def silent() -> list[int]:
+            return [d for d, _ in fleet.silent(time.monotonic(), 0.5, 3.0)]
+
+        assert silent() == [2]
+        fleet.send(2, {"kind": "model", "units": [1, 4]}, b"flatbuffer")
+        fleet.send(2, {"kind": "model", "units": [5, 9]}, b"flatbuffer")
+        assert silent() == []
+        fleet._heard(link, {"kind": "prepared", "units": [1, 4]}, "agent")
+        assert silent() == []  # one still loading
+        fleet._heard(link, {"kind": "error", "generation": -1, "message": "units 5-9: does not run"}, "agent")
+        assert silent() == [2]
+        fleet.events.get_nowait()  # ("prepared", 2, (1, 4)), as the loop reads it
+    finally:
+        far.close()
+        fleet.close()

@@ -46,6 +46,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--progress-timeout", type=positive_float, default=0.5,
                         help="an agent without a heartbeat (sent every 0.1 s) this long is frozen or cut off, s "
                              "(default 0.5)")
+    parser.add_argument("--loading-timeout", type=positive_float, default=3.0,
+                        help="the same while the agent receives or loads a sub-model pushed to it, when longer: a "
+                             "small board busy loading may not beat, s (default %(default)g)")
     parser.add_argument("--connect-timeout", type=positive_float, default=30.0,
                         help="how long an agent may take to come up, and how long results may stop with inputs in "
                              "flight before the plan is restarted, s (default 30)")
@@ -86,7 +89,7 @@ def serve_command(args: argparse.Namespace) -> int:
         registry=args.device_registry, model_path=args.model_path, model_name=args.model_name, config=args.config,
         data_path=args.data_path, output_path=args.output_path, num_inputs=args.num_inputs, fps=args.fps,
         resume=args.resume, window=args.window or (32 if service else 8),
-        progress_timeout=args.progress_timeout,
+        progress_timeout=args.progress_timeout, loading_timeout=args.loading_timeout,
         connect_timeout=args.connect_timeout, threshold=args.threshold, emulate_speed=args.emulate_speed,
         emulation_scale=args.emulation_scale, controller_host=args.controller_host,
         emulate_changes=tuple(args.emulate_change), insecure=args.insecure,

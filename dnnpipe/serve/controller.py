@@ -397,7 +397,7 @@ class Controller:
                 self.echo(f"serve: device {device}: {event[3]}")
             elif kind == "fault" and event[1] in self._live_generations():
                 self.fault = self.fault or (now, event[2])
-        for device, silent in self.fleet.silent(now, self.options.progress_timeout):
+        for device, silent in self.fleet.silent(now, self.options.progress_timeout, self.options.loading_timeout):
             if device in self.state.devices and device not in lost:
                 lost[device] = (f"device {device} lost: no heartbeat for {silent:.2f} s (frozen or cut off)", "frozen")
         for device in self.state.devices:
@@ -613,7 +613,8 @@ class Controller:
         deadline = time.monotonic() + self.options.connect_timeout
         waiting = {d for d, _ in missing}
         while any(units not in self.prepared.get(d, set()) for d, units in missing) and time.monotonic() < deadline:
-            if waiting & {d for d, _ in self.fleet.silent(time.monotonic(), self.options.progress_timeout)}:
+            if waiting & {d for d, _ in self.fleet.silent(time.monotonic(), self.options.progress_timeout,
+                                                           self.options.loading_timeout)}:
                 return  # frozen or cut off: the loop loses it right after the switch
             try:
                 event = self.fleet.events.get(timeout=0.05)

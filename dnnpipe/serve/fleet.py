@@ -63,6 +63,7 @@ class AgentLink:
     last_beat: float = 0.0
     generation: int = -1
     sent: int = 0
+    loading: int = 0  # sub-models pushed to it and not yet loaded (or refused): it may be too busy to beat
     gone: bool = False
     start_failed: bool = False  # its ssh start failed: it will never say hello
     times: list[float] = field(default_factory=list)  # stage ms of frames not yet used for the speed estimate
@@ -231,13 +232,17 @@ class Fleet:
                 link.times += frames
                 del link.times[:-256]
         elif kind == "prepared":
-            self.events.put(("prepared", d, check_units(message, 1 << 20, peer)))
+            units = check_units(message, 1 << 20, peer)
+            self._loaded(link)
+            self.events.put(("prepared", d, units))
         elif kind == "ended":
             continues = None if message.get("continues") is None else \
                 integer(message, "continues", 0, 1 << 16, peer)
             self.events.put(("ended", d, integer(message, "generation", 0, 1 << 16, peer), continues))
         elif kind == "error":
             generation = integer(message, "generation", -1, 1 << 16, peer)
+            if generation == -1:  # a pushed sub-model it could not load
+                self._loaded(link)
             self.events.put(("error", d, generation, text(message, "message", peer)))
         else:
             raise DnnpipeError(f"{peer}: unknown message {kind[:40]!r}")
@@ -248,15 +253,25 @@ class Fleet:
         link = self.agents.get(device)
         if link is None or link.sock is None or link.gone:
             return False
+        if message.get("kind") == "model":
+            with link.lock:
+                link.loading += 1
         link.outbox.put((message, payload))
         return True
 
-    def silent(self, now: float, limit: float) -> list[tuple[int, float]]:
-        """Agents up not heard for more than `limit` seconds while the controller listened: frozen or cut off."""
+    @staticmethod
+    def _loaded(link: AgentLink) -> None:
+        with link.lock:
+            link.loading = max(0, link.loading - 1)
+
+    def silent(self, now: float, limit: float, loading_limit: float = 0.0) -> list[tuple[int, float]]:
+        """Agents up not heard for more than `limit` seconds while the controller listened: frozen or cut off.
+        One receiving or loading a pushed sub-model gets `loading_limit` if that is longer: a board of a sliver of
+        a core did not beat for 2.3 s while it took an EfficientNetV2B0 sub-model in."""
         since = listening_since(self.listening, self._ticked, now)  # a pause its clock has not ticked past yet
-        silences = [(d, silence(link.last_beat, now, since)) for d, link in list(self.agents.items())
-                    if link.sock is not None and not link.gone]
-        return [(d, quiet) for d, quiet in silences if quiet > limit]
+        silences = [(d, silence(link.last_beat, now, since), max(limit, loading_limit) if link.loading else limit)
+                    for d, link in list(self.agents.items()) if link.sock is not None and not link.gone]
+        return [(d, quiet) for d, quiet, allowed in silences if quiet > allowed]
 
     def take_times(self, device: int) -> list[float]:
         link = self.agents.get(device)

@@ -22,6 +22,7 @@ class ServeOptions:
     resume: bool = False
     window: int = 8  # inputs in flight at most (credits)
     progress_timeout: float = 0.5  # an agent without a heartbeat (every 0.1 s) this long is frozen or cut off
+    loading_timeout: float = 3.0  # ... or this long while it receives or loads a sub-model pushed to it
     connect_timeout: float = 30.0  # how long an agent may take to come up; a stall with inputs in flight
     threshold: float = 0.10  # re-plan for speed when the new bottleneck is this much better
     cooldown: float = 3.0  # no re-plan for speed this soon after a switch (hysteresis)
