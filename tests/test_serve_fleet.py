@@ -12,6 +12,16 @@ from dnnpipe.serve.fleet import AgentLink, Fleet, send_each
 SECONDS = 10
 
 
+def agent_on(fleet: Fleet, sock: socket.socket) -> AgentLink:
+    """Device 2's agent on one end of a socket pair, its link registered as Fleet._link registers one."""
+    link = AgentLink(Device(2, "local"), time.monotonic())
+    link.sock, link.last_beat = sock, time.monotonic()
+    link.sender = threading.Thread(target=send_each, args=(link, sock), daemon=True)
+    link.sender.start()
+    fleet.agents[2] = link
+    return link
+
+
 def test_a_send_to_a_silent_agent_holds_up_neither_the_caller_nor_reading_its_times():
     """A push to a frozen agent blocks in sendall once the socket buffers are full: on the link's own sender
     thread. The controller's loop goes on (its role lines to that agent, reading its times), finds the agent silent
@@ -19,11 +29,7 @@ def test_a_send_to_a_silent_agent_holds_up_neither_the_caller_nor_reading_its_ti
     fleet = Fleet("127.0.0.1", None, b"m" * 32, b"s" * 16, "parts", "tiny", 5.0, SshOptions(), lambda line: None)
     near, far = socket.socketpair()  # the agent's end is never read: a frozen agent
     try:
-        link = AgentLink(Device(2, "local"), time.monotonic())
-        link.sock = near
-        link.sender = threading.Thread(target=send_each, args=(link, near), daemon=True)
-        link.sender.start()
-        fleet.agents[2] = link
+        link = agent_on(fleet, near)
         queued: list[bool] = []
         caller = threading.Thread(target=lambda: queued.extend([fleet.send(2, {"kind": "model"}, b"x" * (64 << 20)),
                                                                 fleet.send(2, {"kind": "role"})]), daemon=True)
@@ -49,11 +55,7 @@ def test_a_send_to_a_silent_agent_holds_up_neither_the_caller_nor_reading_its_ti
 def test_control_lines_go_out_in_order_and_close_delivers_stop_last():
     fleet = Fleet("127.0.0.1", None, b"m" * 32, b"s" * 16, "parts", "tiny", 5.0, SshOptions(), lambda line: None)
     near, far = socket.socketpair()
-    link = AgentLink(Device(2, "local"), time.monotonic())
-    link.sock = near
-    link.sender = threading.Thread(target=send_each, args=(link, near), daemon=True)
-    link.sender.start()
-    fleet.agents[2] = link
+    agent_on(fleet, near)
     for k in range(50):
         fleet.send(2, {"kind": "pace", "generation": k}, b"p" * k)
     fleet.close()
@@ -72,9 +74,7 @@ def test_a_pause_the_clock_has_not_ticked_past_yet_is_no_device_silence():
     fleet = Fleet("127.0.0.1", None, b"m" * 32, b"s" * 16, "parts", "tiny", 5.0, SshOptions(), lambda line: None)
     near, far = socket.socketpair()
     try:
-        link = AgentLink(Device(2, "local"), time.monotonic())
-        link.sock, link.last_beat = near, time.monotonic()
-        fleet.agents[2] = link
+        link = agent_on(fleet, near)
         assert fleet.silent(time.monotonic() + 1.0, 0.5) == []  # 1 s with no tick: the process was paused
         fleet.listening = link.last_beat = time.monotonic() - 1.0  # listening, on time, for a second
         time.sleep(0.1)
@@ -90,11 +90,7 @@ def test_an_agent_loading_a_pushed_sub_model_has_the_loading_timeout_to_beat_aga
     fleet = Fleet("127.0.0.1", None, b"m" * 32, b"s" * 16, "parts", "tiny", 5.0, SshOptions(), lambda line: None)
     near, far = socket.socketpair()
     try:
-        link = AgentLink(Device(2, "local"), time.monotonic())
-        link.sock = near
-        link.sender = threading.Thread(target=send_each, args=(link, near), daemon=True)
-        link.sender.start()
-        fleet.agents[2] = link
+        link = agent_on(fleet, near)
         fleet.listening = link.last_beat = time.monotonic() - 1.0  # silent for a second while listening
         time.sleep(0.1)
 
