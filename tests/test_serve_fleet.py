@@ -16,7 +16,7 @@ def agent_on(fleet: Fleet, sock: socket.socket) -> AgentLink:
     """Device 2's agent on one end of a socket pair, its link registered as Fleet._link registers one."""
     link = AgentLink(Device(2, "local"), time.monotonic())
     link.sock, link.last_beat = sock, time.monotonic()
-    link.sender = threading.Thread(target=send_each, args=(link, sock), daemon=True)
+    link.sender = threading.Thread(target=send_each, args=(link, sock, fleet.closed), daemon=True)
     link.sender.start()
     fleet.agents[2] = link
     return link
@@ -106,6 +106,28 @@ def test_an_agent_loading_a_pushed_sub_model_has_the_loading_timeout_to_beat_aga
         fleet._heard(link, {"kind": "error", "generation": -1, "message": "units 5-9: does not run"}, "agent")
         assert silent() == [2]
         fleet.events.get_nowait()  # ("prepared", 2, (1, 4)), as the loop reads it
+    finally:
+        far.close()
+        fleet.close()
+
+
+def test_a_push_an_agent_does_not_take_in_gets_no_loading_grace_and_a_failed_write_hangs_the_link_up():
+    """A frozen agent does not read its push: while the sender is stuck writing it, the agent is not busy loading,
+    so the progress timeout holds; a write that fails hangs the link up (its reader then reports the loss)."""
+    fleet = Fleet("127.0.0.1", None, b"m" * 32, b"s" * 16, "parts", "tiny", 5.0, SshOptions(), lambda line: None)
+    near, far = socket.socketpair()
+    try:
+        link = agent_on(fleet, near)
+        fleet.listening = link.last_beat = time.monotonic() - 1.0
+        fleet.send(2, {"kind": "model", "units": [1, 4]}, b"x" * (64 << 20))
+        time.sleep(0.2)
+        assert link.writing and not fleet.settled(2)
+        assert [d for d, _ in fleet.silent(time.monotonic(), 0.5, 3.0)] == [2]
+        far.close()  # the agent's end goes: the blocked write fails
+        deadline = time.monotonic() + SECONDS
+        while near.fileno() != -1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert near.fileno() == -1, "the link was not hung up after its write failed"
     finally:
         far.close()
         fleet.close()

@@ -670,8 +670,9 @@ class Agent:
             try:
                 self._load(units, flatbuffer)
                 self._send({"kind": "prepared", "units": list(units)})
-            except DnnpipeError as e:
-                self._send({"kind": "error", "generation": -1, "message": f"units {units[0]}-{units[1]}: {e}"})
+            except Exception as e:  # noqa: BLE001 - answered either way (MemoryError on a small board, too)
+                why = e if isinstance(e, DnnpipeError) else f"{type(e).__name__}: {e}"
+                self._send({"kind": "error", "generation": -1, "message": f"units {units[0]}-{units[1]}: {why}"})
 
     def _spec(self, units: tuple[int, int], stage: int, digest: str) -> StageSpec:
         first, last = units

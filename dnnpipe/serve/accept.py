@@ -30,9 +30,10 @@ def accept_each(listener: socket.socket, closed: threading.Event, vet: Callable[
 
 
 def hang_up(sock: socket.socket) -> None:
-    """Both directions shut (a reader blocked on it wakes), then closed."""
+    """Both directions shut (a reader blocked on it wakes), then closed. On the socket itself, also under TLS:
+    SSLSocket.shutdown drops its SSL object first, and a write racing it would go out unencrypted."""
     try:
-        sock.shutdown(socket.SHUT_RDWR)
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
     except OSError:
         pass
     sock.close()

@@ -64,6 +64,7 @@ class AgentLink:
     generation: int = -1
     sent: int = 0
     loading: int = 0  # sub-models pushed to it and not yet loaded (or refused): it may be too busy to beat
+    writing: bool = False  # its sender is in a write: an agent that does not take its bytes in is not busy loading
     gone: bool = False
     start_failed: bool = False  # its ssh start failed: it will never say hello
     times: list[float] = field(default_factory=list)  # stage ms of frames not yet used for the speed estimate
@@ -202,7 +203,7 @@ class Fleet:
             link.sock, link.last_beat = sock, time.monotonic()
             if isinstance(hello.get("pid"), int):
                 link.pid = hello["pid"]
-            link.sender = threading.Thread(target=send_each, args=(link, sock), daemon=True,
+            link.sender = threading.Thread(target=send_each, args=(link, sock, self.closed), daemon=True,
                                            name=f"serve control send {device}")
             link.sender.start()
         self.send(device, {"kind": "session", "id": self.session.hex()})
@@ -259,6 +260,11 @@ class Fleet:
         link.outbox.put((message, payload))
         return True
 
+    def settled(self, device: int) -> bool:
+        """Everything pushed to the device is loaded (or refused), or the device is gone."""
+        link = self.agents.get(device)
+        return link is None or link.gone or link.sock is None or link.loading == 0
+
     @staticmethod
     def _loaded(link: AgentLink) -> None:
         with link.lock:
@@ -269,7 +275,8 @@ class Fleet:
         One receiving or loading a pushed sub-model gets `loading_limit` if that is longer: a board of a sliver of
         a core did not beat for 2.3 s while it took an EfficientNetV2B0 sub-model in."""
         since = listening_since(self.listening, self._ticked, now)  # a pause its clock has not ticked past yet
-        silences = [(d, silence(link.last_beat, now, since), max(limit, loading_limit) if link.loading else limit)
+        silences = [(d, silence(link.last_beat, now, since),
+                     max(limit, loading_limit) if link.loading and not link.writing else limit)
                     for d, link in list(self.agents.items()) if link.sock is not None and not link.gone]
         return [(d, quiet) for d, quiet, allowed in silences if quiet > allowed]
 
@@ -314,7 +321,7 @@ class Fleet:
         deadline = time.monotonic() + STOP_SECONDS
         for link in list(self.agents.values()):
             link.outbox.put(None)
-            if link.sender is not None:  # what was queued, "stop" last, goes out first (a dead link's is dropped)
+            if link.sender is not None and not link.gone:  # "stop" goes out after the lines queued before it
                 link.sender.join(max(0.0, deadline - time.monotonic()))
         for link in list(self.agents.values()):
             self._retire(link)
@@ -329,23 +336,28 @@ class Fleet:
                 _signal_group(link.process.pid, signal.SIGKILL)
 
 
-def send_each(link: AgentLink, sock: socket.socket) -> None:
-    """The link's queued control lines, in order, until it is retired; once a write fails the rest are dropped
-    (the link is dead: its reader or the loop's silence check loses the device)."""
+def send_each(link: AgentLink, sock: socket.socket, closing: threading.Event) -> None:
+    """The link's queued control lines, in order, until it is retired. A write that fails hangs the link up (its
+    reader then reports the device lost) and drops the rest; once serve closes, queued pushes are dropped ("stop"
+    is not kept waiting behind them)."""
     broken = False
     while True:
         item = link.outbox.get()
         if item is None:
             return
-        if broken or link.gone:
-            continue
         message, payload = item
+        if broken or link.gone or (closing.is_set() and message.get("kind") == "model"):
+            continue
+        link.writing = True
         try:
             sock.sendall(encode(message))
             if payload:
                 sock.sendall(payload)
         except OSError:
             broken = True
+            hang_up(sock)
+        finally:
+            link.writing = False
 
 
 def controller_address(given: str, devices: Iterable[Device]) -> str:
