@@ -411,7 +411,7 @@ def test_contingency_pushes_go_to_the_push_loop_one_at_a_time_once_the_switch_is
         lost = wanted[1].device
         controller.state = replace(controller.state, devices=controller.state.devices - {lost},
                                    absent=controller.state.absent | {lost})
-        asked: list[int] = []  # the loop waits until each board has loaded its push before the next one
+        asked: list[int] = []  # before each push the loop waits until that board has loaded its last one
 
         def settled(device: int) -> bool:
             asked.append(device)

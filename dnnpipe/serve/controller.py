@@ -639,18 +639,17 @@ class Controller:
             action = self.pushes.get()
             if action is None:
                 return
-            started = time.monotonic()
             try:
-                self._push_one(action)
-                took = time.monotonic() - started
-                # One board takes one sub-model in at a time: a board of a sliver of a core sent several at once
-                # fell behind its stage for seconds (and queued them before the next switch's role lines).
+                # One board takes one sub-model in at a time (others meanwhile take theirs): a board of a sliver
+                # of a core sent several at once fell behind its stage for seconds.
                 deadline = time.monotonic() + self.options.connect_timeout
                 while not self.fleet.settled(action.device) and time.monotonic() < deadline \
                         and not self.fleet.closed.is_set():
                     time.sleep(POLL_SECONDS)
+                started = time.monotonic()
+                self._push_one(action)
                 # Spread out: cut back to back, they took the cores from the stages in bursts a client saw as a gap.
-                time.sleep(min(1.0, max(PUSH_REST_MIN, PUSH_REST * took)))
+                time.sleep(min(1.0, max(PUSH_REST_MIN, PUSH_REST * (time.monotonic() - started))))
             finally:
                 self.push_idle.set()
 
