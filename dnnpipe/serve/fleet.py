@@ -43,6 +43,7 @@ from ..runtime.handshake import HandshakeError, LinkAuth, ProbeClosed, listen_si
 from .accept import accept_each, hang_up
 from .detect import listening_since, silence
 
+PUSH_PIECE = 1 << 20  # a push is written a piece at a time, each piece taken in a sign of life
 STOP_SECONDS = 3.0  # how long an agent gets to stop before SIGKILL
 CLEANUP_SECONDS = 10.0  # the background ssh clean-up of an unreachable device gives up after this
 TICK_SECONDS = 0.05  # the controller's own clock: a late tick is a pause of its process (detect.listening_since)
@@ -65,6 +66,7 @@ class AgentLink:
     sent: int = 0
     loading: int = 0  # sub-models pushed to it and not yet loaded (or refused): it may be too busy to beat
     writing: bool = False  # its sender is in a write: an agent that does not take its bytes in is not busy loading
+    taken: float = 0.0  # when it last took in a piece of a push (monotonic): while written to, that is a sign of life
     gone: bool = False
     start_failed: bool = False  # its ssh start failed: it will never say hello
     times: list[float] = field(default_factory=list)  # stage ms of frames not yet used for the speed estimate
@@ -272,10 +274,11 @@ class Fleet:
 
     def silent(self, now: float, limit: float, loading_limit: float = 0.0) -> list[tuple[int, float]]:
         """Agents up not heard for more than `limit` seconds while the controller listened: frozen or cut off.
-        One receiving or loading a pushed sub-model gets `loading_limit` if that is longer: a board of a sliver of
-        a core did not beat for 2.3 s while it took an EfficientNetV2B0 sub-model in."""
+        One loading a pushed sub-model gets `loading_limit` if that is longer (a board of a sliver of a core did
+        not beat for 2.3 s while it took an EfficientNetV2B0 sub-model in); one being written a push has the
+        progress limit, counted from the last piece it took in."""
         since = listening_since(self.listening, self._ticked, now)  # a pause its clock has not ticked past yet
-        silences = [(d, silence(link.last_beat, now, since),
+        silences = [(d, silence(max(link.last_beat, link.taken), now, since),
                      max(limit, loading_limit) if link.loading and not link.writing else limit)
                     for d, link in list(self.agents.items()) if link.sock is not None and not link.gone]
         return [(d, quiet) for d, quiet, allowed in silences if quiet > allowed]
@@ -351,8 +354,10 @@ def send_each(link: AgentLink, sock: socket.socket, closing: threading.Event) ->
         link.writing = True
         try:
             sock.sendall(encode(message))
-            if payload:
-                sock.sendall(payload)
+            view = memoryview(payload)
+            for start in range(0, len(view), PUSH_PIECE):  # a frozen or cut-off agent stops taking pieces in
+                sock.sendall(view[start:start + PUSH_PIECE])  # once the buffers between are full
+                link.taken = time.monotonic()
         except OSError:
             broken = True
             hang_up(sock)
