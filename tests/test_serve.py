@@ -411,11 +411,11 @@ def test_contingency_pushes_go_to_the_push_loop_one_at_a_time_once_the_switch_is
         lost = wanted[1].device
         controller.state = replace(controller.state, devices=controller.state.devices - {lost},
                                    absent=controller.state.absent | {lost})
-        asked: list[int] = []  # before each push the loop waits until that board has loaded its last one
+        asked: list[tuple[int, int]] = []  # before each push the loop waits until that board loaded its last one
 
         def settled(device: int) -> bool:
-            asked.append(device)
-            return asked.count(device) % 2 == 0  # loaded on the second look
+            asked.append((device, len(pushed)))
+            return [d for d, _ in asked].count(device) % 2 == 0  # loaded on the second look
 
         controller.fleet = SimpleNamespace(settled=settled, closed=threading.Event())  # type: ignore[assignment]
         loop = threading.Thread(target=controller._push_loop, daemon=True)
@@ -427,7 +427,7 @@ def test_contingency_pushes_go_to_the_push_loop_one_at_a_time_once_the_switch_is
         controller.pushes.put(None)
         loop.join(20)
         assert pushed[0] == wanted[0] and [p for p in wanted if p.device != lost] == pushed
-        assert asked == [d for p in pushed for d in (p.device, p.device)]
+        assert asked == [(p.device, k) for k, p in enumerate(pushed) for _ in range(2)]  # asked before each push
         assert all((p.device, p.units) not in controller.pushed for p in wanted if p.device == lost)
     finally:
         if controller.file_feed is not None:

@@ -646,6 +646,8 @@ class Controller:
                 while not self.fleet.settled(action.device) and time.monotonic() < deadline \
                         and not self.fleet.closed.is_set():
                     time.sleep(POLL_SECONDS)
+                if self.fleet.closed.is_set():
+                    continue
                 started = time.monotonic()
                 self._push_one(action)
                 # Spread out: cut back to back, they took the cores from the stages in bursts a client saw as a gap.

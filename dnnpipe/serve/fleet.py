@@ -278,10 +278,18 @@ class Fleet:
         not beat for 2.3 s while it took an EfficientNetV2B0 sub-model in); one being written a push has the
         progress limit, counted from the last piece it took in."""
         since = listening_since(self.listening, self._ticked, now)  # a pause its clock has not ticked past yet
-        silences = [(d, silence(max(link.last_beat, link.taken), now, since),
-                     max(limit, loading_limit) if link.loading and not link.writing else limit)
-                    for d, link in list(self.agents.items()) if link.sock is not None and not link.gone]
-        return [(d, quiet) for d, quiet, allowed in silences if quiet > allowed]
+        found = []
+        for d, link in list(self.agents.items()):
+            if link.sock is None or link.gone:
+                continue
+            quiet = silence(link.last_beat, now, since)
+            if link.writing:  # a piece taken in is a sign of life only while it is being written pieces
+                quiet, allowed = silence(max(link.last_beat, link.taken), now, since), limit
+            else:
+                allowed = max(limit, loading_limit) if link.loading else limit
+            if quiet > allowed:
+                found.append((d, quiet))
+        return found
 
     def take_times(self, device: int) -> list[float]:
         link = self.agents.get(device)
