@@ -59,7 +59,7 @@ class _Owned:
     def _shut(self, unless: Callable[[], bool] = lambda: False) -> None:
         with self._owned:
             if not unless():
-                _shut(self.sock)
+                shut_link(self.sock)
 
     def close(self) -> None:
         if self.sock is not None:
@@ -174,7 +174,7 @@ class HeldLinks:
         self.drop(lambda generation: True)
 
 
-def _shut(sock: Optional[socket.socket]) -> None:
+def shut_link(sock: Optional[socket.socket]) -> None:
     """Both directions of a link shut, waking whoever waits on it (None: handed on, the next generation's)."""
     if sock is None:
         return

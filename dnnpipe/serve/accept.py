@@ -7,6 +7,8 @@ import socket
 import threading
 from typing import Callable
 
+from ..runtime.transport import shut_link
+
 
 def accept_each(listener: socket.socket, closed: threading.Event, vet: Callable[[socket.socket, str], None],
                 name: str) -> threading.Thread:
@@ -30,10 +32,7 @@ def accept_each(listener: socket.socket, closed: threading.Event, vet: Callable[
 
 
 def hang_up(sock: socket.socket) -> None:
-    """Both directions shut (a reader blocked on it wakes), then closed. On the socket itself, also under TLS:
-    SSLSocket.shutdown drops its SSL object first, and a write racing it would go out unencrypted."""
-    try:
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
-    except OSError:
-        pass
+    """Both directions shut (a reader blocked on it wakes; under TLS a write racing it stays encrypted), then
+    closed."""
+    shut_link(sock)
     sock.close()

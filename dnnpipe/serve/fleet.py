@@ -282,10 +282,10 @@ class Fleet:
         for d, link in list(self.agents.items()):
             if link.sock is None or link.gone:
                 continue
-            quiet = silence(link.last_beat, now, since)
             if link.writing:  # a piece taken in is a sign of life only while it is being written pieces
                 quiet, allowed = silence(max(link.last_beat, link.taken), now, since), limit
             else:
+                quiet = silence(link.last_beat, now, since)
                 allowed = max(limit, loading_limit) if link.loading else limit
             if quiet > allowed:
                 found.append((d, quiet))
