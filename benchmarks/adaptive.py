@@ -6,7 +6,8 @@
 
 The cluster is the paper's testbed (C = 1, 0.33, 0.21, 0.21) emulated on `local` devices: each role is paced at
 its planned time, every speed scaled by one factor so the emulated cluster fits this host (the testbed's
-emulation_scale). After a few seconds of results one thing happens:
+emulation_scale). After a few seconds of results, and once serve says it is ready for a loss (every plan for the
+loss of one device loaded ahead on its devices; the table's 'ready'), one thing happens:
 
     kill      the agent of device 2 is SIGKILLed (its control link closes)
     freeze    the agent of device 2 is SIGSTOPped (its heartbeats stop)
@@ -60,7 +61,10 @@ SPEEDS = [1.0, 0.33, 0.21, 0.21]
 LABELS = {"kill": "lost", "freeze": "frozen", "cut": "frozen", "slowdown": "slower", "join": "joined", "steady": ""}
 SCENARIOS = ["kill", "freeze", "cut", "slowdown", "join"]
 BOARD_MB = 1000  # each board's memory for its stage: any of EfficientNetV2B0's
-BEFORE_SECONDS = 3.0  # of results before the event
+BEFORE_SECONDS = 3.0  # of results before the event (at least: a loss or a join waits until serve is ready for a loss)
+READY_SECONDS = 20.0  # at most this long for serve to have every plan for a loss loaded ahead
+READY_SLACK = 8.0  # inputs for this much longer, as the wait for ready may delay the event
+WAIT_READY = ("kill", "freeze", "cut", "join")  # (a slowdown is scripted in serve, at BEFORE_SECONDS)
 AFTER_SECONDS = 4.0  # of results after it
 THRESHOLDS = {"join": 0.01, "slowdown": 0.05, "steady": 0.05}  # --threshold (a join with device 4, the slowest, may
 # gain the tiny model only a few per cent: it still switches, so the switch is measured)
@@ -73,6 +77,8 @@ class Outcome:
     event_at: float
     detected_s: float
     lost: int
+    ready_s: float  # from the first result until serve said it was ready for a loss (nan: not said)
+    fill_s: float  # the new plan's stage times end to end, as paced: no first result comes sooner
 
 
 def rate(times: list[float], start: float, end: float) -> float:
@@ -108,9 +114,11 @@ def run(served: Served, work: Path, scale: float, scenario: str, seconds: Option
     from dnnpipe.planner import plan
 
     predicted = plan(served.config).throughput * scale
-    total = int(predicted * (seconds or (BEFORE_SECONDS + AFTER_SECONDS + 2)))
+    total = int(predicted * (seconds or (BEFORE_SECONDS + AFTER_SECONDS + READY_SLACK + 2)))
     event = threading.Event()
     event_at = [0.0]
+    ready = threading.Event()
+    first_at, ready_at = [0.0], [float("nan")]
     changes = ((BEFORE_SECONDS, 1, SPEEDS[0] / 4),) if scenario == "slowdown" else ()
     options = ServeOptions(registry=registry, model_path=served.parts, model_name=served.name, config=served.config,
                            data_path=served.data, output_path=out, num_inputs=total, emulate_speed=True,
@@ -120,6 +128,8 @@ def run(served: Served, work: Path, scale: float, scenario: str, seconds: Option
 
     def act() -> None:
         time.sleep(BEFORE_SECONDS)
+        if scenario in WAIT_READY and not ready.wait(READY_SECONDS):
+            print(f"    serve was not ready for a loss within {READY_SECONDS:g} s: the event goes ahead", flush=True)
         event_at[0] = time.monotonic()
         c = controller[0]
         if scenario == "kill":
@@ -136,7 +146,11 @@ def run(served: Served, work: Path, scale: float, scenario: str, seconds: Option
     def echo(line: str) -> None:
         print(f"    {time.monotonic():.3f} {line}", flush=True)
         if "generation 1: first result" in line and scenario not in ("steady",):
+            first_at[0] = time.monotonic()
             threading.Thread(target=act, daemon=True).start()
+        if "ready for a loss" in line and "generation 1's" in line:
+            ready_at[0] = time.monotonic() - first_at[0]
+            ready.set()
 
     c = Controller(options, echo)
     controller.append(c)
@@ -145,6 +159,8 @@ def run(served: Served, work: Path, scale: float, scenario: str, seconds: Option
         event_at[0] = (summary.result_times[0] if summary.result_times else 0.0) + BEFORE_SECONDS
     ours = [x for x in summary.switches if x.label == LABELS[scenario]]
     detected = ours[0].detected_at - event_at[0] if ours and event_at[0] else float("nan")
+    fill_s = sum(c.paced_ms(d, (first, last)) or 0.0 for first, last, d in ours[0].stages) / 1000 if ours \
+        else float("nan")
     lost = 0
     rows = len(next(iter(served.expected.values())))
     with h5py.File(out) as f:
@@ -152,7 +168,7 @@ def run(served: Served, work: Path, scale: float, scenario: str, seconds: Option
             got = f[name][:]
             close = np.isclose(got, expected[np.arange(total) % rows], rtol=1e-4, atol=1e-4).reshape(total, -1)
             lost = max(lost, int((~close.all(axis=1)).sum()) + total - int(f.attrs["stored"]))
-    return Outcome(scenario, summary, event_at[0], detected, lost)
+    return Outcome(scenario, summary, event_at[0], detected, lost, ready_at[0], fill_s)
 
 
 def row(kind: str, o: Outcome) -> str:
@@ -160,8 +176,8 @@ def row(kind: str, o: Outcome) -> str:
     times = s.result_times
     if not s.switches:
         return (f"| {kind} | {o.scenario} | {rate(times, times[0] + 1, times[-1]):.1f} ({s.start_throughput:.1f}) | "
-                f"no switch | | | | | | {max(np.diff(times)) if len(times) > 1 else 0:.3f} | | | | {o.lost} | "
-                f"{s.duplicates} |")
+                f"{o.ready_s:.1f} | no switch | | | | | | {max(np.diff(times)) if len(times) > 1 else 0:.3f} | | | | "
+                f"{o.lost} | {s.duplicates} |")
     w = next((x for x in s.switches if x.label == LABELS[o.scenario]), s.switches[0])
     first = (w.first_result_s if w.first_result_s is not None else float("nan"))
     window = [t for t in times if t >= o.event_at - 1.0]
@@ -177,8 +193,10 @@ def row(kind: str, o: Outcome) -> str:
     last_before = max((k for k, t in enumerate(at) if t < w.switched_at), default=0)
     switch_gap = max(np.diff(at[last_before:])) if len(at) > last_before + 1 else float("nan")
     running = rate(times, w.switched_at - 1.0, w.switched_at)
-    return (f"| {kind} | {o.scenario} | {before:.1f} ({s.start_throughput:.1f}) | {o.detected_s:.3f} | "
-            f"{w.replan_s * 1000:.1f} | {w.prepare_s:.3f} | {w.push_s:.3f} | {w.switch_s * 1000:.1f} | {first:.3f} | "
+    return (f"| {kind} | {o.scenario} | {before:.1f} ({s.start_throughput:.1f}) | {o.ready_s:.1f} | "
+            f"{o.detected_s:.3f} | "
+            f"{w.replan_s * 1000:.1f} | {w.prepare_s:.3f} | {w.push_s:.3f} | {w.switch_s * 1000:.1f} | "
+            f"{first:.3f} ({o.fill_s:.3f}) | "
             f"{gap:.3f} ({periods:.1f}) | {switch_gap:.3f} ({switch_gap * running:.1f} / {switch_gap * after:.1f}) | "
             f"{w.links_kept} of {len(w.stages) + 1} | {after:.1f} ({w.predicted_throughput * scale:.1f}) | {o.lost} | "
             f"{s.duplicates} |")
@@ -214,17 +232,22 @@ def main() -> None:
                 rows.append(f"| {kind} | steady {args.steady:g} s | {len(steady.summary.switches)} re-plans | "
                             f"{steady.summary.stored} results, {steady.lost} lost, {steady.summary.duplicates} "
                             f"duplicated |")
-    print(f"\nemulated paper testbed C = {SPEEDS} x {scale:.3f}; seconds after the detection except 'detect' (after "
-          f"the event); 'loaded ahead' is a planned switch's cut, push and load while the old plan served (before "
-          f"its barrier); 'cut+push' is what was cut and pushed on the critical path; the longest gap also in "
-          f"periods of the faster plan as measured; 'at the switch' is the longest gap from the last result before the "
-          f"new roles went out to 1 s after, in periods of the plan as it ran in the second before / of the new plan "
-          f"as measured after; 'links kept' are the new plan's links (input, between stages, results) that went on "
-          f"from the old plan after NEXT instead of being dialled\n")
-    print("| model | event | before inf/s (predicted) | detect s | re-plan ms | loaded ahead s | cut+push s "
-          "| switch ms | first new result s | longest gap s (periods) | at the switch s (periods before / after) "
-          "| links kept | after inf/s (predicted) | lost | duplicated |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    legend = " ".join([
+        f"emulated paper testbed C = {SPEEDS} x {scale:.3f}; seconds after the detection except 'detect' (after the",
+        "event); 'ready' is when serve had every plan for a loss loaded ahead, from the first result (a loss or a",
+        f"join waits for it, after {BEFORE_SECONDS:g} s of results at least); 'loaded ahead' is a planned switch's",
+        "cut, push and load while the old plan served (before its barrier); 'cut+push' is what was cut and pushed on",
+        "the critical path; the new plan's fill is its stages' paced times end to end (links not counted): none of",
+        "its results can come sooner; the longest gap also in periods of the faster plan as measured; 'at the",
+        "switch' is the longest gap from the last result before the new roles went out to 1 s after, in periods of",
+        "the plan as it ran in the second before / of the new plan as measured after; 'links kept' are the new",
+        "plan's links (input, between stages, results) that went on from the old plan after NEXT instead of being",
+        "dialled"])
+    print(f"\n{legend}\n")
+    print("| model | event | before inf/s (predicted) | ready s | detect s | re-plan ms | loaded ahead s | cut+push s "
+          "| switch ms | first new result s (new plan's fill) | longest gap s (periods) "
+          "| at the switch s (periods before / after) | links kept | after inf/s (predicted) | lost | duplicated |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for line in rows:
         print(line)
 

@@ -141,6 +141,17 @@ def test_a_killed_agent_is_planned_away_at_once_and_nothing_is_lost(served, tmp_
     assert ", 2]" not in replan.split("): ", 1)[1]
 
 
+def test_a_loss_once_serve_is_ready_for_it_needs_no_cut_or_push(served, tmp_path):
+    """serve says when every plan for a loss is loaded ahead; a loss after that switches with nothing to push."""
+    run, out = serve_run(served, tmp_path, inputs=1200)
+    run.on("serve: ready for a loss", after(0.1, lambda run: os.kill(run.pid(2), signal.SIGKILL)))
+    stdout = finish(run, served, out, 1200)
+    ready = next(line for line in stdout.splitlines() if "ready for a loss" in line)
+    assert "device 1, 2, 3 and 4 are loaded ahead" in ready or "device 1, 2 and 3 are loaded ahead" in ready
+    switch = next(line for line in stdout.splitlines() if "switch: generation 2 runs" in line)
+    assert "at once" in switch and "cut and pushed first" not in switch
+
+
 def test_two_agents_killed_together_are_both_counted(served, tmp_path):
     def kill_two(run: Run) -> None:
         os.kill(run.pid(2), signal.SIGKILL)

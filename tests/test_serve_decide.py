@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dnnpipe.serve.decide import GiveUp, Joined, Lost, Measured, Prepare, Proposal, State, Switch, Switched, \
-    contingencies, decide, next_push, staying_links, worth_switching
+    contingencies, decide, device_names, next_push, staying_links, uncovered, worth_switching
 
 RUNNING = ((1, 10, 1), (11, 20, 2), (21, 30, 3))
 
@@ -128,6 +128,23 @@ def test_contingency_pushes_go_one_at_a_time_and_stale_ones_are_let_go():
     assert next_push(on_lost, lost, {}) == (None, [], on_lost)
     absent = replace(ahead, absent=ahead.absent | {pushes[3].device})  # up, but not to be planned on
     assert next_push(on_lost, absent, {}) == (None, [], on_lost)
+
+
+def test_a_loss_is_covered_once_every_stage_of_every_plan_for_it_is_loaded():
+    ready, prepares = decide(state(), Switched(), planner_over((1, 2, 3)))
+    wanted = {(p.device, p.units) for p in prepares if isinstance(p, Prepare)}
+    assert uncovered(ready, {}) == sorted(wanted) and uncovered(state(), {}) == []  # no plans yet: nothing to load
+    loaded: dict[int, set[tuple[int, int]]] = {}
+    for device, units in sorted(wanted)[:-1]:
+        loaded.setdefault(device, set()).add(units)
+    assert uncovered(ready, loaded) == sorted(wanted)[-1:]
+    last_device, last_units = sorted(wanted)[-1]
+    loaded.setdefault(last_device, set()).update({last_units, (99, 99)})  # more loaded than needed is fine
+    assert uncovered(ready, loaded) == []
+
+
+def test_device_names_read_as_a_sentence():
+    assert (device_names([4]), device_names({3, 1}), device_names([2, 4, 1])) == ("4", "1 and 3", "1, 2 and 4")
 
 
 def test_a_dropped_planned_switch_gets_its_plans_for_a_loss_back():

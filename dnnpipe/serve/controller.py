@@ -39,7 +39,7 @@ from ..planner.replan import ClusterChange, replan
 from ..runtime.control import CONTROLLER
 from ..runtime.handshake import manifest_identity
 from .decide import Action, GiveUp, Joined, Lost, Measured, Prepare, Proposal, Stages, State, Switch, Switched, \
-    decide, next_push
+    decide, device_names, next_push, uncovered
 from .detect import SpeedModel, speed_outliers, stage_time
 from ..feeds import Feed, NoEvents, ServeEvents
 from .filefeed import FileFeed
@@ -199,6 +199,7 @@ class Controller:
         self.deferred: list[Prepare] = []  # contingency sub-models, pushed while the plan runs
         self.push_idle = threading.Event()  # the push loop waits for its next action: handed one at a time
         self.push_idle.set()
+        self.covered: Optional[Mapping[int, Proposal]] = None  # the plans for a loss last announced loaded
         self.outlier_runs: dict[int, int] = {}
         self._times: dict[int, list[float]] = {}  # device -> its last stage times (ms) in the running plan
         self.measured_at = self.last_switch = time.monotonic()
@@ -421,7 +422,7 @@ class Controller:
                 self._pipeline_fault(f"{reason} (it still ran a draining plan's frames)", now)
             return
         if joined:
-            self.echo(f"serve: device {', '.join(map(str, sorted(joined)))} joined")
+            self.echo(f"serve: device {device_names(joined)} joined")
             self.events.devices_up(len(self.state.devices | joined))
             self._decide(Joined(frozenset(joined)), now)
             return
@@ -432,6 +433,7 @@ class Controller:
         self._watch_stall(now)
         self._announce()
         self._push_contingencies()
+        self._announce_covered(now)
         self._emulate_changes()
         self._registry(now)
         self._measure(now)
@@ -556,7 +558,7 @@ class Controller:
             self._replanned(action, replan_s)  # a planned switch keeps serving on the old plan until the barrier
             self.events.ready(False)
         push_began = time.perf_counter()
-        self._ensure_pushed(stages)
+        pushed_now = self._ensure_pushed(stages)
         record.push_s = time.perf_counter() - push_began
         switch_began = time.perf_counter()
         record.switched_at = time.monotonic()
@@ -581,6 +583,8 @@ class Controller:
             self.switches.append(record)
         self._record_plan(stages)
         how = f"at once, replaying from input {self.ledger.first_unstored}" if action.abort else "behind a barrier"
+        if pushed_now and action.label != "start":  # at the start nothing could be loaded ahead
+            how += f"; {pushed_now} sub-model{'s' if pushed_now > 1 else ''} cut and pushed first, not loaded ahead"
         self.echo(f"serve: switch: generation {g} runs {len(stages)} stages ({how})")
         self.state, actions = decide(replace(self.state, stages=stages), Switched(), self.planner)
         self._carry_out(actions, detected)
@@ -604,8 +608,9 @@ class Controller:
                                                    (input_stays or self.stream.dialled_ahead(generation, first[0]))):
             time.sleep(POLL_SECONDS / 2)
 
-    def _ensure_pushed(self, stages: Stages) -> None:
-        """Every stage's sub-model loaded on its device before the roles go out (normally pushed long before)."""
+    def _ensure_pushed(self, stages: Stages) -> int:
+        """Every stage's sub-model loaded on its device before the roles go out (normally pushed long before);
+        how many had to be pushed now."""
         missing = [(d, (s, e)) for s, e, d in stages if (s, e) not in self.prepared.get(d, set())]
         for device, units in missing:
             self.pushed.add((device, units))
@@ -615,7 +620,7 @@ class Controller:
         while any(units not in self.prepared.get(d, set()) for d, units in missing) and time.monotonic() < deadline:
             if waiting & {d for d, _ in self.fleet.silent(time.monotonic(), self.options.progress_timeout,
                                                            self.options.loading_timeout)}:
-                return  # frozen or cut off: the loop loses it right after the switch
+                break  # frozen or cut off: the loop loses it right after the switch
             try:
                 event = self.fleet.events.get(timeout=0.05)
             except queue.Empty:
@@ -626,7 +631,8 @@ class Controller:
                 self.fleet.events.put(event)  # handled by the loop after the switch
                 time.sleep(0.005)
                 if event[0] == "lost" and any(event[1] == d for d, _ in missing):
-                    return
+                    break
+        return len(missing)
 
     def _push(self, action: Prepare) -> None:
         flatbuffer = self.cutter.cut(action.units)  # self.pushed is the main thread's: its callers mark it
@@ -716,6 +722,21 @@ class Controller:
         if action is not None:
             self.push_idle.clear()
             self.pushes.put(action)
+
+    def _announce_covered(self, now: float) -> None:
+        """Said once per set of plans for a loss (a switch makes a new set), when all their sub-models are loaded:
+        from then on losing any one device of the running plan needs no cut or push, only the switch."""
+        plans, route = self.state.contingency, self.stream.route
+        if (not plans or plans is self.covered or self.pending is not None or route is None
+                or route.first_result is None or uncovered(self.state, self.prepared)):
+            return
+        self.covered = plans
+        sub_models = {(d, (s, e)) for plan in plans.values() for s, e, d in plan.stages}
+        alone = sorted({d for _, _, d in self.state.stages} - set(plans))
+        self.echo(f"serve: ready for a loss: the plans without device {device_names(plans)} are loaded ahead "
+                  f"({len(sub_models)} sub-models), {now - route.first_result:.2f} s after generation "
+                  f"{route.generation}'s first result" + (f"; no plan survives losing device {device_names(alone)}"
+                                                          if alone else ""))
 
     def _record_plan(self, stages: Stages) -> None:
         """serve's plan in its own folder (--work-dir); the partition it was given is never written."""

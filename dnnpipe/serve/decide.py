@@ -9,6 +9,8 @@ sockets or clocks (the planner is passed in), so every rule is unit-tested on pl
     Joined(devices)      -> Switch(abort=False) when the plan with them beats the running one by the threshold
     Measured(speeds)     -> the same for devices measured slower or faster than believed
     Switched             -> Prepare the sub-models of every single-device-loss plan (pushed in the background)
+
+uncovered() says which of those are not loaded yet (serve announces when none are: ready for any one loss).
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def decide(state: State, event: Event, planner: Planner) -> tuple[State, list[Ac
         return _lost(state, event, planner)
     if isinstance(event, Joined):
         new = replace(state, devices=state.devices | event.devices, absent=state.absent - event.devices)
-        return _consider(new, planner, f"device {_names(event.devices)} joined", "joined")
+        return _consider(new, planner, f"device {device_names(event.devices)} joined", "joined")
     if isinstance(event, Measured):
         label = "slower" if any(c < state.speeds.get(d, c + 1) for d, c in event.speeds.items()) else "faster"
         new = replace(state, speeds={**state.speeds, **event.speeds})
@@ -172,8 +174,17 @@ def next_push(deferred: Sequence[Prepare], state: State, loaded: Mapping[int, Ab
     return None, [], stale
 
 
-def _names(devices: frozenset[int]) -> str:
-    return ", ".join(map(str, sorted(devices)))
+def uncovered(state: State, loaded: Mapping[int, AbstractSet[tuple[int, int]]]) -> list[tuple[int, tuple[int, int]]]:
+    """The stages of the plans for a loss not yet loaded on their devices, as (device, units). Until there are
+    none, losing a device of the running plan means a cut and a push on the recovery's critical path."""
+    return sorted({(d, (s, e)) for plan in state.contingency.values() for s, e, d in plan.stages
+                   if (s, e) not in loaded.get(d, set())})
+
+
+def device_names(devices: Iterable[int]) -> str:
+    """1, 2 and 4: devices as a sentence names them."""
+    ordered = [str(d) for d in sorted(devices)]
+    return ", ".join(ordered[:-1]) + " and " + ordered[-1] if len(ordered) > 1 else "".join(ordered)
 
 
 def staying_links(old: Sequence[int], new: Sequence[int]) -> list[bool]:
