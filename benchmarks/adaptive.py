@@ -62,8 +62,7 @@ LABELS = {"kill": "lost", "freeze": "frozen", "cut": "frozen", "slowdown": "slow
 SCENARIOS = ["kill", "freeze", "cut", "slowdown", "join"]
 BOARD_MB = 1000  # each board's memory for its stage: any of EfficientNetV2B0's
 BEFORE_SECONDS = 3.0  # of results before the event (at least: a loss or a join waits until serve is ready for a loss)
-READY_SECONDS = 20.0  # at most this long for serve to have every plan for a loss loaded ahead
-READY_SLACK = 8.0  # inputs for this much longer, as the wait for ready may delay the event
+READY_SECONDS = 8.0  # at most this long for serve to have every plan for a loss loaded ahead (inputs last for it)
 WAIT_READY = ("kill", "freeze", "cut", "join")  # (a slowdown is scripted in serve, at BEFORE_SECONDS)
 AFTER_SECONDS = 4.0  # of results after it
 THRESHOLDS = {"join": 0.01, "slowdown": 0.05, "steady": 0.05}  # --threshold (a join with device 4, the slowest, may
@@ -114,10 +113,10 @@ def run(served: Served, work: Path, scale: float, scenario: str, seconds: Option
     from dnnpipe.planner import plan
 
     predicted = plan(served.config).throughput * scale
-    total = int(predicted * (seconds or (BEFORE_SECONDS + AFTER_SECONDS + READY_SLACK + 2)))
+    total = int(predicted * (seconds or (BEFORE_SECONDS + READY_SECONDS + AFTER_SECONDS + 2)))
     event = threading.Event()
     event_at = [0.0]
-    ready = threading.Event()
+    ready, finished = threading.Event(), threading.Event()
     first_at, ready_at = [0.0], [float("nan")]
     changes = ((BEFORE_SECONDS, 1, SPEEDS[0] / 4),) if scenario == "slowdown" else ()
     options = ServeOptions(registry=registry, model_path=served.parts, model_name=served.name, config=served.config,
@@ -130,31 +129,37 @@ def run(served: Served, work: Path, scale: float, scenario: str, seconds: Option
         time.sleep(BEFORE_SECONDS)
         if scenario in WAIT_READY and not ready.wait(READY_SECONDS):
             print(f"    serve was not ready for a loss within {READY_SECONDS:g} s: the event goes ahead", flush=True)
+        if finished.is_set():
+            print("    the run ended before the event", flush=True)
+            return
         event_at[0] = time.monotonic()
-        c = controller[0]
-        if scenario == "kill":
-            os.kill(c.fleet.agents[2].pid or 0, signal.SIGKILL)
-        elif scenario == "freeze":
-            os.kill(c.fleet.agents[2].pid or 0, signal.SIGSTOP)
+        event.set()
+        pid = controller[0].fleet.agents[2].pid
+        if scenario in ("kill", "freeze") and pid:  # (never 0: that would signal this process group)
+            os.kill(pid, signal.SIGKILL if scenario == "kill" else signal.SIGSTOP)
         elif scenario == "cut" and fleet_state is not None:
             fleet.fault(fleet_state, 2, "cut", echo=lambda line: None)
         elif scenario == "join":
             served.registry([1, 2, 3, 4], registry, ports)
             os.kill(os.getpid(), signal.SIGHUP)
-        event.set()
 
     def echo(line: str) -> None:
         print(f"    {time.monotonic():.3f} {line}", flush=True)
         if "generation 1: first result" in line and scenario not in ("steady",):
             first_at[0] = time.monotonic()
             threading.Thread(target=act, daemon=True).start()
-        if "ready for a loss" in line and "generation 1's" in line:
+        if "switch: generation" in line:
+            ready.clear()  # a new plan: its own plans for a loss are loaded next
+        elif "serve: ready for a loss" in line and first_at[0] and not ready.is_set() and not event.is_set():
             ready_at[0] = time.monotonic() - first_at[0]
             ready.set()
 
     c = Controller(options, echo)
     controller.append(c)
-    summary = c.run()
+    try:
+        summary = c.run()
+    finally:
+        finished.set()
     if scenario == "slowdown":
         event_at[0] = (summary.result_times[0] if summary.result_times else 0.0) + BEFORE_SECONDS
     ours = [x for x in summary.switches if x.label == LABELS[scenario]]

@@ -274,6 +274,26 @@ def test_agents_run_roles_switch_at_a_barrier_and_abort(served, tmp_path):
         assert all(g == 2 and ("device 2" in why or "device 3" in why) for g, why in a.faults), a.faults
 
 
+def test_an_agent_says_which_sub_model_it_drops_to_make_room(served, tmp_path):
+    """An agent keeps PREPARED_ROLES sub-models loaded; the one it drops for a new one is named before the new one's
+    "prepared", so the controller never believes a dropped one is still there."""
+    from dnnpipe.runtime.agent import PREPARED_ROLES
+
+    whole = read_manifest(served.parts / served.name).whole_model
+    assert whole is not None
+    ends = sorted(j for j in whole.cuts if j > 0)[:PREPARED_ROLES + 1]
+    assert len(ends) == PREPARED_ROLES + 1, "the test model needs more legal cuts"
+    with agents(served, tmp_path, ListFeed(rows_of(served), 1), 1) as a:
+        seen = []
+        for last in ends:
+            a.push(1, (1, last))
+            while not seen or seen[-1] != ("prepared", 1, (1, last)):
+                event = a.fleet.events.get(timeout=30)
+                seen.append(event[:3])
+        assert [e for e in seen if e[0] == "unloaded"] == [("unloaded", 1, (1, ends[0]))]
+        assert seen[-2:] == [("unloaded", 1, (1, ends[0])), ("prepared", 1, (1, ends[-1]))]
+
+
 def test_a_planned_roles_links_are_dialled_before_the_barrier(served, tmp_path):
     """The next generations' data links are up while the running role still serves (its END not yet sent):
     the switch itself dials nothing. Then two barriers in a row: every result once."""

@@ -147,7 +147,7 @@ def test_a_loss_once_serve_is_ready_for_it_needs_no_cut_or_push(served, tmp_path
     run.on("serve: ready for a loss", after(0.1, lambda run: os.kill(run.pid(2), signal.SIGKILL)))
     stdout = finish(run, served, out, 1200)
     ready = next(line for line in stdout.splitlines() if "ready for a loss" in line)
-    assert "device 1, 2, 3 and 4 are loaded ahead" in ready or "device 1, 2 and 3 are loaded ahead" in ready
+    assert "any one of devices 1, 2, 3 and 4 is loaded ahead" in ready or "devices 1, 2 and 3 is loaded" in ready
     switch = next(line for line in stdout.splitlines() if "switch: generation 2 runs" in line)
     assert "at once" in switch and "cut and pushed first" not in switch
 
@@ -382,6 +382,53 @@ def test_a_feed_that_cannot_take_a_result_ends_serve_at_once_without_a_retry(ser
         serve(live_options(served, tmp_path), echo=lines.append, feed=LiveFeed(rows, 150, fail_at=20))
     assert not [line for line in lines if "pipeline failed" in line or "re-plan (" in line and "start" not in line]
     assert_no_orphans(served.root)
+
+
+def test_ready_for_a_loss_is_said_once_when_every_plan_for_a_loss_is_loaded_and_taken_back_when_one_is_dropped(
+        served, tmp_path):
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from dnnpipe.serve.controller import Controller
+    from dnnpipe.serve.decide import State, Switched, decide
+
+    lines: list[str] = []
+    controller = Controller(live_options(served, tmp_path), lines.append)
+    try:
+        partition = tuple((s.units[0], s.units[1], s.device) for s in controller.manifest.stages)
+        controller.state = State(partition, frozenset({1, 2, 3, 4}), frozenset())  # as serve starts
+        start = controller.planner(frozenset(), {})
+        assert start is not None
+        controller.state, _ = decide(State(start.stages, frozenset({1, 2, 3, 4}), frozenset()), Switched(),
+                                     controller.planner)
+        needed = sorted({(d, (s, e)) for plan in controller.state.contingency.values() for s, e, d in plan.stages})
+        route = SimpleNamespace(generation=1, first_result=None, announced=False)
+        controller.stream = SimpleNamespace(route=route)  # type: ignore[assignment]
+        for device, units in needed:
+            controller._sub_models(("prepared", device, units))
+        controller._announce_covered(5.0)
+        assert lines == []  # no first result said yet
+        route.first_result, route.announced = 4.0, True
+        controller._sub_models(("unloaded", *needed[0]))
+        controller._announce_covered(5.0)
+        assert lines == []  # one missing
+        controller._sub_models(("prepared", *needed[0]))
+        controller._announce_covered(5.5)
+        controller._announce_covered(6.0)
+        assert len(lines) == 1 and lines[0].startswith("serve: ready for a loss: the plan for the loss of any one of")
+        assert "1.50 s after generation 1's first result" in lines[0]
+        controller._sub_models(("unloaded", *needed[-1]))
+        controller._announce_covered(7.0)
+        assert len(lines) == 2 and lines[1].startswith(f"serve: no longer ready for a loss: device {needed[-1][0]} "
+                                                       f"dropped 1 sub-model(s)")
+        assert (needed[-1][0], needed[-1][1]) not in controller.pushed  # a loss that needs it pushes it again
+        controller._sub_models(("prepared", *needed[-1]))
+        controller.state = replace(controller.state)  # the same plans: said again only once they are all back
+        controller._announce_covered(8.0)
+        assert len(lines) == 3 and "ready for a loss" in lines[2]
+    finally:
+        if controller.file_feed is not None:
+            controller.file_feed.close()
 
 
 def test_contingency_pushes_go_to_the_push_loop_one_at_a_time_once_the_switch_is_over(served, tmp_path):

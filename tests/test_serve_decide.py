@@ -72,6 +72,18 @@ def test_an_idle_device_lost_changes_no_plan():
     assert actions == [] and 3 in new.absent and new.stages == ((1, 30, 1),)
 
 
+def test_an_idle_device_lost_is_planned_out_of_the_plans_for_a_loss():
+    planner = planner_over((1, 2, 3, 4))
+    ready, _ = decide(state(absent=frozenset()), Switched(), planner)
+    assert any(d == 4 for plan in ready.contingency.values() for _, _, d in plan.stages)
+    new, actions = decide(ready, Lost(frozenset({4}), "device 4 lost"), planner)
+    assert new.stages == RUNNING and not any(isinstance(a, Switch) for a in actions)
+    assert set(new.contingency) == {1, 2, 3}
+    assert all(d != 4 for plan in new.contingency.values() for _, _, d in plan.stages)
+    assert {(a.device, a.units) for a in actions if isinstance(a, Prepare)} == \
+        {(d, (s, e)) for plan in new.contingency.values() for s, e, d in plan.stages}
+
+
 def test_no_plan_for_what_is_left_gives_up():
     _, actions = decide(state(stages=((1, 30, 1),), devices=frozenset({1})), Lost(frozenset({1}), "x"),
                         planner_over((1,)))

@@ -668,7 +668,8 @@ class Agent:
             except queue.Empty:
                 continue
             try:
-                self._load(units, flatbuffer)
+                for dropped in self._load(units, flatbuffer):
+                    self._send({"kind": "unloaded", "units": list(dropped)})
                 self._send({"kind": "prepared", "units": list(units)})
             except Exception as e:  # noqa: BLE001 - answered either way (MemoryError on a small board, too)
                 why = e if isinstance(e, DnnpipeError) else f"{type(e).__name__}: {e}"
@@ -682,7 +683,8 @@ class Agent:
         return StageSpec(stage, self.options.device, units, f"units {first}-{last}", digest,
                          self.whole.cuts[first - 1], self.whole.cuts[last])
 
-    def _load(self, units: tuple[int, int], flatbuffer: bytes) -> None:
+    def _load(self, units: tuple[int, int], flatbuffer: bytes) -> list[tuple[int, int]]:
+        """Load and run once; the sub-models dropped to make room (the least recently used)."""
         spec = self._spec(units, 0, hashlib.sha256(flatbuffer).hexdigest())
         runner = StageRunner(flatbuffer, spec, self.options.num_threads, self.options.delegate)
         try:  # TFLite's first invoke allocates and plans its kernels: here, in the background, not on a switch's path
@@ -691,8 +693,11 @@ class Agent:
             raise DnnpipeError(f"the sub-model does not run: {e}") from None
         with self._lock:
             self._prepared[units] = (spec, runner)
+            self._prepared.move_to_end(units)
+            dropped = []
             while len(self._prepared) > PREPARED_ROLES:
-                self._prepared.popitem(last=False)
+                dropped.append(self._prepared.popitem(last=False)[0])
+        return dropped
 
     def _runner(self, units: tuple[int, int], stage: int) -> tuple[StageSpec, StageRunner]:
         """The loaded sub-model for these units; a role may arrive just before its model finished loading."""

@@ -199,7 +199,7 @@ class Controller:
         self.deferred: list[Prepare] = []  # contingency sub-models, pushed while the plan runs
         self.push_idle = threading.Event()  # the push loop waits for its next action: handed one at a time
         self.push_idle.set()
-        self.covered: Optional[Mapping[int, Proposal]] = None  # the plans for a loss last announced loaded
+        self.covered: Optional[tuple[int, frozenset]] = None  # (generation, its plans' stages) said to be loaded
         self.outlier_runs: dict[int, int] = {}
         self._times: dict[int, list[float]] = {}  # device -> its last stage times (ms) in the running plan
         self.measured_at = self.last_switch = time.monotonic()
@@ -332,8 +332,8 @@ class Controller:
             if event[0] == "up":
                 up.add(event[1])
                 self.echo(f"serve: agent on device {event[1]} up, pid {self.fleet.agents[event[1]].pid}")
-            elif event[0] == "prepared":
-                self.prepared.setdefault(event[1], set()).add(event[2])
+            else:
+                self._sub_models(event)
         for d in sorted(set(self.devices) - up):
             self.echo(f"serve: device {d} lost: its agent did not come up within {o.connect_timeout:g} s "
                       f"(see {self.devices[d].remote_dir}/logs/agent.out)")
@@ -388,8 +388,8 @@ class Controller:
                 self.probing.discard(device)
                 self._forget(device)  # a new agent holds no sub-model yet
                 joined.add(device)
-            elif kind == "prepared":
-                self.prepared.setdefault(device, set()).add(event[2])
+            elif self._sub_models(event):
+                continue
             elif kind in ("ended", "kept"):
                 self._count_kept(event)
             elif kind == "error" and event[2] in self._live_generations():
@@ -456,6 +456,18 @@ class Controller:
         self._draining_devices()
         return {self.generation} | {r.generation for r, _ in self.draining}
 
+    def _sub_models(self, event: tuple[Any, ...]) -> bool:
+        """Keep `prepared` true to the agents: a sub-model loaded, or dropped to make room. True when the event
+        was one of those."""
+        if event[0] == "prepared":
+            self.prepared.setdefault(event[1], set()).add(event[2])
+        elif event[0] == "unloaded":
+            self.prepared.get(event[1], set()).discard(event[2])
+            self.pushed.discard((event[1], event[2]))
+        else:
+            return False
+        return True
+
     def _forget(self, device: int) -> None:
         self.stream.forget_ahead(device)
         self.prepared[device] = set()
@@ -467,7 +479,7 @@ class Controller:
         self.state, actions = decide(self.state, event, self.planner)
         replan_s = time.perf_counter() - began
         if isinstance(event, Joined) and not any(isinstance(a, Switch) for a in actions):
-            self.echo(f"serve: the running plan stays (a plan with device {sorted(event.devices)} is not "
+            self.echo(f"serve: the running plan stays (a plan with device {device_names(event.devices)} is not "
                       f"{self.options.threshold:.0%} better)")
         self._carry_out(actions, detected, replan_s)
 
@@ -625,9 +637,7 @@ class Controller:
                 event = self.fleet.events.get(timeout=0.05)
             except queue.Empty:
                 continue
-            if event[0] == "prepared":
-                self.prepared.setdefault(event[1], set()).add(event[2])
-            else:
+            if not self._sub_models(event):
                 self.fleet.events.put(event)  # handled by the loop after the switch
                 time.sleep(0.005)
                 if event[0] == "lost" and any(event[1] == d for d, _ in missing):
@@ -724,19 +734,30 @@ class Controller:
             self.pushes.put(action)
 
     def _announce_covered(self, now: float) -> None:
-        """Said once per set of plans for a loss (a switch makes a new set), when all their sub-models are loaded:
-        from then on losing any one device of the running plan needs no cut or push, only the switch."""
+        """Said once per running plan and set of plans for a loss, when every sub-model of those plans is loaded:
+        from then on losing one device of the running plan needs no cut or push, only the switch. Said again,
+        as no longer ready, if an agent drops one meanwhile (it keeps a bounded number loaded, the least recently
+        used go first: re-pushing them would only drop others)."""
         plans, route = self.state.contingency, self.stream.route
-        if (not plans or plans is self.covered or self.pending is not None or route is None
-                or route.first_result is None or uncovered(self.state, self.prepared)):
+        if not plans or self.pending is not None or route is None or not getattr(route, "announced", False):
             return
-        self.covered = plans
-        sub_models = {(d, (s, e)) for plan in plans.values() for s, e, d in plan.stages}
+        needed = frozenset((d, (s, e)) for plan in plans.values() for s, e, d in plan.stages)
+        key = (route.generation, needed)
+        missing = uncovered(self.state, self.prepared)
+        if missing and self.covered == key:
+            self.covered = None
+            self.echo(f"serve: no longer ready for a loss: device {device_names({d for d, _ in missing})} dropped "
+                      f"{len(missing)} sub-model(s) of the plans for a loss (an agent keeps a bounded number loaded); "
+                      f"a loss that needs them cuts and pushes them first")
+        if missing or self.covered == key:
+            return
+        self.covered = key
+        ahead = len(needed - {(d, (s, e)) for s, e, d in self.state.stages})
         alone = sorted({d for _, _, d in self.state.stages} - set(plans))
-        self.echo(f"serve: ready for a loss: the plans without device {device_names(plans)} are loaded ahead "
-                  f"({len(sub_models)} sub-models), {now - route.first_result:.2f} s after generation "
-                  f"{route.generation}'s first result" + (f"; no plan survives losing device {device_names(alone)}"
-                                                          if alone else ""))
+        self.echo(f"serve: ready for a loss: the plan for the loss of any one of devices {device_names(plans)} is "
+                  f"loaded ahead ({ahead} sub-models besides the running roles), "
+                  f"{max(0.0, now - (route.first_result or now)):.2f} s after generation {route.generation}'s first "
+                  f"result" + (f"; no plan survives losing device {device_names(alone)}" if alone else ""))
 
     def _record_plan(self, stages: Stages) -> None:
         """serve's plan in its own folder (--work-dir); the partition it was given is never written."""

@@ -10,7 +10,7 @@ sockets or clocks (the planner is passed in), so every rule is unit-tested on pl
     Measured(speeds)     -> the same for devices measured slower or faster than believed
     Switched             -> Prepare the sub-models of every single-device-loss plan (pushed in the background)
 
-uncovered() says which of those are not loaded yet (serve announces when none are: ready for any one loss).
+uncovered() says which of those are not loaded yet (serve says when none are: ready for a loss).
 """
 
 from __future__ import annotations
@@ -115,8 +115,11 @@ def decide(state: State, event: Event, planner: Planner) -> tuple[State, list[Ac
 def _lost(state: State, event: Lost, planner: Planner) -> tuple[State, list[Action]]:
     new = replace(state, devices=state.devices - event.devices, absent=state.absent | event.devices)
     running = {d for _, _, d in state.stages}
-    if not running & event.devices:  # an idle device: nothing to switch
-        return new, []
+    if not running & event.devices:  # an idle device: nothing to switch, but a plan for a loss may have used it
+        if not any(d in event.devices for plan in state.contingency.values() for _, _, d in plan.stages):
+            return new, []
+        plans = contingencies(new, planner)
+        return replace(new, contingency=plans), prepares(plans.values())
     [device] = event.devices if len(event.devices) == 1 else [None]
     proposal = state.contingency.get(device) if device is not None else None
     if proposal is None:

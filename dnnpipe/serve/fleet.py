@@ -7,6 +7,7 @@ thread of the controller. What the agents say becomes events on one queue, read 
     ("up", d)                      the agent said hello
     ("lost", d, why)               its control link closed or broke (process killed, device gone)
     ("prepared", d, (first, last)) a pushed sub-model is loaded
+    ("unloaded", d, (first, last)) the agent dropped a loaded sub-model to make room for another
     ("ended", d, generation, g)    its role's stream ended cleanly (the barrier passed); g: the generation its
                                    downstream link went on as (None: END, the link closed)
     ("kept", 0, generation)        the controller's input link went on as this generation's
@@ -238,6 +239,8 @@ class Fleet:
             units = check_units(message, 1 << 20, peer)
             self._loaded(link)
             self.events.put(("prepared", d, units))
+        elif kind == "unloaded":
+            self.events.put(("unloaded", d, check_units(message, 1 << 20, peer)))
         elif kind == "ended":
             continues = None if message.get("continues") is None else \
                 integer(message, "continues", 0, 1 << 16, peer)
