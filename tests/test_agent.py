@@ -275,14 +275,14 @@ def test_agents_run_roles_switch_at_a_barrier_and_abort(served, tmp_path):
 
 
 def test_an_agent_says_which_sub_model_it_drops_to_make_room(served, tmp_path):
-    """An agent keeps PREPARED_ROLES sub-models loaded; the one it drops for a new one is named before the new one's
+    """An agent keeps LOADED_SUB_MODELS sub-models loaded; the one it drops for a new one is named before the new one's
     "prepared", so the controller never believes a dropped one is still there."""
-    from dnnpipe.runtime.agent import PREPARED_ROLES
+    from dnnpipe.runtime.control import LOADED_SUB_MODELS
 
     whole = read_manifest(served.parts / served.name).whole_model
     assert whole is not None
-    ends = sorted(j for j in whole.cuts if j > 0)[:PREPARED_ROLES + 1]
-    assert len(ends) == PREPARED_ROLES + 1, "the test model needs more legal cuts"
+    ends = sorted(j for j in whole.cuts if j > 0)[:LOADED_SUB_MODELS + 1]
+    assert len(ends) == LOADED_SUB_MODELS + 1, "the test model needs more legal cuts"
     with agents(served, tmp_path, ListFeed(rows_of(served), 1), 1) as a:
         seen = []
         for last in ends:

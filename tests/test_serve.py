@@ -390,7 +390,7 @@ def test_ready_for_a_loss_is_said_once_when_every_plan_for_a_loss_is_loaded_and_
     from types import SimpleNamespace
 
     from dnnpipe.serve.controller import Controller
-    from dnnpipe.serve.decide import State, Switched, decide
+    from dnnpipe.serve.decide import Prepare, State, Switched, decide
 
     lines: list[str] = []
     controller = Controller(live_options(served, tmp_path), lines.append)
@@ -403,7 +403,8 @@ def test_ready_for_a_loss_is_said_once_when_every_plan_for_a_loss_is_loaded_and_
                                      controller.planner)
         needed = sorted({(d, (s, e)) for plan in controller.state.contingency.values() for s, e, d in plan.stages})
         route = SimpleNamespace(generation=1, first_result=None, announced=False)
-        controller.stream = SimpleNamespace(route=route)  # type: ignore[assignment]
+        dialled: list = []
+        controller.stream = SimpleNamespace(route=route, dial_ahead=lambda g, firsts: dialled.append(g))  # type: ignore[assignment]
         for device, units in needed:
             controller._sub_models(("prepared", device, units))
         controller._announce_covered(5.0)
@@ -416,12 +417,15 @@ def test_ready_for_a_loss_is_said_once_when_every_plan_for_a_loss_is_loaded_and_
         controller._announce_covered(5.5)
         controller._announce_covered(6.0)
         assert len(lines) == 1 and lines[0].startswith("serve: ready for a loss: the plan for the loss of any one of")
-        assert "1.50 s after generation 1's first result" in lines[0]
+        assert "1.50 s after generation 1's first result" in lines[0] and dialled == [2]  # the plans' input links
+        controller.pushed.update(needed)
         controller._sub_models(("unloaded", *needed[-1]))
+        assert controller.deferred[-1] == Prepare(*needed[-1])  # still needed: pushed again
         controller._announce_covered(7.0)
-        assert len(lines) == 2 and lines[1].startswith(f"serve: no longer ready for a loss: device {needed[-1][0]} "
-                                                       f"dropped 1 sub-model(s)")
-        assert (needed[-1][0], needed[-1][1]) not in controller.pushed  # a loss that needs it pushes it again
+        assert len(lines) == 2 and lines[1] == (f"serve: no longer ready for a loss: 1 sub-model(s) of its plans not "
+                                                f"loaded on device {needed[-1][0]}; pushing them")
+        controller._sub_models(("unloaded", 9, (1, 1)))  # one no plan needs: not pushed again
+        assert controller.deferred[-1] == Prepare(*needed[-1]) and (9, (1, 1)) not in controller.pushed
         controller._sub_models(("prepared", *needed[-1]))
         controller.state = replace(controller.state)  # the same plans: said again only once they are all back
         controller._announce_covered(8.0)

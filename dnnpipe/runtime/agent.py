@@ -42,7 +42,7 @@ from ..errors import DnnpipeError
 from ..interpreter import StageRunner
 from ..manifest import MANIFEST_FILE, StageSpec, WholeModel, read_manifest
 from ..pipeline_key import stage_key, tls_context
-from .control import CONTROLLER, LineReader, encode, integer, number, MIN_PACE_MS, MAX_PACE_MS
+from .control import CONTROLLER, LOADED_SUB_MODELS, LineReader, encode, integer, number, MIN_PACE_MS, MAX_PACE_MS
 from .handshake import HANDSHAKE_SECONDS, HandshakeError, LinkAuth, ProbeClosed, connect_side, listen_side_for, \
     manifest_identity, tls_wrap
 from .stage import DeviceTurn, StageLoop
@@ -51,7 +51,6 @@ from .transport import Downstream, HeldLinks, Say, Upstream, dial, listen
 HEARTBEAT_SECONDS = 0.1  # a frozen device misses a few in a row: detected within a second
 MAX_VETTING = 16  # connections vetted at once; a slot is taken before accept(), so more wait in the backlog
 MAX_GENERATION = 0xFFFF  # generations travel in the handshake's u16 receiver field
-PREPARED_ROLES = 16  # sub-models kept loaded (the running role's, the next plan's, the contingency plans')
 INSECURE_HELLO = struct.Struct("!4sHH")  # without a key: "DNNA" | sender device | generation (no proof)
 MAX_MODEL_BYTES = 1 << 30  # a pushed sub-model
 SESSION_WAIT = 2.0  # a link that arrives before the control link said the session waits this long
@@ -695,7 +694,7 @@ class Agent:
             self._prepared[units] = (spec, runner)
             self._prepared.move_to_end(units)
             dropped = []
-            while len(self._prepared) > PREPARED_ROLES:
+            while len(self._prepared) > LOADED_SUB_MODELS:
                 dropped.append(self._prepared.popitem(last=False)[0])
         return dropped
 

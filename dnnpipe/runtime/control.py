@@ -28,6 +28,8 @@ from .transport import dial
 HEARTBEAT_SECONDS = 0.2
 MAX_LINE = 1 << 16
 CONTROLLER = 0  # the controller's number in a control link's handshake: stage k -> 0, never a data link
+LOADED_SUB_MODELS = 16  # an agent keeps this many sub-models loaded (the running role's, the next plan's, the
+# plans for a loss'); the least recently used is dropped first, and named ("unloaded")
 MIN_PACE_MS, MAX_PACE_MS = 1e-3, 60_000.0  # a planned stage time: a minute at most (the pacing sleep wakes on stop)
 
 

@@ -36,7 +36,7 @@ from ..manifest import MANIFEST_FILE, read_manifest, sha256_file
 from ..keygen import create_certificate
 from ..pipeline_key import CERT_FILE, CERT_KEY_FILE, stage_key, tls_context
 from ..planner.replan import ClusterChange, replan
-from ..runtime.control import CONTROLLER
+from ..runtime.control import CONTROLLER, LOADED_SUB_MODELS
 from ..runtime.handshake import manifest_identity
 from .decide import Action, GiveUp, Joined, Lost, Measured, Prepare, Proposal, Stages, State, Switch, Switched, \
     decide, device_names, next_push, uncovered
@@ -462,11 +462,30 @@ class Controller:
         if event[0] == "prepared":
             self.prepared.setdefault(event[1], set()).add(event[2])
         elif event[0] == "unloaded":
-            self.prepared.get(event[1], set()).discard(event[2])
-            self.pushed.discard((event[1], event[2]))
+            self._unloaded(event[1], event[2])
         else:
             return False
         return True
+
+    def _unloaded(self, device: int, units: tuple[int, int]) -> None:
+        """A sub-model the agent dropped to make room is pushed again when serve still needs it there (it comes
+        back as the newest, so the agent drops one no plan needs next time), unless the plans want more on that
+        device than an agent keeps loaded (pushing it would only drop another they need)."""
+        self.prepared.get(device, set()).discard(units)
+        self.pushed.discard((device, units))
+        pending = self.pending
+        switching = set() if pending is None else {(d, (s, e)) for s, e, d in pending.action.stages}
+        wanted = switching | {(d, (s, e)) for plan in self.state.contingency.values() for s, e, d in plan.stages}
+        if (device, units) not in wanted or sum(d == device for d, _ in wanted) > LOADED_SUB_MODELS:
+            return
+        self.pushed.add((device, units))
+        if pending is not None and (device, units) in switching:  # its barrier waits until it is back
+            if (device, units) not in pending.missing:
+                pending.missing.append((device, units))
+            threading.Thread(target=self._push_all, args=([Prepare(device, units)],), daemon=True,
+                             name="serve push switch").start()
+        else:
+            self.deferred.append(Prepare(device, units))
 
     def _forget(self, device: int) -> None:
         self.stream.forget_ahead(device)
@@ -703,10 +722,7 @@ class Controller:
         if route is None or route.first_result is None or getattr(route, "announced", False):
             return
         route.announced = True  # type: ignore[attr-defined]
-        # off the switch's critical path too: the next generation's input links to the loss plans' first devices
-        firsts = sorted({p.stages[0][2] for p in self.state.contingency.values()} & set(self.devices))
-        self.stream.dial_ahead(route.generation + 1, [(d, _reach(self.devices[d]), self.devices[d].runtime_port)
-                                                      for d in firsts])
+        self._dial_ahead(route.generation)
         self.failures = 0
         self.serving_since = self.serving_since or route.first_result
         self.events.ready(True)
@@ -733,25 +749,36 @@ class Controller:
             self.push_idle.clear()
             self.pushes.put(action)
 
+    def _dial_ahead(self, generation: int) -> None:
+        """Off a loss's critical path too: the next generation's input links to the first devices of the plans
+        for a loss (each dialled once)."""
+        firsts = sorted({p.stages[0][2] for p in self.state.contingency.values()} & set(self.devices))
+        self.stream.dial_ahead(generation + 1, [(d, _reach(self.devices[d]), self.devices[d].runtime_port)
+                                                for d in firsts])
+
     def _announce_covered(self, now: float) -> None:
         """Said once per running plan and set of plans for a loss, when every sub-model of those plans is loaded:
-        from then on losing one device of the running plan needs no cut or push, only the switch. Said again,
-        as no longer ready, if an agent drops one meanwhile (it keeps a bounded number loaded, the least recently
-        used go first: re-pushing them would only drop others)."""
+        from then on losing one device of the running plan needs no cut or push, only the switch. Taken back if
+        one goes missing while the plan runs (an agent dropped it to make room, or a lost idle device changed the
+        plans for a loss), and said again once they are all back."""
         plans, route = self.state.contingency, self.stream.route
         if not plans or self.pending is not None or route is None or not getattr(route, "announced", False):
             return
         needed = frozenset((d, (s, e)) for plan in plans.values() for s, e, d in plan.stages)
         key = (route.generation, needed)
         missing = uncovered(self.state, self.prepared)
-        if missing and self.covered == key:
+        if missing and self.covered is not None and self.covered[0] == route.generation:
             self.covered = None
-            self.echo(f"serve: no longer ready for a loss: device {device_names({d for d, _ in missing})} dropped "
-                      f"{len(missing)} sub-model(s) of the plans for a loss (an agent keeps a bounded number loaded); "
-                      f"a loss that needs them cuts and pushes them first")
+            crowded = sorted({d for d, _ in missing if sum(n == d for n, _ in needed) > LOADED_SUB_MODELS})
+            self.echo(f"serve: no longer ready for a loss: {len(missing)} sub-model(s) of its plans not loaded on "
+                      f"device {device_names({d for d, _ in missing})}; " +
+                      (f"device {device_names(crowded)} would need more than an agent keeps loaded "
+                       f"({LOADED_SUB_MODELS}): a loss that needs them cuts and pushes them first" if crowded else
+                       "pushing them"))
         if missing or self.covered == key:
             return
         self.covered = key
+        self._dial_ahead(route.generation)  # (the plans may have changed since the first result)
         ahead = len(needed - {(d, (s, e)) for s, e, d in self.state.stages})
         alone = sorted({d for _, _, d in self.state.stages} - set(plans))
         self.echo(f"serve: ready for a loss: the plan for the loss of any one of devices {device_names(plans)} is "

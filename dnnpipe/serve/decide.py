@@ -5,7 +5,8 @@ sockets or clocks (the planner is passed in), so every rule is unit-tested on pl
 (dnnpipe.serve.controller) only carries the actions out.
 
     Lost(devices)        -> Switch(abort=True) to the plan without them (the contingency plan computed ahead
-                            of time when one device is lost), or GiveUp when no plan can serve the rest
+                            of time when one device is lost), or GiveUp when no plan can serve the rest; an idle
+                            device: Prepare the plans for a loss again when one of them used it
     Joined(devices)      -> Switch(abort=False) when the plan with them beats the running one by the threshold
     Measured(speeds)     -> the same for devices measured slower or faster than believed
     Switched             -> Prepare the sub-models of every single-device-loss plan (pushed in the background)
