@@ -39,7 +39,7 @@ from ..planner.replan import ClusterChange, replan
 from ..runtime.control import CONTROLLER, LOADED_SUB_MODELS
 from ..runtime.handshake import manifest_identity
 from .decide import Action, GiveUp, Joined, Lost, Measured, Prepare, Proposal, Stages, State, Switch, Switched, \
-    decide, device_names, next_push, uncovered
+    decide, device_names, loss_placed, next_push, not_loaded, placed, uncovered
 from .detect import SpeedModel, speed_outliers, stage_time
 from ..feeds import Feed, NoEvents, ServeEvents
 from .filefeed import FileFeed
@@ -474,8 +474,8 @@ class Controller:
         self.prepared.get(device, set()).discard(units)
         self.pushed.discard((device, units))
         pending = self.pending
-        switching = set() if pending is None else {(d, (s, e)) for s, e, d in pending.action.stages}
-        wanted = switching | {(d, (s, e)) for plan in self.state.contingency.values() for s, e, d in plan.stages}
+        switching = set() if pending is None else set(placed(pending.action.stages))
+        wanted = switching | loss_placed(self.state)
         if (device, units) not in wanted or sum(d == device for d, _ in wanted) > LOADED_SUB_MODELS:
             return
         self.pushed.add((device, units))
@@ -520,7 +520,7 @@ class Controller:
         """A planned switch: the new plan's sub-models are cut and pushed in the background while the old plan
         serves; the barrier goes out only once every agent has its new role loaded (see _pending_step)."""
         self._replanned(action, replan_s)
-        missing = [(d, (s, e)) for s, e, d in action.stages if (s, e) not in self.prepared.get(d, set())]
+        missing = not_loaded(placed(action.stages), self.prepared)
         self.pending = PendingSwitch(action, detected, replan_s, missing, time.monotonic())
         if not missing:
             self._pending_step(time.monotonic())
@@ -552,7 +552,7 @@ class Controller:
         pending = self.pending
         if pending is None:
             return
-        if all(units in self.prepared.get(d, set()) for d, units in pending.missing):
+        if not not_loaded(pending.missing, self.prepared):
             self.pending = None
             self.echo(f"serve: every new role loaded beside the running plan ({len(pending.missing)} sub-models cut "
                       f"and pushed in the background, {now - pending.began:.2f} s): barrier")
@@ -642,13 +642,13 @@ class Controller:
     def _ensure_pushed(self, stages: Stages) -> int:
         """Every stage's sub-model loaded on its device before the roles go out (normally pushed long before);
         how many had to be pushed now."""
-        missing = [(d, (s, e)) for s, e, d in stages if (s, e) not in self.prepared.get(d, set())]
+        missing = not_loaded(placed(stages), self.prepared)
         for device, units in missing:
             self.pushed.add((device, units))
             self._push(Prepare(device, units))
         deadline = time.monotonic() + self.options.connect_timeout
         waiting = {d for d, _ in missing}
-        while any(units not in self.prepared.get(d, set()) for d, units in missing) and time.monotonic() < deadline:
+        while not_loaded(missing, self.prepared) and time.monotonic() < deadline:
             if waiting & {d for d, _ in self.fleet.silent(time.monotonic(), self.options.progress_timeout,
                                                            self.options.loading_timeout)}:
                 break  # frozen or cut off: the loop loses it right after the switch
@@ -764,7 +764,7 @@ class Controller:
         plans, route = self.state.contingency, self.stream.route
         if not plans or self.pending is not None or route is None or not getattr(route, "announced", False):
             return
-        needed = frozenset((d, (s, e)) for plan in plans.values() for s, e, d in plan.stages)
+        needed = frozenset(loss_placed(self.state))
         key = (route.generation, needed)
         missing = uncovered(self.state, self.prepared)
         if missing and self.covered is not None and self.covered[0] == route.generation:
@@ -779,7 +779,7 @@ class Controller:
             return
         self.covered = key
         self._dial_ahead(route.generation)  # (the plans may have changed since the first result)
-        ahead = len(needed - {(d, (s, e)) for s, e, d in self.state.stages})
+        ahead = len(needed - set(placed(self.state.stages)))
         alone = sorted({d for _, _, d in self.state.stages} - set(plans))
         self.echo(f"serve: ready for a loss: the plan for the loss of any one of devices {device_names(plans)} is "
                   f"loaded ahead ({ahead} sub-models besides the running roles), "

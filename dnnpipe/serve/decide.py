@@ -22,6 +22,8 @@ from typing import AbstractSet, Callable, Iterable, Mapping, Optional, Sequence,
 from .detect import worth_switching
 
 Stages = tuple[tuple[int, int, int], ...]  # (first unit, last unit, device), in pipeline order
+Placed = tuple[int, tuple[int, int]]  # (device, (first unit, last unit)): a stage's sub-model where an agent holds it
+Loaded = Mapping[int, AbstractSet[tuple[int, int]]]  # device -> the units of the sub-models its agent has loaded
 
 
 @dataclass(frozen=True)
@@ -152,23 +154,34 @@ def contingencies(state: State, planner: Planner) -> dict[int, Proposal]:
     return plans
 
 
+def placed(stages: Stages) -> list[Placed]:
+    """Each stage as (device, units), in pipeline order."""
+    return [(d, (s, e)) for s, e, d in stages]
+
+
+def loss_placed(state: State) -> set[Placed]:
+    """Every stage of the plans for a loss, as (device, units)."""
+    return {p for plan in state.contingency.values() for p in placed(plan.stages)}
+
+
+def not_loaded(wanted: Iterable[Placed], loaded: Loaded) -> list[Placed]:
+    return [(d, units) for d, units in wanted if units not in loaded.get(d, set())]
+
+
 def prepares(plans: Iterable[Proposal]) -> list[Action]:
     """Every stage of these plans, once per (device, units)."""
-    seen: dict[tuple[int, tuple[int, int]], None] = {}
-    for proposal in plans:
-        for first, last, device in proposal.stages:
-            seen[(device, (first, last))] = None
+    seen = dict.fromkeys(p for proposal in plans for p in placed(proposal.stages))
     return [Prepare(device, units) for device, units in seen]
 
 
-def next_push(deferred: Sequence[Prepare], state: State, loaded: Mapping[int, AbstractSet[tuple[int, int]]]
+def next_push(deferred: Sequence[Prepare], state: State, loaded: Loaded
               ) -> tuple[Optional[Prepare], list[Prepare], list[Prepare]]:
     """The next contingency sub-model to push, the pushes still deferred after it and the stale ones let go.
 
     A deferred push is still wanted when its device is up, its units are not loaded there (a loss meanwhile may
     have pushed them on its critical path) and it is a stage of a plan for a loss of the running plan (a switch
     since it was deferred replaced those plans). The controller pushes one at a time, once a switch is over."""
-    wanted = {(d, (s, e)) for plan in state.contingency.values() for s, e, d in plan.stages}
+    wanted = loss_placed(state)
     stale: list[Prepare] = []
     for k, action in enumerate(deferred):
         if ((action.device, action.units) in wanted and action.device in state.devices - state.absent
@@ -178,11 +191,10 @@ def next_push(deferred: Sequence[Prepare], state: State, loaded: Mapping[int, Ab
     return None, [], stale
 
 
-def uncovered(state: State, loaded: Mapping[int, AbstractSet[tuple[int, int]]]) -> list[tuple[int, tuple[int, int]]]:
-    """The stages of the plans for a loss not yet loaded on their devices, as (device, units). Until there are
-    none, losing a device of the running plan means a cut and a push on the recovery's critical path."""
-    return sorted({(d, (s, e)) for plan in state.contingency.values() for s, e, d in plan.stages
-                   if (s, e) not in loaded.get(d, set())})
+def uncovered(state: State, loaded: Loaded) -> list[Placed]:
+    """The stages of the plans for a loss not yet loaded on their devices. Until there are none, losing a device
+    of the running plan means a cut and a push on the recovery's critical path."""
+    return sorted(not_loaded(loss_placed(state), loaded))
 
 
 def device_names(devices: Iterable[int]) -> str:
