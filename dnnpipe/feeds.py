@@ -51,6 +51,11 @@ class ServeEvents(Protocol):
         """From a fault's detection to the first new result."""
         ...
 
+    def ready_for_loss(self, ready: bool) -> None:
+        """True while the plan for the loss of each device of the running plan is loaded ahead on its devices
+        (a loss then needs no cut or push, only the switch)."""
+        ...
+
     def stage_time(self, stage: int, device: int, seconds: float) -> None:
         """One frame's compute time on a stage, as its device reported it."""
         ...
@@ -69,6 +74,9 @@ class NoEvents:
         pass
 
     def recovered(self, seconds: float) -> None:
+        pass
+
+    def ready_for_loss(self, ready: bool) -> None:
         pass
 
     def stage_time(self, stage: int, device: int, seconds: float) -> None:

@@ -393,7 +393,9 @@ def test_ready_for_a_loss_is_said_once_when_every_plan_for_a_loss_is_loaded_and_
     from dnnpipe.serve.decide import Prepare, State, Switched, decide
 
     lines: list[str] = []
+    readiness: list[bool] = []
     controller = Controller(live_options(served, tmp_path), lines.append)
+    controller.events = SimpleNamespace(ready_for_loss=readiness.append)  # type: ignore[assignment]
     try:
         partition = tuple((s.units[0], s.units[1], s.device) for s in controller.manifest.stages)
         controller.state = State(partition, frozenset({1, 2, 3, 4}), frozenset())  # as serve starts
@@ -430,6 +432,7 @@ def test_ready_for_a_loss_is_said_once_when_every_plan_for_a_loss_is_loaded_and_
         controller.state = replace(controller.state)  # the same plans: said again only once they are all back
         controller._announce_covered(8.0)
         assert len(lines) == 3 and "ready for a loss" in lines[2]
+        assert readiness == [True, False, True]  # the metric (dnnpipe_ready_for_loss) follows the lines
     finally:
         if controller.file_feed is not None:
             controller.file_feed.close()

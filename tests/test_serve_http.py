@@ -58,6 +58,13 @@ def infer(client, served: Served, row: int) -> np.ndarray:
     return result.as_numpy(manifest.outputs[0].name)
 
 
+def metrics(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{url}/metrics", timeout=10) as answer:
+        return answer.read().decode()
+
+
 def served_images(served: Served) -> np.ndarray:
     import h5py
 
@@ -96,6 +103,12 @@ def test_a_device_killed_under_load_loses_no_request(served, tmp_path):
         t.join(120)
     assert not failures, failures
     assert len(answers) == CLIENTS * REQUESTS
+    # the plan without device 2 gets its own plans for a loss loaded: the metric says so, as the line does
+    deadline = time.monotonic() + 30
+    while "dnnpipe_ready_for_loss 1.0" not in metrics(url) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "dnnpipe_ready_for_loss 1.0" in metrics(url), "\n".join(run.lines)
+    assert any("ready for a loss: the plan for the loss of any one of devices 1 and 3" in line for line in run.lines)
     for (c, r), got in answers.items():
         np.testing.assert_allclose(got.reshape(expected[0].shape), expected[(c + r) % len(expected)], rtol=1e-4,
                                    atol=1e-4)

@@ -588,6 +588,7 @@ class Controller:
         if action.abort:
             self._replanned(action, replan_s)  # a planned switch keeps serving on the old plan until the barrier
             self.events.ready(False)
+        self.events.ready_for_loss(False)  # the new plan's plans for a loss are loaded after its first result
         push_began = time.perf_counter()
         pushed_now = self._ensure_pushed(stages)
         record.push_s = time.perf_counter() - push_began
@@ -769,6 +770,7 @@ class Controller:
         missing = uncovered(self.state, self.prepared)
         if missing and self.covered is not None and self.covered[0] == route.generation:
             self.covered = None
+            self.events.ready_for_loss(False)
             crowded = sorted({d for d, _ in missing if sum(n == d for n, _ in needed) > LOADED_SUB_MODELS})
             self.echo(f"serve: no longer ready for a loss: {len(missing)} sub-model(s) of its plans not loaded on "
                       f"device {device_names({d for d, _ in missing})}; " +
@@ -778,6 +780,7 @@ class Controller:
         if missing or self.covered == key:
             return
         self.covered = key
+        self.events.ready_for_loss(True)
         self._dial_ahead(route.generation)  # (the plans may have changed since the first result)
         ahead = len(needed - set(placed(self.state.stages)))
         alone = sorted({d for _, _, d in self.state.stages} - set(plans))

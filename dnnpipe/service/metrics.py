@@ -42,6 +42,8 @@ class ServiceMetrics:
                            ["stage", "device"], registry=r)
         self.devices = Gauge("dnnpipe_devices_up", "Devices up and serving", registry=r)
         self.ready_gauge = Gauge("dnnpipe_ready", "1 while every stage of the running plan is up", registry=r)
+        self.ready_for_loss_gauge = Gauge("dnnpipe_ready_for_loss", "1 while the plan for the loss of any one "
+                                          "device of the running plan is loaded ahead", registry=r)
         self._up = threading.Event()
         self._answered: dict[tuple[str, int], Counter] = {}
 
@@ -76,6 +78,9 @@ class ServiceMetrics:
 
     def recovered(self, seconds: float) -> None:
         self.recovery.observe(seconds)
+
+    def ready_for_loss(self, ready: bool) -> None:
+        self.ready_for_loss_gauge.set(1 if ready else 0)
 
     def stage_time(self, stage: int, device: int, seconds: float) -> None:
         self.stage.labels(stage=str(stage), device=str(device)).set(seconds)
