@@ -134,11 +134,11 @@ def run(served: Served, work: Path, scale: float, scenario: str, seconds: Option
             return
         event_at[0] = time.monotonic()
         event.set()
-        pid = controller[0].fleet.agents[2].pid
-        if scenario in ("kill", "freeze") and not (pid or 0) > 0:  # (0 or less would signal a process group)
+        pid = controller[0].fleet.agents[2].pid or 0
+        if scenario in ("kill", "freeze") and pid <= 0:  # (0 or less would signal a process group)
             print(f"    device 2's agent has no pid to {scenario}", flush=True)
         elif scenario in ("kill", "freeze"):
-            os.kill(pid or 0, signal.SIGKILL if scenario == "kill" else signal.SIGSTOP)
+            os.kill(pid, signal.SIGKILL if scenario == "kill" else signal.SIGSTOP)
         elif scenario == "cut" and fleet_state is not None:
             fleet.fault(fleet_state, 2, "cut", echo=lambda line: None)
         elif scenario == "join":

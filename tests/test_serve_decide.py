@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dnnpipe.serve.decide import GiveUp, Joined, Lost, Measured, Prepare, Proposal, State, Switch, Switched, \
-    contingencies, decide, device_names, next_push, staying_links, uncovered, worth_switching
+    contingencies, crowded, decide, device_names, next_push, staying_links, uncovered, worth_switching
 
 RUNNING = ((1, 10, 1), (11, 20, 2), (21, 30, 3))
 
@@ -153,6 +153,11 @@ def test_a_loss_is_covered_once_every_stage_of_every_plan_for_it_is_loaded():
     last_device, last_units = sorted(wanted)[-1]
     loaded.setdefault(last_device, set()).update({last_units, (99, 99)})  # more loaded than needed is fine
     assert uncovered(ready, loaded) == []
+
+
+def test_crowded_devices_want_more_sub_models_than_an_agent_keeps():
+    wanted = [(1, (1, 5)), (1, (6, 9)), (1, (1, 5)), (2, (1, 9))]  # a repeat counts once
+    assert crowded(wanted, 2) == set() and crowded(wanted, 1) == {1} and crowded(wanted, 0) == {1, 2}
 
 
 def test_device_names_read_as_a_sentence():

@@ -39,7 +39,7 @@ from ..planner.replan import ClusterChange, replan
 from ..runtime.control import CONTROLLER, LOADED_SUB_MODELS
 from ..runtime.handshake import manifest_identity
 from .decide import Action, GiveUp, Joined, Lost, Measured, Prepare, Proposal, Stages, State, Switch, Switched, \
-    decide, device_names, loss_placed, next_push, not_loaded, placed, uncovered
+    crowded, decide, device_names, loss_placed, next_push, not_loaded, placed, uncovered
 from .detect import SpeedModel, speed_outliers, stage_time
 from ..feeds import Feed, NoEvents, ServeEvents
 from .filefeed import FileFeed
@@ -476,7 +476,7 @@ class Controller:
         pending = self.pending
         switching = set() if pending is None else set(placed(pending.action.stages))
         wanted = switching | loss_placed(self.state)
-        if (device, units) not in wanted or sum(d == device for d, _ in wanted) > LOADED_SUB_MODELS:
+        if (device, units) not in wanted or device in crowded(wanted, LOADED_SUB_MODELS):
             return
         self.pushed.add((device, units))
         if pending is not None and (device, units) in switching:  # its barrier waits until it is back
@@ -771,11 +771,11 @@ class Controller:
         if missing and self.covered is not None and self.covered[0] == route.generation:
             self.covered = None
             self.events.ready_for_loss(False)
-            crowded = sorted({d for d, _ in missing if sum(n == d for n, _ in needed) > LOADED_SUB_MODELS})
+            full = crowded(needed, LOADED_SUB_MODELS) & {d for d, _ in missing}
             self.echo(f"serve: no longer ready for a loss: {len(missing)} sub-model(s) of its plans not loaded on "
                       f"device {device_names({d for d, _ in missing})}; " +
-                      (f"device {device_names(crowded)} would need more than an agent keeps loaded "
-                       f"({LOADED_SUB_MODELS}): a loss that needs them cuts and pushes them first" if crowded else
+                      (f"device {device_names(full)} would need more than an agent keeps loaded "
+                       f"({LOADED_SUB_MODELS}): a loss that needs them cuts and pushes them first" if full else
                        "pushing them"))
         if missing or self.covered == key:
             return

@@ -16,6 +16,7 @@ uncovered() says which of those are not loaded yet (serve says when none are: re
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import AbstractSet, Callable, Iterable, Mapping, Optional, Sequence, Union
 
@@ -166,6 +167,13 @@ def loss_placed(state: State) -> set[Placed]:
 
 def not_loaded(wanted: Iterable[Placed], loaded: Loaded) -> list[Placed]:
     return [(d, units) for d, units in wanted if units not in loaded.get(d, set())]
+
+
+def crowded(wanted: Iterable[Placed], limit: int) -> set[int]:
+    """Devices these stages want more sub-models loaded on than an agent keeps (`limit`): pushing one of them
+    again would only make the agent drop another."""
+    counts = Counter(d for d, _ in set(wanted))
+    return {d for d, n in counts.items() if n > limit}
 
 
 def prepares(plans: Iterable[Proposal]) -> list[Action]:
