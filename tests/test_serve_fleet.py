@@ -1,6 +1,10 @@
 """serve/fleet.py's control links on their own: real sockets, no agent processes."""
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -131,3 +135,46 @@ def test_a_push_an_agent_does_not_take_in_gets_no_loading_grace_and_a_failed_wri
     finally:
         far.close()
         fleet.close()
+
+
+def test_a_lost_agent_is_hung_up_at_once_and_its_process_stopped_only_after_the_recovery():
+    """Stopping a frozen agent wakes it to run its shutdown: CPU the recovering stages need on a host of a few
+    cores. Its link goes at once; its process when the loop says the new plan is running (or at close)."""
+    fleet = Fleet("127.0.0.1", None, b"m" * 32, b"s" * 16, "parts", "tiny", 5.0, SshOptions(), lambda line: None)
+    near, far = socket.socketpair()
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        link = agent_on(fleet, near)
+        link.process = process
+        os.kill(process.pid, signal.SIGSTOP)  # frozen
+        lost_at = time.monotonic()
+        fleet.lose(2)
+        link.sender.join(SECONDS)
+        assert not link.sender.is_alive() and far.recv(1) == b""  # hung up at once
+        fleet.stop_lost(before=lost_at)  # lost after that moment: not due yet
+        time.sleep(0.2)
+        assert process.poll() is None
+        fleet.stop_lost()
+        assert process.wait(SECONDS) == -signal.SIGTERM
+    finally:
+        far.close()
+        fleet.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_close_stops_a_lost_agent_not_stopped_yet():
+    fleet = Fleet("127.0.0.1", None, b"m" * 32, b"s" * 16, "parts", "tiny", 5.0, SshOptions(), lambda line: None)
+    near, far = socket.socketpair()
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        agent_on(fleet, near).process = process
+        fleet.lose(2)
+        fleet.close()
+        assert process.wait(SECONDS) == -signal.SIGTERM
+    finally:
+        far.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()

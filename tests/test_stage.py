@@ -1,7 +1,9 @@
 """runtime/stage.py's StageLoop alone: its three threads over real socket pairs with a tiny runner (no
 interpreter, no processes, no TensorFlow); the whole stage process is tests/test_runtime.py's."""
 
+import os
 import socket
+import sys
 import threading
 import time
 
@@ -12,7 +14,7 @@ import pytest
 from dnnpipe.manifest import StageSpec, TensorSpec
 from dnnpipe.protocol import Kind, PeerError
 from dnnpipe.runtime.metrics import summarise
-from dnnpipe.runtime.stage import DeviceTurn, StageLoop
+from dnnpipe.runtime.stage import LOWEST_PRIORITY, DeviceTurn, StageLoop
 from dnnpipe.runtime.transport import Downstream, Upstream
 
 IN = TensorSpec("x", "x", (1, 3), "float32")
@@ -283,3 +285,27 @@ def test_a_role_cut_while_it_paces_gives_the_device_back_at_once(relay):
     loop.abort("role replaced")
     thread.join(SECONDS)
     assert not thread.is_alive() and loop.device.free_at <= time.perf_counter()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread priorities by thread id are Linux's")
+def test_a_role_cut_in_its_invoke_finishes_that_frame_at_the_lowest_priority(relay):
+    """An invoke cannot be cut short: the aborted role's frame yields the CPU to the role that replaces it."""
+    loop, links, thread = relay
+    inside, release = threading.Event(), threading.Event()
+    priorities: list[int] = []
+
+    def invoke(buffers):
+        inside.set()
+        release.wait(SECONDS)
+        priorities.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return [buffers[0] * 2]
+
+    loop.runner = invoke
+    links.previous.send(0, 0, [np.ones((1, 3), dtype="float32")])
+    assert inside.wait(SECONDS)
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    loop.abort("role replaced")
+    release.set()
+    thread.join(SECONDS)
+    assert not thread.is_alive() and priorities == [LOWEST_PRIORITY] and before < LOWEST_PRIORITY
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the process and its other threads keep theirs

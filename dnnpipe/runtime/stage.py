@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import queue
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -35,6 +37,7 @@ from .argv import Value
 from .transport import Downstream, Say, Upstream, accept_upstream, connect_downstream, listen
 
 POLL_SECONDS = 0.1
+LOWEST_PRIORITY = 19  # nice value of an aborted role's frame still in its invoke
 HOLD_SECONDS = 0.005  # how long a device is kept for the older role's next frame (DeviceTurn.turn)
 
 
@@ -176,6 +179,7 @@ class StageLoop:
         self.continue_as: Callable[[], Optional[int]] = lambda: None
         self.continued_as: Optional[int] = None
         self.cpu_seconds = 0.0  # the process's CPU time while run() ran (every thread: CPU per frame)
+        self._executing: Optional[int] = None  # the native id of the thread in an invoke, while it is in one
 
     def _pool(self, specs) -> queue.SimpleQueue:
         pool: queue.SimpleQueue = queue.SimpleQueue()
@@ -225,10 +229,22 @@ class StageLoop:
         """Stop now, both links cut (an agent's role replaced after a device loss: nothing more is sent); the
         threads waiting on a queue are woken at once rather than at their next poll."""
         self.fail(message)
+        self._yield_invoke()
         for box in (self.inbox, self.outbox, self.input_buffers, self.output_buffers):
             box.put_nowait(END)
         if self.downstream is not None:
             self.downstream.shutdown()
+
+    def _yield_invoke(self) -> None:
+        """An invoke cannot be cut short (the interpreter has no cancellation): the frame of an aborted role runs
+        on at the lowest priority, so the new role's threads in this process take the CPU first. The thread ends
+        with its frame. Linux only: elsewhere a thread id given as a process id could name another process."""
+        executing = self._executing
+        if executing is not None and sys.platform.startswith("linux"):
+            try:
+                os.setpriority(os.PRIO_PROCESS, executing, LOWEST_PRIORITY)
+            except OSError:  # ended meanwhile, or not allowed: it only finishes sooner
+                pass
 
     def _end_inbox(self) -> None:
         self._end_queued = True
@@ -317,11 +333,15 @@ class StageLoop:
                 timing.infer_start = time.time()
                 began, began_cpu = time.perf_counter(), time.thread_time()
                 into = getattr(self.runner, "into", None)  # a StageRunner copies straight into the result buffers
-                if into is not None:
-                    into(item.buffers, results)
-                else:
-                    for result, output in zip(results, self.runner(item.buffers)):
-                        np.copyto(result, output)  # the interpreter reuses its output memory on the next call
+                self._executing = threading.get_native_id()
+                try:
+                    if into is not None:
+                        into(item.buffers, results)
+                    else:
+                        for result, output in zip(results, self.runner(item.buffers)):
+                            np.copyto(result, output)  # the interpreter reuses its output memory on the next call
+                finally:
+                    self._executing = None
                 inference = time.perf_counter() - began
                 timing.inference_cpu_ms = (time.thread_time() - began_cpu) * 1000
                 self.input_buffers.put(item.buffers)

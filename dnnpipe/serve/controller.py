@@ -56,6 +56,7 @@ FINISH_SECONDS = 5.0  # after the last result, how long the END frame gets to fl
 LINK_WAIT = 0.5  # how long a planned switch's barrier waits for the new plan's links to be proven
 PUSH_REST = 3.0  # after each contingency push, rest this many times as long as the controller took (cut and send)
 PUSH_REST_MIN = 0.02  # ... and at least this long: the agent loads and warms up what it was sent after the push
+STOP_LOST_SECONDS = 1.0  # a lost device's process is stopped at the new plan's first result, or this long after
 
 
 class NoPlan(DnnpipeError):
@@ -429,6 +430,7 @@ class Controller:
         if self.fault is not None and now - self.fault[0] > FAULT_GRACE:
             self._pipeline_fault(self.fault[1], now)
             return
+        self.fleet.stop_lost(before=now - STOP_LOST_SECONDS)
         self._pending_step(now)
         self._watch_stall(now)
         self._announce()
@@ -596,14 +598,17 @@ class Controller:
         record.switched_at = time.monotonic()
         devices = [d for _, _, d in stages]
         roles = role_messages(g, stages, action.abort, running, self._address, self.paced_ms, self.fleet.up())
-        for device, message in roles:
-            self.fleet.send(device, message)
         head = self.devices[devices[0]]
         entry = (head.device_id, _reach(head), head.runtime_port)
+        if action.abort:  # the replayed inputs go out while the roles do, on the link dialled ahead (the first agent
+            # holds it until its role comes): on a loss's critical path the two overlap
+            self.route = self.stream.open(g, entry, devices[-1], action.abort, tuple(devices))
+        for device, message in roles:
+            self.fleet.send(device, message)
         if not action.abort:  # the first role's upstream is the input link, the last one's downstream the results
             self._await_links(g, entry, devices[-1], roles[0][1]["keep_from"] is not None,
                               roles[len(stages) - 1][1]["keep_to"] is not None)
-        self.route = self.stream.open(g, entry, devices[-1], action.abort, tuple(devices))
+            self.route = self.stream.open(g, entry, devices[-1], action.abort, tuple(devices))
         record.switch_s = time.perf_counter() - switch_began
         self.predicted = action.throughput
         self.last_switch = time.monotonic()
@@ -723,6 +728,7 @@ class Controller:
         if route is None or route.first_result is None or getattr(route, "announced", False):
             return
         route.announced = True  # type: ignore[attr-defined]
+        self.fleet.stop_lost()  # recovered: off the critical path now
         self._dial_ahead(route.generation)
         self.failures = 0
         self.serving_since = self.serving_since or route.first_result

@@ -69,6 +69,7 @@ class AgentLink:
     writing: bool = False  # its sender is in a write: an agent that does not take its bytes in is not busy loading
     taken: float = 0.0  # when it last took in a piece of a push (monotonic): while written to, that is a sign of life
     gone: bool = False
+    stopped: bool = False  # its process was told to stop (once)
     start_failed: bool = False  # its ssh start failed: it will never say hello
     times: list[float] = field(default_factory=list)  # stage ms of frames not yet used for the speed estimate
     lock: threading.Lock = field(default_factory=threading.Lock)  # guards what the heartbeats report (times, ...)
@@ -92,6 +93,7 @@ class Fleet:
                            command_timeout=min(ssh.command_timeout, connect_timeout))  # no ssh call outlasts it
         self.events: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self.agents: dict[int, AgentLink] = {}
+        self._lost: list[tuple[float, AgentLink]] = []  # (when, link) of lost agents not stopped yet
         self._lock = threading.Lock()
         self.closed = threading.Event()
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -306,19 +308,41 @@ class Fleet:
         return {d for d, link in list(self.agents.items()) if link.sock is not None and not link.gone}
 
     def lose(self, device: int) -> None:
-        """Give up on a device: its link is closed and its process stopped (a remote one in the background)."""
+        """Give up on a device: its link is closed at once; its process is stopped by stop_lost, after the recovery.
+        Stopping a frozen agent wakes it to run its own shutdown, and stopping a remote one starts ssh: CPU taken
+        from the stages that recover on a host of a few cores (a switch after a freeze waited 20 ms for it)."""
         link = self.agents.get(device)
         if link is not None:
-            link.gone = True
-            self._retire(link)
+            self._hang_up(link)
+            with self._lock:
+                self._lost.append((time.monotonic(), link))
+
+    def stop_lost(self, before: float = float("inf")) -> None:
+        """The processes of the devices lost before `before` (monotonic; all by default) stopped."""
+        with self._lock:
+            due = [link for at, link in self._lost if at < before]
+            self._lost = [(at, link) for at, link in self._lost if at >= before]
+        for link in due:
+            self._stop(link)
 
     # --- the end -----------------------------------------------------------------------------
 
     def _retire(self, link: AgentLink) -> None:
+        self._hang_up(link)
+        self._stop(link)
+
+    @staticmethod
+    def _hang_up(link: AgentLink) -> None:
         link.gone = True
         link.outbox.put(None)  # its sender ends (at once, or when hanging up ends the write it is blocked in)
         if link.sock is not None:
             hang_up(link.sock)
+
+    @staticmethod
+    def _stop(link: AgentLink) -> None:
+        if link.stopped:
+            return
+        link.stopped = True
         if link.process is not None and link.process.poll() is None:
             _signal_group(link.process.pid, signal.SIGCONT)  # a frozen one must wake to see SIGTERM
             _signal_group(link.process.pid, signal.SIGTERM)
