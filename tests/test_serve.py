@@ -176,7 +176,7 @@ def test_a_frozen_agent_is_detected_by_its_missing_heartbeats(served, tmp_path):
     run.on("generation 1: first result", after(0.4, freeze))
     try:
         stdout = finish(run, served, out)
-        # serve stopped it once the new plan ran (fleet.stop_lost), not the clean-up below
+        # serve stopped it (after the recovery, or at its close at the latest), not the clean-up below
         with pytest.raises(ProcessLookupError):
             os.kill(frozen[0], 0)
     finally:  # a frozen agent cannot stop on its own: left behind, it would count as every later test's orphan

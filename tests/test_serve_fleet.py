@@ -142,6 +142,7 @@ def test_a_lost_agent_is_hung_up_at_once_and_its_process_stopped_only_after_the_
     cores. Its link goes at once; its process when the loop says the new plan is running (or at close)."""
     fleet = Fleet("127.0.0.1", None, b"m" * 32, b"s" * 16, "parts", "tiny", 5.0, SshOptions(), lambda line: None)
     near, far = socket.socketpair()
+    far.settimeout(SECONDS)
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
     try:
         link = agent_on(fleet, near)

@@ -288,16 +288,18 @@ def test_a_role_cut_while_it_paces_gives_the_device_back_at_once(relay):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread priorities by thread id are Linux's")
-def test_a_role_cut_in_its_invoke_finishes_that_frame_at_the_lowest_priority(relay):
-    """An invoke cannot be cut short: the aborted role's frame yields the CPU to the role that replaces it."""
+def test_a_role_cut_in_its_invoke_gives_the_device_back_and_finishes_at_the_lowest_priority(relay):
+    """An invoke cannot be cut short: the aborted role's frame yields the device and the CPU to the role that
+    replaces it."""
     loop, links, thread = relay
-    inside, release = threading.Event(), threading.Event()
+    inside, release, finished = threading.Event(), threading.Event(), threading.Event()
     priorities: list[int] = []
 
     def invoke(buffers):
         inside.set()
         release.wait(SECONDS)
         priorities.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        finished.set()
         return [buffers[0] * 2]
 
     loop.runner = invoke
@@ -305,7 +307,20 @@ def test_a_role_cut_in_its_invoke_finishes_that_frame_at_the_lowest_priority(rel
     assert inside.wait(SECONDS)
     before = os.getpriority(os.PRIO_PROCESS, 0)
     loop.abort("role replaced")
-    release.set()
+    # the role that replaces it has the device at once, the cut frame still in its invoke
+    new = StageLoop(NAME, SPEC, double, queue_size=2, say=lambda line: None, device=loop.device, rank=1)
+    new_links = Links(new)
+    new_thread = running(new, new.receive, new.send)
+    try:
+        new_links.previous.send(0, 0, [np.ones((1, 3), dtype="float32")])
+        out = [np.empty((1, 3), dtype="float32")]
+        assert new_links.following.read(out).kind == Kind.DATA and not finished.is_set()
+        np.testing.assert_array_equal(out[0], 2 * np.ones((1, 3)))
+    finally:
+        release.set()
+        new.abort("test over")
+        new_thread.join(SECONDS)
+        new_links.close()
     thread.join(SECONDS)
     assert not thread.is_alive() and priorities == [LOWEST_PRIORITY] and before < LOWEST_PRIORITY
     assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the process and its other threads keep theirs

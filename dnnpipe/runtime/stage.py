@@ -72,12 +72,12 @@ class DeviceTurn:
         self.lock = threading.Lock()  # guards free_at and the turns
         self.free_at = 0.0  # when the emulated device finished its previous frame
         self._changed = threading.Condition(self.lock)
-        self._busy = False
+        self._holder: Optional[object] = None  # the frame that has the device (a token), None when it is free
         self._waiting: list[int] = []  # the rank (plan generation) of each frame waiting for the device
         self._held: Optional[tuple[int, float]] = None  # (rank, until): kept for a role whose next frame is ready
 
     @contextmanager
-    def turn(self, rank: int = 0, again: Callable[[], bool] = lambda: False) -> Iterator[None]:
+    def turn(self, rank: int = 0, again: Callable[[], bool] = lambda: False) -> Iterator[object]:
         """The device, for one frame, once no frame of a lower rank waits for it. again(): whether this role has its
         next frame ready as this one ends; then the device is kept for it for up to HOLD_SECONDS, the moment its
         thread takes to come back (a waiting frame of a newer plan, already woken, would otherwise slip in)."""
@@ -86,7 +86,7 @@ class DeviceTurn:
             try:
                 while True:
                     held = self._held is not None and self._held[0] < rank and time.perf_counter() < self._held[1]
-                    if not (self._busy or held or min(self._waiting) < rank):
+                    if not (self._holder is not None or held or min(self._waiting) < rank):
                         break
                     self._changed.wait(max(0.0, self._held[1] - time.perf_counter()) if held and self._held
                                        else None)
@@ -95,14 +95,25 @@ class DeviceTurn:
                 self._changed.notify_all()  # a frame of a higher rank may have waited behind this one
                 raise
             self._waiting.remove(rank)
-            self._busy, self._held = True, None
+            holder = self._holder = object()
+            self._held = None
         try:
-            yield
+            yield holder
         finally:
             with self._changed:
-                self._busy = False
-                if again():
-                    self._held = (rank, time.perf_counter() + HOLD_SECONDS)
+                if self._holder is holder:  # (not given back already)
+                    self._holder = None
+                    if again():
+                        self._held = (rank, time.perf_counter() + HOLD_SECONDS)
+                self._changed.notify_all()
+
+    def give_back(self, holder: object) -> None:
+        """The device free now, though the frame that had it is still in its invoke (a role cut after a loss: the
+        interpreter cannot cancel one, so the frame finishes beside the next one, at the lowest priority)."""
+        with self._changed:
+            if self._holder is holder:
+                self._holder = None
+                self.free_at = min(self.free_at, time.perf_counter())
                 self._changed.notify_all()
 
 
@@ -180,6 +191,7 @@ class StageLoop:
         self.continued_as: Optional[int] = None
         self.cpu_seconds = 0.0  # the process's CPU time while run() ran (every thread: CPU per frame)
         self._executing: Optional[int] = None  # the native id of the thread in an invoke, while it is in one
+        self._turn: Optional[object] = None  # this role's hold of the device (DeviceTurn.give_back checks it still is)
 
     def _pool(self, specs) -> queue.SimpleQueue:
         pool: queue.SimpleQueue = queue.SimpleQueue()
@@ -230,6 +242,9 @@ class StageLoop:
         threads waiting on a queue are woken at once rather than at their next poll."""
         self.fail(message)
         self._yield_invoke()
+        turn = self._turn
+        if turn is not None:
+            self.device.give_back(turn)
         for box in (self.inbox, self.outbox, self.input_buffers, self.output_buffers):
             box.put_nowait(END)
         if self.downstream is not None:
@@ -326,7 +341,7 @@ class StageLoop:
                 results, start = self._get(self.output_buffers), time.perf_counter()
             if results is None or isinstance(results, EndOfStream):  # stopped (abort puts END in every queue)
                 return
-            with self.device.turn(self.rank, self._frame_ready):
+            with self.device.turn(self.rank, self._frame_ready) as self._turn:
                 if self.stop.is_set():  # cut while it waited for the device: no frame of a dead role on its clock
                     return
                 start = max(start, self.device.free_at)
@@ -342,6 +357,9 @@ class StageLoop:
                             np.copyto(result, output)  # the interpreter reuses its output memory on the next call
                 finally:
                     self._executing = None
+                if self.stop.is_set():  # cut in its invoke: the device is free from now (an abort gave it back then)
+                    self.device.give_back(self._turn)
+                    return
                 inference = time.perf_counter() - began
                 timing.inference_cpu_ms = (time.thread_time() - began_cpu) * 1000
                 self.input_buffers.put(item.buffers)
@@ -351,8 +369,7 @@ class StageLoop:
                 if left > 0:
                     asleep = time.perf_counter()
                     if self.stop.wait(left):  # cut: the rest of a dead role's frame is not the device's time
-                        with self.device.lock:
-                            self.device.free_at = min(self.device.free_at, time.perf_counter())
+                        self.device.give_back(self._turn)  # (an abort did already: the next role may have it)
                         return
                     slept = time.perf_counter() - asleep
             timing.inference_ms = inference * 1000

@@ -338,11 +338,11 @@ class Fleet:
         if link.sock is not None:
             hang_up(link.sock)
 
-    @staticmethod
-    def _stop(link: AgentLink) -> None:
-        if link.stopped:
-            return
-        link.stopped = True
+    def _stop(self, link: AgentLink) -> None:
+        with self._lock:  # once: the loop's stop_lost and a restart's _retire (the admit thread) may race
+            if link.stopped:
+                return
+            link.stopped = True
         if link.process is not None and link.process.poll() is None:
             _signal_group(link.process.pid, signal.SIGCONT)  # a frozen one must wake to see SIGTERM
             _signal_group(link.process.pid, signal.SIGTERM)
