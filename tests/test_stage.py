@@ -6,6 +6,7 @@ import socket
 import sys
 import threading
 import time
+from typing import Optional
 
 import h5py
 import numpy as np
@@ -324,3 +325,38 @@ def test_a_role_cut_in_its_invoke_gives_the_device_back_and_finishes_at_the_lowe
     thread.join(SECONDS)
     assert not thread.is_alive() and priorities == [LOWEST_PRIORITY] and before < LOWEST_PRIORITY
     assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the process and its other threads keep theirs
+
+
+def test_a_device_given_back_stays_the_next_frames_whatever_the_cut_frame_does_after():
+    """A cut frame gives the device back while still in its invoke; when that invoke ends, its pacing, a second
+    give-back and the end of its turn must leave the frame that took the device (and its clock) alone."""
+    device = DeviceTurn()
+    new_has_it, new_may_end = threading.Event(), threading.Event()
+    entered: list[int] = []
+
+    def frame(rank: int, hold: Optional[threading.Event] = None) -> None:
+        with device.turn(rank) as holder:
+            entered.append(rank)
+            assert device.pace(holder, time.perf_counter() + 0.001)
+            if hold is not None:
+                new_has_it.set()
+                hold.wait(SECONDS)
+
+    new = threading.Thread(target=frame, args=(2, new_may_end), daemon=True)
+    later = threading.Thread(target=frame, args=(3,), daemon=True)
+    with device.turn(1) as old:
+        assert device.pace(old, time.perf_counter() + 60)
+        device.give_back(old)  # cut in its invoke
+        assert device.free_at <= time.perf_counter()
+        new.start()
+        assert new_has_it.wait(SECONDS)
+        clock = device.free_at
+        assert not device.pace(old, time.perf_counter() + 60) and device.free_at == clock
+        device.give_back(old)  # again, when its invoke ends: no effect
+        later.start()
+    time.sleep(0.1)
+    assert entered == [2]  # the old frame's turn ended, but the new frame still has the device
+    new_may_end.set()
+    for thread in (new, later):
+        thread.join(SECONDS)
+    assert entered == [2, 3]

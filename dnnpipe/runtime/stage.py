@@ -107,6 +107,15 @@ class DeviceTurn:
                         self._held = (rank, time.perf_counter() + HOLD_SECONDS)
                 self._changed.notify_all()
 
+    def pace(self, holder: object, until: float) -> bool:
+        """The frame's planned end on the device's clock, set only while the frame still has the device (False once
+        it was given back: the clock is the next frame's then)."""
+        with self._changed:
+            if self._holder is not holder:
+                return False
+            self.free_at = until
+            return True
+
     def give_back(self, holder: object) -> None:
         """The device free now, though the frame that had it is still in its invoke (a role cut after a loss: the
         interpreter cannot cancel one, so the frame finishes beside the next one, at the lowest priority)."""
@@ -357,15 +366,14 @@ class StageLoop:
                             np.copyto(result, output)  # the interpreter reuses its output memory on the next call
                 finally:
                     self._executing = None
-                if self.stop.is_set():  # cut in its invoke: the device is free from now (an abort gave it back then)
-                    self.device.give_back(self._turn)
-                    return
                 inference = time.perf_counter() - began
+                pace = self.pace_ms / 1000 if self.pace_ms else 0.0  # a controller may change it
+                if self.stop.is_set() or not self.device.pace(self._turn, start + pace):
+                    self.device.give_back(self._turn)  # cut in its invoke: free from now (an abort gave it back then)
+                    return
                 timing.inference_cpu_ms = (time.thread_time() - began_cpu) * 1000
                 self.input_buffers.put(item.buffers)
-                pace = self.pace_ms / 1000 if self.pace_ms else 0.0  # a controller may change it
-                self.device.free_at = start + pace
-                left, slept = self.device.free_at - time.perf_counter(), 0.0
+                left, slept = start + pace - time.perf_counter(), 0.0
                 if left > 0:
                     asleep = time.perf_counter()
                     if self.stop.wait(left):  # cut: the rest of a dead role's frame is not the device's time
