@@ -539,10 +539,7 @@ class Agent:
             if loop.continued_as is not None and not self._hand_on(role.generation, loop.downstream):
                 loop.continued_as = None  # its new role was cut meanwhile: the link closed, not kept
 
-        if role.abort:  # the cut role's frame is given up (as TFLite's cancellation would), not waited out
-            with self.device.lock:
-                self.device.free_at = min(self.device.free_at, time.perf_counter())
-        try:
+        try:  # (an aborting role's predecessors gave the device back when cut: StageLoop.abort)
             loop.run(source, sink)
         except DnnpipeError as e:
             loop.fail(str(e) if str(e).startswith("[") else f"{name} {e}")
