@@ -29,6 +29,7 @@ duplicated in OUT (both must be 0). --steady runs the cluster unchanged at full 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import signal
@@ -188,7 +189,9 @@ def row(kind: str, o: Outcome) -> str:
     w = next((x for x in s.switches if x.label == LABELS[o.scenario]), s.switches[0])
     first = (w.first_result_s if w.first_result_s is not None else float("nan"))
     window = [t for t in times if t >= o.event_at - 1.0]
-    gap = max(np.diff(window)) if len(window) > 1 else float("nan")
+    gaps = np.diff(window)
+    gap = max(gaps) if len(window) > 1 else float("nan")
+    gap_at = window[int(np.argmax(gaps)) + 1] - w.switched_at if len(window) > 1 else float("nan")
     before = rate(times, times[0] + 1.0, o.event_at)
     after = rate(times, w.detected_at + first + 0.5, times[-1])
     scale = s.predicted_throughput / w.predicted_throughput if w.predicted_throughput else 1.0
@@ -204,12 +207,14 @@ def row(kind: str, o: Outcome) -> str:
             f"{o.detected_s:.3f} | "
             f"{w.replan_s * 1000:.1f} | {w.prepare_s:.3f} | {w.push_s:.3f} | {w.switch_s * 1000:.1f} | "
             f"{first:.3f} ({o.fill_s:.3f}) | "
-            f"{gap:.3f} ({periods:.1f}) | {switch_gap:.3f} ({switch_gap * running:.1f} / {switch_gap * after:.1f}) | "
+            f"{gap:.3f} ({periods:.1f}) at {gap_at:+.2f} | "
+            f"{switch_gap:.3f} ({switch_gap * running:.1f} / {switch_gap * after:.1f}) | "
             f"{w.links_kept} of {len(w.stages) + 1} | {after:.1f} ({w.predicted_throughput * scale:.1f}) | {o.lost} | "
             f"{s.duplicates} |")
 
 
 def main() -> None:
+    faulthandler.enable()  # serve runs in this process: a crash says where every thread was
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tiny"], choices=["tiny", "efficientnetv2b0"])
     parser.add_argument("--scenarios", nargs="*", default=SCENARIOS, choices=SCENARIOS)
@@ -245,14 +250,15 @@ def main() -> None:
         f"join waits for it, after {BEFORE_SECONDS:g} s of results at least); 'loaded ahead' is a planned switch's",
         "cut, push and load while the old plan served (before its barrier); 'cut+push' is what was cut and pushed on",
         "the critical path; the new plan's fill is its stages' paced times end to end (links not counted): none of",
-        "its results can come sooner; the longest gap also in periods of the faster plan as measured; 'at the",
+        "its results can come sooner; the longest gap also in periods of the faster plan as measured, and when it",
+        "ended, in seconds from the switch (the new roles going out; a planned switch loads them before); 'at the",
         "switch' is the longest gap from the last result before the new roles went out to 1 s after, in periods of",
         "the plan as it ran in the second before / of the new plan as measured after; 'links kept' are the new",
         "plan's links (input, between stages, results) that went on from the old plan after NEXT instead of being",
         "dialled"])
     print(f"\n{legend}\n")
     print("| model | event | before inf/s (predicted) | ready s | detect s | re-plan ms | loaded ahead s | cut+push s "
-          "| switch ms | first new result s (new plan's fill) | longest gap s (periods) "
+          "| switch ms | first new result s (new plan's fill) | longest gap s (periods) at s "
           "| at the switch s (periods before / after) | links kept | after inf/s (predicted) | lost | duplicated |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for line in rows:

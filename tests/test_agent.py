@@ -32,7 +32,7 @@ from dnnpipe.runtime.handshake import manifest_identity
 from dnnpipe.runtime.stage import StageLoop
 from dnnpipe.serve.roles import Running, role_messages
 from dnnpipe.testbed.local import free_ports
-from dnnpipe.serve.controller import Cutter
+from dnnpipe.serve.cutter import Cutter
 from dnnpipe.serve.delivery import Ledger
 from dnnpipe.serve.fleet import Fleet
 from dnnpipe.serve.stream import Stream

@@ -113,12 +113,29 @@ def serve_run(served: Served, tmp_path: Path, devices=(1, 2, 3, 4), extra: tuple
     return Run(args), out
 
 
+def cutting_processes(work: Path) -> list[int]:
+    """serve's cutting processes (serve/cutter.py) that write into `work`: none outlives serve."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+        except OSError:
+            continue
+        if b"dnnpipe.serve.cutter" in command and any(arg.startswith(bytes(work)) for arg in command):
+            found.append(int(entry.name))
+    return found
+
+
 def finish(run: Run, served: Served, out: Path, inputs: int = INPUTS) -> str:
     code, stdout, stderr = run.wait()
     assert code == 0, f"{stdout}\n{stderr}"
     served.check(out, inputs)
     assert f"{inputs} of {inputs} results stored" in stdout and "0 duplicates" in stdout
     assert_no_orphans(served.root)
+    # background cuts were the cutting process's (it never failed), which left nothing behind
+    assert "serve's own process" not in stdout, stdout
+    work = out.parent / "serve_work" / served.name
+    assert not list(work.glob("cuts.*")) and not cutting_processes(work)
     return stdout
 
 
@@ -463,7 +480,13 @@ def test_contingency_pushes_go_to_the_push_loop_one_at_a_time_once_the_switch_is
         wanted = list(controller.deferred)
         assert len(wanted) >= 3
         pushed: list = []
-        controller._push = pushed.append  # type: ignore[method-assign]
+
+        def push(action, background: bool = False) -> float:
+            if background:  # the push loop's cuts are the cutting process's (else nothing is pushed: it fails)
+                pushed.append(action)
+            return 0.0  # the cut's CPU: the loop rests PUSH_REST_MIN
+
+        controller._push = push  # type: ignore[method-assign]
         route = SimpleNamespace(first_result=None)
         controller.stream = SimpleNamespace(route=route)  # type: ignore[assignment]
         controller._push_contingencies()

@@ -11,7 +11,7 @@ import time
 from dnnpipe.deploy.registry import Device
 from dnnpipe.deploy.transport import SshOptions
 from dnnpipe.runtime.control import encode
-from dnnpipe.serve.fleet import AgentLink, Fleet, send_each
+from dnnpipe.serve.fleet import PUSH_PIECE, AgentLink, Fleet, pieces, send_each
 
 SECONDS = 10
 
@@ -70,6 +70,36 @@ def test_control_lines_go_out_in_order_and_close_delivers_stop_last():
     far.close()
     expected = b"".join(encode({"kind": "pace", "generation": k}) + b"p" * k for k in range(50))
     assert bytes(received) == expected + encode({"kind": "stop"})
+
+
+def test_a_files_payload_goes_out_a_piece_at_a_time_as_its_bytes_would(tmp_path):
+    """A sub-model cut in the background is pushed from its file: the agent reads the same bytes as from memory."""
+    fleet = Fleet("127.0.0.1", None, b"m" * 32, b"s" * 16, "parts", "tiny", 5.0, SshOptions(), lambda line: None)
+    near, far = socket.socketpair()
+    agent_on(fleet, near)
+    data = os.urandom(2 * PUSH_PIECE + 12345)  # two whole pieces and a part
+    (tmp_path / "sub_model").write_bytes(data)
+    with (tmp_path / "sub_model").open("rb") as f:
+        assert [len(p) for p in pieces(f)] == [PUSH_PIECE, PUSH_PIECE, 12345]
+    with (tmp_path / "sub_model").open("rb") as f:
+        assert b"".join(bytes(p) for p in pieces(f)) == b"".join(pieces(data)) == data
+    received = bytearray()
+
+    def read() -> None:
+        far.settimeout(SECONDS)
+        while chunk := far.recv(1 << 16):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    fleet.send(2, {"kind": "pace", "size": len(data)}, tmp_path / "sub_model")  # (close drops pushes)
+    fleet.send(2, {"kind": "pace", "size": 1}, tmp_path / "gone")  # nothing of it goes out; the link stays
+    fleet.send(2, {"kind": "pace", "size": 3}, b"abc")
+    fleet.close()
+    reader.join(SECONDS)
+    far.close()
+    assert bytes(received) == (encode({"kind": "pace", "size": len(data)}) + data +
+                               encode({"kind": "pace", "size": 3}) + b"abc" + encode({"kind": "stop"}))
 
 
 def test_a_pause_the_clock_has_not_ticked_past_yet_is_no_device_silence():

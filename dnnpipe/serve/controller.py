@@ -38,6 +38,7 @@ from ..pipeline_key import CERT_FILE, CERT_KEY_FILE, stage_key, tls_context
 from ..planner.replan import ClusterChange, replan
 from ..runtime.control import CONTROLLER, LOADED_SUB_MODELS
 from ..runtime.handshake import manifest_identity
+from .cutter import CLOSING, Cutter, CuttingProcessFailed, CutWorker, SubModel
 from .decide import Action, GiveUp, Joined, Lost, Measured, Prepare, Proposal, Stages, State, Switch, Switched, \
     crowded, decide, device_names, loss_placed, next_push, not_loaded, placed, uncovered
 from .detect import SpeedModel, speed_outliers, stage_time
@@ -54,7 +55,7 @@ MEASURE_SECONDS = 0.2  # how often measured speeds are evaluated
 FAULT_GRACE = 0.3  # a role's error waits this long for the loss that caused it before it counts on its own
 FINISH_SECONDS = 5.0  # after the last result, how long the END frame gets to flow through
 LINK_WAIT = 0.5  # how long a planned switch's barrier waits for the new plan's links to be proven
-PUSH_REST = 3.0  # after each contingency push, rest this many times as long as the controller took (cut and send)
+PUSH_REST = 1.0  # after each contingency push, rest as long as the CPU its cut took (none when it was cut before)
 PUSH_REST_MIN = 0.02  # ... and at least this long: the agent loads and warms up what it was sent after the push
 STOP_LOST_SECONDS = 1.0  # a lost device's process is stopped at the new plan's first result, or this long after
 
@@ -113,39 +114,6 @@ class PendingSwitch:
     replan_s: float
     missing: list[tuple[int, tuple[int, int]]]
     began: float
-
-
-class Cutter:
-    """Sub-models of any stage, cut from the partition's whole model.tflite (read once; no TensorFlow) and kept
-    in memory; the partition's folder is only read."""
-
-    def __init__(self, folder: Path):
-        from ..slicing.flatbuffer import op_graph, read_model
-        from ..slicing.slicer import check_table
-
-        manifest = read_manifest(folder)
-        assert manifest.whole_model is not None
-        self.whole = manifest.whole_model
-        self.model = read_model(folder / self.whole.file)
-        self.graph = op_graph(self.model)
-        check_table(self.whole, self.graph, folder / MANIFEST_FILE)
-        self.cuts: dict[tuple[int, int], bytes] = {}
-        self.lock = threading.Lock()
-
-    def cut(self, units: tuple[int, int]) -> bytes:
-        from ..slicing.flatbuffer import cut_submodel
-
-        with self.lock:
-            found = self.cuts.get(units)
-        if found is not None:
-            return found
-        # cut outside the lock: a loss's cut on the critical path never waits for a background thread's other
-        # cut; two threads cutting the same units make the same bytes
-        inputs, outputs = self.whole.cuts[units[0] - 1], self.whole.cuts[units[1]]
-        flatbuffer = cut_submodel(self.model, [(t.tensor, t.key) for t in inputs],  # type: ignore[misc]
-                                  [(t.tensor, t.key) for t in outputs], self.graph)  # type: ignore[misc]
-        with self.lock:
-            return self.cuts.setdefault(units, flatbuffer)
 
 
 class Controller:
@@ -221,6 +189,7 @@ class Controller:
         # strands their inputs in flight, so it is the running pipeline's fault too (replayed by an abort).
         self.draining: list[tuple[Route, frozenset[int]]] = []
         self.pending: Optional[PendingSwitch] = None
+        self.runtime_files: Optional[list[tuple[Path, str]]] = None  # what _ship sends besides the partition
 
     def _certificate(self) -> Path:
         """Where the pipeline certificate is: beside the manifest when the partition has one, else made once in
@@ -288,6 +257,8 @@ class Controller:
         self.stream = Stream(self.ledger, self.feed, self.manifest.inputs, self.manifest.outputs, self.key,
                              self.model, self.session, o.controller_host, o.connect_timeout, self._pace, self._on_fault,
                              tls, lambda generation: self.fleet.events.put(("kept", CONTROLLER, generation)))
+        # before the agents start: its start (imports, the model read) overlaps theirs
+        self.cut_worker = CutWorker(o.folder, self.work)
         pusher = threading.Thread(target=self._push_loop, daemon=True, name="serve push")
         pusher.start()
         try:
@@ -309,6 +280,7 @@ class Controller:
             self.pushes.put(None)
             self.stream.close()
             self.fleet.close()
+            self.cut_worker.close()
             if self.file_feed is not None:
                 self.file_feed.close()
             if previous is not None:
@@ -542,11 +514,13 @@ class Controller:
         for action in actions:
             self._push_one(action)
 
-    def _push_one(self, action: Prepare) -> None:
+    def _push_one(self, action: Prepare) -> float:
         try:
-            self._push(action)
+            return self._push(action, background=True)
         except Exception as e:  # a background push: said, never the end of the thread that pushes the next
-            self.echo(f"serve: cannot push units {action.units} to device {action.device}: {e}")
+            if not self.fleet.closed.is_set():
+                self.echo(f"serve: cannot push units {action.units} to device {action.device}: {e}")
+            return 0.0
 
     def _pending_step(self, now: float) -> None:
         """The barrier of a planned switch once every new role is loaded (or the switch dropped after
@@ -669,10 +643,31 @@ class Controller:
                     break
         return len(missing)
 
-    def _push(self, action: Prepare) -> None:
-        flatbuffer = self.cutter.cut(action.units)  # self.pushed is the main thread's: its callers mark it
-        self.fleet.send(action.device, {"kind": "model", "units": list(action.units), "size": len(flatbuffer),
-                                        "sha256": hashlib.sha256(flatbuffer).hexdigest()}, flatbuffer)
+    def _push(self, action: Prepare, background: bool = False) -> float:
+        """What cutting it cost (CPU seconds). self.pushed is the main thread's: the callers mark it."""
+        sub_model = self._sub_model(action.units, background)
+        self.fleet.send(action.device, {"kind": "model", "units": list(action.units), "size": sub_model.size,
+                                        "sha256": sub_model.sha256}, sub_model.payload)
+        return sub_model.cpu_s
+
+    def _sub_model(self, units: tuple[int, int], background: bool) -> SubModel:
+        """Cut in the cutting process in the background (its file, sent a piece at a time), where it holds up
+        nothing of serve's; here on a switch's path (which waits for no other cut), or once that process failed."""
+        if background and self.fleet.closed.is_set():
+            raise DnnpipeError(CLOSING)  # nothing more is cut, in either process
+        if background and not self.cut_worker.broken:
+            try:
+                return self.cut_worker.cut(units)
+            except CuttingProcessFailed as e:
+                if not self.fleet.closed.is_set():
+                    self.echo(f"serve: {e}; sub-models are cut in serve's own process from now on")
+            except DnnpipeError:
+                if self.fleet.closed.is_set():
+                    raise  # serve is closing: nothing more is cut
+        began = time.thread_time()
+        flatbuffer = self.cutter.cut(units)
+        return SubModel(flatbuffer, len(flatbuffer), hashlib.sha256(flatbuffer).hexdigest(),
+                        time.thread_time() - began)
 
     def _push_loop(self) -> None:
         """Sub-models of the contingency plans, cut and pushed in the background while the pipeline runs."""
@@ -689,10 +684,9 @@ class Controller:
                     time.sleep(POLL_SECONDS)
                 if self.fleet.closed.is_set():
                     continue
-                started = time.monotonic()
-                self._push_one(action)
+                cpu_s = self._push_one(action)
                 # Spread out: cut back to back, they took the cores from the stages in bursts a client saw as a gap.
-                time.sleep(min(1.0, max(PUSH_REST_MIN, PUSH_REST * (time.monotonic() - started))))
+                time.sleep(min(1.0, max(PUSH_REST_MIN, PUSH_REST * cpu_s)))
             finally:
                 self.push_idle.set()
 
@@ -895,8 +889,9 @@ class Controller:
         o = self.options
         if not devices:
             return
-        extra = runtime_code()
-        uploads = uploads_for(self.manifest, o.folder, o.model_path.resolve().name, [], extra)
+        if self.runtime_files is None:  # once: it parses the package's imports, which a join's admit thread did
+            self.runtime_files = runtime_code()  # with the interpreter lock held while the stream waited
+        uploads = uploads_for(self.manifest, o.folder, o.model_path.resolve().name, [], self.runtime_files)
         if self.tls_folder is not None and self.tls_folder != o.folder:  # the certificate serve made
             prefix = f"{o.model_path.resolve().name}/{o.model_name}"
             uploads += [Upload(self.tls_folder / name, f"{prefix}/{name}", sha256_file(self.tls_folder / name),

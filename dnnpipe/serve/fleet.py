@@ -21,6 +21,7 @@ ssh: a remote device is cleaned up in the background with a bounded timeout.
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import os
 import queue
@@ -32,7 +33,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 from ..deploy.registry import Device
 from ..deploy.transport import SshOptions, SshTransport, TransportError
@@ -44,6 +45,7 @@ from ..runtime.handshake import HandshakeError, LinkAuth, ProbeClosed, listen_si
 from .accept import accept_each, hang_up
 from .detect import listening_since, silence
 
+Payload = Union[bytes, Path]  # what follows a control line: bytes, or a file's (a sub-model cut in the background)
 PUSH_PIECE = 1 << 20  # a push is written a piece at a time, each piece taken in a sign of life
 STOP_SECONDS = 3.0  # how long an agent gets to stop before SIGKILL
 CLEANUP_SECONDS = 10.0  # the background ssh clean-up of an unreachable device gives up after this
@@ -77,7 +79,7 @@ class AgentLink:
     # cut-off agent (its buffers full) blocks that thread alone, never the controller's loop, which is the loop
     # that finds the agent silent and hangs its link up (ending the blocked write). Seen before: the loop's role
     # line to a cut board waited 30 s behind a background push.
-    outbox: queue.Queue[Optional[tuple[dict[str, Any], bytes]]] = field(default_factory=queue.Queue)
+    outbox: queue.Queue[Optional[tuple[dict[str, Any], Payload]]] = field(default_factory=queue.Queue)
     sender: Optional[threading.Thread] = None
 
 
@@ -255,9 +257,9 @@ class Fleet:
         else:
             raise DnnpipeError(f"{peer}: unknown message {kind[:40]!r}")
 
-    def send(self, device: int, message: dict[str, Any], payload: bytes = b"") -> bool:
-        """Queue a control line (and the bytes that follow it) for the device's agent, without waiting; False
-        when the device has no live link."""
+    def send(self, device: int, message: dict[str, Any], payload: Payload = b"") -> bool:
+        """Queue a control line (and the bytes that follow it, or a file's) for the device's agent, without
+        waiting; False when the device has no live link."""
         link = self.agents.get(device)
         if link is None or link.sock is None or link.gone:
             return False
@@ -386,18 +388,38 @@ def send_each(link: AgentLink, sock: socket.socket, closing: threading.Event) ->
         message, payload = item
         if broken or link.gone or (closing.is_set() and message.get("kind") == "model"):
             continue
+        try:
+            source = payload.open("rb") if isinstance(payload, Path) else payload
+        except OSError:  # serve's own file, gone: not the link's fault, and nothing of it was sent
+            if message.get("kind") == "model":
+                Fleet._loaded(link)  # (no answer will come for it)
+            continue
         link.writing = True
         try:
             sock.sendall(encode(message))
-            view = memoryview(payload)
-            for start in range(0, len(view), PUSH_PIECE):  # a frozen or cut-off agent stops taking pieces in
-                sock.sendall(view[start:start + PUSH_PIECE])  # once the buffers between are full
+            for piece in pieces(source):  # a frozen or cut-off agent stops taking pieces in once the buffers
+                sock.sendall(piece)  # between are full
                 link.taken = time.monotonic()
-        except OSError:
+        except OSError:  # (a file that cannot be read once its size went out leaves the link no way on either)
             broken = True
             hang_up(sock)
         finally:
             link.writing = False
+            if not isinstance(source, bytes):
+                source.close()
+
+
+def pieces(payload: bytes | io.BufferedReader) -> Iterator[memoryview]:
+    """A payload PUSH_PIECE at a time; an open file's read into one buffer over and over (no copy of it all), so
+    each piece holds only until the next is taken."""
+    if not isinstance(payload, bytes):
+        buffer = bytearray(PUSH_PIECE)
+        while count := payload.readinto(buffer):
+            yield memoryview(buffer)[:count]
+        return
+    view = memoryview(payload)
+    for start in range(0, len(view), PUSH_PIECE):
+        yield view[start:start + PUSH_PIECE]
 
 
 def controller_address(given: str, devices: Iterable[Device]) -> str:
