@@ -198,3 +198,53 @@ def test_no_controller_listening_is_one_error_naming_it():
         port = held.getsockname()[1]
     with pytest.raises(DnnpipeError, match=f"\\[stage 2\\] controller 127.0.0.1:{port}: cannot connect within 1 s"):
         ControlLink("[stage 2]", 2, "127.0.0.1", port, 1.0, [], lambda c: None, lambda why: None)
+
+
+def test_a_tls_control_link_read_and_written_at_once_on_both_ends_carries_every_byte(tmp_path):
+    """The control links' pattern over TLS: one end pushes megabytes while it reads lines, the other reads them
+    while another thread of its own writes lines. Through ControlSession (one TLS call at a time, none waiting
+    in the lock) every byte arrives in order both ways; small socket buffers make the writes wait for room."""
+    from dnnpipe.keygen import create_certificate
+    from dnnpipe.pipeline_key import tls_context
+    from dnnpipe.runtime.control import ControlSession
+    from dnnpipe.runtime.handshake import tls_wrap
+
+    create_certificate(tmp_path)
+    near, far = socket.socketpair()
+    for sock in (near, far):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 14)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 14)
+    wrapped: list = []
+    server = threading.Thread(target=lambda: wrapped.append(tls_wrap(far, tls_context(tmp_path, True), True)))
+    server.start()
+    controller = ControlSession(tls_wrap(near, tls_context(tmp_path, False), False))
+    server.join(SECONDS)
+    agent = ControlSession(wrapped[0])
+    push = bytes(range(256)) * (8 << 12)  # 8 MB
+    lines = b"".join(encode({"kind": "beat", "sent": k}) for k in range(3000))
+    got: dict[str, bytearray] = {"push": bytearray(), "lines": bytearray()}
+
+    def read(session: ControlSession, into: bytearray, size: int) -> None:
+        while len(into) < size:
+            chunk = session.recv(1 << 16)
+            if not chunk:
+                return
+            into += chunk
+
+    def beats() -> None:
+        for k in range(0, len(lines), 600):
+            agent.sendall(lines[k:k + 600])
+
+    threads = [threading.Thread(target=read, args=(agent, got["push"], len(push)), daemon=True),
+               threading.Thread(target=read, args=(controller, got["lines"], len(lines)), daemon=True),
+               threading.Thread(target=beats, daemon=True)]
+    for thread in threads:
+        thread.start()
+    for k in range(0, len(push), 1 << 20):
+        controller.sendall(memoryview(push)[k:k + (1 << 20)])
+    for thread in threads:
+        thread.join(SECONDS)
+    assert not any(thread.is_alive() for thread in threads)
+    assert bytes(got["push"]) == push and bytes(got["lines"]) == lines
+    controller.sock.close()
+    agent.sock.close()

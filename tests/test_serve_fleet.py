@@ -10,7 +10,7 @@ import time
 
 from dnnpipe.deploy.registry import Device
 from dnnpipe.deploy.transport import SshOptions
-from dnnpipe.runtime.control import encode
+from dnnpipe.runtime.control import ControlSession, encode
 from dnnpipe.serve.fleet import PUSH_PIECE, AgentLink, Fleet, pieces, send_each
 
 SECONDS = 10
@@ -20,7 +20,7 @@ def agent_on(fleet: Fleet, sock: socket.socket) -> AgentLink:
     """Device 2's agent on one end of a socket pair, its link registered as Fleet._link registers one."""
     link = AgentLink(Device(2, "local"), time.monotonic())
     link.sock, link.last_beat = sock, time.monotonic()
-    link.sender = threading.Thread(target=send_each, args=(link, sock, fleet.closed), daemon=True)
+    link.sender = threading.Thread(target=send_each, args=(link, ControlSession(sock), fleet.closed), daemon=True)
     link.sender.start()
     fleet.agents[2] = link
     return link

@@ -42,7 +42,8 @@ from ..errors import DnnpipeError
 from ..interpreter import StageRunner
 from ..manifest import MANIFEST_FILE, StageSpec, WholeModel, read_manifest
 from ..pipeline_key import stage_key, tls_context
-from .control import CONTROLLER, LOADED_SUB_MODELS, LineReader, encode, integer, number, MIN_PACE_MS, MAX_PACE_MS
+from .control import CONTROLLER, LOADED_SUB_MODELS, ControlSession, LineReader, encode, integer, number, \
+    MIN_PACE_MS, MAX_PACE_MS
 from .handshake import HANDSHAKE_SECONDS, HandshakeError, LinkAuth, ProbeClosed, connect_side, listen_side_for, \
     manifest_identity, tls_wrap
 from .stage import DeviceTurn, StageLoop
@@ -298,7 +299,7 @@ class Agent:
         self.device = DeviceTurn()  # the roles of this device take turns, one frame at a time
         self.generation = -1  # the newest role's
         self._send_lock = threading.Lock()
-        self.control: Optional[socket.socket] = None
+        self.control: Optional[ControlSession] = None
 
     # --- the control link --------------------------------------------------------------------
 
@@ -323,13 +324,13 @@ class Agent:
             raise DnnpipeError(f"{self.name} the controller at {o.control_host}:{o.control_port} refused the control "
                                f"link: {e}") from None
         sock.settimeout(None)
-        self.control = sock
+        self.control = ControlSession(sock)  # from here read and written by several threads
         self._send({"kind": "hello", "device": o.device, "pid": os.getpid(), "units": self.units})
         for body in (self._accept, self._beat, self._prepare_roles):
             threading.Thread(target=body, args=(listener,) if body == self._accept else (), daemon=True,
                              name=f"{self.name} {body.__name__}").start()
         peer = f"{self.name} controller {o.control_host}:{o.control_port}"
-        reader = LineReader(sock, peer)
+        reader = LineReader(self.control, peer)
         why = "the controller closed the control link"
         try:
             while not self.stop.is_set():

@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import select
 import socket
+import ssl
 import threading
 from typing import Any, Callable, Optional, Sequence
 
@@ -37,10 +39,67 @@ def encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
-class LineReader:
-    """JSON-object lines from a socket, each at most MAX_LINE bytes; None at a clean end."""
+class ControlSession:
+    """A control link's socket, read on one thread and written on others, one call at a time under TLS.
 
-    def __init__(self, sock: socket.socket, peer: str):
+    OpenSSL allows no SSL_read beside an SSL_write on one connection, and Python's ssl module releases the GIL
+    around both with no lock of its own (python/cpython#151508: a crash; a loopback test of the control links'
+    pattern broke a healthy connection). Under TLS every call runs under one lock without waiting in it (the
+    socket is non-blocking) and readiness is awaited outside it, so a writer never waits for a reader waiting
+    for data, nor a reader for a writer waiting for room. A plain socket is used as it is. Made once the
+    link's handshake is over (that runs on one thread)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self._lock = threading.Lock()
+        if self.tls:
+            sock.setblocking(False)
+
+    def recv(self, size: int) -> bytes:
+        if not self.tls:
+            return self.sock.recv(size)
+        while True:
+            with self._lock:
+                try:
+                    return self.sock.recv(size)
+                except ssl.SSLWantReadError:
+                    wait = select.POLLIN
+                except ssl.SSLWantWriteError:  # (TLS may have to write before it reads on)
+                    wait = select.POLLOUT
+            _await(self.sock, wait)
+
+    def sendall(self, data: bytes | memoryview) -> None:
+        if not self.tls:
+            self.sock.sendall(data)
+            return
+        view = memoryview(data).cast("B")
+        while len(view):
+            with self._lock:
+                try:
+                    view = view[self.sock.send(view):]
+                    continue
+                except ssl.SSLWantWriteError:  # (retried with the same bytes, as OpenSSL asks)
+                    wait = select.POLLOUT
+                except ssl.SSLWantReadError:
+                    wait = select.POLLIN
+            _await(self.sock, wait)
+
+
+def _await(sock: socket.socket, events: int) -> None:
+    """Until the socket is ready for `events`, or hung up (then the next call says so)."""
+    fd = sock.fileno()
+    if fd < 0:  # closed meanwhile
+        return
+    poller = select.poll()
+    poller.register(fd, events | select.POLLERR | select.POLLHUP)
+    poller.poll()
+
+
+class LineReader:
+    """JSON-object lines from a socket (or a ControlSession), each at most MAX_LINE bytes; None at a clean end."""
+
+    def __init__(self, sock: socket.socket | ControlSession, peer: str):
         self.sock, self.peer, self.buffer = sock, peer, b""
 
     def read(self) -> Optional[dict[str, Any]]:

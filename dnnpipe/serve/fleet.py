@@ -40,7 +40,7 @@ from ..deploy.transport import SshOptions, SshTransport, TransportError
 from ..errors import DnnpipeError
 from ..runtime.agent import check_units
 from ..runtime.argv import agent_argv
-from ..runtime.control import CONTROLLER, LineReader, encode, integer, text, times
+from ..runtime.control import CONTROLLER, ControlSession, LineReader, encode, integer, text, times
 from ..runtime.handshake import HandshakeError, LinkAuth, ProbeClosed, listen_side_for, tls_wrap
 from .accept import accept_each, hang_up
 from .detect import listening_since, silence
@@ -210,7 +210,8 @@ class Fleet:
             link.sock, link.last_beat = sock, time.monotonic()
             if isinstance(hello.get("pid"), int):
                 link.pid = hello["pid"]
-            link.sender = threading.Thread(target=send_each, args=(link, sock, self.closed), daemon=True,
+            session = reader.sock = ControlSession(sock)  # from here read and written by two threads
+            link.sender = threading.Thread(target=send_each, args=(link, session, self.closed), daemon=True,
                                            name=f"serve control send {device}")
             link.sender.start()
         self.send(device, {"kind": "session", "id": self.session.hex()})
@@ -376,7 +377,7 @@ class Fleet:
                 _signal_group(link.process.pid, signal.SIGKILL)
 
 
-def send_each(link: AgentLink, sock: socket.socket, closing: threading.Event) -> None:
+def send_each(link: AgentLink, session: ControlSession, closing: threading.Event) -> None:
     """The link's queued control lines, in order, until it is retired. A write that fails hangs the link up (its
     reader then reports the device lost) and drops the rest; once serve closes, queued pushes are dropped ("stop"
     is not kept waiting behind them)."""
@@ -396,13 +397,13 @@ def send_each(link: AgentLink, sock: socket.socket, closing: threading.Event) ->
             continue
         link.writing = True
         try:
-            sock.sendall(encode(message))
+            session.sendall(encode(message))
             for piece in pieces(source):  # a frozen or cut-off agent stops taking pieces in once the buffers
-                sock.sendall(piece)  # between are full
+                session.sendall(piece)  # between are full
                 link.taken = time.monotonic()
         except OSError:  # (a file that cannot be read once its size went out leaves the link no way on either)
             broken = True
-            hang_up(sock)
+            hang_up(session.sock)
         finally:
             link.writing = False
             if not isinstance(source, bytes):
