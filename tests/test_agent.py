@@ -224,8 +224,15 @@ def agents(served: Served, tmp_path, feed, count: int) -> Iterator[Agents]:
     try:
         for device in devices.values():
             fleet.start(device)
-        up = {fleet.events.get(timeout=30)[1] for _ in devices}
-        assert up == set(devices)
+        up: set[int] = set()
+        try:
+            while up != set(devices):
+                event = fleet.events.get(timeout=30)
+                up |= {event[1]} if event[0] == "up" else set()
+        except queue.Empty:
+            exits = {d: fleet.exited(d) for d in devices}
+            raise AssertionError(f"agents up after 30 s: {sorted(up)}; exit statuses {exits}; serve said "
+                                 f"{lines}") from None
         yield Agents(devices, fleet, stream, ledger, Cutter(folder), faults, kept)
     finally:
         stream.close()

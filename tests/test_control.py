@@ -5,12 +5,13 @@ The agent's side of the same lines (its roles, its pushed models) is tests/test_
 import json
 import socket
 import threading
+import time
 
 import pytest
 
 from dnnpipe.errors import DnnpipeError
-from dnnpipe.runtime.control import (MAX_LINE, MAX_PACE_MS, ControlLink, LineReader, check_command, encode, integer,
-                                     number, text, times)
+from dnnpipe.runtime.control import (MAX_LINE, MAX_PACE_MS, ControlLink, ControlSession, LineReader, check_command,
+                                     encode, integer, number, text, times)
 from dnnpipe.runtime.metrics import FrameTiming
 
 PEER = "[stage 2] controller 127.0.0.1:1"
@@ -200,26 +201,55 @@ def test_no_controller_listening_is_one_error_naming_it():
         ControlLink("[stage 2]", 2, "127.0.0.1", port, 1.0, [], lambda c: None, lambda why: None)
 
 
-def test_a_tls_control_link_read_and_written_at_once_on_both_ends_carries_every_byte(tmp_path):
-    """The control links' pattern over TLS: one end pushes megabytes while it reads lines, the other reads them
-    while another thread of its own writes lines. Through ControlSession (one TLS call at a time, none waiting
-    in the lock) every byte arrives in order both ways; small socket buffers make the writes wait for room."""
+def tls_sessions(folder) -> tuple:
+    """Both ends of a TLS control link (socket buffers of 16 KB) as ControlSessions."""
     from dnnpipe.keygen import create_certificate
     from dnnpipe.pipeline_key import tls_context
-    from dnnpipe.runtime.control import ControlSession
     from dnnpipe.runtime.handshake import tls_wrap
 
-    create_certificate(tmp_path)
+    create_certificate(folder)
     near, far = socket.socketpair()
     for sock in (near, far):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 14)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 14)
     wrapped: list = []
-    server = threading.Thread(target=lambda: wrapped.append(tls_wrap(far, tls_context(tmp_path, True), True)))
+    server = threading.Thread(target=lambda: wrapped.append(tls_wrap(far, tls_context(folder, True), True)))
     server.start()
-    controller = ControlSession(tls_wrap(near, tls_context(tmp_path, False), False))
+    near_end = ControlSession(tls_wrap(near, tls_context(folder, False), False))
     server.join(SECONDS)
-    agent = ControlSession(wrapped[0])
+    assert wrapped, "the TLS handshake did not complete"
+    return near_end, ControlSession(wrapped[0])
+
+
+def test_a_tls_control_link_closed_by_another_thread_ends_its_reader_and_writer_with_no_stray_error(tmp_path):
+    """A close from another thread while a thread waits to read (no shutdown first: nothing wakes the wait): the
+    read ends as a closed link within a second, and a write after it fails as an OSError, never as a ValueError
+    of a closed SSL socket."""
+    controller, agent = tls_sessions(tmp_path)
+    ended: list = []
+
+    def read() -> None:
+        try:
+            ended.append(controller.recv(100))
+        except OSError as e:
+            ended.append(e)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    time.sleep(0.2)  # (waiting for data by now)
+    controller.sock.close()
+    reader.join(SECONDS)
+    assert ended and (ended[0] == b"" or isinstance(ended[0], OSError)), ended
+    with pytest.raises(OSError):
+        controller.sendall(b"x" * 100)
+    agent.sock.close()
+
+
+def test_a_tls_control_link_read_and_written_at_once_on_both_ends_carries_every_byte(tmp_path):
+    """The control links' pattern over TLS: one end pushes megabytes while it reads lines, the other reads them
+    while another thread of its own writes lines. Through ControlSession (one TLS call at a time, none waiting
+    in the lock) every byte arrives in order both ways; small socket buffers make the writes wait for room."""
+    controller, agent = tls_sessions(tmp_path)
     push = bytes(range(256)) * (8 << 12)  # 8 MB
     lines = b"".join(encode({"kind": "beat", "sent": k}) for k in range(3000))
     got: dict[str, bytearray] = {"push": bytearray(), "lines": bytearray()}

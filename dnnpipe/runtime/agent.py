@@ -47,7 +47,7 @@ from .control import CONTROLLER, LOADED_SUB_MODELS, ControlSession, LineReader, 
 from .handshake import HANDSHAKE_SECONDS, HandshakeError, LinkAuth, ProbeClosed, connect_side, listen_side_for, \
     manifest_identity, tls_wrap
 from .stage import DeviceTurn, StageLoop
-from .transport import Downstream, HeldLinks, Say, Upstream, dial, listen
+from .transport import Downstream, HeldLinks, Say, Upstream, dial, listen, shut_link
 
 HEARTBEAT_SECONDS = 0.1  # a frozen device misses a few in a row: detected within a second
 MAX_VETTING = 16  # connections vetted at once; a slot is taken before accept(), so more wait in the backlog
@@ -439,10 +439,7 @@ class Agent:
         for loop in loops:
             loop.abort(f"{self.name} stopped")
         listener.close()
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        shut_link(sock)  # the socket's own shutdown: SSLSocket's would drop TLS under a thread still sending
         sock.close()
 
     # --- roles -------------------------------------------------------------------------------

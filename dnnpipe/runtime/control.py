@@ -29,6 +29,7 @@ from .transport import dial
 
 HEARTBEAT_SECONDS = 0.2
 MAX_LINE = 1 << 16
+AWAIT_MS = 1000  # the longest a control link's reader or writer waits for readiness before it looks again
 CONTROLLER = 0  # the controller's number in a control link's handshake: stage k -> 0, never a data link
 LOADED_SUB_MODELS = 16  # an agent keeps this many sub-models loaded (the running role's, the next plan's, the
 # plans for a loss'); the least recently used is dropped first, and named ("unloaded")
@@ -67,6 +68,8 @@ class ControlSession:
                     wait = select.POLLIN
                 except ssl.SSLWantWriteError:  # (TLS may have to write before it reads on)
                     wait = select.POLLOUT
+                except (ValueError, AttributeError):  # closed by another thread (a hang-up): the link's end
+                    return b""
             _await(self.sock, wait)
 
     def sendall(self, data: bytes | memoryview) -> None:
@@ -83,17 +86,20 @@ class ControlSession:
                     wait = select.POLLOUT
                 except ssl.SSLWantReadError:
                     wait = select.POLLIN
+                except (ValueError, AttributeError):  # closed by another thread (a hang-up)
+                    raise ConnectionError("the control link was closed") from None
             _await(self.sock, wait)
 
 
 def _await(sock: socket.socket, events: int) -> None:
-    """Until the socket is ready for `events`, or hung up (then the next call says so)."""
+    """Until the socket is ready for `events`, or hung up (then the next call says so); a second at most, so a
+    socket closed meanwhile (its number perhaps another's by then) is looked at again."""
     fd = sock.fileno()
     if fd < 0:  # closed meanwhile
         return
     poller = select.poll()
     poller.register(fd, events | select.POLLERR | select.POLLHUP)
-    poller.poll()
+    poller.poll(AWAIT_MS)
 
 
 class LineReader:
