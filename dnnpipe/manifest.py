@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, DnnpipeError
 from .jsonio import write_json
 
 MANIFEST_FILE = "manifest.json"
@@ -63,6 +63,14 @@ class WholeModel:
     file: str
     sha256: str
     cuts: dict[int, tuple[TensorSpec, ...]]
+
+    def boundaries(self, units: tuple[int, int]) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        """The tensors into and out of units first..last; one error naming the cut the model does not have."""
+        first, last = units
+        missing = next((j for j in (first - 1, last) if j not in self.cuts), None)
+        if missing is not None:
+            raise DnnpipeError(f"units {first}-{last}: the model has no cut after unit {missing}")
+        return self.cuts[first - 1], self.cuts[last]
 
     def to_json(self) -> dict[str, Any]:
         return {"file": self.file, "sha256": self.sha256,

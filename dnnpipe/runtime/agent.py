@@ -670,12 +670,8 @@ class Agent:
                 self._send({"kind": "error", "generation": -1, "message": f"units {units[0]}-{units[1]}: {why}"})
 
     def _spec(self, units: tuple[int, int], stage: int, digest: str) -> StageSpec:
-        first, last = units
-        if first - 1 not in self.whole.cuts or last not in self.whole.cuts:
-            raise DnnpipeError(f"units {first}-{last}: the model has no cut after unit "
-                               f"{first - 1 if first - 1 not in self.whole.cuts else last}")
-        return StageSpec(stage, self.options.device, units, f"units {first}-{last}", digest,
-                         self.whole.cuts[first - 1], self.whole.cuts[last])
+        inputs, outputs = self.whole.boundaries(units)
+        return StageSpec(stage, self.options.device, units, f"units {units[0]}-{units[1]}", digest, inputs, outputs)
 
     def _load(self, units: tuple[int, int], flatbuffer: bytes) -> list[tuple[int, int]]:
         """Load and run once; the sub-models dropped to make room (the least recently used)."""

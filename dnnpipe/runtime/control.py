@@ -44,11 +44,10 @@ class ControlSession:
     """A control link's socket, read on one thread and written on others, one call at a time under TLS.
 
     OpenSSL allows no SSL_read beside an SSL_write on one connection, and Python's ssl module releases the GIL
-    around both with no lock of its own (python/cpython#151508: a crash; a loopback test of the control links'
-    pattern broke a healthy connection). Under TLS every call runs under one lock without waiting in it (the
-    socket is non-blocking) and readiness is awaited outside it, so a writer never waits for a reader waiting
-    for data, nor a reader for a writer waiting for room. A plain socket is used as it is. Made once the
-    link's handshake is over (that runs on one thread)."""
+    around both with no lock of its own (python/cpython#151508 reports a crash). Under TLS every call runs under
+    one lock without waiting in it (the socket is non-blocking) and readiness is awaited outside it, so a writer
+    never waits for a reader waiting for data, nor a reader for a writer waiting for room. A plain socket is used
+    as it is. Made once the link's handshake is over (that runs on one thread)."""
 
     def __init__(self, sock: socket.socket):
         self.sock = sock

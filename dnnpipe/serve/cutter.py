@@ -78,13 +78,9 @@ class Cutter:
             found = self.cuts.get(units)
         if found is not None:
             return found
-        first, last = units
-        if first - 1 not in self.whole.cuts or last not in self.whole.cuts:
-            raise DnnpipeError(f"units {first}-{last}: the model has no cut after unit "
-                               f"{first - 1 if first - 1 not in self.whole.cuts else last}")
+        inputs, outputs = self.whole.boundaries(units)
         # cut outside the lock: a loss's cut on the critical path never waits for a background thread's other
         # cut; two threads cutting the same units make the same bytes
-        inputs, outputs = self.whole.cuts[first - 1], self.whole.cuts[last]
         flatbuffer = cut_submodel(self.model, [(t.tensor, t.key) for t in inputs],  # type: ignore[misc]
                                   [(t.tensor, t.key) for t in outputs], self.graph)  # type: ignore[misc]
         if not self.keep:
