@@ -16,6 +16,7 @@ import pytest
 
 from dnnpipe.errors import DnnpipeError
 from dnnpipe.manifest import read_manifest
+from dnnpipe.runtime.priority import LOWEST_PRIORITY
 from dnnpipe.serve.controller import Controller
 from dnnpipe.serve.cutter import CUT_SECONDS, Cutter, CuttingProcessFailed, CutWorker
 from serve_setup import Served, make_served
@@ -66,6 +67,14 @@ def test_the_cutting_process_makes_the_sub_model_serve_would(worker, folder):
         assert cut.cpu_s > 0
         assert worker.cut(units) == replace(cut, cpu_s=0.0)  # cut once: the file is kept until close
     assert not list(worker.out.glob("*.part"))
+
+
+def test_the_cutting_process_runs_at_the_lowest_priority(worker):
+    """Background work: on a busy host the stream's processes (serve's, the agents') take a core first."""
+    worker.cut((1, 2))
+    assert worker._process is not None
+    assert os.getpriority(os.PRIO_PROCESS, worker._process.pid) == LOWEST_PRIORITY
+    assert os.getpriority(os.PRIO_PROCESS, 0) < LOWEST_PRIORITY  # serve's own stays as it was
 
 
 def test_what_cannot_be_cut_is_said_and_the_process_goes_on(worker, folder):

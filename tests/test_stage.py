@@ -15,7 +15,8 @@ import pytest
 from dnnpipe.manifest import StageSpec, TensorSpec
 from dnnpipe.protocol import Kind, PeerError
 from dnnpipe.runtime.metrics import summarise
-from dnnpipe.runtime.stage import LOWEST_PRIORITY, DeviceTurn, StageLoop
+from dnnpipe.runtime.priority import LOWEST_PRIORITY
+from dnnpipe.runtime.stage import DeviceTurn, StageLoop
 from dnnpipe.runtime.transport import Downstream, Upstream
 
 IN = TensorSpec("x", "x", (1, 3), "float32")

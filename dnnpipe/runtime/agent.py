@@ -46,6 +46,7 @@ from .control import CONTROLLER, LOADED_SUB_MODELS, ControlSession, LineReader, 
     MIN_PACE_MS, MAX_PACE_MS
 from .handshake import HANDSHAKE_SECONDS, HandshakeError, LinkAuth, ProbeClosed, connect_side, listen_side_for, \
     manifest_identity, tls_wrap
+from .priority import in_background
 from .stage import DeviceTurn, StageLoop
 from .transport import Downstream, HeldLinks, Say, Upstream, dial, listen, shut_link
 
@@ -678,7 +679,9 @@ class Agent:
         spec = self._spec(units, 0, hashlib.sha256(flatbuffer).hexdigest())
         runner = StageRunner(flatbuffer, spec, self.options.num_threads, self.options.delegate)
         try:  # TFLite's first invoke allocates and plans its kernels: here, in the background, not on a switch's path
-            runner([np.zeros(t.shape, t.dtype) for t in spec.inputs])
+            # (building the interpreter above holds Python's lock, so it keeps this thread's priority; see priority)
+            in_background(partial(runner, [np.zeros(t.shape, t.dtype) for t in spec.inputs]),
+                          f"{self.name} first invoke")
         except (ValueError, RuntimeError) as e:
             raise DnnpipeError(f"the sub-model does not run: {e}") from None
         with self._lock:

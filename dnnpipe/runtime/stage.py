@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import gc
 import math
-import os
 import queue
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -31,13 +29,13 @@ from ..pipeline_key import stage_key, tls_context
 from ..protocol import Kind, PeerError
 from .dataio import ResultWriter, input_datasets, read_inputs
 from .metrics import FrameTiming, StageSummary, summarise, write_log
+from .priority import lower_thread
 from .control import CONTROLLER, ControlLink
 from .handshake import LinkAuth, manifest_identity
 from .argv import Value
 from .transport import Downstream, Say, Upstream, accept_upstream, connect_downstream, listen
 
 POLL_SECONDS = 0.1
-LOWEST_PRIORITY = 19  # nice value of an aborted role's frame still in its invoke
 HOLD_SECONDS = 0.005  # how long a device is kept for the older role's next frame (DeviceTurn.turn)
 
 
@@ -262,13 +260,10 @@ class StageLoop:
     def _yield_invoke(self) -> None:
         """An invoke cannot be cut short (the interpreter has no cancellation): the frame of an aborted role runs
         on at the lowest priority, so the new role's threads in this process take the CPU first. The thread ends
-        with its frame. Linux only: elsewhere a thread id given as a process id could name another process."""
+        with its frame."""
         executing = self._executing
-        if executing is not None and sys.platform.startswith("linux"):
-            try:
-                os.setpriority(os.PRIO_PROCESS, executing, LOWEST_PRIORITY)
-            except OSError:  # ended meanwhile, or not allowed: it only finishes sooner
-                pass
+        if executing is not None:
+            lower_thread(executing)
 
     def _end_inbox(self) -> None:
         self._end_queued = True

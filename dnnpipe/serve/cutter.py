@@ -4,9 +4,9 @@ what a switch waits for (Cutter), in a process of their own for everything cut i
 Why a process: cutting an EfficientNetV2B0 sub-model allocates and copies buffers of up to 24 MB, tens of ms each
 with the interpreter lock held, and more where a busy host takes the core away meanwhile. In serve's process that
 held up its stream (the inputs it sends, the results it reads): a join's background cuts stopped every result for
-0.2-0.4 s on a 2-core host (the switch itself took 60 ms). A process of its own has no lock to hold up, and the OS
-shares the cores fairly. The sub-models it cuts are files in serve's work folder, written once and streamed to the
-agents a piece at a time.
+0.2-0.4 s on a 2-core host (the switch itself took 60 ms). A process of its own has no lock to hold up, and it runs
+at the lowest CPU priority, so the stream's processes take a busy core first. The sub-models it cuts are files in
+serve's work folder, written once and streamed to the agents a piece at a time.
 
     python -m dnnpipe.serve.cutter FOLDER OUT    (started by CutWorker: units in on stdin, one JSON line each;
                                                   a JSON line out for each: the file, its size and SHA-256, or why not)
@@ -31,6 +31,7 @@ from typing import IO, Any, Optional
 
 from ..errors import DnnpipeError
 from ..manifest import MANIFEST_FILE, read_manifest
+from ..runtime.priority import lower_this_process
 
 CUT_SECONDS = 60.0  # the longest one background cut may take (EfficientNetV2B0's largest: 0.1-0.6 s here)
 STOP_SECONDS = 2.0  # how long the cutting process gets to end on its own when serve closes
@@ -239,6 +240,7 @@ def cut_to_file(cutter: Cutter, units: Units, out: Path) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     """The cutting process: units in, files out, until stdin ends. What cannot be read is said on stdout."""
+    lower_this_process()  # background work: the stream's processes take a busy core first
     folder, out = Path(argv[0]), Path(argv[1])
     try:
         cutter = Cutter(folder, keep=False)

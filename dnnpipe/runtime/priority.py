@@ -1,0 +1,54 @@
+"""Background work at the lowest CPU priority, so the stream's own threads take a busy core first.
+
+Preparing ahead (cutting a sub-model, a loaded sub-model's first invoke) must not take the cores from the frames
+that run meanwhile: on a 2-core host the cutting process and an agent's first invoke held the cores while every
+stage waited its turn. On Linux a nice value is a thread's own (a thread id given to setpriority names that
+thread) and without privilege it can only be raised: what is lowered stays lowered, so only threads whose every
+step may wait are lowered. Work that holds Python's lock (building an interpreter) is not: lowered, it would
+keep the lock while the host ran others, and the stream's threads wait for that lock.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from typing import Callable, TypeVar
+
+LOWEST_PRIORITY = 19  # the nice value of background work
+T = TypeVar("T")
+
+
+def lower_thread(thread_id: int) -> None:
+    """The thread (its native id) to the lowest priority; elsewhere than Linux a thread id given as a process id
+    could name another process, and there it stays as it is. Not allowed or ended meanwhile: it only runs sooner."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, thread_id, LOWEST_PRIORITY)
+        except OSError:
+            pass
+
+
+def lower_this_process() -> None:
+    """Called first thing in a process of background work, before it starts any thread (threads inherit it)."""
+    lower_thread(threading.get_native_id())
+
+
+def in_background(call: Callable[[], T], name: str) -> T:
+    """call()'s value, computed on a thread of its own at the lowest priority (the caller's keeps its own)."""
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def body() -> None:
+        lower_thread(threading.get_native_id())
+        try:
+            outcome.append(call())
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            failure.append(e)
+
+    thread = threading.Thread(target=body, name=name, daemon=True)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]
