@@ -134,6 +134,17 @@ class StageRunner:
         results = self.runner(**{spec.key: array for spec, array in zip(self.stage.inputs, arrays)})
         return [results[spec.key] for spec in self.stage.outputs]
 
+    def prepare(self, arrays) -> Callable[[], object]:
+        """The inputs set now; the call that runs the invoke alone, the one step that releases Python's lock (so
+        it may run at another priority than the steps that hold it). A backend without these internals: the whole
+        run, later."""
+        wrapper, subgraph = self._wrapper, self._subgraph
+        if wrapper is None:
+            return partial(self, arrays)
+        for index, array in zip(self._input_indices, arrays):
+            wrapper.SetTensor(index, array, subgraph)
+        return partial(wrapper.Invoke, subgraph)
+
     def into(self, arrays, results) -> None:
         """Run on `arrays` and copy the outputs into `results` (manifest order): what __call__ does without its
         per-call resize and allocation checks and its freshly allocated output arrays (one copy out of the
@@ -145,8 +156,6 @@ class StageRunner:
             for result, output in zip(results, self(arrays)):
                 np.copyto(result, output)
             return
-        for index, array in zip(self._input_indices, arrays):
-            wrapper.SetTensor(index, array, subgraph)
-        wrapper.Invoke(subgraph)
+        self.prepare(arrays)()
         for index, result in zip(self._output_indices, results):
             np.copyto(result, wrapper.tensor(wrapper, index, subgraph))  # a view, dropped before the next call

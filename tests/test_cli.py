@@ -10,7 +10,7 @@ from dnnpipe.cli import SUBCOMMANDS
 from helpers import ROOT
 from test_closure import NOT_ON_A_BOARD
 
-DEVICE_MODULES = 25  # runtime_engine.py loads 19
+DEVICE_MODULES = 25  # `stage` and `agent` load 22, runtime_engine.py 21
 
 
 def loaded_by(*argv: str) -> list[str]:

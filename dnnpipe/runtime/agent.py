@@ -678,10 +678,8 @@ class Agent:
         """Load and run once; the sub-models dropped to make room (the least recently used)."""
         spec = self._spec(units, 0, hashlib.sha256(flatbuffer).hexdigest())
         runner = StageRunner(flatbuffer, spec, self.options.num_threads, self.options.delegate)
-        try:  # TFLite's first invoke allocates and plans its kernels: here, in the background, not on a switch's path
-            # (building the interpreter above holds Python's lock, so it keeps this thread's priority; see priority)
-            in_background(partial(runner, [np.zeros(t.shape, t.dtype) for t in spec.inputs]),
-                          f"{self.name} first invoke")
+        try:
+            self._first_invoke(runner, spec)
         except (ValueError, RuntimeError) as e:
             raise DnnpipeError(f"the sub-model does not run: {e}") from None
         with self._lock:
@@ -691,6 +689,18 @@ class Agent:
             while len(self._prepared) > LOADED_SUB_MODELS:
                 dropped.append(self._prepared.popitem(last=False)[0])
         return dropped
+
+    def _first_invoke(self, runner: StageRunner, spec: StageSpec) -> None:
+        """TFLite's first invoke plans its kernels: here, in the background, not on a switch's path. Building the
+        interpreter and setting its inputs hold Python's lock, so they keep this thread's priority; the invoke
+        alone runs at the lowest (runtime.priority). Not with a delegate or a thread pool: threads they start in
+        it would keep the lowest priority for every frame after."""
+        invoke = runner.prepare([np.zeros(t.shape, t.dtype) for t in spec.inputs])
+        o = self.options
+        if o.delegate or (o.num_threads or 1) > 1:
+            invoke()
+        else:
+            in_background(invoke, f"{self.name} first invoke")
 
     def _runner(self, units: tuple[int, int], stage: int) -> tuple[StageSpec, StageRunner]:
         """The loaded sub-model for these units; a role may arrive just before its model finished loading."""

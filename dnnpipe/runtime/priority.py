@@ -30,8 +30,14 @@ def lower_thread(thread_id: int) -> None:
 
 
 def lower_this_process() -> None:
-    """Called first thing in a process of background work, before it starts any thread (threads inherit it)."""
-    lower_thread(threading.get_native_id())
+    """A process of background work, lowered first thing in its main(): on Linux this lowers the calling thread,
+    and the threads it starts after inherit it (threads an import started, idle, keep theirs); elsewhere the whole
+    process."""
+    if hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, LOWEST_PRIORITY)
+        except OSError:
+            pass
 
 
 def in_background(call: Callable[[], T], name: str) -> T:
@@ -47,7 +53,10 @@ def in_background(call: Callable[[], T], name: str) -> T:
             failure.append(e)
 
     thread = threading.Thread(target=body, name=name, daemon=True)
-    thread.start()
+    try:
+        thread.start()
+    except RuntimeError:  # no thread to be had (a board's limit): the work is done all the same, at this priority
+        return call()
     thread.join()
     if failure:
         raise failure[0]
