@@ -80,11 +80,16 @@ def start(namespace: str, config: Path, log: Path, join: Callable[[], None]) -> 
 
 
 def wait_until_listening(address: str, log: Path, seconds: float = START_SECONDS) -> None:
+    """Until sshd greets a connection (its banner), not only until the kernel accepts one: a connection the kernel
+    took sshd may fork for later, after the board was reported up (a check of what runs on it then saw sshd's
+    child for that probe)."""
     deadline = time.monotonic() + seconds
     while True:
         try:
-            socket.create_connection((address, 22), timeout=1).close()
-            return
+            with socket.create_connection((address, 22), timeout=1) as probe:
+                if probe.recv(4, socket.MSG_WAITALL) == b"SSH-":
+                    return
+                raise OSError("no SSH banner")
         except OSError as e:
             if time.monotonic() > deadline:
                 raise DnnpipeError(f"testbed: sshd on {address} does not accept connections ({e}); "
