@@ -138,12 +138,14 @@ class StageRunner:
         """The inputs set now; the call that runs the invoke alone, the one step that releases Python's lock (so
         it may run at another priority than the steps that hold it). A backend without these internals: the whole
         run, later."""
-        wrapper, subgraph = self._wrapper, self._subgraph
-        if wrapper is None:
+        if self._wrapper is None:
             return partial(self, arrays)
+        self._set_inputs(arrays)
+        return partial(self._wrapper.Invoke, self._subgraph)
+
+    def _set_inputs(self, arrays) -> None:
         for index, array in zip(self._input_indices, arrays):
-            wrapper.SetTensor(index, array, subgraph)
-        return partial(wrapper.Invoke, subgraph)
+            self._wrapper.SetTensor(index, array, self._subgraph)
 
     def into(self, arrays, results) -> None:
         """Run on `arrays` and copy the outputs into `results` (manifest order): what __call__ does without its
@@ -156,6 +158,7 @@ class StageRunner:
             for result, output in zip(results, self(arrays)):
                 np.copyto(result, output)
             return
-        self.prepare(arrays)()
+        self._set_inputs(arrays)
+        wrapper.Invoke(subgraph)
         for index, result in zip(self._output_indices, results):
             np.copyto(result, wrapper.tensor(wrapper, index, subgraph))  # a view, dropped before the next call

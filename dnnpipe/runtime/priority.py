@@ -21,12 +21,9 @@ T = TypeVar("T")
 
 def lower_thread(thread_id: int) -> None:
     """The thread (its native id) to the lowest priority; elsewhere than Linux a thread id given as a process id
-    could name another process, and there it stays as it is. Not allowed or ended meanwhile: it only runs sooner."""
+    could name another process, and there it stays as it is."""
     if sys.platform.startswith("linux"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, thread_id, LOWEST_PRIORITY)
-        except OSError:
-            pass
+        _lowest(thread_id)
 
 
 def lower_this_process() -> None:
@@ -34,10 +31,15 @@ def lower_this_process() -> None:
     and the threads it starts after inherit it (threads an import started, idle, keep theirs); elsewhere the whole
     process."""
     if hasattr(os, "setpriority"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, 0, LOWEST_PRIORITY)
-        except OSError:
-            pass
+        _lowest(0)
+
+
+def _lowest(who: int) -> None:
+    """Not allowed, or ended meanwhile: it only runs sooner."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, who, LOWEST_PRIORITY)
+    except OSError:
+        pass
 
 
 def in_background(call: Callable[[], T], name: str) -> T:
