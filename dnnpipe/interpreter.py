@@ -134,15 +134,6 @@ class StageRunner:
         results = self.runner(**{spec.key: array for spec, array in zip(self.stage.inputs, arrays)})
         return [results[spec.key] for spec in self.stage.outputs]
 
-    def prepare(self, arrays) -> Callable[[], object]:
-        """The inputs set now; the call that runs the invoke alone, the one step that releases Python's lock (so
-        it may run at another priority than the steps that hold it). A backend without these internals: the whole
-        run, later."""
-        if self._wrapper is None:
-            return partial(self, arrays)
-        self._set_inputs(arrays)
-        return partial(self._wrapper.Invoke, self._subgraph)
-
     def _set_inputs(self, arrays) -> None:
         for index, array in zip(self._input_indices, arrays):
             self._wrapper.SetTensor(index, array, self._subgraph)

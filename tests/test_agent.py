@@ -446,6 +446,19 @@ def test_each_overlapping_role_keeps_its_own_pace(served, tmp_path):
             agent._command({"kind": "pace", "ms": 3.0, **bad}, PEER, None)
 
 
+def test_loading_a_sub_model_lowers_no_thread(served, monkeypatch):
+    """A loaded sub-model's first invoke runs at the loading thread's own priority. At nice 19 it took Python's lock
+    back when its invoke returned, and a thread preempted there holds every thread of the agent, the running
+    role's included (runtime.priority)."""
+    folder = served.parts / served.name
+    agent = Agent(AgentOptions(1, folder, "127.0.0.1", 1, 1))
+    changed: list[tuple] = []
+    monkeypatch.setattr(os, "setpriority", lambda *args: changed.append(args))
+    units = (1, read_manifest(folder).units)
+    assert agent._load(units, Cutter(folder).cut(units)) == []
+    assert units in agent._prepared and changed == []
+
+
 def test_a_loss_plans_input_link_is_dialled_ahead_and_the_others_hung_up(served, tmp_path):
     """The controller dials the next generation's input link to each possible first device before any loss; the
     aborting switch takes the one of its plan (proven for that generation, so the agent runs on it) and hangs up

@@ -15,7 +15,6 @@ import pytest
 from dnnpipe.manifest import StageSpec, TensorSpec
 from dnnpipe.protocol import Kind, PeerError
 from dnnpipe.runtime.metrics import summarise
-from dnnpipe.runtime.priority import LOWEST_PRIORITY
 from dnnpipe.runtime.stage import DeviceTurn, StageLoop
 from dnnpipe.runtime.transport import Downstream, Upstream
 
@@ -290,9 +289,10 @@ def test_a_role_cut_while_it_paces_gives_the_device_back_at_once(relay):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread priorities by thread id are Linux's")
-def test_a_role_cut_in_its_invoke_gives_the_device_back_and_finishes_at_the_lowest_priority(relay):
-    """An invoke cannot be cut short: the aborted role's frame yields the device and the CPU to the role that
-    replaces it."""
+def test_a_role_cut_in_its_invoke_gives_the_device_back_and_finishes_at_its_own_priority(relay):
+    """An invoke cannot be cut short: the aborted role's frame yields the device to the role that replaces it at
+    once. It keeps its thread's priority: lowered, it would take Python's lock back at nice 19 when its invoke
+    returned and could stall the new role's threads in the same process (runtime.priority)."""
     loop, links, thread = relay
     inside, release, finished = threading.Event(), threading.Event(), threading.Event()
     priorities: list[int] = []
@@ -324,8 +324,7 @@ def test_a_role_cut_in_its_invoke_gives_the_device_back_and_finishes_at_the_lowe
         new_thread.join(SECONDS)
         new_links.close()
     thread.join(SECONDS)
-    assert not thread.is_alive() and priorities == [LOWEST_PRIORITY] and before < LOWEST_PRIORITY
-    assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the process and its other threads keep theirs
+    assert not thread.is_alive() and priorities == [before]
 
 
 def test_a_device_given_back_stays_the_next_frames_whatever_the_cut_frame_does_after():

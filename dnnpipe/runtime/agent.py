@@ -46,7 +46,7 @@ from .control import CONTROLLER, LOADED_SUB_MODELS, ControlSession, LineReader, 
     MIN_PACE_MS, MAX_PACE_MS
 from .handshake import HANDSHAKE_SECONDS, HandshakeError, LinkAuth, ProbeClosed, connect_side, listen_side_for, \
     manifest_identity, tls_wrap
-from .priority import in_background
+from .heap import fault_in
 from .stage import DeviceTurn, StageLoop
 from .transport import Downstream, HeldLinks, Say, Upstream, dial, listen, shut_link
 
@@ -55,6 +55,7 @@ MAX_VETTING = 16  # connections vetted at once; a slot is taken before accept(),
 MAX_GENERATION = 0xFFFF  # generations travel in the handshake's u16 receiver field
 INSECURE_HELLO = struct.Struct("!4sHH")  # without a key: "DNNA" | sender device | generation (no proof)
 MAX_MODEL_BYTES = 1 << 30  # a pushed sub-model
+TENSOR_ROOM = 8 << 20  # a build's memory beyond its weights, faulted in ahead (EfficientNetV2B0's first units: 5 MiB)
 SESSION_WAIT = 2.0  # a link that arrives before the control link said the session waits this long
 CONTROLLER_WAIT = 5.0  # the controller listens before it starts an agent: if it does not answer, it is gone
 PORT_WAIT = 5.0  # how long a busy runtime_port may take to come free (an old agent on its way out)
@@ -675,8 +676,10 @@ class Agent:
         return StageSpec(stage, self.options.device, units, f"units {units[0]}-{units[1]}", digest, inputs, outputs)
 
     def _load(self, units: tuple[int, int], flatbuffer: bytes) -> list[tuple[int, int]]:
-        """Load and run once; the sub-models dropped to make room (the least recently used)."""
+        """Load and run once; the sub-models dropped to make room (the least recently used). The build holds
+        Python's lock, so the pages it will write are faulted in first, without it (runtime.heap)."""
         spec = self._spec(units, 0, hashlib.sha256(flatbuffer).hexdigest())
+        fault_in(len(flatbuffer) + TENSOR_ROOM)
         runner = StageRunner(flatbuffer, spec, self.options.num_threads, self.options.delegate)
         try:
             self._first_invoke(runner, spec)
@@ -691,16 +694,10 @@ class Agent:
         return dropped
 
     def _first_invoke(self, runner: StageRunner, spec: StageSpec) -> None:
-        """TFLite's first invoke plans its kernels: here, in the background, not on a switch's path. Building the
-        interpreter and setting its inputs hold Python's lock, so they keep this thread's priority; the invoke
-        alone runs at the lowest (runtime.priority). Not with a delegate or a thread pool: threads they start in
-        it would keep the lowest priority for every frame after."""
-        invoke = runner.prepare([np.zeros(t.shape, t.dtype) for t in spec.inputs])
-        o = self.options
-        if o.delegate or (o.num_threads or 1) > 1:
-            invoke()
-        else:
-            in_background(invoke, f"{self.name} first invoke")
+        """TFLite's first invoke plans its kernels: here, in the background, not on a switch's path. At this
+        thread's own priority: lowered, it would hold Python's lock at a low priority once its invoke returned,
+        and the running role's threads wait for that lock (runtime.priority)."""
+        runner([np.zeros(t.shape, t.dtype) for t in spec.inputs])
 
     def _runner(self, units: tuple[int, int], stage: int) -> tuple[StageSpec, StageRunner]:
         """The loaded sub-model for these units; a role may arrive just before its model finished loading."""

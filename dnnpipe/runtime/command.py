@@ -14,6 +14,7 @@ from ..console import positive_float, positive_int, script_main
 from .dataio import INPUTS_HELP, RESULTS_HELP
 from ..errors import DnnpipeError, printable
 from .agent import Agent, AgentOptions
+from .heap import keep_freed_memory
 from .stage import RunOptions, Stage, StageOptions
 
 
@@ -139,6 +140,7 @@ def agent_command(args: argparse.Namespace) -> int:
                            bind_addr=args.bind_addr, connect_timeout=args.connect_timeout, timeout=args.timeout,
                            queue_size=args.queue_size, num_threads=args.num_threads, delegate=args.delegate,
                            key_file=args.key_file, insecure=args.insecure, tls=args.tls)
+    keep_freed_memory()  # it loads sub-models while it runs a role (runtime.heap)
     Agent(options, say=lambda text: print(text, flush=True)).run()
     print(f"[agent {args.device}] stopped by the controller", flush=True)
     return 0

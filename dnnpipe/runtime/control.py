@@ -20,13 +20,15 @@ import select
 import socket
 import ssl
 import threading
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from ..errors import DnnpipeError
 from .handshake import LinkAuth, connect_side
+from .heap import fault_in
 from .metrics import FrameTiming
 from .transport import dial
 
+T = TypeVar("T")
 HEARTBEAT_SECONDS = 0.2
 MAX_LINE = 1 << 16
 AWAIT_MS = 1000  # the longest a control link's reader or writer waits for readiness before it looks again
@@ -57,18 +59,24 @@ class ControlSession:
             sock.setblocking(False)
 
     def recv(self, size: int) -> bytes:
+        return self._read(lambda: self.sock.recv(size), b"")
+
+    def recv_into(self, view: memoryview, size: int) -> int:
+        return self._read(lambda: self.sock.recv_into(view, size), 0)
+
+    def _read(self, read: Callable[[], T], end: T) -> T:
         if not self.tls:
-            return self.sock.recv(size)
+            return read()
         while True:
             with self._lock:
                 try:
-                    return self.sock.recv(size)
+                    return read()
                 except ssl.SSLWantReadError:
                     wait = select.POLLIN
                 except ssl.SSLWantWriteError:  # (TLS may have to write before it reads on)
                     wait = select.POLLOUT
                 except (ValueError, AttributeError):  # closed by another thread (a hang-up): the link's end
-                    return b""
+                    return end
             _await(self.sock, wait)
 
     def sendall(self, data: bytes | memoryview) -> None:
@@ -119,14 +127,20 @@ class LineReader:
         return parse_line(line, self.peer)
 
     def read_exact(self, size: int) -> bytes:
-        """`size` raw bytes that follow a line (a sub-model pushed after its "model" line)."""
-        data = bytearray(self.buffer[:size])
-        self.buffer = self.buffer[size:]
-        while len(data) < size:
-            chunk = self.sock.recv(min(1 << 20, size - len(data)))
-            if not chunk:
-                raise DnnpipeError(f"{self.peer}: closed after {len(data)} of {size} pushed bytes")
-            data += chunk
+        """`size` raw bytes that follow a line (a sub-model pushed after its "model" line). They are received
+        straight into their buffer, and the copy into bytes (what the interpreter takes), which holds Python's
+        lock, goes to pages faulted in without it (runtime.heap)."""
+        data = bytearray(size)
+        got = min(size, len(self.buffer))  # what came with the line
+        data[:got] = self.buffer[:got]
+        self.buffer = self.buffer[got:]
+        with memoryview(data) as view:
+            while got < size:
+                count = self.sock.recv_into(view[got:], min(1 << 20, size - got))
+                if not count:
+                    raise DnnpipeError(f"{self.peer}: closed after {got} of {size} pushed bytes")
+                got += count
+        fault_in(size)
         return bytes(data)
 
 

@@ -29,7 +29,6 @@ from ..pipeline_key import stage_key, tls_context
 from ..protocol import Kind, PeerError
 from .dataio import ResultWriter, input_datasets, read_inputs
 from .metrics import FrameTiming, StageSummary, summarise, write_log
-from .priority import lower_thread
 from .control import CONTROLLER, ControlLink
 from .handshake import LinkAuth, manifest_identity
 from .argv import Value
@@ -116,7 +115,7 @@ class DeviceTurn:
 
     def give_back(self, holder: object) -> None:
         """The device free now, though the frame that had it is still in its invoke (a role cut after a loss: the
-        interpreter cannot cancel one, so the frame finishes beside the next one, at the lowest priority)."""
+        interpreter cannot cancel one, so the frame finishes beside the next one)."""
         with self._changed:
             if self._holder is holder:
                 self._holder = None
@@ -197,7 +196,6 @@ class StageLoop:
         self.continue_as: Callable[[], Optional[int]] = lambda: None
         self.continued_as: Optional[int] = None
         self.cpu_seconds = 0.0  # the process's CPU time while run() ran (every thread: CPU per frame)
-        self._executing: Optional[int] = None  # the native id of the thread in an invoke, while it is in one
         self._turn: Optional[object] = None  # this role's hold of the device (DeviceTurn.give_back checks it still is)
 
     def _pool(self, specs) -> queue.SimpleQueue:
@@ -248,7 +246,6 @@ class StageLoop:
         """Stop now, both links cut (an agent's role replaced after a device loss: nothing more is sent); the
         threads waiting on a queue are woken at once rather than at their next poll."""
         self.fail(message)
-        self._yield_invoke()
         turn = self._turn
         if turn is not None:
             self.device.give_back(turn)
@@ -256,14 +253,6 @@ class StageLoop:
             box.put_nowait(END)
         if self.downstream is not None:
             self.downstream.shutdown()
-
-    def _yield_invoke(self) -> None:
-        """An invoke cannot be cut short (the interpreter has no cancellation): the frame of an aborted role runs
-        on at the lowest priority, so the new role's threads in this process take the CPU first. The thread ends
-        with its frame."""
-        executing = self._executing
-        if executing is not None:
-            lower_thread(executing)
 
     def _end_inbox(self) -> None:
         self._end_queued = True
@@ -352,15 +341,11 @@ class StageLoop:
                 timing.infer_start = time.time()
                 began, began_cpu = time.perf_counter(), time.thread_time()
                 into = getattr(self.runner, "into", None)  # a StageRunner copies straight into the result buffers
-                self._executing = threading.get_native_id()
-                try:
-                    if into is not None:
-                        into(item.buffers, results)
-                    else:
-                        for result, output in zip(results, self.runner(item.buffers)):
-                            np.copyto(result, output)  # the interpreter reuses its output memory on the next call
-                finally:
-                    self._executing = None
+                if into is not None:
+                    into(item.buffers, results)
+                else:
+                    for result, output in zip(results, self.runner(item.buffers)):
+                        np.copyto(result, output)  # the interpreter reuses its output memory on the next call
                 inference = time.perf_counter() - began
                 pace = self.pace_ms / 1000 if self.pace_ms else 0.0  # a controller may change it
                 if self.stop.is_set() or not self.device.pace(self._turn, start + pace):

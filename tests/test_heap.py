@@ -1,0 +1,45 @@
+"""runtime/heap.py: pages faulted in ahead serve the allocations that follow, in a process that keeps what it frees.
+
+Each case runs in a child process: keep_freed_memory changes the C library's allocator for the whole process."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+
+CHILD = """
+import json, resource, sys
+import numpy as np
+from dnnpipe.runtime.heap import PAGE, fault_in, keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+size = 16 << 20
+pushed = bytearray(size)
+np.frombuffer(pushed, np.uint8)[::PAGE] = 1  # as a pushed sub-model is received into it
+fault_in(size)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+copy = bytes(pushed)  # what an agent then does, holding Python's lock
+after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+print(json.dumps({"kept": kept, "faults": after - before, "pages": size // PAGE}))
+"""
+
+
+def faults(mode: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(done.stdout)
+
+
+def test_after_keep_freed_memory_an_allocation_reuses_pages_faulted_in_ahead():
+    kept = faults("keep")
+    assert kept["kept"] is True
+    assert kept["faults"] < kept["pages"] // 10  # the copies land on pages already there
+
+
+def test_by_default_freed_pages_go_back_and_the_same_allocation_faults_them_in_again():
+    default = faults("default")
+    assert default["faults"] > default["pages"] // 2  # the copy's pages are fresh ones
