@@ -86,8 +86,13 @@ def one_round(arrangement: str, seconds: float) -> Round:
             counted: multiprocessing.Queue[int] = multiprocessing.Queue()
             process = multiprocessing.Process(target=background_process, args=(seconds, counted))
             process.start()
-            steps.append(counted.get(timeout=seconds + 30))
-            process.join(30)
+            try:
+                steps.append(counted.get(timeout=seconds + 30))
+            finally:
+                process.join(30)
+                if process.is_alive():
+                    process.kill()
+                    process.join()
     finally:
         stop.set()
         ticking.join()

@@ -246,9 +246,10 @@ def test_a_tls_control_link_closed_by_another_thread_ends_its_reader_and_writer_
 
 
 def test_a_tls_control_link_read_and_written_at_once_on_both_ends_carries_every_byte(tmp_path):
-    """The control links' pattern over TLS: one end pushes megabytes while it reads lines, the other reads them
-    while another thread of its own writes lines. Through ControlSession (one TLS call at a time, none waiting
-    in the lock) every byte arrives in order both ways; small socket buffers make the writes wait for room."""
+    """The control links' pattern over TLS: one end pushes megabytes (a sub-model after its line) while it reads
+    lines, the other reads them while another thread of its own writes lines. Through ControlSession (one TLS
+    call at a time, none waiting in the lock) every byte arrives in order both ways; small socket buffers make the
+    writes wait for room."""
     controller, agent = tls_sessions(tmp_path)
     push = bytes(range(256)) * (8 << 12)  # 8 MB
     lines = b"".join(encode({"kind": "beat", "sent": k}) for k in range(3000))
@@ -265,11 +266,17 @@ def test_a_tls_control_link_read_and_written_at_once_on_both_ends_carries_every_
         for k in range(0, len(lines), 600):
             agent.sendall(lines[k:k + 600])
 
-    threads = [threading.Thread(target=read, args=(agent, got["push"], len(push)), daemon=True),
+    def pushed() -> None:  # as an agent takes a sub-model: its line, then the bytes (recv_into through TLS)
+        reader = LineReader(agent, PEER)
+        if reader.read() == {"kind": "model", "size": len(push)}:
+            got["push"] += reader.read_exact(len(push))
+
+    threads = [threading.Thread(target=pushed, daemon=True),
                threading.Thread(target=read, args=(controller, got["lines"], len(lines)), daemon=True),
                threading.Thread(target=beats, daemon=True)]
     for thread in threads:
         thread.start()
+    controller.sendall(encode({"kind": "model", "size": len(push)}))
     for k in range(0, len(push), 1 << 20):
         controller.sendall(memoryview(push)[k:k + (1 << 20)])
     for thread in threads:

@@ -22,6 +22,8 @@ import ssl
 import threading
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
+import numpy as np
+
 from ..errors import DnnpipeError
 from .handshake import LinkAuth, connect_side
 from .heap import fault_in
@@ -128,20 +130,21 @@ class LineReader:
 
     def read_exact(self, size: int) -> bytes:
         """`size` raw bytes that follow a line (a sub-model pushed after its "model" line). They are received
-        straight into their buffer, and the copy into bytes (what the interpreter takes), which holds Python's
-        lock, goes to pages faulted in without it (runtime.heap)."""
-        data = bytearray(size)
+        straight into a buffer whose pages the kernel's writes fault in, without Python's lock (NumPy's empty
+        array is not zeroed; bytearray(size) would zero it holding the lock), and the copy into bytes (what the
+        interpreter takes), which holds the lock, goes to pages faulted in ahead (runtime.heap)."""
+        data = np.empty(size, np.uint8)
         got = min(size, len(self.buffer))  # what came with the line
-        data[:got] = self.buffer[:got]
-        self.buffer = self.buffer[got:]
-        with memoryview(data) as view:
+        with data.data as view:
+            view[:got] = self.buffer[:got]
+            self.buffer = self.buffer[got:]
             while got < size:
                 count = self.sock.recv_into(view[got:], min(1 << 20, size - got))
                 if not count:
                     raise DnnpipeError(f"{self.peer}: closed after {got} of {size} pushed bytes")
                 got += count
         fault_in(size)
-        return bytes(data)
+        return data.tobytes()
 
 
 def _no_constant(name: str) -> Any:
