@@ -134,10 +134,6 @@ class StageRunner:
         results = self.runner(**{spec.key: array for spec, array in zip(self.stage.inputs, arrays)})
         return [results[spec.key] for spec in self.stage.outputs]
 
-    def _set_inputs(self, arrays) -> None:
-        for index, array in zip(self._input_indices, arrays):
-            self._wrapper.SetTensor(index, array, self._subgraph)
-
     def into(self, arrays, results) -> None:
         """Run on `arrays` and copy the outputs into `results` (manifest order): what __call__ does without its
         per-call resize and allocation checks and its freshly allocated output arrays (one copy out of the
@@ -149,7 +145,8 @@ class StageRunner:
             for result, output in zip(results, self(arrays)):
                 np.copyto(result, output)
             return
-        self._set_inputs(arrays)
+        for index, array in zip(self._input_indices, arrays):
+            wrapper.SetTensor(index, array, subgraph)
         wrapper.Invoke(subgraph)
         for index, result in zip(self._output_indices, results):
             np.copyto(result, wrapper.tensor(wrapper, index, subgraph))  # a view, dropped before the next call

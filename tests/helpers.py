@@ -19,6 +19,12 @@ def run_script(script: str, *args: str, timeout: float = 300, **kwargs) -> subpr
                           env={**env, **kwargs.pop("env", {})}, **kwargs)
 
 
+def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -c code args` in a process of its own, from the repository; output captured as text."""
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout)
+
+
 def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
     """A user error: non-zero exit, one line on stderr naming what was wrong, no traceback."""
     assert result.returncode != 0, result.stdout

@@ -1,13 +1,11 @@
 """`python -m dnnpipe`: every command registered by module name and loaded only when chosen."""
 
-import subprocess
-import sys
 
 import pytest
 
 from dnnpipe.__main__ import build_parser
 from dnnpipe.cli import SUBCOMMANDS
-from helpers import ROOT
+from helpers import run_python
 from test_closure import NOT_ON_A_BOARD
 
 DEVICE_MODULES = 25  # `stage` and `agent` load 22, runtime_engine.py 21
@@ -19,7 +17,7 @@ def loaded_by(*argv: str) -> list[str]:
             f"sys.argv = ['dnnpipe', *{list(argv)!r}]\n"
             "try:\n    runpy.run_module('dnnpipe', run_name='__main__', alter_sys=True)\nexcept SystemExit:\n    pass\n"
             "print(' '.join(sorted(m for m in sys.modules if m.startswith(('dnnpipe', 'tensorflow', 'keras')))))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    result = run_python(code)
     assert result.returncode == 0, result.stderr
     return result.stdout.split("\n")[-2].split()
 

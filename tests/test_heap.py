@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import json
 import platform
-import subprocess
-import sys
 
 import pytest
 
-from helpers import ROOT
+from helpers import run_python
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 
@@ -32,8 +30,8 @@ print(json.dumps({"kept": kept, "faults": after - before, "pages": size // PAGE}
 
 
 def faults(mode: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, timeout=60, check=True,
-                          cwd=ROOT)
+    done = run_python(CHILD, mode)
+    assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 
 from dnnpipe.runtime.priority import LOWEST_PRIORITY
-from helpers import ROOT
+from helpers import run_python
 
 pytestmark = [
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's"),
@@ -31,7 +30,7 @@ print(os.getpriority(os.PRIO_PROCESS, 0), seen[0])
 
 def test_a_background_process_is_lowered_with_the_threads_it_starts_and_its_parent_keeps_its_priority():
     before = os.getpriority(os.PRIO_PROCESS, 0)
-    done = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=60, check=True,
-                          cwd=ROOT)
+    done = run_python(CHILD)
+    assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(LOWEST_PRIORITY)] * 2
     assert os.getpriority(os.PRIO_PROCESS, 0) == before

@@ -681,8 +681,9 @@ class Agent:
         spec = self._spec(units, 0, hashlib.sha256(flatbuffer).hexdigest())
         fault_in(len(flatbuffer) + TENSOR_ROOM)
         runner = StageRunner(flatbuffer, spec, self.options.num_threads, self.options.delegate)
-        try:
-            self._first_invoke(runner, spec)
+        try:  # TFLite's first invoke plans its kernels: here, in the background, not on a switch's path. At this
+            # thread's own priority: lowered, it would take Python's lock back at nice 19 (runtime.priority)
+            runner([np.zeros(t.shape, t.dtype) for t in spec.inputs])
         except (ValueError, RuntimeError) as e:
             raise DnnpipeError(f"the sub-model does not run: {e}") from None
         with self._lock:
@@ -692,12 +693,6 @@ class Agent:
             while len(self._prepared) > LOADED_SUB_MODELS:
                 dropped.append(self._prepared.popitem(last=False)[0])
         return dropped
-
-    def _first_invoke(self, runner: StageRunner, spec: StageSpec) -> None:
-        """TFLite's first invoke plans its kernels: here, in the background, not on a switch's path. At this
-        thread's own priority: lowered, it would hold Python's lock at a low priority once its invoke returned,
-        and the running role's threads wait for that lock (runtime.priority)."""
-        runner([np.zeros(t.shape, t.dtype) for t in spec.inputs])
 
     def _runner(self, units: tuple[int, int], stage: int) -> tuple[StageSpec, StageRunner]:
         """The loaded sub-model for these units; a role may arrive just before its model finished loading."""

@@ -23,7 +23,7 @@ PAGE = mmap.PAGESIZE
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 # glibc's most for M_MMAP_THRESHOLD (larger blocks always get a mapping of their own): 32 MiB on 64 bits
-LARGEST_FROM_HEAP = (4 << 20) * ctypes.sizeof(ctypes.c_long) if ctypes.sizeof(ctypes.c_long) == 8 else 512 << 10
+LARGEST_FROM_HEAP = 32 << 20 if ctypes.sizeof(ctypes.c_long) == 8 else 512 << 10
 NEVER_TRIM = 2**31 - 1
 _kept = [False]  # whether this process keeps freed memory (keep_freed_memory took effect)
 
