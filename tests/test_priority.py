@@ -1,4 +1,5 @@
-"""runtime/priority.py: a process of background work lowers itself, and only itself."""
+"""runtime/priority.py: a process of background work lowers itself, and only itself; a process that runs the
+stream is batch work, with every thread it starts."""
 
 from __future__ import annotations
 
@@ -10,11 +11,8 @@ import pytest
 from dnnpipe.runtime.priority import LOWEST_PRIORITY
 from helpers import run_python
 
-pytestmark = [
-    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's"),
-    pytest.mark.skipif(sys.platform.startswith("linux") and os.getpriority(os.PRIO_PROCESS, 0) >= LOWEST_PRIORITY,
-                       reason="the tests run at the lowest priority already: nothing could be seen lowered"),
-]
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="per-thread nice values and scheduling policies are Linux's")
 
 CHILD = """
 import os, threading
@@ -28,9 +26,34 @@ print(os.getpriority(os.PRIO_PROCESS, 0), seen[0])
 """
 
 
+@pytest.mark.skipif(sys.platform.startswith("linux") and os.getpriority(os.PRIO_PROCESS, 0) >= LOWEST_PRIORITY,
+                    reason="the tests run at the lowest priority already: nothing could be seen lowered")
 def test_a_background_process_is_lowered_with_the_threads_it_starts_and_its_parent_keeps_its_priority():
     before = os.getpriority(os.PRIO_PROCESS, 0)
     done = run_python(CHILD)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(LOWEST_PRIORITY)] * 2
     assert os.getpriority(os.PRIO_PROCESS, 0) == before
+
+
+BATCH_CHILD = """
+import os, threading
+from dnnpipe.runtime.priority import run_as_batch_work
+before = os.sched_getscheduler(0)
+run_as_batch_work()
+seen = []
+started = threading.Thread(target=lambda: seen.append(os.sched_getscheduler(threading.get_native_id())))
+started.start()
+started.join()
+print(before, os.sched_getscheduler(0), seen[0], os.getpriority(os.PRIO_PROCESS, 0))
+"""
+
+
+@pytest.mark.skipif(sys.platform.startswith("linux") and os.sched_getscheduler(0) != os.SCHED_OTHER,
+                    reason="the tests run under another scheduling policy: the change could not be seen")
+def test_a_process_that_runs_the_stream_is_batch_work_with_the_threads_it_starts_and_keeps_its_nice_value():
+    done = run_python(BATCH_CHILD)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(os.SCHED_OTHER), *[str(os.SCHED_BATCH)] * 2,
+                                   str(os.getpriority(os.PRIO_PROCESS, 0))]
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -264,6 +265,30 @@ def test_ctrl_c_while_a_device_times_stops_its_timer(converted, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         profile_device(device, uploads(model), converted.graph.U, options, lambda line: None)
     assert running_in((tmp_path / "d1").resolve()) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="scheduling policies are Linux's")
+def test_the_timer_times_as_batch_work_as_a_stage_runs(converted, tmp_path):
+    """runtime.priority: a stage and an agent run as batch work, so the frame costs are measured as they pay them."""
+    model = tmp_path / "model.tflite"
+    model.write_bytes(converted.flatbuffer)
+    device = Device(1, "local", remote_dir=str(tmp_path / "d1"), python=sys.executable)
+    pid_file, seen = tmp_path / "d1" / PID, []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and os.SCHED_BATCH not in seen:
+            try:
+                seen.append(os.sched_getscheduler(int(pid_file.read_text())))
+            except (OSError, ValueError):  # not started yet, or already done
+                pass
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    profile_device(device, uploads(model), converted.graph.U, replace(FAST, sustain=0.2), lambda line: None)
+    watcher.join(60)
+    assert os.SCHED_BATCH in seen
 
 
 def test_the_device_timer_shares_fused_groups_as_the_host_profiler_does(converted, tmp_path):

@@ -163,6 +163,27 @@ def stage2(pipelines):
         process.kill()
 
 
+def thread_policies(pid: int) -> list[int]:
+    policies = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            policies.append(os.sched_getscheduler(int(task.name)))
+        except OSError:  # the thread ended meanwhile
+            pass
+    return policies
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="scheduling policies per thread are Linux's")
+def test_a_stage_runs_as_batch_work_with_its_receive_execute_and_send_threads(stage2):
+    """runtime.priority: its own threads do not preempt its invoke when they wake."""
+    process, _, _ = stage2
+    deadline = time.monotonic() + 30
+    while thread_policies(process.pid).count(os.SCHED_BATCH) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the link is up before the stage starts its threads
+    assert os.sched_getscheduler(process.pid) == os.SCHED_BATCH
+    assert thread_policies(process.pid).count(os.SCHED_BATCH) >= 4  # its main thread and the three it started
+
+
 def test_malformed_frame(stage2):
     process, sock, _ = stage2
     sock.sendall(b"GET / HTTP/1.1\r\n\r\n" + b"\0" * 20)

@@ -42,6 +42,7 @@ from ..interpreter import load_interpreter, prepared_invoke
 from ..manifest import StageSpec, TensorSpec
 from ..pipeline_key import CERT_FILE, CERT_KEY_FILE, tls_context
 from ..protocol import Kind
+from ..runtime.priority import run_as_batch_work
 from .costs import unit_times
 
 RESULT = "RESULT "
@@ -271,6 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="also measure the CPU of sending and receiving cuts (TLS with this folder's "
                              "pipeline.crt pair; plain TCP without one)")
     args = parser.parse_args(argv)
+    run_as_batch_work()  # timed as a stage will run (runtime.priority)
     try:
         result = time_units(args.model, args.repeats, args.warmup, args.num_threads, args.seconds)
         if args.link_folder is not None:

@@ -15,6 +15,7 @@ from .dataio import INPUTS_HELP, RESULTS_HELP
 from ..errors import DnnpipeError, printable
 from .agent import Agent, AgentOptions
 from .heap import keep_freed_memory
+from .priority import run_as_batch_work
 from .stage import RunOptions, Stage, StageOptions
 
 
@@ -96,6 +97,7 @@ def stage_parser() -> argparse.ArgumentParser:
 
 
 def stage_command(args: argparse.Namespace) -> int:
+    run_as_batch_work()  # before the stage starts a thread (runtime.priority)
     options = StageOptions(
         stage=args.stage, folder=args.model_path / args.model_name, bind_addr=args.bind_addr,
         bind_port=args.bind_port, next_host=args.next_host, next_port=args.next_port, data_path=args.data_path,
@@ -140,6 +142,7 @@ def agent_command(args: argparse.Namespace) -> int:
                            bind_addr=args.bind_addr, connect_timeout=args.connect_timeout, timeout=args.timeout,
                            queue_size=args.queue_size, num_threads=args.num_threads, delegate=args.delegate,
                            key_file=args.key_file, insecure=args.insecure, tls=args.tls)
+    run_as_batch_work()  # before the agent starts a thread (runtime.priority)
     keep_freed_memory()  # it loads sub-models while it runs a role (runtime.heap)
     Agent(options, say=lambda text: print(text, flush=True)).run()
     print(f"[agent {args.device}] stopped by the controller", flush=True)
