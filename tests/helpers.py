@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
+# Whether a child's scheduling policy shows what runtime.priority chose: Linux, and the tests under the default
+# policy (under `chrt -b` every child would be batch work whatever the code did).
+POLICY_VISIBLE = sys.platform.startswith("linux") and os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
 def run_script(script: str, *args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:

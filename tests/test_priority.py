@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from dnnpipe.runtime.priority import LOWEST_PRIORITY
-from helpers import run_python
+from helpers import POLICY_VISIBLE, run_python
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="per-thread nice values and scheduling policies are Linux's")
@@ -49,11 +49,25 @@ print(before, os.sched_getscheduler(0), seen[0], os.getpriority(os.PRIO_PROCESS,
 """
 
 
-@pytest.mark.skipif(sys.platform.startswith("linux") and os.sched_getscheduler(0) != os.SCHED_OTHER,
-                    reason="the tests run under another scheduling policy: the change could not be seen")
+@pytest.mark.skipif(not POLICY_VISIBLE, reason="the tests run under another scheduling policy: no change to see")
 def test_a_process_that_runs_the_stream_is_batch_work_with_the_threads_it_starts_and_keeps_its_nice_value():
     done = run_python(BATCH_CHILD)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(os.SCHED_OTHER), *[str(os.SCHED_BATCH)] * 2,
                                    str(os.getpriority(os.PRIO_PROCESS, 0))]
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+CHOSEN_CHILD = """
+import os
+from dnnpipe.runtime.priority import run_as_batch_work
+os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # as `chrt -i 0` would start it
+run_as_batch_work()
+print(os.sched_getscheduler(0))
+"""
+
+
+def test_a_policy_chosen_by_whoever_started_the_process_is_kept():
+    done = run_python(CHOSEN_CHILD)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(os.SCHED_IDLE)]

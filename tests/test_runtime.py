@@ -27,7 +27,7 @@ from dnnpipe.pipeline_key import CERT_FILE, CERT_KEY_FILE, KEY_FILE, read_key, t
 from dnnpipe.runtime.handshake import LinkAuth, connect_side, manifest_identity
 from dnnpipe.runtime.metrics import read_timings
 from dnnpipe.runtime.transport import secure
-from helpers import ROOT, assert_clean_error
+from helpers import POLICY_VISIBLE, ROOT, assert_clean_error
 
 ROWS = 6
 
@@ -173,7 +173,7 @@ def thread_policies(pid: int) -> list[int]:
     return policies
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="scheduling policies per thread are Linux's")
+@pytest.mark.skipif(not POLICY_VISIBLE, reason="needs Linux and the tests under the default scheduling policy")
 def test_a_stage_runs_as_batch_work_with_its_receive_execute_and_send_threads(stage2):
     """runtime.priority: its own threads do not preempt its invoke when they wake."""
     process, _, _ = stage2

@@ -3,13 +3,14 @@
 A process that runs the stream on a board (a stage, an agent, the profiling timer that measures what they will
 pay) runs under SCHED_BATCH: a thread of it that wakes (its receive thread when a cut arrives, its send thread
 when a result is ready) waits for the running thread's time slice instead of preempting it in the middle of an
-invoke. On a board of one core each such preemption is a context switch and caches refilled in the invoke, pure
-loss to a stage whose throughput is its CPU per frame; the woken thread's work waits in the socket's buffer
-meanwhile. On the virtual fleet, where emulated boards share a host core, the boards' processes no longer preempt
-one another on each wake-up either (a real board has its cores to itself). Measured on the fleet (tiny model,
-TLS, the paper's cluster, nine demo runs of one plan each way, interleaved): the pipeline at 75-92% of its
-prediction (median 85%) against 71-90% (median 79%) (README, "Stages as batch work").
-Every thread of such a process has the same policy, so none holds Python's lock at a disadvantage.
+invoke; the woken thread's work waits in the socket's buffer meanwhile. On the virtual fleet, whose emulated boards
+share host cores, the bottleneck stage's execute thread had been switched out 5 times a frame, 2 with this (what
+the quota's throttling takes), and the pipeline reached a larger share of its prediction (interleaved rounds of
+demo runs: medians 84% and 90% against 75% and 79%; README, "Stages as batch work"). That measurement does not
+tell the board's own threads from the other boards sharing its core; on a real board of one core the saving is
+the first part only (fewer switches and caches refilled mid-invoke), inferred, not measured. Threads an import
+started (idle pools) keep their policy; the threads that run frames all share one, so none holds Python's lock
+at a disadvantage. A policy chosen by whoever started the process (`chrt`) is kept.
 
 Only a process of its own is lowered (serve's cutting process): it shares no lock with the stream. A thread of a
 process that runs the stream is never lowered, not even for a step that releases Python's lock (an interpreter's
@@ -40,9 +41,11 @@ def lower_this_process() -> None:
 def run_as_batch_work() -> None:
     """A process that runs the stream, first thing in its main() (before it starts a thread: on Linux the policy
     is the calling thread's, and the threads it starts inherit it). Any user may choose SCHED_BATCH; where there is
-    none (not Linux) or it is refused, the process runs as it would have."""
+    none (not Linux), it is refused, or the process was started under another policy than the default, the
+    process runs as it would have."""
     if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_BATCH"):
         try:
-            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+            if os.sched_getscheduler(0) == os.SCHED_OTHER:
+                os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
         except OSError:
             pass
