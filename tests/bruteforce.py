@@ -16,7 +16,8 @@ def all_plans(C: Sequence[float], M: Sequence[float], E, R: Sequence[float], B=N
     to sink over B of that device, between stages over B_link[d][e] if given, else min(B[d], B[e]); a stage's
     period is max(compute, its outgoing hop). Stages end only at the legal `cuts` (all boundaries if None).
     link_cpu = (send ms per MB, receive ms per MB, frame ms), one value per device each: a stage's compute then
-    also pays receiving its input cut (not the first stage), sending its output cut (not the last) and a frame."""
+    also pays receiving its input cut (the model's input for the first stage), sending its output cut (the
+    result for the last) and a frame."""
     rows = E if isinstance(E[0], (list, tuple)) else [E] * len(C)
     U, N = len(R), len(C)
     legal = range(1, U) if cuts is None else cuts
@@ -33,8 +34,7 @@ def all_plans(C: Sequence[float], M: Sequence[float], E, R: Sequence[float], B=N
                     compute = math.fsum(rows[d][j:k]) / C[d]
                     if link_cpu is not None:
                         send, receive, frame = (values[d] for values in link_cpu)
-                        compute += ((receive * A[j] / 1e6 if i > 0 else 0.0)
-                                    + (send * A[k] / 1e6 if i + 1 < len(devices) else 0.0) + frame)
+                        compute += receive * A[j] / 1e6 + send * A[k] / 1e6 + frame
                     worst = max(worst, compute)
                     if B is not None:
                         if i + 1 == len(devices):

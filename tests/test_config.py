@@ -153,7 +153,8 @@ def test_link_cpu_round_trips_and_reaches_the_problem():
     problem = Problem.from_config(loaded)
     # Stage (1, 2] on device 2 receives cut 1 (8 B) and sends cut 2 (4 B): 6 * 8e-6 + 4 * 4e-6 + 0.25 ms.
     assert problem.link_cpu_ms(1, 2, 1) == pytest.approx(6 * 8e-6 + 4 * 4e-6 + 0.25)
-    assert problem.link_cpu_ms(0, 3, 0) == 0.5  # one stage: reads its input and writes its result locally
+    # one stage on device 1 takes in the input (12 B) and passes on the result (2 B) as it would cuts of that size
+    assert problem.link_cpu_ms(0, 3, 0) == pytest.approx(5 * 12e-6 + 3 * 2e-6 + 0.5)
     assert problem.stage_cpu_ms(1, 2, 1) == pytest.approx(problem.stage_time(1, 2, 1) + problem.link_cpu_ms(1, 2, 1))
 
 
@@ -176,17 +177,17 @@ def test_bad_link_cpu(config, message):
         load_config(config)
 
 
-def test_the_first_stage_receives_no_cut_and_the_last_sends_none():
+def test_the_first_stage_takes_in_the_input_and_the_last_passes_on_the_result_as_cuts():
     # One rule, by cut index, for the planner (index arrays) and the prediction (plain numbers) alike.
     import numpy as np
 
     from dnnpipe.config import stage_link_cpu_ms
 
     cost, A, U = (2.0, 3.0, 0.5), [1e6, 2e6, 3e6, 4e6], 3
-    assert stage_link_cpu_ms(cost, A, 0, U, U) == 0.5  # one stage: reads its input, writes its result locally
-    assert stage_link_cpu_ms(cost, A, 0, 1, U) == 2.0 * 2 + 0.5  # first: sends cut 1 only
-    assert stage_link_cpu_ms(cost, A, 2, U, U) == 3.0 * 3 + 0.5  # last: receives cut 2 only
-    assert stage_link_cpu_ms(cost, A, 1, 2, U) == 3.0 * 2 + 2.0 * 3 + 0.5
+    assert stage_link_cpu_ms(cost, A, 0, U) == 3.0 * 1 + 2.0 * 4 + 0.5  # one stage: the input in, the result out
+    assert stage_link_cpu_ms(cost, A, 0, 1) == 3.0 * 1 + 2.0 * 2 + 0.5  # first: the input in, cut 1 out
+    assert stage_link_cpu_ms(cost, A, 2, U) == 3.0 * 3 + 2.0 * 4 + 0.5  # last: cut 2 in, the result out
+    assert stage_link_cpu_ms(cost, A, 1, 2) == 3.0 * 2 + 2.0 * 3 + 0.5
     j, k = np.meshgrid(np.arange(U + 1), np.arange(U + 1))
-    grid = stage_link_cpu_ms(cost, np.asarray(A), j, k, U)
-    assert all(grid[b, a] == stage_link_cpu_ms(cost, A, a, b, U) for a in range(U + 1) for b in range(U + 1))
+    grid = stage_link_cpu_ms(cost, np.asarray(A), j, k)
+    assert all(grid[b, a] == stage_link_cpu_ms(cost, A, a, b) for a in range(U + 1) for b in range(U + 1))

@@ -178,3 +178,52 @@ def test_a_block_is_budgeted_by_the_files_type_and_the_quantizing_temporaries(tm
         f["images"] = np.zeros((10, 2, 2, 1), dtype="float64")
     assert len(list(read_inputs(tmp_path / "data.h5", [INT8], None))) == 10
     assert max(seen) == 4, seen
+
+
+@pytest.mark.parametrize("block_rows, order", [
+    (1, [1, 0, 2, 3, 5, 4, 7, 6, 8]),  # a write per row
+    (3, [1, 0, 2, 3, 5, 4, 7, 6, 8]),  # a few blocks
+    (4, [0, 2, 4, 6, 1, 3, 5, 7, 8]),  # blocks of rows that are not consecutive: a write per run
+    (256, [1, 0, 2, 3, 5, 4, 7, 6, 8]),  # one write at the close
+])
+def test_results_are_written_a_block_at_a_time_in_sequence_order(tmp_path, monkeypatch, block_rows, order):
+    monkeypatch.setattr(dataio, "BLOCK_ROWS", block_rows)
+    spec = TensorSpec("scores", "scores", (1, 3), "float32")
+    writer = dataio.ResultWriter(tmp_path / "out.h5", [spec])
+    buffer = np.empty((1, 3), dtype="float32")
+    for sequence in order:
+        buffer[:] = sequence  # one buffer reused, as the stage's pool does: the writer keeps its own copy
+        writer.write(sequence, [buffer])
+    writer.close(complete=True)
+    with h5py.File(tmp_path / "out.h5", "r") as f:
+        assert bool(f.attrs["complete"])
+        np.testing.assert_array_equal(f["scores"][:], np.repeat(np.arange(9, dtype="float32")[:, None], 3, axis=1))
+
+
+def test_a_closed_partial_result_file_keeps_the_rows_it_was_given_and_says_it_is_partial(tmp_path):
+    spec = TensorSpec("scores", "scores", (1, 2), "float32")
+    writer = dataio.ResultWriter(tmp_path / "out.h5", [spec])
+    for sequence in range(3):
+        writer.write(sequence, [np.full((1, 2), sequence, dtype="float32")])
+    writer.close(complete=False)  # the stream failed after three results: they are written, the file says partial
+    with h5py.File(tmp_path / "out.h5", "r") as f:
+        assert not bool(f.attrs["complete"])
+        np.testing.assert_array_equal(f["scores"][:], [[0, 0], [1, 1], [2, 2]])
+
+
+def test_consecutive_sequences_make_one_run_each():
+    assert dataio.consecutive_runs([0, 1, 2, 5, 6, 9]) == [(0, 3), (5, 7), (9, 10)]
+    assert dataio.consecutive_runs([4]) == [(4, 5)] and dataio.consecutive_runs([]) == []
+    assert dataio.consecutive_runs([0, 2, 4, 6]) == [(0, 1), (2, 3), (4, 5), (6, 7)]
+
+
+def test_an_int8_pipelines_results_are_kept_as_the_real_numbers_they_are_written_as(tmp_path, monkeypatch):
+    monkeypatch.setattr(dataio, "BLOCK_BYTES", 2 * 4 * 4)  # two rows of four float32 values: the stored type counts
+    spec = TensorSpec("scores", "scores", (1, 4), "int8", quantization=(0.5, 1))
+    writer = dataio.ResultWriter(tmp_path / "out.h5", [spec])
+    assert writer._block == 2
+    for sequence in range(3):
+        writer.write(sequence, [np.full((1, 4), sequence + 1, dtype="int8")])
+    writer.close(complete=True)
+    with h5py.File(tmp_path / "out.h5", "r") as f:
+        np.testing.assert_array_equal(f["scores"][:], [[0.0] * 4, [0.5] * 4, [1.0] * 4])

@@ -43,7 +43,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "sustained, " in report and "source unpaced" in report and "paced at 80% of the predicted" in report
     assert len(measured["stages"]) == len(plan["pipeline_plan"])
     # each stage's CPU per frame, every thread, and the inference's part of it, in measured.json and the report
-    cpu, inference = measured["stage_cpu_ms_per_frame"], measured["stage_inference_cpu_ms"]
+    cpu, inference = zip(*[(s["cpu_ms_per_frame"], s["inference_cpu_ms"]) for s in measured["spent"]["pipeline"]])
     assert len(cpu) == len(inference) == len(plan["pipeline_plan"]) and all(0 < i < c for c, i in zip(cpu, inference))
     assert f"{cpu[0]:.2f} ({inference[0]:.2f} + {cpu[0] - inference[0]:.2f})" in report
     assert ("faithful: the host computed every stage" in report) != ("NOT faithful in" in report)

@@ -34,7 +34,14 @@ def test_demo_on_the_fleet_profiles_per_device_runs_unpaced_and_reports_throttli
     assert devices == {s[2] for s in json.loads((work / "configurations" / "tiny" / "pipeline_plan.json")
                                                 .read_text())["pipeline_plan"]}
     assert all(s["pacing_p50_ms"] is None or s["pacing_p50_ms"] < 1 for s in measured["stages"])  # not paced
+    # what each run's stages spent against the plan, and each board's quota used, for the report's verdict
+    spent = measured["spent"]
+    assert [s["device"] for s in spent["pipeline"]] == [s[2] for s in written["pipeline_plan"]]
+    assert len(spent["single"]) == 1
+    assert all(s["cores_used"] > 0 and s["cpu_ms_per_frame"] >= s["inference_cpu_ms"] > 0
+               for s in spent["pipeline"] + spent["single"])
     report = (work / "report.md").read_text()
+    assert "- the pipeline's bottleneck, stage " in report and "- the fastest board alone (board " in report
     assert "compute: cpu-quota (this run)" in report and "throttled" in report
     assert "What this host could not emulate" in report
     assert "source unpaced" in report and "paced at 80% of the predicted" in report

@@ -221,11 +221,10 @@ def test_link_cpu_is_counted_in_every_stage_time_shown(case):
         return
     C, M, E, R, B, A = instance
     send, receive, frame = options["link_cpu"]
-    last = len(result.stages) - 1
     for i, ((start, end, d), compute, cpu) in enumerate(zip(result.stages, result.extra["compute_ms"],
                                                             result.extra["link_cpu_ms"])):
-        expected = ((receive[d - 1] * A[start - 1] / 1e6 if i > 0 else 0.0)
-                    + (send[d - 1] * A[end] / 1e6 if i < last else 0.0) + frame[d - 1])
+        # the first stage takes in the model's input (cut 0), the last passes on its result (cut U), as cuts
+        expected = receive[d - 1] * A[start - 1] / 1e6 + send[d - 1] * A[end] / 1e6 + frame[d - 1]
         assert cpu == pytest.approx(expected)
         assert result.stage_times_ms[i] >= compute + cpu - 1e-9
     assert result.bottleneck == max([*result.stage_times_ms, result.extra["input_hop_ms"]])

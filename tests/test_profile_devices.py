@@ -116,13 +116,13 @@ def link_config(send=None, receive=None, frame=None):
 
 def test_the_prediction_counts_each_device_measured_link_cpu_and_keeps_the_papers():
     stages = [[1, 1, 1], [2, 3, 2]]
-    paper, counted = emulation(link_config(), stages, 1.0), emulation(link_config([3.0, 100.0], [100.0, 4.0]),
+    paper, counted = emulation(link_config(), stages, 1.0), emulation(link_config([3.0, 100.0], [1.0, 4.0]),
                                                                        stages, 1.0)
-    # stage 1 sends cut 1 (2 MB, 16 ms on the link), receives nothing (inputs are local): 10 + 2 x 3 ms of CPU
-    # stage 2 receives cut 1 (2 MB x 4 ms) and sends nothing (results are local): 20 + 8 ms
-    assert [s.link_cpu_ms for s in counted.stages] == pytest.approx([6.0, 8.0])
-    assert [s.period_ms for s in counted.stages] == pytest.approx([16.0, 28.0])
-    assert counted.throughput == pytest.approx(1000 / 28)
+    # stage 1 takes in the input (1 MB x 1 ms) and sends cut 1 (2 MB x 3 ms; 16 ms on the link): 10 + 7 ms of CPU
+    # stage 2 receives cut 1 (2 MB x 4 ms) and passes on the result (1 kB x 100 ms): 20 + 8.1 ms
+    assert [s.link_cpu_ms for s in counted.stages] == pytest.approx([7.0, 8.1])
+    assert [s.period_ms for s in counted.stages] == pytest.approx([17.0, 28.1])
+    assert counted.throughput == pytest.approx(1000 / 28.1)
     assert counted.paper_throughput == pytest.approx(paper.throughput) == pytest.approx(1000 / 20)
 
 
@@ -198,14 +198,14 @@ def test_a_devices_link_cpu_comes_back_with_its_row(converted, tmp_path):
 
 def test_the_prediction_counts_each_devices_cpu_per_frame_on_every_stage():
     stages = [[1, 1, 1], [2, 3, 2]]
-    counted = emulation(link_config([3.0, 100.0], [100.0, 4.0], [1.5, 2.5]), stages, 1.0)
+    counted = emulation(link_config([3.0, 100.0], [1.0, 4.0], [1.5, 2.5]), stages, 1.0)
     # as above, and each stage pays its own device's CPU per frame, however small its cuts
-    assert [s.link_cpu_ms for s in counted.stages] == pytest.approx([7.5, 10.5])
-    assert counted.throughput == pytest.approx(1000 / 30.5)
+    assert [s.link_cpu_ms for s in counted.stages] == pytest.approx([8.5, 10.6])
+    assert counted.throughput == pytest.approx(1000 / 30.6)
     assert counted.paper_throughput == pytest.approx(1000 / 20)
-    single = emulation(link_config([3.0, 100.0], [100.0, 4.0], [1.5, 2.5]), [[1, 3, 1]], 1.0)  # no cut crosses a
-    # link, the frame cost remains
-    assert single.stages[0].link_cpu_ms == pytest.approx(1.5)
+    single = emulation(link_config([3.0, 100.0], [1.0, 4.0], [1.5, 2.5]), [[1, 3, 1]], 1.0)  # no cut between
+    # stages: the input in (1 MB x 1 ms), the result out (1 kB x 3 ms) and the frame cost remain
+    assert single.stages[0].link_cpu_ms == pytest.approx(1.0 + 0.003 + 1.5)
 
 
 @pytest.mark.parametrize("tls", [True, False])

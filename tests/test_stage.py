@@ -161,6 +161,49 @@ def test_a_missing_data_file_fails_the_stage_with_its_name(tmp_path):
         assert not bool(f.attrs["complete"])  # a partial file says so
 
 
+def test_an_interrupted_stage_writes_the_results_it_holds_and_says_they_are_partial(tmp_path, monkeypatch):
+    """Ctrl-C: the sink writes what it was given before the process exits (results are kept a block at a time)."""
+    import _thread
+
+    from dnnpipe.runtime import dataio
+
+    closed, close = threading.Event(), dataio.ResultWriter.close
+
+    def slow_close(writer, complete=False):  # a close that takes a while: run() must wait for it, not exit
+        time.sleep(0.3)
+        close(writer, complete)
+        closed.set()
+
+    monkeypatch.setattr(dataio.ResultWriter, "close", slow_close)
+
+    data = np.arange(30, dtype="float32").reshape(10, 3)
+    with h5py.File(tmp_path / "data.h5", "w") as f:
+        f["images"] = data
+    release, frames = threading.Event(), []
+
+    def runner(buffers):
+        frames.append(1)
+        if len(frames) == 5:  # once the sink took the first four results: interrupt, and hold this frame
+            deadline = time.monotonic() + SECONDS
+            while len(loop.timings) < 4 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            _thread.interrupt_main()
+            release.wait(SECONDS)
+        return double(buffers)
+
+    loop = StageLoop("[stage 1]", SPEC, runner, queue_size=2, say=lambda line: None)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            loop.run(lambda: loop.read_inputs(tmp_path / "data.h5", None),
+                     lambda: loop.write_results(tmp_path / "out.h5"))
+        assert closed.is_set()  # the results file was closed before the interrupt went on
+    finally:
+        release.set()
+    with h5py.File(tmp_path / "out.h5", "r") as f:
+        assert not bool(f.attrs["complete"])
+        np.testing.assert_array_equal(f["y"][:], data[:4] * 2)
+
+
 def relay_frames(links: Links, thread: threading.Thread, frames: int) -> None:
     """Frames and END through a running relay, every result read, the relay finished."""
     for i in range(frames):

@@ -217,7 +217,6 @@ def run_on_fleet(work: Work, options, say=print) -> None:
         testbed="fleet", usable_cores=usable_cores(), emulation_scale=shape.scale,
         paper_predicted_pipeline_throughput=pipeline_plan.paper_throughput,
         paper_predicted_single_throughput=single_plan.paper_throughput,
-        planned_link_cpu_ms=[s.link_cpu_ms for s in pipeline_plan.stages],
         link_costs=None if links is None else [
             {"device": d + 1, **{key: values[d] for key, values in links.to_dict().items()}}
             for d in range(config.cluster.N)], profile_cpu_share=profile_shares(work),

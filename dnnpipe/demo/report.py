@@ -10,8 +10,13 @@ import numpy as np
 
 from ..config import load_config
 from ..runtime.metrics import FrameTiming, read_timings
+from ..testbed.local import PipelineRun
+from ..testbed.pacing import Emulation
 from .runs import DemoRun, how_measured
 from .work import Work
+
+
+QUOTA_USED = 0.95  # a board that used this share of its quota or more was given it (CPU-time accounting is coarse)
 
 
 def _p50(values: list[float]) -> Optional[float]:
@@ -53,13 +58,23 @@ def measured(work: Work, runs: list[DemoRun], done: dict[str, Any], **extra: Any
         "latency_p50_ms": latency.stages[-1].latency_p50_ms, "latency_p95_ms": latency.stages[-1].latency_p95_ms,
         "latency_rate": how["latency"]["source_fps"], "latency_load": how["latency"]["load"],
         "latency_run_throughput": latency.throughput, "runs": how,
-        "planned_stage_ms": [s.compute_ms for s in pipeline_plan.stages],
         "planned_hop_ms": [s.hop_ms for s in pipeline_plan.stages],
         "stage_time_p50_ms": [s.stage_time_p50_ms for s in pipeline.stages],
-        "stage_cpu_ms_per_frame": [s.cpu_ms_per_frame for s in pipeline.stages],  # the process's, every thread
-        "stage_inference_cpu_ms": [s.inference_cpu_ms for s in pipeline.stages],
         "stages": breakdown(work.logs / "pipeline", len(pipeline.stages)),
-        "single_stages": breakdown(work.logs / "single", 1)}
+        "single_stages": breakdown(work.logs / "single", 1),
+        "spent": {"pipeline": spent(pipeline_plan, pipeline), "single": spent(plans["single"].emulated, single)}}
+
+
+def spent(plan: Emulation, run: PipelineRun) -> list[dict[str, Any]]:
+    """Each stage's device, its planned ms a frame on the device's clock (compute; CPU on its links and frames) and
+    what its process spent: CPU a frame, of it the inference, and about the cores it used (CPU a frame x its
+    steady rate; the CPU includes the stage's start, so a busy stage may come out a little over its quota)."""
+    return [{"device": p.device, "planned_compute_ms": p.compute_ms, "planned_link_cpu_ms": p.link_cpu_ms,
+             "planned_period_ms": p.period_ms,
+             "cpu_ms_per_frame": s.cpu_ms_per_frame,  # the process's, every thread
+             "inference_cpu_ms": s.inference_cpu_ms,
+             "cores_used": None if s.cpu_ms_per_frame is None else s.cpu_ms_per_frame * s.throughput / 1000}
+            for p, s in zip(plan.stages, run.stages)]
 
 
 def _outbox_ms(t: FrameTiming) -> float:
@@ -124,7 +139,7 @@ def link_lines(measured: dict[str, Any]) -> list[str]:
         return ["- prediction: the paper's cost model (no link CPU was measured on the boards)"]
     costs = ", ".join(f"{c['send_ms_per_mb']:.2f} / {c['receive_ms_per_mb']:.2f} / {c.get('frame_ms') or 0.0:.2f}"
                       for c in measured["link_costs"])
-    cpu = ", ".join(f"{ms:.2f}" for ms in measured["planned_link_cpu_ms"])
+    cpu = ", ".join(f"{s['planned_link_cpu_ms']:.2f}" for s in measured["spent"]["pipeline"])
     return [f"- the plan and the prediction count each board's CPU on its links and per frame (measured on the board, "
             f"device_config.link_cpu, ms per MB "
             f"sent / received / ms per frame: {costs}; per stage {cpu} ms): on a board of one core or less it comes "
@@ -133,6 +148,38 @@ def link_lines(measured: dict[str, Any]) -> list[str]:
             f"{measured['pipeline_throughput'] / paper:.0%} "
             f"of it; the fastest board alone {measured['paper_predicted_single_throughput']:.1f} "
             f"({measured['single_throughput'] / measured['paper_predicted_single_throughput']:.0%})."]
+
+
+def quota_lines(measured: dict[str, Any]) -> list[str]:
+    """Whether the host gave the pipeline's bottleneck board and the fastest board alone their quotas while they ran,
+    and their CPU a frame against the plan's (planned ms on the board's clock x its quota). A board that used its
+    whole quota got what it emulates: a miss there is CPU a frame the profile did not see. One that used less
+    waited: for a host core busy with other work, or for its neighbours (pure)."""
+    runs, cores = measured.get("spent"), {b["device"]: b["cpu_cores"] for b in measured.get("fleet", [])}
+    if not runs or not cores:
+        return []
+    pipeline, single = runs["pipeline"], runs["single"][0]
+    worst = max(range(len(pipeline)), key=lambda k: pipeline[k]["planned_period_ms"])
+    lines = [_spent_line(f"the pipeline's bottleneck, stage {worst + 1} on board {pipeline[worst]['device']}",
+                         pipeline[worst], cores, "its input cut copied in and its output cut out"),
+             _spent_line(f"the fastest board alone (board {single['device']})", single, cores,
+                         "the input copied in and the result out")]
+    return [line for line in lines if line is not None]
+
+
+def _spent_line(name: str, stage: dict[str, Any], cores: dict[int, float], copies: str) -> Optional[str]:
+    """One board's line (quota_lines); none when the run recorded no CPU. The stage's inference is timed with its
+    copies in and out, which the plan counts as link CPU: only the totals compare."""
+    quota, used = cores.get(stage["device"]), stage["cores_used"]
+    cpu, inference = stage["cpu_ms_per_frame"], stage["inference_cpu_ms"]
+    if quota is None or used is None or cpu is None or inference is None:
+        return None
+    compute, rest = stage["planned_compute_ms"] * quota, stage["planned_link_cpu_ms"] * quota
+    verdict = ("the host gave it its quota" if used >= QUOTA_USED * quota else
+               "under its quota: it waited for a host core busy with other work, or for its neighbours")
+    return (f"- {name}: used about {used:.3f} of its {quota:.3g} cores ({used / quota:.0%}: {verdict}); "
+            f"{cpu:.2f} ms of CPU a frame against {compute + rest:.2f} planned ({compute:.2f} compute, {rest:.2f} "
+            f"links and frame); its inference, {copies}, took {inference:.2f} of it")
 
 
 def fleet_section(measured: dict[str, Any]) -> list[str]:
@@ -164,20 +211,20 @@ def write_report(work: Work) -> str:
     speedup = measured["pipeline_throughput"] / measured["single_throughput"]
     stages = len(plan["pipeline_plan"])
     _plot_timeline(work.logs / "pipeline", stages, work.root / "timeline.png")
-    _plot_stage_times(measured["planned_stage_ms"], measured["stage_time_p50_ms"], work.root / "stage_times.png")
+    pipeline = measured["spent"]["pipeline"]
+    _plot_stage_times([s["planned_compute_ms"] for s in pipeline], measured["stage_time_p50_ms"],
+                      work.root / "stage_times.png")
 
     rows = ["| stage | units | device | C | planned ms | link ms | host compute p50 | pacing p50 | transfer p50 | "
             "queueing p50 | frames over plan | CPU ms / frame (inference + the rest) | memory MiB / capacity |",
             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    stages_cpu = zip(measured.get("stage_cpu_ms_per_frame") or [None] * len(measured["stages"]),
-                     measured.get("stage_inference_cpu_ms") or [None] * len(measured["stages"]))
-    for (start, end, d), planned, hop, b, mem, (cpu, inference) in zip(
-            plan["pipeline_plan"], measured["planned_stage_ms"], measured["planned_hop_ms"], measured["stages"],
-            plan["stage_memory_mb"], stages_cpu):
-        spent = "" if cpu is None or inference is None else f"{cpu:.2f} ({inference:.2f} + {cpu - inference:.2f})"
+    for (start, end, d), stage, hop, b, mem in zip(plan["pipeline_plan"], pipeline, measured["planned_hop_ms"],
+                                                   measured["stages"], plan["stage_memory_mb"]):
+        planned, cpu, inference = stage["planned_compute_ms"], stage["cpu_ms_per_frame"], stage["inference_cpu_ms"]
+        cpu_text = "" if cpu is None or inference is None else f"{cpu:.2f} ({inference:.2f} + {cpu - inference:.2f})"
         rows.append(f"| {b['stage']} | {start}-{end} | {d} | {C[d - 1]:g} | {planned:.2f} | {_ms(hop or None)} | "
                     f"{_ms(b['host_compute_p50_ms'])} | {_ms(b['pacing_p50_ms'])} | {_ms(b['transfer_p50_ms'])} | "
-                    f"{_ms(b['queueing_p50_ms'])} | {b['overruns']} / {b['frames']} | {spent} | "
+                    f"{_ms(b['queueing_p50_ms'])} | {b['overruns']} / {b['frames']} | {cpu_text} | "
                     f"{mem:.1f} / {config.cluster.M[d - 1]:.1f} |")
     overruns = sum(b["overruns"] for b in measured["stages"] + measured["single_stages"])
     frames = sum(b["frames"] for b in measured["stages"] + measured["single_stages"])
@@ -223,7 +270,7 @@ def write_report(work: Work) -> str:
          f"than the device would have"),
     ]
     if quota:
-        summary = summary[:-1] + link_lines(measured)  # nothing is paced, so nothing can overrun a pace
+        summary = summary[:-1] + link_lines(measured) + quota_lines(measured)  # nothing paced: nothing overruns
         intro = (f"Work directory: `{work.root}`. Each device is an emulated board on this host (`python -m dnnpipe "
                  f"testbed up`): a CPU quota of C x {scale:.3g} cores makes it really slower, a memory limit really "
                  f"smaller, and it is reached over ssh like a board. Every unit was timed on every board, so the "
@@ -237,7 +284,8 @@ def write_report(work: Work) -> str:
     text = "\n".join([
         f"# DNNPipe demo: {work.name}", "",
         intro + " The first device reads its inputs locally and the last writes results locally, as deployed, so "
-        "the plan's input and output hops are not part of the emulated period.", "",
+        "the plan's input and output hops are not part of the emulated period (their CPU is: the plan counts taking "
+        "in an input and passing on a result as a cut of that size received or sent).", "",
         "## Plan and where the time went", "", *rows, "", "## Throughput and latency", "", *summary, "",
         *(fleet_section(measured) if quota else []),
         "![stage times](stage_times.png)", "", "![timeline](timeline.png)", "",

@@ -160,7 +160,7 @@ class Problem:
         if self.link_cpu is None:
             return 0.0
         assert self.cut_bytes is not None  # from_lists refuses link CPU without cut sizes
-        return stage_link_cpu_ms(self.link_cpu[:, d], self.cut_bytes, j, k, self.U)
+        return stage_link_cpu_ms(self.link_cpu[:, d], self.cut_bytes, j, k)
 
     def stage_cpu_ms(self, j: int, k: int, d: int) -> float:
         """Stage (j, k]'s time on device d with its link CPU (stage_time in the paper's model), as config computes it

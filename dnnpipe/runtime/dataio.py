@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
-
+import time
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -104,6 +105,8 @@ def to_real(spec: TensorSpec, wire: np.ndarray) -> np.ndarray:
 
 
 BLOCK_BYTES = 16 << 20  # input rows read from the file at once (one HDF5 call per block, not one per inference)
+BLOCK_ROWS = 256  # results kept before they are written (at most BLOCK_BYTES of them)
+FLUSH_SECONDS = 1.0  # and never kept longer than this: a process killed outright loses at most this much
 
 
 def read_inputs(path: Path, specs: Sequence[TensorSpec], count: Optional[int]) -> Iterator[list[np.ndarray]]:
@@ -155,12 +158,17 @@ class ResultWriter:
     """Writes each model output as one HDF5 dataset, one row per inference, rows in input order (as real
     numbers: an int8 pipeline's outputs are dequantized).
 
-    The file's `complete` attribute stays False until end-of-stream, so a file left by a failed or
-    interrupted run says it is partial.
+    Rows are kept and written a block at a time (one HDF5 call per run of consecutive rows, not one per inference):
+    a write per row cost the last stage 0.076 ms of CPU a result on this host, 0.006 in blocks (issue 27). The
+    frame whose write flushes a block carries the block's write in its timing. The file's `complete` attribute
+    stays False until end-of-stream, so a file left by a failed or interrupted run says it is partial; a close
+    after a failure writes the rows kept.
     """
 
     def __init__(self, path: Optional[Path], specs: Sequence[TensorSpec]):
         self.specs, self.file, self.rows = list(specs), None, 0
+        self._kept: dict[int, list[np.ndarray]] = {}  # sequence -> its rows, not written yet
+        self._flushed = time.monotonic()
         if path is None:
             return
         import h5py
@@ -180,20 +188,49 @@ class ResultWriter:
             making.unlink(missing_ok=True)
             raise DnnpipeError(f"{path}: cannot write results ({e})") from None
         self.datasets = [self.file[spec.name] for spec in self.specs]
+        stored = sum(max(1, spec.nbytes // np.dtype(spec.dtype).itemsize * dataset.dtype.itemsize)
+                     for spec, dataset in zip(self.specs, self.datasets))
+        self._block = max(1, min(BLOCK_ROWS, BLOCK_BYTES // stored))
 
     def write(self, sequence: int, tensors: Sequence[np.ndarray]) -> None:
         if self.file is None:
             return
-        for dataset, tensor, spec in zip(self.datasets, tensors, self.specs):
-            if dataset.shape[0] <= sequence:
-                dataset.resize(max(sequence + 1, 2 * dataset.shape[0]), axis=0)
-            dataset[sequence] = to_real(spec, tensor)[0]
+        # the stage's buffers are reused for the next frame: keep a copy (to_real makes one for an int8 output)
+        self._kept[sequence] = [to_real(spec, tensor)[0] if spec.quantization else tensor[0].copy()
+                                for tensor, spec in zip(tensors, self.specs)]
         self.rows = max(self.rows, sequence + 1)
+        if len(self._kept) >= self._block or time.monotonic() - self._flushed >= FLUSH_SECONDS:
+            self._flush()
+
+    def _flush(self) -> None:
+        """The rows kept, each run of consecutive sequences in one write per output."""
+        for dataset in self.datasets:
+            if dataset.shape[0] < self.rows:
+                dataset.resize(max(self.rows, 2 * dataset.shape[0]), axis=0)
+        for first, end in consecutive_runs(sorted(self._kept)):
+            for k, dataset in enumerate(self.datasets):
+                dataset[first:end] = np.stack([self._kept[sequence][k] for sequence in range(first, end)])
+        self._kept.clear()
+        self._flushed = time.monotonic()
 
     def close(self, complete: bool = False) -> None:
-        if self.file is not None:
+        if self.file is None:
+            return
+        try:
+            self._flush()
             for dataset in self.datasets:
                 dataset.resize(self.rows, axis=0)
             self.file.attrs["complete"] = complete
+        finally:  # a failed write still closes the file (it then says it is partial)
             self.file.close()
             self.file = None
+
+
+def consecutive_runs(sequences: Sequence[int]) -> list[tuple[int, int]]:
+    """Increasing sequences as [first, end) runs of consecutive numbers: [0, 1, 2, 5, 6, 9] -> (0, 3), (5, 7),
+    (9, 10) (pure)."""
+    runs = []
+    for _, group in itertools.groupby(enumerate(sequences), key=lambda pair: pair[1] - pair[0]):
+        members = [sequence for _, sequence in group]
+        runs.append((members[0], members[-1] + 1))
+    return runs

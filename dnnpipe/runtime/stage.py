@@ -35,6 +35,7 @@ from .argv import Value
 from .transport import Downstream, Say, Upstream, accept_upstream, connect_downstream, listen
 
 POLL_SECONDS = 0.1
+STOP_SECONDS = 2.0  # an interrupted stage waits this long for its threads (the sink writes the results it holds)
 HOLD_SECONDS = 0.005  # how long a device is kept for the older role's next frame (DeviceTurn.turn)
 
 
@@ -216,6 +217,9 @@ class StageLoop:
                     thread.join(POLL_SECONDS)
         except KeyboardInterrupt:
             self.fail(f"{self.name} interrupted")
+            deadline = time.monotonic() + STOP_SECONDS
+            for thread in reversed(threads):  # the sink first: it writes the results it holds, marked partial
+                thread.join(max(0.0, deadline - time.monotonic()))
             raise
         finally:
             self.cpu_seconds += time.process_time() - began

@@ -7,7 +7,8 @@ the runtime sends while it computes, so a stage's period is max(compute, hop) an
 largest of those. On one host every time is divided by a common scale (speeds and bandwidths both times
 scale), so the emulated cluster leaves the host room to compute each stage within its planned time.
 The input and the result do not cross a link in the runtime (the first device reads its own copy of the
-inputs, the last writes results locally), so the plan's input and output hops are not part of the period.
+inputs, the last writes results locally), so the plan's input and output hops are not part of the period (the
+CPU to take in an input and pass on a result is: config.stage_link_cpu_ms).
 
 The paper's model counts no CPU for the links. On a board of one core or less (every board of the virtual
 fleet) receiving and sending a cut take CPU from the same budget as the compute (TLS included), so compute and
@@ -105,12 +106,13 @@ def emulation_scale(config: Config, cores: float) -> float:
 
 def link_cpu_ms(config: Config, units: tuple[int, int], device: int) -> float:
     """Units a..b (1-based) on device d: its CPU beyond its compute, from the config's measured link CPU, as the
-    planner counts it (config.stage_link_cpu_ms: the first stage receives no cut, the last sends none)."""
+    planner counts it (config.stage_link_cpu_ms: the first stage takes in the model's input, the last passes on
+    its result)."""
     link_cpu, A = config.cluster.link_cpu, config.profile.A
     if link_cpu is None or A is None:
         return 0.0
     start, end = units
-    return float(stage_link_cpu_ms(link_cpu.device(device - 1), A, start - 1, end, config.profile.U))
+    return float(stage_link_cpu_ms(link_cpu.device(device - 1), A, start - 1, end))
 
 
 def emulation(config: Config, stages: Sequence[Sequence[int]], scale: float) -> Emulation:
