@@ -10,14 +10,19 @@ from .cli import SUBCOMMANDS
 from .console import run_command
 
 
+def chosen(argv: Sequence[str]) -> Optional[str]:
+    """The command argv names (argparse says so if it names none or one that is not there)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     """The parser for argv: every command is listed, but only the chosen one's module is imported."""
     parser = argparse.ArgumentParser(prog="python -m dnnpipe", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
+    wanted = chosen(argv)
     for name, subcommand in SUBCOMMANDS.items():
         sub = commands.add_parser(name, help=subcommand.help, description=subcommand.help)
-        if name == chosen:
+        if name == wanted:
             add_arguments, run = subcommand.load()
             add_arguments(sub)
             sub.set_defaults(run=run)
@@ -26,8 +31,12 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(argv).parse_args(argv)
-    return run_command(args.run, args, f"dnnpipe {args.command}")
+
+    def parse_and_run(_: argparse.Namespace) -> int:  # interrupted while its module (TensorFlow) loads: one line
+        args = build_parser(argv).parse_args(argv)
+        return int(args.run(args))
+
+    return run_command(parse_and_run, argparse.Namespace(), f"dnnpipe {chosen(argv) or ''}".strip())
 
 
 if __name__ == "__main__":

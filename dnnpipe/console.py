@@ -4,26 +4,46 @@ from __future__ import annotations
 
 import _thread
 import argparse
+import contextlib
+import linecache
 import math
 import queue
 import signal
+import subprocess
 import sys
 import threading
 from types import FrameType
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from .errors import DnnpipeError, printable
 
 Command = Callable[[argparse.Namespace], int]
 
 
-# Code where an exception raised by a signal handler can leave a lock half-held: raised as `Condition.wait` takes
-# its lock back, the `with` around it releases an unlocked lock ("RuntimeError: release unlocked lock" instead of
-# a clean stop: seen in CI); raised in a `with`'s `__enter__` after the lock is taken, it is never released; in
-# `queue.get`, the item just taken is lost.
-_LOCK_CODE = frozenset({threading.__file__, queue.__file__})
-# ... except where the standard library blocks, which an interrupt must still end, and which restores its lock.
-_BLOCKING = frozenset({"wait", "wait_for", "join", "_wait_for_tstate_lock"})
+# Blocking calls of the standard library that hold no lock by hand (the last waits for threads at exit): an
+# interrupt there must still end them.
+_WAITS = frozenset({"Event.wait", "Condition.wait_for", "Thread.join", "Thread._wait_for_tstate_lock", "_shutdown"})
+
+
+def _holds_lock_by_hand(frame: FrameType) -> bool:
+    """Whether the main thread is where an exception would leave a lock of the standard library half-held.
+
+    Raised as `Condition.wait` takes its lock back, the `with` around it releases an unlocked lock
+    ("RuntimeError: release unlocked lock" instead of a clean stop: seen in CI); raised in a `with`'s
+    `__enter__` after the lock is taken, it is never released; in `queue.get`, the item just taken is lost;
+    raised as `Popen.poll` holds its wait lock, every later `wait` on that child hangs.
+    """
+    code = frame.f_code
+    name, where = code.co_qualname, code.co_filename
+    line = linecache.getline(where, frame.f_lineno)
+    if not line:  # no source to tell by: as Python itself would
+        return False
+    if where == subprocess.__file__:
+        return name == "Popen._internal_poll" or (name == "Popen._wait" and "sleep(" not in line)
+    if where == threading.__file__:
+        # blocked for its waiter the lock is given back by its `finally`
+        return "waiter.acquire" not in line if name == "Condition.wait" else name not in _WAITS
+    return where == queue.__file__
 
 
 def _interrupt(signum: int, frame: Optional[FrameType]) -> None:
@@ -31,25 +51,37 @@ def _interrupt(signum: int, frame: Optional[FrameType]) -> None:
 
     There the signal is tripped again: its handler runs at the next step, and raises at the first step outside.
     """
-    code = frame.f_code if frame is not None else None
-    if code is not None and code.co_filename in _LOCK_CODE and code.co_name not in _BLOCKING:
+    if frame is not None and _holds_lock_by_hand(frame):
         _thread.interrupt_main(signal.Signals(signum))
         return
     raise KeyboardInterrupt
 
 
-def run_command(command: Command, args: argparse.Namespace, prog: str) -> int:
-    """Run a command; user errors become one line on stderr and a non-zero exit, never a traceback.
-
-    SIGTERM (what supervisors and `kill` send) is handled like Ctrl-C, so every command cleans up the same
-    way: child processes stopped, partial files marked or removed. Ctrl-C stays ignored where it was.
-    """
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            signal.signal(signal.SIGINT, _interrupt)
+@contextlib.contextmanager
+def interrupts() -> Iterator[None]:
+    """SIGTERM (what supervisors and `kill` send) and Ctrl-C as KeyboardInterrupt while a command runs, so every
+    command cleans up the same way: child processes stopped, partial files marked or removed. Ctrl-C stays
+    ignored where it was; the handlers before are put back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _interrupt)
+    if before[0] is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupt)
     try:
-        return command(args)
+        yield
+    finally:
+        for signum, handler in zip((signal.SIGINT, signal.SIGTERM), before):
+            if handler is not None:  # None: set outside Python, left as it is
+                signal.signal(signum, handler)
+
+
+def run_command(command: Command, args: argparse.Namespace, prog: str) -> int:
+    """Run a command; user errors become one line on stderr and a non-zero exit, never a traceback."""
+    try:
+        with interrupts():
+            return command(args)
     except DnnpipeError as e:
         print(f"{prog}: error: {printable(str(e))}", file=sys.stderr)  # may quote a peer
         return 1

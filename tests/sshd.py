@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from dnnpipe.testbed.local import free_ports
 from dnnpipe.testbed.sshd import LOGIN_WITHOUT_RC
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -43,9 +44,7 @@ def keygen(path: Path) -> Path:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def start_sshd(root: Path):

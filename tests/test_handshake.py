@@ -94,7 +94,7 @@ def test_a_trickler_is_dropped_at_the_deadline_not_per_byte():
     began = time.monotonic()
     with pytest.raises(HandshakeError, match="handshake not finished by its deadline"):
         listen_side(b, LinkAuth(KEY, IDENTITY, 1, 2), 0.8)
-    assert 0.7 < time.monotonic() - began < 2.0
+    assert 0.7 < time.monotonic() - began < 3.5  # a deadline per byte: over 4 s
     stop.set()
     thread.join()
     a.close()
@@ -166,7 +166,7 @@ def test_tls_probe_and_trickler(certificates):
     began = time.monotonic()
     with pytest.raises(HandshakeError, match="TLS handshake not finished by its deadline"):
         tls_wrap(b, tls_context(ours, True), True, 0.8)
-    assert 0.7 < time.monotonic() - began < 2.0
+    assert 0.7 < time.monotonic() - began < 3.5  # a deadline per byte: over 4 s
     stop.set()
     thread.join()
     a.close()

@@ -326,11 +326,14 @@ def test_intruders_on_a_stage_port_neither_feed_it_nor_stop_it(pipelines, tmp_pa
     assert result.returncode == 0, result.stderr
     for intruder in (injector, trickler):
         intruder.close()
-    # The trickler is still being vetted when the pipeline ends (its deadline is 5 s): it held nothing up.
+    # The trickler is still being vetted when the pipeline ends (its deadline is 5 s): it held nothing up. On a
+    # loaded host the pipeline may outlast that deadline, and the trickler is dropped for it.
     dropped = [line for line in result.stdout.splitlines() if "dropped" in line]
-    assert len(dropped) == 2, result.stdout
-    assert any("not a DNNPipe handshake" in line for line in dropped)
-    assert any("closed during the handshake" in line for line in dropped)
+    why = sorted(next((w for w in ("not a DNNPipe handshake", "closed during the handshake",
+                                    "handshake not finished by its deadline") if w in line), line) for line in dropped)
+    assert why in (["closed during the handshake", "not a DNNPipe handshake"],
+                   ["closed during the handshake", "handshake not finished by its deadline",
+                    "not a DNNPipe handshake"]), result.stdout
     with h5py.File(tmp_path / "out.h5") as f:
         np.testing.assert_allclose(f["logits"][:], expected, rtol=1e-5, atol=1e-5)
         assert f.attrs["complete"]

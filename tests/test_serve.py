@@ -105,10 +105,11 @@ def assert_no_orphans(root: Path) -> None:
 def serve_run(served: Served, tmp_path: Path, devices=(1, 2, 3, 4), extra: tuple[str, ...] = (),
               inputs: int = INPUTS, registry: Optional[Path] = None, speed: bool = False) -> tuple[Run, Path]:
     """serve in the background; without `speed`, re-planning for measured speeds is practically off (a
-    threshold of 100x), so a test of one fault is not disturbed by this shared host's timing noise."""
+    threshold of 100x), and an agent is lost for its missing heartbeats after 2 s, not 0.5, so a test of one fault
+    is not disturbed by this shared host's timing noise."""
     registry = registry or served.registry(list(devices), tmp_path / "registry.json")
     out = tmp_path / "out.h5"
-    args = served.args(registry, out, "--num-inputs", str(inputs), "--fps", FPS,
+    args = served.args(registry, out, "--num-inputs", str(inputs), "--fps", FPS, "--progress-timeout", "2",
                        *(() if speed else ("--threshold", "100")), *extra)
     return Run(args), out
 
@@ -168,7 +169,7 @@ def test_a_killed_agent_is_planned_away_at_once_and_nothing_is_lost(served, tmp_
     stdout = finish(run, served, out)
     assert "device 2 lost: its " in stdout  # its control link closed, or its process exited
     assert "generation 2: first result" in stdout and "switch: generation 2 runs 3 stages (at once" in stdout
-    replan = next(line for line in stdout.splitlines() if "re-plan (device 2 lost" in line)
+    replan = line_with(stdout, "re-plan (device 2 lost")
     assert ", 2]" not in replan.split("): ", 1)[1]
 
 
@@ -177,9 +178,9 @@ def test_a_loss_once_serve_is_ready_for_it_needs_no_cut_or_push(served, tmp_path
     run, out = serve_run(served, tmp_path, inputs=1200)
     run.on("serve: ready for a loss", after(0.1, lambda run: os.kill(run.pid(2), signal.SIGKILL)))
     stdout = finish(run, served, out, 1200)
-    ready = next(line for line in stdout.splitlines() if "ready for a loss" in line)
+    ready = line_with(stdout, "ready for a loss")
     assert "any one of devices 1, 2, 3 and 4 is loaded ahead" in ready or "devices 1, 2 and 3 is loaded" in ready
-    switch = next(line for line in stdout.splitlines() if "switch: generation 2 runs" in line)
+    switch = line_with(stdout, "switch: generation 2 runs")
     assert "at once" in switch and "cut and pushed first" not in switch
 
 
@@ -222,7 +223,7 @@ def test_a_slow_device_is_measured_and_switched_behind_a_barrier(served, tmp_pat
                          extra=("--emulate-speed", "--emulate-change", "0.3:2=0.05"), speed=True)
     stdout = finish(run, served, out, 600)
     assert "device 2 now emulates speed 0.05" in stdout
-    replan = next(line for line in stdout.splitlines() if "re-plan (measured speed" in line)
+    replan = line_with(stdout, "re-plan (measured speed")
     assert "device 2" in replan and "behind a barrier" in stdout
     # the new roles were loaded while the old plan served; only then the barrier
     assert stdout.index(replan) < stdout.index("every new role loaded beside the running plan") < \
@@ -235,7 +236,7 @@ def test_a_slow_device_is_measured_and_switched_behind_a_barrier(served, tmp_pat
         row = profile.E_device[1] if profile.E_device is not None else profile.E
         return sum(sum(row[s - 1:e]) for s, e, d in stages if d == 2)
 
-    before = plan_in(next(line for line in stdout.splitlines() if "re-plan (start)" in line))
+    before = plan_in(line_with(stdout, "re-plan (start)"))
     assert work(plan_in(replan)) < work(before), stdout
 
 
@@ -250,9 +251,16 @@ def test_a_device_lost_while_it_drains_the_old_plan_has_those_inputs_replayed(se
     stdout = finish(run, served, out, 600)
     assert "device 2 lost" in stdout
     assert "no result for" not in stdout  # before: those inputs waited out the 30 s stall (a live feed: forever)
-    replan = next(line for line in stdout.splitlines() if "re-plan (measured speed" in line)
+    replan = line_with(stdout, "re-plan (measured speed")
     if 2 not in {d for _, _, d in plan_in(replan)}:  # device 2 only drained: its loss alone is the replay's cause
         assert "it still ran a draining plan's frames" in stdout or "pipeline failed" in stdout, stdout
+
+
+def line_with(stdout: str, text: str) -> str:
+    """serve's first line saying `text`: missing, the failure shows what serve said."""
+    found = next((line for line in stdout.splitlines() if text in line), None)
+    assert found is not None, f"serve never said {text!r}:\n{stdout}"
+    return found
 
 
 def plan_in(line: str) -> list[list[int]]:
@@ -277,7 +285,7 @@ def test_a_device_that_joins_is_planned_in_behind_a_barrier(served, tmp_path):
     assert "generation 2: first result" in stdout
     assert stdout.index("every new role loaded beside the running plan") < stdout.index("switch: generation 2")
     # the links of the plan before that the joined plan has too, up to where the chains part, went on (NEXT)
-    start, joined = (plan_in(next(line for line in stdout.splitlines() if f"re-plan ({why})" in line))
+    start, joined = (plan_in(line_with(stdout, f"re-plan ({why})"))
                      for why in ("start", "device 4 joined"))
     stays = staying_links([d for *_, d in start], [d for *_, d in joined])
     assert f"({sum(stays)} links kept across them)" in stdout, stdout

@@ -11,6 +11,7 @@ import time
 from dnnpipe.deploy.registry import Device
 from dnnpipe.deploy.transport import SshOptions
 from dnnpipe.runtime.control import ControlSession, encode
+from dnnpipe.serve import fleet as fleet_module
 from dnnpipe.serve.fleet import PUSH_PIECE, AgentLink, Fleet, pieces, send_each
 
 SECONDS = 10
@@ -102,7 +103,13 @@ def test_a_files_payload_goes_out_a_piece_at_a_time_as_its_bytes_would(tmp_path)
                                encode({"kind": "pace", "size": 3}) + b"abc" + encode({"kind": "stop"}))
 
 
-def test_a_pause_the_clock_has_not_ticked_past_yet_is_no_device_silence():
+def no_pause_seen(monkeypatch) -> None:
+    """The tests set when the controller began listening; its clock thread, run late on a loaded host, would take
+    that for a pause of the process and start counting again."""
+    monkeypatch.setattr(fleet_module, "listening_since", lambda since, last_tick, now: since)
+
+
+def test_a_pause_the_clock_has_not_ticked_past_yet_is_no_device_silence(monkeypatch):
     """The loop may look before the clock thread sees that the whole process was paused: its own late `now` says
     so too (once all agents at once were 'silent' 0.6 s, the controller's threads not running)."""
     fleet = Fleet("127.0.0.1", None, b"m" * 32, b"s" * 16, "parts", "tiny", 5.0, SshOptions(), lambda line: None)
@@ -110,6 +117,7 @@ def test_a_pause_the_clock_has_not_ticked_past_yet_is_no_device_silence():
     try:
         link = agent_on(fleet, near)
         assert fleet.silent(time.monotonic() + 1.0, 0.5) == []  # 1 s with no tick: the process was paused
+        no_pause_seen(monkeypatch)
         fleet.listening = link.last_beat = time.monotonic() - 1.0  # listening, on time, for a second
         time.sleep(0.1)
         assert [d for d, _ in fleet.silent(time.monotonic(), 0.5)] == [2]  # really silent while listening
@@ -118,13 +126,14 @@ def test_a_pause_the_clock_has_not_ticked_past_yet_is_no_device_silence():
         fleet.close()
 
 
-def test_an_agent_loading_a_pushed_sub_model_has_the_loading_timeout_to_beat_again():
+def test_an_agent_loading_a_pushed_sub_model_has_the_loading_timeout_to_beat_again(monkeypatch):
     """A board of a sliver of a core may not beat while it takes a sub-model in: from the push to its "prepared"
     (or its refusal) the silence allowed is the loading timeout; before and after, the progress timeout."""
     fleet = Fleet("127.0.0.1", None, b"m" * 32, b"s" * 16, "parts", "tiny", 5.0, SshOptions(), lambda line: None)
     near, far = socket.socketpair()
     try:
         link = agent_on(fleet, near)
+        no_pause_seen(monkeypatch)
         fleet.listening = link.last_beat = time.monotonic() - 1.0  # silent for a second while listening
         time.sleep(0.1)
 
@@ -145,13 +154,14 @@ def test_an_agent_loading_a_pushed_sub_model_has_the_loading_timeout_to_beat_aga
         fleet.close()
 
 
-def test_a_push_an_agent_does_not_take_in_gets_no_loading_grace_and_a_failed_write_hangs_the_link_up():
+def test_a_push_an_agent_does_not_take_in_gets_no_loading_grace_and_a_failed_write_hangs_the_link_up(monkeypatch):
     """A frozen agent does not read its push: while the sender is stuck writing it, the agent is not busy loading,
     so the progress timeout holds; a write that fails hangs the link up (its reader then reports the loss)."""
     fleet = Fleet("127.0.0.1", None, b"m" * 32, b"s" * 16, "parts", "tiny", 5.0, SshOptions(), lambda line: None)
     near, far = socket.socketpair()
     try:
         link = agent_on(fleet, near)
+        no_pause_seen(monkeypatch)
         fleet.listening = link.last_beat = time.monotonic() - 1.0
         fleet.send(2, {"kind": "model", "units": [1, 4]}, b"x" * (64 << 20))
         time.sleep(0.2)

@@ -184,7 +184,9 @@ def test_a_stale_set_from_a_killed_run_is_removed_with_its_processes():
     netns.run_ip("ip", "netns", "add", stale)
     sleeper = subprocess.Popen(["ip", "netns", "exec", stale, "sleep", "60"])
     try:
-        time.sleep(0.2)
+        deadline = time.monotonic() + 10
+        while not netns.run_ip("ip", "netns", "pids", stale).strip() and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the sleeper is in the namespace
         with netns.Testbed([1]) as bed:
             assert stale in bed.stale and stale not in netns.namespaces()
         assert sleeper.wait(timeout=10) == -signal.SIGKILL

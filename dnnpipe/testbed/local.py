@@ -6,6 +6,7 @@ dnnpipe.testbed's namespaces (one per emulated device, with shaped links).
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import sys
@@ -83,12 +84,32 @@ class PipelineRun:
         return "\n".join(rows)
 
 
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+PORTS_BELOW = 8192  # how far below the kernel's range for port 0 the ports are drawn
+
+
 def free_ports(count: int) -> list[int]:
-    """Ports the kernel reports free on 127.0.0.1 (held open together so they are distinct)."""
-    sockets = [socket.socket() for _ in range(count)]
+    """Ports free on 127.0.0.1 now (held open together so they are distinct), drawn below the range the kernel
+    hands out for port 0: bound seconds later by a stage or an agent, none is taken meanwhile by a listener or
+    client on port 0 (serve's own, a TLS client's)."""
     try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
+        low = int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    candidates = list(range(max(1024, low - PORTS_BELOW), low))
+    random.SystemRandom().shuffle(candidates)
+    sockets: list[socket.socket] = []
+    try:
+        for port in candidates + [0] * count:  # the kernel's choice only if that range is full
+            if len(sockets) == count:
+                break
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
+            sockets.append(s)
         return [s.getsockname()[1] for s in sockets]
     finally:
         for s in sockets:
