@@ -2,85 +2,22 @@
 
 from __future__ import annotations
 
-import _thread
 import argparse
-import contextlib
-import linecache
 import math
-import queue
-import signal
-import subprocess
 import sys
-import threading
-from types import FrameType
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from .errors import DnnpipeError, printable
+from .interrupts import handled
 
 Command = Callable[[argparse.Namespace], int]
 
 
-# Blocking calls of the standard library that hold no lock by hand (the last waits for threads at exit): an
-# interrupt there must still end them.
-_WAITS = frozenset({"Event.wait", "Condition.wait_for", "Thread.join", "Thread._wait_for_tstate_lock", "_shutdown"})
-
-
-def _holds_lock_by_hand(frame: FrameType) -> bool:
-    """Whether the main thread is where an exception would leave a lock of the standard library half-held.
-
-    Raised as `Condition.wait` takes its lock back, the `with` around it releases an unlocked lock
-    ("RuntimeError: release unlocked lock" instead of a clean stop: seen in CI); raised in a `with`'s
-    `__enter__` after the lock is taken, it is never released; in `queue.get`, the item just taken is lost;
-    raised as `Popen.poll` holds its wait lock, every later `wait` on that child hangs.
-    """
-    code = frame.f_code
-    name, where = code.co_qualname, code.co_filename
-    line = linecache.getline(where, frame.f_lineno)
-    if not line:  # no source to tell by: as Python itself would
-        return False
-    if where == subprocess.__file__:
-        return name == "Popen._internal_poll" or (name == "Popen._wait" and "sleep(" not in line)
-    if where == threading.__file__:
-        # blocked for its waiter the lock is given back by its `finally`
-        return "waiter.acquire" not in line if name == "Condition.wait" else name not in _WAITS
-    return where == queue.__file__
-
-
-def _interrupt(signum: int, frame: Optional[FrameType]) -> None:
-    """Ctrl-C or SIGTERM as KeyboardInterrupt, but never while the standard library holds a lock half-way.
-
-    There the signal is tripped again: its handler runs at the next step, and raises at the first step outside.
-    """
-    if frame is not None and _holds_lock_by_hand(frame):
-        _thread.interrupt_main(signal.Signals(signum))
-        return
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def interrupts() -> Iterator[None]:
-    """SIGTERM (what supervisors and `kill` send) and Ctrl-C as KeyboardInterrupt while a command runs, so every
-    command cleans up the same way: child processes stopped, partial files marked or removed. Ctrl-C stays
-    ignored where it was; the handlers before are put back after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _interrupt)
-    if before[0] is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _interrupt)
-    try:
-        yield
-    finally:
-        for signum, handler in zip((signal.SIGINT, signal.SIGTERM), before):
-            if handler is not None:  # None: set outside Python, left as it is
-                signal.signal(signum, handler)
-
-
 def run_command(command: Command, args: argparse.Namespace, prog: str) -> int:
-    """Run a command; user errors become one line on stderr and a non-zero exit, never a traceback."""
+    """Run a command; user errors become one line on stderr and a non-zero exit, never a traceback. SIGTERM is
+    handled like Ctrl-C (`interrupts.handled`)."""
     try:
-        with interrupts():
+        with handled():
             return command(args)
     except DnnpipeError as e:
         print(f"{prog}: error: {printable(str(e))}", file=sys.stderr)  # may quote a peer

@@ -8,7 +8,7 @@ from dnnpipe.cli import SUBCOMMANDS
 from helpers import run_python
 from test_closure import NOT_ON_A_BOARD
 
-DEVICE_MODULES = 25  # `stage` and `agent` load 22, runtime_engine.py 21
+DEVICE_MODULES = 25  # `stage` and `agent` load 24, runtime_engine.py 23
 
 
 def loaded_by(*argv: str) -> list[str]:

@@ -165,6 +165,8 @@ def test_an_interrupted_stage_writes_the_results_it_holds_and_says_they_are_part
     """Ctrl-C: the sink writes what it was given before the process exits (results are kept a block at a time)."""
     import _thread
 
+    from dnnpipe.interrupts import handled
+
     from dnnpipe.runtime import dataio
 
     closed, close = threading.Event(), dataio.ResultWriter.close
@@ -193,7 +195,7 @@ def test_an_interrupted_stage_writes_the_results_it_holds_and_says_they_are_part
 
     loop = StageLoop("[stage 1]", SPEC, runner, queue_size=2, say=lambda line: None)
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt), handled():  # Ctrl-C as a stage's command takes it
             loop.run(lambda: loop.read_inputs(tmp_path / "data.h5", None),
                      lambda: loop.write_results(tmp_path / "out.h5"))
         assert closed.is_set()  # the results file was closed before the interrupt went on

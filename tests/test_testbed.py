@@ -16,7 +16,8 @@ from dnnpipe.errors import DnnpipeError
 from dnnpipe.partition.graph import analyse
 from dnnpipe.partition.partitioner import partition_keras_model
 from dnnpipe.runtime.stage import RunOptions
-from dnnpipe.testbed.local import run_local
+from dnnpipe.testbed import local
+from dnnpipe.testbed.local import free_ports, run_local
 from dnnpipe.runtime.metrics import read_timings
 from dnnpipe.testbed import netns
 from dnnpipe.testbed.cores import cgroup_quota, usable_cores
@@ -66,6 +67,15 @@ def config(**device):
     return parse_config({"device_config": {"N": 3, "C": [1, 0.5, 0.25], "M": [100] * 3, **device},
                          "model_config": {"U": 4, "E": [1, 2, 3, 4], "R": [1] * 4,
                                           "A": [1000, 2000, 500, 250, 10]}}, "test")
+
+
+def test_free_ports_are_distinct_and_below_the_kernels_range_for_port_0(tmp_path, monkeypatch):
+    low = int(local.EPHEMERAL_RANGE.read_text().split()[0]) if local.EPHEMERAL_RANGE.exists() else 32768
+    ports = free_ports(16)
+    assert len(set(ports)) == 16 and all(low - local.PORTS_BELOW <= p < low for p in ports)
+    (tmp_path / "range").write_text("1024 60999\n")  # nothing below it to draw from: the kernel's choice
+    monkeypatch.setattr(local, "EPHEMERAL_RANGE", tmp_path / "range")
+    assert all(p >= 1024 for p in free_ports(3)) and len(set(free_ports(3))) == 3
 
 
 def test_planned_stage_and_hop_times_by_hand():

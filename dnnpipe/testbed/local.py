@@ -100,7 +100,7 @@ def free_ports(count: int) -> list[int]:
     random.SystemRandom().shuffle(candidates)
     sockets: list[socket.socket] = []
     try:
-        for port in candidates + [0] * count:  # the kernel's choice only if that range is full
+        for port in candidates:
             if len(sockets) == count:
                 break
             s = socket.socket()
@@ -110,6 +110,9 @@ def free_ports(count: int) -> list[int]:
                 s.close()
                 continue
             sockets.append(s)
+        while len(sockets) < count:  # that range is full: the kernel's choice
+            sockets.append(socket.socket())
+            sockets[-1].bind(("127.0.0.1", 0))
         return [s.getsockname()[1] for s in sockets]
     finally:
         for s in sockets:
