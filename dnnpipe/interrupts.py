@@ -5,13 +5,14 @@ library's own lock handling that leaves a lock half-held: raised as `Condition.w
 `with` around it releases an unlocked lock ("RuntimeError: release unlocked lock" instead of a clean stop: seen
 in CI, serve's main loop in `queue.get`); raised in a `with`'s `__enter__` after the lock is taken, it is never
 released; in `queue.get`, the item just taken is lost; raised as `Popen.poll` holds its wait lock, every later
-`wait` on that child hangs. There the signal is kept and tripped again by a thread of its own (tripped by the
-handler itself, the handler would run again at once, inside itself), until it comes at a step outside.
+`wait` on that child hangs. There the signal is kept and sent again by a thread of its own (tripped by the
+handler itself, the handler would run again at once, inside itself), until it comes at a step outside. A main
+thread blocked for good inside such a step (a deadlock in the standard library's lock handling) is past
+Ctrl-C's reach, as a frame cannot tell a blocked acquire from a taken one.
 """
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import linecache
 import os
@@ -19,6 +20,7 @@ import queue
 import signal
 import subprocess
 import threading
+import time
 from types import FrameType
 from typing import Iterator, Optional
 
@@ -27,6 +29,7 @@ from typing import Iterator, Optional
 WAITS = frozenset({"Event.wait", "Condition.wait_for", "Thread.join", "Thread._wait_for_tstate_lock", "_shutdown"})
 # A child reaped but its status not yet kept: interrupted there, its exit status is lost.
 REAPING = frozenset({"Popen._internal_poll", "Popen._handle_exitstatus"})
+RETRIP_SECONDS = 0.005
 
 
 def holds_lock_by_hand(frame: FrameType) -> bool:
@@ -51,11 +54,13 @@ class Interrupts:
 
     def __init__(self) -> None:
         self.kept: queue.SimpleQueue[Optional[int]] = queue.SimpleQueue()  # in C: no lock to be caught in
+        self.main = threading.main_thread().ident or 0
+        self.closing = False
         self.tripper = threading.Thread(target=self._trip_again, daemon=True, name="interrupts")
         self.tripper.start()
 
     def __call__(self, signum: int, frame: Optional[FrameType]) -> None:
-        if frame is not None and (holds_lock_by_hand(frame) or self._inside_itself(frame)):
+        if self.closing or (frame is not None and (holds_lock_by_hand(frame) or self._inside_itself(frame))):
             self.kept.put(signum)
             return
         raise KeyboardInterrupt
@@ -69,13 +74,19 @@ class Interrupts:
         return False
 
     def _trip_again(self) -> None:
+        """The signal again, a real one: it also ends a blocking call the main thread went on to (a flag alone
+        would wait for its timeout). The pause keeps a main thread blocked in held code from spinning."""
         while (signum := self.kept.get()) is not None:
-            _thread.interrupt_main(signal.Signals(signum))
+            time.sleep(RETRIP_SECONDS)
+            signal.pthread_kill(self.main, signum)
 
     def close(self) -> None:
-        """No trip after this; a signal still kept is raised here, where no lock is held."""
+        """No trip after this: a signal that comes meanwhile, or is still kept, is raised here, where no lock is
+        held (raised before the tripper ended, one it still held would come after the handlers before are back)."""
+        self.closing = True
         self.kept.put(None)
-        self.tripper.join()
+        self.tripper.join()  # its last signal is taken (and kept) before this returns
+        self.closing = False
         if not self.kept.empty():
             raise KeyboardInterrupt
 

@@ -72,8 +72,9 @@ def test_waiting_for_an_event_or_a_thread_is_interrupted():
 
 
 def test_reaping_a_child_by_hand_is_not_interrupted_but_waiting_for_it_is():
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     seen = decisions(lambda: (child.poll(), pytest.raises(subprocess.TimeoutExpired, child.wait, 0.05)))
+    child.stdin.close()  # now it ends
     assert all(at(seen, "Popen._internal_poll", ""))
     assert at(seen, "Popen._wait", "_waitpid_lock.acquire(False)") == [True]
     assert at(seen, "Popen._wait", "time.sleep") == [False]
@@ -138,10 +139,21 @@ def test_a_signal_as_condition_wait_takes_its_lock_back_is_raised_after_it_has(h
     assert "_acquire_restore" not in [entry.name for entry in raised.traceback]
 
 
-def test_a_signal_inside_the_handler_is_kept_not_raised_through_it(monkeypatch):
+@pytest.fixture
+def idle() -> Interrupts:
+    """A handler not installed, its tripper ended: what it keeps stays in its queue."""
     handler = Interrupts()
-    handler.close()  # not installed, its tripper ended: what it keeps stays in its queue
+    handler.close()
     handler.kept = queue.SimpleQueue()
+    return handler
+
+
+def kept(handler: Interrupts) -> list[int]:
+    return [handler.kept.get_nowait() for _ in range(handler.kept.qsize())]
+
+
+def test_a_signal_inside_the_handler_is_kept_not_raised_through_it(idle, monkeypatch):
+    handler = idle
 
     def nested() -> None:  # the frame a second signal finds while the handler is at work
         handler(signal.SIGTERM, sys._getframe())
@@ -157,7 +169,22 @@ def test_a_signal_inside_the_handler_is_kept_not_raised_through_it(monkeypatch):
         handler(signal.SIGINT, sys._getframe())
     except KeyboardInterrupt:  # (uncaught, it would stop the whole test session)
         pytest.fail("the second signal was raised through the first one's handler")
-    assert [handler.kept.get_nowait() for _ in range(handler.kept.qsize())] == [signal.SIGTERM, signal.SIGINT]
+    assert kept(handler) == [signal.SIGTERM, signal.SIGINT]
+
+
+def test_a_kept_signal_ends_a_blocking_wait_the_main_thread_went_on_to(handler):
+    """Sent again as a real signal: a flag alone would be seen only when the wait timed out."""
+    began = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        handler.kept.put(signal.SIGINT)  # as the handler keeps one
+        threading.Event().wait(SECONDS)
+    assert time.monotonic() - began < SECONDS / 2
+
+
+def test_a_signal_while_the_command_ends_is_kept_not_raised(idle):
+    idle.closing = True
+    idle(signal.SIGTERM, sys._getframe())  # outside any lock, yet kept: the tripper may still send one
+    assert kept(idle) == [signal.SIGTERM]
 
 
 def test_a_signal_kept_when_the_command_ends_is_raised_there():
