@@ -226,8 +226,10 @@ def test_a_stage_over_its_board_memory_is_killed_and_planned_around(on_fleet, tm
     cgroups.set_memory(on_fleet.fid, board, BOARD_MB << 20)
     try:
         out = tmp_path / "out.h5"
+        # the boards left load the wide layer's sub-model as it is pushed: on a loaded host that once took one
+        # over the 3 s a board may be silent while loading (CI's slow run); the kill is seen by its link at once
         run = Run(wide.args(on_fleet.registry, out, "--num-inputs", "40", "--threshold", "100", "--connect-timeout",
-                            "60"))
+                            "60", "--loading-timeout", "15", "--progress-timeout", "2"))
         code, stdout, stderr = run.wait(240)
     finally:
         restore_memory(on_fleet.fid, board, int(fleet.load(on_fleet.state).device(board).memory_mb) << 20)
