@@ -65,7 +65,8 @@ class Interrupts:
             return
         raise KeyboardInterrupt
 
-    def _inside_itself(self, frame: Optional[FrameType]) -> bool:
+    @staticmethod
+    def _inside_itself(frame: Optional[FrameType]) -> bool:
         """A second signal while the handler runs: raised there, it would leave through the first one's step."""
         while frame is not None:
             if frame.f_code is Interrupts.__call__.__code__:

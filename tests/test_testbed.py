@@ -17,7 +17,7 @@ from dnnpipe.partition.graph import analyse
 from dnnpipe.partition.partitioner import partition_keras_model
 from dnnpipe.runtime.stage import RunOptions
 from dnnpipe.testbed import local
-from dnnpipe.testbed.local import free_ports, run_local
+from dnnpipe.testbed.local import run_local
 from dnnpipe.runtime.metrics import read_timings
 from dnnpipe.testbed import netns
 from dnnpipe.testbed.cores import cgroup_quota, usable_cores
@@ -71,11 +71,11 @@ def config(**device):
 
 def test_free_ports_are_distinct_and_below_the_kernels_range_for_port_0(tmp_path, monkeypatch):
     low = int(local.EPHEMERAL_RANGE.read_text().split()[0]) if local.EPHEMERAL_RANGE.exists() else 32768
-    ports = free_ports(16)
+    ports = local.free_ports(16)
     assert len(set(ports)) == 16 and all(low - local.PORTS_BELOW <= p < low for p in ports)
     (tmp_path / "range").write_text("1024 60999\n")  # nothing below it to draw from: the kernel's choice
     monkeypatch.setattr(local, "EPHEMERAL_RANGE", tmp_path / "range")
-    assert all(p >= 1024 for p in free_ports(3)) and len(set(free_ports(3))) == 3
+    assert all(p >= 1024 for p in local.free_ports(3)) and len(set(local.free_ports(3))) == 3
 
 
 def test_planned_stage_and_hop_times_by_hand():
